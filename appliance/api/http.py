@@ -1,0 +1,241 @@
+"""The KServe Open Inference Protocol v2 over HTTP (aiohttp), plus Prometheus /metrics.
+
+Errors: every ApplianceError becomes `{"error": "..."}` with its status in one place, the
+middleware, so handlers only raise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .. import __version__
+from ..codec import decode_request, encode_response
+from ..engine import Engine, LoadedModel
+from ..errors import ApplianceError, InvalidInput, NotReady, PayloadTooLarge, Unauthorized
+from ..logs import request_id, trace_id
+from ..metrics import Metrics
+
+log = logging.getLogger("appliance.http")
+access = logging.getLogger("appliance.access")
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    token: str
+    max_body_bytes: int
+    access_log: bool
+
+
+ENGINE = web.AppKey("engine", Engine)
+METRICS = web.AppKey("metrics", Metrics)
+SETTINGS = web.AppKey("settings", HttpSettings)
+LOADER = web.AppKey("loader", "asyncio.Task[None]")
+
+_PUBLIC = frozenset({"/v2/health/live", "/v2/health/ready"})
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_TRACEPARENT_RE = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
+_JSON = "application/json"
+EXTENSIONS = ["binary_tensor_data", "model_repository"]
+
+
+def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(obj), status=status, content_type=_JSON, headers=headers)
+
+
+def error_response(exc: ApplianceError) -> web.Response:
+    headers = None
+    if exc.retry_after is not None:
+        headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
+    elif exc.status == 401:
+        headers = {"WWW-Authenticate": 'Bearer realm="appliance"'}
+    return json_response({"error": exc.message}, exc.status, headers)
+
+
+def _trace(header: str | None) -> str | None:
+    if not header:
+        return None
+    m = _TRACEPARENT_RE.match(header.strip().lower())
+    if m is None or m.group(1) == "0" * 32:
+        return None
+    return m.group(1)
+
+
+@web.middleware
+async def middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Request id and trace id, bearer auth, errors as JSON, the access log and HTTP metrics."""
+    settings = request.app[SETTINGS]
+    start = time.perf_counter()
+    rid = request.headers.get("X-Request-Id")
+    if rid is None or not _REQUEST_ID_RE.match(rid):
+        rid = uuid.uuid4().hex
+    rid_token = request_id.set(rid)
+    tid_token = trace_id.set(_trace(request.headers.get("traceparent")))
+    response: web.StreamResponse
+    try:
+        if settings.token and request.path not in _PUBLIC:
+            auth = request.headers.get("Authorization", "")
+            scheme, _, given = auth.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode(), settings.token.encode()
+            ):
+                raise Unauthorized("missing or wrong bearer token")
+        response = await handler(request)
+    except ApplianceError as exc:
+        response = error_response(exc)
+        if exc.status >= 500:
+            log.warning("%s %s: %s", request.method, request.path, exc.message)
+    except web.HTTPException as exc:
+        reason = exc.reason
+        if exc.status == 413:
+            reason = f"request body is larger than the limit of {settings.max_body_bytes} bytes"
+        elif exc.status == 404:
+            reason = f"no route for {request.method} {request.path}"
+        response = json_response({"error": reason}, exc.status, dict(exc.headers) or None)
+        response.headers.pop("Content-Type", None)
+        response.content_type = _JSON
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        response = json_response({"error": "internal server error"}, 500)
+    response.headers["X-Request-Id"] = rid
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    request.app[METRICS].http_responses.labels(route, str(response.status)).inc()
+    if settings.access_log:
+        access.info(
+            "%s %s %d", request.method, request.path, response.status,
+            extra={"status": response.status,
+                   "duration_ms": round((time.perf_counter() - start) * 1000, 3),
+                   "remote": request.remote},
+        )
+    trace_id.reset(tid_token)
+    request_id.reset(rid_token)
+    return response
+
+
+# -- health and metadata ----------------------------------------------------------------------
+async def live(request: web.Request) -> web.Response:
+    return json_response({"live": True})
+
+
+async def ready(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    models = {m.name: m.status for m in engine.models()}
+    if not engine.ready:
+        waiting = [f"{m.name}: {m.status}" + (f" ({m.reason})" if m.reason else "")
+                   for m in engine.models() if m.status != "ready"]
+        raise NotReady("not ready: " + ("; ".join(waiting) or "starting"))
+    return json_response({"ready": True, "models": models})
+
+
+async def server_metadata(request: web.Request) -> web.Response:
+    return json_response({"name": "appliance", "version": __version__, "extensions": EXTENSIONS})
+
+
+def _model(request: web.Request) -> LoadedModel:
+    return request.app[ENGINE].model(request.match_info["name"], request.match_info.get("version"))
+
+
+async def model_metadata(request: web.Request) -> web.Response:
+    return json_response(request.app[ENGINE].describe(_model(request)))
+
+
+async def model_ready(request: web.Request) -> web.Response:
+    model = _model(request)
+    request.app[ENGINE].ready_model(model.name, model.version)
+    return json_response({"name": model.name, "version": model.version, "ready": True})
+
+
+async def repository_index(request: web.Request) -> web.Response:
+    out = []
+    for m in request.app[ENGINE].models():
+        entry = {"name": m.name, "version": m.version, "state": m.status.upper()}
+        if m.reason:
+            entry["reason"] = m.reason
+        out.append(entry)
+    return json_response(out)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    registry = request.app[METRICS]
+    return web.Response(body=registry.render(), headers={"Content-Type": registry.content_type})
+
+
+# -- inference --------------------------------------------------------------------------------
+async def infer(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    name, version = request.match_info["name"], request.match_info.get("version")
+    engine.ready_model(name, version)  # 404/503 before reading a body we would discard
+    limit = request.app[SETTINGS].max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(
+            f"request body of {request.content_length} bytes is larger than the limit of "
+            f"{limit} bytes"
+        )
+    body = await request.read()
+    header_length = None
+    raw = request.headers.get("Inference-Header-Content-Length")
+    if raw is not None:
+        try:
+            header_length = int(raw)
+        except ValueError:
+            raise InvalidInput(
+                f"Inference-Header-Content-Length must be an integer, got {raw!r}"
+            ) from None
+    req = decode_request(body, header_length)
+    result = await engine.infer(name, version, req)
+    payload, json_length = encode_response(result, req)
+    if json_length is None:
+        return web.Response(body=payload, content_type=_JSON)
+    return web.Response(
+        body=payload,
+        content_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(json_length)},
+    )
+
+
+# -- application ------------------------------------------------------------------------------
+async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Load models in the background: health answers at once, readiness once they are loaded."""
+    engine = app[ENGINE]
+    app[LOADER] = asyncio.create_task(engine.start())
+    yield
+    loader = app[LOADER]
+    if not loader.done():
+        loader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loader
+    await engine.stop()
+
+
+def build_app(engine: Engine, metrics_registry: Metrics, settings: HttpSettings) -> web.Application:
+    # aiohttp's own limit stops chunked bodies; infer checks Content-Length before reading.
+    app = web.Application(middlewares=[middleware], client_max_size=settings.max_body_bytes)
+    app[ENGINE] = engine
+    app[METRICS] = metrics_registry
+    app[SETTINGS] = settings
+    r = app.router
+    r.add_get("/v2/health/live", live)
+    r.add_get("/v2/health/ready", ready)
+    r.add_get("/v2", server_metadata)
+    for base in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+        r.add_get(base, model_metadata)
+        r.add_get(base + "/ready", model_ready)
+        r.add_post(base + "/infer", infer)
+    r.add_post("/v2/repository/index", repository_index)
+    r.add_get("/metrics", metrics)
+    app.cleanup_ctx.append(_engine_ctx)
+    return app

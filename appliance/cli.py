@@ -1,0 +1,172 @@
+"""`appliance` command line: serve, models, bench."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import ApplianceError, ConfigError
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from .config import load_config
+
+    overrides: dict[str, Any] = {}
+    server: dict[str, Any] = {}
+    if getattr(args, "host", None) is not None:
+        server["host"] = args.host
+    if getattr(args, "port", None) is not None:
+        server["port"] = args.port
+    if getattr(args, "token_file", None) is not None:
+        server["auth_token_file"] = args.token_file
+    if getattr(args, "log_level", None) is not None:
+        server["log_level"] = args.log_level
+    if server:
+        overrides["server"] = server
+    if getattr(args, "models", None) is not None:
+        overrides["store"] = {"path": args.models}
+    if getattr(args, "device", None) is not None:
+        overrides["model_defaults"] = {"device": args.device}
+    config_path = getattr(args, "config", None) or os.environ.get("APPLIANCE_CONFIG")
+    return load_config(config_path, overrides)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .logs import setup_logging
+    from .server import serve, source_from_file, sources_from_store
+
+    config = _config(args)
+    setup_logging(config.server.log_level)
+    if args.model is not None:
+        sources = [source_from_file(Path(args.model), args.name)]
+    else:
+        if args.name is not None:
+            raise ConfigError("--name only applies together with --model FILE")
+        sources = sources_from_store(Path(config.store.path))
+    serve(config, sources)
+    return 0
+
+
+def _registry(args: argparse.Namespace) -> Any:
+    from .registry import Registry
+
+    return Registry(Path(_config(args).store.path))
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .registry import describe
+
+    reg = _registry(args)
+    action = args.action
+    if action == "add":
+        mv = reg.add(args.name, Path(args.file), version=args.version, activate=not args.no_activate)
+        m = mv.manifest
+        state = "active" if not args.no_activate else "inactive"
+        print(f"added {m.name} version {m.version} ({m.backend}, {m.size} bytes, sha256 {m.sha256[:12]}…, {state})")
+        print(f"  {describe(m.signature)}")
+    elif action == "list":
+        names = reg.names()
+        if not names:
+            print(f"no models in {reg.root}")
+        for name in names:
+            entry = reg.entry(name)
+            print(f"{name}  active={entry.active or '-'}  versions={','.join(entry.versions) or '-'}")
+            for v in entry.versions:
+                mv = reg.get(name, v)
+                mark = "*" if v == entry.active else " "
+                print(f"  {mark} {v:<8} {mv.manifest.backend:<6} {mv.manifest.size:>10} B  "
+                      f"{mv.manifest.created_at}  {describe(mv.manifest.signature)}")
+    elif action == "activate":
+        reg.activate(args.name, args.version)
+        print(f"{args.name}: version {args.version} is active")
+    elif action == "rollback":
+        version = reg.rollback(args.name)
+        print(f"{args.name}: rolled back to version {version}")
+    elif action == "remove":
+        reg.remove(args.name, args.version)
+        print(f"{args.name}: removed version {args.version}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    return run_bench(args)
+
+
+def _common(p: argparse.ArgumentParser, store: bool = True) -> None:
+    # SUPPRESS: a flag given before the sub-command is not reset by the sub-command's parser.
+    p.add_argument("--config", default=argparse.SUPPRESS,
+                   help="TOML config file (default: $APPLIANCE_CONFIG)")
+    if store:
+        p.add_argument("--models", default=argparse.SUPPRESS,
+                       help="model store directory (default: ./models)")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="appliance", description="Edge inference appliance")
+    ap.add_argument("--version", action="version", version=f"appliance {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="serve the model store (or one file) over HTTP")
+    _common(s)
+    s.add_argument("--model", help="serve this one model file instead of the store")
+    s.add_argument("--name", help="model name for --model (default: the file name)")
+    s.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port (default 8080; 0 picks a free one)")
+    s.add_argument("--device", choices=["auto", "cuda", "cpu"], help="device for every model")
+    s.add_argument("--token-file", help="file holding the bearer token clients must send")
+    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    s.set_defaults(func=cmd_serve)
+
+    m = sub.add_parser("models", help="manage the model store")
+    msub = m.add_subparsers(dest="action", required=True)
+    a = msub.add_parser("add", help="copy a model file in as a new version")
+    a.add_argument("name")
+    a.add_argument("file")
+    a.add_argument("--version", help="version name (default: the next integer)")
+    a.add_argument("--no-activate", action="store_true", help="add without activating")
+    msub.add_parser("list", help="list models and versions")
+    act = msub.add_parser("activate", help="make a version the active one")
+    act.add_argument("name")
+    act.add_argument("version")
+    rb = msub.add_parser("rollback", help="re-activate the previously active version")
+    rb.add_argument("name")
+    rm = msub.add_parser("remove", help="delete a version that is not active")
+    rm.add_argument("name")
+    rm.add_argument("version")
+    for p in (m, *msub.choices.values()):
+        _common(p)
+    m.set_defaults(func=cmd_models)
+
+    b = sub.add_parser("bench", help="raw runtime latency vs HTTP round trip, side by side")
+    _common(b)
+    b.add_argument("model", help="a model file, or the name of a model in the store")
+    b.add_argument("--requests", type=int, default=2000, help="timed requests per measurement")
+    b.add_argument("--warmup", type=int, default=200)
+    b.add_argument("--concurrency", type=int, default=4, help="connections for the throughput run")
+    b.add_argument("--batch", type=int, default=1, help="size of each dynamic dimension")
+    b.add_argument("--binary", action="store_true", help="send tensors as binary data")
+    b.add_argument("--device", choices=["auto", "cuda", "cpu"])
+    b.add_argument("--json", action="store_true", help="print the figures as JSON")
+    b.set_defaults(func=cmd_bench)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        result: int = args.func(args)
+        return result
+    except ConfigError as exc:
+        print(f"appliance: config error: {exc.message}", file=sys.stderr)
+        return 2
+    except ApplianceError as exc:
+        print(f"appliance: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

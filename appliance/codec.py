@@ -1,0 +1,312 @@
+"""KServe v2 tensor codec: JSON tensors and the binary tensor data extension.
+
+Protocol-neutral: HTTP and MQTT both decode a body into an `InferRequest` here and encode an
+`InferResponse` here, so they accept and refuse exactly the same things.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+
+from .errors import InvalidInput
+from .tensors import DATATYPES, FLOAT_TYPES, INT_TYPES, datatype_of
+
+_ORJSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
+
+
+@dataclass
+class InferRequest:
+    """One decoded inference request, independent of the protocol it arrived on."""
+
+    inputs: dict[str, np.ndarray[Any, Any]]
+    #: Requested outputs (None = all), each mapped to whether it should come back as binary.
+    outputs: dict[str, bool] | None = None
+    id: str | None = None
+    #: All outputs binary unless an output says otherwise (tritonclient's default).
+    binary_output: bool = False
+    #: Client deadline in seconds (from Triton's `timeout` parameter, in microseconds).
+    timeout_s: float | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    #: The datatype each input was declared with on the wire.
+    datatypes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class InferResponse:
+    model_name: str
+    model_version: str
+    outputs: dict[str, np.ndarray[Any, Any]]
+    id: str | None = None
+
+
+def _shape(value: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(value, list):
+        raise InvalidInput(f"{what}: 'shape' must be a list of integers")
+    for d in value:
+        if isinstance(d, bool) or not isinstance(d, int) or d < 0:
+            raise InvalidInput(f"{what}: 'shape' must hold non-negative integers, got {value}")
+    return tuple(value)
+
+
+def _count(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
+def _from_json_data(data: Any, datatype: str, shape: tuple[int, ...], what: str) -> np.ndarray[Any, Any]:
+    if not isinstance(data, list):
+        data = [data]
+    n = _count(shape)
+    if datatype == "BYTES":
+        flat = np.array(data, dtype=object).reshape(-1) if data else np.empty(0, dtype=object)
+        if flat.size != n:
+            raise InvalidInput(
+                f"{what}: 'data' has {flat.size} elements but shape {list(shape)} needs {n}"
+            )
+        out = np.empty(n, dtype=object)
+        for i, item in enumerate(flat):
+            if not isinstance(item, str):
+                raise InvalidInput(f"{what}: BYTES data must be strings, element {i} is {item!r}")
+            out[i] = item.encode("utf-8")
+        return out.reshape(shape)
+    try:
+        arr = np.array(data)
+    except (ValueError, TypeError) as exc:
+        raise InvalidInput(f"{what}: 'data' is not a regular array: {exc}") from None
+    if arr.size != n:
+        raise InvalidInput(
+            f"{what}: 'data' has {arr.size} elements but shape {list(shape)} needs {n}"
+        )
+    target = DATATYPES[datatype]
+    kind = arr.dtype.kind
+    if arr.size == 0:
+        return np.empty(shape, dtype=target)
+    if datatype == "BOOL":
+        if kind != "b":
+            raise InvalidInput(f"{what}: BOOL data must be true or false")
+    elif datatype in INT_TYPES:
+        if kind not in "iub":
+            raise InvalidInput(f"{what}: {datatype} data must be integers")
+        info = np.iinfo(target)
+        lo, hi = arr.min(), arr.max()
+        if lo < info.min or hi > info.max:
+            raise InvalidInput(
+                f"{what}: value out of range for {datatype} ({info.min}..{info.max})"
+            )
+    elif datatype in FLOAT_TYPES:
+        if kind not in "iuf":
+            raise InvalidInput(f"{what}: {datatype} data must be numbers")
+    return arr.astype(target, copy=False).reshape(shape)
+
+
+def _bytes_from_binary(raw: bytes | memoryview, n: int, what: str) -> np.ndarray[Any, Any]:
+    out = np.empty(n, dtype=object)
+    view = memoryview(raw)
+    pos = 0
+    for i in range(n):
+        if pos + 4 > len(view):
+            raise InvalidInput(f"{what}: binary BYTES data ends after {i} of {n} elements")
+        (length,) = struct.unpack_from("<I", view, pos)
+        pos += 4
+        if pos + length > len(view):
+            raise InvalidInput(f"{what}: binary BYTES element {i} runs past the end of its data")
+        out[i] = bytes(view[pos : pos + length])
+        pos += length
+    if pos != len(view):
+        raise InvalidInput(f"{what}: binary BYTES data has {len(view) - pos} bytes left over")
+    return out
+
+
+def decode_request(body: bytes, header_length: int | None = None) -> InferRequest:
+    """Decode a KServe v2 infer body; `header_length` is Inference-Header-Content-Length."""
+    if header_length is None:
+        header, binary = body, memoryview(b"")
+    else:
+        if header_length < 0 or header_length > len(body):
+            raise InvalidInput(
+                f"Inference-Header-Content-Length is {header_length} but the body has "
+                f"{len(body)} bytes"
+            )
+        view = memoryview(body)
+        header, binary = bytes(view[:header_length]), view[header_length:]
+    try:
+        obj = orjson.loads(header)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"malformed JSON in request: {exc}") from None
+    if not isinstance(obj, dict):
+        raise InvalidInput("request body must be a JSON object")
+    raw_inputs = obj.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise InvalidInput("request needs a non-empty 'inputs' list")
+
+    params = obj.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise InvalidInput("'parameters' must be a JSON object")
+    request_id = obj.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise InvalidInput("'id' must be a string")
+
+    inputs: dict[str, np.ndarray[Any, Any]] = {}
+    datatypes: dict[str, str] = {}
+    offset = 0
+    for index, item in enumerate(raw_inputs):
+        if not isinstance(item, dict):
+            raise InvalidInput(f"inputs[{index}] must be a JSON object")
+        name = item.get("name")
+        if not isinstance(name, str) or not name:
+            raise InvalidInput(f"inputs[{index}] needs a 'name' string")
+        what = f"input '{name}'"
+        if name in inputs:
+            raise InvalidInput(f"{what} appears more than once")
+        datatype = item.get("datatype")
+        if datatype not in DATATYPES:
+            raise InvalidInput(
+                f"{what}: unknown datatype {datatype!r} (one of {', '.join(DATATYPES)})"
+            )
+        shape = _shape(item.get("shape"), what)
+        in_params = item.get("parameters") or {}
+        if not isinstance(in_params, dict):
+            raise InvalidInput(f"{what}: 'parameters' must be a JSON object")
+        size = in_params.get("binary_data_size")
+        if size is not None:
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise InvalidInput(f"{what}: binary_data_size must be a non-negative integer")
+            if "data" in item:
+                raise InvalidInput(f"{what}: has both 'data' and binary_data_size")
+            if offset + size > len(binary):
+                raise InvalidInput(
+                    f"{what}: binary_data_size {size} runs past the end of the binary section "
+                    f"({len(binary) - offset} bytes left)"
+                )
+            chunk = binary[offset : offset + size]
+            offset += size
+            n = _count(shape)
+            if datatype == "BYTES":
+                array = _bytes_from_binary(chunk, n, what).reshape(shape)
+            else:
+                dtype = DATATYPES[datatype]
+                if size != n * dtype.itemsize:
+                    raise InvalidInput(
+                        f"{what}: binary_data_size is {size} bytes but shape {list(shape)} of "
+                        f"{datatype} needs {n * dtype.itemsize}"
+                    )
+                array = np.frombuffer(chunk, dtype=dtype.newbyteorder("<")).reshape(shape)
+                if datatype == "BOOL" and array.size and array.view(np.uint8).max() > 1:
+                    raise InvalidInput(f"{what}: BOOL binary data must be bytes 0 or 1")
+        else:
+            if "data" not in item:
+                raise InvalidInput(f"{what}: needs 'data' or parameters.binary_data_size")
+            array = _from_json_data(item["data"], datatype, shape, what)
+        inputs[name] = array
+        datatypes[name] = datatype
+    if offset != len(binary):
+        raise InvalidInput(
+            f"binary section has {len(binary)} bytes but the inputs declare {offset}"
+        )
+
+    outputs: dict[str, bool] | None = None
+    binary_default = params.get("binary_data_output") is True
+    raw_outputs = obj.get("outputs")
+    if raw_outputs is not None:
+        if not isinstance(raw_outputs, list):
+            raise InvalidInput("'outputs' must be a list")
+        outputs = {}
+        for index, item in enumerate(raw_outputs):
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+                raise InvalidInput(f"outputs[{index}] needs a 'name' string")
+            out_params = item.get("parameters") or {}
+            if not isinstance(out_params, dict):
+                raise InvalidInput(f"output '{item['name']}': 'parameters' must be a JSON object")
+            if out_params.get("classification"):
+                raise InvalidInput(
+                    f"output '{item['name']}': the classification extension is not supported"
+                )
+            outputs[item["name"]] = bool(out_params.get("binary_data", binary_default))
+
+    timeout_s = None
+    timeout = params.get("timeout")
+    if timeout is not None:
+        if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 0:
+            raise InvalidInput("parameters.timeout must be a non-negative integer (microseconds)")
+        if timeout > 0:
+            timeout_s = timeout / 1e6
+    return InferRequest(
+        inputs=inputs,
+        outputs=outputs,
+        id=request_id,
+        binary_output=binary_default,
+        timeout_s=timeout_s,
+        parameters=params,
+        datatypes=datatypes,
+    )
+
+
+def _bytes_to_binary(array: np.ndarray[Any, Any]) -> bytes:
+    parts = []
+    for item in array.reshape(-1):
+        b = item if isinstance(item, bytes) else str(item).encode("utf-8")
+        parts.append(struct.pack("<I", len(b)))
+        parts.append(b)
+    return b"".join(parts)
+
+
+def _json_data(array: np.ndarray[Any, Any], name: str) -> Any:
+    if array.dtype.kind in "OSU":
+        out = []
+        for item in array.reshape(-1):
+            if isinstance(item, bytes):
+                try:
+                    out.append(item.decode("utf-8"))
+                except UnicodeDecodeError:
+                    raise InvalidInput(
+                        f"output '{name}' holds bytes that are not UTF-8: ask for it as binary "
+                        "data (parameters.binary_data = true)"
+                    ) from None
+            else:
+                out.append(str(item))
+        return out
+    flat = array.reshape(-1)
+    if array.dtype == np.float16:
+        flat = flat.astype(np.float32)
+    return flat
+
+
+def encode_response(
+    response: InferResponse, request: InferRequest
+) -> tuple[bytes, int | None]:
+    """Encode a response; returns the body and the JSON header length if any output is binary."""
+    out_json: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
+    for name, array in response.outputs.items():
+        binary = request.binary_output if request.outputs is None else request.outputs[name]
+        entry: dict[str, Any] = {
+            "name": name,
+            "datatype": datatype_of(array),
+            "shape": list(array.shape),
+        }
+        if binary:
+            if array.dtype.kind in "OSU":
+                blob = _bytes_to_binary(array)
+            else:
+                blob = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = _json_data(array, name)
+        out_json.append(entry)
+    head: dict[str, Any] = {
+        "model_name": response.model_name,
+        "model_version": response.model_version,
+        "outputs": out_json,
+    }
+    if response.id is not None:
+        head["id"] = response.id
+    header = orjson.dumps(head, option=_ORJSON_OPTS)
+    if not blobs:
+        return header, None
+    return b"".join([header, *blobs]), len(header)

@@ -1,0 +1,250 @@
+"""Configuration: defaults < TOML file < APPLIANCE_* environment < command-line flags.
+
+Every section is a dataclass; values are checked against the field types so that a bad file names
+the key and the value instead of failing later somewhere deep in the server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 (JetPack 6)
+    import tomli as tomllib
+
+ENV_PREFIX = "APPLIANCE_"
+T = TypeVar("T")
+
+Device = Literal["auto", "cuda", "cpu"]
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    #: Bearer token required on every route but health; empty disables auth.
+    auth_token: str = ""
+    #: File holding the token (keeps it out of the config and the process list).
+    auth_token_file: str = ""
+    max_body_bytes: int = 64 * 1024 * 1024
+    #: One JSON log line per request.
+    access_log: bool = True
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    #: Ready only when every model loaded (Triton's strict readiness).
+    strict_readiness: bool = True
+    shutdown_timeout_s: float = 10.0
+
+
+@dataclass
+class StoreConfig:
+    path: str = "models"
+
+
+@dataclass
+class OnnxConfig:
+    """onnxruntime session settings (see backends/onnx.py)."""
+
+    #: Threads inside one operator; 0 lets onnxruntime use one per physical core.
+    intra_op_threads: int = 0
+    inter_op_threads: int = 1
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    #: Busy-waiting threads lower latency a little but burn CPU between requests on small devices.
+    allow_spinning: bool = False
+    cuda_device_id: int = 0
+    tensorrt_fp16: bool = False
+    #: Where TensorRT keeps built engines; empty means <store>/.cache/tensorrt.
+    tensorrt_cache_dir: str = ""
+
+
+@dataclass
+class ModelConfig:
+    """Serving settings for a model; [model_defaults] applies to all, [models.NAME] overrides."""
+
+    device: Device = "auto"
+    #: Requests running at once on this model (worker threads).
+    max_concurrency: int = 1
+    #: Requests waiting beyond those running; more are refused at once with 503.
+    max_queue: int = 64
+    #: Longest a request may wait plus run, in seconds.
+    timeout_s: float = 30.0
+    #: Accept NaN and infinity in float inputs.
+    allow_non_finite: bool = False
+    onnx: OnnxConfig = field(default_factory=OnnxConfig)
+
+
+@dataclass
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    model_defaults: ModelConfig = field(default_factory=ModelConfig)
+    #: Raw per-model overrides, merged over model_defaults by `model_config`.
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def model_config(self, name: str) -> ModelConfig:
+        """The effective settings of one model: defaults with its [models.NAME] table on top."""
+        base = _to_dict(self.model_defaults)
+        return _build(ModelConfig, _merge(base, self.models.get(name, {})), f"models.{name}")
+
+    def token(self) -> str:
+        if self.server.auth_token_file:
+            path = Path(self.server.auth_token_file)
+            try:
+                token = path.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"server.auth_token_file = {str(path)!r}: cannot read: {exc.strerror}"
+                ) from None
+            if not token:
+                raise ConfigError(f"server.auth_token_file = {str(path)!r}: the file is empty")
+            return token
+        return self.server.auth_token
+
+
+def _to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        tp, str(tp)
+    )
+
+
+def _check_value(tp: Any, value: Any, where: str) -> Any:
+    origin = get_origin(tp)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{where} = {value!r}: must be {_type_name(tp)}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} = {value!r}: must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} = {value!r}: must be an integer")
+        if value < 0:
+            raise ConfigError(f"{where} = {value!r}: must not be negative")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} = {value!r}: must be a number")
+        if value < 0:
+            raise ConfigError(f"{where} = {value!r}: must not be negative")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} = {value!r}: must be a string")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where} = {value!r}: must be a table")
+        return _build(typing.cast(type, tp), value, where)
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where} = {value!r}: must be a table")
+        for key, sub in value.items():
+            if not isinstance(sub, Mapping):
+                raise ConfigError(f"{where}.{key} = {sub!r}: must be a table")
+        return dict(value)
+    if origin in (typing.Union, types.UnionType):  # pragma: no cover - not used yet
+        raise ConfigError(f"{where}: unsupported union type")
+    raise ConfigError(f"{where}: unsupported type {tp!r}")  # pragma: no cover
+
+
+def _build(cls: type[T], values: Mapping[str, Any], where: str) -> T:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            raise ConfigError(f"{path}: unknown key (known keys: {', '.join(names)})")
+        kwargs[key] = _check_value(hints[key], value, path)
+    obj = cls(**kwargs)
+    _check_ranges(obj, where)
+    return obj
+
+
+def _check_ranges(obj: Any, where: str) -> None:
+    def bad(key: str, why: str) -> ConfigError:
+        return ConfigError(f"{where + '.' if where else ''}{key} = {getattr(obj, key)!r}: {why}")
+
+    if isinstance(obj, ServerConfig):
+        if not 0 <= obj.port <= 65535:
+            raise bad("port", "must be between 0 and 65535")
+        if obj.max_body_bytes < 1024:
+            raise bad("max_body_bytes", "must be at least 1024")
+    if isinstance(obj, ModelConfig):
+        if obj.max_concurrency < 1:
+            raise bad("max_concurrency", "must be at least 1")
+        if obj.timeout_s <= 0:
+            raise bad("timeout_s", "must be greater than 0")
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """APPLIANCE_SERVER__PORT=9000 -> {"server": {"port": 9000}}; values are read as TOML."""
+    out: dict[str, Any] = {}
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX) or "__" not in key:
+            continue
+        parts = [p.lower() for p in key[len(ENV_PREFIX) :].split("__")]
+        try:
+            value: Any = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"environment {key}: conflicts with another variable")
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Read the TOML file (if any), apply APPLIANCE_* variables, then explicit overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"config file {str(p)!r}: cannot read: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {str(p)!r}: invalid TOML: {exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {str(p)!r}: not UTF-8 text") from None
+    data = _merge(data, _env_overrides(os.environ if environ is None else environ))
+    data = _merge(data, overrides or {})
+    config = _build(Config, data, "")
+    for name in config.models:
+        config.model_config(name)  # validate every per-model table now, not at first use
+    return config

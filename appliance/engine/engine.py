@@ -1,0 +1,219 @@
+"""The one core below every protocol: which models are loaded, validation, and scheduling."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..backends import get_backend
+from ..backends.base import Backend, LoadContext
+from ..codec import InferRequest, InferResponse
+from ..config import Config, ModelConfig
+from ..device import Placement
+from ..errors import ApplianceError, ModelError, NotFound, NotReady
+from ..manifest import Manifest, verify_file
+from ..metrics import Metrics, ModelMetrics
+from ..tensors import Signature
+from .scheduler import ModelRunner
+from .validation import validate
+
+log = logging.getLogger("appliance.engine")
+
+Status = Literal["loading", "ready", "failed", "stopped"]
+
+
+@dataclass
+class ModelSource:
+    """A model version to serve: its manifest and the file it names."""
+
+    manifest: Manifest
+    path: Path
+    #: Check the file against the manifest's sha256 before loading.
+    verify: bool = True
+
+
+@dataclass
+class LoadedModel:
+    source: ModelSource
+    config: ModelConfig
+    status: Status = "loading"
+    reason: str | None = None
+    backend: Backend | None = None
+    runner: ModelRunner | None = None
+    load_seconds: float = 0.0
+    metrics: ModelMetrics | None = None
+    versions: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.source.manifest.name
+
+    @property
+    def version(self) -> str:
+        return self.source.manifest.version
+
+    @property
+    def signature(self) -> Signature:
+        return self.backend.signature if self.backend else self.source.manifest.signature
+
+    @property
+    def placement(self) -> Placement | None:
+        return self.backend.placement if self.backend else None
+
+    @property
+    def platform(self) -> str:
+        return self.backend.platform if self.backend else self.source.manifest.backend
+
+
+_OUTCOME = {400: "invalid", 503: "overloaded", 504: "timeout"}
+
+
+class Engine:
+    def __init__(self, config: Config, metrics: Metrics, sources: list[ModelSource],
+                 cache_dir: Path) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.cache_dir = cache_dir
+        self._models: dict[str, LoadedModel] = {}
+        for src in sources:
+            name = src.manifest.name
+            if name in self._models:
+                raise ModelError(f"model {name!r} is listed twice")
+            self._models[name] = LoadedModel(src, config.model_config(name))
+        self.started = False
+        self.loaded = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load every model, one at a time (small devices have little memory to spare)."""
+        self.started = True
+        for model in self._models.values():
+            await self._load(model)
+        self.loaded = True
+
+    async def _load(self, model: LoadedModel) -> None:
+        m = self.metrics
+        t0 = time.perf_counter()
+        try:
+            backend = await asyncio.to_thread(self._load_backend, model)
+        except ApplianceError as exc:
+            model.status, model.reason = "failed", exc.message
+            log.error("model %s version %s failed to load: %s", model.name, model.version, exc.message)
+            m.model_ready.labels(model.name, model.version).set(0)
+            return
+        except Exception as exc:
+            model.status, model.reason = "failed", f"{type(exc).__name__}: {exc}"
+            log.exception("model %s version %s failed to load", model.name, model.version)
+            m.model_ready.labels(model.name, model.version).set(0)
+            return
+        model.load_seconds = time.perf_counter() - t0
+        model.backend = backend
+        model.metrics = m.for_model(model.name, model.version)
+        model.runner = ModelRunner(
+            backend, f"{model.name}/{model.version}", model.config.max_concurrency,
+            model.config.max_queue, model.metrics,
+        )
+        model.status = "ready"
+        p = backend.placement
+        m.load_seconds.labels(model.name, model.version).set(model.load_seconds)
+        m.model_ready.labels(model.name, model.version).set(1)
+        m.model_device.labels(
+            model.name, model.version, p.device, p.detail, str(p.fallback_reason is not None).lower()
+        ).set(1)
+        log.info(
+            "model %s version %s ready on %s (%s) in %.3f s",
+            model.name, model.version, p.device, p.detail, model.load_seconds,
+        )
+
+    def _load_backend(self, model: LoadedModel) -> Backend:
+        src = model.source
+        if src.verify:
+            verify_file(src.path, src.manifest)
+        cls = get_backend(src.manifest.backend)
+        return cls(src.manifest, src.path, LoadContext(model.config, self.cache_dir))
+
+    async def stop(self) -> None:
+        for model in self._models.values():
+            if model.runner is not None:
+                await model.runner.stop()
+                model.runner = None
+            if model.backend is not None:
+                model.backend.unload()
+            model.status = "stopped"
+            self.metrics.model_ready.labels(model.name, model.version).set(0)
+
+    # -- queries ---------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        if not self.loaded:
+            return False
+        if self.config.server.strict_readiness:
+            return all(m.status == "ready" for m in self._models.values())
+        return True
+
+    def models(self) -> list[LoadedModel]:
+        return list(self._models.values())
+
+    def model(self, name: str, version: str | None = None) -> LoadedModel:
+        """The model that serves `name` (and `version`, if given); NotFound otherwise."""
+        model = self._models.get(name)
+        if model is None:
+            raise NotFound(f"unknown model {name!r}")
+        if version is not None and version != model.version:
+            raise NotFound(
+                f"model {name!r} has no version {version!r} loaded (serving version "
+                f"{model.version!r})"
+            )
+        return model
+
+    def ready_model(self, name: str, version: str | None = None) -> LoadedModel:
+        model = self.model(name, version)
+        if model.status != "ready":
+            why = f": {model.reason}" if model.reason else ""
+            raise NotReady(f"model {name!r} version {model.version} is {model.status}{why}")
+        return model
+
+    # -- inference -------------------------------------------------------------------------
+    async def infer(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
+        model = self.ready_model(name, version)
+        runner, metrics = model.runner, model.metrics
+        assert runner is not None and metrics is not None
+        t0 = time.perf_counter()
+        try:
+            outputs = validate(model.signature, request, model.config.allow_non_finite)
+            timeout = model.config.timeout_s
+            if request.timeout_s is not None:
+                timeout = min(timeout, request.timeout_s)
+            result, _timing = await runner.run(request.inputs, outputs, timeout)
+        except ApplianceError as exc:
+            metrics.outcomes[_OUTCOME.get(exc.status, "error")].inc()
+            raise
+        metrics.outcomes["success"].inc()
+        metrics.total.observe(time.perf_counter() - t0)
+        return InferResponse(model.name, model.version, result, request.id)
+
+    def describe(self, model: LoadedModel) -> dict[str, Any]:
+        """KServe v2 model metadata, plus where the model runs."""
+        sig = model.signature
+        meta: dict[str, Any] = {
+            "name": model.name,
+            "versions": [model.version],
+            "platform": model.platform,
+            "inputs": [t.to_json() for t in sig.inputs],
+            "outputs": [t.to_json() for t in sig.outputs],
+        }
+        params: dict[str, Any] = {"status": model.status, "sha256": model.source.manifest.sha256}
+        if model.reason:
+            params["reason"] = model.reason
+        p = model.placement
+        if p is not None:
+            params["device"] = p.device
+            params["runtime_detail"] = p.detail
+            if p.fallback_reason:
+                params["fallback_reason"] = p.fallback_reason
+        meta["parameters"] = params
+        return meta

@@ -1,0 +1,157 @@
+"""Per-model worker threads with a bounded queue, so inference never runs on the event loop.
+
+The hand-off is a `queue.SimpleQueue` into N threads and `call_soon_threadsafe` back; it is
+leaner than `run_in_executor` (no concurrent.futures chaining), which matters when the model
+itself answers in tens of microseconds. Admission is counted on the loop thread only, so the
+bound is exact without locks: more than max_concurrency + max_queue requests are refused at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..backends.base import Backend
+from ..errors import ApplianceError, DeadlineExceeded, InferenceFailed, Overloaded
+from ..metrics import ModelMetrics
+
+log = logging.getLogger("appliance.engine")
+
+Arrays = dict[str, np.ndarray[Any, Any]]
+
+
+@dataclass(frozen=True)
+class Timing:
+    queue_s: float
+    compute_s: float
+
+
+class _Job:
+    __slots__ = ("cancelled", "deadline", "enqueued", "error", "finished", "future", "inputs",
+                 "outputs", "result", "started", "timer")
+
+    def __init__(self, inputs: Arrays, outputs: list[str] | None, future: asyncio.Future[Any],
+                 deadline: float) -> None:
+        self.inputs = inputs
+        self.outputs = outputs
+        self.future = future
+        self.deadline = deadline
+        self.enqueued = time.perf_counter()
+        self.started = 0.0
+        self.finished = 0.0
+        self.cancelled = False
+        self.result: Arrays | None = None
+        self.error: BaseException | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        backend: Backend,
+        label: str,
+        concurrency: int,
+        max_queue: int,
+        metrics: ModelMetrics,
+    ) -> None:
+        self.backend = backend
+        self.label = label
+        self.concurrency = concurrency if backend.thread_safe else 1
+        self.max_queue = max_queue
+        self._limit = self.concurrency + max_queue
+        self._metrics = metrics
+        self._loop = asyncio.get_running_loop()
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._pending = 0
+        self._threads = [
+            threading.Thread(target=self._work, name=f"infer-{label}-{i}", daemon=True)
+            for i in range(self.concurrency)
+        ]
+        for t in self._threads:
+            t.start()
+
+    @property
+    def pending(self) -> int:
+        """Requests queued or running (loop thread only)."""
+        return self._pending
+
+    async def run(self, inputs: Arrays, outputs: list[str] | None, timeout_s: float) -> tuple[Arrays, Timing]:
+        if self._pending >= self._limit:
+            raise Overloaded(
+                f"model {self.label} is at capacity ({self.concurrency} running, "
+                f"{self.max_queue} queued); retry later"
+            )
+        loop = self._loop
+        future: asyncio.Future[Any] = loop.create_future()
+        job = _Job(inputs, outputs, future, time.perf_counter() + timeout_s)
+        job.timer = loop.call_later(timeout_s, self._expire, job, timeout_s)
+        self._pending += 1
+        self._metrics.queue_depth.inc()
+        self._queue.put(job)
+        result: Arrays = await future
+        return result, Timing(job.started - job.enqueued, job.finished - job.started)
+
+    def _expire(self, job: _Job, timeout_s: float) -> None:
+        job.cancelled = True
+        if not job.future.done():
+            where = "while running" if job.started else "in the queue"
+            job.future.set_exception(
+                DeadlineExceeded(f"model {self.label}: timed out after {timeout_s:g} s {where}")
+            )
+
+    def _done(self, job: _Job) -> None:
+        self._pending -= 1
+        if job.timer is not None:
+            job.timer.cancel()
+        fut = job.future
+        if fut.done():
+            return
+        if job.error is not None:
+            fut.set_exception(job.error)
+        else:
+            fut.set_result(job.result)
+
+    def _work(self) -> None:
+        backend, metrics, call = self.backend, self._metrics, self._loop.call_soon_threadsafe
+        while (job := self._queue.get()) is not None:
+            job.started = start = time.perf_counter()
+            metrics.queue_depth.dec()
+            metrics.queue.observe(start - job.enqueued)
+            if job.cancelled or start > job.deadline:
+                job.error = DeadlineExceeded(
+                    f"model {self.label}: the deadline passed while the request was queued"
+                )
+            else:
+                metrics.inflight.inc()
+                try:
+                    job.result = backend.run(job.inputs, job.outputs)
+                except ApplianceError as exc:
+                    job.error = exc
+                except Exception as exc:
+                    log.exception("model %s failed", self.label)
+                    job.error = InferenceFailed(f"model {self.label} failed: {exc}")
+                finally:
+                    metrics.inflight.dec()
+            job.finished = time.perf_counter()
+            metrics.compute.observe(job.finished - start)
+            try:
+                call(self._done, job)
+            except RuntimeError:  # loop closed during shutdown
+                return
+
+    async def stop(self) -> None:
+        """Finish what is queued, then stop the threads."""
+        for _ in self._threads:
+            self._queue.put(None)
+        await asyncio.to_thread(self._join)
+
+    def _join(self) -> None:
+        for t in self._threads:
+            t.join()

@@ -1,0 +1,77 @@
+"""One error type for every failure a client or operator can see.
+
+Each subclass carries its HTTP status; the access layer maps it in one place (HTTP status + JSON
+body, MQTT error reply), so every protocol reports the same failure the same way.
+"""
+
+from __future__ import annotations
+
+
+class ApplianceError(Exception):
+    """Base error: `status` is the HTTP status code that best describes it."""
+
+    status: int = 500
+    #: Seconds after which retrying may succeed (sent as Retry-After), if any.
+    retry_after: float | None = None
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(ApplianceError):
+    """The request is malformed or does not match the model (a client mistake)."""
+
+    status = 400
+
+
+class Unauthorized(ApplianceError):
+    status = 401
+
+
+class NotFound(ApplianceError):
+    """Unknown model, version or route."""
+
+    status = 404
+
+
+class PayloadTooLarge(ApplianceError):
+    status = 413
+
+
+class Overloaded(ApplianceError):
+    """The model's queue is full: refused at once instead of growing memory."""
+
+    status = 503
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class NotReady(ApplianceError):
+    status = 503
+
+
+class DeadlineExceeded(ApplianceError):
+    """The request could not be served within its timeout."""
+
+    status = 504
+
+
+class InferenceFailed(ApplianceError):
+    """The runtime failed on input that passed validation: a server-side fault."""
+
+    status = 500
+
+
+class ModelError(ApplianceError):
+    """A model could not be added, verified or loaded (store or backend problem)."""
+
+    status = 500
+
+
+class ConfigError(ApplianceError):
+    """A configuration key has a bad value; the message names the key and the value."""
+
+    status = 500

@@ -1,0 +1,262 @@
+"""The model store on disk: models/<name>/<version>/ (immutable) and models/<name>/ACTIVE.
+
+ACTIVE is a small text file: the active version on its first line, then the versions that were
+active before it, newest first (what `rollback` walks back through). It is replaced by
+write-then-rename, so a crash leaves either the old or the new file, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import re
+import shutil
+import stat
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+from .backends import detect_backend, get_backend
+from .errors import ModelError, NotFound
+from .manifest import MANIFEST_NAME, Manifest, sha256_file
+from .tensors import Signature, TensorSpec
+
+ACTIVE_NAME = "ACTIVE"
+#: Names and versions become directory names: no separators, no dot-files, no surprises.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def check_name(value: str, what: str) -> str:
+    """Refuse names that could escape the store or clash with its own files."""
+    if not _NAME_RE.match(value) or value in (ACTIVE_NAME,) or ".." in value:
+        raise ModelError(
+            f"invalid {what} {value!r}: use 1-128 letters, digits, '_', '-' or '.', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be fsynced
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write a file so that readers see the old or the new content, never a mix."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        Path(tmp).replace(path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    manifest: Manifest
+    directory: Path
+
+    @property
+    def file(self) -> Path:
+        return self.directory / self.manifest.file
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    active: str | None
+    history: tuple[str, ...]
+    versions: tuple[str, ...]
+
+
+def _version_key(v: str) -> tuple[int, int | str]:
+    return (0, int(v)) if v.isdigit() else (1, v)
+
+
+class Registry:
+    """Reads and changes the store; every change is atomic on disk."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+
+    # -- reading ---------------------------------------------------------------------------
+    def model_dir(self, name: str) -> Path:
+        return self.root / check_name(name, "model name")
+
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p.name for p in self.root.iterdir()
+            if p.is_dir() and _NAME_RE.match(p.name) and not p.name.startswith(".")
+        )
+
+    def versions(self, name: str) -> list[str]:
+        d = self.model_dir(name)
+        if not d.is_dir():
+            raise NotFound(f"model {name!r} is not in the store at {self.root}")
+        found = [
+            p.name for p in d.iterdir()
+            if p.is_dir() and _NAME_RE.match(p.name) and (p / MANIFEST_NAME).is_file()
+        ]
+        return sorted(found, key=_version_key)
+
+    def _read_active(self, name: str) -> list[str]:
+        try:
+            text = (self.model_dir(name) / ACTIVE_NAME).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return []
+        return [line.strip() for line in text.splitlines() if line.strip()]
+
+    def entry(self, name: str) -> ModelEntry:
+        versions = self.versions(name)
+        lines = self._read_active(name)
+        active = lines[0] if lines else None
+        return ModelEntry(name, active, tuple(lines[1:]), tuple(versions))
+
+    def get(self, name: str, version: str) -> ModelVersion:
+        directory = self.model_dir(name) / check_name(version, "version")
+        path = directory / MANIFEST_NAME
+        if not path.is_file():
+            raise NotFound(f"model {name!r} has no version {version!r} in {self.root}")
+        manifest = Manifest.read(path)
+        if manifest.name != name or manifest.version != version:
+            raise ModelError(
+                f"{path}: manifest says {manifest.name!r} version {manifest.version!r}, "
+                f"but it lives at {name}/{version}"
+            )
+        return ModelVersion(manifest, directory)
+
+    def active(self, name: str) -> ModelVersion:
+        lines = self._read_active(name)
+        if not lines:
+            raise NotFound(f"model {name!r} has no active version")
+        return self.get(name, lines[0])
+
+    # -- changing --------------------------------------------------------------------------
+    def add(
+        self,
+        name: str,
+        source: Path,
+        version: str | None = None,
+        activate: bool = True,
+        backend: str | None = None,
+    ) -> ModelVersion:
+        """Copy a model file in as a new immutable version and (by default) activate it."""
+        check_name(name, "model name")
+        if not source.is_file():
+            raise ModelError(f"{source}: no such file")
+        backend_name = backend or detect_backend(source)
+        backend_cls = get_backend(backend_name)
+        model_dir = self.model_dir(name)
+        model_dir.mkdir(parents=True, exist_ok=True)
+        if version is None:
+            numeric = [int(v) for v in self.versions(name) if v.isdigit()]
+            version = str(max(numeric, default=0) + 1)
+        check_name(version, "version")
+        final = model_dir / version
+        if final.exists():
+            raise ModelError(f"model {name!r} version {version!r} already exists: versions never change")
+
+        staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=f".{version}.", suffix=".partial"))
+        try:
+            file_name = f"model{source.suffix.lower()}" if source.suffix else "model"
+            target = staging / file_name
+            shutil.copyfile(source, target)
+            digest, size = sha256_file(target)
+            signature, params = backend_cls.inspect(target)
+            manifest = Manifest(
+                name=name,
+                version=version,
+                backend=backend_name,
+                file=file_name,
+                sha256=digest,
+                size=size,
+                signature=signature,
+                created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                source=str(source.resolve()),
+                parameters=params,
+            )
+            (staging / MANIFEST_NAME).write_bytes(
+                orjson.dumps(manifest.to_json(), option=orjson.OPT_INDENT_2)
+            )
+            for f in staging.iterdir():
+                with f.open("rb") as fh:
+                    os.fsync(fh.fileno())
+                f.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+            staging.rename(final)
+            _fsync_dir(model_dir)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if activate:
+            self.activate(name, version)
+        return ModelVersion(manifest, final)
+
+    def activate(self, name: str, version: str) -> None:
+        self.get(name, version)  # must exist and have a readable manifest
+        lines = self._read_active(name)
+        if lines and lines[0] == version:
+            return
+        history = [v for v in lines if v != version]
+        atomic_write(self.model_dir(name) / ACTIVE_NAME, ("\n".join([version, *history]) + "\n").encode())
+
+    def rollback(self, name: str) -> str:
+        """Re-activate the version that was active before the current one."""
+        lines = self._read_active(name)
+        if not lines:
+            raise ModelError(f"model {name!r} has no active version to roll back from")
+        existing = set(self.versions(name))
+        previous = [v for v in lines[1:] if v in existing]
+        if not previous:
+            raise ModelError(f"model {name!r}: no earlier version to roll back to")
+        atomic_write(self.model_dir(name) / ACTIVE_NAME, ("\n".join(previous) + "\n").encode())
+        return previous[0]
+
+    def remove(self, name: str, version: str) -> None:
+        """Delete a version that is not active (rename away first, so it vanishes at once)."""
+        entry = self.entry(name)
+        check_name(version, "version")
+        if version not in entry.versions:
+            raise NotFound(f"model {name!r} has no version {version!r}")
+        if entry.active == version:
+            raise ModelError(
+                f"model {name!r} version {version!r} is active: activate another version "
+                "or roll back first"
+            )
+        model_dir = self.model_dir(name)
+        trash = Path(tempfile.mkdtemp(dir=model_dir, prefix=f".{version}.", suffix=".trash"))
+        (model_dir / version).rename(trash / version)
+        _fsync_dir(model_dir)
+        lines = [v for v in self._read_active(name) if v != version]
+        if lines:
+            atomic_write(model_dir / ACTIVE_NAME, ("\n".join(lines) + "\n").encode())
+        for root, dirs, _files in os.walk(trash):
+            for d in dirs:
+                (Path(root) / d).chmod(stat.S_IRWXU)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def describe(signature: Signature) -> str:
+    """One line such as `input:FP32[-1, 4] -> probabilities:FP32[-1, 3]` for the CLI."""
+
+    def one(t: TensorSpec) -> str:
+        return f"{t.name}:{t.datatype}{list(t.shape)}"
+
+    return (
+        ", ".join(one(t) for t in signature.inputs)
+        + " -> "
+        + ", ".join(one(t) for t in signature.outputs)
+    )

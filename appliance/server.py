@@ -1,0 +1,108 @@
+"""Assembles the running appliance: which models to serve, the engine, the HTTP app."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import socket
+from pathlib import Path
+
+from aiohttp import web
+
+from .api.http import HttpSettings, build_app
+from .backends import detect_backend
+from .config import Config
+from .engine import Engine, ModelSource
+from .errors import ApplianceError, ModelError
+from .manifest import Manifest, sha256_file
+from .registry import Registry, check_name
+from .tensors import Signature
+
+log = logging.getLogger("appliance.server")
+
+
+def sources_from_store(root: Path) -> list[ModelSource]:
+    """The active version of every model in the store; a broken entry is logged, not fatal."""
+    registry = Registry(root)
+    if not root.is_dir():
+        log.warning("model store %s does not exist: serving no models", root)
+        return []
+    sources = []
+    for name in registry.names():
+        try:
+            mv = registry.active(name)
+        except ApplianceError as exc:
+            log.warning("skipping model %s: %s", name, exc.message)
+            continue
+        sources.append(ModelSource(mv.manifest, mv.file))
+    if not sources:
+        log.warning("model store %s holds no active models", root)
+    return sources
+
+
+def source_from_file(path: Path, name: str | None = None) -> ModelSource:
+    """Serve one file without a store (like `llama-server -m`): hashed now, version 1."""
+    if not path.is_file():
+        raise ModelError(f"{path}: no such file")
+    model_name = check_name(name or path.stem, "model name")
+    digest, size = sha256_file(path)
+    manifest = Manifest(
+        name=model_name,
+        version="1",
+        backend=detect_backend(path),
+        file=path.name,
+        sha256=digest,
+        size=size,
+        signature=Signature((), ()),
+        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        source=str(path.resolve()),
+    )
+    return ModelSource(manifest, path, verify=False)
+
+
+def build(config: Config, sources: list[ModelSource]) -> web.Application:
+    from .metrics import Metrics
+
+    metrics = Metrics()
+    cache_dir = Path(config.store.path) / ".cache"
+    engine = Engine(config, metrics, sources, cache_dir)
+    settings = HttpSettings(
+        token=config.token(),
+        max_body_bytes=config.server.max_body_bytes,
+        access_log=config.server.access_log,
+    )
+    return build_app(engine, metrics, settings)
+
+
+def install_uvloop() -> bool:
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+def serve(config: Config, sources: list[ModelSource]) -> None:
+    app = build(config, sources)
+    fast = install_uvloop()
+    host, port = config.server.host, config.server.port
+    if config.token() == "" and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s without a bearer token: anyone on the network can call it", host)
+    sock = socket.create_server(
+        (host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET, reuse_port=False
+    )
+    bound = sock.getsockname()[1]
+    log.info(
+        "serving %d model(s) on http://%s:%d%s",
+        len(sources), host, bound, " (uvloop)" if fast else "",
+        extra={"port": bound},
+    )
+    web.run_app(
+        app,
+        sock=sock,
+        access_log=None,
+        print=None,
+        shutdown_timeout=config.server.shutdown_timeout_s,
+    )
