@@ -63,10 +63,15 @@ def cmd_models(args: argparse.Namespace) -> int:
     reg = _registry(args)
     action = args.action
     if action == "add":
-        mv = reg.add(args.name, Path(args.file), version=args.version, activate=not args.no_activate)
+        mv = reg.add(
+            args.name, Path(args.file), version=args.version, activate=not args.no_activate
+        )
         m = mv.manifest
         state = "active" if not args.no_activate else "inactive"
-        print(f"added {m.name} version {m.version} ({m.backend}, {m.size} bytes, sha256 {m.sha256[:12]}…, {state})")
+        print(
+            f"added {m.name} version {m.version} ({m.backend}, {m.size} bytes, "
+            f"sha256 {m.sha256[:12]}…, {state})"
+        )
         print(f"  {describe(m.signature)}")
     elif action == "list":
         names = reg.names()
@@ -74,12 +79,16 @@ def cmd_models(args: argparse.Namespace) -> int:
             print(f"no models in {reg.root}")
         for name in names:
             entry = reg.entry(name)
-            print(f"{name}  active={entry.active or '-'}  versions={','.join(entry.versions) or '-'}")
+            print(
+                f"{name}  active={entry.active or '-'}  versions={','.join(entry.versions) or '-'}"
+            )
             for v in entry.versions:
                 mv = reg.get(name, v)
                 mark = "*" if v == entry.active else " "
-                print(f"  {mark} {v:<8} {mv.manifest.backend:<6} {mv.manifest.size:>10} B  "
-                      f"{mv.manifest.created_at}  {describe(mv.manifest.signature)}")
+                print(
+                    f"  {mark} {v:<8} {mv.manifest.backend:<6} {mv.manifest.size:>10} B  "
+                    f"{mv.manifest.created_at}  {describe(mv.manifest.signature)}"
+                )
     elif action == "activate":
         reg.activate(args.name, args.version)
         print(f"{args.name}: version {args.version} is active")
@@ -100,11 +109,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _common(p: argparse.ArgumentParser, store: bool = True) -> None:
     # SUPPRESS: a flag given before the sub-command is not reset by the sub-command's parser.
-    p.add_argument("--config", default=argparse.SUPPRESS,
-                   help="TOML config file (default: $APPLIANCE_CONFIG)")
+    p.add_argument(
+        "--config", default=argparse.SUPPRESS, help="TOML config file (default: $APPLIANCE_CONFIG)"
+    )
     if store:
-        p.add_argument("--models", default=argparse.SUPPRESS,
-                       help="model store directory (default: ./models)")
+        p.add_argument(
+            "--models", default=argparse.SUPPRESS, help="model store directory (default: ./models)"
+        )
 
 
 def parser() -> argparse.ArgumentParser:

@@ -58,7 +58,9 @@ def _count(shape: tuple[int, ...]) -> int:
     return math.prod(shape)
 
 
-def _from_json_data(data: Any, datatype: str, shape: tuple[int, ...], what: str) -> np.ndarray[Any, Any]:
+def _from_json_data(
+    data: Any, datatype: str, shape: tuple[int, ...], what: str
+) -> np.ndarray[Any, Any]:
     if not isinstance(data, list):
         data = [data]
     n = _count(shape)
@@ -98,9 +100,8 @@ def _from_json_data(data: Any, datatype: str, shape: tuple[int, ...], what: str)
             raise InvalidInput(
                 f"{what}: value out of range for {datatype} ({info.min}..{info.max})"
             )
-    elif datatype in FLOAT_TYPES:
-        if kind not in "iuf":
-            raise InvalidInput(f"{what}: {datatype} data must be numbers")
+    elif datatype in FLOAT_TYPES and kind not in "iuf":
+        raise InvalidInput(f"{what}: {datatype} data must be numbers")
     return arr.astype(target, copy=False).reshape(shape)
 
 
@@ -276,9 +277,7 @@ def _json_data(array: np.ndarray[Any, Any], name: str) -> Any:
     return flat
 
 
-def encode_response(
-    response: InferResponse, request: InferRequest
-) -> tuple[bytes, int | None]:
+def encode_response(response: InferResponse, request: InferRequest) -> tuple[bytes, int | None]:
     """Encode a response; returns the body and the JSON header length if any output is binary."""
     out_json: list[dict[str, Any]] = []
     blobs: list[bytes] = []

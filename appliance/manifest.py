@@ -73,7 +73,9 @@ class Manifest:
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"{where}: invalid manifest: {exc!s}") from None
         if Path(manifest.file).name != manifest.file or manifest.file in ("", ".", ".."):
-            raise ModelError(f"{where}: manifest 'file' must be a plain file name, got {manifest.file!r}")
+            raise ModelError(
+                f"{where}: manifest 'file' must be a plain file name, got {manifest.file!r}"
+            )
         return manifest
 
     @classmethod
@@ -106,7 +108,8 @@ def verify_file(path: Path, manifest: Manifest) -> None:
         actual, size = sha256_file(path)
     except OSError as exc:
         raise ModelError(
-            f"model {manifest.name!r} version {manifest.version}: cannot read {path}: {exc.strerror}"
+            f"model {manifest.name!r} version {manifest.version}: "
+            f"cannot read {path}: {exc.strerror}"
         ) from None
     if size != manifest.size or actual != manifest.sha256:
         raise ModelError(

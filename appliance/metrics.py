@@ -12,8 +12,24 @@ from . import __version__
 
 #: Sub-millisecond resolution matters: a tiny model answers in tens of microseconds.
 LATENCY_BUCKETS = (
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
-    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
 )
 OUTCOMES = ("success", "invalid", "overloaded", "timeout", "error")
 
@@ -38,21 +54,31 @@ class Metrics:
         r = self.registry
         labels = ("model", "version")
         self.requests = Counter(
-            "appliance_inference_requests", "Inference requests by outcome",
-            (*labels, "outcome"), registry=r,
+            "appliance_inference_requests",
+            "Inference requests by outcome",
+            (*labels, "outcome"),
+            registry=r,
         )
         self.queue_seconds = Histogram(
-            "appliance_inference_queue_seconds", "Time a request waited for a worker",
-            labels, buckets=LATENCY_BUCKETS, registry=r,
+            "appliance_inference_queue_seconds",
+            "Time a request waited for a worker",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.compute_seconds = Histogram(
-            "appliance_inference_compute_seconds", "Time the runtime spent on a request",
-            labels, buckets=LATENCY_BUCKETS, registry=r,
+            "appliance_inference_compute_seconds",
+            "Time the runtime spent on a request",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.request_seconds = Histogram(
             "appliance_inference_request_seconds",
             "Time from a request reaching the engine to its answer",
-            labels, buckets=LATENCY_BUCKETS, registry=r,
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.queue_depth = Gauge(
             "appliance_queue_depth", "Requests waiting for a worker", labels, registry=r
@@ -64,17 +90,22 @@ class Metrics:
             "appliance_model_load_seconds", "How long the model took to load", labels, registry=r
         )
         self.model_ready = Gauge(
-            "appliance_model_ready", "1 when the model version serves requests", labels,
+            "appliance_model_ready",
+            "1 when the model version serves requests",
+            labels,
             registry=r,
         )
         self.model_device = Gauge(
             "appliance_model_device_info",
             "Where a model runs (device, runtime detail, whether it fell back to the CPU)",
-            (*labels, "device", "detail", "fallback"), registry=r,
+            (*labels, "device", "detail", "fallback"),
+            registry=r,
         )
         self.http_responses = Counter(
-            "appliance_http_responses", "HTTP responses by route and status",
-            ("route", "status"), registry=r,
+            "appliance_http_responses",
+            "HTTP responses by route and status",
+            ("route", "status"),
+            registry=r,
         )
         build = Gauge("appliance_build_info", "Version of this appliance", ("version",), registry=r)
         build.labels(__version__).set(1)

@@ -99,7 +99,8 @@ class Registry:
         if not self.root.is_dir():
             return []
         return sorted(
-            p.name for p in self.root.iterdir()
+            p.name
+            for p in self.root.iterdir()
             if p.is_dir() and _NAME_RE.match(p.name) and not p.name.startswith(".")
         )
 
@@ -108,7 +109,8 @@ class Registry:
         if not d.is_dir():
             raise NotFound(f"model {name!r} is not in the store at {self.root}")
         found = [
-            p.name for p in d.iterdir()
+            p.name
+            for p in d.iterdir()
             if p.is_dir() and _NAME_RE.match(p.name) and (p / MANIFEST_NAME).is_file()
         ]
         return sorted(found, key=_version_key)
@@ -168,7 +170,9 @@ class Registry:
         check_name(version, "version")
         final = model_dir / version
         if final.exists():
-            raise ModelError(f"model {name!r} version {version!r} already exists: versions never change")
+            raise ModelError(
+                f"model {name!r} version {version!r} already exists: versions never change"
+            )
 
         staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=f".{version}.", suffix=".partial"))
         try:
@@ -211,7 +215,9 @@ class Registry:
         if lines and lines[0] == version:
             return
         history = [v for v in lines if v != version]
-        atomic_write(self.model_dir(name) / ACTIVE_NAME, ("\n".join([version, *history]) + "\n").encode())
+        atomic_write(
+            self.model_dir(name) / ACTIVE_NAME, ("\n".join([version, *history]) + "\n").encode()
+        )
 
     def rollback(self, name: str) -> str:
         """Re-activate the version that was active before the current one."""

@@ -89,14 +89,19 @@ def serve(config: Config, sources: list[ModelSource]) -> None:
     fast = install_uvloop()
     host, port = config.server.host, config.server.port
     if config.token() == "" and host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("listening on %s without a bearer token: anyone on the network can call it", host)
+        log.warning(
+            "listening on %s without a bearer token: anyone on the network can call it", host
+        )
     sock = socket.create_server(
         (host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET, reuse_port=False
     )
     bound = sock.getsockname()[1]
     log.info(
         "serving %d model(s) on http://%s:%d%s",
-        len(sources), host, bound, " (uvloop)" if fast else "",
+        len(sources),
+        host,
+        bound,
+        " (uvloop)" if fast else "",
         extra={"port": bound},
     )
     web.run_app(

@@ -3,7 +3,8 @@
     python build/make_sample_models.py --out build/samples [--store models]
 
 Writes:
-  sample.onnx    a small MLP classifier: input FP32[-1,4] -> probabilities FP32[-1,3], label INT64[-1]
+  sample.onnx    a small MLP classifier:
+                 input FP32[-1,4] -> probabilities FP32[-1,3], label INT64[-1]
   multi_io.onnx  several inputs and outputs of float, integer and bool types
   strings.onnx   a BYTES (string) tensor in and out
   fp16.onnx      FP16 in and out
@@ -59,8 +60,10 @@ def sample() -> onnx.ModelProto:
             helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 3]),
             helper.make_tensor_value_info("label", TensorProto.INT64, ["batch"]),
         ],
-        initializer=[numpy_helper.from_array(a, n) for a, n in
-                     ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))],
+        initializer=[
+            numpy_helper.from_array(a, n)
+            for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))
+        ],
     )
     return _model(graph, "Sample 4-feature, 3-class MLP classifier")
 

@@ -41,7 +41,7 @@ class HttpSettings:
 ENGINE = web.AppKey("engine", Engine)
 METRICS = web.AppKey("metrics", Metrics)
 SETTINGS = web.AppKey("settings", HttpSettings)
-LOADER = web.AppKey("loader", "asyncio.Task[None]")
+LOADER: web.AppKey[asyncio.Task[None]] = web.AppKey("loader")
 
 _PUBLIC = frozenset({"/v2/health/live", "/v2/health/ready"})
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -50,7 +50,9 @@ _JSON = "application/json"
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
 
 
-def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+def json_response(
+    obj: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
     return web.Response(body=orjson.dumps(obj), status=status, content_type=_JSON, headers=headers)
 
 
@@ -116,10 +118,15 @@ async def middleware(
     request.app[METRICS].http_responses.labels(route, str(response.status)).inc()
     if settings.access_log:
         access.info(
-            "%s %s %d", request.method, request.path, response.status,
-            extra={"status": response.status,
-                   "duration_ms": round((time.perf_counter() - start) * 1000, 3),
-                   "remote": request.remote},
+            "%s %s %d",
+            request.method,
+            request.path,
+            response.status,
+            extra={
+                "status": response.status,
+                "duration_ms": round((time.perf_counter() - start) * 1000, 3),
+                "remote": request.remote,
+            },
         )
     trace_id.reset(tid_token)
     request_id.reset(rid_token)
@@ -135,8 +142,11 @@ async def ready(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     models = {m.name: m.status for m in engine.models()}
     if not engine.ready:
-        waiting = [f"{m.name}: {m.status}" + (f" ({m.reason})" if m.reason else "")
-                   for m in engine.models() if m.status != "ready"]
+        waiting = [
+            f"{m.name}: {m.status}" + (f" ({m.reason})" if m.reason else "")
+            for m in engine.models()
+            if m.status != "ready"
+        ]
         raise NotReady("not ready: " + ("; ".join(waiting) or "starting"))
     return json_response({"ready": True, "models": models})
 

@@ -35,8 +35,12 @@ _TYPES = {
     "tensor(double)": "FP64",
     "tensor(string)": "BYTES",
 }
-_OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
-               "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+_OPT_LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
 _GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
 
@@ -70,9 +74,15 @@ def _session_options(ort: Any, cfg: OnnxConfig) -> Any:
     so = ort.SessionOptions()
     so.intra_op_num_threads = cfg.intra_op_threads
     so.inter_op_num_threads = cfg.inter_op_threads
-    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[cfg.graph_optimization])
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if cfg.allow_spinning else "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "1" if cfg.allow_spinning else "0")
+    so.graph_optimization_level = getattr(
+        ort.GraphOptimizationLevel, _OPT_LEVELS[cfg.graph_optimization]
+    )
+    so.add_session_config_entry(
+        "session.intra_op.allow_spinning", "1" if cfg.allow_spinning else "0"
+    )
+    so.add_session_config_entry(
+        "session.inter_op.allow_spinning", "1" if cfg.allow_spinning else "0"
+    )
     so.log_severity_level = 3
     return so
 
@@ -87,16 +97,20 @@ def providers_for(
         return ["CPUExecutionProvider"]
     chosen: list[Any] = []
     if "TensorrtExecutionProvider" in gpu:
-        trt_cache = Path(cfg.tensorrt_cache_dir) if cfg.tensorrt_cache_dir else cache_dir / "tensorrt"
-        chosen.append((
-            "TensorrtExecutionProvider",
-            {
-                "device_id": cfg.cuda_device_id,
-                "trt_fp16_enable": cfg.tensorrt_fp16,
-                "trt_engine_cache_enable": True,
-                "trt_engine_cache_path": str(trt_cache),
-            },
-        ))
+        trt_cache = (
+            Path(cfg.tensorrt_cache_dir) if cfg.tensorrt_cache_dir else cache_dir / "tensorrt"
+        )
+        chosen.append(
+            (
+                "TensorrtExecutionProvider",
+                {
+                    "device_id": cfg.cuda_device_id,
+                    "trt_fp16_enable": cfg.tensorrt_fp16,
+                    "trt_engine_cache_enable": True,
+                    "trt_engine_cache_path": str(trt_cache),
+                },
+            )
+        )
     if "CUDAExecutionProvider" in gpu:
         chosen.append(("CUDAExecutionProvider", {"device_id": cfg.cuda_device_id}))
     chosen.append("CPUExecutionProvider")
@@ -132,23 +146,23 @@ class OnnxBackend(Backend):
         if any(isinstance(p, tuple) and p[0] == "TensorrtExecutionProvider" for p in providers):
             (context.cache_dir / "tensorrt").mkdir(parents=True, exist_ok=True)
         try:
-            self._session = ort.InferenceSession(
+            #: The onnxruntime session itself (`appliance bench` times it raw, as the floor).
+            self.session: Any = ort.InferenceSession(
                 str(path), sess_options=_session_options(ort, cfg), providers=providers
             )
         except Exception as exc:
             raise ModelError(f"{what}: onnxruntime cannot load {path.name}: {exc}") from None
-        actual = list(self._session.get_providers())
+        actual = list(self.session.get_providers())
         accelerated = bool(actual) and actual[0] in _GPU_PROVIDERS
         why_not = (
-            "onnxruntime offers no GPU execution provider "
-            f"(it has {', '.join(available)})"
+            f"onnxruntime offers no GPU execution provider (it has {', '.join(available)})"
             if not any(p in available for p in _GPU_PROVIDERS)
             else f"the GPU providers failed to start (session runs on {', '.join(actual)})"
         )
         self.placement: Placement = settle(
             context.config.device, accelerated, ",".join(actual), why_not, what
         )
-        self.signature = _signature(self._session)
+        self.signature = _signature(self.session)
         self._has_strings = any(t.datatype == "BYTES" for t in self.signature.inputs)
         self._run_options = ort.RunOptions()
         self._errors = _error_types(ort)
@@ -161,7 +175,7 @@ class OnnxBackend(Backend):
             feed = {k: _strings(k, v) if v.dtype == object else v for k, v in inputs.items()}
         names = outputs or [t.name for t in self.signature.outputs]
         try:
-            results = self._session.run(names, feed, self._run_options)
+            results = self.session.run(names, feed, self._run_options)
         except self._errors[0] as exc:
             raise InvalidInput(f"the model rejected the input: {_short(exc)}") from None
         except self._errors[1] as exc:
@@ -175,7 +189,7 @@ class OnnxBackend(Backend):
         return out
 
     def unload(self) -> None:
-        self._session = None
+        self.session = None
 
 
 def _error_types(ort: Any) -> tuple[type[Exception], tuple[type[Exception], ...]]:

@@ -73,8 +73,9 @@ _OUTCOME = {400: "invalid", 503: "overloaded", 504: "timeout"}
 
 
 class Engine:
-    def __init__(self, config: Config, metrics: Metrics, sources: list[ModelSource],
-                 cache_dir: Path) -> None:
+    def __init__(
+        self, config: Config, metrics: Metrics, sources: list[ModelSource], cache_dir: Path
+    ) -> None:
         self.config = config
         self.metrics = metrics
         self.cache_dir = cache_dir
@@ -102,7 +103,9 @@ class Engine:
             backend = await asyncio.to_thread(self._load_backend, model)
         except ApplianceError as exc:
             model.status, model.reason = "failed", exc.message
-            log.error("model %s version %s failed to load: %s", model.name, model.version, exc.message)
+            log.error(
+                "model %s version %s failed to load: %s", model.name, model.version, exc.message
+            )
             m.model_ready.labels(model.name, model.version).set(0)
             return
         except Exception as exc:
@@ -114,19 +117,30 @@ class Engine:
         model.backend = backend
         model.metrics = m.for_model(model.name, model.version)
         model.runner = ModelRunner(
-            backend, f"{model.name}/{model.version}", model.config.max_concurrency,
-            model.config.max_queue, model.metrics,
+            backend,
+            f"{model.name}/{model.version}",
+            model.config.max_concurrency,
+            model.config.max_queue,
+            model.metrics,
         )
         model.status = "ready"
         p = backend.placement
         m.load_seconds.labels(model.name, model.version).set(model.load_seconds)
         m.model_ready.labels(model.name, model.version).set(1)
         m.model_device.labels(
-            model.name, model.version, p.device, p.detail, str(p.fallback_reason is not None).lower()
+            model.name,
+            model.version,
+            p.device,
+            p.detail,
+            str(p.fallback_reason is not None).lower(),
         ).set(1)
         log.info(
             "model %s version %s ready on %s (%s) in %.3f s",
-            model.name, model.version, p.device, p.detail, model.load_seconds,
+            model.name,
+            model.version,
+            p.device,
+            p.detail,
+            model.load_seconds,
         )
 
     def _load_backend(self, model: LoadedModel) -> Backend:

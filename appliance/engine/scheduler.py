@@ -34,11 +34,27 @@ class Timing:
 
 
 class _Job:
-    __slots__ = ("cancelled", "deadline", "enqueued", "error", "finished", "future", "inputs",
-                 "outputs", "result", "started", "timer")
+    __slots__ = (
+        "cancelled",
+        "deadline",
+        "enqueued",
+        "error",
+        "finished",
+        "future",
+        "inputs",
+        "outputs",
+        "result",
+        "started",
+        "timer",
+    )
 
-    def __init__(self, inputs: Arrays, outputs: list[str] | None, future: asyncio.Future[Any],
-                 deadline: float) -> None:
+    def __init__(
+        self,
+        inputs: Arrays,
+        outputs: list[str] | None,
+        future: asyncio.Future[Any],
+        deadline: float,
+    ) -> None:
         self.inputs = inputs
         self.outputs = outputs
         self.future = future
@@ -82,7 +98,9 @@ class ModelRunner:
         """Requests queued or running (loop thread only)."""
         return self._pending
 
-    async def run(self, inputs: Arrays, outputs: list[str] | None, timeout_s: float) -> tuple[Arrays, Timing]:
+    async def run(
+        self, inputs: Arrays, outputs: list[str] | None, timeout_s: float
+    ) -> tuple[Arrays, Timing]:
         if self._pending >= self._limit:
             raise Overloaded(
                 f"model {self.label} is at capacity ({self.concurrency} running, "

@@ -15,7 +15,9 @@ def _names(specs: Any) -> str:
     return ", ".join(repr(t.name) for t in specs)
 
 
-def validate(signature: Signature, request: InferRequest, allow_non_finite: bool) -> list[str] | None:
+def validate(
+    signature: Signature, request: InferRequest, allow_non_finite: bool
+) -> list[str] | None:
     """Raise InvalidInput naming the exact problem; return the output names to compute."""
     by_name = signature.input_by_name
     for name in request.inputs:
