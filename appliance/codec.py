@@ -62,7 +62,7 @@ def _from_json_data(
     data: Any, datatype: str, shape: tuple[int, ...], what: str
 ) -> np.ndarray[Any, Any]:
     if not isinstance(data, list):
-        data = [data]
+        raise InvalidInput(f"{what}: 'data' must be a JSON array (flat or nested)")
     n = _count(shape)
     if datatype == "BYTES":
         flat = np.array(data, dtype=object).reshape(-1) if data else np.empty(0, dtype=object)

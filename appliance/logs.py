@@ -26,10 +26,11 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        rid = request_id.get()
+        # Records may carry the ids themselves (the access log does); else the current request's.
+        rid = getattr(record, "request_id", None) or request_id.get()
         if rid is not None:
             out["request_id"] = rid
-        tid = trace_id.get()
+        tid = getattr(record, "trace_id", None) or trace_id.get()
         if tid is not None:
             out["trace_id"] = tid
         for key, value in record.__dict__.items():

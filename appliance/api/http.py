@@ -106,9 +106,10 @@ async def middleware(
             reason = f"request body is larger than the limit of {settings.max_body_bytes} bytes"
         elif exc.status == 404:
             reason = f"no route for {request.method} {request.path}"
-        response = json_response({"error": reason}, exc.status, dict(exc.headers) or None)
-        response.headers.pop("Content-Type", None)
-        response.content_type = _JSON
+        keep = {
+            k: v for k, v in exc.headers.items() if k.lower() not in ("content-type", "content-length")
+        }
+        response = json_response({"error": reason}, exc.status, keep or None)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         response = json_response({"error": "internal server error"}, 500)
@@ -123,6 +124,8 @@ async def middleware(
             request.path,
             response.status,
             extra={
+                "request_id": rid,
+                "trace_id": trace_id.get(),
                 "status": response.status,
                 "duration_ms": round((time.perf_counter() - start) * 1000, 3),
                 "remote": request.remote,

@@ -1,0 +1,148 @@
+"""Shared fixtures: sample models built by the project's own script, stores, real servers."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from appliance.api.http import LOADER
+from appliance.config import load_config
+from appliance.engine import ModelSource
+from appliance.registry import Registry
+from appliance.server import build, sources_from_store
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_NAMES = ("sample", "multi_io", "strings", "fp16")
+
+
+@pytest.fixture(scope="session")
+def samples(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sample .onnx files, made by build/make_sample_models.py (nothing downloaded)."""
+    out = tmp_path_factory.mktemp("samples")
+    subprocess.run(
+        [sys.executable, str(ROOT / "build" / "make_sample_models.py"), "--out", str(out)],
+        check=True,
+        capture_output=True,
+    )
+    return out
+
+
+@pytest.fixture
+def store(tmp_path: Path, samples: Path) -> Registry:
+    """A model store holding every sample model, each active at version 1."""
+    registry = Registry(tmp_path / "models")
+    for name in SAMPLE_NAMES:
+        registry.add(name, samples / f"{name}.onnx")
+    return registry
+
+
+ClientFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+
+
+@pytest.fixture
+async def serve(
+    store: Registry,
+) -> AsyncIterator[ClientFactory]:
+    """Start the real HTTP app on a loopback port; returns a client once models are loaded."""
+    clients: list[TestClient[web.Request, web.Application]] = []
+
+    async def start(
+        overrides: dict[str, Any] | None = None,
+        sources: list[ModelSource] | None = None,
+        wait: bool = True,
+    ) -> TestClient[web.Request, web.Application]:
+        config = load_config(None, {"store": {"path": str(store.root)}, **(overrides or {})}, {})
+        app = build(config, sources if sources is not None else sources_from_store(store.root))
+        client = TestClient(TestServer(app, host="127.0.0.1"))
+        await client.start_server()
+        clients.append(client)
+        if wait:
+            await app[LOADER]
+        return client
+
+    yield start
+    for client in clients:
+        await client.close()
+
+
+class ServerProcess:
+    def __init__(self, proc: subprocess.Popen[str], port: int, lines: list[str]) -> None:
+        self.proc = proc
+        self.port = port
+        self.lines = lines
+        self.url = f"127.0.0.1:{port}"
+
+
+def start_server_process(args: list[str], env: dict[str, str] | None = None) -> ServerProcess:
+    """Run `appliance serve ... --port 0` and wait until it is ready; the port comes from its log."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance", "serve", "--port", "0", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=ROOT,
+    )
+    lines: list[str] = []
+    port_box: list[int] = []
+    found = threading.Event()
+
+    def pump() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
+            m = re.search(r'"port":(\d+)', line)
+            if m and not port_box:
+                port_box.append(int(m.group(1)))
+                found.set()
+        found.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    if not found.wait(60) or not port_box:
+        proc.kill()
+        raise RuntimeError("server did not start:\n" + "".join(lines))
+    server = ServerProcess(proc, port_box[0], lines)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://{server.url}/v2/health/ready", timeout=5) as r:
+                if r.status == 200:
+                    return server
+        except OSError:
+            pass
+        time.sleep(0.05)
+    stop_server_process(server)
+    raise RuntimeError("server never became ready:\n" + "".join(lines))
+
+
+def stop_server_process(server: ServerProcess) -> int:
+    server.proc.terminate()
+    try:
+        return server.proc.wait(15)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+        return server.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server_process(tmp_path_factory: pytest.TempPathFactory, samples: Path) -> Iterator[ServerProcess]:
+    """`appliance serve` in its own process over a store of the sample models."""
+    root = tmp_path_factory.mktemp("store")
+    registry = Registry(root)
+    for name in SAMPLE_NAMES:
+        registry.add(name, samples / f"{name}.onnx")
+    server = start_server_process(["--models", str(root)])
+    yield server
+    stop_server_process(server)
