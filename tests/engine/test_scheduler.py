@@ -1,0 +1,123 @@
+"""Bounded queue, concurrency limit, deadlines, and a free event loop, through real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import pytest
+
+from appliance import backends
+from appliance.engine import ModelSource
+from appliance.manifest import Manifest
+from tests.support.gated import SIGNATURE, GatedBackend
+
+REQ = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1, 2]}]}
+
+
+@pytest.fixture
+def gated(monkeypatch, tmp_path: Path):
+    monkeypatch.setitem(backends._BACKENDS, "gated", "tests.support.gated:GatedBackend")
+    GatedBackend.gate = threading.Event()
+    GatedBackend.started = threading.Semaphore(0)
+    GatedBackend.runs = 0
+    f = tmp_path / "gated.bin"
+    f.write_bytes(b"")
+    manifest = Manifest("gated", "1", "gated", f.name, "", 0, SIGNATURE, "", "test")
+    yield [ModelSource(manifest, f, verify=False)]
+    GatedBackend.gate.set()
+
+
+async def _started(n: int = 1) -> None:
+    for _ in range(n):
+        ok = await asyncio.to_thread(GatedBackend.started.acquire, True, 10)
+        assert ok, "run never started"
+
+
+async def test_full_queue_is_refused_at_once_with_503(serve, gated):
+    client = await serve({"models": {"gated": {"max_concurrency": 1, "max_queue": 2}}}, gated)
+    running = asyncio.ensure_future(client.post("/v2/models/gated/infer", json=REQ))
+    await _started()
+    queued = [asyncio.ensure_future(client.post("/v2/models/gated/infer", json=REQ)) for _ in range(2)]
+    # Wait until both are admitted (queued) before sending the one that must be refused.
+    for _ in range(200):
+        text = await (await client.get("/metrics")).text()
+        if 'appliance_queue_depth{model="gated",version="1"} 2.0' in text:
+            break
+        await asyncio.sleep(0.01)
+    else:
+        pytest.fail("requests never queued")
+    r = await client.post("/v2/models/gated/infer", json=REQ)
+    assert r.status == 503
+    assert r.headers["Retry-After"] == "1"
+    assert "at capacity" in (await r.json())["error"]
+    GatedBackend.gate.set()
+    for fut in [running, *queued]:
+        resp = await fut
+        assert resp.status == 200
+        assert (await resp.json())["outputs"][0]["data"] == [2.0, 4.0]
+    text = await (await client.get("/metrics")).text()
+    assert 'appliance_inference_requests_total{model="gated",outcome="overloaded",version="1"} 1.0' in text
+    assert 'appliance_inference_requests_total{model="gated",outcome="success",version="1"} 3.0' in text
+
+
+async def test_concurrency_limit_runs_that_many_at_once(serve, gated):
+    client = await serve({"models": {"gated": {"max_concurrency": 2, "max_queue": 5}}}, gated)
+    futs = [asyncio.ensure_future(client.post("/v2/models/gated/infer", json=REQ)) for _ in range(4)]
+    await _started(2)
+    await asyncio.sleep(0.05)
+    assert GatedBackend.runs == 2  # the other two wait for a worker
+    GatedBackend.gate.set()
+    assert [(await f).status for f in futs] == [200] * 4
+    assert GatedBackend.runs == 4
+
+
+async def test_deadline_expires_in_queue_and_the_run_is_skipped(serve, gated):
+    client = await serve({"models": {"gated": {"max_concurrency": 1, "timeout_s": 30}}}, gated)
+    first = asyncio.ensure_future(client.post("/v2/models/gated/infer", json=REQ))
+    await _started()
+    # Triton's `timeout` parameter, in microseconds: 50 ms for this one
+    r = await client.post("/v2/models/gated/infer", json={**REQ, "parameters": {"timeout": 50_000}})
+    assert r.status == 504
+    assert "timed out after 0.05 s in the queue" in (await r.json())["error"]
+    GatedBackend.gate.set()
+    assert (await first).status == 200
+    # the expired request never reached the runtime
+    r = await client.post("/v2/models/gated/infer", json=REQ)
+    assert r.status == 200
+    assert GatedBackend.runs == 2
+
+
+async def test_event_loop_keeps_answering_while_a_model_runs(serve, gated):
+    client = await serve({}, gated)
+    slow = asyncio.ensure_future(client.post("/v2/models/gated/infer", json=REQ))
+    await _started()
+    for _ in range(20):  # health, metadata and metrics answer while inference is in progress
+        assert (await client.get("/v2/health/live")).status == 200
+        assert (await client.get("/v2/models/gated")).status == 200
+    assert not slow.done()
+    GatedBackend.gate.set()
+    assert (await slow).status == 200
+
+
+async def test_ready_only_after_models_loaded(serve, gated, monkeypatch):
+    loading = threading.Event()
+    original = GatedBackend.__init__
+
+    def slow_init(self, *a, **k):
+        loading.wait(10)
+        original(self, *a, **k)
+
+    monkeypatch.setattr(GatedBackend, "__init__", slow_init)
+    client = await serve({}, gated, wait=False)
+    assert (await client.get("/v2/health/live")).status == 200
+    r = await client.get("/v2/health/ready")
+    assert r.status == 503 and "gated: loading" in (await r.json())["error"]
+    assert (await client.get("/v2/models/gated/ready")).status == 503
+    loading.set()
+    for _ in range(500):
+        if (await client.get("/v2/health/ready")).status == 200:
+            break
+        await asyncio.sleep(0.01)
+    assert (await client.get("/v2/models/gated/ready")).status == 200

@@ -1,0 +1,46 @@
+"""A backend whose runs wait on a gate the test opens: makes queueing tests deterministic.
+
+It exercises the engine's own scheduling; real-runtime behaviour is tested with onnxruntime.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from appliance.backends.base import Backend, LoadContext
+from appliance.device import Placement
+from appliance.manifest import Manifest
+from appliance.tensors import Signature, TensorSpec
+
+SIGNATURE = Signature(
+    (TensorSpec("x", "FP32", (-1,)),),
+    (TensorSpec("y", "FP32", (-1,)),),
+)
+
+
+class GatedBackend(Backend):
+    name = "gated"
+    platform = "test_gated"
+    #: Tests set this gate; runs block until it opens.
+    gate = threading.Event()
+    started = threading.Semaphore(0)
+    runs = 0
+
+    @classmethod
+    def inspect(cls, path: Path) -> tuple[Signature, dict[str, Any]]:
+        return SIGNATURE, {}
+
+    def __init__(self, manifest: Manifest, path: Path, context: LoadContext) -> None:
+        self.signature = SIGNATURE
+        self.placement = Placement("cpu", "gated")
+
+    def run(self, inputs: dict[str, np.ndarray[Any, Any]], outputs: list[str] | None) -> dict[str, Any]:
+        type(self).runs += 1
+        type(self).started.release()
+        if not type(self).gate.wait(30):
+            raise RuntimeError("gate never opened")
+        return {"y": inputs["x"] * 2}
