@@ -22,6 +22,7 @@ run: samples
 
 lint: $(STAMP)
 	$(BIN)/ruff check appliance build tests
+	$(BIN)/ruff format --check appliance build tests
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -34,7 +34,7 @@ class JsonFormatter(logging.Formatter):
         if tid is not None:
             out["trace_id"] = tid
         for key, value in record.__dict__.items():
-            if key not in _STANDARD and not key.startswith("_"):
+            if key not in _STANDARD and not key.startswith("_") and value is not None:
                 out[key] = value
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
