@@ -7,6 +7,7 @@ the key and the value instead of failing later somewhere deep in the server.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import types
@@ -80,6 +81,9 @@ class ModelConfig:
     timeout_s: float = 30.0
     #: Accept NaN and infinity in float inputs.
     allow_non_finite: bool = False
+    #: A model whose measured runs stay under this many microseconds runs on the event loop
+    #: thread, skipping the thread hand-off (see engine/scheduler.py); 0 always uses workers.
+    inline_max_us: float = 250.0
     onnx: OnnxConfig = field(default_factory=OnnxConfig)
 
 
@@ -150,7 +154,7 @@ def _check_value(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where} = {value!r}: must not be negative")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
             raise ConfigError(f"{where} = {value!r}: must be a number")
         if value < 0:
             raise ConfigError(f"{where} = {value!r}: must not be negative")
@@ -205,8 +209,27 @@ def _check_ranges(obj: Any, where: str) -> None:
             raise bad("timeout_s", "must be greater than 0")
 
 
+def _declared_type(parts: list[str]) -> Any:
+    """The type a config path is declared with (None if it names no field)."""
+    tp: Any = Config
+    i = 0
+    while i < len(parts):
+        if not dataclasses.is_dataclass(tp):
+            return None
+        hint = typing.get_type_hints(tp).get(parts[i])
+        if hint is None:
+            return None
+        if tp is Config and parts[i] == "models":
+            i += 1  # models.NAME.key: NAME is a model, the rest a ModelConfig
+            hint = ModelConfig
+        tp = hint
+        i += 1
+    return tp
+
+
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    """APPLIANCE_SERVER__PORT=9000 -> {"server": {"port": 9000}}; values are read as TOML."""
+    """APPLIANCE_SERVER__PORT=9000 -> {"server": {"port": 9000}}; values are read as TOML,
+    except that a string setting keeps the raw text (a token `12345` is not a number)."""
     out: dict[str, Any] = {}
     for key, raw in environ.items():
         if not key.startswith(ENV_PREFIX) or "__" not in key:
@@ -215,6 +238,8 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         try:
             value: Any = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
+            value = raw
+        if not isinstance(value, str) and _declared_type(parts) is str:
             value = raw
         node = out
         for part in parts[:-1]:

@@ -44,6 +44,7 @@ class ModelMetrics:
     total: Any
     queue_depth: Any
     inflight: Any
+    inline: Any
 
 
 class Metrics:
@@ -86,6 +87,12 @@ class Metrics:
         self.inflight = Gauge(
             "appliance_inflight_requests", "Requests running in the runtime", labels, registry=r
         )
+        self.inline = Counter(
+            "appliance_inference_inline_requests",
+            "Requests run on the event loop thread, measured fast enough to skip the hand-off",
+            labels,
+            registry=r,
+        )
         self.load_seconds = Gauge(
             "appliance_model_load_seconds", "How long the model took to load", labels, registry=r
         )
@@ -118,6 +125,7 @@ class Metrics:
             total=self.request_seconds.labels(name, version),
             queue_depth=self.queue_depth.labels(name, version),
             inflight=self.inflight.labels(name, version),
+            inline=self.inline.labels(name, version),
         )
 
     def render(self) -> bytes:

@@ -143,8 +143,10 @@ class OnnxBackend(Backend):
         self._has_strings = False
         available = list(ort.get_available_providers())
         providers = providers_for(context.config.device, available, cfg, context.cache_dir, what)
-        if any(isinstance(p, tuple) and p[0] == "TensorrtExecutionProvider" for p in providers):
-            (context.cache_dir / "tensorrt").mkdir(parents=True, exist_ok=True)
+        for p in providers:
+            if isinstance(p, tuple) and p[0] == "TensorrtExecutionProvider":
+                # the directory providers_for chose (tensorrt_cache_dir when configured)
+                Path(p[1]["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
         try:
             #: The onnxruntime session itself (`appliance bench` times it raw, as the floor).
             self.session: Any = ort.InferenceSession(
@@ -163,6 +165,7 @@ class OnnxBackend(Backend):
             context.config.device, accelerated, ",".join(actual), why_not, what
         )
         self.signature = _signature(self.session)
+        self._named_dims = _named_dims(self.session)
         self._has_strings = any(t.datatype == "BYTES" for t in self.signature.inputs)
         self._run_options = ort.RunOptions()
         self._errors = _error_types(ort)
@@ -170,6 +173,7 @@ class OnnxBackend(Backend):
     def run(
         self, inputs: dict[str, np.ndarray[Any, Any]], outputs: list[str] | None
     ) -> dict[str, np.ndarray[Any, Any]]:
+        _check_named_dims(self._named_dims, inputs)
         feed = inputs
         if self._has_strings:
             feed = {k: _strings(k, v) if v.dtype == object else v for k, v in inputs.items()}
@@ -190,6 +194,40 @@ class OnnxBackend(Backend):
 
     def unload(self) -> None:
         self.session = None
+
+
+def _named_dims(session: Any) -> dict[str, list[tuple[str, int]]]:
+    """Named (symbolic) input dimensions that occur more than once: name -> [(input, axis)].
+
+    ONNX gives one size to every dimension with the same name, so `x: [batch, 3]` and
+    `y: [batch, 3]` need the same batch; the per-input checks cannot see that.
+    """
+    where: dict[str, list[tuple[str, int]]] = {}
+    for arg in session.get_inputs():
+        for axis, dim in enumerate(arg.shape or []):
+            if isinstance(dim, str) and dim:
+                where.setdefault(dim, []).append((arg.name, axis))
+    return {dim: places for dim, places in where.items() if len(places) > 1}
+
+
+def _check_named_dims(
+    named: dict[str, list[tuple[str, int]]], inputs: dict[str, np.ndarray[Any, Any]]
+) -> None:
+    for dim, places in named.items():
+        seen: tuple[str, int, int] | None = None
+        for name, axis in places:
+            array = inputs.get(name)
+            if array is None or axis >= array.ndim:
+                continue  # missing inputs and wrong ranks are reported elsewhere
+            size = int(array.shape[axis])
+            if seen is None:
+                seen = (name, axis, size)
+            elif size != seen[2]:
+                raise InvalidInput(
+                    f"input {name!r} has size {size} in dimension {axis} ('{dim}'), but input "
+                    f"{seen[0]!r} has {seen[2]} in dimension {seen[1]}: the model names both "
+                    f"'{dim}', so they must be equal"
+                )
 
 
 def _error_types(ort: Any) -> tuple[type[Exception], tuple[type[Exception], ...]]:

@@ -122,6 +122,7 @@ class Engine:
             model.config.max_concurrency,
             model.config.max_queue,
             model.metrics,
+            inline_max_us=model.config.inline_max_us,
         )
         model.status = "ready"
         p = backend.placement

@@ -1,9 +1,15 @@
-"""Per-model worker threads with a bounded queue, so inference never runs on the event loop.
+"""Per-model worker threads with a bounded queue, so inference does not hold the event loop.
 
 The hand-off is a `queue.SimpleQueue` into N threads and `call_soon_threadsafe` back; it is
-leaner than `run_in_executor` (no concurrent.futures chaining), which matters when the model
-itself answers in tens of microseconds. Admission is counted on the loop thread only, so the
-bound is exact without locks: more than max_concurrency + max_queue requests are refused at once.
+leaner than `run_in_executor` (no concurrent.futures chaining). Admission is counted on the loop
+thread only, so the bound is exact without locks: more than max_concurrency + max_queue requests
+are refused at once.
+
+Even so, the two thread wake-ups of a hand-off cost tens of microseconds on a small CPU, more
+than a tiny model takes to run. A model whose *measured* runs stay under `inline_max_us`, for
+inputs no larger than those measured, runs directly on the loop thread when nothing else of it is
+queued or running. The loop is then held no longer than that budget (less than parsing a large
+JSON body takes); anything slower, larger or unmeasured goes to the workers.
 """
 
 from __future__ import annotations
@@ -26,11 +32,15 @@ log = logging.getLogger("appliance.engine")
 
 Arrays = dict[str, np.ndarray[Any, Any]]
 
+#: Runs measured on workers before a model may run inline.
+_LEARN_RUNS = 16
+
 
 @dataclass(frozen=True)
 class Timing:
     queue_s: float
     compute_s: float
+    inline: bool = False
 
 
 class _Job:
@@ -42,6 +52,7 @@ class _Job:
         "finished",
         "future",
         "inputs",
+        "nbytes",
         "outputs",
         "result",
         "started",
@@ -54,11 +65,13 @@ class _Job:
         outputs: list[str] | None,
         future: asyncio.Future[Any],
         deadline: float,
+        nbytes: int,
     ) -> None:
         self.inputs = inputs
         self.outputs = outputs
         self.future = future
         self.deadline = deadline
+        self.nbytes = nbytes
         self.enqueued = time.perf_counter()
         self.started = 0.0
         self.finished = 0.0
@@ -76,6 +89,7 @@ class ModelRunner:
         concurrency: int,
         max_queue: int,
         metrics: ModelMetrics,
+        inline_max_us: float = 0.0,
     ) -> None:
         self.backend = backend
         self.label = label
@@ -86,6 +100,12 @@ class ModelRunner:
         self._loop = asyncio.get_running_loop()
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._pending = 0
+        # Inline fast path (loop thread only): the budget, the runs measured so far, a decayed
+        # estimate of the compute time, and the largest input measured within the budget.
+        self._inline_budget = inline_max_us / 1e6
+        self._measured = 0
+        self._estimate = float("inf")
+        self._fast_nbytes = -1
         self._threads = [
             threading.Thread(target=self._work, name=f"infer-{label}-{i}", daemon=True)
             for i in range(self.concurrency)
@@ -95,12 +115,30 @@ class ModelRunner:
 
     @property
     def pending(self) -> int:
-        """Requests queued or running (loop thread only)."""
+        """Requests queued or running on workers (loop thread only)."""
         return self._pending
+
+    def _learn(self, seconds: float, nbytes: int) -> None:
+        self._measured += 1
+        est = self._estimate
+        self._estimate = seconds if est == float("inf") else est + 0.2 * (seconds - est)
+        if seconds <= self._inline_budget:
+            self._fast_nbytes = max(self._fast_nbytes, nbytes)
+        else:  # too slow after all: measure on the workers again before trusting the loop
+            self._measured = 0
+            self._fast_nbytes = min(self._fast_nbytes, nbytes - 1)
 
     async def run(
         self, inputs: Arrays, outputs: list[str] | None, timeout_s: float
     ) -> tuple[Arrays, Timing]:
+        nbytes = sum(a.nbytes for a in inputs.values())
+        if (
+            self._pending == 0
+            and self._measured >= _LEARN_RUNS
+            and self._estimate <= self._inline_budget
+            and nbytes <= self._fast_nbytes
+        ):
+            return self._run_inline(inputs, outputs, nbytes)
         if self._pending >= self._limit:
             raise Overloaded(
                 f"model {self.label} is at capacity ({self.concurrency} running, "
@@ -108,13 +146,35 @@ class ModelRunner:
             )
         loop = self._loop
         future: asyncio.Future[Any] = loop.create_future()
-        job = _Job(inputs, outputs, future, time.perf_counter() + timeout_s)
+        job = _Job(inputs, outputs, future, time.perf_counter() + timeout_s, nbytes)
         job.timer = loop.call_later(timeout_s, self._expire, job, timeout_s)
         self._pending += 1
         self._metrics.queue_depth.inc()
         self._queue.put(job)
         result: Arrays = await future
         return result, Timing(job.started - job.enqueued, job.finished - job.started)
+
+    def _run_inline(
+        self, inputs: Arrays, outputs: list[str] | None, nbytes: int
+    ) -> tuple[Arrays, Timing]:
+        metrics = self._metrics
+        metrics.inline.inc()
+        metrics.queue.observe(0.0)
+        metrics.inflight.inc()
+        start = time.perf_counter()
+        try:
+            result = self.backend.run(inputs, outputs)
+        except ApplianceError:
+            raise
+        except Exception as exc:
+            log.exception("model %s failed", self.label)
+            raise InferenceFailed(f"model {self.label} failed: {exc}") from None
+        finally:
+            elapsed = time.perf_counter() - start
+            metrics.inflight.dec()
+            metrics.compute.observe(elapsed)
+            self._learn(elapsed, nbytes)
+        return result, Timing(0.0, elapsed, inline=True)
 
     def _expire(self, job: _Job, timeout_s: float) -> None:
         job.cancelled = True
@@ -124,8 +184,10 @@ class ModelRunner:
                 DeadlineExceeded(f"model {self.label}: timed out after {timeout_s:g} s {where}")
             )
 
-    def _done(self, job: _Job) -> None:
+    def _done(self, job: _Job, ran: bool) -> None:
         self._pending -= 1
+        if ran:
+            self._learn(job.finished - job.started, job.nbytes)
         if job.timer is not None:
             job.timer.cancel()
         fut = job.future
@@ -142,7 +204,8 @@ class ModelRunner:
             job.started = start = time.perf_counter()
             metrics.queue_depth.dec()
             metrics.queue.observe(start - job.enqueued)
-            if job.cancelled or start > job.deadline:
+            ran = not (job.cancelled or start > job.deadline)
+            if not ran:
                 job.error = DeadlineExceeded(
                     f"model {self.label}: the deadline passed while the request was queued"
                 )
@@ -158,9 +221,10 @@ class ModelRunner:
                 finally:
                     metrics.inflight.dec()
             job.finished = time.perf_counter()
-            metrics.compute.observe(job.finished - start)
+            if ran:
+                metrics.compute.observe(job.finished - start)
             try:
-                call(self._done, job)
+                call(self._done, job, ran)
             except RuntimeError:  # loop closed during shutdown
                 return
 

@@ -22,6 +22,7 @@ def gated(monkeypatch, tmp_path: Path):
     GatedBackend.gate = threading.Event()
     GatedBackend.started = threading.Semaphore(0)
     GatedBackend.runs = 0
+    GatedBackend.delay = 0.0
     f = tmp_path / "gated.bin"
     f.write_bytes(b"")
     manifest = Manifest("gated", "1", "gated", f.name, "", 0, SIGNATURE, "", "test")
@@ -121,3 +122,40 @@ async def test_ready_only_after_models_loaded(serve, gated, monkeypatch):
             break
         await asyncio.sleep(0.01)
     assert (await client.get("/v2/models/gated/ready")).status == 200
+
+
+def _inline_count(text: str) -> float:
+    for line in text.splitlines():
+        if line.startswith('appliance_inference_inline_requests_total{model="gated"'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_fast_model_runs_inline_after_measuring_and_leaves_when_slow(serve, gated):
+    GatedBackend.gate.set()
+    # a generous budget keeps this deterministic on a busy machine
+    client = await serve({"models": {"gated": {"inline_max_us": 100_000}}}, gated)
+
+    async def inline_after_one() -> float:
+        assert (await client.post("/v2/models/gated/infer", json=REQ)).status == 200
+        return _inline_count(await (await client.get("/metrics")).text())
+
+    counts = [await inline_after_one() for _ in range(20)]
+    assert counts[15] == 0  # the first 16 runs are measured on the workers
+    assert counts[-1] == 4  # then the model runs inline
+    GatedBackend.delay = 0.3  # now slower than the budget: one inline run learns that
+    assert await inline_after_one() == 5
+    GatedBackend.delay = 0.0
+    # back on the workers until 16 runs are measured again
+    assert [await inline_after_one() for _ in range(17)] == [5.0] * 16 + [6.0]
+    # a larger input than any measured goes to the workers too
+    big = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [64], "data": [1.0] * 64}]}
+    assert (await client.post("/v2/models/gated/infer", json=big)).status == 200
+
+
+async def test_inline_off_when_budget_is_zero(serve, gated):
+    GatedBackend.gate.set()
+    client = await serve({"models": {"gated": {"inline_max_us": 0}}}, gated)
+    for _ in range(20):
+        assert (await client.post("/v2/models/gated/infer", json=REQ)).status == 200
+    assert _inline_count(await (await client.get("/metrics")).text()) == 0

@@ -6,6 +6,7 @@ It exercises the engine's own scheduling; real-runtime behaviour is tested with 
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ class GatedBackend(Backend):
     gate = threading.Event()
     started = threading.Semaphore(0)
     runs = 0
+    #: Extra seconds each run takes once the gate is open.
+    delay = 0.0
 
     @classmethod
     def inspect(cls, path: Path) -> tuple[Signature, dict[str, Any]]:
@@ -43,4 +46,6 @@ class GatedBackend(Backend):
         type(self).started.release()
         if not type(self).gate.wait(30):
             raise RuntimeError("gate never opened")
+        if type(self).delay:
+            time.sleep(type(self).delay)
         return {"y": inputs["x"] * 2}

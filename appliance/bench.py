@@ -1,0 +1,905 @@
+"""`appliance bench`: what the appliance adds on top of the runtime, measured in one run.
+
+The same model and settings are timed twice, side by side: the raw runtime call in-process (the
+floor no server can beat) and the HTTP round trip through a real `appliance serve` subprocess
+(what a client sees). Their difference is the cost of the serving path. A throughput run at some
+concurrency and the server's memory complete the picture.
+
+The HTTP client is a minimal blocking socket client with pre-encoded requests, so that the
+client's own cost stays out of the figures as far as possible; the server keeps its default
+settings (access log included), so the figures are those of a real deployment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import math
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import ApplianceError, ConfigError, ModelError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .backends.base import Backend
+    from .config import Config
+    from .tensors import TensorSpec
+
+    Array = np.ndarray[Any, Any]
+
+#: How long the server may take to bind its port (it logs the port once listening).
+PORT_TIMEOUT_S = 30.0
+#: How long the model may take to load; generous because a TensorRT engine build takes minutes.
+READY_TIMEOUT_S = 600.0
+#: How long a stopping server may take beyond its own shutdown timeout before it is killed.
+STOP_GRACE_S = 5.0
+_SEED = 0
+
+
+class BenchError(ApplianceError):
+    """The benchmark could not be run or the server misbehaved during it."""
+
+
+# -- figures ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Latency:
+    """Percentiles of one measurement, in microseconds."""
+
+    p50_us: float
+    p99_us: float
+    mean_us: float
+    count: int
+
+    @classmethod
+    def of(cls, samples_ns: Sequence[int]) -> Latency:
+        import numpy as np
+
+        if not samples_ns:
+            raise BenchError("no latency samples were taken")
+        us = np.asarray(samples_ns, dtype=np.float64) / 1000.0
+        p50, p99 = np.percentile(us, [50, 99])
+        return cls(float(p50), float(p99), float(us.mean()), len(us))
+
+
+def _peak_and_rss(pid: int) -> tuple[float | None, float | None]:
+    """(VmRSS, VmHWM) of a process in MiB, from /proc; None where /proc is not available."""
+    values: dict[str, float] = {}
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None, None
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            parts = rest.split()
+            if parts and parts[0].isdigit():
+                values[key] = int(parts[0]) / 1024.0  # kB -> MiB
+    return values.get("VmRSS"), values.get("VmHWM")
+
+
+# -- inputs -----------------------------------------------------------------------------------
+def make_inputs(specs: Sequence[TensorSpec], batch: int, seed: int = _SEED) -> dict[str, Array]:
+    """Deterministic random data that fits the signature (every -1 dimension becomes `batch`).
+
+    BYTES tensors are object arrays of `str`, which is what onnxruntime takes for strings.
+    """
+    import numpy as np
+
+    from .tensors import DATATYPES, FLOAT_TYPES, INT_TYPES
+
+    rng = np.random.default_rng(seed)
+    out: dict[str, Array] = {}
+    for spec in specs:
+        shape = tuple(batch if d < 0 else d for d in spec.shape)
+        dtype = DATATYPES.get(spec.datatype)
+        if dtype is None:
+            raise ModelError(f"input {spec.name!r} has datatype {spec.datatype}, unknown to bench")
+        array: Array
+        if spec.datatype in FLOAT_TYPES:
+            array = rng.standard_normal(shape).astype(dtype)
+        elif spec.datatype in INT_TYPES:
+            array = rng.integers(0, 10, size=shape).astype(dtype)
+        elif spec.datatype == "BOOL":
+            array = rng.random(shape) < 0.5
+        else:  # BYTES
+            letters = "abcdefghijklmnopqrstuvwxyz"
+            flat = [
+                "".join(letters[int(i)] for i in rng.integers(0, 26, size=int(rng.integers(1, 9))))
+                for _ in range(math.prod(shape))
+            ]
+            array = np.empty(len(flat), dtype=object)
+            array[:] = flat
+            array = array.reshape(shape)
+        out[spec.name] = array
+    return out
+
+
+def _utf8(item: Any) -> bytes:
+    return item if isinstance(item, bytes) else str(item).encode("utf-8")
+
+
+def encode_infer_body(
+    inputs: dict[str, Array], datatypes: dict[str, str], binary: bool
+) -> tuple[bytes, int | None]:
+    """A KServe v2 infer body; with `binary`, the binary tensor data extension both ways.
+
+    Returns the body and, for binary, the JSON header length (Inference-Header-Content-Length).
+    """
+    import numpy as np
+    import orjson
+
+    entries: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
+    for name, array in inputs.items():
+        datatype = datatypes[name]
+        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+        if binary:
+            if datatype == "BYTES":
+                blob = b"".join(
+                    struct.pack("<I", len(b)) + b for b in map(_utf8, array.reshape(-1))
+                )
+            else:
+                blob = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        elif datatype == "BYTES":
+            entry["data"] = [
+                item.decode("utf-8") if isinstance(item, bytes) else str(item)
+                for item in array.reshape(-1)
+            ]
+        else:
+            entry["data"] = array.reshape(-1)
+        entries.append(entry)
+    head: dict[str, Any] = {"inputs": entries}
+    if binary:
+        head["parameters"] = {"binary_data_output": True}
+    header = orjson.dumps(head, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not binary:
+        return header, None
+    return b"".join([header, *blobs]), len(header)
+
+
+def decode_infer_body(body: bytes, header_length: int | None) -> dict[str, Array]:
+    """The outputs of a KServe v2 infer response, JSON or binary, as numpy arrays."""
+    import numpy as np
+    import orjson
+
+    from .tensors import DATATYPES
+
+    header = body if header_length is None else body[:header_length]
+    binary = memoryview(body)[len(header) :]
+    try:
+        obj = orjson.loads(header)
+        outputs = obj["outputs"]
+    except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+        raise BenchError(f"the server's infer response is not KServe v2 JSON: {exc}") from None
+    out: dict[str, Array] = {}
+    offset = 0
+    for item in outputs:
+        name, datatype, shape = item["name"], item["datatype"], tuple(item["shape"])
+        n = math.prod(shape)
+        size = (item.get("parameters") or {}).get("binary_data_size")
+        array: Array
+        if size is not None:
+            chunk = binary[offset : offset + size]
+            offset += size
+            if datatype == "BYTES":
+                values, pos = [], 0
+                for _ in range(n):
+                    (length,) = struct.unpack_from("<I", chunk, pos)
+                    values.append(bytes(chunk[pos + 4 : pos + 4 + length]).decode("utf-8"))
+                    pos += 4 + length
+                array = np.empty(n, dtype=object)
+                array[:] = values
+            else:
+                array = np.frombuffer(chunk, dtype=DATATYPES[datatype].newbyteorder("<"))
+        elif datatype == "BYTES":
+            array = np.empty(n, dtype=object)
+            array[:] = list(item["data"])
+        else:
+            array = np.asarray(item["data"], dtype=DATATYPES[datatype])
+        out[name] = array.reshape(shape)
+    return out
+
+
+def check_outputs(expected: dict[str, Array], got: dict[str, Array]) -> None:
+    """The server must answer what the runtime answers for the same input, else the figures
+    would compare different work."""
+    import numpy as np
+
+    from .tensors import datatype_of
+
+    if list(got) != list(expected):
+        raise BenchError(
+            f"the server returned outputs {list(got)} but the runtime gives {list(expected)}"
+        )
+    for name, want in expected.items():
+        have = got[name]
+        what = f"output {name!r}"
+        if have.shape != want.shape:
+            raise BenchError(
+                f"{what}: the server returned shape {list(have.shape)}, the runtime "
+                f"{list(want.shape)}"
+            )
+        kind = datatype_of(want)
+        if kind == "BYTES":
+            same = [_text(x) for x in have.reshape(-1)] == [_text(x) for x in want.reshape(-1)]
+        elif want.dtype.kind == "f":
+            rtol = 1e-3 if want.dtype == np.float16 else 1e-5
+            same = bool(np.allclose(have, want, rtol=rtol, atol=1e-6, equal_nan=True))
+        else:
+            same = bool(np.array_equal(have, want))
+        if not same:
+            raise BenchError(
+                f"{what}: the server's values differ from the runtime's for the same input "
+                f"(server {_preview(have)}, runtime {_preview(want)})"
+            )
+
+
+def _text(item: Any) -> str:
+    return item.decode("utf-8", "replace") if isinstance(item, bytes) else str(item)
+
+
+def _preview(array: Array) -> str:
+    flat = array.reshape(-1)[:6].tolist()
+    return f"{flat}{'...' if array.size > 6 else ''}"
+
+
+# -- a minimal HTTP/1.1 client ----------------------------------------------------------------
+class HttpConnection:
+    """One keep-alive connection with blocking sockets: send pre-encoded bytes, read one response.
+
+    No HTTP library: the point is to keep the client's own cost out of the latency figures.
+    """
+
+    def __init__(self, host: str, port: int, timeout_s: float) -> None:
+        self.address = (host, port)
+        self.timeout_s = timeout_s
+        try:
+            self.sock = socket.create_connection(self.address, timeout=timeout_s)
+        except OSError as exc:
+            raise BenchError(f"cannot connect to the server at {host}:{port}: {exc}") from None
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._pending = b""
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def _recv(self) -> bytes:
+        try:
+            chunk = self.sock.recv(262144)
+        except TimeoutError:
+            raise BenchError(f"the server did not answer within {self.timeout_s:g} s") from None
+        except OSError as exc:
+            raise BenchError(f"connection to the server failed: {exc}") from None
+        if not chunk:
+            raise BenchError("the server closed the connection")
+        return chunk
+
+    def exchange(self, request: bytes) -> tuple[int, bytes, bytes]:
+        """Send one request; return the status, the raw header block and the body."""
+        try:
+            self.sock.sendall(request)
+        except OSError as exc:
+            raise BenchError(f"cannot send to the server: {exc}") from None
+        buf = self._pending
+        while (end := buf.find(b"\r\n\r\n")) < 0:
+            buf += self._recv()
+        head = buf[:end]
+        try:
+            status = int(head[9:12])
+        except ValueError:
+            raise BenchError(f"malformed HTTP response: {head[:80]!r}") from None
+        length = _content_length(head)
+        need = end + 4 + length
+        if len(buf) < need:
+            parts, have = [buf], len(buf)
+            while have < need:
+                chunk = self._recv()
+                parts.append(chunk)
+                have += len(chunk)
+            buf = b"".join(parts)
+        self._pending = buf[need:]
+        return status, head, buf[end + 4 : need]
+
+
+def _content_length(head: bytes) -> int:
+    lower = head.lower()
+    i = lower.find(b"\r\ncontent-length:")
+    if i < 0:
+        if b"\r\ntransfer-encoding:" in lower:
+            raise BenchError("the server sent a chunked response, which bench does not read")
+        return 0
+    start = i + len(b"\r\ncontent-length:")
+    stop = lower.find(b"\r\n", start)
+    return int(lower[start : stop if stop >= 0 else len(lower)])
+
+
+def _header(head: bytes, name: bytes) -> bytes | None:
+    needle = b"\r\n" + name.lower() + b":"
+    lower = head.lower()
+    i = lower.find(needle)
+    if i < 0:
+        return None
+    start = i + len(needle)
+    stop = lower.find(b"\r\n", start)
+    return head[start : stop if stop >= 0 else len(head)].strip()
+
+
+def build_request(
+    method: str,
+    path: str,
+    host: str,
+    port: int,
+    body: bytes = b"",
+    headers: dict[str, str] | None = None,
+) -> bytes:
+    """The full request bytes, encoded once and sent as is on every iteration."""
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    if body or method == "POST":
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def _error_text(body: bytes) -> str:
+    import orjson
+
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body[:300].decode("utf-8", "replace")
+    if isinstance(obj, dict) and isinstance(obj.get("error"), str):
+        return str(obj["error"])
+    return body[:300].decode("utf-8", "replace")
+
+
+# -- the server under test --------------------------------------------------------------------
+class _StderrDrain(threading.Thread):
+    """Reads the server's stderr for the `"port": N` line, then keeps draining it (the access
+    log writes a line per request) so the pipe never fills and blocks the server."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(name="bench-server-stderr", daemon=True)
+        self.fd = fd
+        self.port: int | None = None
+        self.done = threading.Event()  # the port was seen, or stderr closed
+        self._tail = bytearray()
+        self._lines = b""
+
+    def run(self) -> None:
+        import orjson
+
+        while True:
+            try:
+                chunk = os.read(self.fd, 1 << 16)
+            except OSError:
+                break
+            if not chunk:
+                break
+            self._tail += chunk
+            if len(self._tail) > 16384:
+                del self._tail[:-16384]
+            if self.port is None:
+                self._lines += chunk
+                *lines, self._lines = self._lines.split(b"\n")
+                for line in lines:
+                    if b'"port"' not in line:
+                        continue
+                    with contextlib.suppress(orjson.JSONDecodeError):
+                        obj = orjson.loads(line)
+                        if isinstance(obj, dict) and isinstance(obj.get("port"), int):
+                            self.port = obj["port"]
+                            self._lines = b""
+                            self.done.set()
+                            break
+        self.done.set()
+
+    def tail(self, lines: int = 6) -> str:
+        """The last lines the server wrote, for error messages."""
+        text = bytes(self._tail).decode("utf-8", "replace").strip().splitlines()
+        return "\n".join(text[-lines:])
+
+
+class ServerProcess:
+    """`appliance serve --model FILE` as a subprocess on a free port; stopped on `close`."""
+
+    def __init__(self, command: list[str], token: str, port: int = 0) -> None:
+        self.command = command
+        self.token = token
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.drain: _StderrDrain | None = None
+        #: 0: read the bound port from the server's log; else the port it was told to use.
+        self.port = port
+
+    def start(self) -> int:
+        try:
+            self.proc = subprocess.Popen(
+                self.command,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+        except OSError as exc:
+            raise BenchError(f"cannot start the server ({self.command[0]}): {exc}") from None
+        assert self.proc.stderr is not None
+        self.drain = _StderrDrain(self.proc.stderr.fileno())
+        self.drain.start()
+        if self.port:
+            self._wait_listening()
+            return self.port
+        if not self.drain.done.wait(PORT_TIMEOUT_S) or self.drain.port is None:
+            raise BenchError(self._why("did not report its port", PORT_TIMEOUT_S))
+        self.port = self.drain.port
+        return self.port
+
+    def _wait_listening(self) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + PORT_TIMEOUT_S
+        while True:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=1.0),
+            ):
+                return
+            if self.proc.poll() is not None:
+                raise BenchError(self._why("exited"))
+            if time.monotonic() > deadline:
+                raise BenchError(self._why(f"did not listen on port {self.port}", PORT_TIMEOUT_S))
+            time.sleep(0.05)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def _why(self, what: str, timeout_s: float | None = None) -> str:
+        assert self.proc is not None and self.drain is not None
+        code = self.proc.poll()
+        if code is not None:
+            self.drain.join(1.0)
+            msg = f"the server exited with status {code} before it was ready"
+        elif timeout_s is not None:
+            msg = f"the server {what} within {timeout_s:g} s"
+        else:
+            msg = f"the server {what}"
+        tail = self.drain.tail()
+        return f"{msg}; its last output:\n{tail}" if tail else msg
+
+    def wait_ready(self, conn: HttpConnection, model: str) -> None:
+        """Poll readiness: health first (every model loaded), then this model itself."""
+        assert self.proc is not None
+        auth = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        health = build_request("GET", "/v2/health/ready", *conn.address)
+        model_ready = build_request("GET", f"/v2/models/{model}/ready", *conn.address, b"", auth)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            status, _, body = conn.exchange(health)
+            if status == 200:
+                break
+            text = _error_text(body)
+            if "failed" in text:
+                raise ModelError(f"the server could not load the model: {text}")
+            if self.proc.poll() is not None:
+                raise BenchError(self._why("exited"))
+            if time.monotonic() > deadline:
+                raise BenchError(self._why(f"was not ready ({text})", READY_TIMEOUT_S))
+            time.sleep(0.02)
+        status, _, body = conn.exchange(model_ready)
+        if status != 200:
+            raise ModelError(f"the server does not serve the model: {_error_text(body)}")
+
+    def alive_or_raise(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise BenchError(self._why("exited"))
+
+    def stop(self, timeout_s: float) -> None:
+        """SIGTERM for a graceful shutdown; SIGKILL if it does not end in time."""
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self.drain is not None:
+            self.drain.join(2.0)
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+# -- measurements -----------------------------------------------------------------------------
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """The bench process's own garbage collections are not the server's latency."""
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def time_calls(call: Callable[[], object], warmup: int, requests: int) -> list[int]:
+    """Nanoseconds per call, after `warmup` untimed calls."""
+    clock = time.perf_counter_ns
+    for _ in range(warmup):
+        call()
+    samples: list[int] = []
+    append = samples.append
+    with _no_gc():
+        for _ in range(requests):
+            t0 = clock()
+            call()
+            append(clock() - t0)
+    return samples
+
+
+def time_http(conn: HttpConnection, request: bytes, warmup: int, requests: int) -> list[int]:
+    """Sequential round trips on one keep-alive connection; every answer must be 200."""
+    exchange = conn.exchange
+    failure: list[tuple[int, bytes]] = []
+
+    def one() -> None:
+        status, _, body = exchange(request)
+        if status != 200 and not failure:
+            failure.append((status, body))
+
+    samples = time_calls(one, warmup, requests)
+    if failure:
+        status, body = failure[0]
+        raise BenchError(f"the server answered {status}: {_error_text(body)}")
+    return samples
+
+
+def time_concurrent(
+    address: tuple[str, int],
+    request: bytes,
+    concurrency: int,
+    warmup: int,
+    requests: int,
+    timeout_s: float,
+) -> tuple[list[int], float]:
+    """`requests` round trips over `concurrency` keep-alive connections, one thread each.
+
+    Returns the per-request latencies and the wall time in seconds from the common start to the
+    last answer.
+    """
+    lock = threading.Lock()
+    remaining = [requests]
+    results: list[list[int]] = [[] for _ in range(concurrency)]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(concurrency + 1)
+    clock = time.perf_counter_ns
+
+    def take() -> bool:
+        with lock:
+            if remaining[0] <= 0:
+                return False
+            remaining[0] -= 1
+            return True
+
+    def worker(index: int) -> None:
+        conn: HttpConnection | None = None
+        try:
+            conn = HttpConnection(*address, timeout_s)
+            for _ in range(warmup):
+                conn.exchange(request)
+            barrier.wait()
+            samples = results[index]
+            while take():
+                t0 = clock()
+                status, _, body = conn.exchange(request)
+                samples.append(clock() - t0)
+                if status != 200:
+                    raise BenchError(f"the server answered {status}: {_error_text(body)}")
+        except threading.BrokenBarrierError:
+            pass
+        except BaseException as exc:
+            errors.append(exc)
+            barrier.abort()
+            with lock:
+                remaining[0] = 0
+        finally:
+            if conn is not None:
+                conn.close()
+
+    threads = [
+        threading.Thread(target=worker, args=(i,), name=f"bench-client-{i}", daemon=True)
+        for i in range(concurrency)
+    ]
+    with _no_gc():
+        for t in threads:
+            t.start()
+        with contextlib.suppress(threading.BrokenBarrierError):
+            barrier.wait()
+        start = clock()
+        for t in threads:
+            t.join()
+        wall_s = (clock() - start) / 1e9
+    if errors:
+        first = errors[0]
+        if isinstance(first, ApplianceError):
+            raise first
+        raise BenchError(f"a client thread failed: {first!r}") from first
+    return [s for r in results for s in r], wall_s
+
+
+# -- the model --------------------------------------------------------------------------------
+@dataclass
+class Target:
+    """What is benchmarked: the file the server is given and the name it serves it under."""
+
+    name: str
+    file: Path
+    source: Any  # appliance.engine.ModelSource
+
+
+def resolve_model(spec: str, config: Config) -> Target:
+    """A model file, or else the active version of a model in the store."""
+    from .engine import ModelSource
+    from .errors import NotFound
+    from .registry import Registry
+    from .server import source_from_file
+
+    path = Path(spec)
+    if path.is_file():
+        src = source_from_file(path)
+        return Target(src.manifest.name, path, src)
+    store = Path(config.store.path)
+    registry = Registry(store)
+    try:
+        known = spec in registry.names()
+        mv = registry.active(spec)
+    except (NotFound, ModelError) as exc:
+        if not known:
+            raise ModelError(
+                f"{spec}: no such model file, and no model of that name in the store at {store}"
+            ) from None
+        raise ModelError(f"{spec}: {exc.message}") from None
+    return Target(mv.manifest.name, mv.file, ModelSource(mv.manifest, mv.file))
+
+
+def load_backend(target: Target, config: Config) -> Backend:
+    """The model loaded exactly as the server loads it: same backend, same effective settings."""
+    from .backends import get_backend
+    from .backends.base import LoadContext
+
+    cls = get_backend(target.source.manifest.backend)
+    context = LoadContext(config.model_config(target.name), Path(config.store.path) / ".cache")
+    return cls(target.source.manifest, target.file, context)
+
+
+def raw_call(backend: Backend, inputs: dict[str, Array]) -> tuple[Callable[[], Any], list[str]]:
+    """The bare runtime call (for ONNX `session.run`), and the names of the outputs it returns."""
+    session = getattr(backend, "session", None)
+    if backend.name == "onnx" and session is not None:
+        run = session.run
+        names = [o.name for o in session.get_outputs()]
+        return (lambda: run(None, inputs)), names
+    names = [t.name for t in backend.signature.outputs]
+    return (lambda: list(backend.run(inputs, None).values())), names
+
+
+# -- the command ------------------------------------------------------------------------------
+def _check_args(args: argparse.Namespace) -> None:
+    for key, least in (("requests", 1), ("warmup", 0), ("concurrency", 1), ("batch", 1)):
+        value = getattr(args, key)
+        if value < least:
+            raise ConfigError(f"--{key} = {value}: must be at least {least}")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _serve_command(args: argparse.Namespace, target: Target, port: int) -> list[str]:
+    cmd = [sys.executable, "-m", "appliance", "serve", "--model", str(target.file)]
+    cmd += ["--name", target.name, "--host", "127.0.0.1", "--port", str(port)]
+    for flag, key in (("--config", "config"), ("--models", "models"), ("--device", "device")):
+        value = getattr(args, key, None)
+        if value is not None:
+            cmd += [flag, str(value)]
+    return cmd
+
+
+def _say(quiet: bool, text: str) -> None:
+    if not quiet:
+        print(text, file=sys.stderr, flush=True)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Raw runtime vs HTTP round trip, throughput and server memory for one model."""
+    import numpy as np
+
+    from .cli import _config
+    from .tensors import datatype_of
+
+    _check_args(args)
+    quiet = bool(args.json)
+    config = _config(args)
+    target = resolve_model(args.model, config)
+    model_cfg = config.model_config(target.name)
+
+    # 1. The raw runtime, in-process.
+    _say(quiet, f"loading {target.file} in-process ...")
+    backend = load_backend(target, config)
+    try:
+        specs = backend.signature.inputs
+        datatypes = {s.name: s.datatype for s in specs}
+        inputs = make_inputs(specs, args.batch)
+        call, out_names = raw_call(backend, inputs)
+        expected = {
+            n: (a if isinstance(a, np.ndarray) else np.asarray(a))
+            for n, a in zip(out_names, call(), strict=True)
+        }
+        _say(quiet, f"timing the raw runtime call ({args.warmup} + {args.requests}) ...")
+        raw = Latency.of(time_calls(call, args.warmup, args.requests))
+        placement = backend.placement
+    finally:
+        backend.unload()
+        del backend
+        gc.collect()
+
+    body, header_length = encode_infer_body(inputs, datatypes, args.binary)
+    token = config.token()
+    headers = {"Content-Type": "application/octet-stream" if args.binary else "application/json"}
+    if header_length is not None:
+        headers["Inference-Header-Content-Length"] = str(header_length)
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    timeout_s = model_cfg.timeout_s + 30.0
+
+    # 2.-4. The real server.
+    # The server announces the port it bound in an info line; at a quieter log level (which
+    # also silences the access log) a free port is picked here instead, racing other programs.
+    port_hint = 0 if config.server.log_level in ("debug", "info") else _free_port()
+    server = ServerProcess(_serve_command(args, target, port_hint), token, port_hint)
+    conn: HttpConnection | None = None
+    try:
+        _say(quiet, "starting the server ...")
+        port = server.start()
+        address = ("127.0.0.1", port)
+        conn = HttpConnection(*address, timeout_s)
+        server.wait_ready(conn, target.name)
+        idle_rss, _ = _peak_and_rss(server.pid)
+
+        request = build_request("POST", f"/v2/models/{target.name}/infer", *address, body, headers)
+        status, head, reply = conn.exchange(request)
+        if status != 200:
+            raise BenchError(f"the server answered {status}: {_error_text(reply)}")
+        raw_length = _header(head, b"Inference-Header-Content-Length")
+        check_outputs(expected, decode_infer_body(reply, int(raw_length) if raw_length else None))
+        if args.binary and raw_length is None:
+            raise BenchError("the server did not answer in binary although asked to")
+
+        _say(quiet, f"timing HTTP round trips ({args.warmup} + {args.requests}) ...")
+        http = Latency.of(time_http(conn, request, args.warmup, args.requests))
+        conn.close()
+        conn = None
+
+        concurrency = min(args.concurrency, args.requests)
+        _say(quiet, f"timing throughput at concurrency {concurrency} ...")
+        samples, wall_s = time_concurrent(
+            address,
+            request,
+            concurrency,
+            math.ceil(args.warmup / concurrency),
+            args.requests,
+            timeout_s,
+        )
+        loaded = Latency.of(samples)
+        server.alive_or_raise()
+        after_rss, peak_rss = _peak_and_rss(server.pid)
+    finally:
+        if conn is not None:
+            conn.close()
+        server.stop(config.server.shutdown_timeout_s + STOP_GRACE_S)
+
+    def r(x: float | None, digits: int = 2) -> float | None:
+        return None if x is None else round(x, digits)
+
+    figures: dict[str, Any] = {
+        "model": target.name,
+        "model_file": str(target.file),
+        "backend": target.source.manifest.backend,
+        "device": placement.device,
+        "runtime_detail": placement.detail,
+        "inputs": [
+            {"name": n, "datatype": datatype_of(a), "shape": list(a.shape)}
+            for n, a in inputs.items()
+        ],
+        "encoding": "binary" if args.binary else "json",
+        "request_bytes": len(body),
+        "response_bytes": len(reply),
+        "cpu_count": os.cpu_count(),
+        "requests": args.requests,
+        "warmup": args.warmup,
+        "raw_p50_us": r(raw.p50_us),
+        "raw_p99_us": r(raw.p99_us),
+        "raw_mean_us": r(raw.mean_us),
+        "http_p50_us": r(http.p50_us),
+        "http_p99_us": r(http.p99_us),
+        "http_mean_us": r(http.mean_us),
+        "overhead_p50_us": r(http.p50_us - raw.p50_us),
+        "overhead_p99_us": r(http.p99_us - raw.p99_us),
+        "overhead_mean_us": r(http.mean_us - raw.mean_us),
+        "concurrency": concurrency,
+        "throughput_rps": r(len(samples) / wall_s, 1),
+        "throughput_p50_us": r(loaded.p50_us),
+        "throughput_p99_us": r(loaded.p99_us),
+        "throughput_mean_us": r(loaded.mean_us),
+        "server_idle_rss_mib": r(idle_rss, 1),
+        "server_after_rss_mib": r(after_rss, 1),
+        "server_peak_rss_mib": r(peak_rss, 1),
+    }
+    if args.json:
+        import orjson
+
+        sys.stdout.write(orjson.dumps(figures).decode() + "\n")
+    else:
+        sys.stdout.write(format_table(figures))
+    sys.stdout.flush()
+    return 0
+
+
+def format_table(f: dict[str, Any]) -> str:
+    """The figures for a person: raw, HTTP and their difference in one table."""
+
+    def num(x: Any, fmt: str = ",.1f") -> str:
+        return "n/a" if x is None else format(x, fmt)
+
+    shapes = ", ".join(f"{i['name']}:{i['datatype']}{i['shape']}" for i in f["inputs"])
+    rows = [
+        ("raw runtime call", "raw"),
+        ("HTTP round trip", "http"),
+        ("added by the appliance", "overhead"),
+    ]
+    lines = [
+        f"model    {f['model']} ({f['model_file']}), {f['backend']} on {f['device']} "
+        f"({f['runtime_detail']})",
+        f"inputs   {shapes}",
+        f"body     {f['encoding']}: request {f['request_bytes']} B, response "
+        f"{f['response_bytes']} B",
+        f"machine  {f['cpu_count']} CPUs; {f['requests']} timed requests after "
+        f"{f['warmup']} warm-up",
+        "",
+        f"{'latency (µs)':<26}{'p50':>10}{'p99':>10}{'mean':>10}",
+    ]
+    for label, key in rows:
+        lines.append(
+            f"{label:<26}{num(f[key + '_p50_us']):>10}{num(f[key + '_p99_us']):>10}"
+            f"{num(f[key + '_mean_us']):>10}"
+        )
+    lines += [
+        "",
+        f"throughput at concurrency {f['concurrency']}: {num(f['throughput_rps'], ',.0f')} req/s "
+        f"(p50 {num(f['throughput_p50_us'])} µs, p99 {num(f['throughput_p99_us'])} µs)",
+        f"server RSS: idle {num(f['server_idle_rss_mib'])} MiB, after the run "
+        f"{num(f['server_after_rss_mib'])} MiB (peak {num(f['server_peak_rss_mib'])} MiB)",
+    ]
+    return "\n".join(lines) + "\n"
