@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
     from .backends.base import Backend
     from .config import Config
+    from .engine import ModelSource
     from .tensors import TensorSpec
 
     Array = np.ndarray[Any, Any]
@@ -378,6 +379,7 @@ class _StderrDrain(threading.Thread):
         self.fd = fd
         self.port: int | None = None
         self.done = threading.Event()  # the port was seen, or stderr closed
+        self.eof = False
         self._tail = bytearray()
         self._lines = b""
 
@@ -407,6 +409,7 @@ class _StderrDrain(threading.Thread):
                             self._lines = b""
                             self.done.set()
                             break
+        self.eof = True
         self.done.set()
 
     def tail(self, lines: int = 6) -> str:
@@ -416,7 +419,7 @@ class _StderrDrain(threading.Thread):
 
 
 class ServerProcess:
-    """`appliance serve --model FILE` as a subprocess on a free port; stopped on `close`."""
+    """`appliance serve --model FILE` as a subprocess on a free port, until `stop`."""
 
     def __init__(self, command: list[str], token: str, port: int = 0) -> None:
         self.command = command
@@ -470,6 +473,10 @@ class ServerProcess:
     def _why(self, what: str, timeout_s: float | None = None) -> str:
         assert self.proc is not None and self.drain is not None
         code = self.proc.poll()
+        if code is None and self.drain.eof:
+            # stderr closed: the process is ending, give it a moment to be reaped
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                code = self.proc.wait(2.0)
         if code is not None:
             self.drain.join(1.0)
             msg = f"the server exited with status {code} before it was ready"
@@ -653,7 +660,7 @@ class Target:
 
     name: str
     file: Path
-    source: Any  # appliance.engine.ModelSource
+    source: ModelSource
 
 
 def resolve_model(spec: str, config: Config) -> Target:
@@ -669,8 +676,8 @@ def resolve_model(spec: str, config: Config) -> Target:
         return Target(src.manifest.name, path, src)
     store = Path(config.store.path)
     registry = Registry(store)
+    known = spec in registry.names()
     try:
-        known = spec in registry.names()
         mv = registry.active(spec)
     except (NotFound, ModelError) as exc:
         if not known:

@@ -114,8 +114,17 @@ class Metrics:
             ("route", "status"),
             registry=r,
         )
+        self._http_children: dict[tuple[str, int], Any] = {}
         build = Gauge("appliance_build_info", "Version of this appliance", ("version",), registry=r)
         build.labels(__version__).set(1)
+
+    def http_response(self, route: str, status: int) -> None:
+        """Count one HTTP response; children are cached (routes and statuses are few)."""
+        key = (route, status)
+        child = self._http_children.get(key)
+        if child is None:
+            child = self._http_children[key] = self.http_responses.labels(route, str(status))
+        child.inc()
 
     def for_model(self, name: str, version: str) -> ModelMetrics:
         return ModelMetrics(

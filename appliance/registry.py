@@ -25,6 +25,8 @@ from .manifest import MANIFEST_NAME, Manifest, sha256_file
 from .tensors import Signature, TensorSpec
 
 ACTIVE_NAME = "ACTIVE"
+_READ_ONLY = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
+_SEARCH = stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH
 #: Names and versions become directory names: no separators, no dot-files, no surprises.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -52,6 +54,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     """Write a file so that readers see the old or the new content, never a mix."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide ACTIVE from a server run as another user
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -162,12 +165,14 @@ class Registry:
             raise ModelError(f"{source}: no such file")
         backend_name = backend or detect_backend(source)
         backend_cls = get_backend(backend_name)
+        if version is not None:
+            check_name(version, "version")
         model_dir = self.model_dir(name)
+        created = not model_dir.exists()
         model_dir.mkdir(parents=True, exist_ok=True)
         if version is None:
             numeric = [int(v) for v in self.versions(name) if v.isdigit()]
             version = str(max(numeric, default=0) + 1)
-        check_name(version, "version")
         final = model_dir / version
         if final.exists():
             raise ModelError(
@@ -180,7 +185,10 @@ class Registry:
             target = staging / file_name
             shutil.copyfile(source, target)
             digest, size = sha256_file(target)
-            signature, params = backend_cls.inspect(target)
+            try:
+                signature, params = backend_cls.inspect(target)
+            except ModelError as exc:  # name the user's file, not the staging copy
+                raise ModelError(exc.message.replace(str(target), str(source))) from None
             manifest = Manifest(
                 name=name,
                 version=version,
@@ -199,11 +207,17 @@ class Registry:
             for f in staging.iterdir():
                 with f.open("rb") as fh:
                     os.fsync(fh.fileno())
-                f.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+                f.chmod(_READ_ONLY)
+            staging.chmod(_READ_ONLY | _SEARCH)  # mkdtemp's 0700 -> r-x for all, like the files
             staging.rename(final)
             _fsync_dir(model_dir)
         except BaseException:
+            with contextlib.suppress(OSError):
+                staging.chmod(stat.S_IRWXU)
             shutil.rmtree(staging, ignore_errors=True)
+            if created:  # a failed first add leaves no empty model behind
+                with contextlib.suppress(OSError):
+                    model_dir.rmdir()
             raise
         if activate:
             self.activate(name, version)
@@ -244,6 +258,8 @@ class Registry:
             )
         model_dir = self.model_dir(name)
         trash = Path(tempfile.mkdtemp(dir=model_dir, prefix=f".{version}.", suffix=".trash"))
+        # moving a directory to another parent rewrites its '..': it must be writable
+        (model_dir / version).chmod(stat.S_IRWXU)
         (model_dir / version).rename(trash / version)
         _fsync_dir(model_dir)
         lines = [v for v in self._read_active(name) if v != version]

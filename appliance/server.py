@@ -102,7 +102,7 @@ def serve(config: Config, sources: list[ModelSource]) -> None:
         host,
         bound,
         " (uvloop)" if fast else "",
-        extra={"port": bound},
+        extra={"fields": {"port": bound}},
     )
     web.run_app(
         app,

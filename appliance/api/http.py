@@ -10,9 +10,9 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import random
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -83,7 +83,7 @@ async def middleware(
     start = time.perf_counter()
     rid = request.headers.get("X-Request-Id")
     if rid is None or not _REQUEST_ID_RE.match(rid):
-        rid = uuid.uuid4().hex
+        rid = f"{random.getrandbits(128):032x}"  # an id, not a secret: no syscall per request
     rid_token = request_id.set(rid)
     tid_token = trace_id.set(_trace(request.headers.get("traceparent")))
     response: web.StreamResponse
@@ -116,7 +116,7 @@ async def middleware(
     response.headers["X-Request-Id"] = rid
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
-    request.app[METRICS].http_responses.labels(route, str(response.status)).inc()
+    request.app[METRICS].http_response(route, response.status)
     if settings.access_log:
         access.info(
             "%s %s %d",
@@ -126,9 +126,11 @@ async def middleware(
             extra={
                 "request_id": rid,
                 "trace_id": trace_id.get(),
-                "status": response.status,
-                "duration_ms": round((time.perf_counter() - start) * 1000, 3),
-                "remote": request.remote,
+                "fields": {
+                    "status": response.status,
+                    "duration_ms": round((time.perf_counter() - start) * 1000, 3),
+                    "remote": request.remote,
+                },
             },
         )
     trace_id.reset(tid_token)
@@ -143,7 +145,6 @@ async def live(request: web.Request) -> web.Response:
 
 async def ready(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
-    models = {m.name: m.status for m in engine.models()}
     if not engine.ready:
         waiting = [
             f"{m.name}: {m.status}" + (f" ({m.reason})" if m.reason else "")
@@ -151,7 +152,15 @@ async def ready(request: web.Request) -> web.Response:
             if m.status != "ready"
         ]
         raise NotReady("not ready: " + ("; ".join(waiting) or "starting"))
+    models = {
+        m.name: {"version": m.version, "status": m.status, "device": _device(m)}
+        for m in engine.models()
+    }
     return json_response({"ready": True, "models": models})
+
+
+def _device(model: LoadedModel) -> str | None:
+    return model.placement.device if model.placement else None
 
 
 async def server_metadata(request: web.Request) -> web.Response:
@@ -169,7 +178,9 @@ async def model_metadata(request: web.Request) -> web.Response:
 async def model_ready(request: web.Request) -> web.Response:
     model = _model(request)
     request.app[ENGINE].ready_model(model.name, model.version)
-    return json_response({"name": model.name, "version": model.version, "ready": True})
+    return json_response(
+        {"name": model.name, "version": model.version, "ready": True, "device": _device(model)}
+    )
 
 
 async def repository_index(request: web.Request) -> web.Response:
