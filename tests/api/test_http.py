@@ -41,6 +41,9 @@ async def test_health_metadata_and_readiness(serve):
     assert (await client.get("/v2/health/live")).status == 200
     r = await client.get("/v2/health/ready")
     assert r.status == 200
+    assert (await r.json())["models"]["multi_io"] == {"version": "1", "status": "ready", "device": "cpu"}
+    r = await client.get("/v2/models/multi_io/ready")
+    assert (await r.json())["device"] == "cpu"
     meta = await (await client.get("/v2")).json()
     assert meta["name"] == "appliance" and "binary_tensor_data" in meta["extensions"]
     r = await client.get("/v2/models/multi_io")
