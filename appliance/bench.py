@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
     from .backends.base import Backend
     from .config import Config
+    from .device import Placement
     from .engine import ModelSource
     from .tensors import TensorSpec
 
@@ -89,6 +90,15 @@ def _peak_and_rss(pid: int) -> tuple[float | None, float | None]:
             if parts and parts[0].isdigit():
                 values[key] = int(parts[0]) / 1024.0  # kB -> MiB
     return values.get("VmRSS"), values.get("VmHWM")
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU time of a process, all its threads, from /proc (10 ms ticks)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 # -- inputs -----------------------------------------------------------------------------------
@@ -370,6 +380,19 @@ def _error_text(body: bytes) -> str:
 
 
 # -- the server under test --------------------------------------------------------------------
+def _port_of(line: Any) -> int | None:
+    """The port in the server's "serving ... on http://..." log line (top level, or under
+    "fields" should the formatter ever stop flattening them)."""
+    if not isinstance(line, dict):
+        return None
+    for obj in (line, line.get("fields")):
+        if isinstance(obj, dict):
+            port = obj.get("port")
+            if isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536:
+                return port
+    return None
+
+
 class _StderrDrain(threading.Thread):
     """Reads the server's stderr for the `"port": N` line, then keeps draining it (the access
     log writes a line per request) so the pipe never fills and blocks the server."""
@@ -403,9 +426,9 @@ class _StderrDrain(threading.Thread):
                     if b'"port"' not in line:
                         continue
                     with contextlib.suppress(orjson.JSONDecodeError):
-                        obj = orjson.loads(line)
-                        if isinstance(obj, dict) and isinstance(obj.get("port"), int):
-                            self.port = obj["port"]
+                        port = _port_of(orjson.loads(line))
+                        if port is not None:
+                            self.port = port
                             self._lines = b""
                             self.done.set()
                             break
@@ -499,7 +522,7 @@ class ServerProcess:
             if status == 200:
                 break
             text = _error_text(body)
-            if "failed" in text:
+            if ": failed" in text:  # "not ready: NAME: failed (reason)"
                 raise ModelError(f"the server could not load the model: {text}")
             if self.proc.poll() is not None:
                 raise BenchError(self._why("exited"))
@@ -709,6 +732,41 @@ def raw_call(backend: Backend, inputs: dict[str, Array]) -> tuple[Callable[[], A
     return (lambda: list(backend.run(inputs, None).values())), names
 
 
+@dataclass
+class RawRun:
+    """The raw runtime's figures, and the input and outputs the server must reproduce."""
+
+    inputs: dict[str, Array]
+    datatypes: dict[str, str]
+    expected: dict[str, Array]
+    latency: Latency
+    placement: Placement
+
+
+def measure_raw(
+    target: Target, config: Config, batch: int, warmup: int, requests: int, quiet: bool = True
+) -> RawRun:
+    """Time the bare runtime call; the model is unloaded on return, so the bench process holds
+    no runtime threads or memory while the server is measured."""
+    import numpy as np
+
+    backend = load_backend(target, config)
+    try:
+        specs = backend.signature.inputs
+        inputs = make_inputs(specs, batch)
+        call, out_names = raw_call(backend, inputs)
+        expected = {
+            n: (a if isinstance(a, np.ndarray) else np.asarray(a))
+            for n, a in zip(out_names, call(), strict=True)
+        }
+        _say(quiet, f"timing the raw runtime call ({warmup} + {requests}) ...")
+        latency = Latency.of(time_calls(call, warmup, requests))
+        datatypes = {s.name: s.datatype for s in specs}
+        return RawRun(inputs, datatypes, expected, latency, backend.placement)
+    finally:
+        backend.unload()
+
+
 # -- the command ------------------------------------------------------------------------------
 def _check_args(args: argparse.Namespace) -> None:
     for key, least in (("requests", 1), ("warmup", 0), ("concurrency", 1), ("batch", 1)):
@@ -741,7 +799,6 @@ def _say(quiet: bool, text: str) -> None:
 
 def run_bench(args: argparse.Namespace) -> int:
     """Raw runtime vs HTTP round trip, throughput and server memory for one model."""
-    import numpy as np
 
     from .cli import _config
     from .tensors import datatype_of
@@ -752,25 +809,12 @@ def run_bench(args: argparse.Namespace) -> int:
     target = resolve_model(args.model, config)
     model_cfg = config.model_config(target.name)
 
-    # 1. The raw runtime, in-process.
+    # 1. The raw runtime, in-process; released before the server starts.
     _say(quiet, f"loading {target.file} in-process ...")
-    backend = load_backend(target, config)
-    try:
-        specs = backend.signature.inputs
-        datatypes = {s.name: s.datatype for s in specs}
-        inputs = make_inputs(specs, args.batch)
-        call, out_names = raw_call(backend, inputs)
-        expected = {
-            n: (a if isinstance(a, np.ndarray) else np.asarray(a))
-            for n, a in zip(out_names, call(), strict=True)
-        }
-        _say(quiet, f"timing the raw runtime call ({args.warmup} + {args.requests}) ...")
-        raw = Latency.of(time_calls(call, args.warmup, args.requests))
-        placement = backend.placement
-    finally:
-        backend.unload()
-        del backend
-        gc.collect()
+    raw_run = measure_raw(target, config, args.batch, args.warmup, args.requests, quiet)
+    inputs, datatypes, expected = raw_run.inputs, raw_run.datatypes, raw_run.expected
+    raw, placement = raw_run.latency, raw_run.placement
+    gc.collect()
 
     body, header_length = encode_infer_body(inputs, datatypes, args.binary)
     token = config.token()
@@ -805,7 +849,13 @@ def run_bench(args: argparse.Namespace) -> int:
             raise BenchError("the server did not answer in binary although asked to")
 
         _say(quiet, f"timing HTTP round trips ({args.warmup} + {args.requests}) ...")
-        http = Latency.of(time_http(conn, request, args.warmup, args.requests))
+        time_http(conn, request, args.warmup, 0)
+        cpu_before = _cpu_seconds(server.pid)
+        http = Latency.of(time_http(conn, request, 0, args.requests))
+        cpu_after = _cpu_seconds(server.pid)
+        cpu_us = None
+        if cpu_before is not None and cpu_after is not None:
+            cpu_us = (cpu_after - cpu_before) * 1e6 / args.requests
         conn.close()
         conn = None
 
@@ -855,6 +905,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "overhead_p50_us": r(http.p50_us - raw.p50_us),
         "overhead_p99_us": r(http.p99_us - raw.p99_us),
         "overhead_mean_us": r(http.mean_us - raw.mean_us),
+        "server_cpu_us_per_request": r(cpu_us, 1),
         "concurrency": concurrency,
         "throughput_rps": r(len(samples) / wall_s, 1),
         "throughput_p50_us": r(loaded.p50_us),
@@ -902,6 +953,10 @@ def format_table(f: dict[str, Any]) -> str:
             f"{label:<26}{num(f[key + '_p50_us']):>10}{num(f[key + '_p99_us']):>10}"
             f"{num(f[key + '_mean_us']):>10}"
         )
+    lines.append(
+        f"{'server CPU per request':<26}{num(f['server_cpu_us_per_request']):>10}"
+        "   (user+system, all threads, sequential run)"
+    )
     lines += [
         "",
         f"throughput at concurrency {f['concurrency']}: {num(f['throughput_rps'], ',.0f')} req/s "

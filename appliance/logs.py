@@ -65,7 +65,7 @@ def setup_logging(level: str = "info") -> None:
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").disabled = True
     # No line prints the caller, process or thread: skip collecting them (logging's own knobs).
-    logging._srcfile = None  # type: ignore[attr-defined]
+    logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False

@@ -86,7 +86,7 @@ class ServerProcess:
 
 
 def start_server_process(args: list[str], env: dict[str, str] | None = None) -> ServerProcess:
-    """Run `appliance serve ... --port 0` and wait until it is ready; the port comes from its log."""
+    """Run `appliance serve ... --port 0` until ready; the bound port is read from its log."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "appliance", "serve", "--port", "0", *args],
         stdout=subprocess.DEVNULL,
@@ -137,7 +137,9 @@ def stop_server_process(server: ServerProcess) -> int:
 
 
 @pytest.fixture(scope="module")
-def server_process(tmp_path_factory: pytest.TempPathFactory, samples: Path) -> Iterator[ServerProcess]:
+def server_process(
+    tmp_path_factory: pytest.TempPathFactory, samples: Path
+) -> Iterator[ServerProcess]:
     """`appliance serve` in its own process over a store of the sample models."""
     root = tmp_path_factory.mktemp("store")
     registry = Registry(root)

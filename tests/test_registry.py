@@ -492,7 +492,7 @@ def test_manifest_file_must_be_a_plain_file_name(file: str) -> None:
     ],
 )
 def test_manifest_with_bad_fields_is_refused(changes: dict[str, Any], fragment: str) -> None:
-    with pytest.raises(ModelError, match="where.json: invalid manifest") as info:
+    with pytest.raises(ModelError, match=r"where\.json: invalid manifest") as info:
         Manifest.from_json(manifest_json(**changes), "where.json")
     assert fragment in info.value.message
     obj = manifest_json()
@@ -502,7 +502,7 @@ def test_manifest_with_bad_fields_is_refused(changes: dict[str, Any], fragment: 
 
 
 def test_manifest_read_reports_a_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(ModelError, match="cannot read manifest .*No such file"):
+    with pytest.raises(ModelError, match=r"cannot read manifest .*No such file"):
         Manifest.read(tmp_path / MANIFEST_NAME)
 
 
@@ -537,7 +537,7 @@ def test_a_truncated_or_missing_file_is_refused(reg: Registry, samples: Path) ->
     with pytest.raises(ModelError, match=rf"\({mv.manifest.size - 10} bytes\) does not match"):
         verify_file(mv.file, mv.manifest)
     mv.file.unlink()
-    with pytest.raises(ModelError, match="cannot read .*No such file"):
+    with pytest.raises(ModelError, match=r"cannot read .*No such file"):
         verify_file(mv.file, mv.manifest)
 
 

@@ -106,9 +106,8 @@ async def middleware(
             reason = f"request body is larger than the limit of {settings.max_body_bytes} bytes"
         elif exc.status == 404:
             reason = f"no route for {request.method} {request.path}"
-        keep = {
-            k: v for k, v in exc.headers.items() if k.lower() not in ("content-type", "content-length")
-        }
+        drop = ("content-type", "content-length")
+        keep = {k: v for k, v in exc.headers.items() if k.lower() not in drop}
         response = json_response({"error": reason}, exc.status, keep or None)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)

@@ -31,7 +31,9 @@ def multi_io_request(**extra):
 
 
 def reference(samples: Path, name: str, feed: dict) -> dict:
-    session = ort.InferenceSession(str(samples / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(samples / f"{name}.onnx"), providers=["CPUExecutionProvider"]
+    )
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(None, feed), strict=True))
 
@@ -41,7 +43,11 @@ async def test_health_metadata_and_readiness(serve):
     assert (await client.get("/v2/health/live")).status == 200
     r = await client.get("/v2/health/ready")
     assert r.status == 200
-    assert (await r.json())["models"]["multi_io"] == {"version": "1", "status": "ready", "device": "cpu"}
+    assert (await r.json())["models"]["multi_io"] == {
+        "version": "1",
+        "status": "ready",
+        "device": "cpu",
+    }
     r = await client.get("/v2/models/multi_io/ready")
     assert (await r.json())["device"] == "cpu"
     meta = await (await client.get("/v2")).json()
@@ -111,10 +117,18 @@ async def test_infer_binary_request_and_response(serve, samples):
     header = orjson.dumps(
         {
             "inputs": [
-                {"name": "x", "datatype": "FP32", "shape": [2, 3],
-                 "parameters": {"binary_data_size": x.nbytes}},
-                {"name": "y", "datatype": "INT64", "shape": [2, 3],
-                 "parameters": {"binary_data_size": y.nbytes}},
+                {
+                    "name": "x",
+                    "datatype": "FP32",
+                    "shape": [2, 3],
+                    "parameters": {"binary_data_size": x.nbytes},
+                },
+                {
+                    "name": "y",
+                    "datatype": "INT64",
+                    "shape": [2, 3],
+                    "parameters": {"binary_data_size": y.nbytes},
+                },
                 {"name": "pixels", "datatype": "UINT8", "shape": [2, 2, 2], "data": PIX},
             ],
             "outputs": [
@@ -146,7 +160,9 @@ async def test_bytes_and_fp16_models(serve):
     client = await serve()
     r = await client.post(
         "/v2/models/strings/infer",
-        json={"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": ["héllo", "x"]}]},
+        json={
+            "inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": ["héllo", "x"]}]
+        },
     )
     assert r.status == 200, await r.text()
     assert (await r.json())["outputs"][0]["data"] == ["héllo", "x"]
@@ -154,8 +170,14 @@ async def test_bytes_and_fp16_models(serve):
     blob = b"".join(struct.pack("<I", len(s)) + s for s in (b"ab", b""))
     header = orjson.dumps(
         {
-            "inputs": [{"name": "text", "datatype": "BYTES", "shape": [2],
-                        "parameters": {"binary_data_size": len(blob)}}],
+            "inputs": [
+                {
+                    "name": "text",
+                    "datatype": "BYTES",
+                    "shape": [2],
+                    "parameters": {"binary_data_size": len(blob)},
+                }
+            ],
             "parameters": {"binary_data_output": True},
         }
     )
@@ -190,49 +212,123 @@ BAD_REQUESTS = [
     ("malformed json", b'{"inputs": [', {}, 400, "malformed JSON"),
     ("not an object", b"[1, 2]", {}, 400, "JSON object"),
     ("no inputs", b'{"inputs": []}', {}, 400, "non-empty 'inputs'"),
-    ("wrong datatype", orjson.dumps(_bad(i0={"datatype": "INT64", "data": [1] * 6})), {}, 400,
-     "expects datatype FP32"),
+    (
+        "wrong datatype",
+        orjson.dumps(_bad(i0={"datatype": "INT64", "data": [1] * 6})),
+        {},
+        400,
+        "expects datatype FP32",
+    ),
     ("unknown datatype", orjson.dumps(_bad(i0={"datatype": "FLOAT"})), {}, 400, "unknown datatype"),
     ("wrong shape", orjson.dumps(_bad(i0={"shape": [3, 2]})), {}, 400, "does not match"),
     ("wrong rank", orjson.dumps(_bad(i0={"shape": [6]})), {}, 400, "does not match"),
     ("data length", orjson.dumps(_bad(i0={"data": [1.0, 2.0]})), {}, 400, "needs 6"),
-    ("string in floats", orjson.dumps(_bad(i0={"data": [1, 2, 3, 4, 5, "a"]})), {}, 400,
-     "must be numbers"),
-    ("float in ints", orjson.dumps(_bad(i1={"data": [1, 2, 3, 4, 5, 6.5]})), {}, 400,
-     "must be integers"),
+    (
+        "string in floats",
+        orjson.dumps(_bad(i0={"data": [1, 2, 3, 4, 5, "a"]})),
+        {},
+        400,
+        "must be numbers",
+    ),
+    (
+        "float in ints",
+        orjson.dumps(_bad(i1={"data": [1, 2, 3, 4, 5, 6.5]})),
+        {},
+        400,
+        "must be integers",
+    ),
     ("uint8 overflow", orjson.dumps(_bad(i2={"data": [300] * 8})), {}, 400, "out of range"),
-    ("ragged nested", orjson.dumps(_bad(i0={"data": [[1, 2, 3], [4, 5]]})), {}, 400, "regular array"),
+    (
+        "ragged nested",
+        orjson.dumps(_bad(i0={"data": [[1, 2, 3], [4, 5]]})),
+        {},
+        400,
+        "regular array",
+    ),
     ("negative dim", orjson.dumps(_bad(i0={"shape": [-1, 3]})), {}, 400, "non-negative"),
-    ("missing input", orjson.dumps({"inputs": multi_io_request()["inputs"][:2]}), {}, 400,
-     "missing input 'pixels'"),
-    ("unknown input", orjson.dumps({"inputs": [*multi_io_request()["inputs"],
-                                              {"name": "z", "datatype": "FP32", "shape": [1],
-                                               "data": [1]}]}), {}, 400, "unknown input 'z'"),
-    ("duplicate input", orjson.dumps({"inputs": [*multi_io_request()["inputs"],
-                                                multi_io_request()["inputs"][0]]}), {}, 400,
-     "more than once"),
-    ("unknown output", orjson.dumps(multi_io_request(outputs=[{"name": "nope"}])), {}, 400,
-     "unknown output 'nope'"),
+    (
+        "missing input",
+        orjson.dumps({"inputs": multi_io_request()["inputs"][:2]}),
+        {},
+        400,
+        "missing input 'pixels'",
+    ),
+    (
+        "unknown input",
+        orjson.dumps(
+            {
+                "inputs": [
+                    *multi_io_request()["inputs"],
+                    {"name": "z", "datatype": "FP32", "shape": [1], "data": [1]},
+                ]
+            }
+        ),
+        {},
+        400,
+        "unknown input 'z'",
+    ),
+    (
+        "duplicate input",
+        orjson.dumps({"inputs": [*multi_io_request()["inputs"], multi_io_request()["inputs"][0]]}),
+        {},
+        400,
+        "more than once",
+    ),
+    (
+        "unknown output",
+        orjson.dumps(multi_io_request(outputs=[{"name": "nope"}])),
+        {},
+        400,
+        "unknown output 'nope'",
+    ),
     ("null data", orjson.dumps(_bad(i0={"data": None})), {}, 400, "must be a JSON array"),
-    ("no data", orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1]}]}), {}, 400,
-     "needs 'data' or parameters.binary_data_size"),
-    ("bad header length", orjson.dumps(multi_io_request()), {"Inference-Header-Content-Length": "x"},
-     400, "must be an integer"),
-    ("header length past end", orjson.dumps(multi_io_request()),
-     {"Inference-Header-Content-Length": "100000"}, 400, "body has"),
-    ("binary section too long", orjson.dumps(multi_io_request()) + b"\0\0\0\0",
-     {"Inference-Header-Content-Length": str(len(orjson.dumps(multi_io_request())))}, 400,
-     "binary section has 4 bytes"),
+    (
+        "no data",
+        orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1]}]}),
+        {},
+        400,
+        "needs 'data' or parameters.binary_data_size",
+    ),
+    (
+        "bad header length",
+        orjson.dumps(multi_io_request()),
+        {"Inference-Header-Content-Length": "x"},
+        400,
+        "must be an integer",
+    ),
+    (
+        "header length past end",
+        orjson.dumps(multi_io_request()),
+        {"Inference-Header-Content-Length": "100000"},
+        400,
+        "body has",
+    ),
+    (
+        "binary section too long",
+        orjson.dumps(multi_io_request()) + b"\0\0\0\0",
+        {"Inference-Header-Content-Length": str(len(orjson.dumps(multi_io_request())))},
+        400,
+        "binary section has 4 bytes",
+    ),
     ("non-utf8 json", b'{"inputs": "\xff"}', {}, 400, "malformed JSON"),
-    ("NaN literal", b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [NaN]}]}',
-     {}, 400, "malformed JSON"),
+    (
+        "NaN literal",
+        b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [NaN]}]}',
+        {},
+        400,
+        "malformed JSON",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("what", "body", "headers", "status", "fragment"), BAD_REQUESTS,
-                         ids=[b[0] for b in BAD_REQUESTS])
-async def test_bad_input_gets_4xx_and_server_keeps_serving(serve, what, body, headers, status,
-                                                           fragment):
+@pytest.mark.parametrize(
+    ("what", "body", "headers", "status", "fragment"),
+    BAD_REQUESTS,
+    ids=[b[0] for b in BAD_REQUESTS],
+)
+async def test_bad_input_gets_4xx_and_server_keeps_serving(
+    serve, what, body, headers, status, fragment
+):
     client = await serve()
     r = await client.post("/v2/models/multi_io/infer", data=body, headers=headers)
     assert r.status == status, await r.text()
@@ -244,8 +340,18 @@ async def test_bad_input_gets_4xx_and_server_keeps_serving(serve, what, body, he
 
 
 def _binary_request(declared: int, actual: bytes) -> tuple[bytes, dict[str, str]]:
-    header = orjson.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4],
-                                       "parameters": {"binary_data_size": declared}}]})
+    header = orjson.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "datatype": "FP32",
+                    "shape": [1, 4],
+                    "parameters": {"binary_data_size": declared},
+                }
+            ]
+        }
+    )
     return header + actual, {"Inference-Header-Content-Length": str(len(header))}
 
 
@@ -292,8 +398,9 @@ async def test_unknown_model_version_and_route(serve):
 
 async def test_body_over_limit_is_413(serve):
     client = await serve({"server": {"max_body_bytes": 2048}})
-    big = orjson.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [300, 4],
-                                    "data": [0.5] * 1200}]})
+    big = orjson.dumps(
+        {"inputs": [{"name": "input", "datatype": "FP32", "shape": [300, 4], "data": [0.5] * 1200}]}
+    )
     assert len(big) > 2048
     r = await client.post("/v2/models/sample/infer", data=big)
     assert r.status == 413
@@ -339,7 +446,9 @@ async def test_request_id_and_traceparent_are_logged(serve, caplog):
     from appliance.logs import JsonFormatter
 
     fmt = JsonFormatter()
-    lines = [orjson.loads(fmt.format(rec)) for rec in caplog.records if rec.name == "appliance.access"]
+    lines = [
+        orjson.loads(fmt.format(rec)) for rec in caplog.records if rec.name == "appliance.access"
+    ]
     assert any(x.get("request_id") == "abc-123" and x.get("trace_id") == trace for x in lines)
     assert any(x.get("request_id") == generated for x in lines)
 
@@ -350,7 +459,9 @@ async def test_metrics_count_requests(serve):
     for _ in range(3):
         assert (await client.post("/v2/models/sample/infer", json=ok)).status == 200
     assert (await client.post("/v2/models/sample/infer", data=b"{")).status == 400
-    bad_shape = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]}
+    bad_shape = {
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]
+    }
     assert (await client.post("/v2/models/sample/infer", json=bad_shape)).status == 400
     text = await (await client.get("/metrics")).text()
     samples_by_name: dict[str, list] = {}
@@ -359,14 +470,21 @@ async def test_metrics_count_requests(serve):
             samples_by_name.setdefault(s.name, []).append(s)
 
     def value(name, **labels):
-        return sum(s.value for s in samples_by_name.get(name, [])
-                   if all(s.labels.get(k) == v for k, v in labels.items()))
+        return sum(
+            s.value
+            for s in samples_by_name.get(name, [])
+            if all(s.labels.get(k) == v for k, v in labels.items())
+        )
 
     assert value("appliance_inference_requests_total", model="sample", outcome="success") == 3
     # a body that fails to decode never reaches the engine; one that fails validation does
     assert value("appliance_inference_requests_total", model="sample", outcome="invalid") == 1
-    assert value("appliance_http_responses_total", route="/v2/models/{name}/infer", status="200") == 3
-    assert value("appliance_http_responses_total", route="/v2/models/{name}/infer", status="400") == 2
+    assert (
+        value("appliance_http_responses_total", route="/v2/models/{name}/infer", status="200") == 3
+    )
+    assert (
+        value("appliance_http_responses_total", route="/v2/models/{name}/infer", status="400") == 2
+    )
     assert value("appliance_inference_compute_seconds_count", model="sample") == 3
     assert value("appliance_inference_queue_seconds_count", model="sample") == 3
     assert value("appliance_model_ready", model="sample") == 1

@@ -21,11 +21,14 @@ def _inputs(binary: bool):
     x = rng.normal(size=(5, 3)).astype(np.float32)
     y = rng.integers(-100, 100, size=(5, 3)).astype(np.int64)
     pixels = rng.integers(0, 256, size=(5, 2, 2)).astype(np.uint8)
-    feed = {"x": x, "y": y, "pixels": pixels}
+    feed: dict[str, np.ndarray] = {"x": x, "y": y, "pixels": pixels}
     inputs = []
     for name, arr in feed.items():
-        i = httpclient.InferInput(name, list(arr.shape), {"float32": "FP32", "int64": "INT64",
-                                                           "uint8": "UINT8"}[str(arr.dtype)])
+        i = httpclient.InferInput(
+            name,
+            list(arr.shape),
+            {"float32": "FP32", "int64": "INT64", "uint8": "UINT8"}[str(arr.dtype)],
+        )
         i.set_data_from_numpy(arr, binary_data=binary)
         inputs.append(i)
     return feed, inputs
@@ -50,7 +53,9 @@ def test_server_and_model_metadata(client):
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_infer_matches_onnxruntime(client, samples, binary):
     feed, inputs = _inputs(binary)
-    session = ort.InferenceSession(str(samples / "multi_io.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(samples / "multi_io.onnx"), providers=["CPUExecutionProvider"]
+    )
     names = [o.name for o in session.get_outputs()]
     want = dict(zip(names, session.run(None, feed), strict=True))
     # default: no outputs named, so tritonclient asks for all of them as binary
@@ -60,8 +65,10 @@ def test_infer_matches_onnxruntime(client, samples, binary):
         assert got.dtype == want[name].dtype, name
         assert np.array_equal(got, want[name]), name
     # outputs requested by name, some binary and some JSON
-    outputs = [httpclient.InferRequestedOutput("sum", binary_data=binary),
-               httpclient.InferRequestedOutput("pixel_mean", binary_data=not binary)]
+    outputs = [
+        httpclient.InferRequestedOutput("sum", binary_data=binary),
+        httpclient.InferRequestedOutput("pixel_mean", binary_data=not binary),
+    ]
     result = client.infer("multi_io", inputs, model_version="1", outputs=outputs, request_id="r7")
     assert result.get_response()["id"] == "r7"
     assert np.array_equal(result.as_numpy("sum"), want["sum"])

@@ -40,7 +40,9 @@ async def test_full_queue_is_refused_at_once_with_503(serve, gated):
     client = await serve({"models": {"gated": {"max_concurrency": 1, "max_queue": 2}}}, gated)
     running = asyncio.ensure_future(client.post("/v2/models/gated/infer", json=REQ))
     await _started()
-    queued = [asyncio.ensure_future(client.post("/v2/models/gated/infer", json=REQ)) for _ in range(2)]
+    queued = [
+        asyncio.ensure_future(client.post("/v2/models/gated/infer", json=REQ)) for _ in range(2)
+    ]
     # Wait until both are admitted (queued) before sending the one that must be refused.
     for _ in range(200):
         text = await (await client.get("/metrics")).text()
@@ -59,13 +61,21 @@ async def test_full_queue_is_refused_at_once_with_503(serve, gated):
         assert resp.status == 200
         assert (await resp.json())["outputs"][0]["data"] == [2.0, 4.0]
     text = await (await client.get("/metrics")).text()
-    assert 'appliance_inference_requests_total{model="gated",outcome="overloaded",version="1"} 1.0' in text
-    assert 'appliance_inference_requests_total{model="gated",outcome="success",version="1"} 3.0' in text
+    assert (
+        'appliance_inference_requests_total{model="gated",outcome="overloaded",version="1"} 1.0'
+        in text
+    )
+    assert (
+        'appliance_inference_requests_total{model="gated",outcome="success",version="1"} 3.0'
+        in text
+    )
 
 
 async def test_concurrency_limit_runs_that_many_at_once(serve, gated):
     client = await serve({"models": {"gated": {"max_concurrency": 2, "max_queue": 5}}}, gated)
-    futs = [asyncio.ensure_future(client.post("/v2/models/gated/infer", json=REQ)) for _ in range(4)]
+    futs = [
+        asyncio.ensure_future(client.post("/v2/models/gated/infer", json=REQ)) for _ in range(4)
+    ]
     await _started(2)
     await asyncio.sleep(0.05)
     assert GatedBackend.runs == 2  # the other two wait for a worker

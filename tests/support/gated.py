@@ -41,7 +41,9 @@ class GatedBackend(Backend):
         self.signature = SIGNATURE
         self.placement = Placement("cpu", "gated")
 
-    def run(self, inputs: dict[str, np.ndarray[Any, Any]], outputs: list[str] | None) -> dict[str, Any]:
+    def run(
+        self, inputs: dict[str, np.ndarray[Any, Any]], outputs: list[str] | None
+    ) -> dict[str, Any]:
         type(self).runs += 1
         type(self).started.release()
         if not type(self).gate.wait(30):
