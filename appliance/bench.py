@@ -76,7 +76,7 @@ class Latency:
         return cls(float(p50), float(p99), float(us.mean()), len(us))
 
 
-def _peak_and_rss(pid: int) -> tuple[float | None, float | None]:
+def _rss_and_peak(pid: int) -> tuple[float | None, float | None]:
     """(VmRSS, VmHWM) of a process in MiB, from /proc; None where /proc is not available."""
     values: dict[str, float] = {}
     try:
@@ -837,7 +837,7 @@ def run_bench(args: argparse.Namespace) -> int:
         address = ("127.0.0.1", port)
         conn = HttpConnection(*address, timeout_s)
         server.wait_ready(conn, target.name)
-        idle_rss, _ = _peak_and_rss(server.pid)
+        idle_rss, _ = _rss_and_peak(server.pid)
 
         request = build_request("POST", f"/v2/models/{target.name}/infer", *address, body, headers)
         status, head, reply = conn.exchange(request)
@@ -871,7 +871,7 @@ def run_bench(args: argparse.Namespace) -> int:
         )
         loaded = Latency.of(samples)
         server.alive_or_raise()
-        after_rss, peak_rss = _peak_and_rss(server.pid)
+        after_rss, peak_rss = _rss_and_peak(server.pid)
     finally:
         if conn is not None:
             conn.close()
