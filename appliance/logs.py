@@ -21,7 +21,6 @@ request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request
 trace_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("trace_id", default=None)
 
 
-
 class JsonFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__()

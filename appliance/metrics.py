@@ -1,141 +1,182 @@
-"""Prometheus metrics, one registry per server so tests and embedded uses never collide."""
+"""Prometheus metrics, one registry per server so tests and embedded uses never collide.
+
+The request path only bumps plain integers and bucket counts, all on the event loop thread (the
+scheduler hands worker timings back to the loop), so it takes no locks and no label lookups.
+prometheus-client turns them into the exposition format at scrape time through a collector;
+gauges (queue depth, in-flight, readiness, device) are read from the engine at that moment too.
+"""
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 from . import __version__
 
 #: Sub-millisecond resolution matters: a tiny model answers in tens of microseconds.
 LATENCY_BUCKETS = (
-    0.00005,
-    0.0001,
-    0.00025,
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-)
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
 OUTCOMES = ("success", "invalid", "overloaded", "timeout", "error")
 
 
-@dataclass
-class ModelMetrics:
-    """Children bound to one model version once, so the request path does no label lookups."""
+class Histogram:
+    """Bucket counts for one label set; `observe` is two list operations."""
 
-    outcomes: dict[str, Any]
-    queue: Any
-    compute: Any
-    total: Any
-    queue_depth: Any
-    inflight: Any
-    inline: Any
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.sum += seconds
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out, total = [], 0
+        for bound, n in zip((*LATENCY_BUCKETS, float("inf")), self.counts, strict=True):
+            total += n
+            out.append(("+Inf" if bound == float("inf") else repr(bound), float(total)))
+        return out
 
 
-class Metrics:
+class ModelStats:
+    """Counters of one model version, updated on the event loop thread only."""
+
+    __slots__ = ("compute", "inline", "outcomes", "queue", "total")
+
+    def __init__(self) -> None:
+        self.outcomes = dict.fromkeys(OUTCOMES, 0)
+        self.queue = Histogram()
+        self.compute = Histogram()
+        self.total = Histogram()
+        self.inline = 0
+
+
+@dataclass(frozen=True)
+class ModelGauges:
+    """A model's state at scrape time, as the engine reports it."""
+
+    name: str
+    version: str
+    ready: bool
+    device: str | None
+    detail: str
+    fallback: bool
+    load_seconds: float
+    queue_depth: int
+    inflight: int
+
+
+class Metrics(Collector):
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        labels = ("model", "version")
-        self.requests = Counter(
-            "appliance_inference_requests",
-            "Inference requests by outcome",
-            (*labels, "outcome"),
-            registry=r,
-        )
-        self.queue_seconds = Histogram(
-            "appliance_inference_queue_seconds",
-            "Time a request waited for a worker",
-            labels,
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.compute_seconds = Histogram(
-            "appliance_inference_compute_seconds",
-            "Time the runtime spent on a request",
-            labels,
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.request_seconds = Histogram(
-            "appliance_inference_request_seconds",
-            "Time from a request reaching the engine to its answer",
-            labels,
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.queue_depth = Gauge(
-            "appliance_queue_depth", "Requests waiting for a worker", labels, registry=r
-        )
-        self.inflight = Gauge(
-            "appliance_inflight_requests", "Requests running in the runtime", labels, registry=r
-        )
-        self.inline = Counter(
-            "appliance_inference_inline_requests",
-            "Requests run on the event loop thread, measured fast enough to skip the hand-off",
-            labels,
-            registry=r,
-        )
-        self.load_seconds = Gauge(
-            "appliance_model_load_seconds", "How long the model took to load", labels, registry=r
-        )
-        self.model_ready = Gauge(
-            "appliance_model_ready",
-            "1 when the model version serves requests",
-            labels,
-            registry=r,
-        )
-        self.model_device = Gauge(
-            "appliance_model_device_info",
-            "Where a model runs (device, runtime detail, whether it fell back to the CPU)",
-            (*labels, "device", "detail", "fallback"),
-            registry=r,
-        )
-        self.http_responses = Counter(
-            "appliance_http_responses",
-            "HTTP responses by route and status",
-            ("route", "status"),
-            registry=r,
-        )
-        self._http_children: dict[tuple[str, int], Any] = {}
-        build = Gauge("appliance_build_info", "Version of this appliance", ("version",), registry=r)
-        build.labels(__version__).set(1)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self._models: dict[tuple[str, str], ModelStats] = {}
+        self._http: dict[tuple[str, int], int] = {}
+        #: Set by the engine: the current state of every model.
+        self.gauge_source: Callable[[], list[ModelGauges]] = list
+        self.registry.register(self)
+
+    def for_model(self, name: str, version: str) -> ModelStats:
+        return self._models.setdefault((name, version), ModelStats())
 
     def http_response(self, route: str, status: int) -> None:
-        """Count one HTTP response; children are cached (routes and statuses are few)."""
         key = (route, status)
-        child = self._http_children.get(key)
-        if child is None:
-            child = self._http_children[key] = self.http_responses.labels(route, str(status))
-        child.inc()
-
-    def for_model(self, name: str, version: str) -> ModelMetrics:
-        return ModelMetrics(
-            outcomes={o: self.requests.labels(name, version, o) for o in OUTCOMES},
-            queue=self.queue_seconds.labels(name, version),
-            compute=self.compute_seconds.labels(name, version),
-            total=self.request_seconds.labels(name, version),
-            queue_depth=self.queue_depth.labels(name, version),
-            inflight=self.inflight.labels(name, version),
-            inline=self.inline.labels(name, version),
-        )
+        self._http[key] = self._http.get(key, 0) + 1
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["model", "version"]
+        requests = CounterMetricFamily(
+            "appliance_inference_requests",
+            "Inference requests by outcome",
+            labels=[*labels, "outcome"],
+        )
+        inline = CounterMetricFamily(
+            "appliance_inference_inline_requests",
+            "Requests run on the event loop thread, measured fast enough to skip the hand-off",
+            labels=labels,
+        )
+        hists = {
+            "queue": HistogramMetricFamily(
+                "appliance_inference_queue_seconds", "Time a request waited for a worker",
+                labels=labels,
+            ),
+            "compute": HistogramMetricFamily(
+                "appliance_inference_compute_seconds", "Time the runtime spent on a request",
+                labels=labels,
+            ),
+            "total": HistogramMetricFamily(
+                "appliance_inference_request_seconds",
+                "Time from a request reaching the engine to its answer", labels=labels,
+            ),
+        }  # fmt: skip
+        for (name, version), stats in self._models.items():
+            for outcome, n in stats.outcomes.items():
+                requests.add_metric([name, version, outcome], n)
+            inline.add_metric([name, version], stats.inline)
+            for key, family in hists.items():
+                h: Histogram = getattr(stats, key)
+                family.add_metric([name, version], h.buckets(), h.sum)
+        yield requests
+        yield inline
+        yield from hists.values()
+
+        gauges = self.gauge_source()
+        depth = GaugeMetricFamily(
+            "appliance_queue_depth", "Requests waiting for a worker", labels=labels
+        )
+        inflight = GaugeMetricFamily(
+            "appliance_inflight_requests", "Requests running in the runtime", labels=labels
+        )
+        ready = GaugeMetricFamily(
+            "appliance_model_ready", "1 when the model version serves requests", labels=labels
+        )
+        load = GaugeMetricFamily(
+            "appliance_model_load_seconds", "How long the model took to load", labels=labels
+        )
+        device = GaugeMetricFamily(
+            "appliance_model_device_info",
+            "Where a model runs (device, runtime detail, whether it fell back to the CPU)",
+            labels=[*labels, "device", "detail", "fallback"],
+        )
+        for g in gauges:
+            values = [g.name, g.version]
+            depth.add_metric(values, g.queue_depth)
+            inflight.add_metric(values, g.inflight)
+            ready.add_metric(values, 1 if g.ready else 0)
+            if g.device is not None:
+                load.add_metric(values, g.load_seconds)
+                device.add_metric([*values, g.device, g.detail, str(g.fallback).lower()], 1)
+        yield from (depth, inflight, ready, load, device)
+
+        http = CounterMetricFamily(
+            "appliance_http_responses",
+            "HTTP responses by route and status",
+            labels=["route", "status"],
+        )
+        for (route, status), n in self._http.items():
+            http.add_metric([route, str(status)], n)
+        yield http
+        info = GaugeMetricFamily(
+            "appliance_build_info", "Version of this appliance", labels=["version"]
+        )
+        info.add_metric([__version__], 1)
+        yield info

@@ -16,7 +16,7 @@ from ..config import Config, ModelConfig
 from ..device import Placement
 from ..errors import ApplianceError, ModelError, NotFound, NotReady
 from ..manifest import Manifest, verify_file
-from ..metrics import Metrics, ModelMetrics
+from ..metrics import Metrics, ModelGauges, ModelStats
 from ..tensors import Signature
 from .scheduler import ModelRunner
 from .validation import validate
@@ -45,7 +45,7 @@ class LoadedModel:
     backend: Backend | None = None
     runner: ModelRunner | None = None
     load_seconds: float = 0.0
-    metrics: ModelMetrics | None = None
+    stats: ModelStats | None = None
     versions: list[str] = field(default_factory=list)
 
     @property
@@ -87,6 +87,7 @@ class Engine:
             self._models[name] = LoadedModel(src, config.model_config(name))
         self.started = False
         self.loaded = False
+        metrics.gauge_source = self._gauges
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -97,7 +98,6 @@ class Engine:
         self.loaded = True
 
     async def _load(self, model: LoadedModel) -> None:
-        m = self.metrics
         t0 = time.perf_counter()
         try:
             backend = await asyncio.to_thread(self._load_backend, model)
@@ -106,35 +106,24 @@ class Engine:
             log.error(
                 "model %s version %s failed to load: %s", model.name, model.version, exc.message
             )
-            m.model_ready.labels(model.name, model.version).set(0)
             return
         except Exception as exc:
             model.status, model.reason = "failed", f"{type(exc).__name__}: {exc}"
             log.exception("model %s version %s failed to load", model.name, model.version)
-            m.model_ready.labels(model.name, model.version).set(0)
             return
         model.load_seconds = time.perf_counter() - t0
         model.backend = backend
-        model.metrics = m.for_model(model.name, model.version)
+        model.stats = self.metrics.for_model(model.name, model.version)
         model.runner = ModelRunner(
             backend,
             f"{model.name}/{model.version}",
             model.config.max_concurrency,
             model.config.max_queue,
-            model.metrics,
+            model.stats,
             inline_max_us=model.config.inline_max_us,
         )
         model.status = "ready"
         p = backend.placement
-        m.load_seconds.labels(model.name, model.version).set(model.load_seconds)
-        m.model_ready.labels(model.name, model.version).set(1)
-        m.model_device.labels(
-            model.name,
-            model.version,
-            p.device,
-            p.detail,
-            str(p.fallback_reason is not None).lower(),
-        ).set(1)
         log.info(
             "model %s version %s ready on %s (%s) in %.3f s",
             model.name,
@@ -159,7 +148,26 @@ class Engine:
             if model.backend is not None:
                 model.backend.unload()
             model.status = "stopped"
-            self.metrics.model_ready.labels(model.name, model.version).set(0)
+
+    def _gauges(self) -> list[ModelGauges]:
+        out = []
+        for m in self._models.values():
+            p, runner = m.placement, m.runner
+            running = runner.running if runner else 0
+            out.append(
+                ModelGauges(
+                    name=m.name,
+                    version=m.version,
+                    ready=m.status == "ready",
+                    device=p.device if p else None,
+                    detail=p.detail if p else "",
+                    fallback=bool(p and p.fallback_reason),
+                    load_seconds=m.load_seconds,
+                    queue_depth=(runner.pending - running) if runner else 0,
+                    inflight=running,
+                )
+            )
+        return out
 
     # -- queries ---------------------------------------------------------------------------
     @property
@@ -195,7 +203,7 @@ class Engine:
     # -- inference -------------------------------------------------------------------------
     async def infer(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
         model = self.ready_model(name, version)
-        runner, metrics = model.runner, model.metrics
+        runner, metrics = model.runner, model.stats
         assert runner is not None and metrics is not None
         t0 = time.perf_counter()
         try:
@@ -205,9 +213,9 @@ class Engine:
                 timeout = min(timeout, request.timeout_s)
             result, _timing = await runner.run(request.inputs, outputs, timeout)
         except ApplianceError as exc:
-            metrics.outcomes[_OUTCOME.get(exc.status, "error")].inc()
+            metrics.outcomes[_OUTCOME.get(exc.status, "error")] += 1
             raise
-        metrics.outcomes["success"].inc()
+        metrics.outcomes["success"] += 1
         metrics.total.observe(time.perf_counter() - t0)
         return InferResponse(model.name, model.version, result, request.id)
 

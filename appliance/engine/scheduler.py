@@ -26,7 +26,7 @@ import numpy as np
 
 from ..backends.base import Backend
 from ..errors import ApplianceError, DeadlineExceeded, InferenceFailed, Overloaded
-from ..metrics import ModelMetrics
+from ..metrics import ModelStats
 
 log = logging.getLogger("appliance.engine")
 
@@ -88,7 +88,7 @@ class ModelRunner:
         label: str,
         concurrency: int,
         max_queue: int,
-        metrics: ModelMetrics,
+        stats: ModelStats,
         inline_max_us: float = 0.0,
     ) -> None:
         self.backend = backend
@@ -96,10 +96,12 @@ class ModelRunner:
         self.concurrency = concurrency if backend.thread_safe else 1
         self.max_queue = max_queue
         self._limit = self.concurrency + max_queue
-        self._metrics = metrics
+        self._stats = stats
         self._loop = asyncio.get_running_loop()
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._pending = 0
+        self._running = 0  # jobs inside backend.run on a worker (workers update it, locked)
+        self._running_lock = threading.Lock()
         # Inline fast path (loop thread only): the budget, the runs measured so far, a decayed
         # estimate of the compute time, and the largest input measured within the budget.
         self._inline_budget = inline_max_us / 1e6
@@ -117,6 +119,11 @@ class ModelRunner:
     def pending(self) -> int:
         """Requests queued or running on workers (loop thread only)."""
         return self._pending
+
+    @property
+    def running(self) -> int:
+        """Requests inside the runtime on a worker right now."""
+        return self._running
 
     def _learn(self, seconds: float, nbytes: int) -> None:
         self._measured += 1
@@ -149,7 +156,6 @@ class ModelRunner:
         job = _Job(inputs, outputs, future, time.perf_counter() + timeout_s, nbytes)
         job.timer = loop.call_later(timeout_s, self._expire, job, timeout_s)
         self._pending += 1
-        self._metrics.queue_depth.inc()
         self._queue.put(job)
         result: Arrays = await future
         return result, Timing(job.started - job.enqueued, job.finished - job.started)
@@ -157,10 +163,9 @@ class ModelRunner:
     def _run_inline(
         self, inputs: Arrays, outputs: list[str] | None, nbytes: int
     ) -> tuple[Arrays, Timing]:
-        metrics = self._metrics
-        metrics.inline.inc()
-        metrics.queue.observe(0.0)
-        metrics.inflight.inc()
+        stats = self._stats
+        stats.inline += 1
+        stats.queue.observe(0.0)
         start = time.perf_counter()
         try:
             result = self.backend.run(inputs, outputs)
@@ -171,8 +176,7 @@ class ModelRunner:
             raise InferenceFailed(f"model {self.label} failed: {exc}") from None
         finally:
             elapsed = time.perf_counter() - start
-            metrics.inflight.dec()
-            metrics.compute.observe(elapsed)
+            stats.compute.observe(elapsed)
             self._learn(elapsed, nbytes)
         return result, Timing(0.0, elapsed, inline=True)
 
@@ -186,8 +190,11 @@ class ModelRunner:
 
     def _done(self, job: _Job, ran: bool) -> None:
         self._pending -= 1
+        self._stats.queue.observe(job.started - job.enqueued)
         if ran:
-            self._learn(job.finished - job.started, job.nbytes)
+            compute = job.finished - job.started
+            self._stats.compute.observe(compute)
+            self._learn(compute, job.nbytes)
         if job.timer is not None:
             job.timer.cancel()
         fut = job.future
@@ -199,18 +206,17 @@ class ModelRunner:
             fut.set_result(job.result)
 
     def _work(self) -> None:
-        backend, metrics, call = self.backend, self._metrics, self._loop.call_soon_threadsafe
+        backend, call, lock = self.backend, self._loop.call_soon_threadsafe, self._running_lock
         while (job := self._queue.get()) is not None:
             job.started = start = time.perf_counter()
-            metrics.queue_depth.dec()
-            metrics.queue.observe(start - job.enqueued)
             ran = not (job.cancelled or start > job.deadline)
             if not ran:
                 job.error = DeadlineExceeded(
                     f"model {self.label}: the deadline passed while the request was queued"
                 )
             else:
-                metrics.inflight.inc()
+                with lock:
+                    self._running += 1
                 try:
                     job.result = backend.run(job.inputs, job.outputs)
                 except ApplianceError as exc:
@@ -219,10 +225,9 @@ class ModelRunner:
                     log.exception("model %s failed", self.label)
                     job.error = InferenceFailed(f"model {self.label} failed: {exc}")
                 finally:
-                    metrics.inflight.dec()
+                    with lock:
+                        self._running -= 1
             job.finished = time.perf_counter()
-            if ran:
-                metrics.compute.observe(job.finished - start)
             try:
                 call(self._done, job, ran)
             except RuntimeError:  # loop closed during shutdown
