@@ -117,24 +117,43 @@ async def middleware(
     route = resource.canonical if resource is not None else "unmatched"
     request.app[METRICS].http_response(route, response.status)
     if settings.access_log:
-        access.info(
-            "%s %s %d",
+        # Formatted once this step ends, after aiohttp has written the response: the client
+        # does not wait for its log line.
+        asyncio.get_running_loop().call_soon(
+            _log_access,
             request.method,
             request.path,
             response.status,
-            extra={
-                "request_id": rid,
-                "trace_id": trace_id.get(),
-                "fields": {
-                    "status": response.status,
-                    "duration_ms": round((time.perf_counter() - start) * 1000, 3),
-                    "remote": request.remote,
-                },
-            },
+            time.perf_counter() - start,
+            request.remote,
+            rid,
+            trace_id.get(),
         )
     trace_id.reset(tid_token)
     request_id.reset(rid_token)
     return response
+
+
+def _log_access(
+    method: str,
+    path: str,
+    status: int,
+    seconds: float,
+    remote: str | None,
+    rid: str,
+    tid: str | None,
+) -> None:
+    access.info(
+        "%s %s %d",
+        method,
+        path,
+        status,
+        extra={
+            "request_id": rid,
+            "trace_id": tid,
+            "fields": {"status": status, "duration_ms": round(seconds * 1000, 3), "remote": remote},
+        },
+    )
 
 
 # -- health and metadata ----------------------------------------------------------------------
