@@ -6,10 +6,11 @@ thread only, so the bound is exact without locks: more than max_concurrency + ma
 are refused at once.
 
 Even so, the two thread wake-ups of a hand-off cost tens of microseconds on a small CPU, more
-than a tiny model takes to run. A model whose *measured* runs stay under `inline_max_us`, for
+than a tiny model takes to run. A model whose *measured* runs stay under `inline_max_us` on average, for
 inputs no larger than those measured, runs directly on the loop thread when nothing else of it is
-queued or running. The loop is then held no longer than that budget (less than parsing a large
-JSON body takes); anything slower, larger or unmeasured goes to the workers.
+queued or running. The loop is then held about that long (less than parsing a large JSON body
+takes); anything slower, larger or unmeasured goes to the workers, and one run far over the
+budget sends the model back to them at once.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ Arrays = dict[str, np.ndarray[Any, Any]]
 
 #: Runs measured on workers before a model may run inline.
 _LEARN_RUNS = 16
+#: One run this many times over the budget sends the model back to the workers at once.
+_OUTLIER = 4.0
 
 
 @dataclass(frozen=True)
@@ -131,7 +134,9 @@ class ModelRunner:
         self._estimate = seconds if est == float("inf") else est + 0.2 * (seconds - est)
         if seconds <= self._inline_budget:
             self._fast_nbytes = max(self._fast_nbytes, nbytes)
-        else:  # too slow after all: measure on the workers again before trusting the loop
+        elif seconds > _OUTLIER * self._inline_budget:
+            # Far slower than the budget, not a scheduling hiccup (those only move the
+            # estimate): measure on the workers again before trusting the loop with this model.
             self._measured = 0
             self._fast_nbytes = min(self._fast_nbytes, nbytes - 1)
 

@@ -153,7 +153,7 @@ async def test_fast_model_runs_inline_after_measuring_and_leaves_when_slow(serve
     counts = [await inline_after_one() for _ in range(20)]
     assert counts[15] == 0  # the first 16 runs are measured on the workers
     assert counts[-1] == 4  # then the model runs inline
-    GatedBackend.delay = 0.3  # now slower than the budget: one inline run learns that
+    GatedBackend.delay = 0.5  # now far slower than the budget: one inline run learns that
     assert await inline_after_one() == 5
     GatedBackend.delay = 0.0
     # back on the workers until 16 runs are measured again
