@@ -32,16 +32,10 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 FAST = ["--requests", "50", "--warmup", "10", "--concurrency", "2"]
 
 
-@pytest.fixture(scope="module")
-def sample_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The sample models, built by the project's own script into a private directory."""
-    out = tmp_path_factory.mktemp("bench-samples")
-    subprocess.run(
-        [sys.executable, str(ROOT / "build" / "make_sample_models.py"), "--out", str(out)],
-        check=True,
-        capture_output=True,
-    )
-    return out
+@pytest.fixture
+def sample_models(samples: Path) -> Path:
+    """The sample models, built once per session by tests/conftest.py."""
+    return samples
 
 
 def _env() -> dict[str, str]:
@@ -68,12 +62,12 @@ def bench_json(*args: str) -> dict[str, Any]:
 
 
 def check_figures(f: dict[str, Any]) -> None:
-    for what in ("raw", "http", "throughput"):
+    for what in ("raw", "raw_paced", "http_floor", "http", "throughput"):
         p50, p99, mean = f[f"{what}_p50_us"], f[f"{what}_p99_us"], f[f"{what}_mean_us"]
         for value in (p50, p99, mean):
             assert isinstance(value, float) and math.isfinite(value) and value > 0, (what, f)
         assert p99 >= p50, (what, f)
-    for key in ("overhead_p50_us", "overhead_p99_us", "overhead_mean_us"):
+    for key in ("overhead_p50_us", "overhead_p99_us", "overhead_vs_paced_p50_us"):
         assert math.isfinite(f[key]), (key, f)
     # the HTTP round trip contains the runtime call: it cannot be the faster of the two
     assert f["overhead_p50_us"] > 0, f
@@ -127,7 +121,9 @@ def test_bench_table(sample_models: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     for text in (
         "raw runtime call",
-        "HTTP round trip",
+        "HTTP infer round trip",
+        "with idle gaps",
+        "HTTP /v2/health/live",
         "added by the appliance",
         "throughput at concurrency 2",
         "server RSS",
