@@ -8,9 +8,9 @@ are refused at once.
 Even so, the two thread wake-ups of a hand-off cost tens of microseconds on a small CPU, more
 than a tiny model takes to run. A model whose *measured* runs stay under `inline_max_us` on
 average, for inputs no larger than those measured, runs directly on the loop thread when nothing
-else of it is queued or running. The loop is then held about that long (less than parsing a large JSON body
-takes); anything slower, larger or unmeasured goes to the workers, and one run far over the
-budget sends the model back to them at once.
+else of it is queued or running. The loop is then held about that long (less than parsing a
+large JSON body takes); anything slower, larger or unmeasured goes to the workers, and one run
+far over the budget sends the model back to them at once.
 """
 
 from __future__ import annotations
