@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import __version__
 from .errors import ApplianceError, ConfigError
 
 
@@ -101,6 +100,30 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_selftest(args: argparse.Namespace) -> int:
+    import logging
+
+    from .selftest import run_selftest
+
+    logging.basicConfig(level=logging.ERROR)
+    ok, reason = run_selftest(args.timeout)
+    print(f"selftest {'ok' if ok else 'failed'}: {reason}")
+    return 0 if ok else 1
+
+
+class _VersionAction(argparse.Action):
+    """`--version` reports the runtimes too, so it imports them only when asked."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="show version, build and backends")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        from .version import version_text
+
+        print(version_text())
+        parser.exit()
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
@@ -120,7 +143,7 @@ def _common(p: argparse.ArgumentParser, store: bool = True) -> None:
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="appliance", description="Edge inference appliance")
-    ap.add_argument("--version", action="version", version=f"appliance {__version__}")
+    ap.add_argument("--version", action=_VersionAction)
     sub = ap.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="serve the model store (or one file) over HTTP")
@@ -153,6 +176,10 @@ def parser() -> argparse.ArgumentParser:
     for p in (m, *msub.choices.values()):
         _common(p)
     m.set_defaults(func=cmd_models)
+
+    t = sub.add_parser("selftest", help="serve the bundled sample model and check one answer")
+    t.add_argument("--timeout", type=float, default=60.0, help="seconds before giving up")
+    t.set_defaults(func=cmd_selftest)
 
     b = sub.add_parser("bench", help="raw runtime latency vs HTTP round trip, side by side")
     _common(b)

@@ -123,12 +123,42 @@ def fp16() -> onnx.ModelProto:
 
 MODELS = {"sample": sample, "multi_io": multi_io, "strings": strings, "fp16": fp16}
 
+#: The self-test's input: one flower-like row of four features.
+SELFTEST_INPUT = [[5.1, 3.5, 1.4, 0.2]]
+
+
+def write_selftest_data(out: Path) -> None:
+    """The bundled self-test model and the answer onnxruntime gives for SELFTEST_INPUT."""
+    import json
+
+    import onnxruntime as ort
+
+    out.mkdir(parents=True, exist_ok=True)
+    data = sample().SerializeToString()
+    (out / "sample.onnx").write_bytes(data)
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    probabilities, label = session.run(None, {"input": np.array(SELFTEST_INPUT, np.float32)})
+    expected = {
+        "input": SELFTEST_INPUT,
+        "probabilities": [round(float(p), 6) for p in probabilities.reshape(-1)],
+        "label": [int(x) for x in label.reshape(-1)],
+    }
+    (out / "sample.expected.json").write_text(json.dumps(expected, indent=2) + "\n")
+    print(f"wrote {out / 'sample.onnx'} and {out / 'sample.expected.json'}")
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", default="build/samples", help="directory for the .onnx files")
     ap.add_argument("--store", help="also add `sample` to this model store if it is missing")
+    ap.add_argument(
+        "--selftest-data",
+        metavar="DIR",
+        help="write sample.onnx and its expected answer for `appliance selftest` (appliance/data)",
+    )
     args = ap.parse_args(argv)
+    if args.selftest_data:
+        write_selftest_data(Path(args.selftest_data))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, make in MODELS.items():

@@ -76,7 +76,7 @@ def expected_probabilities(samples: Path) -> list[float]:
 def test_version() -> None:
     result = appliance("--version")
     assert result.returncode == 0
-    assert result.stdout.strip() == f"appliance {__version__}"
+    assert result.stdout.startswith(f"appliance {__version__} (git ")
 
 
 def test_a_command_is_required() -> None:

@@ -37,6 +37,20 @@ def get_backend(name: str) -> type[Backend]:
     return cls
 
 
+def runtime_report() -> list[str]:
+    """One line per backend: its runtime version and the devices it can use here, or why not."""
+    lines = []
+    for name in names():
+        module_name = _BACKENDS[name].partition(":")[0]
+        try:
+            module = importlib.import_module(module_name)
+            info: str = module.runtime_info()
+        except (ImportError, ModelError) as exc:
+            info = f"not available ({exc})"
+        lines.append(f"{name}: {info}")
+    return lines
+
+
 def detect_backend(path: Path) -> str:
     """Which backend reads this file: by magic bytes first, then by suffix."""
     try:

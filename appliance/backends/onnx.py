@@ -55,6 +55,18 @@ def _ort() -> Any:
     return onnxruntime
 
 
+def runtime_info() -> str:
+    """For `appliance --version`: the onnxruntime version and the devices it can use."""
+    ort = _ort()
+    providers = list(ort.get_available_providers())
+    devices = ["cuda"] if any(p in providers for p in _GPU_PROVIDERS) else []
+    devices.append("cpu")
+    return (
+        f"onnxruntime {ort.__version__}, devices: {', '.join(devices)} "
+        f"(providers: {', '.join(providers)})"
+    )
+
+
 def _spec(arg: Any, what: str) -> TensorSpec:
     datatype = _TYPES.get(arg.type)
     if datatype is None:
