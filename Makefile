@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8080
 
-.PHONY: run test lint typecheck unit samples bench clean
+.PHONY: run test lint typecheck unit samples bench binary binary-onefile binary-test measure-binary clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,5 +35,20 @@ test: lint typecheck unit
 bench: samples
 	$(BIN)/appliance bench build/samples/sample.onnx
 
+# The device binary (PyInstaller, built on this machine for this machine; see README "Binary").
+binary:
+	$(PYTHON) build/build_binary.py --mode onedir
+
+binary-onefile:
+	$(PYTHON) build/build_binary.py --mode onefile
+
+# The frozen binary alone: --version, selftest, and a model served to tritonclient.
+binary-test: binary samples
+	APPLIANCE_BINARY=dist/appliance/appliance $(BIN)/pytest -q tests/packaging
+
+measure-binary: samples
+	$(PYTHON) build/build_binary.py --mode both
+	$(BIN)/python build/measure_binary.py --runs 5
+
 clean:
-	rm -rf $(VENV) build/samples .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .venv-build build/samples build/pyinstaller dist .mypy_cache .ruff_cache .pytest_cache

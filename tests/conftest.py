@@ -85,14 +85,22 @@ class ServerProcess:
         self.url = f"127.0.0.1:{port}"
 
 
-def start_server_process(args: list[str], env: dict[str, str] | None = None) -> ServerProcess:
-    """Run `appliance serve ... --port 0` until ready; the bound port is read from its log."""
+def start_server_process(
+    args: list[str],
+    env: dict[str, str] | None = None,
+    command: list[str] | None = None,
+    base_env: dict[str, str] | None = None,
+) -> ServerProcess:
+    """Run `appliance serve ... --port 0` until ready; the bound port is read from its log.
+
+    `command` replaces `python -m appliance` (e.g. a frozen binary); `base_env` replaces the
+    inherited environment."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "appliance", "serve", "--port", "0", *args],
+        [*(command or [sys.executable, "-m", "appliance"]), "serve", "--port", "0", *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, **(env or {})},
+        env={**(os.environ if base_env is None else base_env), **(env or {})},
         cwd=ROOT,
     )
     lines: list[str] = []

@@ -1,0 +1,5 @@
+"""Entry point of the frozen binary: the same CLI as `python -m appliance`."""
+
+from appliance.cli import main
+
+raise SystemExit(main())

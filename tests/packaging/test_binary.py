@@ -1,0 +1,78 @@
+"""The frozen binary, alone: --version, selftest, and serving a model it has never seen.
+
+Runs when APPLIANCE_BINARY names a built binary (`make binary-test` sets it); the binary gets a
+bare environment, with no virtual environment or source tree on its paths.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.http as httpclient
+
+from tests.conftest import start_server_process, stop_server_process
+
+BINARY = os.environ.get("APPLIANCE_BINARY")
+pytestmark = pytest.mark.skipif(not BINARY, reason="APPLIANCE_BINARY is not set")
+BARE_ENV = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"}
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    assert BINARY
+    return subprocess.run(
+        [str(Path(BINARY).resolve()), *args], capture_output=True, text=True, env=BARE_ENV,
+        cwd=cwd, timeout=120,
+    )  # fmt: skip
+
+
+def test_version(tmp_path: Path) -> None:
+    proc = run("--version", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("appliance ") and "(frozen binary)" in proc.stdout
+    assert "onnx: onnxruntime " in proc.stdout
+
+
+def test_selftest(tmp_path: Path) -> None:
+    proc = run("selftest", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("selftest ok: ")
+
+
+def test_serves_a_model_from_the_command_line_to_tritonclient(
+    tmp_path: Path, samples: Path
+) -> None:
+    assert BINARY
+    model = tmp_path / "detector.onnx"
+    model.write_bytes((samples / "multi_io.onnx").read_bytes())
+    server = start_server_process(
+        ["--model", str(model)], command=[str(Path(BINARY).resolve())], base_env=BARE_ENV
+    )
+    try:
+        client = httpclient.InferenceServerClient(server.url)
+        assert client.is_model_ready("detector")
+        rng = np.random.default_rng(3)
+        feed: dict[str, np.ndarray] = {
+            "x": rng.normal(size=(4, 3)).astype(np.float32),
+            "y": rng.integers(-9, 9, size=(4, 3)).astype(np.int64),
+            "pixels": rng.integers(0, 256, size=(4, 2, 2)).astype(np.uint8),
+        }
+        inputs = []
+        for name, arr in feed.items():
+            i = httpclient.InferInput(
+                name, list(arr.shape), {"x": "FP32", "y": "INT64", "pixels": "UINT8"}[name]
+            )
+            i.set_data_from_numpy(arr)
+            inputs.append(i)
+        result = client.infer("detector", inputs)
+        session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        for name, want in zip(names, session.run(None, feed), strict=True):
+            assert np.array_equal(result.as_numpy(name), want), name
+        client.close()
+    finally:
+        assert stop_server_process(server) == 0
