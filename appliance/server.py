@@ -10,6 +10,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from . import systemd
 from .api.http import HttpSettings, build_app
 from .backends import detect_backend
 from .config import Config
@@ -72,7 +73,10 @@ def build(config: Config, sources: list[ModelSource]) -> web.Application:
         max_body_bytes=config.server.max_body_bytes,
         access_log=config.server.access_log,
     )
-    return build_app(engine, metrics, settings)
+    app = build_app(engine, metrics, settings)
+    # After build_app: readiness waits on the loader that build_app's engine context starts.
+    systemd.install(app, systemd.format_address(config.server.host, config.server.port))
+    return app
 
 
 def install_uvloop() -> bool:
@@ -96,6 +100,7 @@ def serve(config: Config, sources: list[ModelSource]) -> None:
         (host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET, reuse_port=False
     )
     bound = sock.getsockname()[1]
+    app[systemd.ADDRESS] = systemd.format_address(host, bound)  # the real port when --port 0
     log.info(
         "serving %d model(s) on http://%s:%d%s",
         len(sources),
