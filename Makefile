@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8080
 
-.PHONY: run test lint typecheck unit samples bench binary binary-onefile binary-test measure-binary clean
+.PHONY: run test lint typecheck unit samples bench binary binary-onefile binary-test deb measure-binary clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ binary-onefile:
 # The frozen binary alone: --version, selftest, and a model served to tritonclient.
 binary-test: binary samples
 	APPLIANCE_BINARY=dist/appliance/appliance $(BIN)/pytest -q tests/packaging
+
+# dist/appliance_<version>_<arch>.deb from the one-folder build (checks its own contents).
+deb: binary
+	$(PYTHON) build/make_deb.py --bundle dist/appliance
+	dpkg-deb -c dist/appliance_*.deb
 
 measure-binary: samples
 	$(PYTHON) build/build_binary.py --mode both

@@ -27,6 +27,13 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_NAMES = ("sample", "multi_io", "strings", "fp16")
 
 
+@pytest.fixture(autouse=True)
+def _not_under_systemd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests run from a systemd service must not message that service's manager."""
+    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture(scope="session")
 def samples(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The sample .onnx files, made by build/make_sample_models.py (nothing downloaded)."""
