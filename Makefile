@@ -11,7 +11,8 @@ PORT   ?= 8080
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	# GGML_NATIVE=OFF: a portable llama.cpp build, and no AMX crash on quantized models.
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
 samples: $(STAMP)

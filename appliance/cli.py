@@ -124,6 +124,12 @@ class _VersionAction(argparse.Action):
         parser.exit()
 
 
+def cmd_probe_gguf(args: argparse.Namespace) -> int:
+    from .backends.gguf import probe_main
+
+    return probe_main(args.file, args.embedding)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
@@ -144,7 +150,7 @@ def _common(p: argparse.ArgumentParser, store: bool = True) -> None:
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="appliance", description="Edge inference appliance")
     ap.add_argument("--version", action=_VersionAction)
-    sub = ap.add_subparsers(dest="command", required=True)
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{serve,models,selftest,bench}")
 
     s = sub.add_parser("serve", help="serve the model store (or one file) over HTTP")
     _common(s)
@@ -180,6 +186,12 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("selftest", help="serve the bundled sample model and check one answer")
     t.add_argument("--timeout", type=float, default=60.0, help="seconds before giving up")
     t.set_defaults(func=cmd_selftest)
+
+    # Internal: the child process that loads an untrusted GGUF file first (backends/gguf.py).
+    g = sub.add_parser("_probe-gguf")
+    g.add_argument("file")
+    g.add_argument("--embedding", action="store_true")
+    g.set_defaults(func=cmd_probe_gguf)
 
     b = sub.add_parser("bench", help="raw runtime latency vs HTTP round trip, side by side")
     _common(b)

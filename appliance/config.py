@@ -69,6 +69,30 @@ class OnnxConfig:
 
 
 @dataclass
+class GgufConfig:
+    """llama.cpp settings for GGUF models (see backends/gguf.py)."""
+
+    #: What the model serves: "auto" reads it from the file (BERT-like -> embedding).
+    mode: Literal["auto", "chat", "embedding"] = "auto"
+    #: Context window in tokens; 0 uses the model's own.
+    n_ctx: int = 2048
+    #: Threads for generation; 0 means one per CPU core.
+    n_threads: int = 0
+    n_batch: int = 512
+    #: Layers offloaded to the GPU when the device is cuda (999 = all of them).
+    gpu_layers: int = 999
+    #: Independent llama contexts per model: requests run in parallel, one per context.
+    instances: int = 1
+    #: Jinja chat template for models whose file carries none (or a wrong one).
+    chat_template: str = ""
+    #: max_tokens when a request gives none.
+    default_max_tokens: int = 256
+    #: Embeddings scaled to unit length, like OpenAI's.
+    normalize_embeddings: bool = True
+    use_mmap: bool = True
+
+
+@dataclass
 class ModelConfig:
     """Serving settings for a model; [model_defaults] applies to all, [models.NAME] overrides."""
 
@@ -85,6 +109,7 @@ class ModelConfig:
     #: thread, skipping the thread hand-off (see engine/scheduler.py); 0 always uses workers.
     inline_max_us: float = 250.0
     onnx: OnnxConfig = field(default_factory=OnnxConfig)
+    gguf: GgufConfig = field(default_factory=GgufConfig)
 
 
 @dataclass
@@ -207,6 +232,13 @@ def _check_ranges(obj: Any, where: str) -> None:
             raise bad("max_concurrency", "must be at least 1")
         if obj.timeout_s <= 0:
             raise bad("timeout_s", "must be greater than 0")
+    if isinstance(obj, GgufConfig):
+        if obj.instances < 1:
+            raise bad("instances", "must be at least 1")
+        if obj.n_batch < 1:
+            raise bad("n_batch", "must be at least 1")
+        if obj.default_max_tokens < 1:
+            raise bad("default_max_tokens", "must be at least 1")
 
 
 def _declared_type(parts: list[str]) -> Any:

@@ -23,9 +23,18 @@ from aiohttp import web
 from .. import __version__
 from ..codec import decode_request, encode_response
 from ..engine import Engine, LoadedModel
-from ..errors import ApplianceError, InvalidInput, NotReady, PayloadTooLarge, Unauthorized
+from ..errors import (
+    ApplianceError,
+    InferenceFailed,
+    InvalidInput,
+    NotReady,
+    PayloadTooLarge,
+    Unauthorized,
+)
 from ..logs import request_id, trace_id
 from ..metrics import Metrics
+from .openai import add_routes as add_openai_routes
+from .openai import openai_error
 
 log = logging.getLogger("appliance.http")
 access = logging.getLogger("appliance.access")
@@ -56,13 +65,15 @@ def json_response(
     return web.Response(body=orjson.dumps(obj), status=status, content_type=_JSON, headers=headers)
 
 
-def error_response(exc: ApplianceError) -> web.Response:
+def error_response(exc: ApplianceError, openai: bool = False) -> web.Response:
+    """The one place errors become HTTP: KServe's `{"error": "..."}`, or OpenAI's shape."""
     headers = None
     if exc.retry_after is not None:
         headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
     elif exc.status == 401:
         headers = {"WWW-Authenticate": 'Bearer realm="appliance"'}
-    return json_response({"error": exc.message}, exc.status, headers)
+    body = openai_error(exc) if openai else {"error": exc.message}
+    return json_response(body, exc.status, headers)
 
 
 def _trace(header: str | None) -> str | None:
@@ -97,7 +108,7 @@ async def middleware(
                 raise Unauthorized("missing or wrong bearer token")
         response = await handler(request)
     except ApplianceError as exc:
-        response = error_response(exc)
+        response = error_response(exc, request.path.startswith("/v1/"))
         if exc.status >= 500:
             log.warning("%s %s: %s", request.method, request.path, exc.message)
     except web.HTTPException as exc:
@@ -108,10 +119,17 @@ async def middleware(
             reason = f"no route for {request.method} {request.path}"
         drop = ("content-type", "content-length")
         keep = {k: v for k, v in exc.headers.items() if k.lower() not in drop}
-        response = json_response({"error": reason}, exc.status, keep or None)
+        if request.path.startswith("/v1/"):
+            err = ApplianceError(reason)
+            err.status = exc.status
+            response = json_response(openai_error(err), exc.status, keep or None)
+        else:
+            response = json_response({"error": reason}, exc.status, keep or None)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        response = json_response({"error": "internal server error"}, 500)
+        response = error_response(
+            InferenceFailed("internal server error"), request.path.startswith("/v1/")
+        )
     response.headers["X-Request-Id"] = rid
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
@@ -279,5 +297,6 @@ def build_app(engine: Engine, metrics_registry: Metrics, settings: HttpSettings)
         r.add_post(base + "/infer", infer)
     r.add_post("/v2/repository/index", repository_index)
     r.add_get("/metrics", metrics)
+    add_openai_routes(app, ENGINE)
     app.cleanup_ctx.append(_engine_ctx)
     return app

@@ -11,9 +11,10 @@ from .base import Backend
 #: name -> "module:Class"; GGUF and TFLite join here.
 _BACKENDS: dict[str, str] = {
     "onnx": "appliance.backends.onnx:OnnxBackend",
+    "gguf": "appliance.backends.gguf:GgufBackend",
 }
 #: file suffix -> backend name
-_SUFFIXES: dict[str, str] = {".onnx": "onnx", ".ort": "onnx"}
+_SUFFIXES: dict[str, str] = {".onnx": "onnx", ".ort": "onnx", ".gguf": "gguf"}
 
 
 def names() -> list[str]:
@@ -59,7 +60,7 @@ def detect_backend(path: Path) -> str:
     except OSError as exc:
         raise ModelError(f"cannot read {path}: {exc.strerror}") from None
     if head[:4] == b"GGUF":
-        raise ModelError(f"{path}: GGUF models are not supported yet")
+        return "gguf"
     if head[4:8] == b"TFL3":
         raise ModelError(f"{path}: TFLite models are not supported yet")
     backend = _SUFFIXES.get(path.suffix.lower())

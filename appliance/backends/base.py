@@ -30,6 +30,9 @@ class Backend(ABC):
     name: ClassVar[str]
     platform: ClassVar[str]
     thread_safe: ClassVar[bool] = True
+    #: Requests the backend can run at once, when it decides that itself (GGUF: one per llama
+    #: context); None means the model's max_concurrency setting.
+    parallelism: int | None = None
 
     signature: Signature
     placement: Placement

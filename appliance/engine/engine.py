@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from ..backends import get_backend
 from ..backends.base import Backend, LoadContext
 from ..codec import InferRequest, InferResponse
 from ..config import Config, ModelConfig
 from ..device import Placement
-from ..errors import ApplianceError, ModelError, NotFound, NotReady
+from ..errors import ApplianceError, InvalidInput, ModelError, NotFound, NotReady
+from ..llm import EmbeddingResult, Generation, GenerationResult, TextModel
 from ..manifest import Manifest, verify_file
 from ..metrics import Metrics, ModelGauges, ModelStats
 from ..tensors import Signature
@@ -24,6 +26,7 @@ from .validation import validate
 log = logging.getLogger("appliance.engine")
 
 Status = Literal["loading", "ready", "failed", "stopped"]
+T = TypeVar("T")
 
 
 @dataclass
@@ -45,6 +48,8 @@ class LoadedModel:
     backend: Backend | None = None
     runner: ModelRunner | None = None
     load_seconds: float = 0.0
+    #: Unix time the model finished loading (OpenAI's `created`).
+    loaded_at: float = 0.0
     stats: ModelStats | None = None
     versions: list[str] = field(default_factory=list)
 
@@ -112,12 +117,13 @@ class Engine:
             log.exception("model %s version %s failed to load", model.name, model.version)
             return
         model.load_seconds = time.perf_counter() - t0
+        model.loaded_at = time.time()
         model.backend = backend
         model.stats = self.metrics.for_model(model.name, model.version)
         model.runner = ModelRunner(
             backend,
             f"{model.name}/{model.version}",
-            model.config.max_concurrency,
+            backend.parallelism or model.config.max_concurrency,
             model.config.max_queue,
             model.stats,
             inline_max_us=model.config.inline_max_us,
@@ -218,6 +224,62 @@ class Engine:
         metrics.outcomes["success"] += 1
         metrics.total.observe(time.perf_counter() - t0)
         return InferResponse(model.name, model.version, result, request.id)
+
+    def text_model(self, name: str, mode: str) -> tuple[LoadedModel, TextModel]:
+        """The ready model `name`, which must be a language ("chat") or embedding model."""
+        model = self.ready_model(name)
+        backend = model.backend
+        if not isinstance(backend, TextModel):
+            raise InvalidInput(
+                f"model {name!r} is a {model.platform} tensor model, not a text model"
+            )
+        if backend.mode != mode:
+            what = "language" if mode == "chat" else "embedding"
+            raise InvalidInput(f"model {name!r} is not a {what} model (it serves {backend.mode})")
+        return model, backend
+
+    async def _call(self, model: LoadedModel, fn: Callable[[Any, Callable[[], bool]], T],
+                    stop: Callable[[], bool] | None) -> T:  # fmt: skip
+        runner, metrics = model.runner, model.stats
+        assert runner is not None and metrics is not None
+        t0 = time.perf_counter()
+        try:
+            result = await runner.call(fn, model.config.timeout_s, stop)
+        except ApplianceError as exc:
+            metrics.outcomes[_OUTCOME.get(exc.status, "error")] += 1
+            raise
+        metrics.outcomes["success"] += 1
+        metrics.total.observe(time.perf_counter() - t0)
+        return result
+
+    async def generate(
+        self,
+        name: str,
+        request: Generation,
+        emit: Callable[[str], None] | None = None,
+        stop: Callable[[], bool] | None = None,
+    ) -> tuple[LoadedModel, GenerationResult]:
+        """Run a chat or completion; `emit` gets each piece of text on the event loop thread."""
+        model, _ = self.text_model(name, "chat")
+        loop = asyncio.get_running_loop()
+        from_worker = None
+        if emit is not None:
+            deliver = emit
+
+            def from_worker(text: str) -> None:
+                loop.call_soon_threadsafe(deliver, text)
+
+        result = await self._call(
+            model,
+            lambda backend, cancelled: backend.generate(request, from_worker, cancelled),
+            stop,
+        )
+        return model, result
+
+    async def embed(self, name: str, texts: list[str]) -> tuple[LoadedModel, EmbeddingResult]:
+        model, _ = self.text_model(name, "embedding")
+        result = await self._call(model, lambda backend, _cancelled: backend.embed(texts), None)
+        return model, result
 
     def describe(self, model: LoadedModel) -> dict[str, Any]:
         """KServe v2 model metadata, plus where the model runs."""

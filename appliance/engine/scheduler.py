@@ -20,8 +20,9 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -32,6 +33,7 @@ from ..metrics import ModelStats
 log = logging.getLogger("appliance.engine")
 
 Arrays = dict[str, np.ndarray[Any, Any]]
+T = TypeVar("T")
 
 #: Runs measured on workers before a model may run inline.
 _LEARN_RUNS = 16
@@ -53,12 +55,14 @@ class _Job:
         "enqueued",
         "error",
         "finished",
+        "fn",
         "future",
         "inputs",
         "nbytes",
         "outputs",
         "result",
         "started",
+        "stop",
         "timer",
     )
 
@@ -82,6 +86,12 @@ class _Job:
         self.result: Arrays | None = None
         self.error: BaseException | None = None
         self.timer: asyncio.TimerHandle | None = None
+        #: Work other than a tensor batch (a generation, an embedding), run on the worker.
+        self.fn: Callable[[Backend, Callable[[], bool]], Any] | None = None
+        self.stop: Callable[[], bool] | None = None
+
+    def is_cancelled(self) -> bool:
+        return self.cancelled or (self.stop is not None and self.stop())
 
 
 class ModelRunner:
@@ -151,6 +161,34 @@ class ModelRunner:
             and nbytes <= self._fast_nbytes
         ):
             return self._run_inline(inputs, outputs, nbytes)
+        job = self._submit(inputs, outputs, timeout_s, nbytes, None)
+        result: Arrays = await job.future
+        return result, Timing(job.started - job.enqueued, job.finished - job.started)
+
+    async def call(
+        self,
+        fn: Callable[[Backend, Callable[[], bool]], T],
+        timeout_s: float,
+        stop: Callable[[], bool] | None = None,
+    ) -> T:
+        """Run `fn(backend, cancelled)` on a worker, under the same queue bound and deadline.
+
+        `cancelled()` turns true once the deadline passed or `stop()` does (a client that went
+        away): long work such as a generation polls it and ends early."""
+        job = self._submit({}, None, timeout_s, 0, fn)
+        if stop is not None:
+            job.stop = stop
+        result: T = await job.future
+        return result
+
+    def _submit(
+        self,
+        inputs: Arrays,
+        outputs: list[str] | None,
+        timeout_s: float,
+        nbytes: int,
+        fn: Callable[[Backend, Callable[[], bool]], Any] | None,
+    ) -> _Job:
         if self._pending >= self._limit:
             raise Overloaded(
                 f"model {self.label} is at capacity ({self.concurrency} running, "
@@ -159,11 +197,11 @@ class ModelRunner:
         loop = self._loop
         future: asyncio.Future[Any] = loop.create_future()
         job = _Job(inputs, outputs, future, time.perf_counter() + timeout_s, nbytes)
+        job.fn = fn
         job.timer = loop.call_later(timeout_s, self._expire, job, timeout_s)
         self._pending += 1
         self._queue.put(job)
-        result: Arrays = await future
-        return result, Timing(job.started - job.enqueued, job.finished - job.started)
+        return job
 
     def _run_inline(
         self, inputs: Arrays, outputs: list[str] | None, nbytes: int
@@ -199,7 +237,8 @@ class ModelRunner:
         if ran:
             compute = job.finished - job.started
             self._stats.compute.observe(compute)
-            self._learn(compute, job.nbytes)
+            if job.fn is None:
+                self._learn(compute, job.nbytes)
         if job.timer is not None:
             job.timer.cancel()
         fut = job.future
@@ -223,7 +262,10 @@ class ModelRunner:
                 with lock:
                     self._running += 1
                 try:
-                    job.result = backend.run(job.inputs, job.outputs)
+                    if job.fn is not None:
+                        job.result = job.fn(backend, job.is_cancelled)
+                    else:
+                        job.result = backend.run(job.inputs, job.outputs)
                 except ApplianceError as exc:
                     job.error = exc
                 except Exception as exc:

@@ -1,0 +1,389 @@
+"""OpenAI-compatible routes for language and embedding models: /v1/models, /v1/chat/completions
+(streaming too), /v1/completions and /v1/embeddings.
+
+Only protocol code lives here: requests are checked field by field and decoded into
+`appliance.llm` objects, the engine runs them, and errors leave in OpenAI's shape
+(`{"error": {"message", "type", "param", "code"}}`, mapped in http.py's middleware).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .. import __version__
+from ..engine import Engine, LoadedModel
+from ..errors import ApplianceError, InvalidInput, NotFound
+from ..llm import Generation, GenerationResult, Sampling, TextModel
+
+MAX_EMBEDDING_INPUTS = 2048
+_FINGERPRINT = f"appliance-{__version__}"
+_SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no"}  # fmt: skip
+_UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "logprobs", "top_logprobs",
+                "logit_bias", "audio", "modalities", "prediction")  # fmt: skip
+
+
+def openai_error(exc: ApplianceError) -> dict[str, Any]:
+    kind = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+            413: "invalid_request_error", 503: "server_error", 504: "timeout"}  # fmt: skip
+    code = {401: "invalid_api_key", 404: "model_not_found", 413: "request_too_large",
+            503: "overloaded", 504: "timeout"}  # fmt: skip
+    return {
+        "error": {
+            "message": exc.message,
+            "type": kind.get(exc.status, "server_error"),
+            "param": getattr(exc, "param", None),
+            "code": code.get(exc.status),
+        }
+    }
+
+
+class BadField(InvalidInput):
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"'{param}': {message}")
+        self.param = param
+
+
+def _json(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(obj), status=status, content_type="application/json")
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"malformed JSON in request: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidInput("request body must be a JSON object")
+    return body
+
+
+def _number(body: dict[str, Any], key: str, lo: float, hi: float) -> float | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+        raise BadField(key, f"must be a number between {lo:g} and {hi:g}, got {value!r}")
+    return float(value)
+
+
+def _int(body: dict[str, Any], key: str, lo: int, hi: int | None = None) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi and value > hi):
+        limit = f"between {lo} and {hi}" if hi else f"at least {lo}"
+        raise BadField(key, f"must be an integer {limit}, got {value!r}")
+    return value
+
+
+def _model_name(body: dict[str, Any]) -> str:
+    name = body.get("model")
+    if not isinstance(name, str) or not name:
+        raise BadField("model", "a model name (string) is required")
+    return name
+
+
+def _sampling(body: dict[str, Any], n_ctx: int) -> Sampling:
+    for key in _UNSUPPORTED:
+        if body.get(key) not in (None, False, [], {}):
+            raise BadField(key, "is not supported by this server")
+    n = body.get("n")
+    if n not in (None, 1):
+        raise BadField("n", "only n = 1 is supported")
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise BadField("response_format", "only {'type': 'text'} is supported")
+    stop = body.get("stop")
+    if stop is None:
+        stops: list[str] = []
+    elif isinstance(stop, str):
+        stops = [stop]
+    elif isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop):
+        stops = list(stop)
+    else:
+        raise BadField("stop", "must be a string or a list of up to 4 non-empty strings")
+    max_tokens = _int(body, "max_completion_tokens", 1, n_ctx)
+    if max_tokens is None:
+        max_tokens = _int(body, "max_tokens", 1, n_ctx)
+    return Sampling(
+        max_tokens=max_tokens,
+        temperature=_number(body, "temperature", 0, 2),
+        top_p=_number(body, "top_p", 0, 1),
+        top_k=_int(body, "top_k", 0),
+        stop=stops,
+        seed=_int(body, "seed", -(2**63)),
+        repeat_penalty=_number(body, "repeat_penalty", 0, 10),
+        presence_penalty=_number(body, "presence_penalty", -2, 2),
+        frequency_penalty=_number(body, "frequency_penalty", -2, 2),
+    )
+
+
+def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadField("messages", "must be a non-empty list")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise BadField(where, "must be an object with 'role' and 'content'")
+        role = m.get("role")
+        if role == "developer":
+            role = "system"
+        if role not in ("system", "user", "assistant"):
+            raise BadField(f"{where}.role", f"must be system, user or assistant, got {role!r}")
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") != "text":
+                    raise BadField(f"{where}.content[{j}]", "only text parts are supported")
+                if not isinstance(part.get("text"), str):
+                    raise BadField(f"{where}.content[{j}].text", "must be a string")
+                parts.append(part["text"])
+            content = "".join(parts)
+        if not isinstance(content, str):
+            raise BadField(f"{where}.content", "must be a string or a list of text parts")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise BadField("stream", "must be true or false")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise BadField("stream_options", "must be an object")
+    return stream, bool(options.get("include_usage"))
+
+
+def _usage(result: GenerationResult) -> dict[str, int]:
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.prompt_tokens + result.completion_tokens,
+    }
+
+
+def _finish(reason: str) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+def _text_model(engine: Engine, name: str, mode: str) -> tuple[LoadedModel, TextModel]:
+    try:
+        return engine.text_model(name, mode)
+    except NotFound:
+        raise NotFound(f"the model '{name}' does not exist") from None
+
+
+# -- routes -----------------------------------------------------------------------------------
+def _model_entry(model: LoadedModel) -> dict[str, Any]:
+    created = int(model.loaded_at) if model.loaded_at else 0
+    return {"id": model.name, "object": "model", "created": created, "owned_by": "appliance"}
+
+
+def _text_models(engine: Engine) -> list[LoadedModel]:
+    return [m for m in engine.models() if isinstance(m.backend, TextModel)]
+
+
+async def list_models(request: web.Request, engine: Engine) -> web.Response:
+    return _json({"object": "list", "data": [_model_entry(m) for m in _text_models(engine)]})
+
+
+async def get_model(request: web.Request, engine: Engine) -> web.Response:
+    name = request.match_info["model"]
+    for m in _text_models(engine):
+        if m.name == name:
+            return _json(_model_entry(m))
+    raise NotFound(f"the model '{name}' does not exist")
+
+
+async def chat_completions(request: web.Request, engine: Engine) -> web.StreamResponse:
+    body = await _body(request)
+    name = _model_name(body)
+    _, backend = _text_model(engine, name, "chat")
+    gen = Generation("chat", messages=_messages(body), sampling=_sampling(body, _n_ctx(backend)))
+    stream, include_usage = _stream_flags(body)
+    cid, created = f"chatcmpl-{random.getrandbits(96):024x}", int(time.time())
+
+    def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+        return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
+                "system_fingerprint": _FINGERPRINT,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
+
+    if stream:
+        return await _stream(
+            request, engine, name, gen, include_usage,
+            first=chunk({"role": "assistant", "content": ""}, None),
+            piece=lambda text: chunk({"content": text}, None),
+            last=lambda result: chunk({}, _finish(result.finish_reason)),
+            usage_chunk=lambda usage: {**chunk({}, None), "choices": [], "usage": usage},
+        )  # fmt: skip
+    model, result = await engine.generate(name, gen)
+    return _json({
+        "id": cid, "object": "chat.completion", "created": created, "model": model.name,
+        "system_fingerprint": _FINGERPRINT,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                     "finish_reason": _finish(result.finish_reason), "logprobs": None}],
+        "usage": _usage(result),
+    })  # fmt: skip
+
+
+async def completions(request: web.Request, engine: Engine) -> web.StreamResponse:
+    body = await _body(request)
+    name = _model_name(body)
+    _, backend = _text_model(engine, name, "chat")
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise BadField("prompt", "must be a string (or a list holding one string)")
+    for key in ("echo", "best_of", "suffix"):
+        if body.get(key) not in (None, False, 1):
+            raise BadField(key, "is not supported by this server")
+    gen = Generation("completion", prompt=prompt, sampling=_sampling(body, _n_ctx(backend)))
+    stream, include_usage = _stream_flags(body)
+    cid, created = f"cmpl-{random.getrandbits(96):024x}", int(time.time())
+
+    def chunk(text: str, finish: str | None) -> dict[str, Any]:
+        return {"id": cid, "object": "text_completion", "created": created, "model": name,
+                "system_fingerprint": _FINGERPRINT,
+                "choices": [{"index": 0, "text": text, "finish_reason": finish,
+                             "logprobs": None}]}  # fmt: skip
+
+    if stream:
+        return await _stream(
+            request, engine, name, gen, include_usage,
+            first=None,
+            piece=lambda text: chunk(text, None),
+            last=lambda result: chunk("", _finish(result.finish_reason)),
+            usage_chunk=lambda usage: {**chunk("", None), "choices": [], "usage": usage},
+        )  # fmt: skip
+    model, result = await engine.generate(name, gen)
+    out = chunk(result.text, _finish(result.finish_reason))
+    out["model"] = model.name
+    out["usage"] = _usage(result)
+    return _json(out)
+
+
+async def embeddings(request: web.Request, engine: Engine) -> web.Response:
+    body = await _body(request)
+    name = _model_name(body)
+    _text_model(engine, name, "embedding")
+    raw = body.get("input")
+    texts = [raw] if isinstance(raw, str) else raw
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise BadField("input", "must be a string or a non-empty list of strings")
+    if len(texts) > MAX_EMBEDDING_INPUTS:
+        raise BadField("input", f"at most {MAX_EMBEDDING_INPUTS} inputs per request")
+    if any(not t for t in texts):
+        raise BadField("input", "inputs must not be empty strings")
+    encoding = body.get("encoding_format", "float")
+    if encoding not in ("float", "base64"):
+        raise BadField("encoding_format", "must be 'float' or 'base64'")
+    model, result = await engine.embed(name, texts)
+    dims = body.get("dimensions")
+    if dims is not None and dims != result.vectors.shape[1]:
+        raise BadField("dimensions", f"this model gives {result.vectors.shape[1]} dimensions")
+    data = []
+    for i, vector in enumerate(result.vectors):
+        if encoding == "base64":
+            value: Any = base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+        else:
+            value = vector
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
+    payload = {"object": "list", "data": data, "model": model.name, "usage": usage}
+    return web.Response(
+        body=orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY),
+        content_type="application/json",
+    )
+
+
+def _n_ctx(backend: TextModel) -> int:
+    return int(getattr(backend, "n_ctx", 1 << 20))
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+async def _stream(
+    request: web.Request,
+    engine: Engine,
+    name: str,
+    gen: Generation,
+    include_usage: bool,
+    first: dict[str, Any] | None,
+    piece: Callable[[str], dict[str, Any]],
+    last: Callable[[GenerationResult], dict[str, Any]],
+    usage_chunk: Callable[[dict[str, int]], dict[str, Any]],
+) -> web.StreamResponse:
+    """Server-sent events, one per piece of text, ending with `data: [DONE]`.
+
+    The response starts with the first piece (or the end), so a request refused at once (queue
+    full, bad prompt) still gets a plain HTTP error. A client that goes away stops the
+    generation: the worker polls `stop` between tokens."""
+    queue: asyncio.Queue[str | None] = asyncio.Queue()
+    gone = threading.Event()
+    task = asyncio.ensure_future(engine.generate(name, gen, queue.put_nowait, gone.is_set))
+    task.add_done_callback(lambda _t: queue.put_nowait(None))
+    response: web.StreamResponse | None = None
+    try:
+        item = await queue.get()
+        if item is None and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]  # refused before any text: plain error
+        response = web.StreamResponse(headers=_SSE_HEADERS)
+        await response.prepare(request)
+        if first is not None:
+            await response.write(_sse(first))
+        while item is not None:
+            await response.write(_sse(piece(item)))
+            item = await queue.get()
+        try:
+            _, result = task.result()
+        except ApplianceError as exc:
+            await response.write(_sse(openai_error(exc)))
+        else:
+            await response.write(_sse(last(result)))
+            if include_usage:
+                await response.write(_sse(usage_chunk(_usage(result))))
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+    except (ConnectionResetError, asyncio.CancelledError):
+        gone.set()
+        raise
+    finally:
+        if not task.done():
+            gone.set()
+
+
+def add_routes(app: web.Application, engine_key: web.AppKey[Engine]) -> None:
+    def bind(handler: Callable[[web.Request, Engine], Any]) -> Callable[[web.Request], Any]:
+        async def route(request: web.Request) -> Any:
+            return await handler(request, request.app[engine_key])
+
+        return route
+
+    r = app.router
+    r.add_get("/v1/models", bind(list_models))
+    r.add_get("/v1/models/{model}", bind(get_model))
+    r.add_post("/v1/chat/completions", bind(chat_completions))
+    r.add_post("/v1/completions", bind(completions))
+    r.add_post("/v1/embeddings", bind(embeddings))
+
+
+__all__ = ["add_routes", "openai_error"]
