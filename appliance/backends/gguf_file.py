@@ -60,12 +60,16 @@ class _Reader:
     def fail(self, why: str) -> ModelError:
         return ModelError(f"{self.path}: not a valid GGUF file: {why} (at byte {self.pos})")
 
-    def take(self, n: int, what: str) -> memoryview:
+    def skip(self, n: int, what: str) -> None:
         if n < 0 or self.pos + n > len(self.buf):
             raise self.fail(f"{what} runs past the end of the file ({len(self.buf)} bytes)")
-        out = self.buf[self.pos : self.pos + n]
         self.pos += n
-        return out
+
+    def take(self, n: int, what: str) -> bytes:
+        """A copy, so that no view outlives the mapping (mmap refuses to close otherwise)."""
+        start = self.pos
+        self.skip(n, what)
+        return bytes(self.buf[start : self.pos])
 
     def scalar(self, fmt: str, size: int, what: str) -> Any:
         return struct.unpack(fmt, self.take(size, what))[0]
@@ -82,7 +86,7 @@ class _Reader:
             raise self.fail(f"{what} claims {n} bytes")
         raw = self.take(n, what)
         try:
-            return bytes(raw).decode("utf-8")
+            return raw.decode("utf-8")
         except UnicodeDecodeError:
             raise self.fail(f"{what} is not UTF-8") from None
 
@@ -113,7 +117,7 @@ def read_gguf(path: Path) -> GgufInfo:
 
 
 def _parse(r: _Reader, size: int) -> GgufInfo:
-    if bytes(r.take(4, "magic")) != MAGIC:
+    if r.take(4, "magic") != MAGIC:
         raise r.fail("wrong magic (expected 'GGUF')")
     version = r.u32("version")
     if version not in (2, 3):
@@ -137,7 +141,7 @@ def _parse(r: _Reader, size: int) -> GgufInfo:
             if etype == _ARRAY:
                 raise r.fail(f"nested array in {key}")
             if etype in _SCALARS and count > KEEP_ARRAY:
-                r.take(count * _SCALARS[etype][1], key)  # skip without decoding
+                r.skip(count * _SCALARS[etype][1], key)
                 info.array_lengths[key] = count
                 continue
             items = [r.value(etype, f"{key}[{j}]") for j in range(count)]
