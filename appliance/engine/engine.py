@@ -248,7 +248,8 @@ class Engine:
         except ApplianceError as exc:
             metrics.outcomes[_OUTCOME.get(exc.status, "error")] += 1
             raise
-        metrics.outcomes["success"] += 1
+        cancelled = getattr(result, "finish_reason", None) == "cancelled"
+        metrics.outcomes["cancelled" if cancelled else "success"] += 1
         metrics.total.observe(time.perf_counter() - t0)
         return result
 
