@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -43,6 +44,30 @@ def samples(tmp_path_factory: pytest.TempPathFactory) -> Path:
         check=True,
         capture_output=True,
     )
+    return out
+
+
+@pytest.fixture(scope="session")
+def gguf_models() -> Path:
+    """GGUF models made offline by build/make_gguf_models.py (cached in build/gguf).
+
+    Skipped where llama-cpp-python or the build tools are missing, except in CI (CI=true),
+    where a missing tool is a failure: CI must run these tests."""
+    missing = [
+        m for m in ("llama_cpp", "torch", "transformers") if importlib.util.find_spec(m) is None
+    ]
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI needs {', '.join(missing)} for the GGUF tests")
+        pytest.skip(f"not installed: {', '.join(missing)}")
+    out = ROOT / "build" / "gguf"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "build" / "make_gguf_models.py"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"make_gguf_models.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return out
 
 
