@@ -48,7 +48,8 @@ binary-test: binary samples
 	APPLIANCE_BINARY=dist/appliance/appliance $(BIN)/pytest -q tests/packaging
 
 # dist/appliance_<version>_<arch>.deb from the one-folder build (checks its own contents).
-deb: binary
+deb:
+	test -x dist/appliance/appliance || $(MAKE) binary
 	$(PYTHON) build/make_deb.py --bundle dist/appliance
 	dpkg-deb -c dist/appliance_*.deb
 
