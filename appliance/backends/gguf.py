@@ -50,7 +50,34 @@ def _llama() -> Any:
             f"llama-cpp-python is not installed ({exc}): pip install 'appliance[gguf]' "
             "(see packaging/BUILD-GGUF.md for CUDA and ARM build flags)"
         ) from None
+    global _log_callback
+    if _log_callback is None:
+        _log_callback = _route_logs(llama_cpp)
     return llama_cpp
+
+
+_log_callback: Any = None
+_LOG_LEVELS = {1: logging.DEBUG, 2: logging.WARNING, 3: logging.ERROR, 4: logging.DEBUG}
+
+
+def _route_logs(llama_cpp: Any) -> Any:
+    """llama.cpp's own messages go to our (JSON) log instead of raw lines on stderr; its chatty
+    info lines only at debug level."""
+    import ctypes
+
+    native = logging.getLogger("appliance.llama_cpp")
+    last = [logging.DEBUG]
+
+    @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
+    def callback(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+        py_level = last[0] if level == 5 else _LOG_LEVELS.get(level, logging.DEBUG)
+        last[0] = py_level
+        message = text.decode("utf-8", errors="replace").strip()
+        if message and native.isEnabledFor(py_level):
+            native.log(py_level, "%s", message)
+
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    return callback
 
 
 def runtime_info() -> str:
@@ -147,9 +174,13 @@ class GgufBackend(Backend):
         why_not = "this llama-cpp-python was built without GPU offload"
         use_gpu = want_accelerator(context.config.device, gpu, why_not, what)
         threads = cfg.n_threads or (os.cpu_count() or 1)
+        trained = info.get("context_length")
+        n_ctx = cfg.n_ctx
+        if isinstance(trained, int) and trained > 0:  # no window beyond what the model learned
+            n_ctx = trained if n_ctx == 0 else min(n_ctx, trained)
         kwargs: dict[str, Any] = {
             "model_path": str(path),
-            "n_ctx": cfg.n_ctx,
+            "n_ctx": n_ctx,
             "n_threads": threads,
             "n_batch": cfg.n_batch,
             "n_gpu_layers": cfg.gpu_layers if use_gpu else 0,
