@@ -97,6 +97,7 @@ async def middleware(
         rid = f"{random.getrandbits(128):032x}"  # an id, not a secret: no syscall per request
     rid_token = request_id.set(rid)
     tid_token = trace_id.set(_trace(request.headers.get("traceparent")))
+    openai = request.path.startswith("/v1/")
     response: web.StreamResponse
     try:
         if settings.token and request.path not in _PUBLIC:
@@ -108,7 +109,7 @@ async def middleware(
                 raise Unauthorized("missing or wrong bearer token")
         response = await handler(request)
     except ApplianceError as exc:
-        response = error_response(exc, request.path.startswith("/v1/"))
+        response = error_response(exc, openai)
         if exc.status >= 500:
             log.warning("%s %s: %s", request.method, request.path, exc.message)
     except web.HTTPException as exc:
@@ -117,19 +118,15 @@ async def middleware(
             reason = f"request body is larger than the limit of {settings.max_body_bytes} bytes"
         elif exc.status == 404:
             reason = f"no route for {request.method} {request.path}"
-        drop = ("content-type", "content-length")
-        keep = {k: v for k, v in exc.headers.items() if k.lower() not in drop}
-        if request.path.startswith("/v1/"):
-            err = ApplianceError(reason)
-            err.status = exc.status
-            response = json_response(openai_error(err), exc.status, keep or None)
-        else:
-            response = json_response({"error": reason}, exc.status, keep or None)
+        err = ApplianceError(reason)
+        err.status = exc.status
+        response = error_response(err, openai)
+        for key, value in exc.headers.items():  # e.g. Allow on a 405
+            if key.lower() not in ("content-type", "content-length"):
+                response.headers[key] = value
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        response = error_response(
-            InferenceFailed("internal server error"), request.path.startswith("/v1/")
-        )
+        response = error_response(InferenceFailed("internal server error"), openai)
     response.headers["X-Request-Id"] = rid
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
