@@ -48,6 +48,34 @@ class ServerConfig:
 
 
 @dataclass
+class MqttConfig:
+    """The MQTT interface (api/mqtt.py); off while `url` is empty."""
+
+    #: mqtt://user:pass@host:1883 or mqtts://... for TLS.
+    url: str = ""
+    #: This appliance's id in topics; empty means the host name.
+    device_id: str = ""
+    #: MQTT client id; empty means the device id (stable, so the broker keeps the session).
+    client_id: str = ""
+    protocol: Literal["5", "3.1.1"] = "5"
+    topic_prefix: str = "appliance"
+    qos: int = 1
+    keepalive_s: int = 60
+    #: How long the broker keeps the session (and queued QoS 1 requests) while disconnected.
+    session_expiry_s: int = 86400
+    #: Also take requests from <prefix>/groups/<group>/infer/# as a shared subscription.
+    shared_group: str = ""
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    #: Requests handled at once; more are answered with an overload error reply.
+    max_inflight: int = 64
+    max_payload_bytes: int = 16 * 1024 * 1024
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 30.0
+
+
+@dataclass
 class StoreConfig:
     path: str = "models"
 
@@ -116,6 +144,7 @@ class ModelConfig:
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
     model_defaults: ModelConfig = field(default_factory=ModelConfig)
     #: Raw per-model overrides, merged over model_defaults by `model_config`.
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -232,6 +261,15 @@ def _check_ranges(obj: Any, where: str) -> None:
             raise bad("max_concurrency", "must be at least 1")
         if obj.timeout_s <= 0:
             raise bad("timeout_s", "must be greater than 0")
+    if isinstance(obj, MqttConfig):
+        if obj.qos not in (0, 1):
+            raise bad("qos", "must be 0 or 1")
+        if obj.url and not obj.url.startswith(("mqtt://", "mqtts://")):
+            raise bad("url", "must start with mqtt:// or mqtts://")
+        if obj.max_inflight < 1:
+            raise bad("max_inflight", "must be at least 1")
+        if obj.reconnect_max_s < obj.reconnect_min_s:
+            raise bad("reconnect_max_s", "must not be below reconnect_min_s")
     if isinstance(obj, GgufConfig):
         if obj.instances < 1:
             raise bad("instances", "must be at least 1")

@@ -19,7 +19,16 @@ from typing import Any
 import pytest
 
 import appliance
-from appliance.config import Config, ModelConfig, OnnxConfig, ServerConfig, StoreConfig, load_config
+from appliance.config import (
+    Config,
+    GgufConfig,
+    ModelConfig,
+    MqttConfig,
+    OnnxConfig,
+    ServerConfig,
+    StoreConfig,
+    load_config,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -421,7 +430,9 @@ def test_default_config_shows_every_key_with_its_true_default(tmp_path: Path) ->
     def names(cls: Any, skip: tuple[str, ...] = ()) -> set[str]:
         return {f.name for f in dataclasses.fields(cls)} - set(skip)
 
-    assert set(data) == {"server", "store", "model_defaults"}
+    assert set(data) == {"server", "store", "model_defaults", "mqtt"}
+    assert set(data["mqtt"]) == names(MqttConfig)
+    assert set(data["model_defaults"]["gguf"]) == names(GgufConfig)
     assert set(data["server"]) == names(ServerConfig)
     assert set(data["store"]) == names(StoreConfig)
     assert set(data["model_defaults"]) == names(ModelConfig)  # including the onnx table
