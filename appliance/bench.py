@@ -5,6 +5,10 @@ floor no server can beat) and the HTTP round trip through a real `appliance serv
 (what a client sees). Their difference is the cost of the serving path. A throughput run at some
 concurrency and the server's memory complete the picture.
 
+For a GGUF chat model the work is a streamed chat completion instead: time to first token and
+decode tokens/s of llama-cpp-python's own `create_chat_completion(stream=True)`, against the same
+greedy request streamed from /v1/chat/completions (server-sent events timed as they arrive).
+
 The HTTP client is a minimal blocking socket client with pre-encoded requests, so that the
 client's own cost stays out of the figures as far as possible; the server keeps its default
 settings (access log included), so the figures are those of a real deployment.
@@ -35,7 +39,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from .backends.base import Backend
-    from .config import Config
+    from .config import Config, GgufConfig
     from .device import Placement
     from .engine import ModelSource
     from .tensors import TensorSpec
@@ -789,12 +793,400 @@ def measure_raw(
         backend.unload()
 
 
+# -- language models: streamed chat completions ----------------------------------------------
+#: The chat request of the LLM bench: one user message, greedy decoding.
+LLM_MESSAGES: list[dict[str, str]] = [
+    {"role": "user", "content": "Beautiful is better than ugly."},
+]
+#: Untimed streamed completions on each side before the timed ones (first-call costs: the
+#: prompt's first evaluation, buffers, page faults on the mapped weights).
+LLM_WARMUP_RUNS = 1
+
+
+@dataclass(frozen=True)
+class StreamRun:
+    """One streamed completion: when its text arrived, and the text."""
+
+    ttft_ns: int  # request (or call) -> first piece of content
+    decode_ns: int  # first piece -> last piece
+    tokens: int  # pieces of content (llama-cpp-python streams one per token)
+    text: str
+    finish: str | None
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode speed: the tokens after the first over the time from the first to the last;
+        NaN when they all came at once (a short generation read in one go)."""
+        if self.tokens < 2 or self.decode_ns <= 0:
+            return math.nan
+        return (self.tokens - 1) * 1e9 / self.decode_ns
+
+
+_ONE_READ = (
+    "in every run all tokens reached the client in one read (the generation was too short to "
+    "time its pace): use a larger --max-tokens or a bigger model"
+)
+
+
+def gguf_chat_config(target: Target, config: Config) -> GgufConfig | None:
+    """The effective GGUF settings when the target is a GGUF chat model, else None."""
+    if target.source.manifest.backend != "gguf":
+        return None
+    from .backends.gguf import model_mode
+    from .backends.gguf_file import read_gguf
+
+    cfg = config.model_config(target.name).gguf
+    return cfg if model_mode(read_gguf(target.file), cfg.mode) == "chat" else None
+
+
+def open_llama(target: Target, config: Config, cfg: GgufConfig) -> tuple[Any, Placement]:
+    """`llama_cpp.Llama` with the server's own arguments and chat template, in-process (after
+    the same header check and child-process probe the server does)."""
+    from .backends.gguf import (
+        WHY_NO_GPU,
+        _llama,
+        _template_handler,
+        llama_kwargs,
+        probe_once,
+    )
+    from .backends.gguf_file import read_gguf
+    from .device import settle, want_accelerator
+
+    llama_cpp = _llama()
+    model_cfg = config.model_config(target.name)
+    manifest = target.source.manifest
+    what = f"model {manifest.name!r}"
+    info = read_gguf(target.file)
+    probe_once(target.file, manifest.sha256, Path(config.store.path) / ".cache", False)
+    gpu = bool(llama_cpp.llama_supports_gpu_offload())
+    use_gpu = want_accelerator(model_cfg.device, gpu, WHY_NO_GPU, what)
+    kwargs = llama_kwargs(target.file, cfg, info, use_gpu)
+    try:
+        llm = llama_cpp.Llama(**kwargs)
+    except Exception as exc:
+        raise ModelError(f"{what}: llama.cpp cannot load {target.file.name}: {exc}") from None
+    if cfg.chat_template:
+        llm.chat_handler = _template_handler(llm, cfg.chat_template)
+    detail = f"llama.cpp, {kwargs['n_gpu_layers']} GPU layers, {kwargs['n_threads']} threads"
+    return llm, settle(model_cfg.device, use_gpu, detail, WHY_NO_GPU, what)
+
+
+def raw_stream(llm: Any, max_tokens: int, seed: int) -> StreamRun:
+    """One streamed chat completion straight from llama-cpp-python."""
+    clock = time.perf_counter_ns
+    pieces: list[str] = []
+    first = last = 0
+    finish: str | None = None
+    t0 = clock()
+    stream = llm.create_chat_completion(
+        messages=LLM_MESSAGES, stream=True, max_tokens=max_tokens, temperature=0.0, seed=seed
+    )
+    try:
+        for chunk in stream:
+            choice = chunk["choices"][0]
+            text = (choice.get("delta") or {}).get("content")
+            if text:
+                last = clock()
+                if not pieces:
+                    first = last
+                pieces.append(text)
+            if choice.get("finish_reason"):
+                finish = choice["finish_reason"]
+    finally:
+        stream.close()
+    if not pieces:
+        raise BenchError("the model generated no text for the bench prompt")
+    return StreamRun(first - t0, last - first, len(pieces), "".join(pieces), finish)
+
+
+def chat_request_body(model: str, max_tokens: int, seed: int) -> bytes:
+    import orjson
+
+    return orjson.dumps(
+        {
+            "model": model,
+            "messages": LLM_MESSAGES,
+            "stream": True,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "seed": seed,
+        }
+    )
+
+
+class _SseReader:
+    """The body of a streamed response, chunked or not, as server-sent events."""
+
+    def __init__(self, chunked: bool, length: int | None) -> None:
+        self.chunked = chunked
+        self.left = length  # unchunked: bytes of body still to come (None: until close)
+        self.raw = b""  # received, not yet de-chunked
+        self.text = b""  # de-chunked, not yet split into events
+        self.done = False  # the body is complete
+        self.rest = b""  # bytes after the body (the next response on the connection)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Take received bytes; return the `data:` payloads of the events now complete."""
+        if self.done:
+            self.rest += data
+            return []
+        if not self.chunked:
+            if self.left is not None:
+                self.rest, data = data[self.left :], data[: self.left]
+                self.left -= len(data)
+                self.done = self.left <= 0
+            self.text += data
+        else:
+            buf = self.raw + data
+            pos = 0
+            while not self.done:
+                eol = buf.find(b"\r\n", pos)
+                if eol < 0:
+                    break
+                try:
+                    size = int(buf[pos:eol].split(b";", 1)[0], 16)
+                except ValueError:
+                    raise BenchError(f"malformed chunk size {buf[pos:eol][:40]!r}") from None
+                if size == 0:  # the last chunk, then trailers up to an empty line
+                    end = buf.find(b"\r\n\r\n", eol)
+                    if end < 0:
+                        break
+                    self.done, self.rest, pos = True, buf[end + 4 :], len(buf)
+                    break
+                if len(buf) < eol + 2 + size + 2:
+                    break
+                self.text += buf[eol + 2 : eol + 2 + size]
+                pos = eol + 2 + size + 2
+            self.raw = buf[pos:] if not self.done else b""
+        events: list[bytes] = []
+        while (end := self.text.find(b"\n\n")) >= 0:
+            event, self.text = self.text[:end], self.text[end + 2 :]
+            lines = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line[:5] == b"data:"]
+            if lines:
+                events.append(b"\n".join(lines))
+        return events
+
+
+def http_stream(conn: HttpConnection, request: bytes) -> StreamRun:
+    """One streamed chat completion through the server; every event is timed as it arrives."""
+    import orjson
+
+    clock = time.perf_counter_ns
+    sock = conn.sock
+    t0 = clock()
+    try:
+        sock.sendall(request)
+    except OSError as exc:
+        raise BenchError(f"cannot send to the server: {exc}") from None
+    buf, now = conn._pending, clock()
+    while (end := buf.find(b"\r\n\r\n")) < 0:
+        buf += conn._recv()
+        now = clock()
+    head = buf[:end]
+    try:
+        status = int(head[9:12])
+    except ValueError:
+        raise BenchError(f"malformed HTTP response: {head[:80]!r}") from None
+    if status != 200:
+        conn._pending = buf
+        _, _, body = conn.exchange(b"")  # the (plain) error body
+        raise BenchError(f"the server answered {status}: {_error_text(body)}")
+    chunked = b"chunked" in (_header(head, b"Transfer-Encoding") or b"").lower()
+    length = _header(head, b"Content-Length")
+    reader = _SseReader(chunked, int(length) if length else None)
+    pieces: list[str] = []
+    first = last = 0
+    finish: str | None = None
+    seen_done = False
+    data = buf[end + 4 :]
+    while True:
+        for payload in reader.feed(data):
+            if payload == b"[DONE]":
+                seen_done = True
+                continue
+            try:
+                obj = orjson.loads(payload)
+                if "error" in obj:
+                    raise BenchError(f"the server's stream failed: {obj['error']}")
+                choice = obj["choices"][0]
+            except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
+                raise BenchError(f"unexpected event in the stream: {payload[:200]!r}") from None
+            text = (choice.get("delta") or {}).get("content")
+            if text:
+                last = now
+                if not pieces:
+                    first = now
+                pieces.append(text)
+            if choice.get("finish_reason"):
+                finish = choice["finish_reason"]
+        if reader.done:
+            break
+        data = conn._recv()
+        now = clock()
+    conn._pending = reader.rest
+    if not seen_done:
+        raise BenchError("the server's stream ended without `data: [DONE]`")
+    if not pieces:
+        raise BenchError("the server streamed no text for the bench prompt")
+    return StreamRun(first - t0, last - first, len(pieces), "".join(pieces), finish)
+
+
+def _median(values: Sequence[float]) -> float:
+    """The median of the finite values; NaN when there are none."""
+    import statistics
+
+    finite = [v for v in values if math.isfinite(v)]
+    return float(statistics.median(finite)) if finite else math.nan
+
+
+def run_llm_bench(
+    args: argparse.Namespace, config: Config, target: Target, cfg: GgufConfig
+) -> dict[str, Any]:
+    """Streamed chat completions: raw llama-cpp-python, then through a real server."""
+    quiet = bool(args.json)
+    runs, max_tokens = args.runs, args.max_tokens
+    model_cfg = config.model_config(target.name)
+
+    # 1. Raw llama-cpp-python, in-process; closed before the server starts.
+    _say(quiet, f"loading {target.file} in-process ...")
+    llm, placement = open_llama(target, config, cfg)
+    try:
+        _say(quiet, f"timing raw streamed chat completions ({LLM_WARMUP_RUNS} + {runs}) ...")
+        for _ in range(LLM_WARMUP_RUNS):
+            raw_stream(llm, max_tokens, _SEED)
+        with _no_gc():
+            raw = [raw_stream(llm, max_tokens, _SEED) for _ in range(runs)]
+    finally:
+        llm.close()
+        del llm
+    gc.collect()
+
+    token = config.token()
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    timeout_s = model_cfg.timeout_s + 30.0
+    body = chat_request_body(target.name, max_tokens, _SEED)
+
+    # 2. The same request through the server.
+    port_hint = 0 if config.server.log_level in ("debug", "info") else _free_port()
+    server = ServerProcess(_serve_command(args, target, port_hint), token, port_hint)
+    conn: HttpConnection | None = None
+    try:
+        _say(quiet, "starting the server ...")
+        port = server.start()
+        address = ("127.0.0.1", port)
+        conn = HttpConnection(*address, timeout_s)
+        server.wait_ready(conn, target.name)
+        idle_rss, _ = _rss_and_peak(server.pid)
+        request = build_request("POST", "/v1/chat/completions", *address, body, headers)
+        _say(quiet, f"timing streamed chat completions over HTTP ({LLM_WARMUP_RUNS} + {runs}) ...")
+        for _ in range(LLM_WARMUP_RUNS):
+            http_stream(conn, request)
+        with _no_gc():
+            http = [http_stream(conn, request) for _ in range(runs)]
+        server.alive_or_raise()
+        after_rss, peak_rss = _rss_and_peak(server.pid)
+    finally:
+        if conn is not None:
+            conn.close()
+        server.stop(config.server.shutdown_timeout_s + STOP_GRACE_S)
+
+    # 3. Same work on both sides, or the figures compare nothing.
+    for i, (a, b) in enumerate(zip(raw, http, strict=True)):
+        if b.text != a.text:
+            raise BenchError(
+                f"run {i + 1}: the server generated {b.text[:80]!r}, llama-cpp-python "
+                f"{a.text[:80]!r} for the same greedy request"
+            )
+        if b.tokens != a.tokens:
+            raise BenchError(
+                f"run {i + 1}: the server streamed {b.tokens} tokens, llama-cpp-python {a.tokens}"
+            )
+
+    def r(x: float | None, digits: int = 2) -> float | None:
+        return None if x is None or not math.isfinite(x) else round(x, digits)
+
+    raw_ttft = [x.ttft_ns / 1e6 for x in raw]
+    http_ttft = [x.ttft_ns / 1e6 for x in http]
+    raw_tps = [x.tokens_per_s for x in raw]
+    http_tps = [x.tokens_per_s for x in http]
+    raw_ttft_ms, http_ttft_ms = _median(raw_ttft), _median(http_ttft)
+    raw_tokens_per_s, http_tokens_per_s = _median(raw_tps), _median(http_tps)
+    return {
+        "kind": "llm",
+        "model": target.name,
+        "model_file": str(target.file),
+        "backend": target.source.manifest.backend,
+        "device": placement.device,
+        "runtime_detail": placement.detail,
+        "cpu_count": os.cpu_count(),
+        "runs": runs,
+        "warmup_runs": LLM_WARMUP_RUNS,
+        "max_tokens": max_tokens,
+        "seed": _SEED,
+        "messages": LLM_MESSAGES,
+        "tokens": raw[0].tokens,
+        "finish_reason": raw[0].finish,
+        "request_bytes": len(body),
+        "raw_ttft_ms": r(raw_ttft_ms, 3),
+        "http_ttft_ms": r(http_ttft_ms, 3),
+        "added_ttft_ms": r(http_ttft_ms - raw_ttft_ms, 3),
+        "raw_tokens_per_s": r(raw_tokens_per_s),
+        "http_tokens_per_s": r(http_tokens_per_s),
+        "tokens_per_s_ratio": r(http_tokens_per_s / raw_tokens_per_s, 4),
+        "tokens_per_s_note": None if math.isfinite(http_tokens_per_s) else _ONE_READ,
+        "raw_ttft_ms_runs": [r(x, 3) for x in raw_ttft],
+        "http_ttft_ms_runs": [r(x, 3) for x in http_ttft],
+        "raw_tokens_per_s_runs": [r(x) for x in raw_tps],
+        "http_tokens_per_s_runs": [r(x) for x in http_tps],
+        "server_idle_rss_mib": r(idle_rss, 1),
+        "server_after_rss_mib": r(after_rss, 1),
+        "server_peak_rss_mib": r(peak_rss, 1),
+    }
+
+
+def format_llm_table(f: dict[str, Any]) -> str:
+    """The LLM figures for a person: raw llama-cpp-python and HTTP streaming side by side."""
+
+    def num(x: Any, fmt: str = ",.2f") -> str:
+        return "n/a" if x is None else format(x, fmt)
+
+    added, ratio = f["added_ttft_ms"], f["tokens_per_s_ratio"]
+    lines = [
+        f"model    {f['model']} ({f['model_file']}), {f['backend']} on {f['device']} "
+        f"({f['runtime_detail']})",
+        f"request  streamed chat completion, max_tokens {f['max_tokens']}, temperature 0, "
+        f"seed {f['seed']}: {f['tokens']} tokens (finish: {f['finish_reason']})",
+        f"machine  {f['cpu_count']} CPUs; medians of {f['runs']} runs after "
+        f"{f['warmup_runs']} warm-up",
+        "",
+        f"{'':<26}{'raw llama.cpp':>15}{'HTTP stream':>15}{'HTTP vs raw':>15}",
+        f"{'time to first token (ms)':<26}{num(f['raw_ttft_ms'], ',.3f'):>15}"
+        f"{num(f['http_ttft_ms'], ',.3f'):>15}"
+        f"{'n/a' if added is None else format(added, '+,.3f'):>15}",
+        f"{'decode (tokens/s)':<26}{num(f['raw_tokens_per_s']):>15}"
+        f"{num(f['http_tokens_per_s']):>15}{'n/a' if ratio is None else f'{ratio:.4f} x':>15}",
+    ]
+    if f.get("tokens_per_s_note"):
+        lines.append(f"note     HTTP decode speed n/a: {f['tokens_per_s_note']}")
+    lines += [
+        "",
+        f"server RSS: idle {num(f['server_idle_rss_mib'], ',.1f')} MiB, after the run "
+        f"{num(f['server_after_rss_mib'], ',.1f')} MiB "
+        f"(peak {num(f['server_peak_rss_mib'], ',.1f')} MiB)",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 # -- the command ------------------------------------------------------------------------------
 def _check_args(args: argparse.Namespace) -> None:
-    for key, least in (("requests", 1), ("warmup", 0), ("concurrency", 1), ("batch", 1)):
-        value = getattr(args, key)
+    for key, least in (("requests", 1), ("warmup", 0), ("concurrency", 1), ("batch", 1),
+                       ("runs", 1), ("max_tokens", 1)):  # fmt: skip
+        value = getattr(args, key, least)
         if value < least:
-            raise ConfigError(f"--{key} = {value}: must be at least {least}")
+            flag = key.replace("_", "-")
+            raise ConfigError(f"--{flag} = {value}: must be at least {least}")
 
 
 def _free_port() -> int:
@@ -829,6 +1221,10 @@ def run_bench(args: argparse.Namespace) -> int:
     quiet = bool(args.json)
     config = _config(args)
     target = resolve_model(args.model, config)
+    gguf_chat = gguf_chat_config(target, config)
+    if gguf_chat is not None:
+        _emit(run_llm_bench(args, config, target, gguf_chat), args.json, format_llm_table)
+        return 0
     model_cfg = config.model_config(target.name)
 
     # 1. The raw runtime, in-process; released before the server starts.
@@ -949,14 +1345,18 @@ def run_bench(args: argparse.Namespace) -> int:
         "server_after_rss_mib": r(after_rss, 1),
         "server_peak_rss_mib": r(peak_rss, 1),
     }
-    if args.json:
+    _emit(figures, args.json, format_table)
+    return 0
+
+
+def _emit(figures: dict[str, Any], as_json: bool, table: Callable[[dict[str, Any]], str]) -> None:
+    if as_json:
         import orjson
 
         sys.stdout.write(orjson.dumps(figures).decode() + "\n")
     else:
-        sys.stdout.write(format_table(figures))
+        sys.stdout.write(table(figures))
     sys.stdout.flush()
-    return 0
 
 
 def format_table(f: dict[str, Any]) -> str:

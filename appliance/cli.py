@@ -30,6 +30,13 @@ def _config(args: argparse.Namespace) -> Any:
         overrides["store"] = {"path": args.models}
     if getattr(args, "device", None) is not None:
         overrides["model_defaults"] = {"device": args.device}
+    mqtt: dict[str, Any] = {}
+    if getattr(args, "mqtt", None) is not None:
+        mqtt["url"] = args.mqtt
+    if getattr(args, "device_id", None) is not None:
+        mqtt["device_id"] = args.device_id
+    if mqtt:
+        overrides["mqtt"] = mqtt
     config_path = getattr(args, "config", None) or os.environ.get("APPLIANCE_CONFIG")
     return load_config(config_path, overrides)
 
@@ -161,6 +168,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--device", choices=["auto", "cuda", "cpu"], help="device for every model")
     s.add_argument("--token-file", help="file holding the bearer token clients must send")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--mqtt", metavar="URL", help="also serve MQTT: mqtt[s]://user:pass@host:port")
+    s.add_argument("--device-id", help="this appliance's id in MQTT topics (default: host name)")
     s.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("models", help="manage the model store")
@@ -203,6 +212,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--binary", action="store_true", help="send tensors as binary data")
     b.add_argument("--device", choices=["auto", "cuda", "cpu"])
     b.add_argument("--json", action="store_true", help="print the figures as JSON")
+    llm = b.add_argument_group("GGUF chat models (streamed /v1/chat/completions)")
+    llm.add_argument("--runs", type=int, default=3, help="timed streamed completions per side")
+    llm.add_argument("--max-tokens", type=int, default=64, help="max_tokens of each completion")
     b.set_defaults(func=cmd_bench)
     return ap
 

@@ -90,6 +90,9 @@ class Metrics(Collector):
         self._http: dict[tuple[str, int], int] = {}
         #: Set by the engine: the current state of every model.
         self.gauge_source: Callable[[], list[ModelGauges]] = list
+        #: MQTT requests by outcome, and whether the broker connection is up (None: no MQTT).
+        self.mqtt_messages: dict[str, int] = {}
+        self.mqtt_connected: int | None = None
         self.registry.register(self)
 
     def for_model(self, name: str, version: str) -> ModelStats:
@@ -175,6 +178,17 @@ class Metrics(Collector):
         for (route, status), n in self._http.items():
             http.add_metric([route, str(status)], n)
         yield http
+        if self.mqtt_connected is not None:
+            mqtt = CounterMetricFamily(
+                "appliance_mqtt_requests", "MQTT requests by outcome", labels=["outcome"]
+            )
+            for outcome, n in self.mqtt_messages.items():
+                mqtt.add_metric([outcome], n)
+            yield mqtt
+            yield GaugeMetricFamily(
+                "appliance_mqtt_connected", "1 while connected to the broker",
+                value=self.mqtt_connected,
+            )  # fmt: skip
         info = GaugeMetricFamily(
             "appliance_build_info", "Version of this appliance", labels=["version"]
         )

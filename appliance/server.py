@@ -6,6 +6,7 @@ import asyncio
 import datetime as dt
 import logging
 import socket
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -17,6 +18,7 @@ from .config import Config
 from .engine import Engine, ModelSource
 from .errors import ApplianceError, ModelError
 from .manifest import Manifest, sha256_file
+from .metrics import Metrics
 from .registry import Registry, check_name
 from .tensors import Signature
 
@@ -63,8 +65,6 @@ def source_from_file(path: Path, name: str | None = None) -> ModelSource:
 
 
 def build(config: Config, sources: list[ModelSource]) -> web.Application:
-    from .metrics import Metrics
-
     metrics = Metrics()
     cache_dir = Path(config.store.path) / ".cache"
     engine = Engine(config, metrics, sources, cache_dir)
@@ -76,7 +76,35 @@ def build(config: Config, sources: list[ModelSource]) -> web.Application:
     app = build_app(engine, metrics, settings)
     # After build_app: readiness waits on the loader that build_app's engine context starts.
     systemd.install(app, systemd.format_address(config.server.host, config.server.port))
+    if config.mqtt.url:
+        app.cleanup_ctx.append(_mqtt_ctx(config, engine, metrics))
     return app
+
+
+def _mqtt_ctx(
+    config: Config, engine: Engine, metrics: Metrics
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """MQTT runs beside HTTP; it stops first (contexts unwind in reverse), while the engine it
+    feeds still serves."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        from .api.http import LOADER
+        from .api.mqtt import MqttService
+
+        service = MqttService(config, engine, metrics)
+        metrics.mqtt_connected = 0
+        service.start()
+
+        async def announce() -> None:
+            await asyncio.shield(app[LOADER])
+            service.announce()  # the online status lists the models once they are loaded
+
+        task = asyncio.ensure_future(announce())
+        yield
+        task.cancel()
+        await service.stop()
+
+    return ctx
 
 
 def install_uvloop() -> bool:

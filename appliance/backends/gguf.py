@@ -125,6 +125,16 @@ def probe_in_child(path: Path, embedding: bool) -> None:
     raise ModelError(f"{path}: llama.cpp cannot load this file: {tail[0]}")
 
 
+def probe_once(path: Path, sha256: str | None, cache_dir: Path, embedding: bool) -> None:
+    """probe_in_child, unless this content (by sha256) passed it before."""
+    marker = cache_dir / "gguf-verified" / (sha256 or "unhashed")
+    if not sha256 or not marker.exists():
+        probe_in_child(path, embedding)
+        if sha256:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+
+
 def probe_main(path: str, embedding: bool) -> int:
     """The child side of probe_in_child (`appliance _probe-gguf FILE`)."""
     llama_cpp = _llama()
@@ -136,6 +146,28 @@ def probe_main(path: str, embedding: bool) -> int:
         print(f"{type(exc).__name__}: {exc}")
         return 1
     return 0
+
+
+WHY_NO_GPU = "this llama-cpp-python was built without GPU offload"
+
+
+def llama_kwargs(path: Path, cfg: GgufConfig, info: GgufInfo, use_gpu: bool) -> dict[str, Any]:
+    """The `llama_cpp.Llama` arguments for a file under these settings (`appliance bench`
+    loads its raw baseline with exactly these too)."""
+    trained = info.get("context_length")
+    n_ctx = cfg.n_ctx
+    if isinstance(trained, int) and trained > 0:  # no window beyond what the model learned
+        n_ctx = trained if n_ctx == 0 else min(n_ctx, trained)
+    return {
+        "model_path": str(path),
+        "n_ctx": n_ctx,
+        "n_threads": cfg.n_threads or (os.cpu_count() or 1),
+        "n_batch": cfg.n_batch,
+        "n_gpu_layers": cfg.gpu_layers if use_gpu else 0,
+        "embedding": model_mode(info, cfg.mode) == "embedding",
+        "use_mmap": cfg.use_mmap,
+        "verbose": False,
+    }
 
 
 class GgufBackend(Backend):
@@ -164,30 +196,12 @@ class GgufBackend(Backend):
         self.mode: Literal["chat", "embedding"] = model_mode(info, cfg.mode)
         embedding = self.mode == "embedding"
         self._cfg = cfg
-        marker = context.cache_dir / "gguf-verified" / (manifest.sha256 or "unhashed")
-        if not manifest.sha256 or not marker.exists():
-            probe_in_child(path, embedding)
-            if manifest.sha256:
-                marker.parent.mkdir(parents=True, exist_ok=True)
-                marker.touch()
+        probe_once(path, manifest.sha256, context.cache_dir, embedding)
         gpu = bool(llama_cpp.llama_supports_gpu_offload())
-        why_not = "this llama-cpp-python was built without GPU offload"
+        why_not = WHY_NO_GPU
         use_gpu = want_accelerator(context.config.device, gpu, why_not, what)
-        threads = cfg.n_threads or (os.cpu_count() or 1)
-        trained = info.get("context_length")
-        n_ctx = cfg.n_ctx
-        if isinstance(trained, int) and trained > 0:  # no window beyond what the model learned
-            n_ctx = trained if n_ctx == 0 else min(n_ctx, trained)
-        kwargs: dict[str, Any] = {
-            "model_path": str(path),
-            "n_ctx": n_ctx,
-            "n_threads": threads,
-            "n_batch": cfg.n_batch,
-            "n_gpu_layers": cfg.gpu_layers if use_gpu else 0,
-            "embedding": embedding,
-            "use_mmap": cfg.use_mmap,
-            "verbose": False,
-        }
+        kwargs = llama_kwargs(path, cfg, info, use_gpu)
+        threads = kwargs["n_threads"]
         self.parallelism = cfg.instances
         self._pool: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._all: list[Any] = []

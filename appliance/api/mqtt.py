@@ -1,0 +1,443 @@
+"""The MQTT interface (paho-mqtt) for IoT devices: the same engine, codec and errors as HTTP.
+
+Topics (prefix and device id from [mqtt]):
+  <prefix>/<device>/infer/<model>[/versions/<v>][/raw]   requests (QoS 1 by default)
+  <prefix>/groups/<group>/infer/<model>...               the same, as a shared subscription
+  <prefix>/<device>/status                               retained: online (JSON) / offline (will)
+Replies go to the MQTT 5 Response Topic with the Correlation Data copied back, or, in MQTT 3.1.1,
+to the `reply_to` topic named in the JSON request (its `id` comes back in the reply).
+
+Event loop integration: paho runs in its own network thread, driven by `client.loop()`, and
+messages cross to the asyncio loop with `call_soon_threadsafe`; replies are published from the
+loop (paho's publish only queues, under its own lock). Why a thread rather than driving paho
+from the loop's socket callbacks: keepalive pings and acks then never wait for a busy event
+loop, and nothing paho does can block the loop. Reconnecting is ours, not paho's: exponential
+backoff with jitter, so a fleet does not hammer a broker that comes back.
+
+Delivery: requests are acknowledged (manual PUBACK) only once their reply is queued, the session
+is persistent (clean start off, a session expiry), so QoS 1 requests that arrive while the
+appliance is away, or that were in progress when it lost the broker, are delivered again and
+answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import random
+import socket
+import ssl
+import threading
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import numpy as np
+import orjson
+
+from .. import __version__
+from ..codec import InferRequest, decode_request, encode_response
+from ..config import Config, MqttConfig
+from ..engine import Engine
+from ..errors import (
+    ApplianceError,
+    ConfigError,
+    InvalidInput,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+)
+from ..metrics import Metrics
+from ..tensors import DATATYPES
+
+log = logging.getLogger("appliance.mqtt")
+
+JSON = "application/json"
+RAW = "application/octet-stream"
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """What the loop needs of a received message (paho's object stays in its thread)."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    mid: int
+    response_topic: str | None
+    correlation: bytes | None
+    content_type: str | None
+
+
+@dataclass(frozen=True)
+class Route:
+    model: str
+    version: str | None
+    raw: bool
+
+
+@dataclass(frozen=True)
+class Broker:
+    host: str
+    port: int
+    tls: bool
+    username: str | None
+    password: str | None
+
+
+def parse_url(url: str) -> Broker:
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        raise ConfigError(f"mqtt.url = {url!r}: expected mqtt://host[:port] or mqtts://host[:port]")
+    tls = parts.scheme == "mqtts"
+    try:
+        port = parts.port or (8883 if tls else 1883)
+    except ValueError:
+        raise ConfigError(f"mqtt.url = {url!r}: bad port") from None
+    user = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password else None
+    return Broker(parts.hostname, port, tls, user, password)
+
+
+def device_id(cfg: MqttConfig) -> str:
+    return cfg.device_id or socket.gethostname()
+
+
+def parse_topic(topic: str, prefixes: list[str]) -> Route:
+    """<prefix>/infer/<model>[/versions/<v>][/raw] -> Route; NotFound for anything else."""
+    for prefix in prefixes:
+        if topic.startswith(prefix + "/infer/"):
+            parts = topic[len(prefix) + len("/infer/") :].split("/")
+            raw = parts[-1] == "raw"
+            if raw:
+                parts = parts[:-1]
+            if len(parts) == 1 and parts[0]:
+                return Route(parts[0], None, raw)
+            if len(parts) == 3 and parts[1] == "versions" and parts[0] and parts[2]:
+                return Route(parts[0], parts[2], raw)
+    raise NotFound(f"topic {topic!r} names no model (expected .../infer/<model>)")
+
+
+def raw_request(engine: Engine, route: Route, payload: bytes) -> InferRequest:
+    """A raw payload is the whole of a model's single input: bytes for BYTES, or a tensor."""
+    model = engine.ready_model(route.model, route.version)
+    inputs = model.signature.inputs
+    if len(inputs) != 1:
+        raise InvalidInput(
+            f"model {route.model!r} has {len(inputs)} inputs: raw payloads need exactly one"
+        )
+    spec = inputs[0]
+    if spec.datatype == "BYTES":
+        shape = tuple(1 if d < 0 else d for d in spec.shape)
+        if int(np.prod(shape)) != 1:
+            raise InvalidInput(f"input {spec.name!r} {list(spec.shape)} takes more than one item")
+        item = np.empty(1, dtype=object)
+        item[0] = payload
+        return InferRequest({spec.name: item.reshape(shape)}, datatypes={spec.name: "BYTES"})
+    dtype = DATATYPES[spec.datatype].newbyteorder("<")
+    if len(payload) % dtype.itemsize:
+        raise InvalidInput(
+            f"raw payload of {len(payload)} bytes is not a whole number of {spec.datatype} values"
+        )
+    count = len(payload) // dtype.itemsize
+    fixed = int(np.prod([d for d in spec.shape if d >= 0]))
+    dynamic = [i for i, d in enumerate(spec.shape) if d < 0]
+    dims = list(spec.shape)
+    if dynamic:
+        for i in dynamic[1:]:
+            dims[i] = 1
+        dims[dynamic[0]] = count // fixed if fixed else 0
+    if int(np.prod(dims)) != count:
+        raise InvalidInput(
+            f"raw payload of {count} {spec.datatype} values does not fit input {spec.name!r} "
+            f"{list(spec.shape)}"
+        )
+    tensor = np.frombuffer(payload, dtype=dtype).reshape(dims)
+    return InferRequest({spec.name: tensor}, datatypes={spec.name: spec.datatype})
+
+
+class MqttService:
+    """One broker connection serving inference requests; see the module docstring."""
+
+    def __init__(self, config: Config, engine: Engine, metrics: Metrics) -> None:
+        import paho.mqtt.client as mqtt
+
+        self._mqtt = mqtt
+        self.cfg = cfg = config.mqtt
+        self.broker = parse_url(cfg.url)
+        self.engine = engine
+        self.metrics = metrics
+        self.device = device_id(cfg)
+        self.v5 = cfg.protocol == "5"
+        base = f"{cfg.topic_prefix}/{self.device}"
+        self.status_topic = f"{base}/status"
+        self.prefixes = [base]
+        self.subscriptions = [f"{base}/infer/#"]
+        if cfg.shared_group:
+            group = f"{cfg.topic_prefix}/groups/{cfg.shared_group}"
+            self.prefixes.append(group)
+            self.subscriptions.append(f"$share/{cfg.shared_group}/{group}/infer/#")
+        self.connected = threading.Event()
+        self._stopping = threading.Event()
+        self._closing = False
+        self._attempt = 0
+        self._inflight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self.client = self._make_client()
+
+    # -- paho side (network thread) ----------------------------------------------------------
+    def _make_client(self) -> Any:
+        mqtt = self._mqtt
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=self.cfg.client_id or self.device,
+            protocol=mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311,
+            clean_session=None if self.v5 else False,
+            reconnect_on_failure=False,
+            manual_ack=True,
+        )
+        if self.broker.username is not None:
+            client.username_pw_set(self.broker.username, self.broker.password)
+        if self.broker.tls:
+            client.tls_set(
+                ca_certs=self.cfg.ca_file or None,
+                certfile=self.cfg.cert_file or None,
+                keyfile=self.cfg.key_file or None,
+            )
+        offline = orjson.dumps({"status": "offline", "device_id": self.device})
+        client.will_set(self.status_topic, offline, qos=1, retain=True)
+        # paho's outgoing queue is unbounded by default: bound it by the work we allow.
+        client.max_queued_messages_set(self.cfg.max_inflight * 4)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_socket_open = self._on_socket_open
+        return client
+
+    @staticmethod
+    def _on_socket_open(client: Any, userdata: Any, sock: Any) -> None:
+        # paho never sets TCP_NODELAY: without it a QoS 1 round trip waits 40-90 ms (Nagle
+        # against delayed ACK).
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _connect(self) -> None:
+        if self.v5:
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = self.cfg.session_expiry_s
+            self.client.connect(
+                self.broker.host, self.broker.port, self.cfg.keepalive_s,
+                clean_start=False, properties=props,
+            )  # fmt: skip
+        else:
+            self.client.connect(self.broker.host, self.broker.port, self.cfg.keepalive_s)
+
+    def _backoff(self) -> None:
+        """Wait before the next attempt: doubling from reconnect_min_s, capped, full jitter."""
+        cap = min(self.cfg.reconnect_max_s, self.cfg.reconnect_min_s * 2**self._attempt)
+        self._attempt += 1
+        self._stopping.wait(random.uniform(self.cfg.reconnect_min_s, max(cap, 1e-3)))  # noqa: S311
+
+    def _network(self) -> None:
+        ok = self._mqtt.MQTT_ERR_SUCCESS
+        while not self._stopping.is_set():
+            try:
+                self._connect()
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                log.warning("cannot reach the MQTT broker %s:%d: %s", self.broker.host,
+                            self.broker.port, exc)  # fmt: skip
+                self._backoff()
+                continue
+            while not self._stopping.is_set():
+                if self.client.loop(timeout=0.5) != ok:
+                    break
+            if self._stopping.is_set():
+                # Let the goodbye (offline status, DISCONNECT) go out.
+                for _ in range(20):
+                    if self.client.loop(timeout=0.1) != ok:
+                        break
+                break
+            self.connected.clear()
+            self._backoff()
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            log.error("the MQTT broker refused the connection: %s", reason)
+            return
+        self._attempt = 0
+        for topic in self.subscriptions:  # paho does not resubscribe by itself
+            client.subscribe(topic, qos=self.cfg.qos)
+        client.publish(self.status_topic, self._online(), qos=1, retain=True)
+        self.connected.set()
+        self.metrics.mqtt_connected = 1
+        log.info("connected to the MQTT broker %s:%d as %s (session present: %s)",
+                 self.broker.host, self.broker.port, self.device,
+                 getattr(flags, "session_present", "?"))  # fmt: skip
+
+    def _on_disconnect(
+        self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
+        self.connected.clear()
+        self.metrics.mqtt_connected = 0
+        if not self._closing:
+            log.warning("lost the MQTT broker (%s); reconnecting", reason)
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        props = getattr(msg, "properties", None)
+        incoming = Incoming(
+            topic=msg.topic,
+            payload=bytes(msg.payload),
+            qos=msg.qos,
+            mid=msg.mid,
+            response_topic=getattr(props, "ResponseTopic", None) if props else None,
+            correlation=getattr(props, "CorrelationData", None) if props else None,
+            content_type=getattr(props, "ContentType", None) if props else None,
+        )
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
+                loop.call_soon_threadsafe(self._dispatch, incoming)
+
+    def _online(self) -> bytes:
+        models = [
+            {"name": m.name, "version": m.version, "status": m.status,
+             "device": m.placement.device if m.placement else None}
+            for m in self.engine.models()
+        ]  # fmt: skip
+        return orjson.dumps({
+            "status": "online", "device_id": self.device, "version": __version__,
+            "models": models,
+            "since": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        })  # fmt: skip
+
+    # -- asyncio side ------------------------------------------------------------------------
+    def start(self) -> None:
+        """Connect in the background: a broker that is down never delays the HTTP side."""
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._network, name="mqtt", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(asyncio.shield(task), 5)
+        offline = orjson.dumps({"status": "offline", "device_id": self.device})
+        self._closing = True
+        if self.connected.is_set():
+            self.client.publish(self.status_topic, offline, qos=1, retain=True)
+            self.client.disconnect()
+        self._stopping.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10)
+        self.metrics.mqtt_connected = 0
+
+    def announce(self) -> None:
+        """Refresh the retained online status (e.g. once models finished loading)."""
+        if self.connected.is_set():
+            self.client.publish(self.status_topic, self._online(), qos=1, retain=True)
+
+    def _count(self, outcome: str) -> None:
+        self.metrics.mqtt_messages[outcome] = self.metrics.mqtt_messages.get(outcome, 0) + 1
+
+    def _dispatch(self, m: Incoming) -> None:
+        if self._inflight >= self.cfg.max_inflight:
+            exc = Overloaded(
+                f"{self._inflight} MQTT requests are in progress (max_inflight "
+                f"{self.cfg.max_inflight}); retry later"
+            )
+            self._reply_error(m, self._reply_address(m, None), exc)
+            self._finish(m, "overloaded")
+            return
+        self._inflight += 1
+        task = asyncio.get_running_loop().create_task(self._handle(m))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _reply_address(self, m: Incoming, body: Any) -> tuple[str | None, str | None]:
+        """(reply topic, request id): MQTT 5 properties, else the JSON request's fields."""
+        if m.response_topic:
+            return m.response_topic, None
+        if isinstance(body, dict):
+            reply_to = body.get("reply_to")
+            rid = body.get("id")
+            return (reply_to if isinstance(reply_to, str) and reply_to else None,
+                    rid if isinstance(rid, str) else None)  # fmt: skip
+        return None, None
+
+    async def _handle(self, m: Incoming) -> None:
+        outcome = "success"
+        address: tuple[str | None, str | None] = (m.response_topic, None)
+        try:
+            try:
+                if len(m.payload) > self.cfg.max_payload_bytes:
+                    raise PayloadTooLarge(
+                        f"payload of {len(m.payload)} bytes is larger than the limit of "
+                        f"{self.cfg.max_payload_bytes} bytes"
+                    )
+                route = parse_topic(m.topic, self.prefixes)
+                raw = route.raw or m.content_type == RAW
+                if not raw and not m.response_topic:
+                    with contextlib.suppress(orjson.JSONDecodeError):
+                        address = self._reply_address(m, orjson.loads(m.payload))
+                if raw:
+                    request = raw_request(self.engine, route, m.payload)
+                else:
+                    request = decode_request(m.payload)
+                # Replies are JSON: there is no header to frame binary outputs in.
+                request.binary_output = False
+                if request.outputs is not None:
+                    request.outputs = dict.fromkeys(request.outputs, False)
+                response = await self.engine.infer(route.model, route.version, request)
+                body, _ = encode_response(response, request)
+                self._publish(address, body, m.correlation, 200)
+            except ApplianceError as exc:
+                outcome = {400: "invalid", 404: "not_found", 413: "invalid", 503: "overloaded",
+                           504: "timeout"}.get(exc.status, "error")  # fmt: skip
+                self._reply_error(m, address, exc)
+        except Exception:
+            outcome = "error"
+            log.exception("MQTT request on %s failed", m.topic)
+        finally:
+            self._inflight -= 1
+            self._finish(m, outcome if address[0] else f"{outcome}_unanswered")
+
+    def _finish(self, m: Incoming, outcome: str) -> None:
+        """Count the request and acknowledge it, now that its reply (if any) is queued."""
+        self._count(outcome)
+        if m.qos > 0:
+            with contextlib.suppress(Exception):
+                self.client.ack(m.mid, m.qos)
+
+    def _reply_error(self, m: Incoming, address: tuple[str | None, str | None],
+                     exc: ApplianceError) -> None:  # fmt: skip
+        body: dict[str, Any] = {"error": exc.message, "status": exc.status}
+        if address[1] is not None:
+            body["id"] = address[1]
+        self._publish(address, orjson.dumps(body), m.correlation, exc.status)
+
+    def _publish(self, address: tuple[str | None, str | None], body: bytes,
+                 correlation: bytes | None, status: int) -> None:  # fmt: skip
+        topic, _ = address
+        if not topic:
+            return
+        props = None
+        if self.v5:
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.ContentType = JSON
+            props.UserProperty = [("status", str(status))]
+            if correlation is not None:
+                props.CorrelationData = correlation
+        try:
+            self.client.publish(topic, body, qos=self.cfg.qos, properties=props)
+        except ValueError as exc:  # a wildcard or empty reply topic
+            log.warning("cannot reply on %r: %s", topic, exc)
