@@ -9,9 +9,10 @@ to the `reply_to` topic named in the JSON request (its `id` comes back in the re
 
 Event loop integration: paho runs in its own network thread, driven by `client.loop()`, and
 messages cross to the asyncio loop with `call_soon_threadsafe`; replies are published from the
-loop (paho's publish only queues, under its own lock). Why a thread rather than driving paho
-from the loop's socket callbacks: keepalive pings and acks then never wait for a busy event
-loop, and nothing paho does can block the loop. Reconnecting is ours, not paho's: exponential
+loop (paho's publish only queues, under its own lock, and wakes the network thread, which
+alone writes to the socket: see `_make_client`). Why a thread rather than driving paho from the
+loop's socket callbacks: keepalive pings and acks then never wait for a busy event loop, and
+nothing paho does can block the loop. Reconnecting is ours, not paho's: exponential
 backoff with jitter, so a fleet does not hammer a broker that comes back.
 
 Delivery: requests are acknowledged (manual PUBACK) only once their reply is queued, the session
@@ -158,6 +159,10 @@ def raw_request(engine: Engine, route: Route, payload: bytes) -> InferRequest:
     return InferRequest({spec.name: tensor}, datatypes={spec.name: spec.datatype})
 
 
+def _no_socket_callback(client: Any, userdata: Any, sock: Any) -> None:
+    pass
+
+
 class MqttService:
     """One broker connection serving inference requests; see the module docstring."""
 
@@ -210,12 +215,20 @@ class MqttService:
             )
         offline = orjson.dumps({"status": "offline", "device_id": self.device})
         client.will_set(self.status_topic, offline, qos=1, retain=True)
-        # paho's outgoing queue is unbounded by default: bound it by the work we allow.
-        client.max_queued_messages_set(self.cfg.max_inflight * 4)
+        # paho's outgoing queue is unbounded by default: bound it by the work we allow. Replies
+        # wait there for their PUBACK, and a burst of (small) overload replies is not bounded by
+        # max_inflight: a floor keeps them from being dropped.
+        client.max_queued_messages_set(max(self.cfg.max_inflight * 4, 1000))
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_socket_open = self._on_socket_open
+        # Unless paho runs its own thread or has an external loop registered, publish() and
+        # ack() write to the socket in the caller's thread (here the event loop's), racing our
+        # network thread: interleaved packets, and OpenSSL aborting the process under TLS. A
+        # registered (no-op) external loop makes them only queue and wake the network thread.
+        client.on_socket_register_write = _no_socket_callback
+        client.on_socket_unregister_write = _no_socket_callback
         return client
 
     @staticmethod
@@ -325,11 +338,11 @@ class MqttService:
         self._thread.start()
 
     async def stop(self) -> None:
+        self._closing = True
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(asyncio.shield(task), 5)
         offline = orjson.dumps({"status": "offline", "device_id": self.device})
-        self._closing = True
         if self.connected.is_set():
             self.client.publish(self.status_topic, offline, qos=1, retain=True)
             self.client.disconnect()
@@ -352,7 +365,11 @@ class MqttService:
                 f"{self._inflight} MQTT requests are in progress (max_inflight "
                 f"{self.cfg.max_inflight}); retry later"
             )
-            self._reply_error(m, self._reply_address(m, None), exc)
+            body = None  # an MQTT 3.1.1 request names its reply topic in its JSON
+            if not m.response_topic and m.content_type != RAW and not m.topic.endswith("/raw"):
+                with contextlib.suppress(orjson.JSONDecodeError):
+                    body = orjson.loads(m.payload)
+            self._reply_error(m, self._reply_address(m, body), exc)
             self._finish(m, "overloaded")
             return
         self._inflight += 1
@@ -376,6 +393,8 @@ class MqttService:
         address: tuple[str | None, str | None] = (m.response_topic, None)
         try:
             try:
+                if not self.engine.loaded:
+                    await self._models_loaded()
                 if len(m.payload) > self.cfg.max_payload_bytes:
                     raise PayloadTooLarge(
                         f"payload of {len(m.payload)} bytes is larger than the limit of "
@@ -408,6 +427,12 @@ class MqttService:
             self._inflight -= 1
             self._finish(m, outcome if address[0] else f"{outcome}_unanswered")
 
+    async def _models_loaded(self) -> None:
+        """Requests kept for us while we were away arrive as soon as we connect, usually before
+        the models have loaded: they wait for the loader instead of getting "loading" (503)."""
+        while not self.engine.loaded and not self._closing:
+            await asyncio.sleep(0.05)
+
     def _finish(self, m: Incoming, outcome: str) -> None:
         """Count the request and acknowledge it, now that its reply (if any) is queued."""
         self._count(outcome)
@@ -438,6 +463,9 @@ class MqttService:
             if correlation is not None:
                 props.CorrelationData = correlation
         try:
-            self.client.publish(topic, body, qos=self.cfg.qos, properties=props)
+            info = self.client.publish(topic, body, qos=self.cfg.qos, properties=props)
         except ValueError as exc:  # a wildcard or empty reply topic
             log.warning("cannot reply on %r: %s", topic, exc)
+            return
+        if info.rc == self._mqtt.MQTT_ERR_QUEUE_SIZE:
+            log.warning("reply on %r dropped: the outgoing MQTT queue is full", topic)
