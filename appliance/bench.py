@@ -968,19 +968,22 @@ class _SseReader:
 
 
 def http_stream(conn: HttpConnection, request: bytes) -> StreamRun:
-    """One streamed chat completion through the server; every event is timed as it arrives."""
+    """One streamed chat completion through the server; every event is timed as it arrives.
+
+    While the stream runs the client only reads and timestamps what arrives (the client shares
+    the CPUs with the server); the events are parsed once the body looks complete."""
     import orjson
 
     clock = time.perf_counter_ns
-    sock = conn.sock
+    recv = conn._recv
     t0 = clock()
     try:
-        sock.sendall(request)
+        conn.sock.sendall(request)
     except OSError as exc:
         raise BenchError(f"cannot send to the server: {exc}") from None
     buf, now = conn._pending, clock()
     while (end := buf.find(b"\r\n\r\n")) < 0:
-        buf += conn._recv()
+        buf += recv()
         now = clock()
     head = buf[:end]
     try:
@@ -993,36 +996,51 @@ def http_stream(conn: HttpConnection, request: bytes) -> StreamRun:
         raise BenchError(f"the server answered {status}: {_error_text(body)}")
     chunked = b"chunked" in (_header(head, b"Transfer-Encoding") or b"").lower()
     length = _header(head, b"Content-Length")
-    reader = _SseReader(chunked, int(length) if length else None)
+    if not chunked and length is None:
+        raise BenchError("the server's stream has neither chunked encoding nor a length")
+    reader = _SseReader(chunked, None if chunked else int(length or 0))
+    received = [(now, buf[end + 4 :])]
+    tail, size = received[0][1][-4:], len(received[0][1])
     pieces: list[str] = []
     first = last = 0
     finish: str | None = None
     seen_done = False
-    data = buf[end + 4 :]
     while True:
-        for payload in reader.feed(data):
-            if payload == b"[DONE]":
-                seen_done = True
-                continue
-            try:
-                obj = orjson.loads(payload)
-                if "error" in obj:
-                    raise BenchError(f"the server's stream failed: {obj['error']}")
-                choice = obj["choices"][0]
-            except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
-                raise BenchError(f"unexpected event in the stream: {payload[:200]!r}") from None
-            text = (choice.get("delta") or {}).get("content")
-            if text:
-                last = now
-                if not pieces:
-                    first = now
-                pieces.append(text)
-            if choice.get("finish_reason"):
-                finish = choice["finish_reason"]
+        # the cheap part, while the server streams: read until the body may be complete
+        if chunked:
+            while tail != b"\r\n\r\n":  # the last chunk (and trailers) end so
+                data = recv()
+                received.append((clock(), data))
+                tail = (tail + data)[-4:]
+        else:
+            while size < reader.left:  # type: ignore[operator]
+                data = recv()
+                received.append((clock(), data))
+                size += len(data)
+        for arrived, data in received:
+            for payload in reader.feed(data):
+                if payload == b"[DONE]":
+                    seen_done = True
+                    continue
+                try:
+                    obj = orjson.loads(payload)
+                    if "error" in obj:
+                        raise BenchError(f"the server's stream failed: {obj['error']}")
+                    choice = obj["choices"][0]
+                except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
+                    raise BenchError(f"unexpected event in the stream: {payload[:200]!r}") from None
+                text = (choice.get("delta") or {}).get("content")
+                if text:
+                    last = arrived
+                    if not pieces:
+                        first = arrived
+                    pieces.append(text)
+                if choice.get("finish_reason"):
+                    finish = choice["finish_reason"]
+        received = []
         if reader.done:
             break
-        data = conn._recv()
-        now = clock()
+        tail = b""  # that ended a chunk's payload, not the body: read on
     conn._pending = reader.rest
     if not seen_done:
         raise BenchError("the server's stream ended without `data: [DONE]`")
@@ -1203,7 +1221,13 @@ def _serve_command(args: argparse.Namespace, target: Target, port: int) -> list[
         value = getattr(args, key, None)
         if value is not None:
             cmd += [flag, str(value)]
+    if getattr(args, "mqtt", None):
+        cmd += ["--mqtt", args.mqtt, "--device-id", _mqtt_device()]
     return cmd
+
+
+def _mqtt_device() -> str:
+    return f"bench-{os.getpid()}"
 
 
 def _say(quiet: bool, text: str) -> None:
@@ -1279,6 +1303,23 @@ def run_bench(args: argparse.Namespace) -> int:
         floor = Latency.of(time_http(conn, live, args.warmup, args.requests))
         conn.close()
         conn = None
+        mqtt: Latency | None = None
+        if getattr(args, "mqtt", None):
+            from .bench_mqtt import time_mqtt
+
+            _say(quiet, f"timing MQTT round trips through {args.mqtt} ...")
+            json_body, _ = encode_infer_body(inputs, datatypes, False)
+            mqtt = Latency.of(
+                time_mqtt(
+                    args.mqtt,
+                    _mqtt_device(),
+                    target.name,
+                    json_body,
+                    args.warmup,
+                    args.requests,
+                    timeout_s,
+                )
+            )
 
         concurrency = min(args.concurrency, args.requests)
         _say(quiet, f"timing throughput at concurrency {concurrency} ...")
@@ -1326,6 +1367,9 @@ def run_bench(args: argparse.Namespace) -> int:
         "http_floor_p50_us": r(floor.p50_us),
         "http_floor_p99_us": r(floor.p99_us),
         "http_floor_mean_us": r(floor.mean_us),
+        "mqtt_p50_us": r(mqtt.p50_us) if mqtt else None,
+        "mqtt_p99_us": r(mqtt.p99_us) if mqtt else None,
+        "mqtt_mean_us": r(mqtt.mean_us) if mqtt else None,
         "http_p50_us": r(http.p50_us),
         "http_p99_us": r(http.p99_us),
         "http_mean_us": r(http.mean_us),
@@ -1385,6 +1429,8 @@ def format_table(f: dict[str, Any]) -> str:
         "",
         f"{'latency (µs)':<26}{'p50':>10}{'p99':>10}{'mean':>10}",
     ]
+    if f.get("mqtt_p50_us") is not None:
+        rows.append(("MQTT round trip (QoS 1)", "mqtt"))
     for label, key in rows:
         lines.append(
             f"{label:<26}{num(f[key + '_p50_us']):>10}{num(f[key + '_p99_us']):>10}"

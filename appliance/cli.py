@@ -210,6 +210,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--concurrency", type=int, default=4, help="connections for the throughput run")
     b.add_argument("--batch", type=int, default=1, help="size of each dynamic dimension")
     b.add_argument("--binary", action="store_true", help="send tensors as binary data")
+    b.add_argument(
+        "--mqtt", metavar="URL", help="also time QoS 1 round trips through this MQTT broker"
+    )
     b.add_argument("--device", choices=["auto", "cuda", "cpu"])
     b.add_argument("--json", action="store_true", help="print the figures as JSON")
     llm = b.add_argument_group("GGUF chat models (streamed /v1/chat/completions)")

@@ -27,6 +27,7 @@ from appliance.bench import (
 )
 from appliance.codec import InferResponse, decode_request, encode_response
 from appliance.tensors import TensorSpec
+from tests.support.mosquitto import mosquitto_factory_fixture, mosquitto_fixture  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 FAST = ["--requests", "50", "--warmup", "10", "--concurrency", "2"]
@@ -215,3 +216,15 @@ def test_server_that_exits_early_is_reported() -> None:
             server.start()
     finally:
         server.stop(5.0)
+
+
+def test_bench_mqtt_leg(sample_models: Path, mosquitto) -> None:
+    proc = appliance(
+        "bench", str(sample_models / "sample.onnx"), *FAST, "--json",
+        "--mqtt", f"mqtt://127.0.0.1:{mosquitto.port}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    f = json.loads(proc.stdout)
+    for key in ("mqtt_p50_us", "mqtt_p99_us", "mqtt_mean_us"):
+        assert isinstance(f[key], float) and math.isfinite(f[key]) and f[key] > 0, (key, f)
+    assert f["mqtt_p99_us"] >= f["mqtt_p50_us"]
