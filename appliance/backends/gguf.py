@@ -27,7 +27,7 @@ from ..llm import Cancelled, EmbeddingResult, Emit, Generation, GenerationResult
 from ..manifest import Manifest
 from ..tensors import Signature, TensorSpec
 from .base import Backend, LoadContext
-from .gguf_file import GgufInfo, read_gguf
+from .gguf_file import GgufInfo, read_model
 
 log = logging.getLogger("appliance.backends.gguf")
 
@@ -176,7 +176,7 @@ class GgufBackend(Backend):
 
     @classmethod
     def inspect(cls, path: Path) -> tuple[Signature, dict[str, Any]]:
-        info = read_gguf(path)
+        info = read_model(path)
         mode = model_mode(info, "auto")
         params: dict[str, Any] = {"mode": mode, "architecture": info.architecture}
         for key in ("general.name", "general.file_type"):
@@ -192,7 +192,7 @@ class GgufBackend(Backend):
         llama_cpp = _llama()
         cfg: GgufConfig = context.config.gguf
         what = f"model {manifest.name!r} version {manifest.version}"
-        info = read_gguf(path)
+        info = read_model(path)
         self.mode: Literal["chat", "embedding"] = model_mode(info, cfg.mode)
         embedding = self.mode == "embedding"
         self._cfg = cfg

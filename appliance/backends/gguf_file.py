@@ -174,3 +174,13 @@ def _parse(r: _Reader, size: int) -> GgufInfo:
     if tensor_count and data_start > size:
         raise r.fail("the tensor data section is missing")
     return info
+
+
+def read_model(path: Path) -> GgufInfo:
+    """read_gguf, plus what a servable model needs: an architecture and some tensors."""
+    info = read_gguf(path)
+    if not info.architecture:
+        raise ModelError(f"{path}: not a GGUF model: general.architecture is missing")
+    if info.tensor_count == 0:
+        raise ModelError(f"{path}: not a GGUF model: it holds no tensors")
+    return info

@@ -252,10 +252,10 @@ async def test_hostile_gguf_is_refused_and_the_server_keeps_serving(
 
 
 async def test_file_llama_cpp_rejects_is_refused_from_a_child_process(serve, tmp_path):
-    from tests.backends.test_gguf_file import gguf, kv_str
+    from tests.backends.test_gguf_file import gguf, kv_str, tensor
 
     odd = tmp_path / "odd.gguf"  # a well-formed header that is no usable model
-    odd.write_bytes(gguf([kv_str("general.architecture", "llama")], []))
+    odd.write_bytes(gguf([kv_str("general.architecture", "llama")], [tensor("w", [4, 4])]))
     client = await serve({}, [source_from_file(odd, "odd")])
     r = await client.get("/v2/models/odd/ready")
     assert r.status == 503 and "llama.cpp cannot load this file" in (await r.json())["error"]
