@@ -213,7 +213,7 @@ def test_add_refuses_missing_and_unknown_files(reg: Registry, tmp_path: Path) ->
         reg.add("m", other)
     gguf = tmp_path / "llm.onnx"
     gguf.write_bytes(b"GGUF\x03\0\0\0" + b"\0" * 16)
-    with pytest.raises(ModelError, match="not a GGUF model: general.architecture is missing"):
+    with pytest.raises(ModelError, match=r"not a GGUF model: general\.architecture is missing"):
         reg.add("m", gguf)
     assert not reg.root.exists() or reg.names() == []
 
