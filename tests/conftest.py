@@ -109,6 +109,25 @@ async def serve(
         await client.close()
 
 
+@pytest.fixture
+def gated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[list[ModelSource]]:
+    """A model on the gated test backend (tests/support/gated.py): runs wait for the test."""
+    from appliance import backends
+    from appliance.manifest import Manifest
+    from tests.support.gated import SIGNATURE, GatedBackend
+
+    monkeypatch.setitem(backends._BACKENDS, "gated", "tests.support.gated:GatedBackend")
+    GatedBackend.gate = threading.Event()
+    GatedBackend.started = threading.Semaphore(0)
+    GatedBackend.runs = 0
+    GatedBackend.delay = 0.0
+    f = tmp_path / "gated.bin"
+    f.write_bytes(b"")
+    manifest = Manifest("gated", "1", "gated", f.name, "", 0, SIGNATURE, "", "test")
+    yield [ModelSource(manifest, f, verify=False)]
+    GatedBackend.gate.set()
+
+
 class ServerProcess:
     def __init__(self, proc: subprocess.Popen[str], port: int, lines: list[str]) -> None:
         self.proc = proc

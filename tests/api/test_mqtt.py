@@ -16,7 +16,6 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -26,12 +25,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from appliance import __version__, backends
-from appliance.engine import ModelSource
-from appliance.manifest import Manifest
+from appliance import __version__
 from appliance.registry import Registry
 from tests.conftest import ServerProcess, start_server_process, stop_server_process
-from tests.support.gated import SIGNATURE, GatedBackend
+from tests.support.gated import GatedBackend
 from tests.support.mosquitto import (
     Mosquitto,
     make_certificates,
@@ -673,20 +670,6 @@ async def test_broker_down_at_start_up(mosquitto_factory, serve, peers, caplog):
 
 
 # -- 8. overload --------------------------------------------------------------------------------
-@pytest.fixture
-def gated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[list[ModelSource]]:
-    monkeypatch.setitem(backends._BACKENDS, "gated", "tests.support.gated:GatedBackend")
-    GatedBackend.gate = threading.Event()
-    GatedBackend.started = threading.Semaphore(0)
-    GatedBackend.runs = 0
-    GatedBackend.delay = 0.0
-    f = tmp_path / "gated.bin"
-    f.write_bytes(b"")
-    manifest = Manifest("gated", "1", "gated", f.name, "", 0, SIGNATURE, "", "test")
-    yield [ModelSource(manifest, f, verify=False)]
-    GatedBackend.gate.set()
-
-
 GATED = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1, 2]}]}
 
 

@@ -4,30 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from pathlib import Path
 
 import pytest
 
-from appliance import backends
-from appliance.engine import ModelSource
-from appliance.manifest import Manifest
-from tests.support.gated import SIGNATURE, GatedBackend
+from tests.support.gated import GatedBackend
 
 REQ = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1, 2]}]}
-
-
-@pytest.fixture
-def gated(monkeypatch, tmp_path: Path):
-    monkeypatch.setitem(backends._BACKENDS, "gated", "tests.support.gated:GatedBackend")
-    GatedBackend.gate = threading.Event()
-    GatedBackend.started = threading.Semaphore(0)
-    GatedBackend.runs = 0
-    GatedBackend.delay = 0.0
-    f = tmp_path / "gated.bin"
-    f.write_bytes(b"")
-    manifest = Manifest("gated", "1", "gated", f.name, "", 0, SIGNATURE, "", "test")
-    yield [ModelSource(manifest, f, verify=False)]
-    GatedBackend.gate.set()
 
 
 async def _started(n: int = 1) -> None:
