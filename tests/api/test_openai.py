@@ -193,20 +193,30 @@ async def test_bearer_token_applies_to_v1(oai):
     assert [m.id async for m in good.models.list()]
 
 
-async def test_client_leaving_mid_stream_stops_generation(oai):
-    client, _ = await oai()
-    body = {"model": "tiny", "messages": ASK, "stream": True, "max_tokens": 200,
-            "temperature": 0.8, "seed": 3}  # fmt: skip
+async def test_client_leaving_mid_stream_stops_generation(serve, monkeypatch, tmp_path):
+    from appliance import backends
+    from appliance.engine import ModelSource
+    from appliance.manifest import Manifest
+    from tests.support.gated import SIGNATURE, TickingTextBackend
+
+    monkeypatch.setitem(backends._BACKENDS, "ticking", "tests.support.gated:TickingTextBackend")
+    TickingTextBackend.gate.set()
+    TickingTextBackend.finished = []
+    f = tmp_path / "ticking.bin"
+    f.write_bytes(b"")
+    manifest = Manifest("ticking", "1", "ticking", f.name, "", 0, SIGNATURE, "", "test")
+    client = await serve({}, [ModelSource(manifest, f, verify=False)])
+    body = {"model": "ticking", "messages": ASK, "stream": True}
     r = await client.post("/v1/chat/completions", json=body)
     await r.content.readline()  # the first event arrived: generation is under way
     r.close()  # the client goes away
     for _ in range(500):
-        text = await (await client.get("/metrics")).text()
-        if 'outcome="cancelled",version="1"} 1.0' in text:
+        if TickingTextBackend.finished:
             break
         await asyncio.sleep(0.02)
-    else:
-        pytest.fail("the generation was not stopped")
+    assert TickingTextBackend.finished == ["cancelled"]  # stopped long before its 1000 tokens
+    text = await (await client.get("/metrics")).text()
+    assert 'outcome="cancelled",version="1"} 1.0' in text
 
 
 async def test_kserve_infer_on_gguf(oai):

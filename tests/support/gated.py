@@ -51,3 +51,32 @@ class GatedBackend(Backend):
         if type(self).delay:
             time.sleep(type(self).delay)
         return {"y": inputs["x"] * 2}
+
+
+class TickingTextBackend(GatedBackend):
+    """A language model that streams one token every 10 ms until told to stop (at most 10 s):
+    makes tests of a client leaving mid-stream independent of how fast a real model is."""
+
+    name = "ticking"
+    platform = "test_ticking"
+    mode = "chat"
+    finished: list[str] = []
+
+    def generate(self, request: Any, emit: Any, cancelled: Any) -> Any:
+        from appliance.llm import GenerationResult
+
+        tokens = 0
+        finish = "length"
+        while tokens < 1000:
+            if cancelled():
+                finish = "cancelled"
+                break
+            tokens += 1
+            if emit is not None:
+                emit("x")
+            time.sleep(0.01)
+        type(self).finished.append(finish)
+        return GenerationResult("x" * tokens, finish, 1, tokens)
+
+    def embed(self, texts: list[str]) -> Any:
+        raise NotImplementedError
