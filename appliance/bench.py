@@ -1087,16 +1087,10 @@ def run_llm_bench(
     body = chat_request_body(target.name, max_tokens, _SEED)
 
     # 2. The same request through the server.
-    port_hint = 0 if config.server.log_level in ("debug", "info") else _free_port()
-    server = ServerProcess(_serve_command(args, target, port_hint), token, port_hint)
+    server = _server_for(args, config, target, token)
     conn: HttpConnection | None = None
     try:
-        _say(quiet, "starting the server ...")
-        port = server.start()
-        address = ("127.0.0.1", port)
-        conn = HttpConnection(*address, timeout_s)
-        server.wait_ready(conn, target.name)
-        idle_rss, _ = _rss_and_peak(server.pid)
+        conn, address, idle_rss = _open_server(server, target.name, timeout_s, quiet)
         request = build_request("POST", "/v1/chat/completions", *address, body, headers)
         _say(quiet, f"timing streamed chat completions over HTTP ({LLM_WARMUP_RUNS} + {runs}) ...")
         for _ in range(LLM_WARMUP_RUNS):
@@ -1230,6 +1224,33 @@ def _mqtt_device() -> str:
     return f"bench-{os.getpid()}"
 
 
+def _server_for(
+    args: argparse.Namespace, config: Config, target: Target, token: str
+) -> ServerProcess:
+    """The `appliance serve` subprocess both benchmarks time (not started yet).
+
+    The server announces the port it bound in an info line; at a quieter log level (which also
+    silences the access log) a free port is picked here instead, racing other programs."""
+    port_hint = 0 if config.server.log_level in ("debug", "info") else _free_port()
+    return ServerProcess(_serve_command(args, target, port_hint), token, port_hint)
+
+
+def _open_server(
+    server: ServerProcess, model: str, timeout_s: float, quiet: bool
+) -> tuple[HttpConnection, tuple[str, int], float | None]:
+    """Start the server, wait until `model` is ready; (connection, address, idle RSS MiB)."""
+    _say(quiet, "starting the server ...")
+    address = ("127.0.0.1", server.start())
+    conn = HttpConnection(*address, timeout_s)
+    try:
+        server.wait_ready(conn, model)
+    except BaseException:
+        conn.close()
+        raise
+    idle_rss, _ = _rss_and_peak(server.pid)
+    return conn, address, idle_rss
+
+
 def _say(quiet: bool, text: str) -> None:
     if not quiet:
         print(text, file=sys.stderr, flush=True)
@@ -1268,18 +1289,10 @@ def run_bench(args: argparse.Namespace) -> int:
     timeout_s = model_cfg.timeout_s + 30.0
 
     # 2.-4. The real server.
-    # The server announces the port it bound in an info line; at a quieter log level (which
-    # also silences the access log) a free port is picked here instead, racing other programs.
-    port_hint = 0 if config.server.log_level in ("debug", "info") else _free_port()
-    server = ServerProcess(_serve_command(args, target, port_hint), token, port_hint)
+    server = _server_for(args, config, target, token)
     conn: HttpConnection | None = None
     try:
-        _say(quiet, "starting the server ...")
-        port = server.start()
-        address = ("127.0.0.1", port)
-        conn = HttpConnection(*address, timeout_s)
-        server.wait_ready(conn, target.name)
-        idle_rss, _ = _rss_and_peak(server.pid)
+        conn, address, idle_rss = _open_server(server, target.name, timeout_s, quiet)
 
         request = build_request("POST", f"/v2/models/{target.name}/infer", *address, body, headers)
         status, head, reply = conn.exchange(request)
