@@ -21,6 +21,9 @@ class Manifest:
     """What a version directory holds and how to serve it.
 
     `parameters` carries backend hints that travel with the model (for example a chat template).
+    `preprocess` and `postprocess` declare how raw client data (an image, text) becomes the
+    model's input tensors and how outputs become answers; appliance.preprocess reads them, keyed
+    by their "type".
     """
 
     name: str
@@ -33,6 +36,8 @@ class Manifest:
     created_at: str
     source: str
     parameters: dict[str, Any] = field(default_factory=dict)
+    preprocess: dict[str, Any] | None = None
+    postprocess: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -48,6 +53,8 @@ class Manifest:
             "created_at": self.created_at,
             "source": self.source,
             "parameters": self.parameters,
+            **({"preprocess": self.preprocess} if self.preprocess is not None else {}),
+            **({"postprocess": self.postprocess} if self.postprocess is not None else {}),
         }
 
     @classmethod
@@ -69,6 +76,8 @@ class Manifest:
                 created_at=str(obj.get("created_at", "")),
                 source=str(obj.get("source", "")),
                 parameters=dict(obj.get("parameters") or {}),
+                preprocess=_optional_object(obj, "preprocess"),
+                postprocess=_optional_object(obj, "postprocess"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"{where}: invalid manifest: {exc!s}") from None
@@ -89,6 +98,15 @@ class Manifest:
         if not isinstance(obj, dict):
             raise ModelError(f"{path}: manifest must be a JSON object")
         return cls.from_json(obj, str(path))
+
+
+def _optional_object(obj: dict[str, Any], key: str) -> dict[str, Any] | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+        raise ValueError(f"{key!r} must be an object with a string 'type'")
+    return dict(value)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> tuple[str, int]:
