@@ -43,17 +43,20 @@ def _config(args: argparse.Namespace) -> Any:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .logs import setup_logging
+    from .registry import Registry
     from .server import serve, source_from_file, sources_from_store
 
     config = _config(args)
     setup_logging(config.server.log_level)
+    store = None
     if args.model is not None:
         sources = [source_from_file(Path(args.model), args.name)]
     else:
         if args.name is not None:
             raise ConfigError("--name only applies together with --model FILE")
         sources = sources_from_store(Path(config.store.path))
-    serve(config, sources)
+        store = Registry(Path(config.store.path))
+    serve(config, sources, store)
     return 0
 
 

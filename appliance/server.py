@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import signal
 import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -64,7 +65,10 @@ def source_from_file(path: Path, name: str | None = None) -> ModelSource:
     return ModelSource(manifest, path, verify=False)
 
 
-def build(config: Config, sources: list[ModelSource]) -> web.Application:
+def build(
+    config: Config, sources: list[ModelSource], store: Registry | None = None
+) -> web.Application:
+    """The app; with `store`, it can switch versions at run time (repository API, SIGHUP)."""
     metrics = Metrics()
     cache_dir = Path(config.store.path) / ".cache"
     engine = Engine(config, metrics, sources, cache_dir)
@@ -73,12 +77,46 @@ def build(config: Config, sources: list[ModelSource]) -> web.Application:
         max_body_bytes=config.server.max_body_bytes,
         access_log=config.server.access_log,
     )
-    app = build_app(engine, metrics, settings)
+    app = build_app(engine, metrics, settings, store)
+    if store is not None:
+        app.cleanup_ctx.append(_reload_on_hangup)
     # After build_app: readiness waits on the loader that build_app's engine context starts.
     systemd.install(app, systemd.format_address(config.server.host, config.server.port))
     if config.mqtt.url:
         app.cleanup_ctx.append(_mqtt_ctx(config, engine, metrics))
     return app
+
+
+async def _reload_on_hangup(app: web.Application) -> AsyncIterator[None]:
+    """SIGHUP (`systemctl reload appliance`): serve the store's active versions, switching
+    each changed model with no gap (after `appliance models activate` or `rollback`)."""
+    from .api.http import ENGINE, LOADER, STORE
+
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def reload() -> None:
+        await asyncio.shield(app[LOADER])
+        store = app[STORE]
+        assert store is not None
+        changed = await app[ENGINE].reload_store(store)
+        log.info("reload: %s", ", ".join(changed) if changed else "nothing changed")
+
+    def on_hangup() -> None:
+        task = loop.create_task(reload())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    try:
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or Windows
+        log.debug("SIGHUP reload unavailable in this thread")
+        yield
+        return
+    yield
+    loop.remove_signal_handler(signal.SIGHUP)
+    for task in list(tasks):
+        task.cancel()
 
 
 def _mqtt_ctx(
@@ -116,8 +154,8 @@ def install_uvloop() -> bool:
     return True
 
 
-def serve(config: Config, sources: list[ModelSource]) -> None:
-    app = build(config, sources)
+def serve(config: Config, sources: list[ModelSource], store: Registry | None = None) -> None:
+    app = build(config, sources, store)
     fast = install_uvloop()
     host, port = config.server.host, config.server.port
     if config.token() == "" and host not in ("127.0.0.1", "localhost", "::1"):

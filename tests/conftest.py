@@ -96,7 +96,10 @@ async def serve(
         wait: bool = True,
     ) -> TestClient[web.Request, web.Application]:
         config = load_config(None, {"store": {"path": str(store.root)}, **(overrides or {})}, {})
-        app = build(config, sources if sources is not None else sources_from_store(store.root))
+        if sources is None:
+            app = build(config, sources_from_store(store.root), store)
+        else:
+            app = build(config, sources)
         client = TestClient(TestServer(app, host="127.0.0.1"))
         await client.start_server()
         clients.append(client)

@@ -27,12 +27,14 @@ from ..errors import (
     ApplianceError,
     InferenceFailed,
     InvalidInput,
+    ModelError,
     NotReady,
     PayloadTooLarge,
     Unauthorized,
 )
 from ..logs import request_id, trace_id
 from ..metrics import Metrics
+from ..registry import Registry, check_name
 from .openai import add_routes as add_openai_routes
 from .openai import openai_error
 
@@ -51,6 +53,8 @@ ENGINE = web.AppKey("engine", Engine)
 METRICS = web.AppKey("metrics", Metrics)
 SETTINGS = web.AppKey("settings", HttpSettings)
 LOADER: web.AppKey[asyncio.Task[None]] = web.AppKey("loader")
+#: The model store the server was started from; None when it serves files named on the command line.
+STORE: web.AppKey[Registry | None] = web.AppKey("store")
 
 _PUBLIC = frozenset({"/v2/health/live", "/v2/health/ready"})
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -226,6 +230,51 @@ async def repository_index(request: web.Request) -> web.Response:
     return json_response(out)
 
 
+def _store(request: web.Request) -> Registry:
+    store = request.app.get(STORE)
+    if store is None:
+        raise InvalidInput(
+            "this server serves model files named on its command line, not a model store: "
+            "there is nothing to load from"
+        )
+    return store
+
+
+async def repository_load(request: web.Request) -> web.Response:
+    """KServe v2 repository extension: serve a stored version (the active one, or
+    `parameters.version`) in place of the one serving, with no gap for clients."""
+    store = _store(request)
+    version = None
+    body = await request.read()
+    if body.strip():
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidInput(f"request body is not valid JSON: {exc}") from None
+        params = obj.get("parameters") if isinstance(obj, dict) else None
+        if not isinstance(obj, dict) or not isinstance(params or {}, dict):
+            raise InvalidInput('expected {"parameters": {"version": "<version>"}} or no body')
+        raw = (params or {}).get("version")
+        if raw is not None and not isinstance(raw, (str, int)):
+            raise InvalidInput(f"parameters.version must be a string, got {raw!r}")
+        version = None if raw is None else str(raw)
+    name = request.match_info["name"]
+    try:
+        check_name(name, "model name")
+        if version is not None:
+            check_name(version, "version")
+    except ModelError as exc:
+        raise InvalidInput(exc.message) from None
+    model = await request.app[ENGINE].activate_stored(store, name, version)
+    return json_response({"name": model.name, "version": model.version, "state": "READY"})
+
+
+async def repository_unload(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    await request.app[ENGINE].unload(name)
+    return json_response({"name": name, "state": "UNAVAILABLE"})
+
+
 async def metrics(request: web.Request) -> web.Response:
     registry = request.app[METRICS]
     return web.Response(body=registry.render(), headers={"Content-Type": registry.content_type})
@@ -278,12 +327,18 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     await engine.stop()
 
 
-def build_app(engine: Engine, metrics_registry: Metrics, settings: HttpSettings) -> web.Application:
+def build_app(
+    engine: Engine,
+    metrics_registry: Metrics,
+    settings: HttpSettings,
+    store: Registry | None = None,
+) -> web.Application:
     # aiohttp's own limit stops chunked bodies; infer checks Content-Length before reading.
     app = web.Application(middlewares=[middleware], client_max_size=settings.max_body_bytes)
     app[ENGINE] = engine
     app[METRICS] = metrics_registry
     app[SETTINGS] = settings
+    app[STORE] = store
     r = app.router
     r.add_get("/v2/health/live", live)
     r.add_get("/v2/health/ready", ready)
@@ -293,6 +348,8 @@ def build_app(engine: Engine, metrics_registry: Metrics, settings: HttpSettings)
         r.add_get(base + "/ready", model_ready)
         r.add_post(base + "/infer", infer)
     r.add_post("/v2/repository/index", repository_index)
+    r.add_post("/v2/repository/models/{name}/load", repository_load)
+    r.add_post("/v2/repository/models/{name}/unload", repository_unload)
     r.add_get("/metrics", metrics)
     add_openai_routes(app, ENGINE)
     app.cleanup_ctx.append(_engine_ctx)

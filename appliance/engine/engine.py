@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -19,6 +19,7 @@ from ..errors import ApplianceError, InvalidInput, ModelError, NotFound, NotRead
 from ..llm import EmbeddingResult, Generation, GenerationResult, TextModel
 from ..manifest import Manifest, verify_file
 from ..metrics import Metrics, ModelGauges, ModelStats
+from ..registry import Registry
 from ..tensors import Signature
 from .scheduler import ModelRunner
 from .validation import validate
@@ -92,14 +93,20 @@ class Engine:
             self._models[name] = LoadedModel(src, config.model_config(name))
         self.started = False
         self.loaded = False
+        #: One version switch at a time per model name.
+        self._switching: dict[str, asyncio.Lock] = {}
         metrics.gauge_source = self._gauges
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         """Load every model, one at a time (small devices have little memory to spare)."""
         self.started = True
-        for model in self._models.values():
+        for model in list(self._models.values()):
+            if self._models.get(model.name) is not model:
+                continue  # replaced by activate() before its turn came
             await self._load(model)
+            if self._models.get(model.name) is not model:
+                await self._retire(model)
         self.loaded = True
 
     async def _load(self, model: LoadedModel) -> None:
@@ -146,14 +153,100 @@ class Engine:
         cls = get_backend(src.manifest.backend)
         return cls(src.manifest, src.path, LoadContext(model.config, self.cache_dir))
 
+    async def activate(
+        self,
+        source: ModelSource,
+        check: Callable[[LoadedModel], Awaitable[None]] | None = None,
+    ) -> LoadedModel:
+        """Serve `source` in place of whatever version now serves its name, with no gap.
+
+        The new version loads, and passes `check` (a smoke test, acceptance inputs), while the
+        old one keeps serving. The switch is one assignment on the loop thread, and a request
+        picks its version and enters that version's queue without yielding, so each request
+        runs wholly on one version. The old version then finishes what it had queued and
+        unloads. A version that fails to load or fails `check` raises and changes nothing.
+        """
+        name = source.manifest.name
+        async with self._switching.setdefault(name, asyncio.Lock()):
+            new = LoadedModel(source, self.config.model_config(name))
+            await self._load(new)
+            if new.status != "ready":
+                raise ModelError(
+                    f"model {name!r} version {new.version} failed to load: {new.reason}; "
+                    "the version serving before still serves"
+                )
+            if check is not None:
+                try:
+                    await check(new)
+                except BaseException:
+                    await self._retire(new)
+                    raise
+            old = self._models.get(name)
+            self._models[name] = new
+            log.info(
+                "model %s now served by version %s%s",
+                name,
+                new.version,
+                f" (was {old.version}, draining)" if old is not None else "",
+            )
+            if old is not None:
+                await self._retire(old)
+        return new
+
+    async def activate_stored(
+        self, registry: Registry, name: str, version: str | None = None
+    ) -> LoadedModel:
+        """Serve a version from the store (its active one by default); on success that version
+        also becomes the store's active one, so a restart serves the same."""
+        mv = registry.get(name, version) if version is not None else registry.active(name)
+        model = await self.activate(ModelSource(mv.manifest, mv.file))
+        if version is not None:
+            registry.activate(name, version)
+        return model
+
+    async def reload_store(self, registry: Registry) -> list[str]:
+        """Serve the store's active version of every model whose version changed or is new.
+
+        Models that left the store keep serving until unloaded. Returns what changed."""
+        changed = []
+        for name in registry.names():
+            try:
+                mv = registry.active(name)
+            except ApplianceError as exc:
+                log.warning("reload: skipping model %s: %s", name, exc.message)
+                continue
+            serving = self._models.get(name)
+            if serving is not None and serving.version == mv.manifest.version:
+                continue
+            try:
+                await self.activate(ModelSource(mv.manifest, mv.file))
+            except ApplianceError as exc:
+                log.error("reload: model %s version %s: %s", name, mv.manifest.version, exc.message)
+                continue
+            changed.append(f"{name}/{mv.manifest.version}")
+        return changed
+
+    async def unload(self, name: str) -> None:
+        """Stop serving `name`: new requests get 404, queued ones finish first."""
+        async with self._switching.setdefault(name, asyncio.Lock()):
+            model = self._models.pop(name, None)
+            if model is None:
+                raise NotFound(f"unknown model {name!r}")
+            await self._retire(model)
+
+    async def _retire(self, model: LoadedModel) -> None:
+        """Drain and unload a version no longer reachable through `_models`."""
+        if model.runner is not None:
+            await model.runner.stop()
+            model.runner = None
+        if model.backend is not None:
+            model.backend.unload()
+            model.backend = None
+        model.status = "stopped"
+
     async def stop(self) -> None:
-        for model in self._models.values():
-            if model.runner is not None:
-                await model.runner.stop()
-                model.runner = None
-            if model.backend is not None:
-                model.backend.unload()
-            model.status = "stopped"
+        for model in list(self._models.values()):
+            await self._retire(model)
 
     def _gauges(self) -> list[ModelGauges]:
         out = []
@@ -208,7 +301,10 @@ class Engine:
 
     # -- inference -------------------------------------------------------------------------
     async def infer(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
-        model = self.ready_model(name, version)
+        return await self.infer_on(self.ready_model(name, version), request)
+
+    async def infer_on(self, model: LoadedModel, request: InferRequest) -> InferResponse:
+        """Run `request` on this loaded version (also one not yet switched to, for checks)."""
         runner, metrics = model.runner, model.stats
         assert runner is not None and metrics is not None
         t0 = time.perf_counter()
