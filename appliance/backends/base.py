@@ -16,6 +16,21 @@ from ..tensors import Signature
 
 
 @dataclass(frozen=True)
+class Quantization:
+    """Affine quantization of a model input or output: real = (raw - zero_point) * scale.
+
+    A backend that lists a tensor here takes and gives it as real (FP32) values; the raw
+    integer form stays available on request (see appliance/preprocess)."""
+
+    datatype: str  # the raw KServe datatype: INT8, UINT8 or INT16
+    scale: float
+    zero_point: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"datatype": self.datatype, "scale": self.scale, "zero_point": self.zero_point}
+
+
+@dataclass(frozen=True)
 class LoadContext:
     """What a backend may need beyond the manifest: its settings and a cache directory."""
 
@@ -36,6 +51,8 @@ class Backend(ABC):
 
     signature: Signature
     placement: Placement
+    #: Inputs and outputs the backend converts between real values and quantized integers.
+    quantization: dict[str, Quantization] = {}
 
     @classmethod
     @abstractmethod
