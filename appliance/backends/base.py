@@ -12,7 +12,7 @@ import numpy as np
 from ..config import ModelConfig
 from ..device import Placement
 from ..manifest import Manifest
-from ..tensors import Signature
+from ..tensors import DATATYPES, Signature
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,21 @@ class Quantization:
 
     def to_json(self) -> dict[str, Any]:
         return {"datatype": self.datatype, "scale": self.scale, "zero_point": self.zero_point}
+
+    def quantize(self, values: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        """Real values to raw integers: round half away from zero (as TFLite does), clamp."""
+        dtype = DATATYPES[self.datatype]
+        scaled = values.astype(np.float32) / np.float32(self.scale)
+        rounded = np.sign(scaled) * np.floor(np.abs(scaled) + np.float32(0.5))
+        info = np.iinfo(dtype)
+        out: np.ndarray[Any, Any] = np.clip(rounded + self.zero_point, info.min, info.max)
+        return out.astype(dtype)
+
+    def dequantize(self, values: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        real: np.ndarray[Any, Any] = (values.astype(np.int32) - self.zero_point) * np.float32(
+            self.scale
+        )
+        return real.astype(np.float32)
 
 
 @dataclass(frozen=True)

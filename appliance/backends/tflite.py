@@ -203,18 +203,6 @@ def _layout(interp: Any, cfg: TfliteConfig, what: str) -> _Layout:
     )
 
 
-def quantize(values: np.ndarray[Any, Any], q: Quantization, dtype: np.dtype[Any]) -> Any:
-    """Real values to the quantized type: round half away from zero (as TFLite does), clamp."""
-    scaled = values.astype(np.float32) / np.float32(q.scale)
-    rounded = np.sign(scaled) * np.floor(np.abs(scaled) + np.float32(0.5))
-    info = np.iinfo(dtype)
-    return np.clip(rounded + q.zero_point, info.min, info.max).astype(dtype)
-
-
-def dequantize(values: np.ndarray[Any, Any], q: Quantization) -> Any:
-    return ((values.astype(np.int32) - q.zero_point) * np.float32(q.scale)).astype(np.float32)
-
-
 class _Instance:
     """One interpreter and the input shapes it is currently allocated for."""
 
@@ -291,7 +279,7 @@ class TfliteBackend(Backend):
             q = layout.quantization.get(spec.name)
             dtype = layout.dtypes[spec.name]
             feed[spec.name] = np.ascontiguousarray(
-                quantize(value, q, dtype) if q is not None else value, dtype=dtype
+                q.quantize(value) if q is not None else value, dtype=dtype
             )
         inst = self._take()
         try:
@@ -302,7 +290,7 @@ class TfliteBackend(Backend):
         out: dict[str, np.ndarray[Any, Any]] = {}
         for name in names:
             q = layout.quantization.get(name)
-            out[name] = dequantize(raw[name], q) if q is not None else raw[name]
+            out[name] = q.dequantize(raw[name]) if q is not None else raw[name]
         return out
 
     def _invoke(

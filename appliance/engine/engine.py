@@ -19,6 +19,7 @@ from ..errors import ApplianceError, InvalidInput, ModelError, NotFound, NotRead
 from ..llm import EmbeddingResult, Generation, GenerationResult, TextModel
 from ..manifest import Manifest, verify_file
 from ..metrics import Metrics, ModelGauges, ModelStats
+from ..preprocess.pipeline import Pipeline, build_pipeline
 from ..tensors import Signature
 from .scheduler import ModelRunner
 from .validation import validate
@@ -52,6 +53,8 @@ class LoadedModel:
     loaded_at: float = 0.0
     stats: ModelStats | None = None
     versions: list[str] = field(default_factory=list)
+    #: Image decoding, classification answers, raw quantized tensors (None: nothing declared).
+    pipeline: Pipeline | None = None
 
     @property
     def name(self) -> str:
@@ -144,7 +147,15 @@ class Engine:
         if src.verify:
             verify_file(src.path, src.manifest)
         cls = get_backend(src.manifest.backend)
-        return cls(src.manifest, src.path, LoadContext(model.config, self.cache_dir))
+        backend = cls(src.manifest, src.path, LoadContext(model.config, self.cache_dir))
+        try:
+            model.pipeline = build_pipeline(
+                src.manifest, backend.signature, backend.quantization, model.config
+            )
+        except BaseException:
+            backend.unload()
+            raise
+        return backend
 
     async def stop(self) -> None:
         for model in self._models.values():
@@ -212,12 +223,16 @@ class Engine:
         runner, metrics = model.runner, model.stats
         assert runner is not None and metrics is not None
         t0 = time.perf_counter()
+        pipeline = model.pipeline
         try:
+            drop = await pipeline.prepare(request) if pipeline is not None else None
             outputs = validate(model.signature, request, model.config.allow_non_finite)
             timeout = model.config.timeout_s
             if request.timeout_s is not None:
                 timeout = min(timeout, request.timeout_s)
             result, _timing = await runner.run(request.inputs, outputs, timeout)
+            if pipeline is not None:
+                result = pipeline.finish(request, result, drop)
         except ApplianceError as exc:
             metrics.outcomes[_OUTCOME.get(exc.status, "error")] += 1
             raise
@@ -301,5 +316,7 @@ class Engine:
             params["runtime_detail"] = p.detail
             if p.fallback_reason:
                 params["fallback_reason"] = p.fallback_reason
+        if model.pipeline is not None:
+            params.update(model.pipeline.describe())
         meta["parameters"] = params
         return meta
