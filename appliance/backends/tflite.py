@@ -309,7 +309,10 @@ class TfliteBackend(Backend):
                 index = layout.inputs[name]
                 if inst.shapes.get(index) != value.shape:
                     inst.shapes.pop(index, None)
-                    interp.resize_tensor_input(index, list(value.shape), strict=True)
+                    try:
+                        interp.resize_tensor_input(index, list(value.shape), strict=True)
+                    except RuntimeError as exc:  # a dimension the model fixes
+                        raise ValueError(str(exc)) from None
                     inst.shapes[index] = value.shape
                     resized = True
             if resized:
