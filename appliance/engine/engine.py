@@ -225,14 +225,14 @@ class Engine:
         t0 = time.perf_counter()
         pipeline = model.pipeline
         try:
-            drop = await pipeline.prepare(request) if pipeline is not None else None
+            asked = await pipeline.prepare(request) if pipeline is not None else None
             outputs = validate(model.signature, request, model.config.allow_non_finite)
             timeout = model.config.timeout_s
             if request.timeout_s is not None:
                 timeout = min(timeout, request.timeout_s)
             result, _timing = await runner.run(request.inputs, outputs, timeout)
             if pipeline is not None:
-                result = pipeline.finish(request, result, drop)
+                result = pipeline.finish(request, result, asked)
         except ApplianceError as exc:
             metrics.outcomes[_OUTCOME.get(exc.status, "error")] += 1
             raise

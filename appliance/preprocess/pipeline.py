@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,12 +26,23 @@ from ..config import ModelConfig
 from ..errors import InvalidInput
 from ..manifest import Manifest
 from ..tensors import Signature
+from .classify import OUTPUTS as CLASSIFY_OUTPUTS
 from .classify import ClassifySpec
 from .image import ImageSpec, to_tensor
 
 log = logging.getLogger("appliance.preprocess")
 
 Arrays = dict[str, np.ndarray[Any, Any]]
+
+
+@dataclass(frozen=True)
+class Asked:
+    """What a request with named outputs wants of the classification."""
+
+    #: Classification outputs the client named (each mapped to binary or not).
+    named: dict[str, bool]
+    #: A model output run only for the classification, left out of the answer.
+    drop: str | None
 
 
 class Pipeline:
@@ -44,11 +56,9 @@ class Pipeline:
         self.classify = classify
         self.quantization = quantization
 
-    async def prepare(self, request: InferRequest) -> str | None:
-        """Turn encoded images and raw quantized inputs into the model's own inputs, in place.
-
-        Returns an output added to the request only for the classification, for `finish` to
-        leave out of the answer."""
+    async def prepare(self, request: InferRequest) -> Asked | None:
+        """Turn encoded images and raw quantized inputs into the model's own inputs, in place;
+        what it returns goes to `finish`."""
         image = self.image
         if image is not None and request.datatypes.get(image.input) == "BYTES":
             items = request.inputs[image.input]
@@ -67,31 +77,46 @@ class Pipeline:
                     )
                 request.inputs[name] = q.dequantize(value)
                 request.datatypes[name] = "FP32"
-        if self.classify is not None and request.outputs is not None:
-            k, _ = self.classify.requested(request.parameters)
-            if k and self.classify.output not in request.outputs:
-                # The classification needs this output even when the client did not ask for it.
-                request.outputs[self.classify.output] = False
-                return self.classify.output
-        return None
+        return self._outputs(request)
 
-    def finish(self, request: InferRequest, outputs: Arrays, drop: str | None) -> Arrays:
+    def _outputs(self, request: InferRequest) -> Asked | None:
+        """Which classification outputs the client named, and the model output they need."""
+        cls = self.classify
+        if cls is None or request.outputs is None:
+            return None
+        named = {n: b for n, b in request.outputs.items() if n in CLASSIFY_OUTPUTS}
+        k, _ = cls.requested(request.parameters)
+        if named and not k:
+            raise InvalidInput(
+                f"outputs {', '.join(named)} need the parameter top_k (how many classes)"
+            )
+        if not k:
+            return None
+        for name in named:
+            del request.outputs[name]
+        drop = None
+        if cls.output not in request.outputs:
+            # The classification needs this output even when the client did not ask for it.
+            request.outputs[cls.output] = False
+            drop = cls.output
+        return Asked(named, drop)
+
+    def finish(self, request: InferRequest, outputs: Arrays, asked: Asked | None) -> Arrays:
         """Add classification answers and re-quantize outputs for a raw_quantized request."""
         out = dict(outputs)
         cls = self.classify
-        if cls is not None and cls.output in out:
-            k, softmax = cls.requested(request.parameters)
-            if k:
-                extra = cls.answer(out[cls.output], k, softmax)
-                if drop is not None:
-                    del out[drop]
-                    if request.outputs is not None:
-                        request.outputs.pop(drop, None)
-                out.update(extra)
-                if request.outputs is not None:
-                    binary = request.binary_output
-                    for name in extra:
-                        request.outputs[name] = binary
+        k, softmax = cls.requested(request.parameters) if cls is not None else (0, False)
+        if cls is not None and k and cls.output in out:
+            extra = cls.answer(out[cls.output], k, softmax)
+            if asked is not None and request.outputs is not None:
+                if asked.drop is not None:
+                    del out[asked.drop]
+                    request.outputs.pop(asked.drop, None)
+                if asked.named:
+                    extra = {n: v for n, v in extra.items() if n in asked.named}
+                for name in extra:
+                    request.outputs[name] = asked.named.get(name, request.binary_output)
+            out.update(extra)
         if self._raw(request):
             for name, q in self.quantization.items():
                 if name in out:
