@@ -72,7 +72,7 @@ def _json_object(value: str | None, flag: str) -> dict[str, Any] | None:
     from .errors import ConfigError
 
     text = value
-    if not value.lstrip().startswith("{"):
+    if not value.lstrip().startswith(("{", "[")):
         try:
             text = Path(value).read_text(encoding="utf-8")
         except OSError as exc:

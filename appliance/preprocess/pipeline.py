@@ -14,6 +14,7 @@ Request parameters it reads:
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,7 @@ import numpy as np
 from ..backends.base import Quantization
 from ..codec import InferRequest
 from ..config import ModelConfig
-from ..errors import InvalidInput
+from ..errors import InvalidInput, ModelError
 from ..manifest import Manifest
 from ..tensors import Signature
 from .classify import OUTPUTS as CLASSIFY_OUTPUTS
@@ -154,6 +155,11 @@ def build_pipeline(
     if pre is not None:
         if pre["type"] == "image":
             image = ImageSpec.parse(pre, signature, config.image, what)
+            if importlib.util.find_spec("PIL") is None:
+                raise ModelError(
+                    f"{what} declares image pre-processing, but Pillow is not installed: "
+                    "pip install 'appliance[image]'"
+                )
         else:
             log.debug("%s: preprocess type %r is not for tensor requests", what, pre["type"])
     if post is not None:
