@@ -13,6 +13,7 @@ import importlib.metadata
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -219,6 +220,9 @@ class _Instance:
 class TfliteBackend(Backend):
     name = "tflite"
     platform = "tensorflow_lite"
+    #: Requests can share a run along a dynamic first dimension (the engine's batching uses
+    #: this where it exists; each run resizes its interpreter to the merged batch).
+    batchable = True
 
     @classmethod
     def inspect(cls, path: Path) -> tuple[Signature, dict[str, Any]]:
@@ -327,6 +331,46 @@ class TfliteBackend(Backend):
         except RuntimeError as exc:
             inst.shapes.clear()
             raise InferenceFailed(f"{self._rt.name} failed: {_short(exc)}") from None
+
+    def bare_call(
+        self, inputs: dict[str, np.ndarray[Any, Any]]
+    ) -> tuple[Callable[[], list[np.ndarray[Any, Any]]], list[str]]:
+        """For `appliance bench`: LiteRT driven directly on an interpreter of its own, sized
+        once for `inputs` (set_tensor, invoke, get_tensor: what a hand-written client does),
+        and the names of the outputs it returns."""
+        layout = self._layout
+        interp = create_interpreter(self._rt, self._path, self._cfg, self._what)
+        feed = {
+            n: np.ascontiguousarray(
+                q.quantize(v) if (q := layout.quantization.get(n)) else v, layout.dtypes[n]
+            )
+            for n, v in inputs.items()
+        }
+        names = [t.name for t in layout.signature.outputs]
+        quant = [layout.quantization.get(n) for n in names]
+        if layout.signature_key is not None:
+            runner = interp.get_signature_runner(layout.signature_key)
+
+            def signature_call() -> list[np.ndarray[Any, Any]]:
+                out = runner(**feed)
+                pairs = zip(names, quant, strict=True)
+                return [q.dequantize(out[n]) if q else np.array(out[n]) for n, q in pairs]
+
+            return signature_call, names
+        for n, v in feed.items():
+            interp.resize_tensor_input(layout.inputs[n], list(v.shape), strict=True)
+        interp.allocate_tensors()
+        ins = [(layout.inputs[n], v) for n, v in feed.items()]
+        outs = [(layout.outputs[n], q) for n, q in zip(names, quant, strict=True)]
+
+        def call() -> list[np.ndarray[Any, Any]]:
+            for index, value in ins:
+                interp.set_tensor(index, value)
+            interp.invoke()
+            got = [(interp.get_tensor(i), q) for i, q in outs]
+            return [q.dequantize(value) if q else value for value, q in got]
+
+        return call, names
 
     def unload(self) -> None:
         with self._lock:
