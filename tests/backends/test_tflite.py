@@ -345,3 +345,40 @@ async def test_kserve_v2_errors(
         },
     )
     assert r.status == 200
+
+
+@pytest.mark.parametrize("name", ["tfl_float", "tfl_int8"])
+def test_bench_floor_is_litert_directly_with_the_same_answers(
+    tflite_models: Path, name: str
+) -> None:
+    backend = load(tflite_models, name)
+    spec = backend.signature.inputs[0]
+    x = {spec.name: rows(3, seed=4)}
+    call, names = backend.bare_call(x)
+    assert names == [t.name for t in backend.signature.outputs]
+    want = backend.run(x, None)
+    for _ in range(2):  # the same interpreter, called again
+        for got, expected in zip(call(), want.values(), strict=True):
+            np.testing.assert_array_equal(got, expected)
+
+
+def test_serve_one_tflite_file(tflite_models: Path) -> None:
+    """`appliance serve --model FILE.tflite` in its own process, no store."""
+    import json
+    import urllib.request
+
+    from tests.conftest import start_server_process, stop_server_process
+
+    server = start_server_process(["--model", str(tflite_models / "tfl_float.tflite")])
+    try:
+        x = rows(2, seed=5)
+        body = json.dumps({"inputs": [tensor("features", "FP32", x)]}).encode()
+        request = urllib.request.Request(
+            f"http://{server.url}/v2/models/tfl_float/infer", data=body, method="POST"
+        )
+        with urllib.request.urlopen(request, timeout=30) as r:
+            outs = {o["name"]: o for o in json.loads(r.read())["outputs"]}
+        _, probs = litert(tflite_models / "tfl_float.tflite", [x])
+        np.testing.assert_array_equal(np.array(outs["scores"]["data"], np.float32), probs.ravel())
+    finally:
+        assert stop_server_process(server) == 0
