@@ -301,3 +301,59 @@ async def test_mqtt_raw_image_gives_the_same_top_k_as_http(
     )
     reply = await peer.reply(replies, b"wrong type")
     assert reply.status == 415
+
+
+# -- the same pipeline in front of an ONNX model -------------------------------------------------
+
+
+def nchw_onnx(path: Path) -> Path:
+    """An NCHW classifier: 4x4 average pool over a 3x24x20 picture, then a linear layer."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(21)
+    w = rng.normal(0, 1, (3 * 6 * 5, 6)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("AveragePool", ["pixels"], ["p"], kernel_shape=[4, 4], strides=[4, 4]),
+            helper.make_node("Flatten", ["p"], ["f"], axis=1),
+            helper.make_node("MatMul", ["f", "w"], ["scores"]),
+        ],
+        "nchw",
+        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["n", 3, 24, 20])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n", 6])],
+        initializer=[numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+async def test_onnx_model_with_nchw_bgr_pictures(serve: ClientFactory, tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    pre = {"type": "image", "color": "BGR", "layout": "NCHW", "method": "bicubic",
+           "scale": 1 / 127.5, "mean": 1.0}  # fmt: skip
+    registry = Registry(tmp_path / "onnx-images")
+    model = nchw_onnx(tmp_path / "nchw.onnx")
+    registry.add("nchw", model, preprocess=pre, postprocess={"type": "classification"})
+    client = await serve(sources=sources_from_store(registry.root))
+    images = [data for _, data in pictures()]
+    form = FormData()
+    for i, data in enumerate(images):
+        form.add_field("picture", data, filename=f"{i}")
+    form.add_field("parameters", '{"top_k": 2}')
+    r = await client.post("/v2/models/nchw/infer", data=form)
+    assert r.status == 200, await r.text()
+    outs = {o["name"]: o for o in (await r.json())["outputs"]}
+    assert "top_k_labels" not in outs  # no labels declared
+    batch = np.stack([by_hand(d, pre, (24, 20)) for d in images])
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    (scores,) = session.run(None, {"pixels": batch})
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :2]
+    assert outs["top_k_indices"]["data"] == order.ravel().tolist()
+    np.testing.assert_allclose(
+        outs["top_k_scores"]["data"], np.take_along_axis(scores, order, 1).ravel(), rtol=1e-5
+    )
