@@ -57,23 +57,27 @@ class Runtime:
     op_resolver: Any
 
 
-def _version(dist: str) -> str:
+def _version(dist: str, module: str) -> str:
+    """The package version: its metadata, else the module's own (a frozen binary has no
+    metadata)."""
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
-        return "unknown"
+        return str(getattr(importlib.import_module(module), "__version__", "unknown"))
 
 
 def _litert() -> Runtime:
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    return Runtime("litert", _version("ai-edge-litert"), Interpreter, OpResolverType)
+    version = _version("ai-edge-litert", "ai_edge_litert")
+    return Runtime("litert", version, Interpreter, OpResolverType)
 
 
 def _tflite_runtime() -> Runtime:
     from tflite_runtime.interpreter import Interpreter, OpResolverType
 
-    return Runtime("tflite_runtime", _version("tflite-runtime"), Interpreter, OpResolverType)
+    version = _version("tflite-runtime", "tflite_runtime")
+    return Runtime("tflite_runtime", version, Interpreter, OpResolverType)
 
 
 def load_runtime(choice: str = "auto") -> Runtime:
