@@ -50,3 +50,11 @@ def test_bad_classification_declarations(post: dict[str, Any], message: str) -> 
     with pytest.raises(ModelError) as exc:
         ClassifySpec.parse(post, LOGITS, "m")
     assert message in exc.value.message
+
+
+def test_a_default_k_from_the_manifest_applies_unless_the_request_says_otherwise() -> None:
+    c = ClassifySpec.parse({"type": "classification", "top_k": 2}, LOGITS, "m")
+    assert c.requested({}) == (2, False)  # e.g. an MQTT 3.1.1 raw picture, with no parameters
+    assert c.requested({"top_k": 0}) == (0, False)
+    assert c.to_json() == {"type": "classification", "output": "logits", "softmax": False,
+                           "top_k": 2}  # fmt: skip
