@@ -13,6 +13,7 @@ The flatbuffers are written with the schema bindings that ship inside ai-edge-li
                          f FP32[-1,4] -> q UINT8[-1,4] (0.25, 100)
   tfl_classifier.tflite  a tiny image classifier: image FP32[-1,32,32,3] -> 8x8 average pool
                          -> 48 features -> logits FP32[-1,10]; labels in classifier_labels.txt
+  tfl_classifier_u8.tflite  the same classifier taking uint8 pixels (scale 1/255, zero point 0)
 Each file is rewritten only when its bytes change, so a cached folder is stable.
 """
 
@@ -194,10 +195,17 @@ def tfl_uint8() -> bytes:
     return g.model([u, f], [real, q], "appliance sample: uint8 in and out")
 
 
-def tfl_classifier() -> bytes:
+def tfl_classifier(quantized: bool = False) -> bytes:
     rng = np.random.default_rng(13)
     g = Graph()
-    image = g.tensor("image", np.float32, [1, 32, 32, 3], dynamic_batch=True)
+    if quantized:
+        pixels = g.tensor(
+            "pixels", np.uint8, [1, 32, 32, 3], quant=(1 / 255, 0), dynamic_batch=True
+        )
+        image = g.tensor("image", np.float32, [1, 32, 32, 3], dynamic_batch=True)
+        g.op(s.BuiltinOperator.DEQUANTIZE, [pixels], [image])
+    else:
+        image = g.tensor("image", np.float32, [1, 32, 32, 3], dynamic_batch=True)
     pooled = g.tensor("pooled", np.float32, [1, 4, 4, 3], dynamic_batch=True)
     shape = g.tensor("flat_shape", np.int32, [2], np.array([-1, 48]))
     flat = g.tensor("flat", np.float32, [1, 48], dynamic_batch=True)
@@ -224,6 +232,10 @@ def tfl_classifier() -> bytes:
         s.BuiltinOptions.FullyConnectedOptions,
         _fc_options(),
     )
+    if quantized:
+        return g.model(
+            [pixels], [logits], "appliance sample: 32x32 RGB image classifier, uint8 input"
+        )
     return g.model([image], [logits], "appliance sample: 32x32 RGB image classifier")
 
 
@@ -232,6 +244,7 @@ MODELS = {
     "tfl_int8": tfl_int8,
     "tfl_uint8": tfl_uint8,
     "tfl_classifier": tfl_classifier,
+    "tfl_classifier_u8": lambda: tfl_classifier(quantized=True),
 }
 
 

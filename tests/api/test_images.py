@@ -357,3 +357,28 @@ async def test_onnx_model_with_nchw_bgr_pictures(serve: ClientFactory, tmp_path:
     np.testing.assert_allclose(
         outs["top_k_scores"]["data"], np.take_along_axis(scores, order, 1).ravel(), rtol=1e-5
     )
+
+
+async def test_quantized_classifier_takes_pictures_as_real_values(
+    serve: ClientFactory, tmp_path: Path, tflite_models: Path
+) -> None:
+    """A uint8-input model (scale 1/255) behind a [0, 1] image declaration: the backend turns
+    the real values back into exactly the picture's bytes."""
+    registry = Registry(tmp_path / "u8")
+    pre = {"type": "image", "resize": "shorter_side", "resize_to": 40, "scale": 1 / 255}
+    model = tflite_models / "tfl_classifier_u8.tflite"
+    post = {"type": "classification", "softmax": True, "labels": list(LABELS)}
+    registry.add("u8", model, preprocess=pre, postprocess=post)
+    client = await serve(sources=sources_from_store(registry.root))
+    meta = await (await client.get("/v2/models/u8")).json()
+    assert meta["inputs"][0]["datatype"] == "FP32"
+    assert meta["parameters"]["quantization"]["pixels"]["datatype"] == "UINT8"
+    for ctype, data in pictures():
+        headers = {"Content-Type": ctype}
+        r = await client.post("/v2/models/u8/infer?top_k=3", data=data, headers=headers)
+        assert r.status == 200, await r.text()
+        names, _, outs = answer(await r.json())
+        pixels = by_hand(data, {**pre, "scale": 1.0}).astype(np.uint8)  # the bytes themselves
+        (logits,) = litert(model, [pixels[None]])
+        np.testing.assert_array_equal(np.array(outs["logits"]["data"], np.float32), logits.ravel())
+        assert names == top_k_by_hand(logits, 3)[0]
