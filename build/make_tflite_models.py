@@ -239,12 +239,16 @@ def tfl_classifier(quantized: bool = False) -> bytes:
     return g.model([image], [logits], "appliance sample: 32x32 RGB image classifier")
 
 
+def tfl_classifier_u8() -> bytes:
+    return tfl_classifier(quantized=True)
+
+
 MODELS = {
     "tfl_float": tfl_float,
     "tfl_int8": tfl_int8,
     "tfl_uint8": tfl_uint8,
     "tfl_classifier": tfl_classifier,
-    "tfl_classifier_u8": lambda: tfl_classifier(quantized=True),
+    "tfl_classifier_u8": tfl_classifier_u8,
 }
 
 
