@@ -382,3 +382,33 @@ async def test_quantized_classifier_takes_pictures_as_real_values(
         (logits,) = litert(model, [pixels[None]])
         np.testing.assert_array_equal(np.array(outs["logits"]["data"], np.float32), logits.ravel())
         assert names == top_k_by_hand(logits, 3)[0]
+
+
+def test_tritonclient_sends_pictures_as_bytes(image_store: Registry, tflite_models: Path) -> None:
+    """tritonclient.http, unchanged: a BYTES input of encoded pictures, binary and JSON."""
+    import tritonclient.http as httpclient
+
+    from tests.conftest import start_server_process, stop_server_process
+
+    server = start_server_process(["--models", str(image_store.root)])
+    try:
+        client = httpclient.InferenceServerClient(server.url)
+        images = [data for _, data in pictures()]
+        want, _ = expected(tflite_models, images, 2)
+        for binary in (True, False):
+            items = np.array(
+                images if binary else [base64.b64encode(d) for d in images], dtype=np.object_
+            )
+            picture_input = httpclient.InferInput("image", [len(images)], "BYTES")
+            picture_input.set_data_from_numpy(items, binary_data=binary)
+            result = client.infer(
+                "classifier",
+                [picture_input],
+                outputs=[httpclient.InferRequestedOutput("top_k_labels")],
+                parameters={"top_k": 2},
+            )
+            labels = result.as_numpy("top_k_labels")
+            assert [[x.decode() for x in row] for row in labels] == want, binary
+        client.close()
+    finally:
+        assert stop_server_process(server) == 0
