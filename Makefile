@@ -46,11 +46,13 @@ bench: $(STAMP) samples
 	$(BIN)/appliance bench build/samples/sample.onnx
 
 # The device binary (PyInstaller, built on this machine for this machine; see README "Binary").
+# BINARY_BACKENDS: the extras bundled, e.g. make binary BINARY_BACKENDS=onnx,tflite,image
+BINARY_BACKENDS ?= onnx
 binary:
-	$(PYTHON) build/build_binary.py --mode onedir
+	$(PYTHON) build/build_binary.py --mode onedir --backends $(BINARY_BACKENDS)
 
 binary-onefile:
-	$(PYTHON) build/build_binary.py --mode onefile
+	$(PYTHON) build/build_binary.py --mode onefile --backends $(BINARY_BACKENDS)
 
 # The frozen binary alone: --version, selftest, and a model served to tritonclient.
 binary-test: $(STAMP) binary samples

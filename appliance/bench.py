@@ -745,12 +745,17 @@ def load_backend(target: Target, config: Config) -> Backend:
 
 
 def raw_call(backend: Backend, inputs: dict[str, Array]) -> tuple[Callable[[], Any], list[str]]:
-    """The bare runtime call (for ONNX `session.run`), and the names of the outputs it returns."""
+    """The bare runtime call (ONNX `session.run`, LiteRT's interpreter), and the names of the
+    outputs it returns."""
     session = getattr(backend, "session", None)
     if backend.name == "onnx" and session is not None:
         run = session.run
         names = [o.name for o in session.get_outputs()]
         return (lambda: run(None, inputs)), names
+    bare = getattr(backend, "bare_call", None)
+    if backend.name == "tflite" and bare is not None:
+        call: tuple[Callable[[], Any], list[str]] = bare(inputs)
+        return call
     names = [t.name for t in backend.signature.outputs]
     return (lambda: list(backend.run(inputs, None).values())), names
 

@@ -66,6 +66,29 @@ def _registry(args: argparse.Namespace) -> Any:
     return Registry(Path(_config(args).store.path))
 
 
+def _json_object(value: str | None, flag: str) -> dict[str, Any] | None:
+    """A manifest declaration from the command line: JSON text, or a file holding it."""
+    if value is None:
+        return None
+    import orjson
+
+    from .errors import ConfigError
+
+    text = value
+    if not value.lstrip().startswith(("{", "[")):
+        try:
+            text = Path(value).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{flag} {value!r}: cannot read: {exc.strerror}") from None
+    try:
+        obj = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise ConfigError(f"{flag}: not JSON: {exc}") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
+        raise ConfigError(f"{flag}: must be a JSON object with a string 'type'")
+    return obj
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .registry import describe
 
@@ -73,7 +96,12 @@ def cmd_models(args: argparse.Namespace) -> int:
     action = args.action
     if action == "add":
         mv = reg.add(
-            args.name, Path(args.file), version=args.version, activate=not args.no_activate
+            args.name,
+            Path(args.file),
+            version=args.version,
+            activate=not args.no_activate,
+            preprocess=_json_object(args.preprocess, "--preprocess"),
+            postprocess=_json_object(args.postprocess, "--postprocess"),
         )
         m = mv.manifest
         state = "active" if not args.no_activate else "inactive"
@@ -182,6 +210,8 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("file")
     a.add_argument("--version", help="version name (default: the next integer)")
     a.add_argument("--no-activate", action="store_true", help="add without activating")
+    a.add_argument("--preprocess", metavar="JSON", help="pre-processing (a file or JSON text)")
+    a.add_argument("--postprocess", metavar="JSON", help="post-processing (a file or JSON text)")
     msub.add_parser("list", help="list models and versions")
     act = msub.add_parser("activate", help="make a version the active one")
     act.add_argument("name")

@@ -121,6 +121,34 @@ class GgufConfig:
 
 
 @dataclass
+class TfliteConfig:
+    """LiteRT / TensorFlow Lite interpreter settings (see backends/tflite.py)."""
+
+    #: Threads of one interpreter's kernels; 0 means one per CPU core. Each concurrent request
+    #: (max_concurrency) has an interpreter of its own.
+    threads: int = 0
+    #: The XNNPACK delegate (fast float and int8 CPU kernels); off uses the builtin kernels.
+    xnnpack: bool = True
+    #: auto: LiteRT (ai-edge-litert), else tflite_runtime if that is what the device has.
+    runtime: Literal["auto", "litert", "tflite_runtime"] = "auto"
+    #: Quantized inputs and outputs take and give real values (scale and zero point applied);
+    #: off exposes the raw integer tensors. A request can ask for raw ones either way.
+    dequantize: bool = True
+    #: The signature to serve when the model has several; empty: serving_default, else the first.
+    signature: str = ""
+
+
+@dataclass
+class ImageConfig:
+    """Limits on images decoded for models that declare image pre-processing."""
+
+    #: Largest image (width x height) decoded; larger ones are refused before decoding.
+    max_pixels: int = 4096 * 4096
+    #: Most images in one request.
+    max_images: int = 64
+
+
+@dataclass
 class ModelConfig:
     """Serving settings for a model; [model_defaults] applies to all, [models.NAME] overrides."""
 
@@ -138,6 +166,8 @@ class ModelConfig:
     inline_max_us: float = 250.0
     onnx: OnnxConfig = field(default_factory=OnnxConfig)
     gguf: GgufConfig = field(default_factory=GgufConfig)
+    tflite: TfliteConfig = field(default_factory=TfliteConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
 
 
 @dataclass
@@ -270,6 +300,11 @@ def _check_ranges(obj: Any, where: str) -> None:
             raise bad("max_inflight", "must be at least 1")
         if obj.reconnect_max_s < obj.reconnect_min_s:
             raise bad("reconnect_max_s", "must not be below reconnect_min_s")
+    if isinstance(obj, ImageConfig):
+        if obj.max_pixels < 1:
+            raise bad("max_pixels", "must be at least 1")
+        if obj.max_images < 1:
+            raise bad("max_images", "must be at least 1")
     if isinstance(obj, GgufConfig):
         if obj.instances < 1:
             raise bad("instances", "must be at least 1")

@@ -39,6 +39,12 @@ class PayloadTooLarge(ApplianceError):
     status = 413
 
 
+class UnsupportedMediaType(ApplianceError):
+    """The body's Content-Type is not one this model or route takes, or not what it holds."""
+
+    status = 415
+
+
 class Overloaded(ApplianceError):
     """The model's queue is full: refused at once instead of growing memory."""
 

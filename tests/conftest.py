@@ -48,6 +48,36 @@ def samples(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tflite_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sample .tflite files, made by build/make_tflite_models.py (no TensorFlow)."""
+    out = tmp_path_factory.mktemp("tflite")
+    subprocess.run(
+        [sys.executable, str(ROOT / "build" / "make_tflite_models.py"), "--out", str(out)],
+        check=True,
+        capture_output=True,
+    )
+    return out
+
+
+@pytest.fixture
+def image_store(tmp_path: Path, tflite_models: Path) -> Registry:
+    """A store with the TFLite samples; `classifier` declares image pre-processing and a
+    classification answer (tests/support/images.py has the declarations)."""
+    from tests.support.images import CLASSIFIER_POST, CLASSIFIER_PRE
+
+    registry = Registry(tmp_path / "image-models")
+    for name in ("tfl_float", "tfl_int8", "tfl_uint8"):
+        registry.add(name, tflite_models / f"{name}.tflite")
+    registry.add(
+        "classifier",
+        tflite_models / "tfl_classifier.tflite",
+        preprocess=CLASSIFIER_PRE,
+        postprocess=CLASSIFIER_POST,
+    )
+    return registry
+
+
+@pytest.fixture(scope="session")
 def gguf_models() -> Path:
     """GGUF models made offline by build/make_gguf_models.py (cached in build/gguf).
 

@@ -356,3 +356,27 @@ def test_serve_store_with_token_from_environment(samples: Path, sample_store: Pa
         check_token_required(server, "0123456789", samples)
     finally:
         stop_server_process(server)
+
+
+def test_models_add_with_image_declarations(tmp_path: Path, tflite_models: Path) -> None:
+    store = str(tmp_path / "models")
+    model = str(tflite_models / "tfl_classifier.tflite")
+    pre = {"type": "image", "resize": "shorter_side", "resize_to": 40}
+    pre_file = tmp_path / "pre.json"
+    pre_file.write_text(json.dumps(pre))
+    post = '{"type": "classification", "softmax": true}'
+    out = ok("models", "add", "clf", model, "--models", store,
+             "--preprocess", str(pre_file), "--postprocess", post)  # fmt: skip
+    assert "(tflite, " in out
+    manifest = Registry(store).active("clf").manifest
+    assert manifest.preprocess == pre
+    assert manifest.postprocess == {"type": "classification", "softmax": True}
+    # Declarations are checked against the model before anything is written.
+    bad = appliance("models", "add", "clf", model, "--models", store, "--preprocess",
+                    '{"type": "image", "resize": "shorter_side", "resize_to": 8}')  # fmt: skip
+    assert bad.returncode == 1
+    assert "preprocess.resize_to = 8: must be at least the crop size 32" in bad.stderr
+    bad = appliance("models", "add", "clf", model, "--models", store, "--postprocess", "[1]")
+    assert bad.returncode == 2
+    assert "--postprocess: must be a JSON object with a string 'type'" in bad.stderr
+    assert Registry(store).versions("clf") == ["1"]

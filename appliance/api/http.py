@@ -21,7 +21,7 @@ import orjson
 from aiohttp import web
 
 from .. import __version__
-from ..codec import decode_request, encode_response
+from ..codec import InferRequest, decode_request, encode_response
 from ..engine import Engine, LoadedModel
 from ..errors import (
     ApplianceError,
@@ -35,6 +35,7 @@ from ..errors import (
 from ..logs import request_id, trace_id
 from ..metrics import Metrics
 from ..registry import Registry, check_name
+from .images import image_request, text_parameters
 from .openai import add_routes as add_openai_routes
 from .openai import openai_error
 
@@ -291,6 +292,25 @@ async def infer(request: web.Request) -> web.Response:
             f"request body of {request.content_length} bytes is larger than the limit of "
             f"{limit} bytes"
         )
+    ctype = request.content_type.lower()
+    if ctype.startswith(("image/", "multipart/")):
+        req = await image_request(request, engine.ready_model(name, version), ctype, limit)
+    else:
+        req = await _tensor_request(request)
+    req.parameters.update(_query_parameters(request))
+    result = await engine.infer(name, version, req)
+    payload, json_length = encode_response(result, req)
+    if json_length is None:
+        return web.Response(body=payload, content_type=_JSON)
+    return web.Response(
+        body=payload,
+        content_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(json_length)},
+    )
+
+
+async def _tensor_request(request: web.Request) -> InferRequest:
+    """A KServe v2 body: JSON, or JSON followed by binary tensor data."""
     body = await request.read()
     header_length = None
     raw = request.headers.get("Inference-Header-Content-Length")
@@ -301,16 +321,12 @@ async def infer(request: web.Request) -> web.Response:
             raise InvalidInput(
                 f"Inference-Header-Content-Length must be an integer, got {raw!r}"
             ) from None
-    req = decode_request(body, header_length)
-    result = await engine.infer(name, version, req)
-    payload, json_length = encode_response(result, req)
-    if json_length is None:
-        return web.Response(body=payload, content_type=_JSON)
-    return web.Response(
-        body=payload,
-        content_type="application/octet-stream",
-        headers={"Inference-Header-Content-Length": str(json_length)},
-    )
+    return decode_request(body, header_length)
+
+
+def _query_parameters(request: web.Request) -> dict[str, Any]:
+    """Request parameters given in the URL (?top_k=5), for image bodies and JSON alike."""
+    return text_parameters(request.query.items()) if request.query else {}
 
 
 # -- application ------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """The MQTT interface (paho-mqtt) for IoT devices: the same engine, codec and errors as HTTP.
 
 Topics (prefix and device id from [mqtt]):
-  <prefix>/<device>/infer/<model>[/versions/<v>][/raw]   requests (QoS 1 by default)
+  <prefix>/<device>/infer/<model>[/versions/<v>][/raw]   requests (QoS 1 by default); a raw
+      payload to a model that declares image pre-processing is a JPEG/PNG, and MQTT 5 user
+      properties (top_k, softmax, raw_quantized) are its request parameters
   <prefix>/groups/<group>/infer/<model>...               the same, as a shared subscription
   <prefix>/<device>/status                               retained: online (JSON) / offline (will)
 Replies go to the MQTT 5 Response Topic with the Correlation Data copied back, or, in MQTT 3.1.1,
@@ -51,7 +53,9 @@ from ..errors import (
     PayloadTooLarge,
 )
 from ..metrics import Metrics
+from ..preprocess.image import check_content_type
 from ..tensors import DATATYPES
+from .images import PARAMETERS, image_spec, images_request, text_parameters
 
 log = logging.getLogger("appliance.mqtt")
 
@@ -70,6 +74,8 @@ class Incoming:
     response_topic: str | None
     correlation: bytes | None
     content_type: str | None
+    #: MQTT 5 user properties (request parameters such as top_k for raw payloads).
+    user: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -121,9 +127,17 @@ def parse_topic(topic: str, prefixes: list[str]) -> Route:
     raise NotFound(f"topic {topic!r} names no model (expected .../infer/<model>)")
 
 
-def raw_request(engine: Engine, route: Route, payload: bytes) -> InferRequest:
-    """A raw payload is the whole of a model's single input: bytes for BYTES, or a tensor."""
+def raw_request(
+    engine: Engine, route: Route, payload: bytes, content_type: str | None = None
+) -> InferRequest:
+    """A raw payload is the whole of a model's single input: bytes for BYTES, or a tensor, or
+    an encoded image (JPEG/PNG) for a model that declares image pre-processing."""
     model = engine.ready_model(route.model, route.version)
+    if content_type is not None and content_type.lower().startswith("image/"):
+        check_content_type(payload, content_type)
+        return images_request(image_spec(model), [payload])
+    if model.pipeline is not None and model.pipeline.image is not None:
+        return images_request(model.pipeline.image, [payload])
     inputs = model.signature.inputs
     if len(inputs) != 1:
         raise InvalidInput(
@@ -157,6 +171,10 @@ def raw_request(engine: Engine, route: Route, payload: bytes) -> InferRequest:
         )
     tensor = np.frombuffer(payload, dtype=dtype).reshape(dims)
     return InferRequest({spec.name: tensor}, datatypes={spec.name: spec.datatype})
+
+
+def _is_image(content_type: str | None) -> bool:
+    return content_type is not None and content_type.lower().startswith("image/")
 
 
 def _no_socket_callback(client: Any, userdata: Any, sock: Any) -> None:
@@ -312,6 +330,7 @@ class MqttService:
             response_topic=getattr(props, "ResponseTopic", None) if props else None,
             correlation=getattr(props, "CorrelationData", None) if props else None,
             content_type=getattr(props, "ContentType", None) if props else None,
+            user=tuple(getattr(props, "UserProperty", None) or ()) if props else (),
         )
         loop = self._loop
         if loop is not None:
@@ -366,7 +385,12 @@ class MqttService:
                 f"{self.cfg.max_inflight}); retry later"
             )
             body = None  # an MQTT 3.1.1 request names its reply topic in its JSON
-            if not m.response_topic and m.content_type != RAW and not m.topic.endswith("/raw"):
+            if (
+                not m.response_topic
+                and m.content_type != RAW
+                and not _is_image(m.content_type)
+                and not m.topic.endswith("/raw")
+            ):
                 with contextlib.suppress(orjson.JSONDecodeError):
                     body = orjson.loads(m.payload)
             self._reply_error(m, self._reply_address(m, body), exc)
@@ -401,12 +425,15 @@ class MqttService:
                         f"{self.cfg.max_payload_bytes} bytes"
                     )
                 route = parse_topic(m.topic, self.prefixes)
-                raw = route.raw or m.content_type == RAW
+                raw = route.raw or m.content_type == RAW or _is_image(m.content_type)
                 if not raw and not m.response_topic:
                     with contextlib.suppress(orjson.JSONDecodeError):
                         address = self._reply_address(m, orjson.loads(m.payload))
                 if raw:
-                    request = raw_request(self.engine, route, m.payload)
+                    request = raw_request(self.engine, route, m.payload, m.content_type)
+                    # Other user properties (trace ids...) are the client's own business.
+                    known = [(k, v) for k, v in m.user if k in PARAMETERS]
+                    request.parameters.update(text_parameters(known))
                 else:
                     request = decode_request(m.payload)
                 # Replies are JSON: there is no header to frame binary outputs in.
@@ -417,7 +444,8 @@ class MqttService:
                 body, _ = encode_response(response, request)
                 self._publish(address, body, m.correlation, 200)
             except ApplianceError as exc:
-                outcome = {400: "invalid", 404: "not_found", 413: "invalid", 503: "overloaded",
+                outcome = {400: "invalid", 404: "not_found", 413: "invalid", 415: "invalid",
+                           503: "overloaded",
                            504: "timeout"}.get(exc.status, "error")  # fmt: skip
                 self._reply_error(m, address, exc)
         except Exception:

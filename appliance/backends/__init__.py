@@ -8,13 +8,19 @@ from pathlib import Path
 from ..errors import ModelError
 from .base import Backend
 
-#: name -> "module:Class"; GGUF and TFLite join here.
+#: name -> "module:Class"
 _BACKENDS: dict[str, str] = {
     "onnx": "appliance.backends.onnx:OnnxBackend",
     "gguf": "appliance.backends.gguf:GgufBackend",
+    "tflite": "appliance.backends.tflite:TfliteBackend",
 }
 #: file suffix -> backend name
-_SUFFIXES: dict[str, str] = {".onnx": "onnx", ".ort": "onnx", ".gguf": "gguf"}
+_SUFFIXES: dict[str, str] = {
+    ".onnx": "onnx",
+    ".ort": "onnx",
+    ".gguf": "gguf",
+    ".tflite": "tflite",
+}
 
 
 def names() -> list[str]:
@@ -62,7 +68,7 @@ def detect_backend(path: Path) -> str:
     if head[:4] == b"GGUF":
         return "gguf"
     if head[4:8] == b"TFL3":
-        raise ModelError(f"{path}: TFLite models are not supported yet")
+        return "tflite"
     backend = _SUFFIXES.get(path.suffix.lower())
     if backend is None:
         raise ModelError(

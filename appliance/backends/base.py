@@ -12,7 +12,37 @@ import numpy as np
 from ..config import ModelConfig
 from ..device import Placement
 from ..manifest import Manifest
-from ..tensors import Signature
+from ..tensors import DATATYPES, Signature
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """Affine quantization of a model input or output: real = (raw - zero_point) * scale.
+
+    A backend that lists a tensor here takes and gives it as real (FP32) values; the raw
+    integer form stays available on request (see appliance/preprocess)."""
+
+    datatype: str  # the raw KServe datatype: INT8, UINT8 or INT16
+    scale: float
+    zero_point: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"datatype": self.datatype, "scale": self.scale, "zero_point": self.zero_point}
+
+    def quantize(self, values: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        """Real values to raw integers: round half away from zero (as TFLite does), clamp."""
+        dtype = DATATYPES[self.datatype]
+        scaled = values.astype(np.float32) / np.float32(self.scale)
+        rounded = np.sign(scaled) * np.floor(np.abs(scaled) + np.float32(0.5))
+        info = np.iinfo(dtype)
+        out: np.ndarray[Any, Any] = np.clip(rounded + self.zero_point, info.min, info.max)
+        return out.astype(dtype)
+
+    def dequantize(self, values: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        real: np.ndarray[Any, Any] = (values.astype(np.int32) - self.zero_point) * np.float32(
+            self.scale
+        )
+        return real.astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -36,6 +66,8 @@ class Backend(ABC):
 
     signature: Signature
     placement: Placement
+    #: Inputs and outputs the backend converts between real values and quantized integers.
+    quantization: dict[str, Quantization] = {}
 
     @classmethod
     @abstractmethod

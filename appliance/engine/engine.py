@@ -19,6 +19,7 @@ from ..errors import ApplianceError, InvalidInput, ModelError, NotFound, NotRead
 from ..llm import EmbeddingResult, Generation, GenerationResult, TextModel
 from ..manifest import Manifest, verify_file
 from ..metrics import Metrics, ModelGauges, ModelStats
+from ..preprocess.pipeline import Pipeline, build_pipeline
 from ..registry import Registry
 from ..tensors import Signature
 from .scheduler import ModelRunner
@@ -53,6 +54,8 @@ class LoadedModel:
     loaded_at: float = 0.0
     stats: ModelStats | None = None
     versions: list[str] = field(default_factory=list)
+    #: Image decoding, classification answers, raw quantized tensors (None: nothing declared).
+    pipeline: Pipeline | None = None
 
     @property
     def name(self) -> str:
@@ -151,7 +154,15 @@ class Engine:
         if src.verify:
             verify_file(src.path, src.manifest)
         cls = get_backend(src.manifest.backend)
-        return cls(src.manifest, src.path, LoadContext(model.config, self.cache_dir))
+        backend = cls(src.manifest, src.path, LoadContext(model.config, self.cache_dir))
+        try:
+            model.pipeline = build_pipeline(
+                src.manifest, backend.signature, backend.quantization, model.config
+            )
+        except BaseException:
+            backend.unload()
+            raise
+        return backend
 
     async def activate(
         self,
@@ -236,6 +247,7 @@ class Engine:
 
     async def _retire(self, model: LoadedModel) -> None:
         """Drain and unload a version no longer reachable through `_models`."""
+        model.status = "stopped"  # before the first await: nothing new may enter its queue
         if model.runner is not None:
             await model.runner.stop()
             model.runner = None
@@ -308,18 +320,37 @@ class Engine:
         runner, metrics = model.runner, model.stats
         assert runner is not None and metrics is not None
         t0 = time.perf_counter()
+        pipeline = model.pipeline
         try:
+            asked = None
+            if pipeline is not None:
+                asked = await pipeline.prepare(request)
+                if model.status != "ready":  # switched to another version while decoding
+                    model, runner, metrics = self._successor(model)
             outputs = validate(model.signature, request, model.config.allow_non_finite)
             timeout = model.config.timeout_s
             if request.timeout_s is not None:
                 timeout = min(timeout, request.timeout_s)
             result, _timing = await runner.run(request.inputs, outputs, timeout)
+            if pipeline is not None:
+                result = pipeline.finish(request, result, asked)
         except ApplianceError as exc:
             metrics.outcomes[_OUTCOME.get(exc.status, "error")] += 1
             raise
         metrics.outcomes["success"] += 1
         metrics.total.observe(time.perf_counter() - t0)
         return InferResponse(model.name, model.version, result, request.id)
+
+    def _successor(self, model: LoadedModel) -> tuple[LoadedModel, ModelRunner, ModelStats]:
+        """The version that replaced `model`, if it prepares inputs the same way."""
+        current = self.ready_model(model.name)
+        if current.source.manifest.preprocess != model.source.manifest.preprocess:
+            raise NotReady(
+                f"model {model.name!r} switched to version {current.version}, which prepares "
+                "its inputs differently, while this request was being prepared; send it again"
+            )
+        assert current.runner is not None and current.stats is not None
+        return current, current.runner, current.stats
 
     def text_model(self, name: str, mode: str) -> tuple[LoadedModel, TextModel]:
         """The ready model `name`, which must be a language ("chat") or embedding model."""
@@ -397,5 +428,7 @@ class Engine:
             params["runtime_detail"] = p.detail
             if p.fallback_reason:
                 params["fallback_reason"] = p.fallback_reason
+        if model.pipeline is not None:
+            params.update(model.pipeline.describe())
         meta["parameters"] = params
         return meta

@@ -133,8 +133,8 @@ def test_inspect_refuses_a_file_that_is_not_a_model(tmp_path: Path) -> None:
 def test_backend_lookup(samples: Path, tmp_path: Path) -> None:
     assert get_backend("onnx") is OnnxBackend
     assert detect_backend(samples / "sample.onnx") == "onnx"
-    with pytest.raises(ModelError, match="unknown backend 'tflite'"):
-        get_backend("tflite")
+    with pytest.raises(ModelError, match="unknown backend 'tensorrt'"):
+        get_backend("tensorrt")
     with pytest.raises(ModelError, match="cannot read"):
         detect_backend(tmp_path / "missing.onnx")
 

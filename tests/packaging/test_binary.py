@@ -76,3 +76,47 @@ def test_serves_a_model_from_the_command_line_to_tritonclient(
         client.close()
     finally:
         assert stop_server_process(server) == 0
+
+
+def test_serves_a_tflite_classifier_a_picture(tmp_path: Path, tflite_models: Path) -> None:
+    """Where the binary bundles the tflite and image extras (BINARY_BACKENDS=onnx,tflite,image):
+    a TFLite model it has never seen, and a JPEG sent as it is."""
+    import json
+    import urllib.request
+
+    from appliance.registry import Registry
+    from tests.support.images import (
+        CLASSIFIER_POST,
+        CLASSIFIER_PRE,
+        by_hand,
+        encode,
+        litert,
+        picture,
+        top_k_by_hand,
+    )
+
+    assert BINARY
+    version = run("--version", cwd=tmp_path).stdout
+    if "tflite: litert" not in version:
+        pytest.skip("this binary was built without the tflite extra")
+    store = Registry(tmp_path / "models")
+    model = tflite_models / "tfl_classifier.tflite"
+    store.add("classifier", model, preprocess=CLASSIFIER_PRE, postprocess=CLASSIFIER_POST)
+    server = start_server_process(
+        ["--models", str(store.root)], command=[str(Path(BINARY).resolve())], base_env=BARE_ENV
+    )
+    try:
+        data = encode(picture(64, 48, 1), "JPEG")
+        request = urllib.request.Request(
+            f"http://{server.url}/v2/models/classifier/infer?top_k=3",
+            data=data,
+            headers={"Content-Type": "image/jpeg"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=30) as r:
+            outs = {o["name"]: o for o in json.loads(r.read())["outputs"]}
+        (logits,) = litert(model, [by_hand(data, CLASSIFIER_PRE)[None]])
+        labels, _ = top_k_by_hand(logits, 3)
+        assert outs["top_k_labels"]["data"] == labels[0]
+    finally:
+        assert stop_server_process(server) == 0
