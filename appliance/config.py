@@ -121,6 +121,16 @@ class GgufConfig:
 
 
 @dataclass
+class TextConfig:
+    """ONNX models whose manifest declares "text" preprocessing (appliance/preprocess/text.py)."""
+
+    #: Longest text accepted, in characters; a longer one is refused (400) before tokenizing.
+    max_chars: int = 20000
+    #: Texts tokenized and run together in one runtime call; bounds memory on long requests.
+    batch_size: int = 32
+
+
+@dataclass
 class ModelConfig:
     """Serving settings for a model; [model_defaults] applies to all, [models.NAME] overrides."""
 
@@ -138,6 +148,7 @@ class ModelConfig:
     inline_max_us: float = 250.0
     onnx: OnnxConfig = field(default_factory=OnnxConfig)
     gguf: GgufConfig = field(default_factory=GgufConfig)
+    text: TextConfig = field(default_factory=TextConfig)
 
 
 @dataclass
@@ -277,6 +288,11 @@ def _check_ranges(obj: Any, where: str) -> None:
             raise bad("n_batch", "must be at least 1")
         if obj.default_max_tokens < 1:
             raise bad("default_max_tokens", "must be at least 1")
+    if isinstance(obj, TextConfig):
+        if obj.max_chars < 1:
+            raise bad("max_chars", "must be at least 1")
+        if obj.batch_size < 1:
+            raise bad("batch_size", "must be at least 1")
 
 
 def _declared_type(parts: list[str]) -> Any:
