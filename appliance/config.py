@@ -126,8 +126,9 @@ class TextConfig:
 
     #: Longest text accepted, in characters; a longer one is refused (400) before tokenizing.
     max_chars: int = 20000
-    #: Texts tokenized and run together in one runtime call; bounds memory on long requests.
-    batch_size: int = 32
+    #: Texts run together in one runtime call. 1 keeps each text's vector independent of the
+    #: others in its request: dynamic INT8 models scale activations per batch (padding too).
+    batch_size: int = 1
 
 
 @dataclass

@@ -188,8 +188,9 @@ def session(path: Path) -> Any:
 
 
 def embed(
-    sess: Any, encoder: TextEncoder, sentences: list[str], what: str, batch: int = 32
+    sess: Any, encoder: TextEncoder, sentences: list[str], what: str, batch: int = 1
 ) -> np.ndarray[Any, Any]:
+    """Vectors as the server computes them by default ([model_defaults.text] batch_size = 1)."""
     spec = encoder.spec
     out = []
     starts = range(0, len(sentences), batch)
