@@ -81,7 +81,7 @@ def main() -> int:
     results: dict[str, Any] = {"sentences": len(sentences)}
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "store"
-        builds = [("onnx-int8", ())]
+        builds: list[tuple[str, tuple[str, ...]]] = [("onnx-int8", ())]
         if args.per_tensor:
             builds.append(("onnx-int8-pt", ("--per-tensor", "--min-cosine", "0")))
         builds.append(("gguf-q8_0", ("--format", "gguf")))

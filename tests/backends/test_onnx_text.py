@@ -30,7 +30,10 @@ async def minilm(serve, minilm_build, tmp_path):
 
 
 def _cosines(got: np.ndarray, want: np.ndarray) -> np.ndarray:
-    return (got * want).sum(axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    cos: np.ndarray = (
+        (got * want).sum(axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    )
+    return cos
 
 
 async def test_openai_embeddings_agree_with_sentence_transformers(minilm, minilm_build):

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -150,7 +151,9 @@ def test_gguf_build_of_minilm_agrees_with_onnx_build(minilm_build, gguf_models):
     from appliance.config import ModelConfig
 
     mv = Registry(minilm_build.store).active("minilm")
-    backend = OnnxBackend(mv.manifest, mv.file, LoadContext(ModelConfig(), Path("/nonexistent")))
+    backend: Any = OnnxBackend(
+        mv.manifest, mv.file, LoadContext(ModelConfig(), Path("/nonexistent"))
+    )
     onnx_vectors = backend.embed(minilm_build.sentences).vectors
     llm = llama_cpp.Llama(str(gguf_models / "minilm-q8_0.gguf"), embedding=True, verbose=False)
     try:

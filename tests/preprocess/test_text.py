@@ -25,7 +25,7 @@ def tokenizer_dir() -> Path:
 
 
 def make_spec(**over) -> TextSpec:
-    values = dict(
+    values: dict = dict(
         tokenizer="tokenizer.json",
         max_length=16,
         padding="longest",
