@@ -112,6 +112,7 @@ async def test_openai_bad_input_is_400(minilm, payload, message):
     [
         ({"datatype": "INT64", "shape": [2], "data": [1, 2]}, "expects datatype BYTES"),
         ({"datatype": "BYTES", "shape": [0], "data": []}, "no texts to embed"),
+        ({"datatype": "BYTES", "shape": [2], "data": [1, 2]}, "'text'"),
         ({"datatype": "BYTES", "shape": [1], "data": ["x" * 101]}, "more than the limit of 100"),
         ({"datatype": "BYTES", "shape": [1, 1], "data": ["a"]}, "does not match"),
     ],
