@@ -164,3 +164,26 @@ def test_gguf_build_of_minilm_agrees_with_onnx_build(minilm_build, gguf_models):
     cos = (gguf * onnx_vectors).sum(axis=1)
     assert cos.mean() >= 0.99, cos
     assert cos.min() > 0.95, cos
+
+
+def test_static_int8_that_fails_validation_stores_nothing(tmp_path):
+    """Static INT8 (QDQ, calibrated) loses too much on MiniLM: the check refuses it, and the
+    report stays in --work for the user to read."""
+    from tests.support.minilm import minilm_dir, sentences
+
+    python = require_convert_python()
+    few = tmp_path / "few.txt"
+    few.write_text("\n".join(sentences()[:12]) + "\n")
+    proc = build_cli(
+        str(minilm_dir(python)), "--task", "embedding", "--calibration", str(few),
+        "--sentences", str(few), "--min-cosine", "0.999", "--out", str(tmp_path / "store"),
+        "--work", str(tmp_path / "work"), python=python,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "validation failed, nothing was stored: mean cosine" in proc.stderr
+    assert "below 0.999" in proc.stderr
+    assert not (tmp_path / "store").exists()
+    report = json.loads((tmp_path / "work" / "validation.json").read_text())
+    assert report["passed"] is False and report["sentences"] == 12
+    assert report["quantization_method"]["method"] == "static"
+    assert report["quantization_method"]["calibration_sentences"] == 12
