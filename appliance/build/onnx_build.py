@@ -135,13 +135,15 @@ class _Calibration:
     """Feeds for static quantization, one sentence at a time (onnxruntime's reader protocol)."""
 
     def __init__(self, encoder: TextEncoder, sentences: list[str]) -> None:
-        self._feeds = iter([encoder.encode([s])[0] for s in sentences])
+        self._all = [encoder.encode([s])[0] for s in sentences]
+        self._feeds = iter(self._all)
 
     def get_next(self) -> dict[str, np.ndarray[Any, Any]] | None:
         return next(self._feeds, None)
 
-    def rewind(self) -> None:  # pragma: no cover - onnxruntime calls it for some methods only
-        raise NotImplementedError
+    def rewind(self) -> None:
+        """Start over (onnxruntime does for calibration methods that pass twice)."""
+        self._feeds = iter(self._all)
 
 
 def fuse(fp32: Path, out: Path) -> dict[str, int] | None:
