@@ -145,3 +145,27 @@ async def test_not_a_language_model(minilm):
             model="minilm", messages=[{"role": "user", "content": "hi"}]
         )
     assert "not a language model" in str(info.value)
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_tritonclient_bytes_against_a_server_process(minilm_build, tmp_path, binary):
+    """tritonclient (its JSON and its binary BYTES encoding) against `appliance serve`."""
+    import tritonclient.http as httpclient
+
+    from tests.conftest import start_server_process, stop_server_process
+
+    shutil.copytree(minilm_build.store, tmp_path / "built")
+    server = start_server_process(["--models", str(tmp_path / "built")])
+    try:
+        client = httpclient.InferenceServerClient(server.url)
+        texts = minilm_build.sentences[10:14]
+        text = httpclient.InferInput("text", [len(texts)], "BYTES")
+        text.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=object), binary)
+        out = httpclient.InferRequestedOutput("embedding", binary_data=binary)
+        result = client.infer("minilm", [text], outputs=[out])
+        got = result.as_numpy("embedding")
+        client.close()
+    finally:
+        stop_server_process(server)
+    assert got.shape == (len(texts), 384) and got.dtype == np.float32
+    assert _cosines(got.astype(np.float64), minilm_build.reference[10:14]).mean() >= 0.99
