@@ -126,6 +126,9 @@ def build_minilm() -> MinilmBuild:
         if target.exists():
             rmtree(target)
         staging.rename(target)
+        for old in CACHE.glob("minilm-onnx-*"):  # builds from earlier inputs
+            if old != target:
+                rmtree(old)
     reference = np.load(target / "reference.npy", allow_pickle=False)
     assert reference.shape == (len(texts), 384)
     return MinilmBuild(target / "store", model_dir, texts, reference, python)
