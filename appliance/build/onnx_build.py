@@ -8,6 +8,7 @@ report measures exactly what the server will run.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import statistics
 import sys
@@ -36,6 +37,9 @@ def _ort() -> Any:
 
 
 def _quantization() -> Any:
+    # Its advice to pre-process first goes to the root logger at warning level; shape
+    # inference is run by the quantizer anyway, so the line is noise in a build log.
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
     try:
         from onnxruntime import quantization
     except ImportError as exc:
