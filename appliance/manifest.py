@@ -38,6 +38,9 @@ class Manifest:
     parameters: dict[str, Any] = field(default_factory=dict)
     preprocess: dict[str, Any] | None = None
     postprocess: dict[str, Any] | None = None
+    #: Further files of the version (a tokenizer, a validation report): plain file name ->
+    #: {"sha256", "size"}; verify_file checks them with the model file.
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -55,6 +58,7 @@ class Manifest:
             "parameters": self.parameters,
             **({"preprocess": self.preprocess} if self.preprocess is not None else {}),
             **({"postprocess": self.postprocess} if self.postprocess is not None else {}),
+            **({"files": self.files} if self.files else {}),
         }
 
     @classmethod
@@ -78,13 +82,21 @@ class Manifest:
                 parameters=dict(obj.get("parameters") or {}),
                 preprocess=_optional_object(obj, "preprocess"),
                 postprocess=_optional_object(obj, "postprocess"),
+                files=_files(obj.get("files")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"{where}: invalid manifest: {exc!s}") from None
-        if Path(manifest.file).name != manifest.file or manifest.file in ("", ".", ".."):
+        if not is_plain_name(manifest.file):
             raise ModelError(
                 f"{where}: manifest 'file' must be a plain file name, got {manifest.file!r}"
             )
+        for file_name in manifest.files:
+            if not is_plain_name(file_name):
+                raise ModelError(
+                    f"{where}: manifest 'files' must name plain file names, got {file_name!r}"
+                )
+        if manifest.file in manifest.files or MANIFEST_NAME in manifest.files:
+            raise ModelError(f"{where}: manifest 'files' repeats the model file or the manifest")
         return manifest
 
     @classmethod
@@ -109,6 +121,27 @@ def _optional_object(obj: dict[str, Any], key: str) -> dict[str, Any] | None:
     return dict(value)
 
 
+def is_plain_name(name: str) -> bool:
+    """A file name that stays inside its version directory."""
+    return Path(name).name == name and name not in ("", ".", "..")
+
+
+def _files(value: Any) -> dict[str, dict[str, Any]]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError("'files' must be an object of file name -> {sha256, size}")
+    out: dict[str, dict[str, Any]] = {}
+    for name, entry in value.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+            raise ValueError(f"'files'[{name!r}] must be an object with a string 'sha256'")
+        size = entry.get("size")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"'files'[{name!r}] must have an integer 'size'")
+        out[str(name)] = {"sha256": entry["sha256"], "size": size}
+    return out
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> tuple[str, int]:
     """SHA-256 hex digest and size of a file, read in chunks (model files can be gigabytes)."""
     digest = hashlib.sha256()
@@ -121,7 +154,14 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> tuple[str, int]:
 
 
 def verify_file(path: Path, manifest: Manifest) -> None:
-    """Refuse a model file whose size or sha256 no longer matches its manifest."""
+    """Refuse a model file (or one of the version's further `files`, which lie beside it) whose
+    size or sha256 no longer matches its manifest."""
+    _verify_one(path, manifest, manifest.sha256, manifest.size)
+    for name, entry in manifest.files.items():
+        _verify_one(path.parent / name, manifest, entry["sha256"], entry["size"])
+
+
+def _verify_one(path: Path, manifest: Manifest, sha256: str, expected_size: int) -> None:
     try:
         actual, size = sha256_file(path)
     except OSError as exc:
@@ -129,9 +169,9 @@ def verify_file(path: Path, manifest: Manifest) -> None:
             f"model {manifest.name!r} version {manifest.version}: "
             f"cannot read {path}: {exc.strerror}"
         ) from None
-    if size != manifest.size or actual != manifest.sha256:
+    if size != expected_size or actual != sha256:
         raise ModelError(
             f"model {manifest.name!r} version {manifest.version}: refusing to load {path}: "
             f"sha256 {actual} ({size} bytes) does not match the manifest's "
-            f"{manifest.sha256} ({manifest.size} bytes); the file was modified or corrupted"
+            f"{sha256} ({expected_size} bytes); the file was modified or corrupted"
         )

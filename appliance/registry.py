@@ -14,6 +14,7 @@ import re
 import shutil
 import stat
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import orjson
 
 from .backends import detect_backend, get_backend
 from .errors import ModelError, NotFound
-from .manifest import MANIFEST_NAME, Manifest, sha256_file
+from .manifest import MANIFEST_NAME, Manifest, is_plain_name, sha256_file
 from .tensors import Signature, TensorSpec
 
 ACTIVE_NAME = "ACTIVE"
@@ -159,16 +160,26 @@ class Registry:
         version: str | None = None,
         activate: bool = True,
         backend: str | None = None,
+        extra_files: Mapping[str, Path] | None = None,
         preprocess: dict[str, Any] | None = None,
         postprocess: dict[str, Any] | None = None,
+        parameters: dict[str, Any] | None = None,
     ) -> ModelVersion:
         """Copy a model file in as a new immutable version and (by default) activate it.
 
+        `extra_files` (name in the version -> source file: a tokenizer, a report) are copied
+        beside it and hashed into the manifest's `files`; `parameters` go over the backend's.
         `preprocess` / `postprocess` are written into the manifest (see appliance/preprocess),
         checked against the model's inputs and outputs first."""
         check_name(name, "model name")
         if not source.is_file():
             raise ModelError(f"{source}: no such file")
+        extras = dict(extra_files or {})
+        for extra_name, extra_source in extras.items():
+            if not is_plain_name(extra_name) or extra_name == MANIFEST_NAME:
+                raise ModelError(f"invalid file name {extra_name!r} for a model version")
+            if not extra_source.is_file():
+                raise ModelError(f"{extra_source}: no such file")
         backend_name = backend or detect_backend(source)
         backend_cls = get_backend(backend_name)
         if version is not None:
@@ -188,9 +199,16 @@ class Registry:
         staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=f".{version}.", suffix=".partial"))
         try:
             file_name = f"model{source.suffix.lower()}" if source.suffix else "model"
+            if file_name in extras:
+                raise ModelError(f"{file_name!r} is the model file's own name in the version")
             target = staging / file_name
             shutil.copyfile(source, target)
             digest, size = sha256_file(target)
+            files: dict[str, dict[str, Any]] = {}
+            for extra_name, extra_source in sorted(extras.items()):
+                shutil.copyfile(extra_source, staging / extra_name)
+                extra_digest, extra_size = sha256_file(staging / extra_name)
+                files[extra_name] = {"sha256": extra_digest, "size": extra_size}
             try:
                 signature, params = backend_cls.inspect(target)
             except ModelError as exc:  # name the user's file, not the staging copy
@@ -205,9 +223,10 @@ class Registry:
                 signature=signature,
                 created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 source=str(source.resolve()),
-                parameters=params,
+                parameters={**params, **(parameters or {})},
                 preprocess=preprocess,
                 postprocess=postprocess,
+                files=files,
             )
             if preprocess is not None or postprocess is not None:
                 from .config import ModelConfig

@@ -32,27 +32,31 @@ import hashlib
 import importlib
 import importlib.util
 import json
-import logging
 import os
 import shutil
-import subprocess
 import sys
-import tarfile
-import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # appliance.build.gguf, also under a bare `python -I -S`
+
+from appliance.build import gguf as shared  # noqa: E402
+from appliance.build.gguf import (  # noqa: E402
+    LLAMA_CPP_HINT,
+    Converter,
+    ToolMissing,
+    is_valid_gguf,
+    llama_cpp_version,
+    quantize,
+)
+
 DEFAULT_OUT = ROOT / "build" / "gguf"
 DEFAULT_CACHE = ROOT / "build" / ".cache"
-FALLBACK_LLAMA_CPP_VERSION = "0.3.36"
 REQUIREMENTS = "pip install -r build/gguf_requirements.txt"
-LLAMA_CPP_HINT = (
-    'CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install llama-cpp-python==' + FALLBACK_LLAMA_CPP_VERSION
-)
 
 TINY = "tiny-llama"
 MINILM = "minilm"
@@ -85,24 +89,17 @@ EMBED_SENTENCES = [
 MIN_COSINE = 0.99
 BENCH_MIN_MS = 5.0  # the bench model is meant to be this slow per token, at least
 
-# llama.cpp file types (enum llama_ftype).
-FTYPES = {"q8_0": 7, "q4_0": 2}
-
-
-class ToolMissing(RuntimeError):
-    """A package or program this script needs is not there."""
-
 
 def log(message: str) -> None:
     print(f"[gguf] {message}", flush=True)
 
 
-@contextmanager
-def step(what: str) -> Iterator[None]:
-    log(f"{what} ...")
-    start = time.perf_counter()
-    yield
-    log(f"{what}: done in {time.perf_counter() - start:.1f} s")
+def step(what: str) -> AbstractContextManager[None]:
+    return shared.step(what, log)
+
+
+def converter_dir(cache: Path, version: str) -> Path:
+    return shared.converter_dir(cache, version, log)
 
 
 def require(module: str, hint: str = REQUIREMENTS) -> Any:
@@ -128,20 +125,6 @@ def check_tools() -> None:
 # Files
 
 
-def is_valid_gguf(path: Path) -> bool:
-    """A complete GGUF file: the magic, a known version and at least one tensor."""
-    try:
-        with path.open("rb") as f:
-            head = f.read(24)
-    except OSError:
-        return False
-    if len(head) < 24 or head[:4] != b"GGUF":
-        return False
-    version = int.from_bytes(head[4:8], "little")
-    n_tensors = int.from_bytes(head[8:16], "little")
-    return version in (2, 3) and n_tensors > 0
-
-
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -154,126 +137,8 @@ def mib(path: Path) -> str:
     return f"{path.stat().st_size / 2**20:.1f} MiB"
 
 
-def tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp")
-
-
 def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-# ---------------------------------------------------------------------------------------------
-# llama.cpp's converter, from the llama-cpp-python sdist
-
-
-def llama_cpp_version() -> str:
-    version = getattr(require("llama_cpp", LLAMA_CPP_HINT), "__version__", None)
-    return str(version) if version else FALLBACK_LLAMA_CPP_VERSION
-
-
-def converter_dir(cache: Path, version: str) -> Path:
-    """convert_hf_to_gguf.py with conversion/ and gguf-py/ beside it, cached per version."""
-    target = cache / f"llama.cpp-converter-{version}"
-    if (target / ".complete").is_file():
-        log(f"converter: cached in {target}")
-        return target
-    if importlib.util.find_spec("pip") is None:
-        raise ToolMissing(f"pip is needed to fetch the llama-cpp-python=={version} sdist")
-    cache.mkdir(parents=True, exist_ok=True)
-    with (
-        step(f"fetching llama-cpp-python=={version} sdist (for convert_hf_to_gguf.py)"),
-        tempfile.TemporaryDirectory(dir=cache) as tmp,
-    ):
-        download = Path(tmp) / "sdist"
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-binary", ":all:"]
-        cmd += ["--no-deps", "-d", str(download), f"llama-cpp-python=={version}"]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        archives = sorted(download.glob("llama_cpp_python-*.tar.gz"))
-        if done.returncode != 0 or not archives:
-            raise ToolMissing(
-                f"could not fetch the llama-cpp-python=={version} sdist with pip "
-                f"(exit {done.returncode}): {done.stderr.strip()[-2000:]}"
-            )
-        staging = Path(tmp) / "converter"
-        extract_converter(archives[0], staging)
-        (staging / ".complete").write_text(version + "\n", encoding="utf-8")
-        if not (target / ".complete").is_file():  # else a concurrent run got there first
-            if target.exists():
-                shutil.rmtree(target)  # an incomplete earlier attempt
-            staging.rename(target)
-    log(f"converter: extracted into {target}")
-    return target
-
-
-def extract_converter(archive: Path, dest: Path) -> None:
-    wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
-    count = 0
-    with tarfile.open(archive, "r:gz") as tar:
-        for member in tar.getmembers():
-            parts = member.name.split("/", 1)
-            if len(parts) != 2 or not parts[1].startswith("vendor/llama.cpp/"):
-                continue
-            rel = parts[1].removeprefix("vendor/llama.cpp/")
-            if not member.isfile() or not rel.startswith(wanted) or ".." in rel.split("/"):
-                continue
-            out = dest / rel
-            out.parent.mkdir(parents=True, exist_ok=True)
-            source = tar.extractfile(member)
-            if source is None:
-                continue
-            with source, out.open("wb") as f:
-                shutil.copyfileobj(source, f)
-            count += 1
-    if not (dest / "convert_hf_to_gguf.py").is_file() or not (dest / "gguf-py").is_dir():
-        raise ToolMissing(f"{archive.name} holds no vendor/llama.cpp/convert_hf_to_gguf.py")
-    log(f"converter: {count} files from {archive.name}")
-
-
-class Converter:
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-
-    def env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        gguf_py = str(self.directory / "gguf-py")
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (gguf_py, env.get("PYTHONPATH")) if p)
-        env["HF_HUB_OFFLINE"] = "1"
-        env["TRANSFORMERS_OFFLINE"] = "1"
-        return env
-
-    def convert(
-        self, model_dir: Path, out: Path, outtype: str, name: str, vocab_only: bool = False
-    ) -> None:
-        """convert_hf_to_gguf.py MODEL_DIR --outfile OUT (written under a temporary name first)."""
-        tmp = tmp_path(out)
-        cmd = [sys.executable, str(self.directory / "convert_hf_to_gguf.py"), str(model_dir)]
-        cmd += ["--outfile", str(tmp), "--outtype", outtype, "--model-name", name]
-        if vocab_only:
-            cmd.append("--vocab-only")
-        done = subprocess.run(cmd, env=self.env(), capture_output=True, text=True, check=False)
-        if done.returncode != 0 or not tmp.is_file():
-            tmp.unlink(missing_ok=True)
-            raise RuntimeError(
-                f"convert_hf_to_gguf.py failed on {model_dir} (exit {done.returncode}):\n"
-                + "\n".join((done.stdout + done.stderr).splitlines()[-30:])
-            )
-        tmp.replace(out)
-
-
-def quantize(src: Path, dst: Path, kind: str) -> None:
-    """llama_model_quantize SRC -> DST (K-quants need rows divisible by 256, else fall back)."""
-    llama_cpp = require("llama_cpp", LLAMA_CPP_HINT)
-    # llama-cpp-python prints llama.cpp's log at this logger's level: keep warnings (fallbacks).
-    logging.getLogger("llama-cpp-python").setLevel(logging.WARNING)
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = FTYPES[kind]
-    params.nthread = os.cpu_count() or 1
-    tmp = tmp_path(dst)
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
-    if rc != 0 or not is_valid_gguf(tmp):
-        tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"llama_model_quantize {src.name} -> {kind} failed (rc={rc})")
-    tmp.replace(dst)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -240,3 +240,7 @@ def server_process(
     server = start_server_process(["--models", str(root)])
     yield server
     stop_server_process(server)
+
+
+# `appliance build` of the real all-MiniLM-L6-v2 (ONNX INT8), cached in build/.cache.
+from tests.support.minilm import minilm_build  # noqa: E402, F401

@@ -148,6 +148,15 @@ class OnnxBackend(Backend):
             params["metadata"] = dict(meta.custom_metadata_map)
         return _signature(session), params
 
+    def __new__(cls, manifest: Manifest, path: Path, context: LoadContext) -> OnnxBackend:
+        """A manifest with "text" preprocessing gets the text-embedding flavour of this backend
+        (backends/onnx_text.py); the store names both "onnx"."""
+        if cls is OnnxBackend and (manifest.preprocess or {}).get("type") == "text":
+            from .onnx_text import OnnxTextBackend
+
+            return super().__new__(OnnxTextBackend)
+        return super().__new__(cls)
+
     def __init__(self, manifest: Manifest, path: Path, context: LoadContext) -> None:
         ort = _ort()
         cfg = context.config.onnx
