@@ -184,3 +184,25 @@ async def test_metadata_routes_serve_exactly_what_ngclient_asks_for(env: HubEnv)
     root = Metadata[Root].from_bytes(env.root_json)
     assert root.signed.consistent_snapshot is True
     assert root.signed.expires - utcnow() > dt.timedelta(days=364)
+
+
+async def test_a_running_hub_signs_with_a_key_rotated_by_another_process(
+    env: HubEnv, samples: Path, tmp_path: Path
+) -> None:
+    from appliance.hub.service import Hub
+
+    token = await env.enroll("dev1")
+    await env.publish("sample", "1", samples / "sample.onnx")  # the server caches its keys
+    operator = Hub(env.hub.config)  # what `appliance hub rotate-key` opens
+    try:
+        operator.repo.rotate("targets", env.root_key_dir)
+        operator.repo.rotate("snapshot", env.root_key_dir)
+    finally:
+        operator.close()
+    status, _ = await env.publish("sample", "2", samples / "fp16.onnx")
+    assert status == 201
+    updater = env.updater(token, tmp_path / "device")
+    await asyncio.to_thread(updater.refresh)
+    assert await asyncio.to_thread(updater.get_targetinfo, "sample/2/model.onnx")
+    assert not list(env.hub.config.key_dir.glob("*.new"))
+    assert len(list(env.hub.config.key_dir.glob("targets.pem.retired-*"))) == 1
