@@ -19,7 +19,6 @@ from typing import Any
 import orjson
 
 from ..errors import ApplianceError, ConfigError, InvalidInput
-from .repository import Expiry
 
 DEFAULT_DATA = "hub-data"
 DEFAULT_PORT = 8700
@@ -30,7 +29,14 @@ def _data_dir(args: argparse.Namespace) -> Path:
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from .service import HubConfig
+    # Imported here: `appliance serve` on a device never loads python-tuf or the hub.
+    try:
+        from .repository import Expiry
+        from .service import HubConfig
+    except ModuleNotFoundError as exc:
+        raise ConfigError(
+            f"the hub needs {exc.name}: install it with pip install 'appliance[hub]'"
+        ) from None
 
     expiry = Expiry(
         root=args.root_expiry_days * 86400.0,

@@ -377,12 +377,13 @@ class Hub:
             if events[-1].seq in seen:
                 raise InvalidInput(f"events[{i}]: seq {events[-1].seq} appears twice in the batch")
             seen.add(events[-1].seq)
-        new = self.store.add_events(events)
+        with self.store.transaction():  # concurrent batches of one device fold in turn
+            new = self.store.add_events(events)
+            fresh = self.store.device(device.device_id) or device
+            self._apply(fresh, sorted(new, key=lambda e: e.seq))
+            self.store.touch_device(device.device_id, received)
         duplicates = len(events) - len(new)
         self.duplicates += duplicates
-        fresh = self.store.device(device.device_id) or device
-        self._apply(fresh, sorted(new, key=lambda e: e.seq))
-        self.store.touch_device(device.device_id, received)
         return {
             "stored": len(new),
             "duplicates": duplicates,

@@ -339,3 +339,16 @@ async def test_device_state_follows_its_events(env: HubEnv) -> None:
     assert d["tuf"] == "expired"
     assert d["last_error"] == "TUF metadata expired"
     assert d["last_seq"] == 4
+
+
+async def test_concurrent_retries_store_each_event_once(env: HubEnv) -> None:
+    import asyncio
+
+    token = await env.enroll("dev1")
+    batches = [_events(range(start, start + 20)) for start in range(1, 60, 5)] * 2
+    answers = await asyncio.gather(*(env.telemetry(token, b) for b in batches))
+    unique = {e["seq"] for b in batches for e in b}
+    assert sum(a["stored"] for a in answers) == len(unique)
+    assert sum(a["duplicates"] for a in answers) == sum(len(b) for b in batches) - len(unique)
+    rows = env.hub.store.events("dev1", 0, 1000)
+    assert [e.seq for e in rows] == sorted(unique)
