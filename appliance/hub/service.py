@@ -252,7 +252,8 @@ class Hub:
                 path, length, digest, custom, lambda: self.store.add_target(target)
             )
         except BaseException:
-            if self.store.target(name, version) is None:
+            stored = self.store.target(name, version)
+            if stored is None or stored.sha256 != digest:  # e.g. lost a race to another publish
                 self.artifacts.delete(key)
             raise
         log.info("published %s (%d bytes, sha256 %s)", path, length, digest[:12])

@@ -68,8 +68,14 @@ def test_init_keeps_the_root_key_out_of_the_data_dir(data: Path, tmp_path: Path)
     assert json.loads((data / "1.root.json").read_bytes())["signed"]["version"] == 1
     again = hub("init", "--data", str(data), check=False)
     assert again.returncode != 0 and "already" in again.stderr
-    inside = hub("init", "--data", str(tmp_path / "x"), "--root-key-dir",
-                 str(tmp_path / "x" / "k"), check=False)  # fmt: skip
+    inside = hub(
+        "init",
+        "--data",
+        str(tmp_path / "x"),
+        "--root-key-dir",
+        str(tmp_path / "x" / "k"),
+        check=False,
+    )
     assert inside.returncode != 0 and "must not lie inside" in inside.stderr
 
 
@@ -85,19 +91,30 @@ def test_operator_workflow_against_a_running_hub(
 
     acceptance = tmp_path / "acc.json"
     acceptance.write_text('[{"inputs": [], "outputs": [], "rtol": 0.01}]')
-    out = hub("publish", "sample", str(samples / "sample.onnx"), "--version", "1",
-              "--acceptance", str(acceptance), *url).stdout  # fmt: skip
+    out = hub(
+        "publish",
+        "sample",
+        str(samples / "sample.onnx"),
+        "--version",
+        "1",
+        "--acceptance",
+        str(acceptance),
+        *url,
+    ).stdout
     assert "published: sample/1/model.onnx" in out
-    out = hub("publish", "sample", str(samples / "fp16.onnx"), "--version", "2",
-              "--data", str(data)).stdout  # fmt: skip
+    out = hub(
+        "publish", "sample", str(samples / "fp16.onnx"), "--version", "2", "--data", str(data)
+    ).stdout
     assert "published: sample/2/model.onnx" in out
-    clash = hub("publish", "sample", str(samples / "fp16.onnx"), "--version", "1", *url,
-                check=False)  # fmt: skip
+    clash = hub(
+        "publish", "sample", str(samples / "fp16.onnx"), "--version", "1", *url, check=False
+    )
     assert clash.returncode == 1 and "409" in clash.stderr
 
     assert hub("rollout", "sample", "1", "--all", *url).stdout.startswith("r1 ")
-    assert hub("rollout", "sample", "2", "--group", "lab", "--percent", "100",
-               *url).stdout.startswith("r2 ")  # fmt: skip
+    assert hub(
+        "rollout", "sample", "2", "--group", "lab", "--percent", "100", *url
+    ).stdout.startswith("r2 ")
     req = urllib.request.Request(
         served + "/api/v1/device/assignments", headers={"Authorization": f"Bearer {token}"}
     )
@@ -107,8 +124,9 @@ def test_operator_workflow_against_a_running_hub(
     assert "rolled_back" in hub("rollback", "r2", "--data", str(data)).stdout
     devices = json.loads(hub("devices", "--json", *url).stdout)
     assert {d["device_id"]: d["pending"] for d in devices} == {
-        "dev1": {"sample": "1"}, "dev2": {"sample": "1"}
-    }  # fmt: skip
+        "dev1": {"sample": "1"},
+        "dev2": {"sample": "1"},
+    }
     assert "never" in hub("devices", "--data", str(data)).stdout  # dev2 has not called in
 
     root = hub("export-root", *url).stdout
@@ -118,6 +136,5 @@ def test_operator_workflow_against_a_running_hub(
     assert json.loads(hub("export-root", "--data", str(data)).stdout)["signed"]["version"] == 2
     assert "timestamp" in hub("status", "--data", str(data)).stdout
 
-    bad = hub("enroll", "dev3", "--url", served, "--admin-token-file", str(token_file),
-              check=False)  # fmt: skip
+    bad = hub("enroll", "dev3", "--url", served, "--admin-token-file", str(token_file), check=False)
     assert bad.returncode == 1 and "403" in bad.stderr

@@ -151,8 +151,10 @@ async def test_rollout_targets_all_group_and_devices(env: HubEnv, samples: Path)
     assert [await env.assignments(t) for t in (a, b, c)] == [{"sample": "1"}] * 3
     await env.rollout("sample", "2", {"group": "field"})
     assert [await env.assignments(t) for t in (a, b, c)] == [
-        {"sample": "1"}, {"sample": "2"}, {"sample": "2"}
-    ]  # fmt: skip
+        {"sample": "1"},
+        {"sample": "2"},
+        {"sample": "2"},
+    ]
     await env.rollout("sample", "1", {"devices": ["c"]})
     assert await env.assignments(c) == {"sample": "1"}
     resp = await env.client.get("/api/v1/device/assignments", headers=env.bearer(c))
@@ -196,9 +198,16 @@ async def test_halt_keeps_running_devices_and_rollback_restores_previous(
     r2 = await env.rollout("sample", "2", {"all": True})
     # a installed version 2 before the halt; b had not yet.
     await env.telemetry(
-        a, [{"seq": 1, "time": "t", "kind": "activated",
-             "data": {"model": "sample", "version": "2", "previous": "1"}}]
-    )  # fmt: skip
+        a,
+        [
+            {
+                "seq": 1,
+                "time": "t",
+                "kind": "activated",
+                "data": {"model": "sample", "version": "2", "previous": "1"},
+            }
+        ],
+    )
     resp = await env.client.post(f"/api/v1/admin/rollouts/{r2}/halt", headers=env.admin())
     assert resp.status == 200 and (await resp.json())["state"] == "halted"
     assert await env.assignments(a) == {"sample": "2"}
@@ -210,9 +219,10 @@ async def test_halt_keeps_running_devices_and_rollback_restores_previous(
     assert await env.assignments(a) == {"sample": "1"}
     assert await env.assignments(b) == {"sample": "1"}
     # The fleet view shows a's pending downgrade until it reports version 1 active.
-    devices = {d["device_id"]: d for d in await (
-        await env.client.get("/api/v1/admin/devices", headers=env.admin())
-    ).json()}  # fmt: skip
+    devices = {
+        d["device_id"]: d
+        for d in await (await env.client.get("/api/v1/admin/devices", headers=env.admin())).json()
+    }
     assert devices["a"]["active"] == {"sample": "2"}
     assert devices["a"]["pending"] == {"sample": "1"}
     assert devices["b"]["pending"] == {"sample": "1"}
@@ -257,20 +267,26 @@ async def test_percent_rollout_over_the_api(env: HubEnv, samples: Path) -> None:
 
 # -- telemetry -------------------------------------------------------------------------------
 def _events(seqs: range, kind: str = "metrics") -> list[dict[str, Any]]:
-    return [{"seq": s, "time": f"2026-11-22T05:00:{s % 60:02d}Z", "kind": kind,
-             "data": {"n": s}} for s in seqs]  # fmt: skip
+    return [
+        {"seq": s, "time": f"2026-11-22T05:00:{s % 60:02d}Z", "kind": kind, "data": {"n": s}}
+        for s in seqs
+    ]
 
 
 async def test_telemetry_is_stored_once_in_order(env: HubEnv) -> None:
     token = await env.enroll("dev1")
     other = await env.enroll("dev2")
     assert await env.telemetry(token, _events(range(1, 4))) == {
-        "stored": 3, "duplicates": 0, "max_seq": 3
-    }  # fmt: skip
+        "stored": 3,
+        "duplicates": 0,
+        "max_seq": 3,
+    }
     # A retried batch with new events after it (the device never saw the first answer).
     assert await env.telemetry(token, _events(range(1, 6))) == {
-        "stored": 2, "duplicates": 3, "max_seq": 5
-    }  # fmt: skip
+        "stored": 2,
+        "duplicates": 3,
+        "max_seq": 5,
+    }
     # Out of order and with a gap: stored, listed back in seq order.
     assert (await env.telemetry(token, _events(range(9, 7, -1))))["stored"] == 2
     assert (await env.telemetry(token, _events(range(6, 8))))["max_seq"] == 9
@@ -321,18 +337,51 @@ async def test_telemetry_limits_and_validation(env: HubEnv) -> None:
 
 async def test_device_state_follows_its_events(env: HubEnv) -> None:
     token = await env.enroll("dev1")
-    await env.telemetry(token, [
-        {"seq": 1, "time": "t1", "kind": "activated",
-         "data": {"model": "sample", "version": "1", "previous": None}},
-        {"seq": 2, "time": "t2", "kind": "update_failed",
-         "data": {"model": "sample", "version": "2", "stage": "acceptance", "reason": "wrong"}},
-        {"seq": 4, "time": "t4", "kind": "status",
-         "data": {"active": {"sample": "1", "llm": "3"}, "pending": {}, "tuf": "expired",
-                  "last_error": "TUF metadata expired"}},
-    ])  # fmt: skip
+    await env.telemetry(
+        token,
+        [
+            {
+                "seq": 1,
+                "time": "t1",
+                "kind": "activated",
+                "data": {"model": "sample", "version": "1", "previous": None},
+            },
+            {
+                "seq": 2,
+                "time": "t2",
+                "kind": "update_failed",
+                "data": {
+                    "model": "sample",
+                    "version": "2",
+                    "stage": "acceptance",
+                    "reason": "wrong",
+                },
+            },
+            {
+                "seq": 4,
+                "time": "t4",
+                "kind": "status",
+                "data": {
+                    "active": {"sample": "1", "llm": "3"},
+                    "pending": {},
+                    "tuf": "expired",
+                    "last_error": "TUF metadata expired",
+                },
+            },
+        ],
+    )
     # A late, older event does not overwrite the newer state.
-    await env.telemetry(token, [{"seq": 3, "time": "t3", "kind": "activated",
-                                 "data": {"model": "sample", "version": "0"}}])  # fmt: skip
+    await env.telemetry(
+        token,
+        [
+            {
+                "seq": 3,
+                "time": "t3",
+                "kind": "activated",
+                "data": {"model": "sample", "version": "0"},
+            }
+        ],
+    )
     resp = await env.client.get("/api/v1/admin/devices", headers=env.admin())
     (d,) = await resp.json()
     assert d["active"] == {"sample": "1", "llm": "3"}
