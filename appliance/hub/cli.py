@@ -13,6 +13,7 @@ import secrets
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,13 +71,18 @@ class _Remote:
             raise ConfigError(f"cannot read the admin token {path}: {exc.strerror}") from None
 
     def call(
-        self, method: str, path: str, body: bytes | None = None, ctype: str = "application/json"
+        self,
+        method: str,
+        path: str,
+        body: bytes | Iterator[bytes] | None = None,
+        ctype: str = "application/json",
+        length: int | None = None,
     ) -> Any:
+        headers = {"Authorization": f"Bearer {self.token}", "Content-Type": ctype}
+        if length is not None:
+            headers["Content-Length"] = str(length)
         req = urllib.request.Request(  # noqa: S310 (the operator's own hub URL)
-            self.url + path,
-            data=body,
-            method=method,
-            headers={"Authorization": f"Bearer {self.token}", "Content-Type": ctype},
+            self.url + path, data=body, method=method, headers=headers
         )
         try:
             with urllib.request.urlopen(req, timeout=600) as resp:  # noqa: S310
@@ -96,21 +102,34 @@ class _Remote:
         return self.call(method, path, orjson.dumps(obj) if obj is not None else None)
 
     def publish(self, fields: dict[str, str], file: Path) -> Any:
+        """multipart/form-data, the file streamed from disk (models can be gigabytes)."""
         boundary = "hub-" + secrets.token_hex(16)
-        parts = []
-        for key, value in fields.items():
-            parts.append(
-                f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n'
-                f"{value}\r\n".encode()
-            )
+        head = b"".join(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n'
+            f"{value}\r\n".encode()
+            for key, value in fields.items()
+        )
         ctype = mimetypes.guess_type(file.name)[0] or "application/octet-stream"
-        head = (
+        head += (
             f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
             f'filename="{file.name}"\r\nContent-Type: {ctype}\r\n\r\n'
         ).encode()
-        body = b"".join(parts) + head + file.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+        tail = f"\r\n--{boundary}--\r\n".encode()
+        size = file.stat().st_size
+
+        def body() -> Iterator[bytes]:
+            yield head
+            with file.open("rb") as f:
+                while block := f.read(1 << 20):
+                    yield block
+            yield tail
+
         return self.call(
-            "POST", "/api/v1/admin/models", body, f"multipart/form-data; boundary={boundary}"
+            "POST",
+            "/api/v1/admin/models",
+            body(),
+            f"multipart/form-data; boundary={boundary}",
+            length=len(head) + size + len(tail),
         )
 
 

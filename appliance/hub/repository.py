@@ -201,6 +201,13 @@ class TufRepository:
 
         Returns the roles re-signed (a bumped role re-signs those below it too)."""
         now = now or utcnow()
+        root_left = self.load("root", Root).signed.expires - now
+        if root_left < self.expiry.of("root") / 12:
+            log.warning(
+                "root metadata expires in %.1f days: bring the offline root key and run "
+                "`appliance hub rotate-key root` (devices stop updating once it expires)",
+                root_left.total_seconds() / 86400,
+            )
         with self.store.transaction():
             for role, cls in (
                 ("targets", Targets),

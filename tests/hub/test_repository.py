@@ -206,3 +206,14 @@ async def test_a_running_hub_signs_with_a_key_rotated_by_another_process(
     assert await asyncio.to_thread(updater.get_targetinfo, "sample/2/model.onnx")
     assert not list(env.hub.config.key_dir.glob("*.new"))
     assert len(list(env.hub.config.key_dir.glob("targets.pem.retired-*"))) == 1
+
+
+async def test_root_nearing_expiry_is_reported(
+    env: HubEnv, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("WARNING", logger="appliance.hub.tuf"):
+        env.hub.repo.refresh(utcnow() + dt.timedelta(days=200))
+        assert not [r for r in caplog.records if "root metadata expires" in r.getMessage()]
+        env.hub.repo.refresh(utcnow() + dt.timedelta(days=350))
+    (record,) = [r for r in caplog.records if "root metadata expires" in r.getMessage()]
+    assert "rotate-key root" in record.getMessage()
