@@ -33,6 +33,7 @@ import orjson
 from ..errors import ApplianceError, InvalidInput, NotFound, PayloadTooLarge, Unauthorized
 from .artifacts import ArtifactStore, LocalArtifacts
 from .errors import Conflict, Forbidden
+from .protocol import decode_custom, encode_custom
 from .repository import Expiry, TufRepository, init_repository, write_private
 from .storage import Device, Event, HubStore, Rollout, SQLiteStore, Target
 
@@ -44,6 +45,7 @@ SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 SUFFIXES = {"onnx": ".onnx", "gguf": ".gguf", "tflite": ".tflite"}
 MANIFEST_KEYS = ("inputs", "outputs", "parameters", "preprocess", "postprocess")
 ROLLOUT_STATES = ("active", "halted", "rolled_back")
+__all__ = ["Hub", "HubConfig", "decode_custom", "encode_custom", "init_hub"]
 
 
 def check_name(value: Any, what: str) -> str:
@@ -513,46 +515,6 @@ def _check_event(device_id: str, e: Any, i: int, received: str) -> Event:
     if not isinstance(data, dict):
         raise InvalidInput(f"{where}.data must be an object")
     return Event(device_id, seq, time, kind, data, received)
-
-
-def encode_custom(
-    name: str, version: str, backend: str, manifest: dict[str, Any], acceptance: list[Any]
-) -> dict[str, Any]:
-    """The signed `custom` field of a model target.
-
-    TUF signs canonical JSON, which has no floats (tolerances, FP32 inputs), so the manifest and
-    the acceptance cases travel as JSON text inside it (HUB-PROTOCOL.md, deviation note)."""
-
-    def text(obj: Any) -> str:
-        return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS).decode()
-
-    return {
-        "appliance": {
-            "name": name,
-            "version": version,
-            "backend": backend,
-            "manifest": text(manifest),
-            "acceptance": text(acceptance),
-        }
-    }
-
-
-def decode_custom(custom: Any) -> dict[str, Any]:
-    """A target's `custom` field back to objects: manifest a dict, acceptance a list."""
-    app = custom.get("appliance") if isinstance(custom, dict) else None
-    if not isinstance(app, dict):
-        raise InvalidInput("target has no 'appliance' custom field")
-    out = dict(app)
-    for key, kind in (("manifest", dict), ("acceptance", list)):
-        value = app.get(key)
-        try:
-            decoded = orjson.loads(value) if isinstance(value, str) else value
-        except orjson.JSONDecodeError as exc:
-            raise InvalidInput(f"target custom field {key!r} is not valid JSON: {exc}") from None
-        if not isinstance(decoded, kind):
-            raise InvalidInput(f"target custom field {key!r} must hold a JSON {kind.__name__}")
-        out[key] = decoded
-    return out
 
 
 def check_acceptance(cases: Any) -> list[dict[str, Any]]:
