@@ -48,6 +48,7 @@ def _config(args: argparse.Namespace) -> Any:
     return HubConfig(
         data_dir=_data_dir(args),
         max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
+        max_custom_bytes=int(args.max_acceptance_kb * 1024),
         poll_interval_s=args.poll_interval,
         expiry=expiry,
     )
@@ -401,6 +402,12 @@ def add_parser(sub: Any) -> None:
             )
         g = p.add_argument_group("hub settings")
         g.add_argument("--max-upload-mb", type=float, default=8192.0, help="largest model upload")
+        g.add_argument(
+            "--max-acceptance-kb",
+            type=float,
+            default=64.0,
+            help="largest signed manifest + acceptance cases of one model version",
+        )
         g.add_argument("--poll-interval", type=int, default=60, help="device poll interval (s)")
         g.add_argument("--root-expiry-days", type=float, default=365.0)
         g.add_argument("--targets-expiry-days", type=float, default=90.0)

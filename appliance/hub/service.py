@@ -87,6 +87,9 @@ class HubConfig:
     max_upload_bytes: int = 8 << 30
     max_events: int = 500
     max_telemetry_bytes: int = 1 << 20
+    #: The signed manifest + acceptance cases of one target: every device downloads all of them
+    #: in targets.json (python-tuf clients refuse a targets.json over 5 MB by default).
+    max_custom_bytes: int = 64 << 10
     poll_interval_s: int = 60
     expiry: Expiry = field(default_factory=Expiry)
 
@@ -239,6 +242,13 @@ class Hub:
         path = f"{name}/{version}/{filename}"
         key = f"{name}/{version}/{digest}.{filename}"
         custom = encode_custom(name, version, backend, manifest, checked)
+        custom_size = len(orjson.dumps(custom))
+        if custom_size > self.config.max_custom_bytes:
+            raise PayloadTooLarge(
+                f"manifest and acceptance cases take {custom_size} bytes, over the limit of "
+                f"{self.config.max_custom_bytes} bytes (every device downloads them in "
+                "targets.json): use fewer or smaller acceptance cases"
+            )
         if consume:
             self.artifacts.put_file(key, source)
         else:

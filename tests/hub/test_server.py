@@ -70,7 +70,7 @@ async def test_enrolment_is_validated(env: HubEnv) -> None:
 
 # -- publishing ------------------------------------------------------------------------------
 async def test_publish_conflicts_names_and_limits(hub_factory: Any, samples: Path) -> None:
-    env: HubEnv = await hub_factory(max_upload_bytes=4096)
+    env: HubEnv = await hub_factory(max_upload_bytes=4096, max_custom_bytes=2048)
     model = samples / "sample.onnx"
     assert model.stat().st_size <= 4096
     status, body = await env.publish("sample", "1", model)
@@ -90,6 +90,9 @@ async def test_publish_conflicts_names_and_limits(hub_factory: Any, samples: Pat
     assert status == 400 and "acceptance" in body["error"]
     status, body = await env.publish("sample", "2", model, acceptance='[{"inputs": 1}]')
     assert status == 400
+    cases = [{"inputs": [{"name": "x", "data": [0.5] * 500}], "outputs": []}]
+    status, body = await env.publish("sample", "2", model, acceptance=json.dumps(cases))
+    assert status == 413 and "2048" in body["error"]
     # Nothing half-published: one target, one artifact, no leftovers in tmp.
     assert [t.path for t in env.hub.store.targets()] == ["sample/1/model.onnx"]
     files = [p for p in (env.hub.config.data_dir / "artifacts").rglob("*") if p.is_file()]
