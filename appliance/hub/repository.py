@@ -42,6 +42,8 @@ log = logging.getLogger("appliance.hub.tuf")
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
 ONLINE_ROLES = ("targets", "snapshot", "timestamp")
+#: Versions of targets, snapshot and timestamp kept and served (root keeps every version).
+KEEP_VERSIONS = 10
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,10 @@ class TufRepository:
         for s in signers:
             md.sign(s, append=True)
         self.store.put_metadata(role, md.signed.version, md.to_bytes())
+        if role != "root":
+            # A client mid-update may still ask for a version the previous timestamp named;
+            # older ones are never asked for again (every targets.json is a full copy).
+            self.store.prune_metadata(role, md.signed.version - KEEP_VERSIONS + 1)
 
     def _bump(self, md: Metadata[Any], role: str, now: dt.datetime) -> None:
         md.signed.version += 1

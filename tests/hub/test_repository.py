@@ -217,3 +217,29 @@ async def test_root_nearing_expiry_is_reported(
         env.hub.repo.refresh(utcnow() + dt.timedelta(days=350))
     (record,) = [r for r in caplog.records if "root metadata expires" in r.getMessage()]
     assert "rotate-key root" in record.getMessage()
+
+
+async def test_old_metadata_versions_are_pruned_but_root_is_kept(
+    env: HubEnv, samples: Path, tmp_path: Path
+) -> None:
+    from appliance.hub.repository import KEEP_VERSIONS
+
+    token = await env.enroll("dev1")
+    env.hub.repo.rotate("timestamp", env.root_key_dir)
+    for v in range(1, KEEP_VERSIONS + 3):
+        env.hub.publish("sample", str(v), samples / "sample.onnx")
+    latest = _versions(env)["targets"]
+    assert latest == KEEP_VERSIONS + 3
+    h = env.bearer(token)
+    old = await env.client.get(f"/tuf/metadata/{latest - KEEP_VERSIONS}.targets.json", headers=h)
+    assert old.status == 404
+    kept = await env.client.get(
+        f"/tuf/metadata/{latest - KEEP_VERSIONS + 1}.targets.json", headers=h
+    )
+    assert kept.status == 200
+    for v in (1, 2):
+        resp = await env.client.get(f"/tuf/metadata/{v}.root.json", headers=h)
+        assert resp.status == 200
+    updater = env.updater(token, tmp_path / "device")  # from 1.root.json, as a new device
+    await asyncio.to_thread(updater.refresh)
+    assert await asyncio.to_thread(updater.get_targetinfo, "sample/1/model.onnx")
