@@ -196,7 +196,7 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="appliance", description="Edge inference appliance")
     ap.add_argument("--version", action=_VersionAction)
     sub = ap.add_subparsers(
-        dest="command", required=True, metavar="{serve,models,selftest,bench,build}"
+        dest="command", required=True, metavar="{serve,models,selftest,bench,build,hub}"
     )
 
     s = sub.add_parser("serve", help="serve the model store (or one file) over HTTP")
@@ -270,6 +270,10 @@ def parser() -> argparse.ArgumentParser:
     _common(bl)
     add_arguments(bl)
     bl.set_defaults(func=cmd_build)
+
+    from .hub.cli import add_parser as add_hub_parser
+
+    add_hub_parser(sub)
     return ap
 
 
