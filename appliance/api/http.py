@@ -281,6 +281,27 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 # -- inference --------------------------------------------------------------------------------
+#: The client's timeout for one request, in milliseconds: a queued request that can no longer
+#: finish in time is answered 504 without running. Same effect as Triton's `timeout` request
+#: parameter (microseconds); when both are given the shorter one counts.
+TIMEOUT_HEADER = "X-Request-Timeout-Ms"
+
+
+def _timeout_header(raw: str | None) -> float | None:
+    """Seconds from the timeout header; None if absent."""
+    if raw is None:
+        return None
+    try:
+        ms = float(raw)
+    except ValueError:
+        ms = float("nan")
+    if not 0 < ms < 1e12:  # also NaN and infinity
+        raise InvalidInput(
+            f"{TIMEOUT_HEADER} must be a positive number of milliseconds, got {raw[:40]!r}"
+        )
+    return ms / 1e3
+
+
 async def infer(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     name, version = request.match_info["name"], request.match_info.get("version")
@@ -302,6 +323,9 @@ async def infer(request: web.Request) -> web.Response:
                 f"Inference-Header-Content-Length must be an integer, got {raw!r}"
             ) from None
     req = decode_request(body, header_length)
+    timeout_s = _timeout_header(request.headers.get(TIMEOUT_HEADER))
+    if timeout_s is not None:
+        req.timeout_s = timeout_s if req.timeout_s is None else min(req.timeout_s, timeout_s)
     result = await engine.infer(name, version, req)
     payload, json_length = encode_response(result, req)
     if json_length is None:

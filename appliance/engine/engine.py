@@ -21,6 +21,7 @@ from ..manifest import Manifest, verify_file
 from ..metrics import Metrics, ModelGauges, ModelStats
 from ..registry import Registry
 from ..tensors import Signature
+from .batching import policy_for
 from .scheduler import ModelRunner
 from .validation import validate
 
@@ -127,23 +128,27 @@ class Engine:
         model.loaded_at = time.time()
         model.backend = backend
         model.stats = self.metrics.for_model(model.name, model.version)
+        label = f"{model.name}/{model.version}"
         model.runner = ModelRunner(
             backend,
-            f"{model.name}/{model.version}",
+            label,
             backend.parallelism or model.config.max_concurrency,
             model.config.max_queue,
             model.stats,
             inline_max_us=model.config.inline_max_us,
+            batching=policy_for(model.config.batching, backend, label),
         )
         model.status = "ready"
         p = backend.placement
+        policy = model.runner.batching
         log.info(
-            "model %s version %s ready on %s (%s) in %.3f s",
+            "model %s version %s ready on %s (%s) in %.3f s, %s",
             model.name,
             model.version,
             p.device,
             p.detail,
             model.load_seconds,
+            f"batching up to {policy.max_rows} rows" if policy else "unbatched",
         )
 
     def _load_backend(self, model: LoadedModel) -> Backend:
