@@ -155,6 +155,10 @@ class ModelConfig:
     #: A model whose measured runs stay under this many microseconds runs on the event loop
     #: thread, skipping the thread hand-off (see engine/scheduler.py); 0 always uses workers.
     inline_max_us: float = 250.0
+    #: CPU priority of the model's worker and runtime threads below the event loop's (Linux
+    #: nice steps, 0-19): on a saturated CPU the loop still answers health checks and refuses
+    #: excess requests at once instead of queueing them behind inference.
+    worker_nice: int = 5
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     onnx: OnnxConfig = field(default_factory=OnnxConfig)
     gguf: GgufConfig = field(default_factory=GgufConfig)
@@ -289,6 +293,8 @@ def _check_ranges(obj: Any, where: str) -> None:
             raise bad("max_concurrency", "must be at least 1")
         if obj.timeout_s <= 0:
             raise bad("timeout_s", "must be greater than 0")
+        if obj.worker_nice > 19:
+            raise bad("worker_nice", "must be between 0 and 19")
     if isinstance(obj, BatchingConfig):
         if obj.max_batch_size < 1:
             raise bad("max_batch_size", "must be at least 1")
