@@ -20,6 +20,7 @@ import os
 import re
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from .bench import (
@@ -46,6 +47,7 @@ from .bench import (
     time_calls,
     time_concurrent,
 )
+from .engine.scheduler import lower_priority
 from .errors import ConfigError
 
 MODES = ("off", "on")
@@ -85,10 +87,14 @@ def _env_key(name: str) -> str:
     return "APPLIANCE_MODEL_DEFAULTS__BATCHING__ENABLED"
 
 
-def _batch_stats(conn: HttpConnection, model: str, token: str) -> tuple[float, float]:
+def _batch_stats(address: tuple[str, int], model: str, token: str) -> tuple[float, float]:
     """(runtime calls, requests) from the server's appliance_batch_size histogram."""
     auth = {"Authorization": f"Bearer {token}"} if token else {}
-    status, _, body = conn.exchange(build_request("GET", "/metrics", *conn.address, b"", auth))
+    conn = HttpConnection(*address, 30.0)  # a fresh one: the server closes idle keep-alives
+    try:
+        status, _, body = conn.exchange(build_request("GET", "/metrics", *address, b"", auth))
+    finally:
+        conn.close()
     if status != 200:
         raise BenchError(f"/metrics answered {status}")
     text = body.decode()
@@ -214,6 +220,56 @@ def overload(
 
 
 # -- the sweep --------------------------------------------------------------------------------
+@dataclass
+class RawCeiling:
+    """Raw runtime timings: batch-1 calls and calls of the largest batch."""
+
+    batch1: Latency
+    batch: Latency
+    inputs: dict[str, Any]
+    datatypes: dict[str, str]
+    expected: dict[str, Any]
+
+
+def measure_ceiling(
+    args: argparse.Namespace, config: Any, target: Any, rows: int, batch_rows: int, nice: int
+) -> RawCeiling:
+    """Load the model and time it in a thread of its own, on the servers' CPUs and at their
+    workers' priority (the runtime's threads inherit both), so the ceiling is comparable."""
+    box: list[RawCeiling] = []
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            if args.server_cpus:
+                os.sched_setaffinity(0, _cpus(args.server_cpus))  # this thread only
+            lower_priority(nice)
+            backend = load_backend(target, config)
+            try:
+                specs = backend.signature.inputs
+                inputs = make_inputs(specs, rows)
+                call1, _ = raw_call(backend, inputs)
+                n1 = max(20, args.requests // 4)
+                batch1 = Latency.of(time_calls(call1, max(5, n1 // 10), n1))
+                call_big, _ = raw_call(backend, make_inputs(specs, batch_rows))
+                n_big = max(10, n1 // max(1, batch_rows // rows))
+                big = Latency.of(time_calls(call_big, max(3, n_big // 10), n_big))
+                expected = dict(backend.run(inputs, None))
+                datatypes = {s.name: s.datatype for s in specs}
+                box.append(RawCeiling(batch1, big, inputs, datatypes, expected))
+            finally:
+                backend.unload()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=work, name="bench-raw")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return box[0]
+
+
 def run_batching_bench(args: argparse.Namespace) -> int:
     from .cli import _config
 
@@ -226,27 +282,12 @@ def run_batching_bench(args: argparse.Namespace) -> int:
     top = levels[-1]
     ceiling_rows = min(top * rows, max(model_cfg.batching.max_batch_size, rows))
 
-    # 1. The raw runtime in-process: batch-1 calls and the largest batch, then released.
-    _say(quiet, f"loading {target.file} in-process ...")
-    affinity = os.sched_getaffinity(0)
-    if args.server_cpus:  # the ceiling on the CPUs the servers get
-        os.sched_setaffinity(0, _cpus(args.server_cpus))
-    backend = load_backend(target, config)
-    try:
-        specs = backend.signature.inputs
-        inputs = make_inputs(specs, rows)
-        call1, _ = raw_call(backend, inputs)
-        n1 = max(20, args.requests // 4)
-        raw1 = Latency.of(time_calls(call1, max(5, n1 // 10), n1))
-        big = make_inputs(specs, ceiling_rows)
-        call_big, _ = raw_call(backend, big)
-        n_big = max(10, n1 // max(1, ceiling_rows // rows))
-        raw_big = Latency.of(time_calls(call_big, max(3, n_big // 10), n_big))
-        expected = dict(backend.run(inputs, None))
-        datatypes = {s.name: s.datatype for s in specs}
-    finally:
-        backend.unload()
-        os.sched_setaffinity(0, affinity)
+    # 1. The raw runtime in-process (again after every round of the sweep, side by side).
+    _say(quiet, f"timing the raw runtime in-process ({target.file}) ...")
+    raw_rounds: list[RawCeiling] = []
+    first = measure_ceiling(args, config, target, rows, ceiling_rows, model_cfg.worker_nice)
+    raw_rounds.append(first)
+    inputs, datatypes, expected = first.inputs, first.datatypes, first.expected
 
     body, header_length = encode_infer_body(inputs, datatypes, args.binary)
     token = config.token()
@@ -263,6 +304,12 @@ def run_batching_bench(args: argparse.Namespace) -> int:
     runs: list[dict[str, Any]] = []
     over: dict[str, Any] | None = None
     load_before = _load()
+    affinity = os.sched_getaffinity(0)
+    if args.server_cpus:
+        # the clients (threads started from here inherit it) keep off the servers' CPUs
+        others = affinity - _cpus(args.server_cpus)
+        if others:
+            os.sched_setaffinity(0, others)
     try:
         for mode in MODES:
             env = {_env_key(target.name): "true" if mode == "on" else "false"}
@@ -292,6 +339,11 @@ def run_batching_bench(args: argparse.Namespace) -> int:
                         timeout_s,
                     )  # fmt: skip
                     rounds[mode].append((len(samples) / wall_s, Latency.of(samples)))
+                if c == top:
+                    raw_rounds.append(
+                        measure_ceiling(args, config, target, rows, ceiling_rows,
+                                        model_cfg.worker_nice)
+                    )  # fmt: skip
             for mode in MODES:
                 # the round with the median throughput stands for the level
                 rps, lat = sorted(rounds[mode], key=lambda r: r[0])[len(rounds[mode]) // 2]
@@ -300,7 +352,7 @@ def run_batching_bench(args: argparse.Namespace) -> int:
                     "rps": round(rps, 1), "p50_us": round(lat.p50_us, 1),
                     "p99_us": round(lat.p99_us, 1),
                 })  # fmt: skip
-        calls, merged = _batch_stats(conns["on"], target.name, token)
+        calls, merged = _batch_stats(conns["on"].address, target.name, token)
         load_after = _load()
         if args.overload > 0:
             best = max(r["rps"] for r in runs if r["batching"] == "on")
@@ -320,10 +372,13 @@ def run_batching_bench(args: argparse.Namespace) -> int:
             conn.close()
         for server in servers.values():
             server.stop(config.server.shutdown_timeout_s + STOP_GRACE_S)
+        os.sched_setaffinity(0, affinity)
 
     def find(mode: str, c: int) -> dict[str, Any]:
         return next(r for r in runs if r["batching"] == mode and r["concurrency"] == c)
 
+    raw1 = sorted((r.batch1 for r in raw_rounds), key=lambda x: x.mean_us)[len(raw_rounds) // 2]
+    raw_big = sorted((r.batch for r in raw_rounds), key=lambda x: x.mean_us)[len(raw_rounds) // 2]
     raw_ceiling = ceiling_rows / rows * 1e6 / raw_big.mean_us
     figures: dict[str, Any] = {
         "model": target.name,
@@ -339,6 +394,9 @@ def run_batching_bench(args: argparse.Namespace) -> int:
         "raw_ceiling_rows": ceiling_rows,
         "raw_ceiling_call_p50_us": round(raw_big.p50_us, 1),
         "raw_ceiling_rps": round(raw_ceiling, 1),
+        "raw_ceiling_rounds_rps": [
+            round(ceiling_rows / rows * 1e6 / r.batch.mean_us, 1) for r in raw_rounds
+        ],
         "runs": runs,
         "batching_on_mean_batch": round(merged / calls, 2) if calls else None,
         "throughput_on_vs_off_at_top": round(find("on", top)["rps"] / find("off", top)["rps"], 2),
@@ -365,7 +423,8 @@ def format_sweep(f: dict[str, Any]) -> str:
         f"{f['load_average_before']} before, {f['load_average_after']} after",
         f"raw runtime: batch 1 p50 {f['raw_batch1_p50_us']:,.1f} µs ({f['raw_batch1_rps']:,.0f}"
         f" req/s); batch {f['raw_ceiling_rows']} p50 {f['raw_ceiling_call_p50_us']:,.1f} µs "
-        f"(ceiling {f['raw_ceiling_rps']:,.0f} req/s)",
+        f"(ceiling {f['raw_ceiling_rps']:,.0f} req/s; rounds "
+        f"{', '.join(f'{x:,.0f}' for x in f['raw_ceiling_rounds_rps'])})",
         "",
         f"{'concurrency':>11} {'batching':>9} {'req/s':>10} {'p50 µs':>10} {'p99 µs':>10}",
     ]

@@ -136,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     log = open(os.devnull, "wb")  # noqa: SIM115 - closed below
     results: dict[str, dict[int, dict[str, float]]] = {"appliance": {}, "triton": {}}
     load_before = [round(x, 2) for x in os.getloadavg()]
+    if args.server_cpus:  # the clients keep off the servers' CPUs where there are others
+        servers = {int(x) for x in args.server_cpus.split(",")}
+        others = os.sched_getaffinity(0) - servers
+        if others:
+            os.sched_setaffinity(0, others)
     try:
         procs["appliance"] = subprocess.Popen(
             [*pin, sys.executable, "-m", "appliance", "serve", "--model", args.model,
