@@ -46,6 +46,10 @@ T = TypeVar("T")
 _LEARN_RUNS = 16
 #: One run this many times over the budget sends the model back to the workers at once.
 _OUTLIER = 4.0
+#: Lone runs whose fastest bounds the time a request still needs (deadline drops).
+_SOLO_RUNS = 8
+#: That bound is trusted only this long after the model last ran.
+_STALE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -167,6 +171,11 @@ class ModelRunner:
         self._measured = 0
         self._estimate = float("inf")
         self._fast_nbytes = -1
+        # Deadline drops (read by workers too): the fastest of the recent runs of one request
+        # alone, a lower bound of what a request still needs; and when a run last finished.
+        self._solo: deque[float] = deque(maxlen=_SOLO_RUNS)
+        self._floor = 0.0
+        self._ran_at = 0.0
         self._threads = [
             threading.Thread(target=self._work, name=f"infer-{label}-{i}", daemon=True)
             for i in range(self.concurrency)
@@ -184,13 +193,19 @@ class ModelRunner:
         """Requests inside the runtime on a worker right now."""
         return self._running
 
-    @property
-    def estimate_s(self) -> float | None:
-        """The model's recent run time (a decayed average of measured runs), once measured."""
-        est = self._estimate
-        return None if est == float("inf") else est
+    def floor_s(self, now: float) -> float:
+        """The least time a request still needs to run (0 when unknown).
 
-    def _learn(self, seconds: float, nbytes: int) -> None:
+        The fastest of the last few lone runs: one slow run cannot raise it. If no run finished
+        for a while (every request was dropped for lack of time, say), it is 0 until a request
+        runs and measures the model again, so a stale figure cannot refuse requests for ever."""
+        return self._floor if now - self._ran_at < _STALE_S else 0.0
+
+    def _learn(self, seconds: float, nbytes: int, size: int = 1) -> None:
+        self._ran_at = time.perf_counter()
+        if size == 1:
+            self._solo.append(seconds)
+            self._floor = min(self._solo)
         self._measured += 1
         est = self._estimate
         self._estimate = seconds if est == float("inf") else est + 0.2 * (seconds - est)
@@ -205,12 +220,13 @@ class ModelRunner:
     async def run(
         self, inputs: Arrays, outputs: list[str] | None, timeout_s: float
     ) -> tuple[Arrays, Timing]:
-        est = self._estimate
-        if timeout_s < est != float("inf"):
+        floor = self.floor_s(time.perf_counter())
+        if timeout_s < floor:
             raise DeadlineExceeded(
                 f"model {self.label}: the request's timeout of {timeout_s * 1e3:g} ms is shorter "
-                f"than the model's measured run time of {est * 1e3:.3g} ms; not queued"
+                f"than the model's measured run time of {floor * 1e3:.3g} ms; not queued"
             )
+        est = self._estimate
         nbytes = sum(a.nbytes for a in inputs.values())
         if (
             self._pending == 0
@@ -302,7 +318,7 @@ class ModelRunner:
         for compute, nbytes, size in runs:
             if nbytes >= 0:  # a tensor run, not a generation
                 stats.batch.observe(size)
-                self._learn(compute, nbytes)
+                self._learn(compute, nbytes, size)
         for job in jobs:
             self._pending -= 1
             stats.queue.observe(job.started - job.enqueued)
@@ -410,12 +426,12 @@ class ModelRunner:
                 f"model {self.label}: the deadline passed while the request was queued"
             )
             return False
-        est = self._estimate
-        if job.fn is None and est != float("inf") and now + est > job.deadline:
+        floor = self.floor_s(now)
+        if job.fn is None and now + floor > job.deadline:
             job.error = DeadlineExceeded(
                 f"model {self.label}: dropped before running: {(job.deadline - now) * 1e3:.3g} "
                 f"ms were left of the request's timeout, the model's measured run time is "
-                f"{est * 1e3:.3g} ms"
+                f"{floor * 1e3:.3g} ms"
             )
             return False
         return True

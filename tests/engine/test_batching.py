@@ -251,9 +251,16 @@ async def test_a_timeout_shorter_than_the_measured_run_time_is_refused_or_droppe
     r = await _post(client, "gb", {**_x([[1.0]]), "parameters": {"timeout": 100_000}},
                     **{"X-Request-Timeout-Ms": "5000"})  # fmt: skip
     assert r.status == 504
+    assert "not queued" in (await r.json())["error"]
     for bad in ("0", "-5", "soon", "nan", "inf"):
         r = await _post(client, "gb", _x([[1.0]]), **{"X-Request-Timeout-Ms": bad})
         assert r.status == 400 and "X-Request-Timeout-Ms" in (await r.json())["error"]
+    # A figure nothing refreshed for a while is not trusted: the next request runs and measures
+    # again (otherwise clients with short timeouts could be refused for ever).
+    runner._ran_at -= 60  # as if the model last ran a minute ago
+    r = await _post(client, "gb", _x([[1.0]]), **{"X-Request-Timeout-Ms": "100"})
+    assert r.status == 504 and "while running" in (await r.json())["error"]
+    assert B.runs == 2  # it reached the runtime (counted as a run starts)
 
 
 # -- policies -------------------------------------------------------------------------------------
