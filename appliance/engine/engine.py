@@ -171,12 +171,17 @@ class Engine:
 
         def load() -> None:
             lower_priority(model.config.worker_nice)
+            result: Backend | None = None
+            error: BaseException | None = None
             try:
-                backend = self._load_backend(model)
+                result = self._load_backend(model)
             except BaseException as exc:
-                loop.call_soon_threadsafe(deliver, None, exc)
-            else:
-                loop.call_soon_threadsafe(deliver, backend, None)
+                error = exc
+            try:
+                loop.call_soon_threadsafe(deliver, result, error)
+            except RuntimeError:  # the loop closed while loading (shutdown)
+                if result is not None:
+                    result.unload()
 
         threading.Thread(target=load, name=f"load-{model.name}", daemon=True).start()
         return await future
