@@ -450,9 +450,13 @@ class _StderrDrain(threading.Thread):
 class ServerProcess:
     """`appliance serve --model FILE` as a subprocess on a free port, until `stop`."""
 
-    def __init__(self, command: list[str], token: str, port: int = 0) -> None:
+    def __init__(
+        self, command: list[str], token: str, port: int = 0, env: dict[str, str] | None = None
+    ) -> None:
         self.command = command
         self.token = token
+        #: Extra environment variables (settings as APPLIANCE_* variables).
+        self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
         self.drain: _StderrDrain | None = None
         #: 0: read the bound port from the server's log; else the port it was told to use.
@@ -462,6 +466,7 @@ class ServerProcess:
         try:
             self.proc = subprocess.Popen(
                 self.command,
+                env={**os.environ, **self.env} if self.env else None,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,

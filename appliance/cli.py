@@ -169,6 +169,10 @@ def cmd_probe_gguf(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.sweep:
+        from .bench_batching import run_batching_bench
+
+        return run_batching_bench(args)
     from .bench import run_bench
 
     return run_bench(args)
@@ -257,6 +261,24 @@ def parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--device", choices=["auto", "cuda", "cpu"])
     b.add_argument("--json", action="store_true", help="print the figures as JSON")
+    sweep = b.add_argument_group("dynamic batching on vs off (two servers, side by side)")
+    sweep.add_argument(
+        "--sweep", metavar="LEVELS", help="concurrency levels, e.g. 1,8,32: replaces the usual run"
+    )
+    sweep.add_argument(
+        "--server-cpus", metavar="LIST", help="pin both servers to these CPUs (taskset -c LIST)"
+    )
+    sweep.add_argument(
+        "--overload",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="then offer 10x the sustained rate this long to the batching server",
+    )
+    sweep.add_argument("--overload-connections", type=int, default=128, metavar="N")
+    sweep.add_argument(
+        "--rounds", type=int, default=3, help="alternating rounds per level (the median counts)"
+    )
     llm = b.add_argument_group("GGUF chat models (streamed /v1/chat/completions)")
     llm.add_argument("--runs", type=int, default=3, help="timed streamed completions per side")
     llm.add_argument("--max-tokens", type=int, default=64, help="max_tokens of each completion")

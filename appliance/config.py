@@ -160,6 +160,25 @@ class TextConfig:
 
 
 @dataclass
+class BatchingConfig:
+    """Dynamic batching: queued requests merged along dim 0 into one runtime call
+    (see engine/batching.py)."""
+
+    #: "auto": on for models whose inputs and outputs all have a dynamic first dimension, on a
+    #: backend that can batch (ONNX); true: the same, but a model that cannot batch is an error
+    #: in the log; false: never.
+    enabled: Literal["auto", True, False] = "auto"
+    #: Most rows (the sum of the requests' first dimensions) in one runtime call.
+    max_batch_size: int = 32
+    #: Longest the first request of a batch waits for more; 0 never holds a request: a batch is
+    #: what queued while the previous one ran.
+    max_queue_delay_us: float = 0.0
+    #: Batch sizes (rows) the model runs best at: a batch is cut at the largest one reachable,
+    #: and a max_queue_delay_us wait ends early on reaching the largest.
+    preferred_batch_sizes: list[int] = field(default_factory=list)
+
+
+@dataclass
 class ModelConfig:
     """Serving settings for a model; [model_defaults] applies to all, [models.NAME] overrides."""
 
@@ -175,6 +194,11 @@ class ModelConfig:
     #: A model whose measured runs stay under this many microseconds runs on the event loop
     #: thread, skipping the thread hand-off (see engine/scheduler.py); 0 always uses workers.
     inline_max_us: float = 250.0
+    #: CPU priority of the model's worker and runtime threads below the event loop's (Linux
+    #: nice steps, 0-19): on a saturated CPU the loop still answers health checks and refuses
+    #: excess requests at once instead of queueing them behind inference.
+    worker_nice: int = 5
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
     onnx: OnnxConfig = field(default_factory=OnnxConfig)
     gguf: GgufConfig = field(default_factory=GgufConfig)
     tflite: TfliteConfig = field(default_factory=TfliteConfig)
@@ -227,7 +251,9 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 
 def _type_name(tp: Any) -> str:
     if get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+        return "one of " + ", ".join(
+            str(a).lower() if isinstance(a, bool) else repr(a) for a in get_args(tp)
+        )
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
         tp, str(tp)
     )
@@ -236,7 +262,8 @@ def _type_name(tp: Any) -> str:
 def _check_value(tp: Any, value: Any, where: str) -> Any:
     origin = get_origin(tp)
     if origin is Literal:
-        if value not in get_args(tp):
+        # type too: `1 == True`, but enabled = 1 is not enabled = true
+        if not any(value == a and type(value) is type(a) for a in get_args(tp)):
             raise ConfigError(f"{where} = {value!r}: must be {_type_name(tp)}")
         return value
     if tp is bool:
@@ -259,6 +286,11 @@ def _check_value(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{where} = {value!r}: must be a string")
         return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} = {value!r}: must be a list")
+        (item,) = get_args(tp)
+        return [_check_value(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where} = {value!r}: must be a table")
@@ -303,6 +335,13 @@ def _check_ranges(obj: Any, where: str) -> None:
             raise bad("max_concurrency", "must be at least 1")
         if obj.timeout_s <= 0:
             raise bad("timeout_s", "must be greater than 0")
+        if obj.worker_nice > 19:
+            raise bad("worker_nice", "must be between 0 and 19")
+    if isinstance(obj, BatchingConfig):
+        if obj.max_batch_size < 1:
+            raise bad("max_batch_size", "must be at least 1")
+        if any(n < 1 or n > obj.max_batch_size for n in obj.preferred_batch_sizes):
+            raise bad("preferred_batch_sizes", "each must be between 1 and max_batch_size")
     if isinstance(obj, MqttConfig):
         if obj.qos not in (0, 1):
             raise bad("qos", "must be 0 or 1")

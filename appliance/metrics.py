@@ -29,25 +29,28 @@ LATENCY_BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
+#: Requests merged into one runtime call (dynamic batching).
+BATCH_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
 OUTCOMES = ("success", "invalid", "overloaded", "timeout", "error", "cancelled")
 
 
 class Histogram:
     """Bucket counts for one label set; `observe` is two list operations."""
 
-    __slots__ = ("counts", "sum")
+    __slots__ = ("bounds", "counts", "sum")
 
-    def __init__(self) -> None:
-        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
         self.sum = 0.0
 
     def observe(self, seconds: float) -> None:
-        self.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.counts[bisect_left(self.bounds, seconds)] += 1
         self.sum += seconds
 
     def buckets(self) -> list[tuple[str, float]]:
         out, total = [], 0
-        for bound, n in zip((*LATENCY_BUCKETS, float("inf")), self.counts, strict=True):
+        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
             total += n
             out.append(("+Inf" if bound == float("inf") else repr(bound), float(total)))
         return out
@@ -56,13 +59,15 @@ class Histogram:
 class ModelStats:
     """Counters of one model version, updated on the event loop thread only."""
 
-    __slots__ = ("compute", "inline", "outcomes", "queue", "total")
+    __slots__ = ("batch", "compute", "inline", "outcomes", "queue", "total")
 
     def __init__(self) -> None:
         self.outcomes = dict.fromkeys(OUTCOMES, 0)
         self.queue = Histogram()
         self.compute = Histogram()
         self.total = Histogram()
+        #: Requests per runtime call (1 when a request ran alone).
+        self.batch = Histogram(BATCH_BUCKETS)
         self.inline = 0
 
 
@@ -129,6 +134,10 @@ class Metrics(Collector):
             "total": HistogramMetricFamily(
                 "appliance_inference_request_seconds",
                 "Time from a request reaching the engine to its answer", labels=labels,
+            ),
+            "batch": HistogramMetricFamily(
+                "appliance_batch_size",
+                "Requests merged into one runtime call (dynamic batching)", labels=labels,
             ),
         }  # fmt: skip
         for (name, version), stats in self._models.items():

@@ -8,6 +8,8 @@ Writes:
   multi_io.onnx  several inputs and outputs of float, integer and bool types
   strings.onnx   a BYTES (string) tensor in and out
   fp16.onnx      FP16 in and out
+With --heavy, also heavy_mlp.onnx: a compute-bound MLP (4 layers of 2048x2048, 64 MB) for the
+batching benchmark (input FP32[-1,2048] -> output FP32[-1,2048]); not built by default.
 With --store, `sample` is added to that model store (and activated) unless it is already there.
 """
 
@@ -121,6 +123,29 @@ def fp16() -> onnx.ModelProto:
     return _model(graph, "Doubles a half-precision tensor")
 
 
+def heavy_mlp(width: int = 2048, layers: int = 4) -> onnx.ModelProto:
+    """A model whose batch-1 run takes milliseconds on a small CPU: the runtime dominates."""
+    rng = np.random.default_rng(11)
+    scale = np.float32(1.0 / np.sqrt(width))  # keeps activations in range (and float32)
+    nodes, inits, prev = [], [], "input"
+    for i in range(layers):
+        w = (rng.standard_normal((width, width), dtype=np.float32) * scale).astype(np.float32)
+        b = np.zeros(width, dtype=np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
+        nodes.append(helper.make_node("Gemm", [prev, f"w{i}", f"b{i}"], [f"g{i}"]))
+        out = "output" if i == layers - 1 else f"h{i}"
+        nodes.append(helper.make_node("Relu", [f"g{i}"], [out]))
+        prev = out
+    graph = helper.make_graph(
+        nodes,
+        "heavy_mlp",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", width])],
+        initializer=inits,
+    )
+    return _model(graph, f"{layers}x{width} ReLU MLP for batching benchmarks")
+
+
 MODELS = {"sample": sample, "multi_io": multi_io, "strings": strings, "fp16": fp16}
 
 #: The self-test's input: one flower-like row of four features.
@@ -156,12 +181,18 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DIR",
         help="write sample.onnx and its expected answer for `appliance selftest` (appliance/data)",
     )
+    ap.add_argument(
+        "--heavy", action="store_true", help="also write heavy_mlp.onnx (64 MB, for benchmarks)"
+    )
     args = ap.parse_args(argv)
     if args.selftest_data:
         write_selftest_data(Path(args.selftest_data))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for name, make in MODELS.items():
+    models = dict(MODELS)
+    if args.heavy:
+        models["heavy_mlp"] = heavy_mlp
+    for name, make in models.items():
         data = make().SerializeToString()
         path = out / f"{name}.onnx"
         if not path.exists() or path.read_bytes() != data:

@@ -408,3 +408,41 @@ def test_token_file_empty(tmp_path: Path, content: str) -> None:
     with pytest.raises(ConfigError) as info:
         config.token()
     assert info.value.message == f"server.auth_token_file = {str(path)!r}: the file is empty"
+
+
+def test_batching_settings_per_model_and_from_the_environment() -> None:
+    config = load_config(
+        None,
+        {"models": {"a": {"batching": {"enabled": True, "preferred_batch_sizes": [8, 4]}}}},
+        environ={"APPLIANCE_MODELS__B__BATCHING__ENABLED": "false"},
+    )
+    a, b, c = (config.model_config(n).batching for n in "abc")
+    assert (a.enabled, a.preferred_batch_sizes, a.max_batch_size) == (True, [8, 4], 32)
+    assert b.enabled is False
+    assert (c.enabled, c.max_queue_delay_us, c.preferred_batch_sizes) == ("auto", 0.0, [])
+
+
+@pytest.mark.parametrize(
+    ("batching", "message"),
+    [
+        ({"enabled": 1}, "enabled = 1: must be one of 'auto', true, false"),
+        ({"enabled": "yes"}, "enabled = 'yes': must be one of 'auto', true, false"),
+        ({"max_batch_size": 0}, "max_batch_size = 0: must be at least 1"),
+        ({"preferred_batch_sizes": 4}, "preferred_batch_sizes = 4: must be a list"),
+        ({"preferred_batch_sizes": ["4"]}, "preferred_batch_sizes[0] = '4': must be an integer"),
+        ({"preferred_batch_sizes": [64]}, "each must be between 1 and max_batch_size"),
+        ({"max_queue_delay_us": -1}, "max_queue_delay_us = -1: must not be negative"),
+    ],
+)
+def test_bad_batching_settings_name_the_key(batching: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {"model_defaults": {"batching": batching}}, environ={})
+    assert info.value.message.startswith("model_defaults.batching.") and message in (
+        info.value.message
+    )
+
+
+def test_worker_nice_range() -> None:
+    assert load_config(None, {}, environ={}).model_defaults.worker_nice == 5
+    with pytest.raises(ConfigError, match="worker_nice = 20: must be between 0 and 19"):
+        load_config(None, {"model_defaults": {"worker_nice": 20}}, environ={})

@@ -282,10 +282,32 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 # -- inference --------------------------------------------------------------------------------
+#: The client's timeout for one request, in milliseconds: a queued request that can no longer
+#: finish in time is answered 504 without running. Same effect as Triton's `timeout` request
+#: parameter (microseconds); when both are given the shorter one counts.
+TIMEOUT_HEADER = "X-Request-Timeout-Ms"
+
+
+def _timeout_header(raw: str | None) -> float | None:
+    """Seconds from the timeout header; None if absent."""
+    if raw is None:
+        return None
+    try:
+        ms = float(raw)
+    except ValueError:
+        ms = float("nan")
+    if not 0 < ms < 1e12:  # also NaN and infinity
+        raise InvalidInput(
+            f"{TIMEOUT_HEADER} must be a positive number of milliseconds, got {raw[:40]!r}"
+        )
+    return ms / 1e3
+
+
 async def infer(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     name, version = request.match_info["name"], request.match_info.get("version")
-    engine.ready_model(name, version)  # 404/503 before reading a body we would discard
+    # 404/503 before reading a body we would discard
+    engine.check_capacity(engine.ready_model(name, version))
     limit = request.app[SETTINGS].max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(
@@ -298,6 +320,9 @@ async def infer(request: web.Request) -> web.Response:
     else:
         req = await _tensor_request(request)
     req.parameters.update(_query_parameters(request))
+    timeout_s = _timeout_header(request.headers.get(TIMEOUT_HEADER))
+    if timeout_s is not None:
+        req.timeout_s = timeout_s if req.timeout_s is None else min(req.timeout_s, timeout_s)
     result = await engine.infer(name, version, req)
     payload, json_length = encode_response(result, req)
     if json_length is None:

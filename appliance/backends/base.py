@@ -60,6 +60,9 @@ class Backend(ABC):
     name: ClassVar[str]
     platform: ClassVar[str]
     thread_safe: ClassVar[bool] = True
+    #: `run` takes inputs of several requests concatenated along dimension 0 and answers row
+    #: for row (the engine merges queued requests only for such backends; see engine/batching).
+    batchable: ClassVar[bool] = False
     #: Requests the backend can run at once, when it decides that itself (GGUF: one per llama
     #: context); None means the model's max_concurrency setting.
     parallelism: int | None = None

@@ -132,6 +132,7 @@ def providers_for(
 class OnnxBackend(Backend):
     name = "onnx"
     platform = "onnxruntime_onnx"
+    batchable = True
 
     @classmethod
     def inspect(cls, path: Path) -> tuple[Signature, dict[str, Any]]:

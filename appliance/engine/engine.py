@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -22,7 +23,8 @@ from ..metrics import Metrics, ModelGauges, ModelStats
 from ..preprocess.pipeline import Pipeline, build_pipeline
 from ..registry import Registry
 from ..tensors import Signature
-from .scheduler import ModelRunner
+from .batching import policy_for
+from .scheduler import ModelRunner, lower_priority
 from .validation import validate
 
 log = logging.getLogger("appliance.engine")
@@ -115,7 +117,7 @@ class Engine:
     async def _load(self, model: LoadedModel) -> None:
         t0 = time.perf_counter()
         try:
-            backend = await asyncio.to_thread(self._load_backend, model)
+            backend = await self._in_worker_thread(model)
         except ApplianceError as exc:
             model.status, model.reason = "failed", exc.message
             log.error(
@@ -130,24 +132,62 @@ class Engine:
         model.loaded_at = time.time()
         model.backend = backend
         model.stats = self.metrics.for_model(model.name, model.version)
+        label = f"{model.name}/{model.version}"
         model.runner = ModelRunner(
             backend,
-            f"{model.name}/{model.version}",
+            label,
             backend.parallelism or model.config.max_concurrency,
             model.config.max_queue,
             model.stats,
             inline_max_us=model.config.inline_max_us,
+            batching=policy_for(model.config.batching, backend, label),
+            nice=model.config.worker_nice,
         )
         model.status = "ready"
         p = backend.placement
+        policy = model.runner.batching
         log.info(
-            "model %s version %s ready on %s (%s) in %.3f s",
+            "model %s version %s ready on %s (%s) in %.3f s, %s",
             model.name,
             model.version,
             p.device,
             p.detail,
             model.load_seconds,
+            f"batching up to {policy.max_rows} rows" if policy else "unbatched",
         )
+
+    async def _in_worker_thread(self, model: LoadedModel) -> Backend:
+        """Load in a thread of its own at the workers' priority: the runtime's thread pools,
+        started now, inherit it (see scheduler.lower_priority)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Backend] = loop.create_future()
+
+        def deliver(result: Backend | None, error: BaseException | None) -> None:
+            if future.cancelled():
+                if result is not None:
+                    result.unload()
+            elif error is not None:
+                future.set_exception(error)
+            else:
+                assert result is not None
+                future.set_result(result)
+
+        def load() -> None:
+            lower_priority(model.config.worker_nice)
+            result: Backend | None = None
+            error: BaseException | None = None
+            try:
+                result = self._load_backend(model)
+            except BaseException as exc:
+                error = exc
+            try:
+                loop.call_soon_threadsafe(deliver, result, error)
+            except RuntimeError:  # the loop closed while loading (shutdown)
+                if result is not None:
+                    result.unload()
+
+        threading.Thread(target=load, name=f"load-{model.name}", daemon=True).start()
+        return await future
 
     def _load_backend(self, model: LoadedModel) -> Backend:
         src = model.source
@@ -314,6 +354,18 @@ class Engine:
     # -- inference -------------------------------------------------------------------------
     async def infer(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
         return await self.infer_on(self.ready_model(name, version), request)
+
+    def check_capacity(self, model: LoadedModel) -> None:
+        """503 at once when the model's queue is full, before a body is read or decoded: under
+        overload, refusals must stay cheap for the event loop."""
+        runner, metrics = model.runner, model.stats
+        if runner is None or metrics is None:
+            return
+        try:
+            runner.check_capacity()
+        except ApplianceError:
+            metrics.outcomes["overloaded"] += 1
+            raise
 
     async def infer_on(self, model: LoadedModel, request: InferRequest) -> InferResponse:
         """Run `request` on this loaded version (also one not yet switched to, for checks)."""

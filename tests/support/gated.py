@@ -80,3 +80,33 @@ class TickingTextBackend(GatedBackend):
 
     def embed(self, texts: list[str]) -> Any:
         raise NotImplementedError
+
+
+class BatchingGatedBackend(GatedBackend):
+    """The gated backend, batchable, with a 2-D input: records the rows of every run and
+    rejects any run holding the value 13 (a member the runtime refuses, for isolation tests)."""
+
+    name = "gated_batch"
+    platform = "test_gated_batch"
+    batchable = True
+    signature_2d = Signature(
+        (TensorSpec("x", "FP32", (-1, -1)),),
+        (TensorSpec("y", "FP32", (-1, -1)),),
+    )
+    #: Rows of each run, in order.
+    calls: list[int] = []
+
+    def __init__(self, manifest: Manifest, path: Path, context: LoadContext) -> None:
+        super().__init__(manifest, path, context)
+        self.signature = self.signature_2d
+
+    def run(
+        self, inputs: dict[str, np.ndarray[Any, Any]], outputs: list[str] | None
+    ) -> dict[str, Any]:
+        result = super().run(inputs, outputs)
+        type(self).calls.append(int(inputs["x"].shape[0]))
+        if (inputs["x"] == 13).any():
+            from appliance.errors import InvalidInput
+
+            raise InvalidInput("13 is unlucky")
+        return result
