@@ -70,6 +70,8 @@ class Incoming:
     response_topic: str | None
     correlation: bytes | None
     content_type: str | None
+    #: MQTT 5 user properties (a task's sticky key may travel as one).
+    user_properties: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,7 @@ def parse_topic(topic: str, prefixes: list[str]) -> Route:
 
 def raw_request(engine: Engine, route: Route, payload: bytes) -> InferRequest:
     """A raw payload is the whole of a model's single input: bytes for BYTES, or a tensor."""
-    model = engine.ready_model(route.model, route.version)
+    model = engine.resolve(route.model, route.version)
     inputs = model.signature.inputs
     if len(inputs) != 1:
         raise InvalidInput(
@@ -312,6 +314,7 @@ class MqttService:
             response_topic=getattr(props, "ResponseTopic", None) if props else None,
             correlation=getattr(props, "CorrelationData", None) if props else None,
             content_type=getattr(props, "ContentType", None) if props else None,
+            user_properties=tuple(getattr(props, "UserProperty", None) or ()) if props else (),
         )
         loop = self._loop
         if loop is not None:
@@ -413,7 +416,10 @@ class MqttService:
                 request.binary_output = False
                 if request.outputs is not None:
                     request.outputs = dict.fromkeys(request.outputs, False)
-                response = await self.engine.infer(route.model, route.version, request)
+                key = self.engine.router.key_for(
+                    route.model, request.parameters, dict(m.user_properties)
+                )
+                response = await self.engine.infer(route.model, route.version, request, key)
                 body, _ = encode_response(response, request)
                 self._publish(address, body, m.correlation, 200)
             except ApplianceError as exc:
