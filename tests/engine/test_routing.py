@@ -237,3 +237,21 @@ def test_tasks_from_the_environment():
     config = load_config(None, tasks(t={"variants": variants(("a", 1))}), env)
     task = config.task_config("t")
     assert (task.sticky_key, task.fallback) == ("serial", "small")
+
+
+def test_documented_task_examples_load(tmp_path: Path):
+    root = Path(__file__).resolve().parents[2]
+    shipped = (root / "packaging" / "config.toml").read_text()
+    example = shipped[shipped.index("#   [tasks.") :]
+    readme = (root / "README.md").read_text()
+    start = readme.index("```toml\n[tasks.defect-detect]") + len("```toml\n")
+    for i, text in enumerate(
+        [
+            "\n".join(line[4:] for line in example.splitlines()),
+            readme[start : readme.index("```", start)],
+        ]
+    ):
+        path = tmp_path / f"example{i}.toml"
+        path.write_text(text)
+        config = load_config(path, environ={})
+        assert config.task_config("defect-detect").fallback == "det-small"
