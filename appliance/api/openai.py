@@ -221,8 +221,23 @@ def _text_models(engine: Engine) -> list[LoadedModel]:
     return [m for m in engine.models() if isinstance(m.backend, TextModel)]
 
 
+def _text_tasks(engine: Engine) -> list[dict[str, Any]]:
+    """Tasks whose models are language or embedding models, listed under the task's name."""
+    out = []
+    for name in engine.router.tasks:
+        for mode in ("chat", "embedding"):
+            try:
+                model, _ = engine.text_model(name, mode)
+            except ApplianceError:
+                continue
+            out.append({**_model_entry(model), "id": name})
+            break
+    return out
+
+
 async def list_models(request: web.Request, engine: Engine) -> web.Response:
-    return _json({"object": "list", "data": [_model_entry(m) for m in _text_models(engine)]})
+    data = [_model_entry(m) for m in _text_models(engine)] + _text_tasks(engine)
+    return _json({"object": "list", "data": data})
 
 
 async def get_model(request: web.Request, engine: Engine) -> web.Response:
@@ -230,6 +245,9 @@ async def get_model(request: web.Request, engine: Engine) -> web.Response:
     for m in _text_models(engine):
         if m.name == name:
             return _json(_model_entry(m))
+    for entry in _text_tasks(engine):
+        if entry["id"] == name:
+            return _json(entry)
     raise NotFound(f"the model '{name}' does not exist")
 
 

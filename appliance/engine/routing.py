@@ -299,7 +299,7 @@ class Router:
             try:
                 result = await run(model, deadline - time.monotonic())
             except Exception as exc:
-                if breaker is not None:
+                if breaker is not None and breaker.version == model.version:
                     breaker.record(probe, verdict(exc))
                 if attempt < cfg.retries and _transient(exc) and resumable():
                     delay = min(cfg.retry_backoff_max_s, cfg.retry_backoff_s * 2**attempt)
@@ -311,12 +311,14 @@ class Router:
                         continue
                 raise
             except BaseException:  # cancelled: says nothing about the model
-                if breaker is not None:
+                if breaker is not None and breaker.version == model.version:
                     breaker.record(probe, None)
                 raise
-            if breaker is not None:
+            # A version switch while this ran reset the breaker and emptied the cache for the
+            # new version: this old version's outcome and answer belong to neither.
+            if breaker is not None and breaker.version == model.version:
                 breaker.record(probe, True)
-            if cache is not None and key is not None:
+            if cache is not None and key is not None and cache.version == model.version:
                 size = size_of(result)
                 if size is not None:
                     cache.put(key, result, size)

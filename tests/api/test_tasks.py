@@ -106,6 +106,9 @@ async def test_sampling_without_a_seed_is_never_cached(api):
 
 async def test_llm_fallback_and_embeddings_through_a_task(api):
     client, oai = api
+    ids = {m.id async for m in oai.models.list()}
+    assert ids == {"tiny", "minilm", "notes", "pinned", "vectors"}
+    assert (await oai.models.retrieve("vectors")).id == "vectors"
     # The variant pins version 9, which is not serving: the fallback answers, streaming too.
     raw = await oai.chat.completions.with_raw_response.create(
         model="pinned", messages=[{"role": "user", "content": "hello"}], **GREEDY
