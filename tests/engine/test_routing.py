@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from appliance.api.http import ENGINE
 from appliance.config import load_config
 from appliance.errors import ConfigError
 from appliance.registry import Registry
@@ -255,3 +256,28 @@ def test_documented_task_examples_load(tmp_path: Path):
         path.write_text(text)
         config = load_config(path, environ={})
         assert config.task_config("defect-detect").fallback == "det-small"
+
+
+async def test_a_full_queue_is_retried_within_the_deadline(serve, gated):
+    from tests.support.gated import GatedBackend
+
+    cfg = {"max_concurrency": 1, "max_queue": 0, "retries": 1000, "retry_backoff_s": 0.002,
+           "retry_backoff_max_s": 0.005}  # fmt: skip
+    client = await serve({"models": {"gated": cfg}}, gated)
+    router = client.app[ENGINE].router
+    path = "/v2/models/gated/infer"
+    body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]}
+    first = asyncio.ensure_future(client.post(path, json=body))
+    assert await asyncio.to_thread(GatedBackend.started.acquire, True, 10)
+    # With a 50 ms deadline the retries stop well before the thousandth: 503, not 504.
+    r = await client.post(path, json={**body, "parameters": {"timeout": 50_000}})
+    assert r.status == 503 and "at capacity" in (await r.json())["error"]
+    assert 0 < router.retries["gated"] < 1000
+    before = router.retries["gated"]
+    second = asyncio.ensure_future(client.post(path, json=body))
+    while router.retries["gated"] < before + 2:  # refused, retrying
+        await asyncio.sleep(0.001)
+    GatedBackend.gate.set()
+    assert (await first).status == 200
+    r = await second
+    assert r.status == 200 and (await r.json())["outputs"][0]["data"] == [2.0]
