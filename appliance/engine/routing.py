@@ -26,6 +26,7 @@ import asyncio
 import hashlib
 import logging
 import random
+import string
 import time
 from bisect import bisect_right
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -145,8 +146,6 @@ class Task:
                 raise InvalidInput(f"task {self.name!r}: field {k!r} must be a string or number")
         # str.format would also reach attributes ({x.__class__}); the fields were checked to be
         # plain names, but substitute by hand all the same.
-        import string
-
         parts = []
         for literal, name, _spec, _conv in string.Formatter().parse(self.config.prompt_template):
             parts.append(literal)
@@ -241,7 +240,7 @@ class Router:
     # -- the guards of one model -----------------------------------------------------------
     def _breaker(self, model: LoadedModel) -> Breaker:
         b = self._breakers.get(model.name)
-        if b is None or b.config != model.config.breaker:
+        if b is None:
             b = self._breakers[model.name] = Breaker(model.name, model.config.breaker, self._now)
         if b.version != model.version:
             b.reset(model.version)
