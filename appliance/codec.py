@@ -43,6 +43,8 @@ class InferResponse:
     model_version: str
     outputs: dict[str, np.ndarray[Any, Any]]
     id: str | None = None
+    #: Response parameters: which task answered, whether from the cache (engine/routing.py).
+    parameters: dict[str, Any] | None = None
 
 
 def _shape(value: Any, what: str) -> tuple[int, ...]:
@@ -305,6 +307,8 @@ def encode_response(response: InferResponse, request: InferRequest) -> tuple[byt
     }
     if response.id is not None:
         head["id"] = response.id
+    if response.parameters:
+        head["parameters"] = response.parameters
     header = orjson.dumps(head, option=_ORJSON_OPTS)
     if not blobs:
         return header, None

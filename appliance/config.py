@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
+import string
 import sys
 import types
 import typing
@@ -25,6 +27,8 @@ else:  # pragma: no cover - Python 3.10 (JetPack 6)
     import tomli as tomllib
 
 ENV_PREFIX = "APPLIANCE_"
+#: Model and task names: the model store's rule (registry.check_name), safe in URLs and topics.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 T = TypeVar("T")
 
 Device = Literal["auto", "cuda", "cpu"]
@@ -179,6 +183,23 @@ class BatchingConfig:
 
 
 @dataclass
+class BreakerConfig:
+    """A model's circuit breaker (engine/breaker.py): stop sending requests to a failing model."""
+
+    enabled: bool = False
+    #: Open when at least this fraction of the requests in the window failed (0 < rate <= 1).
+    error_rate: float = 0.5
+    #: Seconds of recent requests the error rate is measured over.
+    window_s: float = 30.0
+    #: Fewer requests than this in the window never open the breaker.
+    min_requests: int = 20
+    #: Seconds an open breaker refuses requests before it lets probes through (half-open).
+    open_s: float = 10.0
+    #: Probe requests that must all succeed, while half-open, to close it again.
+    half_open_probes: int = 1
+
+
+@dataclass
 class ModelConfig:
     """Serving settings for a model; [model_defaults] applies to all, [models.NAME] overrides."""
 
@@ -199,11 +220,44 @@ class ModelConfig:
     #: excess requests at once instead of queueing them behind inference.
     worker_nice: int = 5
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    #: Result cache budget in bytes (engine/cache.py); 0 turns the cache off.
+    cache_bytes: int = 0
+    #: Extra attempts after a transient failure (queue full, runtime error); 0 = none.
+    retries: int = 0
+    #: First delay before a retry; it doubles each attempt, with jitter, up to the maximum.
+    retry_backoff_s: float = 0.05
+    retry_backoff_max_s: float = 1.0
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
     onnx: OnnxConfig = field(default_factory=OnnxConfig)
     gguf: GgufConfig = field(default_factory=GgufConfig)
     tflite: TfliteConfig = field(default_factory=TfliteConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
     text: TextConfig = field(default_factory=TextConfig)
+
+
+@dataclass
+class VariantConfig:
+    """One model a task sends a share of its requests to."""
+
+    #: The model's name (as served: each A/B version is stored under its own name).
+    model: str = ""
+    #: Answer only while this version serves the model; empty = whichever version serves.
+    version: str = ""
+    #: Share of the task's requests, relative to the other variants' weights.
+    weight: float = 1.0
+
+
+@dataclass
+class TaskConfig:
+    """An operator-facing name routed to models (engine/routing.py); [tasks.NAME] tables."""
+
+    variants: list[VariantConfig] = field(default_factory=list)
+    #: Request parameter (or X-Header, MQTT 5 user property) whose value pins a variant.
+    sticky_key: str = ""
+    #: Model that answers when the chosen variant fails or its circuit breaker is open.
+    fallback: str = ""
+    #: LLM tasks: text with {field} names, filled from the request's `fields`.
+    prompt_template: str = ""
 
 
 @dataclass
@@ -214,6 +268,17 @@ class Config:
     model_defaults: ModelConfig = field(default_factory=ModelConfig)
     #: Raw per-model overrides, merged over model_defaults by `model_config`.
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Raw task tables, checked and built by `task_config`.
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def task_config(self, name: str) -> TaskConfig:
+        """The settings of one task, checked (names, weights, template fields)."""
+        if not _NAME_RE.match(name) or ".." in name:
+            raise ConfigError(
+                f"tasks.{name}: invalid task name: use 1-128 letters, digits, '_', '-' or '.', "
+                "starting with a letter or digit"
+            )
+        return _build(TaskConfig, self.tasks.get(name, {}), f"tasks.{name}")
 
     def model_config(self, name: str) -> ModelConfig:
         """The effective settings of one model: defaults with its [models.NAME] table on top."""
@@ -302,6 +367,10 @@ def _check_value(tp: Any, value: Any, where: str) -> Any:
             if not isinstance(sub, Mapping):
                 raise ConfigError(f"{where}.{key} = {sub!r}: must be a table")
         return dict(value)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} = {value!r}: must be a list")
+        return [_check_value(get_args(tp)[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):  # pragma: no cover - not used yet
         raise ConfigError(f"{where}: unsupported union type")
     raise ConfigError(f"{where}: unsupported type {tp!r}")  # pragma: no cover
@@ -356,6 +425,33 @@ def _check_ranges(obj: Any, where: str) -> None:
             raise bad("max_pixels", "must be at least 1")
         if obj.max_images < 1:
             raise bad("max_images", "must be at least 1")
+    if isinstance(obj, ModelConfig) and obj.retry_backoff_max_s < obj.retry_backoff_s:
+        raise bad("retry_backoff_max_s", "must not be below retry_backoff_s")
+    if isinstance(obj, BreakerConfig):
+        if not 0 < obj.error_rate <= 1:
+            raise bad("error_rate", "must be a fraction above 0 and at most 1")
+        if obj.window_s <= 0:
+            raise bad("window_s", "must be greater than 0")
+        if obj.min_requests < 1:
+            raise bad("min_requests", "must be at least 1")
+        if obj.half_open_probes < 1:
+            raise bad("half_open_probes", "must be at least 1")
+    if isinstance(obj, VariantConfig):
+        if not _NAME_RE.match(obj.model):
+            raise bad("model", "must name a model")
+        if obj.weight <= 0 or math.isinf(obj.weight):
+            raise bad("weight", "must be a number greater than 0")
+    if isinstance(obj, TaskConfig):
+        if not obj.variants:
+            raise bad("variants", 'must list at least one {model = "NAME", weight = W}')
+        if obj.fallback and not _NAME_RE.match(obj.fallback):
+            raise bad("fallback", "must name a model (or be empty)")
+        if obj.sticky_key and not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,63}", obj.sticky_key):
+            raise bad("sticky_key", "must be a parameter name: letters, digits and '_'")
+        try:
+            template_fields(obj.prompt_template)
+        except ValueError as exc:
+            raise bad("prompt_template", str(exc)) from None
     if isinstance(obj, GgufConfig):
         if obj.instances < 1:
             raise bad("instances", "must be at least 1")
@@ -370,6 +466,24 @@ def _check_ranges(obj: Any, where: str) -> None:
             raise bad("batch_size", "must be at least 1")
 
 
+def template_fields(template: str) -> list[str]:
+    """The {field} names of a prompt template; ValueError for anything but plain names
+    ({0}, {x.attr}, {x[0]}, {x!r}, {x:>8} and unbalanced braces are refused)."""
+    names: list[str] = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"not a valid template: {exc}") from None
+    for _literal, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or spec or conversion:
+            raise ValueError(f"{{{name}}}: fields must be plain names like {{device}}")
+        if name not in names:
+            names.append(name)
+    return names
+
+
 def _declared_type(parts: list[str]) -> Any:
     """The type a config path is declared with (None if it names no field)."""
     tp: Any = Config
@@ -380,9 +494,9 @@ def _declared_type(parts: list[str]) -> Any:
         hint = typing.get_type_hints(tp).get(parts[i])
         if hint is None:
             return None
-        if tp is Config and parts[i] == "models":
+        if tp is Config and parts[i] in ("models", "tasks"):
             i += 1  # models.NAME.key: NAME is a model, the rest a ModelConfig
-            hint = ModelConfig
+            hint = ModelConfig if parts[i - 1] == "models" else TaskConfig
         tp = hint
         i += 1
     return tp
@@ -433,4 +547,6 @@ def load_config(
     config = _build(Config, data, "")
     for name in config.models:
         config.model_config(name)  # validate every per-model table now, not at first use
+    for name in config.tasks:
+        config.task_config(name)
     return config

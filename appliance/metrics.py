@@ -9,7 +9,7 @@ gauges (queue depth, in-flight, readiness, device) are read from the engine at t
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -98,6 +98,8 @@ class Metrics(Collector):
         #: MQTT requests by outcome, and whether the broker connection is up (None: no MQTT).
         self.mqtt_messages: dict[str, int] = {}
         self.mqtt_connected: int | None = None
+        #: More families made at scrape time (the router's: tasks, cache, breakers, retries).
+        self.collectors: list[Callable[[], Iterable[Metric]]] = []
         self.registry.register(self)
 
     def for_model(self, name: str, version: str) -> ModelStats:
@@ -178,6 +180,8 @@ class Metrics(Collector):
                 load.add_metric(values, g.load_seconds)
                 device.add_metric([*values, g.device, g.detail, str(g.fallback).lower()], 1)
         yield from (depth, inflight, ready, load, device)
+        for extra in self.collectors:
+            yield from extra()
 
         http = CounterMetricFamily(
             "appliance_http_responses",

@@ -161,6 +161,32 @@ def gated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[list[Mode
     GatedBackend.gate.set()
 
 
+@pytest.fixture
+def flaky(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Iterator[Callable[..., list[ModelSource]]]:
+    """Models on the flaky test backend (tests/support/flaky.py), one per name (and version):
+    a test breaks them at will to exercise fallbacks, circuit breakers and retries."""
+    from appliance import backends
+    from appliance.manifest import Manifest
+    from tests.support.flaky import SIGNATURE, FlakyBackend
+
+    monkeypatch.setitem(backends._BACKENDS, "flaky", "tests.support.flaky:FlakyBackend")
+    FlakyBackend.reset()
+
+    def make(*names: str, version: str = "1") -> list[ModelSource]:
+        out = []
+        for name in names:
+            f = tmp_path / f"{name}-{version}.bin"
+            f.write_bytes(b"")
+            manifest = Manifest(name, version, "flaky", f.name, "", 0, SIGNATURE, "", "test")
+            out.append(ModelSource(manifest, f, verify=False))
+        return out
+
+    yield make
+    FlakyBackend.reset()
+
+
 class ServerProcess:
     def __init__(self, proc: subprocess.Popen[str], port: int, lines: list[str]) -> None:
         self.proc = proc

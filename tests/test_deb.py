@@ -21,6 +21,7 @@ import pytest
 import appliance
 from appliance.config import (
     BatchingConfig,
+    BreakerConfig,
     Config,
     GgufConfig,
     ModelConfig,
@@ -439,6 +440,7 @@ def test_default_config_shows_every_key_with_its_true_default(tmp_path: Path) ->
     assert set(data["model_defaults"]) == names(ModelConfig)  # including the onnx table
     assert set(data["model_defaults"]["onnx"]) == names(OnnxConfig)
     assert set(data["model_defaults"]["batching"]) == names(BatchingConfig)
+    assert set(data["model_defaults"]["breaker"]) == names(BreakerConfig)
     path = tmp_path / "live.toml"
     path.write_text(live)
     # Uncommenting changes nothing: each commented value is the real default.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import logging
 import random
@@ -206,19 +207,37 @@ async def server_metadata(request: web.Request) -> web.Response:
 
 
 def _model(request: web.Request) -> LoadedModel:
-    return request.app[ENGINE].model(request.match_info["name"], request.match_info.get("version"))
+    engine, name = request.app[ENGINE], request.match_info["name"]
+    if name in engine.router.tasks:
+        return engine.resolve(name, request.match_info.get("version"))
+    return engine.model(name, request.match_info.get("version"))
+
+
+def _task_parameters(engine: Engine, name: str) -> dict[str, Any]:
+    task = engine.router.tasks[name].config
+    return {
+        "variants": [dataclasses.asdict(v) for v in task.variants],
+        "fallback": task.fallback,
+        "sticky_key": task.sticky_key,
+    }
 
 
 async def model_metadata(request: web.Request) -> web.Response:
-    return json_response(request.app[ENGINE].describe(_model(request)))
+    engine, name = request.app[ENGINE], request.match_info["name"]
+    meta = engine.describe(_model(request))
+    if name in engine.router.tasks:  # a task: the signature of the first ready model it uses
+        meta["name"] = name
+        meta["parameters"]["task"] = _task_parameters(engine, name)
+    return json_response(meta)
 
 
 async def model_ready(request: web.Request) -> web.Response:
     model = _model(request)
     request.app[ENGINE].ready_model(model.name, model.version)
     return json_response(
-        {"name": model.name, "version": model.version, "ready": True, "device": _device(model)}
-    )
+        {"name": request.match_info["name"], "version": model.version, "ready": True,
+         "device": _device(model)}
+    )  # fmt: skip
 
 
 async def repository_index(request: web.Request) -> web.Response:
@@ -307,7 +326,7 @@ async def infer(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     name, version = request.match_info["name"], request.match_info.get("version")
     # 404/503 before reading a body we would discard
-    engine.check_capacity(engine.ready_model(name, version))
+    engine.check_capacity(engine.resolve(name, version))
     limit = request.app[SETTINGS].max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(
@@ -316,22 +335,28 @@ async def infer(request: web.Request) -> web.Response:
         )
     ctype = request.content_type.lower()
     if ctype.startswith(("image/", "multipart/")):
-        req = await image_request(request, engine.ready_model(name, version), ctype, limit)
+        req = await image_request(request, engine.resolve(name, version), ctype, limit)
     else:
         req = await _tensor_request(request)
     req.parameters.update(_query_parameters(request))
     timeout_s = _timeout_header(request.headers.get(TIMEOUT_HEADER))
     if timeout_s is not None:
         req.timeout_s = timeout_s if req.timeout_s is None else min(req.timeout_s, timeout_s)
-    result = await engine.infer(name, version, req)
+    key = engine.router.key_for(name, req.parameters, request.headers)
+    result = await engine.infer(name, version, req, key)
     payload, json_length = encode_response(result, req)
+    # Which model answered (for a task, the variant or the fallback): also in the body.
+    headers = {"X-Model-Name": result.model_name, "X-Model-Version": result.model_version}
+    if result.parameters:
+        if "task" in result.parameters:
+            headers["X-Task"] = name
+            headers["X-Fallback"] = "true" if result.parameters["fallback"] else "false"
+        if result.parameters.get("cached"):
+            headers["X-Cache"] = "hit"
     if json_length is None:
-        return web.Response(body=payload, content_type=_JSON)
-    return web.Response(
-        body=payload,
-        content_type="application/octet-stream",
-        headers={"Inference-Header-Content-Length": str(json_length)},
-    )
+        return web.Response(body=payload, content_type=_JSON, headers=headers)
+    headers["Inference-Header-Content-Length"] = str(json_length)
+    return web.Response(body=payload, content_type="application/octet-stream", headers=headers)
 
 
 async def _tensor_request(request: web.Request) -> InferRequest:

@@ -74,8 +74,9 @@ class Incoming:
     response_topic: str | None
     correlation: bytes | None
     content_type: str | None
-    #: MQTT 5 user properties (request parameters such as top_k for raw payloads).
-    user: tuple[tuple[str, str], ...] = ()
+    #: MQTT 5 user properties (request parameters such as top_k for raw payloads; a task's
+    #: sticky key may travel as one).
+    user_properties: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ def raw_request(
 ) -> InferRequest:
     """A raw payload is the whole of a model's single input: bytes for BYTES, or a tensor, or
     an encoded image (JPEG/PNG) for a model that declares image pre-processing."""
-    model = engine.ready_model(route.model, route.version)
+    model = engine.resolve(route.model, route.version)
     if content_type is not None and content_type.lower().startswith("image/"):
         check_content_type(payload, content_type)
         return images_request(image_spec(model), [payload])
@@ -330,7 +331,7 @@ class MqttService:
             response_topic=getattr(props, "ResponseTopic", None) if props else None,
             correlation=getattr(props, "CorrelationData", None) if props else None,
             content_type=getattr(props, "ContentType", None) if props else None,
-            user=tuple(getattr(props, "UserProperty", None) or ()) if props else (),
+            user_properties=tuple(getattr(props, "UserProperty", None) or ()) if props else (),
         )
         loop = self._loop
         if loop is not None:
@@ -432,7 +433,7 @@ class MqttService:
                 if raw:
                     request = raw_request(self.engine, route, m.payload, m.content_type)
                     # Other user properties (trace ids...) are the client's own business.
-                    known = [(k, v) for k, v in m.user if k in PARAMETERS]
+                    known = [(k, v) for k, v in m.user_properties if k in PARAMETERS]
                     request.parameters.update(text_parameters(known))
                 else:
                     request = decode_request(m.payload)
@@ -440,7 +441,10 @@ class MqttService:
                 request.binary_output = False
                 if request.outputs is not None:
                     request.outputs = dict.fromkeys(request.outputs, False)
-                response = await self.engine.infer(route.model, route.version, request)
+                key = self.engine.router.key_for(
+                    route.model, request.parameters, dict(m.user_properties)
+                )
+                response = await self.engine.infer(route.model, route.version, request, key)
                 body, _ = encode_response(response, request)
                 self._publish(address, body, m.correlation, 200)
             except ApplianceError as exc:

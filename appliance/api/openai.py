@@ -21,6 +21,7 @@ from aiohttp import web
 
 from .. import __version__
 from ..engine import Engine, LoadedModel
+from ..engine.routing import Served
 from ..errors import ApplianceError, InvalidInput, NotFound
 from ..llm import Generation, GenerationResult, Sampling, TextModel
 
@@ -53,8 +54,10 @@ class BadField(InvalidInput):
         self.param = param
 
 
-def _json(obj: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(obj), status=status, content_type="application/json")
+def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(obj), status=status, content_type="application/json", headers=headers
+    )
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
@@ -129,8 +132,28 @@ def _sampling(body: dict[str, Any], n_ctx: int) -> Sampling:
     )
 
 
-def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+def _template(engine: Engine, name: str, body: dict[str, Any]) -> str | None:
+    """A task's prompt template filled from the request's `fields` (None: the task has none)."""
+    task = engine.router.tasks.get(name)
+    if task is None or not task.config.prompt_template:
+        if body.get("fields") is not None:
+            raise BadField("fields", f"'{name}' is not a task with a prompt template")
+        return None
+    try:
+        return task.render(body.get("fields"))
+    except InvalidInput as exc:
+        raise BadField("fields", exc.message) from None
+
+
+def _messages(body: dict[str, Any], prompt: str | None = None) -> list[dict[str, Any]]:
+    """The chat's messages; a task's filled-in template is appended as the user's turn."""
     messages = body.get("messages")
+    if prompt is not None:
+        if messages is None:
+            messages = []
+        elif not isinstance(messages, list):
+            raise BadField("messages", "must be a list")
+        messages = [*messages, {"role": "user", "content": prompt}]
     if not isinstance(messages, list) or not messages:
         raise BadField("messages", "must be a non-empty list")
     out = []
@@ -198,8 +221,23 @@ def _text_models(engine: Engine) -> list[LoadedModel]:
     return [m for m in engine.models() if isinstance(m.backend, TextModel)]
 
 
+def _text_tasks(engine: Engine) -> list[dict[str, Any]]:
+    """Tasks whose models are language or embedding models, listed under the task's name."""
+    out = []
+    for name in engine.router.tasks:
+        for mode in ("chat", "embedding"):
+            try:
+                model, _ = engine.text_model(name, mode)
+            except ApplianceError:
+                continue
+            out.append({**_model_entry(model), "id": name})
+            break
+    return out
+
+
 async def list_models(request: web.Request, engine: Engine) -> web.Response:
-    return _json({"object": "list", "data": [_model_entry(m) for m in _text_models(engine)]})
+    data = [_model_entry(m) for m in _text_models(engine)] + _text_tasks(engine)
+    return _json({"object": "list", "data": data})
 
 
 async def get_model(request: web.Request, engine: Engine) -> web.Response:
@@ -207,6 +245,9 @@ async def get_model(request: web.Request, engine: Engine) -> web.Response:
     for m in _text_models(engine):
         if m.name == name:
             return _json(_model_entry(m))
+    for entry in _text_tasks(engine):
+        if entry["id"] == name:
+            return _json(entry)
     raise NotFound(f"the model '{name}' does not exist")
 
 
@@ -214,7 +255,9 @@ async def chat_completions(request: web.Request, engine: Engine) -> web.StreamRe
     body = await _body(request)
     name = _model_name(body)
     _, backend = _text_model(engine, name, "chat")
-    gen = Generation("chat", messages=_messages(body), sampling=_sampling(body, _n_ctx(backend)))
+    messages = _messages(body, _template(engine, name, body))
+    gen = Generation("chat", messages=messages, sampling=_sampling(body, _n_ctx(backend)))
+    route_key = engine.router.key_for(name, body, request.headers)
     stream, include_usage = _stream_flags(body)
     cid, created = f"chatcmpl-{random.getrandbits(96):024x}", int(time.time())
 
@@ -225,20 +268,21 @@ async def chat_completions(request: web.Request, engine: Engine) -> web.StreamRe
 
     if stream:
         return await _stream(
-            request, engine, name, gen, include_usage,
+            request, engine, name, gen, include_usage, route_key,
             first=chunk({"role": "assistant", "content": ""}, None),
             piece=lambda text: chunk({"content": text}, None),
             last=lambda result: chunk({}, _finish(result.finish_reason)),
             usage_chunk=lambda usage: {**chunk({}, None), "choices": [], "usage": usage},
         )  # fmt: skip
-    model, result = await engine.generate(name, gen)
+    served = Served()
+    _, result = await engine.generate(name, gen, key=route_key, served=served)
     return _json({
-        "id": cid, "object": "chat.completion", "created": created, "model": model.name,
+        "id": cid, "object": "chat.completion", "created": created, "model": name,
         "system_fingerprint": _FINGERPRINT,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                      "finish_reason": _finish(result.finish_reason), "logprobs": None}],
         "usage": _usage(result),
-    })  # fmt: skip
+    }, headers=served.headers())  # fmt: skip
 
 
 async def completions(request: web.Request, engine: Engine) -> web.StreamResponse:
@@ -248,12 +292,18 @@ async def completions(request: web.Request, engine: Engine) -> web.StreamRespons
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
+    filled = _template(engine, name, body)
+    if filled is not None and prompt is None:
+        prompt = filled
+    elif filled is not None and isinstance(prompt, str):
+        prompt += filled  # the task's template follows what the client sent
     if not isinstance(prompt, str):
         raise BadField("prompt", "must be a string (or a list holding one string)")
     for key in ("echo", "best_of", "suffix"):
         if body.get(key) not in (None, False, 1):
             raise BadField(key, "is not supported by this server")
     gen = Generation("completion", prompt=prompt, sampling=_sampling(body, _n_ctx(backend)))
+    route_key = engine.router.key_for(name, body, request.headers)
     stream, include_usage = _stream_flags(body)
     cid, created = f"cmpl-{random.getrandbits(96):024x}", int(time.time())
 
@@ -265,17 +315,17 @@ async def completions(request: web.Request, engine: Engine) -> web.StreamRespons
 
     if stream:
         return await _stream(
-            request, engine, name, gen, include_usage,
+            request, engine, name, gen, include_usage, route_key,
             first=None,
             piece=lambda text: chunk(text, None),
             last=lambda result: chunk("", _finish(result.finish_reason)),
             usage_chunk=lambda usage: {**chunk("", None), "choices": [], "usage": usage},
         )  # fmt: skip
-    model, result = await engine.generate(name, gen)
+    served = Served()
+    _, result = await engine.generate(name, gen, key=route_key, served=served)
     out = chunk(result.text, _finish(result.finish_reason))
-    out["model"] = model.name
     out["usage"] = _usage(result)
-    return _json(out)
+    return _json(out, headers=served.headers())
 
 
 async def embeddings(request: web.Request, engine: Engine) -> web.Response:
@@ -293,7 +343,9 @@ async def embeddings(request: web.Request, engine: Engine) -> web.Response:
     encoding = body.get("encoding_format", "float")
     if encoding not in ("float", "base64"):
         raise BadField("encoding_format", "must be 'float' or 'base64'")
-    model, result = await engine.embed(name, texts)
+    served = Served()
+    route_key = engine.router.key_for(name, body, request.headers)
+    _, result = await engine.embed(name, texts, route_key, served)
     dims = body.get("dimensions")
     if dims is not None and dims != result.vectors.shape[1]:
         raise BadField("dimensions", f"this model gives {result.vectors.shape[1]} dimensions")
@@ -305,10 +357,11 @@ async def embeddings(request: web.Request, engine: Engine) -> web.Response:
             value = vector
         data.append({"object": "embedding", "index": i, "embedding": value})
     usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
-    payload = {"object": "list", "data": data, "model": model.name, "usage": usage}
+    payload = {"object": "list", "data": data, "model": name, "usage": usage}
     return web.Response(
         body=orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY),
         content_type="application/json",
+        headers=served.headers(),
     )
 
 
@@ -326,6 +379,7 @@ async def _stream(
     name: str,
     gen: Generation,
     include_usage: bool,
+    key: str | None,
     first: dict[str, Any] | None,
     piece: Callable[[str], dict[str, Any]],
     last: Callable[[GenerationResult], dict[str, Any]],
@@ -338,14 +392,17 @@ async def _stream(
     generation: the worker polls `stop` between tokens."""
     queue: asyncio.Queue[str | None] = asyncio.Queue()
     gone = threading.Event()
-    task = asyncio.ensure_future(engine.generate(name, gen, queue.put_nowait, gone.is_set))
+    served = Served()
+    task = asyncio.ensure_future(
+        engine.generate(name, gen, queue.put_nowait, gone.is_set, key, served)
+    )
     task.add_done_callback(lambda _t: queue.put_nowait(None))
     response: web.StreamResponse | None = None
     try:
         item = await queue.get()
         if item is None and task.exception() is not None:
             raise task.exception()  # type: ignore[misc]  # refused before any text: plain error
-        response = web.StreamResponse(headers=_SSE_HEADERS)
+        response = web.StreamResponse(headers={**_SSE_HEADERS, **served.headers()})
         await response.prepare(request)
         if first is not None:
             await response.write(_sse(first))

@@ -24,6 +24,7 @@ from ..preprocess.pipeline import Pipeline, build_pipeline
 from ..registry import Registry
 from ..tensors import Signature
 from .batching import policy_for
+from .routing import Router, Served, guarded
 from .scheduler import ModelRunner, lower_priority
 from .validation import validate
 
@@ -101,6 +102,9 @@ class Engine:
         #: One version switch at a time per model name.
         self._switching: dict[str, asyncio.Lock] = {}
         metrics.gauge_source = self._gauges
+        #: Tasks, and the cache, breaker and retries of the models that have them.
+        self.router = Router(self, config, metrics)
+        self.router.check_names(list(self._models))
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -352,8 +356,25 @@ class Engine:
         return model
 
     # -- inference -------------------------------------------------------------------------
-    async def infer(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
-        return await self.infer_on(self.ready_model(name, version), request)
+    def resolve(self, name: str, version: str | None = None) -> LoadedModel:
+        """The ready model a request to `name` would go to: the model itself, or for a task the
+        first of its models that is ready (for its signature); NotFound/NotReady otherwise."""
+        task = self.router.tasks.get(name)
+        if task is None:
+            return self.ready_model(name, version)
+        if version is not None:
+            raise NotFound(f"{name!r} is a task, not a model: it has no versions")
+        return self.router.resolve(task)
+
+    async def infer(
+        self, name: str, version: str | None, request: InferRequest, key: str | None = None
+    ) -> InferResponse:
+        """Run `request` on model or task `name`; `key` is a task's sticky key, if any."""
+        if name not in self.router.tasks:
+            model = self.ready_model(name, version)
+            if not guarded(model.config):
+                return await self.infer_on(model, request)
+        return await self.router.infer(name, version, request, key)
 
     def check_capacity(self, model: LoadedModel) -> None:
         """503 at once when the model's queue is full, before a body is read or decoded: under
@@ -405,7 +426,13 @@ class Engine:
         return current, current.runner, current.stats
 
     def text_model(self, name: str, mode: str) -> tuple[LoadedModel, TextModel]:
-        """The ready model `name`, which must be a language ("chat") or embedding model."""
+        """The ready model `name`, which must be a language ("chat") or embedding model; for a
+        task, the first of its models that is ready."""
+        task = self.router.tasks.get(name)
+        if task is not None:
+            model = self.router.resolve(task, mode)
+            assert isinstance(model.backend, TextModel)
+            return model, model.backend
         model = self.ready_model(name)
         backend = model.backend
         if not isinstance(backend, TextModel):
@@ -438,9 +465,27 @@ class Engine:
         request: Generation,
         emit: Callable[[str], None] | None = None,
         stop: Callable[[], bool] | None = None,
+        key: str | None = None,
+        served: Served | None = None,
     ) -> tuple[LoadedModel, GenerationResult]:
-        """Run a chat or completion; `emit` gets each piece of text on the event loop thread."""
-        model, _ = self.text_model(name, "chat")
+        """Run a chat or completion on model or task `name`; `emit` gets each piece of text on
+        the event loop thread; `served` is told which model answers, before its first piece."""
+        served = served if served is not None else Served()
+        if name not in self.router.tasks:
+            model, _ = self.text_model(name, "chat")
+            if not guarded(model.config):
+                served.model, served.version = model.name, model.version
+                return model, await self.generate_on(model, request, emit, stop)
+        return await self.router.generate(name, request, emit, stop, key, served)
+
+    async def generate_on(
+        self,
+        model: LoadedModel,
+        request: Generation,
+        emit: Callable[[str], None] | None = None,
+        stop: Callable[[], bool] | None = None,
+    ) -> GenerationResult:
+        """Run a generation on this loaded version."""
         loop = asyncio.get_running_loop()
         from_worker = None
         if emit is not None:
@@ -449,17 +494,25 @@ class Engine:
             def from_worker(text: str) -> None:
                 loop.call_soon_threadsafe(deliver, text)
 
-        result = await self._call(
+        return await self._call(
             model,
             lambda backend, cancelled: backend.generate(request, from_worker, cancelled),
             stop,
         )
-        return model, result
 
-    async def embed(self, name: str, texts: list[str]) -> tuple[LoadedModel, EmbeddingResult]:
-        model, _ = self.text_model(name, "embedding")
-        result = await self._call(model, lambda backend, _cancelled: backend.embed(texts), None)
-        return model, result
+    async def embed(
+        self, name: str, texts: list[str], key: str | None = None, served: Served | None = None
+    ) -> tuple[LoadedModel, EmbeddingResult]:
+        served = served if served is not None else Served()
+        if name not in self.router.tasks:
+            model, _ = self.text_model(name, "embedding")
+            if not guarded(model.config):
+                served.model, served.version = model.name, model.version
+                return model, await self.embed_on(model, texts)
+        return await self.router.embed(name, texts, key, served)
+
+    async def embed_on(self, model: LoadedModel, texts: list[str]) -> EmbeddingResult:
+        return await self._call(model, lambda backend, _cancelled: backend.embed(texts), None)
 
     def describe(self, model: LoadedModel) -> dict[str, Any]:
         """KServe v2 model metadata, plus where the model runs."""
