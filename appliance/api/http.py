@@ -326,7 +326,7 @@ async def infer(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     name, version = request.match_info["name"], request.match_info.get("version")
     # 404/503 before reading a body we would discard
-    engine.check_capacity(engine.resolve(name, version))
+    engine.admit(name, version)
     limit = request.app[SETTINGS].max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(

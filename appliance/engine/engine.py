@@ -376,9 +376,17 @@ class Engine:
                 return await self.infer_on(model, request)
         return await self.router.infer(name, version, request, key)
 
+    def admit(self, name: str, version: str | None = None) -> LoadedModel:
+        """The model a request to `name` goes to (404/503 if none), refused with 503 at once
+        when its queue is full, before a body is read or decoded: under overload, refusals
+        must stay cheap for the event loop. Not for tasks (a full queue sends them to their
+        fallback) nor for models that retry a full queue."""
+        model = self.resolve(name, version)
+        if name not in self.router.tasks and not model.config.retries:
+            self.check_capacity(model)
+        return model
+
     def check_capacity(self, model: LoadedModel) -> None:
-        """503 at once when the model's queue is full, before a body is read or decoded: under
-        overload, refusals must stay cheap for the event loop."""
         runner, metrics = model.runner, model.stats
         if runner is None or metrics is None:
             return
