@@ -16,6 +16,7 @@ import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -158,8 +159,13 @@ class Registry:
         version: str | None = None,
         activate: bool = True,
         backend: str | None = None,
+        preprocess: dict[str, Any] | None = None,
+        postprocess: dict[str, Any] | None = None,
     ) -> ModelVersion:
-        """Copy a model file in as a new immutable version and (by default) activate it."""
+        """Copy a model file in as a new immutable version and (by default) activate it.
+
+        `preprocess`/`postprocess` go into the manifest as given (a published version carries
+        them in its signed TUF metadata)."""
         check_name(name, "model name")
         if not source.is_file():
             raise ModelError(f"{source}: no such file")
@@ -200,6 +206,8 @@ class Registry:
                 created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 source=str(source.resolve()),
                 parameters=params,
+                preprocess=preprocess,
+                postprocess=postprocess,
             )
             (staging / MANIFEST_NAME).write_bytes(
                 orjson.dumps(manifest.to_json(), option=orjson.OPT_INDENT_2)
