@@ -171,7 +171,9 @@ def _common(p: argparse.ArgumentParser, store: bool = True) -> None:
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="appliance", description="Edge inference appliance")
     ap.add_argument("--version", action=_VersionAction)
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{serve,models,selftest,bench}")
+    sub = ap.add_subparsers(
+        dest="command", required=True, metavar="{serve,models,selftest,bench,hub}"
+    )
 
     s = sub.add_parser("serve", help="serve the model store (or one file) over HTTP")
     _common(s)
@@ -238,6 +240,10 @@ def parser() -> argparse.ArgumentParser:
     llm.add_argument("--runs", type=int, default=3, help="timed streamed completions per side")
     llm.add_argument("--max-tokens", type=int, default=64, help="max_tokens of each completion")
     b.set_defaults(func=cmd_bench)
+
+    from .hub.cli import add_parser as add_hub_parser
+
+    add_hub_parser(sub)
     return ap
 
 

@@ -1,0 +1,607 @@
+"""The hub's operations, shared by the HTTP API (server.py) and the CLI working on a data dir.
+
+Which version a device should run comes from rollouts (this module, the "director"); whether a
+file is genuine comes from the TUF repository (repository.py, the "image repository"), the split
+Uptane makes. Every method is blocking (SQLite, hashing, signing): the server calls them in
+threads.
+
+Assignment rules, per model, newest rollout first, among the rollouts that select the device
+(target and percentage):
+- an active rollout assigns its version;
+- a halted rollout assigns its version only to devices that already report it active (a halt
+  stops the spread, it does not downgrade anyone); the others fall through to older rollouts;
+- a rolled-back rollout is skipped: its devices get the version of the previous rollout that
+  selects them (and no assignment for that model if there is none).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import logging
+import os
+import re
+import secrets
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ..errors import ApplianceError, InvalidInput, NotFound, PayloadTooLarge, Unauthorized
+from .artifacts import ArtifactStore, LocalArtifacts
+from .errors import Conflict, Forbidden
+from .repository import Expiry, TufRepository, init_repository, write_private
+from .storage import Device, Event, HubStore, Rollout, SQLiteStore, Target
+
+log = logging.getLogger("appliance.hub")
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+KIND_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+SUFFIXES = {"onnx": ".onnx", "gguf": ".gguf", "tflite": ".tflite"}
+MANIFEST_KEYS = ("inputs", "outputs", "parameters", "preprocess", "postprocess")
+ROLLOUT_STATES = ("active", "halted", "rolled_back")
+
+
+def check_name(value: Any, what: str) -> str:
+    """Names and versions become path components: a strict pattern, no exceptions."""
+    if not isinstance(value, str) or not NAME_RE.match(value) or ".." in value:
+        raise InvalidInput(
+            f"invalid {what} {value!r}: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def in_percent(rollout_id: str, device_id: str, percent: int) -> bool:
+    """Stable pseudo-random membership: the same device stays in as the percentage grows."""
+    h = int(hashlib.sha256(f"{rollout_id}:{device_id}".encode()).hexdigest()[:8], 16)
+    return h % 100 < percent
+
+
+def parse_rollout_id(value: str) -> int:
+    text = value[1:] if value.startswith("r") else value
+    if not text.isdigit() or len(text) > 18:
+        raise NotFound(f"no rollout {value!r}")
+    return int(text)
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    """Settings of one hub (CLI flags; the device config is not involved)."""
+
+    data_dir: Path
+    max_upload_bytes: int = 8 << 30
+    max_events: int = 500
+    max_telemetry_bytes: int = 1 << 20
+    poll_interval_s: int = 60
+    expiry: Expiry = field(default_factory=Expiry)
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "hub.db"
+
+    @property
+    def key_dir(self) -> Path:
+        return self.data_dir / "keys"
+
+    @property
+    def admin_token_path(self) -> Path:
+        return self.data_dir / "admin.token"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.data_dir / "tmp"
+
+
+def default_root_key_dir(data_dir: Path) -> Path:
+    """Beside the data directory, never inside it: it is meant to be moved offline."""
+    resolved = data_dir.resolve()
+    return resolved.parent / f"{resolved.name}-root-key"
+
+
+def init_hub(config: HubConfig, root_key_dir: Path | None = None) -> tuple[str, Path]:
+    """Create the data dir, keys, version 1 of the TUF metadata and the admin token.
+
+    Returns the admin token and where the root key went."""
+    data = config.data_dir
+    root_key_dir = root_key_dir or default_root_key_dir(data)
+    if root_key_dir.resolve().is_relative_to(data.resolve()):
+        raise InvalidInput("the root key directory must not lie inside the data directory")
+    if config.db_path.exists():
+        raise Conflict(f"{data} already holds a hub (hub.db exists)")
+    data.mkdir(parents=True, exist_ok=True)
+    os.chmod(data, 0o700)  # noqa: PTH101
+    store = SQLiteStore(config.db_path)
+    try:
+        root = init_repository(store, config.key_dir, root_key_dir, config.expiry)
+    finally:
+        store.close()
+    (data / "1.root.json").write_bytes(root)
+    token = secrets.token_urlsafe(32)
+    write_private(config.admin_token_path, (token + "\n").encode())
+    (data / "artifacts").mkdir(exist_ok=True)
+    return token, root_key_dir
+
+
+class Hub:
+    """One hub over a store, an artifact store and the TUF repository."""
+
+    def __init__(
+        self,
+        config: HubConfig,
+        store: HubStore | None = None,
+        artifacts: ArtifactStore | None = None,
+    ) -> None:
+        self.config = config
+        if store is None and not config.db_path.exists():
+            raise NotFound(
+                f"no hub in {config.data_dir}: run `appliance hub init --data {config.data_dir}`"
+            )
+        self.store: HubStore = store or SQLiteStore(config.db_path)
+        self.artifacts: ArtifactStore = artifacts or LocalArtifacts(config.data_dir / "artifacts")
+        self.repo = TufRepository(self.store, config.key_dir, config.expiry)
+        self._admin_hash = self._read_admin_hash()
+        #: Since this process started (the stored totals come from the store).
+        self.duplicates = 0
+
+    def close(self) -> None:
+        self.store.close()
+
+    def _read_admin_hash(self) -> bytes | None:
+        try:
+            token = self.config.admin_token_path.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return None
+        return hashlib.sha256(token.encode()).digest() if token else None
+
+    # -- credentials -------------------------------------------------------------------------
+    def is_admin(self, token: str) -> bool:
+        if self._admin_hash is None:
+            return False
+        return hmac.compare_digest(hashlib.sha256(token.encode()).digest(), self._admin_hash)
+
+    def device_for_token(self, token: str) -> Device | None:
+        wanted = token_hash(token)
+        device = self.store.device_by_token_hash(wanted)
+        if device is None or not hmac.compare_digest(device.token_hash, wanted):
+            return None
+        return device
+
+    def enroll(self, device_id: Any, group: Any = "default") -> str:
+        """Register a device; returns its token (shown once, the hub keeps only a hash)."""
+        device_id = check_name(device_id, "device id")
+        group = check_name(group, "group")
+        token = secrets.token_urlsafe(32)
+        self.store.add_device(Device(device_id, group, token_hash(token), now_iso(), None))
+        log.info("enrolled device %s in group %s", device_id, group)
+        return token
+
+    # -- publishing --------------------------------------------------------------------------
+    def publish(
+        self,
+        name: str,
+        version: str,
+        source: Path,
+        backend: str | None = None,
+        manifest: dict[str, Any] | None = None,
+        acceptance: list[Any] | None = None,
+        consume: bool = False,
+    ) -> tuple[Target, bool]:
+        """Publish a model file as TUF target "name/version/model.<ext>".
+
+        Returns the target and whether it is new (publishing identical bytes again is a no-op;
+        different bytes under a published version are a 409). `consume`: move `source` into
+        the artifact store instead of copying it (an upload already spooled to a temp file)."""
+        check_name(name, "model name")
+        check_name(version, "version")
+        from ..backends import detect_backend
+        from ..manifest import sha256_file
+
+        try:
+            backend = backend or detect_backend(source)
+        except ApplianceError as exc:
+            raise InvalidInput(exc.message) from None
+        if backend not in SUFFIXES:
+            raise InvalidInput(f"unknown backend {backend!r}: one of {', '.join(SUFFIXES)}")
+        digest, length = sha256_file(source)
+        if length > self.config.max_upload_bytes:
+            raise PayloadTooLarge(
+                f"model file is {length} bytes, over the limit of "
+                f"{self.config.max_upload_bytes} bytes"
+            )
+        existing = self.store.target(name, version)
+        if existing is not None:
+            if existing.sha256 == digest:
+                return existing, False
+            raise Conflict(
+                f"model {name!r} version {version!r} is already published with sha256 "
+                f"{existing.sha256[:12]}…; versions never change: publish a new version"
+            )
+        if manifest is None:
+            manifest = _inspect(source, backend)
+        manifest = {k: manifest[k] for k in MANIFEST_KEYS if manifest.get(k) is not None}
+        checked = check_acceptance(acceptance or [])
+        filename = "model" + SUFFIXES[backend]
+        path = f"{name}/{version}/{filename}"
+        key = f"{name}/{version}/{digest}.{filename}"
+        custom = encode_custom(name, version, backend, manifest, checked)
+        if consume:
+            self.artifacts.put_file(key, source)
+        else:
+            self.config.tmp_dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.config.tmp_dir, suffix=".copy")
+            with os.fdopen(fd, "wb") as out, source.open("rb") as src:
+                while block := src.read(1 << 20):
+                    out.write(block)
+            self.artifacts.put_file(key, Path(tmp))
+        target = Target(name, version, path, digest, length, custom, now_iso())
+        try:
+            self.repo.add_target(
+                path, length, digest, custom, lambda: self.store.add_target(target)
+            )
+        except BaseException:
+            if self.store.target(name, version) is None:
+                self.artifacts.delete(key)
+            raise
+        log.info("published %s (%d bytes, sha256 %s)", path, length, digest[:12])
+        return target, True
+
+    def artifact_key(self, target_path: str) -> str:
+        """Map a hash-prefixed download path to its artifact key, or raise NotFound.
+
+        Only a published (name, version) with that exact hash and file name is served."""
+        parts = target_path.split("/")
+        if len(parts) != 3:
+            raise NotFound(f"no target file {target_path!r}")
+        name, version, base = parts
+        digest, _, filename = base.partition(".")
+        target = None
+        if NAME_RE.match(name) and NAME_RE.match(version) and SHA256_RE.match(digest):
+            target = self.store.target(name, version)
+        if target is None or target.sha256 != digest or target.path.split("/")[-1] != filename:
+            raise NotFound(f"no target file {target_path!r}")
+        return f"{name}/{version}/{digest}.{filename}"
+
+    # -- rollouts ----------------------------------------------------------------------------
+    def create_rollout(self, model: Any, version: Any, target: Any, percent: Any = 100) -> Rollout:
+        """Arguments straight from a request: each is validated here."""
+        model = check_name(model, "model name")
+        version = check_name(version, "version")
+        if self.store.target(model, version) is None:
+            raise NotFound(f"model {model!r} version {version!r} is not published")
+        if not isinstance(percent, int) or isinstance(percent, bool) or not 0 <= percent <= 100:
+            raise InvalidInput(f"'percent' must be an integer from 0 to 100, got {percent!r}")
+        rollout_target = _check_target(target)
+        rollout = self.store.add_rollout(model, version, rollout_target, percent, now_iso())
+        log.info(
+            "rollout %s: %s %s to %s (%d%%)",
+            rollout.public_id,
+            model,
+            version,
+            rollout_target,
+            percent,
+        )
+        return rollout
+
+    def rollout(self, rollout_id: str) -> Rollout:
+        rollout = self.store.rollout(parse_rollout_id(rollout_id))
+        if rollout is None:
+            raise NotFound(f"no rollout {rollout_id!r}")
+        return rollout
+
+    def halt(self, rollout_id: str) -> Rollout:
+        rollout = self.rollout(rollout_id)
+        if rollout.state != "active":
+            raise Conflict(f"rollout {rollout.public_id} is {rollout.state}, not active")
+        self.store.update_rollout(rollout.id, now_iso(), state="halted")
+        return self.rollout(rollout_id)
+
+    def rollback(self, rollout_id: str) -> Rollout:
+        rollout = self.rollout(rollout_id)
+        if rollout.state == "rolled_back":
+            raise Conflict(f"rollout {rollout.public_id} is already rolled back")
+        self.store.update_rollout(rollout.id, now_iso(), state="rolled_back")
+        return self.rollout(rollout_id)
+
+    def set_percent(self, rollout_id: str, percent: Any) -> Rollout:
+        rollout = self.rollout(rollout_id)
+        if not isinstance(percent, int) or isinstance(percent, bool) or not 0 <= percent <= 100:
+            raise InvalidInput(f"'percent' must be an integer from 0 to 100, got {percent!r}")
+        if rollout.state != "active":
+            raise Conflict(f"rollout {rollout.public_id} is {rollout.state}, not active")
+        self.store.update_rollout(rollout.id, now_iso(), percent=percent)
+        return self.rollout(rollout_id)
+
+    def assigned(self, device: Device, rollouts: list[Rollout] | None = None) -> list[Rollout]:
+        """The rollout that decides each model for this device (rules in the module doc)."""
+        rollouts = self.store.rollouts() if rollouts is None else rollouts
+        active = device.state.get("active") or {}
+        decided: dict[str, Rollout] = {}
+        for r in sorted(rollouts, key=lambda r: r.id, reverse=True):
+            if r.model in decided or not _selects(r, device):
+                continue
+            if r.state == "active" or (r.state == "halted" and active.get(r.model) == r.version):
+                decided[r.model] = r
+        return [decided[m] for m in sorted(decided)]
+
+    def assignments(self, device: Device) -> dict[str, Any]:
+        models = []
+        for r in self.assigned(device):
+            target = self.store.target(r.model, r.version)
+            if target is None:  # cannot happen: rollouts need a published target
+                continue
+            models.append(
+                {
+                    "name": r.model,
+                    "version": r.version,
+                    "target": target.path,
+                    "rollout": r.public_id,
+                }
+            )
+        return {
+            "device_id": device.device_id,
+            "models": models,
+            "poll_interval_s": self.config.poll_interval_s,
+        }
+
+    # -- telemetry ---------------------------------------------------------------------------
+    def touch(self, device: Device) -> None:
+        self.store.touch_device(device.device_id, now_iso())
+
+    def telemetry(self, device: Device, body: Any) -> dict[str, int]:
+        """Store a batch at least once delivered; each (device, seq) is kept exactly once."""
+        if not isinstance(body, dict) or not isinstance(body.get("events"), list):
+            raise InvalidInput('telemetry body must be {"events": [...]}')
+        raw = body["events"]
+        if len(raw) > self.config.max_events:
+            raise PayloadTooLarge(
+                f"{len(raw)} events in one batch, over the limit of {self.config.max_events}"
+            )
+        received = now_iso()
+        events = []
+        seen: set[int] = set()
+        for i, e in enumerate(raw):
+            events.append(_check_event(device.device_id, e, i, received))
+            if events[-1].seq in seen:
+                raise InvalidInput(f"events[{i}]: seq {events[-1].seq} appears twice in the batch")
+            seen.add(events[-1].seq)
+        new = self.store.add_events(events)
+        duplicates = len(events) - len(new)
+        self.duplicates += duplicates
+        fresh = self.store.device(device.device_id) or device
+        self._apply(fresh, sorted(new, key=lambda e: e.seq))
+        self.store.touch_device(device.device_id, received)
+        return {
+            "stored": len(new),
+            "duplicates": duplicates,
+            "max_seq": self.store.max_seq(device.device_id),
+        }
+
+    def _apply(self, device: Device, events: list[Event]) -> None:
+        """Fold new events into the device's state; late (older) events do not overwrite it."""
+        state = dict(device.state)
+        seq = device.state_seq
+        for e in events:
+            if e.seq <= seq:
+                continue
+            seq = e.seq
+            d = e.data
+            active = dict(state.get("active") or {})
+            if e.kind == "status":
+                for key in ("active", "pending"):
+                    if isinstance(d.get(key), dict):
+                        state[key] = d[key]
+                if "tuf" in d:
+                    state["tuf"] = d["tuf"]
+                if "last_error" in d:
+                    state["last_error"] = d["last_error"]
+            elif e.kind == "activated" and isinstance(d.get("model"), str):
+                active[d["model"]] = d.get("version")
+                state["active"] = active
+            elif e.kind == "rolled_back" and isinstance(d.get("model"), str):
+                active[d["model"]] = d.get("to")
+                state["active"] = active
+                state["last_error"] = (
+                    f"{d['model']}: rolled back from {d.get('from')} to {d.get('to')}: "
+                    f"{d.get('reason')}"
+                )
+            elif e.kind in ("update_failed", "verification_failed"):
+                stage = f" ({d['stage']})" if "stage" in d else ""
+                state["last_error"] = (
+                    f"{e.kind}{stage}: {d.get('model')} {d.get('version')}: {d.get('reason')}"
+                )
+            elif e.kind == "dropped":
+                state["dropped"] = int(state.get("dropped", 0)) + int(d.get("count", 0) or 0)
+            state["last_event"] = {"seq": e.seq, "kind": e.kind, "time": e.time}
+        if seq != device.state_seq:
+            self.store.set_device_state(device.device_id, state, seq)
+
+    def events(self, device_id: str, after: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
+        if self.store.device(device_id) is None:
+            raise NotFound(f"no device {device_id!r}")
+        return [e.to_json() for e in self.store.events(device_id, after, min(limit, 10000))]
+
+    # -- fleet view --------------------------------------------------------------------------
+    def devices(self) -> list[dict[str, Any]]:
+        rollouts = self.store.rollouts()
+        out = []
+        for d in self.store.devices():
+            active = d.state.get("active") or {}
+            pending = {
+                r.model: r.version
+                for r in self.assigned(d, rollouts)
+                if active.get(r.model) != r.version
+            }
+            out.append(
+                {
+                    "device_id": d.device_id,
+                    "group": d.group,
+                    "enrolled_at": d.enrolled_at,
+                    "last_seen": d.last_seen,
+                    "active": active,
+                    "pending": pending,
+                    "last_error": d.state.get("last_error"),
+                    "tuf": d.state.get("tuf"),
+                    "last_seq": d.state_seq,
+                }
+            )
+        return out
+
+
+def require_device(hub: Hub, token: str, claimed_id: str | None) -> Device:
+    device = hub.device_for_token(token) if token else None
+    if device is None:
+        raise Unauthorized("missing or unknown device token")
+    if claimed_id is not None and claimed_id != device.device_id:
+        raise Forbidden(f"this token belongs to another device than {claimed_id!r}")
+    return device
+
+
+def _selects(r: Rollout, device: Device) -> bool:
+    t = r.target
+    if t.get("all"):
+        hit = True
+    elif "group" in t:
+        hit = t["group"] == device.group
+    else:
+        hit = device.device_id in t.get("devices", [])
+    return hit and in_percent(r.public_id, device.device_id, r.percent)
+
+
+def _check_target(target: Any) -> dict[str, Any]:
+    if isinstance(target, dict) and len(target) == 1:
+        if target.get("all") is True:
+            return {"all": True}
+        if "group" in target:
+            return {"group": check_name(target["group"], "group")}
+        devices = target.get("devices")
+        if isinstance(devices, list) and devices:
+            return {"devices": sorted({check_name(d, "device id") for d in devices})}
+    raise InvalidInput(
+        'rollout \'target\' must be {"all": true}, {"group": "G"} or {"devices": ["id", ...]}'
+    )
+
+
+def _check_event(device_id: str, e: Any, i: int, received: str) -> Event:
+    where = f"events[{i}]"
+    if not isinstance(e, dict):
+        raise InvalidInput(f"{where} must be an object")
+    seq = e.get("seq")
+    if not isinstance(seq, int) or isinstance(seq, bool) or not 1 <= seq < 2**62:
+        raise InvalidInput(f"{where}.seq must be a positive integer, got {seq!r}")
+    kind = e.get("kind")
+    if not isinstance(kind, str) or not KIND_RE.match(kind):
+        raise InvalidInput(f"{where}.kind must be a short name, got {kind!r}")
+    time = e.get("time")
+    if not isinstance(time, str) or not 0 < len(time) <= 64:
+        raise InvalidInput(f"{where}.time must be an ISO 8601 string, got {time!r}")
+    data = e.get("data", {})
+    if not isinstance(data, dict):
+        raise InvalidInput(f"{where}.data must be an object")
+    return Event(device_id, seq, time, kind, data, received)
+
+
+def encode_custom(
+    name: str, version: str, backend: str, manifest: dict[str, Any], acceptance: list[Any]
+) -> dict[str, Any]:
+    """The signed `custom` field of a model target.
+
+    TUF signs canonical JSON, which has no floats (tolerances, FP32 inputs), so the manifest and
+    the acceptance cases travel as JSON text inside it (HUB-PROTOCOL.md, deviation note)."""
+
+    def text(obj: Any) -> str:
+        return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS).decode()
+
+    return {
+        "appliance": {
+            "name": name,
+            "version": version,
+            "backend": backend,
+            "manifest": text(manifest),
+            "acceptance": text(acceptance),
+        }
+    }
+
+
+def decode_custom(custom: Any) -> dict[str, Any]:
+    """A target's `custom` field back to objects: manifest a dict, acceptance a list."""
+    app = custom.get("appliance") if isinstance(custom, dict) else None
+    if not isinstance(app, dict):
+        raise InvalidInput("target has no 'appliance' custom field")
+    out = dict(app)
+    for key, kind in (("manifest", dict), ("acceptance", list)):
+        value = app.get(key)
+        try:
+            decoded = orjson.loads(value) if isinstance(value, str) else value
+        except orjson.JSONDecodeError as exc:
+            raise InvalidInput(f"target custom field {key!r} is not valid JSON: {exc}") from None
+        if not isinstance(decoded, kind):
+            raise InvalidInput(f"target custom field {key!r} must hold a JSON {kind.__name__}")
+        out[key] = decoded
+    return out
+
+
+def check_acceptance(cases: Any) -> list[dict[str, Any]]:
+    """The acceptance cases a device runs before activating (KServe v2 JSON tensors)."""
+    if not isinstance(cases, list):
+        raise InvalidInput("acceptance must be a JSON list of cases")
+    out = []
+    for i, c in enumerate(cases):
+        if (
+            not isinstance(c, dict)
+            or not isinstance(c.get("inputs"), list)
+            or not isinstance(c.get("outputs"), list)
+        ):
+            raise InvalidInput(f"acceptance[{i}] must be an object with 'inputs' and 'outputs'")
+        rtol, atol = c.get("rtol", 1e-4), c.get("atol", 1e-5)
+        for label, v in (("rtol", rtol), ("atol", atol)):
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+                raise InvalidInput(f"acceptance[{i}].{label} must be a number >= 0")
+        out.append(
+            {
+                "inputs": c["inputs"],
+                "outputs": c["outputs"],
+                "rtol": float(rtol),
+                "atol": float(atol),
+            }
+        )
+    return out
+
+
+def _inspect(path: Path, backend: str) -> dict[str, Any]:
+    """Serving fields of the store manifest, read from the model when its runtime is here."""
+    try:
+        from ..backends import get_backend
+
+        signature, params = get_backend(backend).inspect(path)
+    except Exception as exc:  # a hub without the runtime still publishes, without signature
+        log.warning(
+            "cannot inspect %s with %s (%s): publishing without inputs/outputs", path, backend, exc
+        )
+        return {}
+    return {
+        "inputs": [t.to_json() for t in signature.inputs],
+        "outputs": [t.to_json() for t in signature.outputs],
+        "parameters": params,
+    }
+
+
+def read_json_file(path: Path, what: str) -> Any:
+    try:
+        return orjson.loads(path.read_bytes())
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {what} {path}: {exc.strerror}") from None
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"{what} {path} is not valid JSON: {exc}") from None
