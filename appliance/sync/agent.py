@@ -600,11 +600,13 @@ class SyncAgent:
 
     async def _metrics_loop(self) -> None:
         watch = asyncio.ensure_future(self._watch_loop())
+        last: dict[str, Any] = {}
         try:
             while True:
                 await asyncio.sleep(self.hub.metrics_interval_s)
                 snapshot = self.metrics.model_snapshot()
-                if snapshot:
+                if snapshot and snapshot != last:  # an idle device sends nothing new
+                    last = snapshot
                     await self.event("metrics", {"models": snapshot})
         finally:
             watch.cancel()

@@ -71,7 +71,7 @@ class _TokenFetcher(FetcherInterface):
         except urllib3.exceptions.TimeoutError as exc:
             raise tuf_errors.SlowRetrievalError from exc
         if response.status >= 400:
-            response.release_conn()
+            _discard(response)
             raise tuf_errors.DownloadHTTPError(
                 f"HTTP {response.status} from {url}", response.status
             )
@@ -84,7 +84,15 @@ class _TokenFetcher(FetcherInterface):
         except urllib3.exceptions.TimeoutError as exc:
             raise tuf_errors.SlowRetrievalError from exc
         finally:
-            response.release_conn()
+            _discard(response)
+
+
+def _discard(response: urllib3.BaseHTTPResponse) -> None:
+    """Give the connection back only when its response was read to the end: a connection with
+    unread body bytes left in it would answer the next request with them."""
+    if not response.isclosed():
+        response.close()
+    response.release_conn()
 
 
 class TufClient:
@@ -208,7 +216,9 @@ class TufClient:
         length = info.length
         directory, _, basename = info.path.rpartition("/")
         url = f"{self.base_url}/tuf/targets/{directory}/{info.hashes['sha256']}.{basename}"
-        headers = {"Range": f"bytes={have}-"} if have else {}
+        headers = dict(self._http.headers)  # request(headers=) replaces the pool's headers
+        if have:
+            headers["Range"] = f"bytes={have}-"
         try:
             response = self._http.request(
                 "GET",
@@ -245,7 +255,7 @@ class TufClient:
                     f.flush()
                     os.fsync(f.fileno())
         finally:
-            response.release_conn()
+            _discard(response)
         if have < length:
             raise Unreachable(f"download of {info.path} ended at {have} of {length} bytes")
         return have
