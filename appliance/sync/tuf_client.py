@@ -90,7 +90,7 @@ class _TokenFetcher(FetcherInterface):
 def _discard(response: urllib3.BaseHTTPResponse) -> None:
     """Give the connection back only when its response was read to the end: a connection with
     unread body bytes left in it would answer the next request with them."""
-    if not response.isclosed():
+    if not response.closed:
         response.close()
     response.release_conn()
 

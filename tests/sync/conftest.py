@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -100,7 +99,7 @@ class Hub:
     def start(self) -> None:
         """Serve (again on the same port after a stop, so devices find it where it was)."""
         self.proc = subprocess.Popen(
-            [*PY, "hub", "serve", "--data", str(self.data), "--port", str(self.port)] + self.expiry,
+            [*PY, "hub", "serve", "--data", str(self.data), "--port", str(self.port), *self.expiry],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -322,6 +321,7 @@ class Fleet:
         self.proxy = Proxy(lambda: self.hub.url)
         self.devices: list[ServerProcess] = []
         (tmp / "manifest.json").write_text(json.dumps(self.sample_manifest()))
+        self.manifest_args = ["--manifest", str(tmp / "manifest.json")]
 
     def sample_manifest(self) -> dict[str, Any]:
         mv = self._seed_registry(self.tmp / "seed").active("sample")
@@ -357,7 +357,7 @@ class Fleet:
                 str(token),
                 "--hub-root",
                 str(self.hub.root_file),
-            ],  # fmt: skip
+            ],
             env={**DEVICE_ENV, **(env or {})},
         )
         self.devices.append(device)

@@ -79,7 +79,7 @@ def test_sigkill_loses_no_committed_event(tmp_path: Path) -> None:
             [sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE, text=True
         )
         assert proc.stdout is not None
-        printed = []
+        printed: list[int] = []
         deadline = time.monotonic() + 30
         while len(printed) < 50 and time.monotonic() < deadline:
             printed.append(int(proc.stdout.readline()))
