@@ -55,6 +55,10 @@ class AcceptanceFailed(Exception):
     """A new version answered an acceptance input wrongly, or the smoke inference failed."""
 
 
+class LoadFailed(Exception):
+    """The runtime cannot open the new version's file (found when the store inspects it)."""
+
+
 @dataclass
 class Watch:
     """A version just switched to, watched for errors until `until` (monotonic time)."""
@@ -315,6 +319,7 @@ class SyncAgent:
     # -- one update --------------------------------------------------------------------------
     async def _update(self, updater: Updater, a: Assignment) -> None:
         key = (a.name, a.version)
+        info: TargetFile | None = None
         try:
             info = await asyncio.to_thread(updater.get_targetinfo, a.target)
             custom = self._check_target(a, info)
@@ -328,6 +333,9 @@ class SyncAgent:
             self._fail(exc.reason)
         except Refused as exc:
             await self._refused(a, exc)
+        except LoadFailed as exc:
+            sha = info.hashes.get("sha256", "") if info is not None else ""
+            await self._version_failed(a, sha, "load", str(exc), self._serving_version(a.name))
         finally:
             self.progress.pop(a.name, None)
 
@@ -345,7 +353,10 @@ class SyncAgent:
                 f"target {a.target} is signed as {custom.get('name')!r} version "
                 f"{custom.get('version')!r}, not {a.name!r} version {a.version!r}"
             )
-        return custom
+        # Canonical JSON has no floats, so the hub signs these two as JSON text.
+        manifest = _decoded(custom.get("manifest"), dict, a.target, "manifest")
+        acceptance = _decoded(custom.get("acceptance"), list, a.target, "acceptance")
+        return {**custom, "manifest": manifest or {}, "acceptance": acceptance or []}
 
     async def _fetch(self, a: Assignment, info: TargetFile, custom: dict[str, Any]) -> ModelSource:
         """The assigned version in the store, downloaded and added if it is not there yet."""
@@ -365,8 +376,7 @@ class SyncAgent:
             progress.update(bytes=done, total=total)
 
         path = await asyncio.to_thread(self.tuf.download, info, on_progress)
-        manifest = custom.get("manifest") if isinstance(custom.get("manifest"), dict) else {}
-        assert isinstance(manifest, dict)
+        manifest = custom["manifest"]
         backend = custom.get("backend")
         try:
             mv = await asyncio.to_thread(
@@ -380,7 +390,8 @@ class SyncAgent:
                 _object(manifest.get("postprocess")),
             )
         except ApplianceError as exc:
-            raise Refused(f"{a.name} version {a.version} cannot be stored: {exc.message}") from None
+            path.unlink(missing_ok=True)  # verified, but no runtime here can open it
+            raise LoadFailed(exc.message) from None
         if mv.manifest.sha256 != sha:  # the copy in the store is what will be served
             await asyncio.to_thread(self.registry.remove, a.name, a.version)
             raise Refused(f"{a.name} version {a.version}: the stored copy does not match TUF")
@@ -398,30 +409,19 @@ class SyncAgent:
     ) -> None:
         self.state = "activating"
         previous = self._serving_version(a.name)
-        acceptance = custom.get("acceptance") or []
+        acceptance: list[Any] = custom["acceptance"]
         stage = "load"
 
         async def check(model: LoadedModel) -> None:
             nonlocal stage
             stage = "acceptance"
-            await self._acceptance(model, acceptance if isinstance(acceptance, list) else [])
+            await self._acceptance(model, acceptance)
 
         try:
             await self.engine.activate(source, check)
         except (ApplianceError, AcceptanceFailed) as exc:
             reason = exc.message if isinstance(exc, ApplianceError) else str(exc)
-            await self._reject(a.name, a.version, sha, reason)
-            self.updates["failed"] += 1
-            self.updates["rolled_back"] += 1
-            self._fail(f"{a.name} version {a.version} failed at {stage}: {reason}")
-            await self.event(
-                "update_failed",
-                {"model": a.name, "version": a.version, "stage": stage, "reason": reason},
-            )
-            await self.event(
-                "rolled_back",
-                {"model": a.name, "from": a.version, "to": previous, "reason": reason},
-            )
+            await self._version_failed(a, sha, stage, reason, previous)
             return
         await asyncio.to_thread(self.registry.activate, a.name, a.version)
         self.updates["activated"] += 1
@@ -437,6 +437,23 @@ class SyncAgent:
         if self.last_error and self.last_error.startswith(f"{a.name} "):
             self.last_error = None
         await self.event("activated", {"model": a.name, "version": a.version, "previous": previous})
+
+    async def _version_failed(
+        self, a: Assignment, sha: str, stage: str, reason: str, previous: str | None
+    ) -> None:
+        """The new version never served: the old one goes on. Refused for good (kept on disk),
+        reported as a failed update and a rollback to the version still serving."""
+        await self._reject(a.name, a.version, sha, reason)
+        self.updates["failed"] += 1
+        self.updates["rolled_back"] += 1
+        self._fail(f"{a.name} version {a.version} failed at {stage}: {reason}")
+        await self.event(
+            "update_failed",
+            {"model": a.name, "version": a.version, "stage": stage, "reason": reason},
+        )
+        await self.event(
+            "rolled_back", {"model": a.name, "from": a.version, "to": previous, "reason": reason}
+        )
 
     def _serving_version(self, name: str) -> str | None:
         try:
@@ -655,6 +672,20 @@ def _remove_tree(path: Path) -> None:
 
 def _counts(model: LoadedModel) -> dict[str, int]:
     return dict(model.stats.outcomes) if model.stats is not None else {}
+
+
+def _decoded(value: Any, kind: type, target: str, what: str) -> Any:
+    """A signed custom field, given as an object or as JSON text; anything else is refused."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = orjson.loads(value)
+        except orjson.JSONDecodeError as exc:
+            raise Refused(f"target {target}: signed {what} is not valid JSON: {exc}") from None
+    if not isinstance(value, kind):
+        raise Refused(f"target {target}: signed {what} is not a JSON {kind.__name__}")
+    return value
 
 
 def _object(value: Any) -> dict[str, Any] | None:

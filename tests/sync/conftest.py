@@ -368,6 +368,13 @@ class Fleet:
         self.devices.remove(device)
 
     def close(self) -> None:
+        for device in list(self.devices):  # shown by pytest when the test failed
+            try:
+                print(json.dumps(sync_status(device), indent=1))
+            except Exception as exc:
+                print(f"no sync status: {exc!r}")
+            print("".join(device.lines[-40:]))
+        print("".join(self.hub.lines[-20:]))
         for device in list(self.devices):
             if device.proc.poll() is None:
                 stop_server_process(device)
@@ -384,3 +391,64 @@ def fleet(tmp_path: Path, samples: Path) -> Iterator[Fleet]:
 
 def kinds(events: list[dict[str, Any]], *wanted: str) -> list[dict[str, Any]]:
     return [e for e in events if e["kind"] in wanted]
+
+
+class Load:
+    """Inference requests in a loop on a thread, counting answers and failures."""
+
+    def __init__(self, device: ServerProcess) -> None:
+        self.device = device
+        self.answered = 0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                infer(self.device)
+                self.answered += 1
+            except Exception as exc:
+                self.failures.append(repr(exc))
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
+def runtime_failure(source: Path, out: Path) -> Path:
+    """A model that loads but fails every inference (reshapes 4 values into 5)."""
+    model = onnx.load(str(source))
+    model.graph.initializer.append(numpy_helper.from_array(np.array([5], np.int64), "badshape"))
+    model.graph.node.append(onnx.helper.make_node("Reshape", ["input", "badshape"], ["bad"]))
+    model.graph.output.append(
+        onnx.helper.make_tensor_value_info("bad", onnx.TensorProto.FLOAT, [5])
+    )
+    onnx.save(model, str(out))
+    return out
+
+
+def acceptance_for(model: Path, out: Path, scale_expected: float = 1.0) -> Path:
+    """Acceptance cases with the outputs `model` really gives (scaled: wrong on purpose)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    x = np.array(SAMPLE_INPUT, np.float32)
+    (probs,) = session.run(["probabilities"], {"input": x})
+    case = {
+        "inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": SAMPLE_INPUT[0]}],
+        "outputs": [
+            {
+                "name": "probabilities",
+                "shape": [1, 3],
+                "datatype": "FP32",
+                "data": (probs[0] * scale_expected).tolist(),
+            }
+        ],
+        "rtol": 1e-4,
+        "atol": 1e-5,
+    }
+    out.write_text(json.dumps([case]))
+    return out
