@@ -224,6 +224,8 @@ class Proxy:
             if k.lower()
             in ("authorization", "range", "if-none-match", "content-type", "x-device-id")
         }
+        if any(re.search(p, request.path) for p in self.rewrite):
+            headers.pop("If-None-Match", None)  # a rewritten body must not come back as a 304
         body = await request.read()
         async with (
             ClientSession(timeout=ClientTimeout(total=60)) as s,
