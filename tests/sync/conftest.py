@@ -185,6 +185,7 @@ class Proxy:
     def __init__(self, upstream: Callable[[], str]) -> None:
         self.upstream = upstream
         self.down = False
+        self.delay_s = 0.0
         self.bytes_per_s = 0
         self.cut_after = 0
         self.rewrite: dict[str, Callable[[bytes], bytes]] = {}
@@ -213,7 +214,10 @@ class Proxy:
         self.loop.run_forever()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        self.requests.append(f"{request.method} {request.path_qs}")
+        rng = request.headers.get("Range")
+        self.requests.append(f"{request.method} {request.path_qs}" + (f" {rng}" if rng else ""))
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
         if self.down:
             assert request.transport is not None
             request.transport.close()

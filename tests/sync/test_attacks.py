@@ -40,7 +40,7 @@ def _bad_signature(body: bytes) -> bytes:
 
 def _expired(key: Path) -> Callable[[bytes], bytes]:
     """Timestamp metadata re-signed with the hub's real key, one version up, already expired."""
-    signer = CryptoSigner(load_pem_private_key(key.read_bytes(), None))  # type: ignore[arg-type]
+    signer = CryptoSigner(load_pem_private_key(key.read_bytes(), None))
 
     def rewrite(body: bytes) -> bytes:
         md = Metadata.from_bytes(body)

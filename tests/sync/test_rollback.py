@@ -4,6 +4,7 @@ never serve: the old version keeps serving throughout, and each failure reaches 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from tests.conftest import stop_server_process
 from tests.sync.conftest import (
@@ -26,7 +27,7 @@ def test_failing_versions_are_rolled_back_while_the_old_one_serves(
     device = fleet.start_device("dev1", fleet.store("dev1"))
     load = Load(device)
 
-    def rolled_back(version: str) -> list[dict[str, object]]:
+    def rolled_back(version: str) -> list[dict[str, Any]]:
         return [e for e in kinds(hub.events("dev1"), "rolled_back") if e["data"]["from"] == version]
 
     hub.publish("sample", variants["broken"], "2", *fleet.manifest_args)
