@@ -74,8 +74,8 @@ def test_sigkill_during_an_update_never_leaves_a_mixed_version(
             corrupt += 1
             raise
         device = fleet.start_device("dev1", store)
-        wait_for(f"trial {trial}: version 2", lambda: serving_version(device) == "2", 120)
-        wait_for("the update to finish", lambda: sync_status(device)["state"] == "idle")
+        wait_for(f"trial {trial}: version 2", lambda d=device: serving_version(d) == "2", 120)
+        wait_for("the update to finish", lambda d=device: sync_status(d)["state"] == "idle")
         stop_server_process(device)
         fleet.devices.remove(device)
         assert check_store(store) == "2"
