@@ -7,6 +7,7 @@ SYNC_KILL_TRIALS sets the number of trials (CI default 8; run e.g. 40 locally)."
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import random
 import shutil
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from appliance.manifest import MANIFEST_NAME, Manifest, sha256_file
 from appliance.registry import Registry
-from tests.conftest import stop_server_process
+from tests.conftest import ServerProcess, stop_server_process
 from tests.sync.conftest import Fleet, serving_version, sync_status, wait_for
 
 TRIALS = int(os.environ.get("SYNC_KILL_TRIALS", "8"))
@@ -37,6 +38,14 @@ def check_store(root: Path) -> str:
     digest, _ = sha256_file(active.file)
     assert digest == active.manifest.sha256
     return active.manifest.version
+
+
+def _serves(device: ServerProcess, version: str) -> bool:
+    return serving_version(device) == version
+
+
+def _idle(device: ServerProcess) -> bool:
+    return bool(sync_status(device)["state"] == "idle")
 
 
 def test_sigkill_during_an_update_never_leaves_a_mixed_version(
@@ -74,8 +83,8 @@ def test_sigkill_during_an_update_never_leaves_a_mixed_version(
             corrupt += 1
             raise
         device = fleet.start_device("dev1", store)
-        wait_for(f"trial {trial}: version 2", lambda d=device: serving_version(d) == "2", 120)
-        wait_for("the update to finish", lambda d=device: sync_status(d)["state"] == "idle")
+        wait_for(f"trial {trial}: version 2", functools.partial(_serves, device, "2"), 120)
+        wait_for("the update to finish", functools.partial(_idle, device))
         stop_server_process(device)
         fleet.devices.remove(device)
         assert check_store(store) == "2"
