@@ -458,3 +458,15 @@ def acceptance_for(model: Path, out: Path, scale_expected: float = 1.0) -> Path:
     }
     out.write_text(json.dumps([case]))
     return out
+
+
+def batch_failure(source: Path, out: Path) -> Path:
+    """A model that answers one item (the smoke inference) but fails on batches of two."""
+    model = onnx.load(str(source))
+    model.graph.initializer.append(numpy_helper.from_array(np.array([4], np.int64), "fourshape"))
+    model.graph.node.append(onnx.helper.make_node("Reshape", ["input", "fourshape"], ["flat"]))
+    model.graph.output.append(
+        onnx.helper.make_tensor_value_info("flat", onnx.TensorProto.FLOAT, [4])
+    )
+    onnx.save(model, str(out))
+    return out

@@ -3,6 +3,7 @@ never serve: the old version keeps serving throughout, and each failure reaches 
 
 from __future__ import annotations
 
+import urllib.error
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,8 @@ from tests.sync.conftest import (
     Fleet,
     Load,
     acceptance_for,
+    batch_failure,
+    http_json,
     infer,
     kinds,
     runtime_failure,
@@ -77,3 +80,31 @@ def test_failing_versions_are_rolled_back_while_the_old_one_serves(
     assert serving_version(device) == "5"
     assert "sample/4" in sync_status(device)["rejected"]
     assert infer(device)["model_version"] == "5"
+
+
+def test_a_version_failing_after_the_switch_is_rolled_back(
+    fleet: Fleet, variants: dict[str, Path], tmp_path: Path
+) -> None:
+    """Passes its smoke test, then fails most real requests: back to the previous version once
+    the error rate passes the threshold within the window."""
+    env = {"APPLIANCE_HUB__MIN_REQUESTS": "5", "APPLIANCE_HUB__ERROR_RATE_THRESHOLD": "0.5"}
+    device = fleet.start_device("dev1", fleet.store("dev1"), env)
+    fleet.hub.publish("sample", batch_failure(variants["v1"], tmp_path / "b.onnx"), "2")
+    fleet.hub.rollout("sample", "2", "dev1")
+    wait_for("version 2 serving", lambda: serving_version(device) == "2")
+    pair = {"inputs": [{"name": "input", "shape": [2, 4], "datatype": "FP32", "data": [0.5] * 8}]}
+    statuses = []
+    for _ in range(10):
+        try:
+            http_json(f"http://{device.url}/v2/models/sample/infer", "POST", pair)
+            statuses.append(200)
+        except urllib.error.HTTPError as exc:
+            statuses.append(exc.code)
+    assert 500 in statuses
+    wait_for("version 1 serving again", lambda: serving_version(device) == "1")
+    back = wait_for("the rollback event", lambda: kinds(fleet.hub.events("dev1"), "rolled_back"))
+    assert back[0]["data"]["from"] == "2" and back[0]["data"]["to"] == "1"
+    assert "error rate" in back[0]["data"]["reason"]
+    assert (fleet.tmp / "store-dev1" / "sample" / "ACTIVE").read_text().split()[0] == "1"
+    assert "sample/2" in sync_status(device)["rejected"]
+    assert http_json(f"http://{device.url}/v2/models/sample/infer", "POST", pair)["outputs"]
