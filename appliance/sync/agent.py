@@ -143,6 +143,7 @@ class SyncAgent:
         ]
 
     async def stop(self) -> None:
+        self.tuf.stopping.set()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -119,6 +120,9 @@ class TufClient:
         if device_id:
             headers["X-Device-Id"] = device_id
         self._http = urllib3.PoolManager(headers=headers, retries=False)
+        #: Set on shutdown: a download in a worker thread stops at its next chunk (the partial
+        #: file stays for the next start) instead of holding the process up.
+        self.stopping = threading.Event()
 
     # -- metadata ----------------------------------------------------------------------------
     def refresh(self) -> Updater:
@@ -238,6 +242,8 @@ class TufClient:
                 f.truncate()
                 try:
                     for chunk in response.stream(CHUNK):
+                        if self.stopping.is_set():
+                            raise Unreachable(f"download of {info.path} stopped: shutting down")
                         room = length - have
                         f.write(chunk[:room])
                         have += min(len(chunk), room)
