@@ -369,6 +369,8 @@ class SyncAgent:
                     f"the store holds {a.name} version {a.version} with sha256 "
                     f"{mv.manifest.sha256}, but TUF signs {sha}: versions never change"
                 )
+            # Stored before a restart: what the download left is not needed any more.
+            await asyncio.to_thread(self.tuf.discard, info)
             return ModelSource(mv.manifest, mv.file)
         self.state = "downloading"
         progress = self.progress.setdefault(a.name, {"version": a.version})

@@ -171,6 +171,11 @@ class TufClient:
         suffix = Path(info.path.rsplit("/", 1)[-1]).suffix.lower()
         return f"{info.hashes['sha256']}{suffix}"
 
+    def discard(self, info: TargetFile) -> None:
+        """Delete what a download of this target left (it is in the store already)."""
+        self.partial_path(info).unlink(missing_ok=True)
+        (self.download_dir / self._stem(info)).unlink(missing_ok=True)
+
     def download(self, info: TargetFile, progress: Callable[[int, int], None]) -> Path:
         """Download (or resume) the target into the download directory and verify it.
 

@@ -190,6 +190,7 @@ class Proxy:
         self.cut_after = 0
         self.rewrite: dict[str, Callable[[bytes], bytes]] = {}
         self.requests: list[str] = []
+        self.statuses: list[tuple[str, int]] = []
         self.loop = asyncio.new_event_loop()
         self.port = 0
         ready = threading.Event()
@@ -240,6 +241,7 @@ class Proxy:
                 data=body or None,
             ) as up,
         ):
+            self.statuses.append((request.path, up.status))
             keep = ("content-type", "etag", "content-range", "accept-ranges", "cache-control")
             out_headers = {k: v for k, v in up.headers.items() if k.lower() in keep}
             for pattern, fn in self.rewrite.items():

@@ -57,5 +57,7 @@ def test_rollout_reaches_the_device_and_is_reported(
     assert status["tuf"] == "ok"
     events = wait_for("the activated event", lambda: kinds(fleet.hub.events("dev1"), "activated"))
     assert events[0]["data"] == {"model": "sample", "version": "2", "previous": "1"}
+    polls = [code for path, code in fleet.proxy.statuses if path.endswith("/assignments")]
+    assert polls.count(304) > polls.count(200) > 0  # unchanged assignments cost a 304
     store = fleet.tmp / "store-dev1" / "sample"
     assert (store / "ACTIVE").read_text().split() == ["2", "1"]  # the previous version is kept
