@@ -13,13 +13,13 @@ import secrets
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from ..errors import ApplianceError, ConfigError, InvalidInput
-from .repository import Expiry
 
 DEFAULT_DATA = "hub-data"
 DEFAULT_PORT = 8700
@@ -30,7 +30,14 @@ def _data_dir(args: argparse.Namespace) -> Path:
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from .service import HubConfig
+    # Imported here: `appliance serve` on a device never loads python-tuf or the hub.
+    try:
+        from .repository import Expiry
+        from .service import HubConfig
+    except ModuleNotFoundError as exc:
+        raise ConfigError(
+            f"the hub needs {exc.name}: install it with pip install 'appliance[hub]'"
+        ) from None
 
     expiry = Expiry(
         root=args.root_expiry_days * 86400.0,
@@ -41,6 +48,7 @@ def _config(args: argparse.Namespace) -> Any:
     return HubConfig(
         data_dir=_data_dir(args),
         max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
+        max_custom_bytes=int(args.max_acceptance_kb * 1024),
         poll_interval_s=args.poll_interval,
         expiry=expiry,
     )
@@ -64,13 +72,18 @@ class _Remote:
             raise ConfigError(f"cannot read the admin token {path}: {exc.strerror}") from None
 
     def call(
-        self, method: str, path: str, body: bytes | None = None, ctype: str = "application/json"
+        self,
+        method: str,
+        path: str,
+        body: bytes | Iterator[bytes] | None = None,
+        ctype: str = "application/json",
+        length: int | None = None,
     ) -> Any:
+        headers = {"Authorization": f"Bearer {self.token}", "Content-Type": ctype}
+        if length is not None:
+            headers["Content-Length"] = str(length)
         req = urllib.request.Request(  # noqa: S310 (the operator's own hub URL)
-            self.url + path,
-            data=body,
-            method=method,
-            headers={"Authorization": f"Bearer {self.token}", "Content-Type": ctype},
+            self.url + path, data=body, method=method, headers=headers
         )
         try:
             with urllib.request.urlopen(req, timeout=600) as resp:  # noqa: S310
@@ -90,21 +103,34 @@ class _Remote:
         return self.call(method, path, orjson.dumps(obj) if obj is not None else None)
 
     def publish(self, fields: dict[str, str], file: Path) -> Any:
+        """multipart/form-data, the file streamed from disk (models can be gigabytes)."""
         boundary = "hub-" + secrets.token_hex(16)
-        parts = []
-        for key, value in fields.items():
-            parts.append(
-                f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n'
-                f"{value}\r\n".encode()
-            )
+        head = b"".join(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n'
+            f"{value}\r\n".encode()
+            for key, value in fields.items()
+        )
         ctype = mimetypes.guess_type(file.name)[0] or "application/octet-stream"
-        head = (
+        head += (
             f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
             f'filename="{file.name}"\r\nContent-Type: {ctype}\r\n\r\n'
         ).encode()
-        body = b"".join(parts) + head + file.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+        tail = f"\r\n--{boundary}--\r\n".encode()
+        size = file.stat().st_size
+
+        def body() -> Iterator[bytes]:
+            yield head
+            with file.open("rb") as f:
+                while block := f.read(1 << 20):
+                    yield block
+            yield tail
+
         return self.call(
-            "POST", "/api/v1/admin/models", body, f"multipart/form-data; boundary={boundary}"
+            "POST",
+            "/api/v1/admin/models",
+            body(),
+            f"multipart/form-data; boundary={boundary}",
+            length=len(head) + size + len(tail),
         )
 
 
@@ -376,6 +402,12 @@ def add_parser(sub: Any) -> None:
             )
         g = p.add_argument_group("hub settings")
         g.add_argument("--max-upload-mb", type=float, default=8192.0, help="largest model upload")
+        g.add_argument(
+            "--max-acceptance-kb",
+            type=float,
+            default=64.0,
+            help="largest signed manifest + acceptance cases of one model version",
+        )
         g.add_argument("--poll-interval", type=int, default=60, help="device poll interval (s)")
         g.add_argument("--root-expiry-days", type=float, default=365.0)
         g.add_argument("--targets-expiry-days", type=float, default=90.0)

@@ -42,6 +42,8 @@ log = logging.getLogger("appliance.hub.tuf")
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
 ONLINE_ROLES = ("targets", "snapshot", "timestamp")
+#: Versions of targets, snapshot and timestamp kept and served (root keeps every version).
+KEEP_VERSIONS = 10
 
 
 @dataclass(frozen=True)
@@ -96,11 +98,19 @@ class TufRepository:
 
     # -- keys --------------------------------------------------------------------------------
     def signer(self, role: str) -> CryptoSigner:
+        """The online key root lists for `role`, re-read from disk when root changed it (a
+        rotation from the CLI while this hub runs)."""
         if role not in ONLINE_ROLES:
             raise ValueError(f"{role} is not an online role")
-        if role not in self._signers:
-            self._signers[role] = load_signer(self.key_dir / f"{role}.pem")
-        return self._signers[role]
+        keyids = self.load("root", Root).signed.roles[role].keyids
+        cached = self._signers.get(role)
+        if cached is None or cached.public_key.keyid not in keyids:
+            path = self.key_dir / f"{role}.pem"
+            cached = load_signer(path)
+            if cached.public_key.keyid not in keyids:
+                raise ConfigError(f"{path} is not the {role} key that root metadata lists")
+            self._signers[role] = cached
+        return cached
 
     # -- reading -----------------------------------------------------------------------------
     def load(self, role: str, cls: type[Signed]) -> Metadata[Any]:
@@ -141,6 +151,10 @@ class TufRepository:
         for s in signers:
             md.sign(s, append=True)
         self.store.put_metadata(role, md.signed.version, md.to_bytes())
+        if role != "root":
+            # A client mid-update may still ask for a version the previous timestamp named;
+            # older ones are never asked for again (every targets.json is a full copy).
+            self.store.prune_metadata(role, md.signed.version - KEEP_VERSIONS + 1)
 
     def _bump(self, md: Metadata[Any], role: str, now: dt.datetime) -> None:
         md.signed.version += 1
@@ -193,6 +207,13 @@ class TufRepository:
 
         Returns the roles re-signed (a bumped role re-signs those below it too)."""
         now = now or utcnow()
+        root_left = self.load("root", Root).signed.expires - now
+        if root_left < self.expiry.of("root") / 12:
+            log.warning(
+                "root metadata expires in %.1f days: bring the offline root key and run "
+                "`appliance hub rotate-key root` (devices stop updating once it expires)",
+                root_left.total_seconds() / 86400,
+            )
         with self.store.transaction():
             for role, cls in (
                 ("targets", Targets),
@@ -220,27 +241,35 @@ class TufRepository:
         old_root_signer = load_signer(root_path)
         new_signer = CryptoSigner.generate_ed25519()
         key_path = root_path if role == "root" else self.key_dir / f"{role}.pem"
-        with self.store.transaction():
-            now = utcnow()
-            root = self.load("root", Root)
-            if old_root_signer.public_key.keyid not in root.signed.roles["root"].keyids:
-                raise ConfigError(f"{root_path} is not the hub's current root key")
-            for keyid in list(root.signed.roles[role].keyids):
-                root.signed.revoke_key(keyid, role)
-            root.signed.add_key(new_signer.public_key, role)
-            self._bump(root, "root", now)
-            signers = [old_root_signer] + ([new_signer] if role == "root" else [])
-            self._store("root", root, signers)
-            old = key_path.read_bytes() if key_path.exists() else b""
-            if old:
-                old_id = CryptoSigner(load_pem_private_key(old, None)).public_key.keyid
-                write_private(key_path.with_name(f"{key_path.name}.retired-{old_id[:16]}"), old)
-            write_private(key_path, new_signer.private_bytes)
-            self._signers.pop(role, None)
-            if role != "root":
-                # New keys invalidate what the old key signed: re-sign with the new one now.
-                self._chain(role, now)
-            return int(root.signed.version)
+        # Written before the new root is committed, renamed into place after: a crash in
+        # between leaves the new key in `.new`, never a root that lists a key nobody has.
+        pending = key_path.with_name(f"{key_path.name}.new")
+        write_private(pending, new_signer.private_bytes)
+        try:
+            with self.store.transaction():
+                now = utcnow()
+                root = self.load("root", Root)
+                if old_root_signer.public_key.keyid not in root.signed.roles["root"].keyids:
+                    raise ConfigError(f"{root_path} is not the hub's current root key")
+                for keyid in list(root.signed.roles[role].keyids):
+                    root.signed.revoke_key(keyid, role)
+                root.signed.add_key(new_signer.public_key, role)
+                self._bump(root, "root", now)
+                signers = [old_root_signer] + ([new_signer] if role == "root" else [])
+                self._store("root", root, signers)
+                if role != "root":
+                    # New keys invalidate what the old key signed: re-sign with the new one now.
+                    self._signers[role] = new_signer
+                    self._chain(role, now)
+        except BaseException:
+            pending.unlink(missing_ok=True)
+            raise
+        old = key_path.read_bytes() if key_path.exists() else b""
+        if old:
+            old_id = CryptoSigner(load_pem_private_key(old, None)).public_key.keyid
+            write_private(key_path.with_name(f"{key_path.name}.retired-{old_id[:16]}"), old)
+        pending.replace(key_path)
+        return int(root.signed.version)
 
 
 def init_repository(

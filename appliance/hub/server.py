@@ -334,9 +334,11 @@ async def publish(request: web.Request) -> web.Response:
                             )
                         await asyncio.to_thread(out.write, chunk)
             elif part.name in ("name", "version", "acceptance", "manifest", "backend"):
-                value = await part.read(decode=True)
-                if len(value) > 1 << 20:
-                    raise PayloadTooLarge(f"field {part.name!r} is over 1 MiB")
+                value = bytearray()
+                while chunk := await part.read_chunk(64 << 10):
+                    value += chunk
+                    if len(value) > 1 << 20:
+                        raise PayloadTooLarge(f"field {part.name!r} is over 1 MiB")
                 fields[part.name] = value.decode("utf-8", errors="replace")
             else:
                 raise InvalidInput(f"unknown field {part.name!r}")

@@ -33,6 +33,7 @@ import orjson
 from ..errors import ApplianceError, InvalidInput, NotFound, PayloadTooLarge, Unauthorized
 from .artifacts import ArtifactStore, LocalArtifacts
 from .errors import Conflict, Forbidden
+from .protocol import decode_custom, encode_custom
 from .repository import Expiry, TufRepository, init_repository, write_private
 from .storage import Device, Event, HubStore, Rollout, SQLiteStore, Target
 
@@ -44,6 +45,7 @@ SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 SUFFIXES = {"onnx": ".onnx", "gguf": ".gguf", "tflite": ".tflite"}
 MANIFEST_KEYS = ("inputs", "outputs", "parameters", "preprocess", "postprocess")
 ROLLOUT_STATES = ("active", "halted", "rolled_back")
+__all__ = ["Hub", "HubConfig", "decode_custom", "encode_custom", "init_hub"]
 
 
 def check_name(value: Any, what: str) -> str:
@@ -85,6 +87,9 @@ class HubConfig:
     max_upload_bytes: int = 8 << 30
     max_events: int = 500
     max_telemetry_bytes: int = 1 << 20
+    #: The signed manifest + acceptance cases of one target: every device downloads all of them
+    #: in targets.json (python-tuf clients refuse a targets.json over 5 MB by default).
+    max_custom_bytes: int = 64 << 10
     poll_interval_s: int = 60
     expiry: Expiry = field(default_factory=Expiry)
 
@@ -237,6 +242,13 @@ class Hub:
         path = f"{name}/{version}/{filename}"
         key = f"{name}/{version}/{digest}.{filename}"
         custom = encode_custom(name, version, backend, manifest, checked)
+        custom_size = len(orjson.dumps(custom))
+        if custom_size > self.config.max_custom_bytes:
+            raise PayloadTooLarge(
+                f"manifest and acceptance cases take {custom_size} bytes, over the limit of "
+                f"{self.config.max_custom_bytes} bytes (every device downloads them in "
+                "targets.json): use fewer or smaller acceptance cases"
+            )
         if consume:
             self.artifacts.put_file(key, source)
         else:
@@ -252,7 +264,8 @@ class Hub:
                 path, length, digest, custom, lambda: self.store.add_target(target)
             )
         except BaseException:
-            if self.store.target(name, version) is None:
+            stored = self.store.target(name, version)
+            if stored is None or stored.sha256 != digest:  # e.g. lost a race to another publish
                 self.artifacts.delete(key)
             raise
         log.info("published %s (%d bytes, sha256 %s)", path, length, digest[:12])
@@ -377,12 +390,13 @@ class Hub:
             if events[-1].seq in seen:
                 raise InvalidInput(f"events[{i}]: seq {events[-1].seq} appears twice in the batch")
             seen.add(events[-1].seq)
-        new = self.store.add_events(events)
+        with self.store.transaction():  # concurrent batches of one device fold in turn
+            new = self.store.add_events(events)
+            fresh = self.store.device(device.device_id) or device
+            self._apply(fresh, sorted(new, key=lambda e: e.seq))
+            self.store.touch_device(device.device_id, received)
         duplicates = len(events) - len(new)
         self.duplicates += duplicates
-        fresh = self.store.device(device.device_id) or device
-        self._apply(fresh, sorted(new, key=lambda e: e.seq))
-        self.store.touch_device(device.device_id, received)
         return {
             "stored": len(new),
             "duplicates": duplicates,
@@ -511,46 +525,6 @@ def _check_event(device_id: str, e: Any, i: int, received: str) -> Event:
     if not isinstance(data, dict):
         raise InvalidInput(f"{where}.data must be an object")
     return Event(device_id, seq, time, kind, data, received)
-
-
-def encode_custom(
-    name: str, version: str, backend: str, manifest: dict[str, Any], acceptance: list[Any]
-) -> dict[str, Any]:
-    """The signed `custom` field of a model target.
-
-    TUF signs canonical JSON, which has no floats (tolerances, FP32 inputs), so the manifest and
-    the acceptance cases travel as JSON text inside it (HUB-PROTOCOL.md, deviation note)."""
-
-    def text(obj: Any) -> str:
-        return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS).decode()
-
-    return {
-        "appliance": {
-            "name": name,
-            "version": version,
-            "backend": backend,
-            "manifest": text(manifest),
-            "acceptance": text(acceptance),
-        }
-    }
-
-
-def decode_custom(custom: Any) -> dict[str, Any]:
-    """A target's `custom` field back to objects: manifest a dict, acceptance a list."""
-    app = custom.get("appliance") if isinstance(custom, dict) else None
-    if not isinstance(app, dict):
-        raise InvalidInput("target has no 'appliance' custom field")
-    out = dict(app)
-    for key, kind in (("manifest", dict), ("acceptance", list)):
-        value = app.get(key)
-        try:
-            decoded = orjson.loads(value) if isinstance(value, str) else value
-        except orjson.JSONDecodeError as exc:
-            raise InvalidInput(f"target custom field {key!r} is not valid JSON: {exc}") from None
-        if not isinstance(decoded, kind):
-            raise InvalidInput(f"target custom field {key!r} must hold a JSON {kind.__name__}")
-        out[key] = decoded
-    return out
 
 
 def check_acceptance(cases: Any) -> list[dict[str, Any]]:

@@ -120,6 +120,8 @@ class HubStore(Protocol):
     def put_metadata(self, role: str, version: int, body: bytes) -> None: ...
     def metadata(self, role: str, version: int) -> bytes | None: ...
     def latest_metadata(self, role: str) -> tuple[int, bytes] | None: ...
+    def prune_metadata(self, role: str, below: int) -> None:
+        """Forget versions of `role` older than `below` (never used for root)."""
 
     def close(self) -> None: ...
 
@@ -409,3 +411,8 @@ class SQLiteStore:
             (role,),
         )
         return (int(rows[0][0]), bytes(rows[0][1])) if rows else None
+
+    def prune_metadata(self, role: str, below: int) -> None:
+        if role == "root":
+            raise ValueError("root metadata versions are a chain: never pruned")
+        self._exec("DELETE FROM metadata WHERE role = ? AND version < ?", (role, below))

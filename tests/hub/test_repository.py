@@ -184,3 +184,62 @@ async def test_metadata_routes_serve_exactly_what_ngclient_asks_for(env: HubEnv)
     root = Metadata[Root].from_bytes(env.root_json)
     assert root.signed.consistent_snapshot is True
     assert root.signed.expires - utcnow() > dt.timedelta(days=364)
+
+
+async def test_a_running_hub_signs_with_a_key_rotated_by_another_process(
+    env: HubEnv, samples: Path, tmp_path: Path
+) -> None:
+    from appliance.hub.service import Hub
+
+    token = await env.enroll("dev1")
+    await env.publish("sample", "1", samples / "sample.onnx")  # the server caches its keys
+    operator = Hub(env.hub.config)  # what `appliance hub rotate-key` opens
+    try:
+        operator.repo.rotate("targets", env.root_key_dir)
+        operator.repo.rotate("snapshot", env.root_key_dir)
+    finally:
+        operator.close()
+    status, _ = await env.publish("sample", "2", samples / "fp16.onnx")
+    assert status == 201
+    updater = env.updater(token, tmp_path / "device")
+    await asyncio.to_thread(updater.refresh)
+    assert await asyncio.to_thread(updater.get_targetinfo, "sample/2/model.onnx")
+    assert not list(env.hub.config.key_dir.glob("*.new"))
+    assert len(list(env.hub.config.key_dir.glob("targets.pem.retired-*"))) == 1
+
+
+async def test_root_nearing_expiry_is_reported(
+    env: HubEnv, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("WARNING", logger="appliance.hub.tuf"):
+        env.hub.repo.refresh(utcnow() + dt.timedelta(days=200))
+        assert not [r for r in caplog.records if "root metadata expires" in r.getMessage()]
+        env.hub.repo.refresh(utcnow() + dt.timedelta(days=350))
+    (record,) = [r for r in caplog.records if "root metadata expires" in r.getMessage()]
+    assert "rotate-key root" in record.getMessage()
+
+
+async def test_old_metadata_versions_are_pruned_but_root_is_kept(
+    env: HubEnv, samples: Path, tmp_path: Path
+) -> None:
+    from appliance.hub.repository import KEEP_VERSIONS
+
+    token = await env.enroll("dev1")
+    env.hub.repo.rotate("timestamp", env.root_key_dir)
+    for v in range(1, KEEP_VERSIONS + 3):
+        env.hub.publish("sample", str(v), samples / "sample.onnx")
+    latest = _versions(env)["targets"]
+    assert latest == KEEP_VERSIONS + 3
+    h = env.bearer(token)
+    old = await env.client.get(f"/tuf/metadata/{latest - KEEP_VERSIONS}.targets.json", headers=h)
+    assert old.status == 404
+    kept = await env.client.get(
+        f"/tuf/metadata/{latest - KEEP_VERSIONS + 1}.targets.json", headers=h
+    )
+    assert kept.status == 200
+    for v in (1, 2):
+        resp = await env.client.get(f"/tuf/metadata/{v}.root.json", headers=h)
+        assert resp.status == 200
+    updater = env.updater(token, tmp_path / "device")  # from 1.root.json, as a new device
+    await asyncio.to_thread(updater.refresh)
+    assert await asyncio.to_thread(updater.get_targetinfo, "sample/1/model.onnx")
