@@ -96,7 +96,13 @@ def _add_sync(
 ) -> None:
     """The hub sync agent runs beside serving; GET /v2/sync reports what it is doing."""
     from .api.http import LOADER, json_response
-    from .sync.agent import SyncAgent
+
+    try:
+        from .sync.agent import SyncAgent
+    except ImportError as exc:  # tuf is an extra: only devices that sync need it
+        raise ConfigError(
+            f"hub.url needs the sync extra (pip install 'appliance[sync]'): {exc}"
+        ) from None
 
     agent = SyncAgent(config, engine, store, metrics)  # checks the token and root files now
 
