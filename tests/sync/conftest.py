@@ -184,7 +184,8 @@ class Proxy:
 
     def __init__(self, upstream: Callable[[], str]) -> None:
         self.upstream = upstream
-        self.down = False
+        self._down = False
+        self.site: web.TCPSite | None = None
         self.delay_s = 0.0
         self.bytes_per_s = 0
         self.cut_after = 0
@@ -208,21 +209,38 @@ class Proxy:
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self.runner = web.AppRunner(app, access_log=None)
         self.loop.run_until_complete(self.runner.setup())
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        self.loop.run_until_complete(site.start())
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        self.loop.run_until_complete(self.site.start())
+        self.port = self.site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         ready.set()
         self.loop.run_forever()
+
+    @property
+    def down(self) -> bool:
+        return self._down
+
+    @down.setter
+    def down(self, value: bool) -> None:
+        """Down: the port is closed (connection refused), as when the hub's host is away."""
+        if value == self._down:
+            return
+        self._down = value
+
+        async def switch() -> None:
+            if value:
+                assert self.site is not None
+                await self.site.stop()
+            else:
+                self.site = web.TCPSite(self.runner, "127.0.0.1", self.port)
+                await self.site.start()
+
+        asyncio.run_coroutine_threadsafe(switch(), self.loop).result(10)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         rng = request.headers.get("Range")
         self.requests.append(f"{request.method} {request.path_qs}" + (f" {rng}" if rng else ""))
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
-        if self.down:
-            assert request.transport is not None
-            request.transport.close()
-            raise web.HTTPServiceUnavailable()
         headers = {
             k: v
             for k, v in request.headers.items()
