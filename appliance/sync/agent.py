@@ -329,7 +329,11 @@ class SyncAgent:
             await self._activate(a, source, custom, info.hashes["sha256"])
             self.retry.pop(key, None)
         except Unreachable as exc:
-            self._schedule_retry(a, exc.reason)
+            # A download that got further before the line dropped resumes at the next poll;
+            # only attempts that get nowhere back off.
+            self._schedule_retry(
+                a, exc.reason, escalate=self.state != "downloading" or not (self.tuf.gained)
+            )
             self.state = "offline"
             self._fail(exc.reason)
         except Refused as exc:
@@ -514,9 +518,9 @@ class SyncAgent:
             "verification_failed", {"model": a.name, "version": a.version, "reason": exc.reason}
         )
 
-    def _schedule_retry(self, a: Assignment, reason: str) -> None:
+    def _schedule_retry(self, a: Assignment, reason: str, escalate: bool = True) -> None:
         key = (a.name, a.version)
-        tries = self.retry.get(key, (0.0, 0, ""))[1] + 1
+        tries = self.retry.get(key, (0.0, 0, ""))[1] + 1 if escalate else 1
         delay = min(3600.0, self.hub.poll_interval_s * 2 ** min(tries - 1, 12))
         self.retry[key] = (time.monotonic() + delay, tries, reason)
 

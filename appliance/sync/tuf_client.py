@@ -123,6 +123,8 @@ class TufClient:
         #: Set on shutdown: a download in a worker thread stops at its next chunk (the partial
         #: file stays for the next start) instead of holding the process up.
         self.stopping = threading.Event()
+        #: Bytes the last `download` call added to its file (progress despite a dropped line).
+        self.gained = 0
 
     # -- metadata ----------------------------------------------------------------------------
     def refresh(self) -> Updater:
@@ -203,6 +205,7 @@ class TufClient:
         if have > length:
             part.unlink()
             have = 0
+        self.gained = 0
         if have < length:
             try:
                 have = self._fetch_into(info, part, have, progress)
@@ -252,6 +255,7 @@ class TufClient:
                         room = length - have
                         f.write(chunk[:room])
                         have += min(len(chunk), room)
+                        self.gained += min(len(chunk), room)
                         progress(have, length)
                         if len(chunk) > room:
                             raise Refused(

@@ -61,3 +61,19 @@ def test_rollout_reaches_the_device_and_is_reported(
     assert polls.count(304) > polls.count(200) > 0  # unchanged assignments cost a 304
     store = fleet.tmp / "store-dev1" / "sample"
     assert (store / "ACTIVE").read_text().split() == ["2", "1"]  # the previous version is kept
+
+
+def test_a_dropped_connection_resumes_where_it_stopped(
+    fleet: Fleet, variants: dict[str, Path]
+) -> None:
+    """Every target response is cut after 1 MiB: the 4 MiB model still arrives, in pieces, each
+    request asking only for the bytes still missing."""
+    device = fleet.start_device("dev1", fleet.store("dev1"))
+    fleet.proxy.cut_after = 1024 * 1024
+    fleet.hub.publish("sample", variants["big"], "2", *fleet.manifest_args)
+    fleet.hub.rollout("sample", "2", "dev1")
+    wait_for("version 2 serving", lambda: serving_version(device) == "2", 120)
+    ranges = [r for r in fleet.proxy.requests if r.startswith("GET /tuf/targets/")]
+    size = variants["big"].stat().st_size
+    assert len(ranges) == -(-size // (1024 * 1024))  # one request per MiB, none repeated
+    assert all(f"bytes={i * 1024 * 1024}-" in r for i, r in enumerate(ranges) if i)
