@@ -241,11 +241,26 @@ async def tuf_target(request: web.Request) -> web.StreamResponse:
     if request.method == "HEAD":
         return response
     chunks = hub.artifacts.read(key, start, end)
+    loop = asyncio.get_running_loop()
+    reading: asyncio.Future[bytes | None] | None = None
     try:
-        while (block := await asyncio.to_thread(next, chunks, None)) is not None:
+        while True:
+            reading = loop.run_in_executor(None, next, chunks, None)
+            # Shielded: a cancelled handler leaves `reading` pending until its thread is done.
+            block = await asyncio.shield(reading)
+            if block is None:
+                break
             await response.write(block)
+    except ConnectionResetError:  # the device went away; it resumes with a Range request
+        log.info("download of %s interrupted by the client", key)
+        return response
     finally:
-        chunks.close()  # type: ignore[attr-defined]
+        # Cancelled while a thread still runs the generator: close it once that thread is done
+        # (closing a running generator raises "generator already executing").
+        if reading is not None and not reading.done():
+            reading.add_done_callback(lambda _: chunks.close())  # type: ignore[attr-defined]
+        else:
+            chunks.close()  # type: ignore[attr-defined]
     await response.write_eof()
     return response
 

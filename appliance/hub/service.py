@@ -236,6 +236,8 @@ class Hub:
             )
         if manifest is None:
             manifest = _inspect(source, backend)
+        if not isinstance(manifest, dict):
+            raise InvalidInput("the manifest must be a JSON object")
         manifest = {k: manifest[k] for k in MANIFEST_KEYS if manifest.get(k) is not None}
         checked = check_acceptance(acceptance or [])
         filename = "model" + SUFFIXES[backend]

@@ -404,3 +404,33 @@ async def test_concurrent_retries_store_each_event_once(env: HubEnv) -> None:
     assert sum(a["duplicates"] for a in answers) == sum(len(b) for b in batches) - len(unique)
     rows = env.hub.store.events("dev1", 0, 1000)
     assert [e.seq for e in rows] == sorted(unique)
+
+
+async def test_a_download_cut_short_is_resumed_with_a_range(
+    env: HubEnv, tmp_path: Path, caplog: Any
+) -> None:
+    import asyncio
+    import os
+
+    token = await env.enroll("dev1")
+    caplog.set_level("INFO", logger="appliance.hub.http")
+    blob = tmp_path / "big.onnx"  # not a loadable model: published without inputs/outputs
+    blob.write_bytes(os.urandom(32 << 20))
+    env.hub.publish("big", "1", blob)
+    digest = hashlib.sha256(blob.read_bytes()).hexdigest()
+    path = f"/tuf/targets/big/1/{digest}.model.onnx"
+    host, port = env.client.server.host, env.client.server.port
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(
+        f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+    )
+    await writer.drain()
+    got = await reader.read(64 << 10)
+    assert got.startswith(b"HTTP/1.1 200")
+    writer.transport.abort()  # the device loses its link mid-download
+    await asyncio.sleep(1.0)
+    resp = await env.client.get(path, headers={**env.bearer(token), "Range": "bytes=4194304-"})
+    assert resp.status == 206
+    assert await resp.read() == blob.read_bytes()[4 << 20 :]
+    # Neither the cut (ConnectionResetError) nor a cancelled handler is an unhandled error.
+    assert not [r for r in caplog.records if "unhandled" in r.getMessage()]
