@@ -96,8 +96,8 @@ class SyncGauges:
     updates: dict[str, int]
 
 
-SYNC_STATES = ("starting", "idle", "offline", "checking", "downloading", "activating", "expired",
-               "error")  # fmt: skip
+SYNC_STATES = ("starting", "idle", "offline", "checking", "downloading", "verifying", "storing",
+               "activating", "expired", "error")  # fmt: skip
 
 
 class Metrics(Collector):

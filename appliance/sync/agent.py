@@ -379,10 +379,13 @@ class SyncAgent:
         self.state = "downloading"
         progress = self.progress.setdefault(a.name, {"version": a.version})
 
-        def on_progress(done: int, total: int) -> None:
+        def on_progress(done: int, total: int) -> None:  # called from the download thread
             progress.update(bytes=done, total=total)
+            if done >= total:
+                self.state = "verifying"
 
         path = await asyncio.to_thread(self.tuf.download, info, on_progress)
+        self.state = "storing"
         manifest = custom["manifest"]
         backend = custom.get("backend")
         try:

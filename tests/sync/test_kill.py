@@ -44,6 +44,11 @@ def _serves(device: ServerProcess, version: str) -> bool:
     return serving_version(device) == version
 
 
+def _late(device: ServerProcess) -> str | None:
+    state = str(sync_status(device)["state"])
+    return state if state in ("verifying", "storing", "activating", "idle") else None
+
+
 def _idle(device: ServerProcess) -> bool:
     return bool(sync_status(device)["state"] == "idle")
 
@@ -56,7 +61,7 @@ def test_sigkill_during_an_update_never_leaves_a_mixed_version(
     hub.publish("sample", big, "2", *fleet.manifest_args)
     hub.rollout("sample", "2", "dev1")
     new_sha, _ = sha256_file(big)
-    proxy.bytes_per_s = 8 * 1024 * 1024  # a 4 MiB download takes about half a second
+    proxy.bytes_per_s = 4 * 1024 * 1024  # a 4 MiB download takes about a second
     seed = fleet.store("seed")
     rng = random.Random(int(os.environ.get("SYNC_KILL_SEED", "3")))
     phases: collections.Counter[str] = collections.Counter()
@@ -68,7 +73,11 @@ def test_sigkill_during_an_update_never_leaves_a_mixed_version(
         shutil.copytree(seed, store, symlinks=True)
         start = len(proxy.requests)
         device = fleet.start_device("dev1", store)
-        time.sleep(rng.uniform(0.0, 1.5))
+        if trial % 2 == 0:  # anywhere in the update
+            time.sleep(rng.uniform(0.0, 1.3))
+        else:  # in the short steps after the download: verifying, storing, activating
+            wait_for("the download's end", functools.partial(_late, device), every=0.002)
+            time.sleep(rng.uniform(0.0, 0.25))
         try:
             state = sync_status(device)["state"]  # what it was doing when the kill came
         except OSError:
