@@ -132,8 +132,8 @@ def test_attacks_are_refused_and_the_old_version_keeps_serving(
     hub.rollout("sample", "6", "dev1")
     wait_for("expired metadata refused", _refusal(fleet, "6", "expired"))
     refused += 1
-    status = sync_status(device)
-    assert status["tuf"] == "expired" and status["state"] == "expired"
+    assert sync_status(device)["tuf"] == "expired"  # also while it checks again each poll
+    wait_for("the expired state", lambda: sync_status(device)["state"] == "expired")
     with urllib.request.urlopen(f"http://{device.url}/metrics") as r:
         metrics = r.read().decode()
     assert re.search(r"^appliance_sync_metadata_expired 1\.0$", metrics, re.M)
