@@ -37,6 +37,17 @@ def _config(args: argparse.Namespace) -> Any:
         mqtt["device_id"] = args.device_id
     if mqtt:
         overrides["mqtt"] = mqtt
+    hub: dict[str, Any] = {}
+    if getattr(args, "hub", None) is not None:
+        hub["url"] = args.hub
+    if getattr(args, "device_id", None) is not None and getattr(args, "hub", None) is not None:
+        hub["device_id"] = args.device_id
+    if getattr(args, "hub_token_file", None) is not None:
+        hub["token_file"] = args.hub_token_file
+    if getattr(args, "hub_root", None) is not None:
+        hub["root_file"] = args.hub_root
+    if hub:
+        overrides["hub"] = hub
     config_path = getattr(args, "config", None) or os.environ.get("APPLIANCE_CONFIG")
     return load_config(config_path, overrides)
 
@@ -213,7 +224,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--token-file", help="file holding the bearer token clients must send")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     s.add_argument("--mqtt", metavar="URL", help="also serve MQTT: mqtt[s]://user:pass@host:port")
-    s.add_argument("--device-id", help="this appliance's id in MQTT topics (default: host name)")
+    s.add_argument(
+        "--device-id", help="this appliance's id in MQTT topics and on the hub (default: host name)"
+    )
+    s.add_argument("--hub", metavar="URL", help="sync models and telemetry with this hub")
+    s.add_argument("--hub-token-file", help="file holding the device token from `hub enroll`")
+    s.add_argument("--hub-root", metavar="ROOT_JSON", help="the hub's trusted root.json")
     s.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("models", help="manage the model store")

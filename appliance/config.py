@@ -80,6 +80,42 @@ class MqttConfig:
 
 
 @dataclass
+class HubConfig:
+    """Fleet sync with a hub (appliance/sync/); off while `url` is empty."""
+
+    #: The hub's base URL, e.g. https://hub.example:8443; empty = no sync (offline only).
+    url: str = ""
+    #: This device's id as enrolled on the hub; empty means the host name.
+    device_id: str = ""
+    #: File holding the device token printed by `appliance hub enroll`.
+    token_file: str = ""
+    #: The hub's root.json the device is bootstrapped with (`appliance hub export-root`).
+    root_file: str = ""
+    #: Seconds between polls of the hub's assignments (a conditional request when unchanged).
+    poll_interval_s: float = 60.0
+    #: Each wait is poll_interval_s times a random factor in [1 - jitter, 1 + jitter].
+    poll_jitter: float = 0.2
+    #: Connect/read timeout of one request to the hub.
+    request_timeout_s: float = 30.0
+    #: Largest model file the device downloads, whatever the signed length says.
+    max_download_bytes: int = 8 * 1024 * 1024 * 1024
+    #: Roll a new version back when its failed requests pass this fraction within the window.
+    error_rate_threshold: float = 0.5
+    #: Seconds after a switch during which the new version's error rate is watched.
+    error_window_s: float = 300.0
+    #: Requests the new version must have answered before its error rate counts.
+    min_requests: int = 20
+    #: The telemetry outbox (SQLite); empty means <store>/.sync/outbox.sqlite.
+    outbox_path: str = ""
+    #: Disk the outbox may use; beyond it the oldest events are dropped (and the drop reported).
+    outbox_max_bytes: int = 16 * 1024 * 1024
+    #: Events per upload request (the hub takes at most 500).
+    upload_batch: int = 200
+    #: Seconds between metrics snapshots written to the outbox.
+    metrics_interval_s: float = 60.0
+
+
+@dataclass
 class StoreConfig:
     path: str = "models"
 
@@ -265,6 +301,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
     model_defaults: ModelConfig = field(default_factory=ModelConfig)
     #: Raw per-model overrides, merged over model_defaults by `model_config`.
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -452,6 +489,23 @@ def _check_ranges(obj: Any, where: str) -> None:
             template_fields(obj.prompt_template)
         except ValueError as exc:
             raise bad("prompt_template", str(exc)) from None
+    if isinstance(obj, HubConfig):
+        if obj.url and not obj.url.startswith(("http://", "https://")):
+            raise bad("url", "must start with http:// or https://")
+        if obj.poll_interval_s <= 0:
+            raise bad("poll_interval_s", "must be greater than 0")
+        if obj.poll_jitter >= 1:
+            raise bad("poll_jitter", "must be below 1")
+        if obj.request_timeout_s <= 0:
+            raise bad("request_timeout_s", "must be greater than 0")
+        if obj.error_rate_threshold > 1:
+            raise bad("error_rate_threshold", "must be between 0 and 1")
+        if not 1 <= obj.upload_batch <= 500:
+            raise bad("upload_batch", "must be between 1 and 500")
+        if obj.outbox_max_bytes < 64 * 1024:
+            raise bad("outbox_max_bytes", "must be at least 65536")
+        if obj.metrics_interval_s <= 0:
+            raise bad("metrics_interval_s", "must be greater than 0")
     if isinstance(obj, GgufConfig):
         if obj.instances < 1:
             raise bad("instances", "must be at least 1")

@@ -86,6 +86,25 @@ class ModelGauges:
     inflight: int
 
 
+@dataclass(frozen=True)
+class SyncGauges:
+    """The sync agent's state at scrape time (appliance/sync/agent.py)."""
+
+    state: str
+    tuf: str
+    last_success: float
+    expired: bool
+    outbox_depth: int
+    outbox_bytes: int
+    outbox_dropped: int
+    uploads: dict[str, int]
+    updates: dict[str, int]
+
+
+SYNC_STATES = ("starting", "idle", "offline", "checking", "downloading", "verifying", "storing",
+               "activating", "expired", "error")  # fmt: skip
+
+
 class Metrics(Collector):
     content_type = CONTENT_TYPE_LATEST
 
@@ -100,10 +119,28 @@ class Metrics(Collector):
         self.mqtt_connected: int | None = None
         #: More families made at scrape time (the router's: tasks, cache, breakers, retries).
         self.collectors: list[Callable[[], Iterable[Metric]]] = []
+        #: Set by the sync agent when the appliance syncs with a hub.
+        self.sync_source: Callable[[], SyncGauges] | None = None
         self.registry.register(self)
 
     def for_model(self, name: str, version: str) -> ModelStats:
         return self._models.setdefault((name, version), ModelStats())
+
+    def model_snapshot(self) -> dict[str, dict[str, float]]:
+        """Per model version: requests by outcome and mean latency (a telemetry snapshot)."""
+        out: dict[str, dict[str, float]] = {}
+        for (name, version), stats in self._models.items():
+            n = sum(stats.total.counts)
+            out[f"{name}/{version}"] = {
+                **{k: float(v) for k, v in stats.outcomes.items() if v},
+                "mean_seconds": stats.total.sum / n if n else 0.0,
+                "compute_mean_seconds": (
+                    stats.compute.sum / sum(stats.compute.counts)
+                    if sum(stats.compute.counts)
+                    else 0.0
+                ),
+            }
+        return out
 
     def http_response(self, route: str, status: int) -> None:
         key = (route, status)
@@ -202,8 +239,50 @@ class Metrics(Collector):
                 "appliance_mqtt_connected", "1 while connected to the broker",
                 value=self.mqtt_connected,
             )  # fmt: skip
+        if self.sync_source is not None:
+            yield from _sync_metrics(self.sync_source())
         info = GaugeMetricFamily(
             "appliance_build_info", "Version of this appliance", labels=["version"]
         )
         info.add_metric([__version__], 1)
         yield info
+
+
+def _sync_metrics(g: SyncGauges) -> Iterator[Metric]:
+    state = GaugeMetricFamily(
+        "appliance_sync_state", "1 for the sync agent's current state", labels=["state"]
+    )
+    for name in SYNC_STATES:
+        state.add_metric([name], 1 if g.state == name else 0)
+    yield state
+    yield GaugeMetricFamily(
+        "appliance_sync_last_success_timestamp_seconds",
+        "Unix time the hub last answered a check (0: never)", value=g.last_success,
+    )  # fmt: skip
+    yield GaugeMetricFamily(
+        "appliance_sync_metadata_expired",
+        "1 while the TUF metadata is expired: updates stop, serving goes on", value=int(g.expired),
+    )  # fmt: skip
+    yield GaugeMetricFamily(
+        "appliance_sync_outbox_events", "Telemetry events waiting for upload", value=g.outbox_depth
+    )
+    yield GaugeMetricFamily(
+        "appliance_sync_outbox_bytes", "Bytes the waiting events take", value=g.outbox_bytes
+    )
+    yield CounterMetricFamily(
+        "appliance_sync_outbox_dropped",
+        "Events dropped because the outbox was full (each drop is reported as an event)",
+        value=g.outbox_dropped,
+    )
+    uploads = CounterMetricFamily(
+        "appliance_sync_uploads", "Telemetry upload attempts by result", labels=["result"]
+    )
+    for result, n in g.uploads.items():
+        uploads.add_metric([result], n)
+    yield uploads
+    updates = CounterMetricFamily(
+        "appliance_sync_updates", "Model updates by outcome", labels=["outcome"]
+    )
+    for outcome, n in g.updates.items():
+        updates.add_metric([outcome], n)
+    yield updates

@@ -17,7 +17,7 @@ from .api.http import HttpSettings, build_app
 from .backends import detect_backend
 from .config import Config
 from .engine import Engine, ModelSource
-from .errors import ApplianceError, ModelError
+from .errors import ApplianceError, ConfigError, ModelError
 from .manifest import Manifest, sha256_file
 from .metrics import Metrics
 from .registry import Registry, check_name
@@ -84,7 +84,38 @@ def build(
     systemd.install(app, systemd.format_address(config.server.host, config.server.port))
     if config.mqtt.url:
         app.cleanup_ctx.append(_mqtt_ctx(config, engine, metrics))
+    if config.hub.url:
+        if store is None:
+            raise ConfigError("hub.url: fleet sync needs a model store, not --model FILE")
+        _add_sync(app, config, engine, metrics, store)
     return app
+
+
+def _add_sync(
+    app: web.Application, config: Config, engine: Engine, metrics: Metrics, store: Registry
+) -> None:
+    """The hub sync agent runs beside serving; GET /v2/sync reports what it is doing."""
+    from .api.http import LOADER, json_response
+
+    try:
+        from .sync.agent import SyncAgent
+    except ImportError as exc:  # tuf is an extra: only devices that sync need it
+        raise ConfigError(
+            f"hub.url needs the sync extra (pip install 'appliance[sync]'): {exc}"
+        ) from None
+
+    agent = SyncAgent(config, engine, store, metrics)  # checks the token and root files now
+
+    async def status(request: web.Request) -> web.Response:
+        return json_response(agent.status())
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        agent.start(asyncio.shield(app[LOADER]))
+        yield
+        await agent.stop()
+
+    app.router.add_get("/v2/sync", status)
+    app.cleanup_ctx.append(ctx)
 
 
 async def _reload_on_hangup(app: web.Application) -> AsyncIterator[None]:

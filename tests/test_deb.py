@@ -24,6 +24,7 @@ from appliance.config import (
     BreakerConfig,
     Config,
     GgufConfig,
+    HubConfig,
     ModelConfig,
     MqttConfig,
     OnnxConfig,
@@ -432,8 +433,9 @@ def test_default_config_shows_every_key_with_its_true_default(tmp_path: Path) ->
     def names(cls: Any, skip: tuple[str, ...] = ()) -> set[str]:
         return {f.name for f in dataclasses.fields(cls)} - set(skip)
 
-    assert set(data) == {"server", "store", "model_defaults", "mqtt"}
+    assert set(data) == {"server", "store", "model_defaults", "mqtt", "hub"}
     assert set(data["mqtt"]) == names(MqttConfig)
+    assert set(data["hub"]) == names(HubConfig)
     assert set(data["model_defaults"]["gguf"]) == names(GgufConfig)
     assert set(data["server"]) == names(ServerConfig)
     assert set(data["store"]) == names(StoreConfig)

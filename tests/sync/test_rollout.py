@@ -1,0 +1,79 @@
+"""A rollout published on a real hub reaches a real appliance: verified, activated, reported."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from tests.sync.conftest import (
+    Fleet,
+    infer,
+    kinds,
+    serving_version,
+    sync_status,
+    wait_for,
+)
+
+
+def test_rollout_reaches_the_device_and_is_reported(
+    fleet: Fleet, variants: dict[str, Path]
+) -> None:
+    device = fleet.start_device("dev1", fleet.store("dev1"))
+    assert serving_version(device) == "1"
+    before = infer(device)["outputs"]
+
+    failures: list[str] = []
+    answered = [0]
+    stop = threading.Event()
+
+    def load() -> None:  # inference answered throughout the switch, none failing
+        while not stop.is_set():
+            try:
+                infer(device)
+                answered[0] += 1
+            except Exception as exc:
+                failures.append(repr(exc))
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    try:
+        fleet.hub.publish(
+            "sample", variants["v2"], "2", "--manifest", str(fleet.tmp / "manifest.json")
+        )
+        fleet.hub.rollout("sample", "2", "dev1")
+        wait_for("version 2 serving", lambda: serving_version(device) == "2")
+        wait_for(
+            "the hub to show version 2",
+            lambda: fleet.hub.device("dev1")["active"] == {"sample": "2"},
+        )
+    finally:
+        stop.set()
+        worker.join()
+    assert failures == []
+    assert answered[0] > 0
+    assert infer(device)["outputs"] != before  # the new weights answer
+    status = sync_status(device)
+    assert status["active"] == {"sample": "2"} and status["pending"] == {}
+    assert status["tuf"] == "ok"
+    events = wait_for("the activated event", lambda: kinds(fleet.hub.events("dev1"), "activated"))
+    assert events[0]["data"] == {"model": "sample", "version": "2", "previous": "1"}
+    polls = [code for path, code in fleet.proxy.statuses if path.endswith("/assignments")]
+    assert polls.count(304) > polls.count(200) > 0  # unchanged assignments cost a 304
+    store = fleet.tmp / "store-dev1" / "sample"
+    assert (store / "ACTIVE").read_text().split() == ["2", "1"]  # the previous version is kept
+
+
+def test_a_dropped_connection_resumes_where_it_stopped(
+    fleet: Fleet, variants: dict[str, Path]
+) -> None:
+    """Every target response is cut after 1 MiB: the 4 MiB model still arrives, in pieces, each
+    request asking only for the bytes still missing."""
+    device = fleet.start_device("dev1", fleet.store("dev1"))
+    fleet.proxy.cut_after = 1024 * 1024
+    fleet.hub.publish("sample", variants["big"], "2", *fleet.manifest_args)
+    fleet.hub.rollout("sample", "2", "dev1")
+    wait_for("version 2 serving", lambda: serving_version(device) == "2", 120)
+    ranges = [r for r in fleet.proxy.requests if r.startswith("GET /tuf/targets/")]
+    size = variants["big"].stat().st_size
+    assert len(ranges) == -(-size // (1024 * 1024))  # one request per MiB, none repeated
+    assert all(f"bytes={i * 1024 * 1024}-" in r for i, r in enumerate(ranges) if i)
