@@ -13,7 +13,7 @@ from . import __version__
 def git_revision() -> str:
     """The revision baked in at binary build time, else the source checkout's, else 'unknown'."""
     try:
-        from ._buildinfo import GIT_REVISION  # type: ignore[import-not-found, unused-ignore]
+        from ._buildinfo import GIT_REVISION  # type: ignore[import-not-found, import-untyped, unused-ignore]
 
         return str(GIT_REVISION)
     except ImportError:

@@ -1,7 +1,10 @@
 """The frozen binary, alone: --version, selftest, and serving a model it has never seen.
 
 Runs when APPLIANCE_BINARY names a built binary (`make binary-test` sets it); the binary gets a
-bare environment, with no virtual environment or source tree on its paths.
+bare environment, with no virtual environment or source tree on its paths, plus the variables
+APPLIANCE_BINARY_ENV names (`NAME=VALUE ...`): `make binary-arm64-test` passes
+QEMU_LD_PREFIX=<the arm64 root filesystem> there, so the kernel's binfmt handler runs the arm64
+binary under QEMU with that system's dynamic loader and libraries.
 """
 
 from __future__ import annotations
@@ -19,7 +22,12 @@ from tests.conftest import start_server_process, stop_server_process
 
 BINARY = os.environ.get("APPLIANCE_BINARY")
 pytestmark = pytest.mark.skipif(not BINARY, reason="APPLIANCE_BINARY is not set")
-BARE_ENV = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"}
+BARE_ENV = {
+    "PATH": "/usr/bin:/bin",
+    "HOME": "/tmp",
+    "LANG": "C.UTF-8",
+    **dict(kv.split("=", 1) for kv in os.environ.get("APPLIANCE_BINARY_ENV", "").split()),
+}
 
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
