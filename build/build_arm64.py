@@ -432,7 +432,10 @@ def _ensure_gguf_wheel(rootfs: Path, env: dict[str, str]) -> None:
     """Compile llama-cpp-python for aarch64 into the wheel cache once (it takes about half an
     hour under emulation); pip reuses the cached wheel afterwards."""
     reqs = [r for r in build_binary.requirements(["gguf"]) if r.startswith("llama-cpp-python")]
-    in_guest(rootfs, ["python3", "-m", "pip", "wheel", "--no-deps", "--wheel-dir", GUEST_WHEELS,
+    pip_venv = f"{GUEST_BUILD}/pip-venv"  # Debian's python3 has no pip without python3-pip
+    if not (rootfs / pip_venv.lstrip("/") / "bin" / "pip").exists():
+        in_guest(rootfs, ["python3", "-m", "venv", pip_venv])
+    in_guest(rootfs, [f"{pip_venv}/bin/pip", "wheel", "--no-deps", "--wheel-dir", GUEST_WHEELS,
                       *reqs], env)  # fmt: skip
 
 
@@ -462,7 +465,11 @@ def check(binaries: list[Path], args: argparse.Namespace) -> None:
         problems = check_glibc.check_bundle(target, fail_above=args.max_glibc)
         if problems:
             raise Arm64Error(f"glibc check failed:\n{problems}")
-        files = [p for p in target.rglob("*") if p.is_file()] if target.is_dir() else [target]
+        files = (
+            [p for p in target.rglob("*") if p.is_file() and not p.is_symlink()]
+            if target.is_dir()
+            else [target]
+        )
         size = sum(p.stat().st_size for p in files)
         log(f"{target}: aarch64, {size / 2**20:.1f} MiB")
 
