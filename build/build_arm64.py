@@ -35,6 +35,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -385,15 +386,24 @@ def build_env(backends: list[str], keep_system_libs: bool, jetson: bool = False)
     return env
 
 
+def lock_cache(cache: Path) -> None:
+    """One build at a time per cache (held until the process exits): a second one would
+    unmount the first one's /proc and rewrite its source tree."""
+    cache.mkdir(parents=True, exist_ok=True)
+    lock = (cache / ".lock").open("w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    _LOCKS.append(lock)
+
+
+_LOCKS: list[IO[str]] = []
+
+
 def build_emulated(args: argparse.Namespace, backends: list[str]) -> list[Path]:
     timings: dict[str, float] = {}
     if os.geteuid() != 0:
         raise Arm64Error("building under emulation needs root (debootstrap, chroot, mount)")
     cache = Path(args.cache).resolve()
-    cache.mkdir(parents=True, exist_ok=True)
-    # One build at a time per cache: a second one would unmount the first one's /proc.
-    lock = (cache / ".lock").open("w")
-    fcntl.flock(lock, fcntl.LOCK_EX)
+    lock_cache(cache)
     with timed("host packages and binfmt", timings):
         ensure_host_packages(HOST_PACKAGES)
         ensure_binfmt()
@@ -411,18 +421,20 @@ def build_emulated(args: argparse.Namespace, backends: list[str]) -> list[Path]:
     shutil.rmtree(guest_wheels, ignore_errors=True)
     shutil.copytree(wheels, guest_wheels)
     env = {**build_env(backends, args.keep_system_libs), "PIP_FIND_LINKS": GUEST_WHEELS}
-    with guest_mounts(rootfs):
-        if "gguf" in backends:
-            with timed("llama-cpp-python wheel (emulated compile, or the cached one)", timings):
-                _ensure_gguf_wheel(rootfs, env)
-        with timed("build_binary.py in the guest (pip install + PyInstaller + smoke)", timings):
-            in_guest(rootfs, ["python3", f"{guest_dir}/src/build/build_binary.py",
-                              "--mode", args.mode, "--backends", ",".join(backends),
-                              "--venv", f"{guest_dir}/venv"], env)  # fmt: skip
-    for wheel in guest_wheels.glob("*.whl"):
-        if not (wheels / wheel.name).exists():
-            shutil.copy2(wheel, wheels / wheel.name)
-            log(f"cached {wheels / wheel.name}")
+    try:
+        with guest_mounts(rootfs):
+            if "gguf" in backends:
+                with timed("llama-cpp-python wheel (emulated compile, or the cached one)", timings):
+                    _ensure_gguf_wheel(rootfs, env)
+            with timed("build_binary.py in the guest (pip install + PyInstaller + smoke)", timings):
+                in_guest(rootfs, ["python3", f"{guest_dir}/src/build/build_binary.py",
+                                  "--mode", args.mode, "--backends", ",".join(backends),
+                                  "--venv", f"{guest_dir}/venv"], env)  # fmt: skip
+    finally:  # a wheel that took half an hour to compile is kept even when PyInstaller fails
+        for wheel in guest_wheels.glob("*.whl"):
+            if not (wheels / wheel.name).exists():
+                shutil.copy2(wheel, wheels / wheel.name)
+                log(f"cached {wheels / wheel.name}")
     binaries = collect(src / "dist", args.mode, Path(args.out))
     print("timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), flush=True)
     return binaries
@@ -533,6 +545,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "rootfs":
             if is_arm64_host():
                 raise Arm64Error("an aarch64 host builds natively and needs no root filesystem")
+            lock_cache(Path(args.cache).resolve())
             ensure_host_packages(HOST_PACKAGES)
             ensure_binfmt()
             print(ensure_rootfs(Path(args.cache).resolve(), {}))
