@@ -68,7 +68,7 @@ deb:
 # a list of extras (ARM64_BACKENDS=onnx,tflite). See README "arm64: Raspberry Pi and Jetson".
 ARM64_BACKENDS ?= onnx
 ARM64_CACHE    ?= $(CURDIR)/build/.cache/arm64
-ARM64_ROOTFS   := $(ARM64_CACHE)/rootfs-bookworm
+ARM64_ROOTFS   := $(abspath $(ARM64_CACHE))/rootfs-bookworm
 # Libraries the arm64 bundle leaves to the device (build/build_arm64.py SYSTEM_LIBS).
 ARM64_DEPENDS  := libstdc++6, libgcc-s1, libexpat1
 
