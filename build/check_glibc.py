@@ -123,6 +123,8 @@ def check_bundle(root: Path, fail_above: str = "2.36", report: str = "2.35") -> 
     print(f"{root}: {len(files)} ELF files ({', '.join(machines)}), objdump {objdump}")
     print(f"  newest glibc symbol needed: GLIBC_{top} (limit {fail_above})")
     cxx = "bundled" if bundles_libstdcxx else f"from the system, needs GLIBCXX_{glibcxx}"
+    if glibcxx == "0" and not bundles_libstdcxx:
+        cxx = "not used"
     print(f"  libstdc++: {cxx}")
     if over_report:
         print(f"  stays within glibc {report} (Jetson, Ubuntu 22.04): no; these need more:")
