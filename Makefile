@@ -12,6 +12,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8080
 
 .PHONY: run test lint typecheck unit samples convert-venv bench binary binary-onefile binary-test deb measure-binary clean
+.PHONY: binary-arm64 binary-arm64-test binary-arm64-gguf deb-arm64 binary-jetson
 
 $(STAMP): pyproject.toml build/gguf_requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -57,8 +58,9 @@ bench: $(STAMP) samples
 	$(BIN)/appliance bench build/samples/sample.onnx
 
 # The device binary (PyInstaller, built on this machine for this machine; see README "Binary").
-# BINARY_BACKENDS: the extras bundled, e.g. make binary BINARY_BACKENDS=onnx,tflite,image
-BINARY_BACKENDS ?= onnx
+# BINARY_BACKENDS: the extras bundled; the default is everything a device can use (ONNX, TFLite,
+# images, text models, fleet sync); `make binary BINARY_BACKENDS=onnx` gives a lean ONNX-only one.
+BINARY_BACKENDS ?= onnx,tflite,image,text,sync
 binary:
 	$(PYTHON) build/build_binary.py --mode onedir --backends $(BINARY_BACKENDS)
 
@@ -74,6 +76,41 @@ deb:
 	test -x dist/appliance/appliance || $(MAKE) binary
 	$(PYTHON) build/make_deb.py --bundle dist/appliance
 	dpkg-deb -c dist/appliance_*.deb
+
+# arm64 (Raspberry Pi OS; Jetson's CPU): built in a Debian 12 arm64 root filesystem under QEMU on
+# an x86_64 host (as root; cached in build/.cache/arm64), natively on an arm64 host. Backends are
+# a list of extras (ARM64_BACKENDS=onnx,tflite). See README "arm64: Raspberry Pi and Jetson".
+ARM64_BACKENDS ?= $(BINARY_BACKENDS)
+ARM64_CACHE    ?= $(CURDIR)/build/.cache/arm64
+ARM64_ROOTFS   := $(abspath $(ARM64_CACHE))/rootfs-bookworm
+# Libraries the arm64 bundle leaves to the device (build/build_arm64.py SYSTEM_LIBS).
+ARM64_DEPENDS  := libstdc++6, libgcc-s1, libexpat1
+
+binary-arm64:
+	$(PYTHON) build/build_arm64.py build --backends $(ARM64_BACKENDS) --cache $(ARM64_CACHE)
+
+# The arm64 binary run through QEMU with the root filesystem's loader and libraries: ELF headers,
+# --version, selftest, a model served to tritonclient, and the glibc limit of Raspberry Pi OS.
+binary-arm64-test: $(STAMP) binary-arm64 samples
+	APPLIANCE_BINARY=dist/arm64/appliance/appliance APPLIANCE_BINARY_ARCH=aarch64 \
+	APPLIANCE_BINARY_MAX_GLIBC=2.36 APPLIANCE_BINARY_ENV="QEMU_LD_PREFIX=$(ARM64_ROOTFS)" \
+	$(BIN)/pytest -q -p no:cacheprovider tests/packaging
+
+# With GGUF: compiles llama-cpp-python for aarch64 (about half an hour under emulation, once:
+# the wheel is cached in build/.cache/arm64-gguf/wheels). Not run by CI.
+binary-arm64-gguf:
+	$(PYTHON) build/build_arm64.py build --backends $(ARM64_BACKENDS),gguf \
+	  --cache $(CURDIR)/build/.cache/arm64-gguf --out dist/arm64-gguf
+
+deb-arm64:
+	test -x dist/arm64/appliance/appliance || $(MAKE) binary-arm64
+	$(PYTHON) build/make_deb.py --bundle dist/arm64/appliance --arch arm64 --depends "$(ARM64_DEPENDS)"
+	dpkg-deb -I dist/appliance_*_arm64.deb | grep -E 'Architecture|Depends'
+
+# On a Jetson (JetPack 6) only: JetPack's onnxruntime-gpu wheel, llama.cpp with CUDA.
+# JETSON_ARGS="--ort-wheel /path/onnxruntime_gpu-...whl --backends onnx,gguf"
+binary-jetson:
+	$(PYTHON) build/build_arm64.py jetson --out dist/jetson $(JETSON_ARGS)
 
 measure-binary: samples
 	$(PYTHON) build/build_binary.py --mode both

@@ -13,7 +13,7 @@ from . import __version__
 def git_revision() -> str:
     """The revision baked in at binary build time, else the source checkout's, else 'unknown'."""
     try:
-        from ._buildinfo import GIT_REVISION  # type: ignore[import-not-found, unused-ignore]
+        from ._buildinfo import GIT_REVISION  # type: ignore[import-not-found, import-untyped, unused-ignore]
 
         return str(GIT_REVISION)
     except ImportError:
@@ -45,4 +45,29 @@ def version_text() -> str:
         "backends:",
     ]
     lines += [f"  {line}" for line in runtime_report()]
+    lines.append("features:")
+    lines += [f"  {line}" for line in feature_report()]
     return "\n".join(lines)
+
+
+#: Optional features: (name, the module that provides it, what it does).
+FEATURES = (
+    ("image", "PIL", "JPEG/PNG inputs (Pillow)"),
+    ("text", "tokenizers", "text embedding models on ONNX (tokenizers)"),
+    ("sync", "tuf", "fleet sync with a hub (python-tuf)"),
+)
+
+
+def feature_report() -> list[str]:
+    """One line per optional feature: the library version it runs on, or 'not available'."""
+    import importlib
+
+    lines = []
+    for name, module_name, what in FEATURES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            lines.append(f"{name}: not available ({what})")
+            continue
+        lines.append(f"{name}: {module_name} {getattr(module, '__version__', '?')}")
+    return lines

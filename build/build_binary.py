@@ -61,6 +61,8 @@ def build_venv(path: Path, reqs: list[str]) -> Path:
 
 
 def git_revision() -> str:
+    if os.environ.get("APPLIANCE_GIT_REVISION"):  # a build from a copy without .git (arm64)
+        return os.environ["APPLIANCE_GIT_REVISION"]
     try:
         out = subprocess.run(
             ["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"],
@@ -88,9 +90,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backends", default="onnx", help="comma-separated extras to bundle")
     ap.add_argument("--venv", default=str(ROOT / ".venv-build"), help="build environment")
     ap.add_argument("--no-smoke", action="store_true", help="skip --version and selftest")
+    ap.add_argument(
+        "--prepared-venv",
+        action="store_true",
+        help="use --venv as it is (e.g. with JetPack's onnxruntime-gpu; build/build_arm64.py)",
+    )
     args = ap.parse_args(argv)
     backends = [b for b in args.backends.split(",") if b]
-    python = build_venv(Path(args.venv), requirements(backends))
+    if args.prepared_venv:
+        python = Path(args.venv) / "bin" / "python"
+    else:
+        python = build_venv(Path(args.venv), requirements(backends))
     modes = ["onedir", "onefile"] if args.mode == "both" else [args.mode]
     revision = git_revision()
     BUILDINFO.write_text(

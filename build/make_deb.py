@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build dist/appliance_<version>_<arch>.deb from a one-folder PyInstaller bundle.
 
-    python build/make_deb.py --bundle dist/appliance [--out dist] [--arch arm64]
+    python build/make_deb.py --bundle dist/appliance [--out dist] [--arch arm64] [--depends D]
 
 The package holds the bundle in /opt/appliance (the one-folder build: nothing is unpacked to a
 temporary directory at every start, which the service's ProtectSystem=strict would complicate),
@@ -114,14 +114,16 @@ def expected_paths(bundle_files: list[str]) -> list[str]:
     return sorted(paths)
 
 
-def control(version: str, arch: str, maintainer: str, installed_kib: int) -> str:
+def control(
+    version: str, arch: str, maintainer: str, installed_kib: int, depends: str = DEPENDS
+) -> str:
     return (
         f"Package: {PACKAGE}\n"
         f"Version: {version}\n"
         f"Architecture: {arch}\n"
         f"Maintainer: {maintainer}\n"
         f"Installed-Size: {installed_kib}\n"
-        f"Depends: {DEPENDS}\n"
+        f"Depends: {depends}\n"
         "Section: misc\n"
         "Priority: optional\n"
         f"Description: {DESCRIPTION}\n"
@@ -147,7 +149,9 @@ def _installed_kib(tree: Path) -> int:
     return total
 
 
-def stage(bundle: Path, staging: Path, version: str, arch: str, maintainer: str) -> None:
+def stage(
+    bundle: Path, staging: Path, version: str, arch: str, maintainer: str, depends: str = DEPENDS
+) -> None:
     """Lay out the package tree (data and DEBIAN/) in `staging`."""
     shutil.copytree(bundle, staging / INSTALL_DIR, symlinks=True)
     (staging / LINK).parent.mkdir(parents=True)
@@ -159,7 +163,7 @@ def stage(bundle: Path, staging: Path, version: str, arch: str, maintainer: str)
     installed = _installed_kib(staging)
     debian = staging / "DEBIAN"
     debian.mkdir(mode=0o755)
-    (debian / "control").write_text(control(version, arch, maintainer, installed))
+    (debian / "control").write_text(control(version, arch, maintainer, installed, depends))
     (debian / "conffiles").write_text(f"/{CONFIG}\n")
     for name in SCRIPTS:
         shutil.copyfile(PACKAGING / "deb" / name, debian / name)
@@ -239,6 +243,7 @@ def build(
     maintainer: str = MAINTAINER,
     run_check: bool | None = None,
     allow_bundle_leaks: bool = False,
+    extra_depends: str = "",
 ) -> Path:
     """Build and verify the package; returns its path."""
     if shutil.which("dpkg-deb") is None:
@@ -263,7 +268,8 @@ def build(
     with tempfile.TemporaryDirectory(prefix="appliance-deb-") as tmp:
         staging = Path(tmp) / "root"
         staging.mkdir()
-        stage(bundle, staging, version, arch, maintainer)
+        depends = ", ".join(d for d in (DEPENDS, extra_depends.strip(", ")) if d)
+        stage(bundle, staging, version, arch, maintainer, depends)
         needles = _leak_needles(ROOT, bundle, staging, out_dir)
         leaks = find_leaks(staging, needles)
         ours = [leak for leak in leaks if not leak.startswith(f"{INSTALL_DIR}/")]
@@ -291,6 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", help="Debian architecture (default: dpkg --print-architecture)")
     ap.add_argument("--maintainer", default=os.environ.get("DEB_MAINTAINER", MAINTAINER))
     ap.add_argument(
+        "--depends",
+        default="",
+        help="more Depends (libraries the bundle leaves to the system, e.g. the arm64 build's)",
+    )
+    ap.add_argument(
         "--no-run-check",
         dest="run_check",
         action="store_false",
@@ -312,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             maintainer=args.maintainer,
             run_check=args.run_check,
             allow_bundle_leaks=args.allow_bundle_leaks,
+            extra_depends=args.depends,
         )
     except DebError as exc:
         print(f"make_deb: {exc}", file=sys.stderr)

@@ -1,7 +1,10 @@
 """The frozen binary, alone: --version, selftest, and serving a model it has never seen.
 
 Runs when APPLIANCE_BINARY names a built binary (`make binary-test` sets it); the binary gets a
-bare environment, with no virtual environment or source tree on its paths.
+bare environment, with no virtual environment or source tree on its paths, plus the variables
+APPLIANCE_BINARY_ENV names (`NAME=VALUE ...`): `make binary-arm64-test` passes
+QEMU_LD_PREFIX=<the arm64 root filesystem> there, so the kernel's binfmt handler runs the arm64
+binary under QEMU with that system's dynamic loader and libraries.
 """
 
 from __future__ import annotations
@@ -19,7 +22,12 @@ from tests.conftest import start_server_process, stop_server_process
 
 BINARY = os.environ.get("APPLIANCE_BINARY")
 pytestmark = pytest.mark.skipif(not BINARY, reason="APPLIANCE_BINARY is not set")
-BARE_ENV = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"}
+BARE_ENV = {
+    "PATH": "/usr/bin:/bin",
+    "HOME": "/tmp",
+    "LANG": "C.UTF-8",
+    **dict(kv.split("=", 1) for kv in os.environ.get("APPLIANCE_BINARY_ENV", "").split()),
+}
 
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -120,3 +128,44 @@ def test_serves_a_tflite_classifier_a_picture(tmp_path: Path, tflite_models: Pat
         assert outs["top_k_labels"]["data"] == labels[0]
     finally:
         assert stop_server_process(server) == 0
+
+
+def test_takes_a_rollout_from_a_hub(tmp_path: Path, samples: Path) -> None:
+    """Where the binary bundles the sync extra (the default): a version published on a real hub
+    (run from the source tree) is verified with TUF, activated and reported by the binary."""
+    from appliance.registry import Registry
+    from tests.sync.conftest import DEVICE_ENV, Hub, variant, wait_for
+
+    assert BINARY
+    if "sync: tuf " not in run("--version", cwd=tmp_path).stdout:
+        pytest.skip("this binary was built without the sync extra")
+    hub = Hub(tmp_path / "hub")
+    hub.start()
+    device = None
+    try:
+        store = Registry(tmp_path / "models")
+        store.add("sample", samples / "sample.onnx", version="1")
+        token = hub.enroll("pi-1", tmp_path)
+        hub.publish("sample", variant(samples / "sample.onnx", tmp_path / "v2.onnx", 1.5), "2")
+        hub.rollout("sample", "2", "pi-1")
+        device = start_server_process(
+            ["--models", str(store.root), "--hub", hub.url, "--device-id", "pi-1",
+             "--hub-token-file", str(token), "--hub-root", str(hub.root_file)],
+            command=[str(Path(BINARY).resolve())], base_env={**BARE_ENV, **DEVICE_ENV},
+        )  # fmt: skip
+        url = f"http://{device.url}/v2/models/sample"
+
+        def on_v2() -> bool:
+            import json
+            import urllib.request
+
+            with urllib.request.urlopen(url, timeout=10) as r:
+                return bool(json.loads(r.read())["versions"] == ["2"])
+
+        wait_for("version 2 on the binary", on_v2, 120)
+        assert store.entry("sample").active == "2"
+        wait_for("the hub to hear of it", lambda: hub.device("pi-1")["active"] == {"sample": "2"})
+    finally:
+        if device is not None:
+            stop_server_process(device)
+        hub.stop()
