@@ -148,6 +148,19 @@ def _utf8(item: Any) -> bytes:
     return item if isinstance(item, bytes) else str(item).encode("utf-8")
 
 
+def infer_request(
+    inputs: Any, datatypes: Any, binary: bool, token: str
+) -> tuple[bytes, dict[str, str]]:
+    """The KServe v2 infer body the load generators send, and its headers."""
+    body, header_length = encode_infer_body(inputs, datatypes, binary)
+    headers = {"Content-Type": "application/octet-stream" if binary else "application/json"}
+    if header_length is not None:
+        headers["Inference-Header-Content-Length"] = str(header_length)
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    return body, headers
+
+
 def encode_infer_body(
     inputs: dict[str, Array], datatypes: dict[str, str], binary: bool
 ) -> tuple[bytes, int | None]:
@@ -1289,13 +1302,8 @@ def run_bench(args: argparse.Namespace) -> int:
     raw, paced, placement = raw_run.latency, raw_run.paced, raw_run.placement
     gc.collect()
 
-    body, header_length = encode_infer_body(inputs, datatypes, args.binary)
     token = config.token()
-    headers = {"Content-Type": "application/octet-stream" if args.binary else "application/json"}
-    if header_length is not None:
-        headers["Inference-Header-Content-Length"] = str(header_length)
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
+    body, headers = infer_request(inputs, datatypes, args.binary, token)
     timeout_s = model_cfg.timeout_s + 30.0
 
     # 2.-4. The real server.

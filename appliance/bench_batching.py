@@ -39,7 +39,7 @@ from .bench import (
     build_request,
     check_outputs,
     decode_infer_body,
-    encode_infer_body,
+    infer_request,
     load_backend,
     make_inputs,
     raw_call,
@@ -289,13 +289,8 @@ def run_batching_bench(args: argparse.Namespace) -> int:
     raw_rounds.append(first)
     inputs, datatypes, expected = first.inputs, first.datatypes, first.expected
 
-    body, header_length = encode_infer_body(inputs, datatypes, args.binary)
     token = config.token()
-    headers = {"Content-Type": "application/octet-stream" if args.binary else "application/json"}
-    if header_length is not None:
-        headers["Inference-Header-Content-Length"] = str(header_length)
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
+    body, headers = infer_request(inputs, datatypes, args.binary, token)
     timeout_s = model_cfg.timeout_s + 30.0
     pin = ["taskset", "-c", args.server_cpus] if args.server_cpus else []
     servers: dict[str, ServerProcess] = {}
