@@ -323,6 +323,23 @@ class Router:
                     cache.put(key, result, size)
             return result
 
+    async def _dispatch(
+        self,
+        name: str,
+        version: str | None,
+        key: str | None,
+        attempt: Callable[[str, str | None], Awaitable[T]],
+        served: Served,
+        resumable: Callable[[], bool],
+    ) -> T:
+        """A model name runs on that model; a task name is routed to one of its variants."""
+        task = self.tasks.get(name)
+        if task is None:
+            return await attempt(name, version)
+        if version is not None:
+            raise NotFound(f"{name!r} is a task, not a model: it has no versions")
+        return await self._route(task, key, attempt, served, resumable)
+
     async def _route(
         self,
         task: Task,
@@ -394,13 +411,7 @@ class Router:
                 request.timeout_s,
             )  # fmt: skip
 
-        task = self.tasks.get(name)
-        if task is None:
-            response = await attempt(name, version)
-        else:
-            if version is not None:
-                raise NotFound(f"{name!r} is a task, not a model: it has no versions")
-            response = await self._route(task, key, attempt, served, _always)
+        response = await self._dispatch(name, version, key, attempt, served, _always)
         params = served.parameters()
         if params is not None:  # a new object: the cache may hold the one it came from
             response = InferResponse(
@@ -448,11 +459,7 @@ class Router:
                 rc.generation_size, hit, served, resumable,
             )  # fmt: skip
 
-        task = self.tasks.get(name)
-        if task is None:
-            result = await attempt(name, None)
-        else:
-            result = await self._route(task, key, attempt, served, resumable)
+        result = await self._dispatch(name, None, key, attempt, served, resumable)
         return answered[-1], result
 
     async def embed(
@@ -475,11 +482,7 @@ class Router:
                 rc.embedding_size, hit, served, _always,
             )  # fmt: skip
 
-        task = self.tasks.get(name)
-        if task is None:
-            result = await attempt(name, None)
-        else:
-            result = await self._route(task, key, attempt, served, _always)
+        result = await self._dispatch(name, None, key, attempt, served, _always)
         return answered[-1], result
 
     # -- metrics ---------------------------------------------------------------------------
