@@ -20,6 +20,7 @@ import numpy as np
 
 from ..errors import InvalidInput, ModelError
 from ..tensors import FLOAT_TYPES, INT_TYPES, Signature
+from . import declared_tensor
 
 OUTPUTS = ("top_k_indices", "top_k_scores", "top_k_labels")
 _KEYS = frozenset({"type", "output", "softmax", "labels", "top_k"})
@@ -38,20 +39,8 @@ class ClassifySpec:
         def bad(key: str, why: str) -> ModelError:
             return ModelError(f"{what}: postprocess.{key} = {obj.get(key)!r}: {why}")
 
-        unknown = sorted(set(obj) - _KEYS)
-        if unknown:
-            raise ModelError(
-                f"{what}: postprocess has unknown keys {', '.join(unknown)} (known: "
-                f"{', '.join(sorted(_KEYS))})"
-            )
-        name = obj.get("output")
-        if name is None:
-            if len(signature.outputs) != 1:
-                raise bad("output", "needed: the model has several outputs")
-            name = signature.outputs[0].name
-        spec = signature.output_by_name.get(name) if isinstance(name, str) else None
-        if spec is None:
-            raise bad("output", f"no such model output ({', '.join(signature.output_by_name)})")
+        spec = declared_tensor(obj, "postprocess", _KEYS, "output", signature.outputs, what)
+        name = spec.name
         if spec.datatype not in FLOAT_TYPES | INT_TYPES or len(spec.shape) not in (1, 2):
             raise bad("output", f"must be numeric [classes] or [batch, classes], not {spec}")
         if any(n in signature.output_by_name for n in OUTPUTS):

@@ -34,6 +34,7 @@ import numpy as np
 from ..config import ImageConfig
 from ..errors import InvalidInput, ModelError, UnsupportedMediaType
 from ..tensors import DATATYPES, FLOAT_TYPES, INT_TYPES, Signature
+from . import declared_tensor
 
 #: Content-Type -> Pillow format
 CONTENT_TYPES = {"image/jpeg": "JPEG", "image/jpg": "JPEG", "image/png": "PNG"}
@@ -78,20 +79,8 @@ class ImageSpec:
         def bad(key: str, why: str) -> ModelError:
             return ModelError(f"{what}: preprocess.{key} = {obj.get(key)!r}: {why}")
 
-        unknown = sorted(set(obj) - _KEYS)
-        if unknown:
-            raise ModelError(
-                f"{what}: preprocess has unknown keys {', '.join(unknown)} (known: "
-                f"{', '.join(sorted(_KEYS))})"
-            )
-        name = obj.get("input")
-        if name is None:
-            if len(signature.inputs) != 1:
-                raise bad("input", "needed: the model has several inputs")
-            name = signature.inputs[0].name
-        spec = signature.input_by_name.get(name) if isinstance(name, str) else None
-        if spec is None:
-            raise bad("input", f"no such model input ({', '.join(signature.input_by_name)})")
+        spec = declared_tensor(obj, "preprocess", _KEYS, "input", signature.inputs, what)
+        name = spec.name
         rank = len(spec.shape)
         if rank not in (3, 4):
             raise ModelError(
