@@ -14,6 +14,7 @@ from aiohttp import web
 
 from . import systemd
 from .api.http import HttpSettings, build_app
+from .api.http_server import run as run_http
 from .backends import detect_backend
 from .config import Config
 from .engine import Engine, ModelSource
@@ -206,10 +207,4 @@ def serve(config: Config, sources: list[ModelSource], store: Registry | None = N
         " (uvloop)" if fast else "",
         extra={"fields": {"port": bound}},
     )
-    web.run_app(
-        app,
-        sock=sock,
-        access_log=None,
-        print=None,
-        shutdown_timeout=config.server.shutdown_timeout_s,
-    )
+    run_http(app, sock, config.server.shutdown_timeout_s)

@@ -14,7 +14,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,18 +71,41 @@ def json_response(
     return web.Response(body=orjson.dumps(obj), status=status, content_type=_JSON, headers=headers)
 
 
-def error_response(exc: ApplianceError, openai: bool = False) -> web.Response:
-    """The one place errors become HTTP: KServe's `{"error": "..."}`, or OpenAI's shape."""
+def error_parts(exc: ApplianceError, openai: bool = False) -> tuple[bytes, dict[str, str] | None]:
+    """The one place errors become HTTP: KServe's `{"error": "..."}`, or OpenAI's shape, and
+    the headers that go with the status (both servers of api/http_server.py use it)."""
     headers = None
     if exc.retry_after is not None:
         headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
     elif exc.status == 401:
         headers = {"WWW-Authenticate": 'Bearer realm="appliance"'}
     body = openai_error(exc) if openai else {"error": exc.message}
-    return json_response(body, exc.status, headers)
+    return orjson.dumps(body), headers
 
 
-def _trace(header: str | None) -> str | None:
+def error_response(exc: ApplianceError, openai: bool = False) -> web.Response:
+    body, headers = error_parts(exc, openai)
+    return web.Response(body=body, status=exc.status, content_type=_JSON, headers=headers)
+
+
+def pick_request_id(header: str | None) -> str:
+    """The client's X-Request-Id when it is a sane token, else a new one."""
+    if header is None or not _REQUEST_ID_RE.match(header):
+        return f"{random.getrandbits(128):032x}"  # an id, not a secret: no syscall per request
+    return header
+
+
+def check_auth(settings: HttpSettings, path: str, authorization: str | None) -> None:
+    """Bearer auth on every route but health."""
+    if settings.token and path not in _PUBLIC:
+        scheme, _, given = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), settings.token.encode()
+        ):
+            raise Unauthorized("missing or wrong bearer token")
+
+
+def trace_of(header: str | None) -> str | None:
     if not header:
         return None
     m = _TRACEPARENT_RE.match(header.strip().lower())
@@ -98,21 +121,13 @@ async def middleware(
     """Request id and trace id, bearer auth, errors as JSON, the access log and HTTP metrics."""
     settings = request.app[SETTINGS]
     start = time.perf_counter()
-    rid = request.headers.get("X-Request-Id")
-    if rid is None or not _REQUEST_ID_RE.match(rid):
-        rid = f"{random.getrandbits(128):032x}"  # an id, not a secret: no syscall per request
+    rid = pick_request_id(request.headers.get("X-Request-Id"))
     rid_token = request_id.set(rid)
-    tid_token = trace_id.set(_trace(request.headers.get("traceparent")))
+    tid_token = trace_id.set(trace_of(request.headers.get("traceparent")))
     openai = request.path.startswith("/v1/")
     response: web.StreamResponse
     try:
-        if settings.token and request.path not in _PUBLIC:
-            auth = request.headers.get("Authorization", "")
-            scheme, _, given = auth.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                given.strip().encode(), settings.token.encode()
-            ):
-                raise Unauthorized("missing or wrong bearer token")
+        check_auth(settings, request.path, request.headers.get("Authorization"))
         response = await handler(request)
     except ApplianceError as exc:
         response = error_response(exc, openai)
@@ -141,7 +156,7 @@ async def middleware(
         # Formatted once this step ends, after aiohttp has written the response: the client
         # does not wait for its log line.
         asyncio.get_running_loop().call_soon(
-            _log_access,
+            log_access,
             request.method,
             request.path,
             response.status,
@@ -152,10 +167,15 @@ async def middleware(
         )
     trace_id.reset(tid_token)
     request_id.reset(rid_token)
+    done = getattr(request.transport, "request_done", None)
+    if done is not None:  # handed over by api/http_server.py: tell it when the answer is out
+        await response.prepare(request)
+        await response.write_eof()
+        done(response.keep_alive)
     return response
 
 
-def _log_access(
+def log_access(
     method: str,
     path: str,
     status: int,
@@ -328,50 +348,65 @@ async def infer(request: web.Request) -> web.Response:
     # 404/503 before reading a body we would discard
     engine.admit(name, version)
     limit = request.app[SETTINGS].max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(
-            f"request body of {request.content_length} bytes is larger than the limit of "
-            f"{limit} bytes"
-        )
+    check_length(request.content_length, limit)
     ctype = request.content_type.lower()
     if ctype.startswith(("image/", "multipart/")):
         req = await image_request(request, engine.resolve(name, version), ctype, limit)
     else:
-        req = await _tensor_request(request)
+        body = await request.read()
+        req = tensor_request(body, request.headers.get("Inference-Header-Content-Length"))
     req.parameters.update(_query_parameters(request))
-    timeout_s = _timeout_header(request.headers.get(TIMEOUT_HEADER))
+    payload, content_type, headers = await answer(engine, name, version, req, request.headers)
+    return web.Response(body=payload, content_type=content_type, headers=headers)
+
+
+def check_length(content_length: int | None, limit: int) -> None:
+    if content_length is not None and content_length > limit:
+        raise PayloadTooLarge(
+            f"request body of {content_length} bytes is larger than the limit of {limit} bytes"
+        )
+
+
+async def answer(
+    engine: Engine,
+    name: str,
+    version: str | None,
+    req: InferRequest,
+    headers: Mapping[str, str],
+) -> tuple[bytes, str, dict[str, str]]:
+    """Run a decoded KServe v2 request: the body, its content type and the headers saying which
+    model answered. The one infer path below both HTTP servers (api/http_server.py)."""
+    timeout_s = _timeout_header(headers.get(TIMEOUT_HEADER))
     if timeout_s is not None:
         req.timeout_s = timeout_s if req.timeout_s is None else min(req.timeout_s, timeout_s)
-    key = engine.router.key_for(name, req.parameters, request.headers)
+    key = engine.router.key_for(name, req.parameters, headers)
     result = await engine.infer(name, version, req, key)
     payload, json_length = encode_response(result, req)
     # Which model answered (for a task, the variant or the fallback): also in the body.
-    headers = {"X-Model-Name": result.model_name, "X-Model-Version": result.model_version}
+    out = {"X-Model-Name": result.model_name, "X-Model-Version": result.model_version}
     if result.parameters:
         if "task" in result.parameters:
-            headers["X-Task"] = name
-            headers["X-Fallback"] = "true" if result.parameters["fallback"] else "false"
+            out["X-Task"] = name
+            out["X-Fallback"] = "true" if result.parameters["fallback"] else "false"
         if result.parameters.get("cached"):
-            headers["X-Cache"] = "hit"
+            out["X-Cache"] = "hit"
     if json_length is None:
-        return web.Response(body=payload, content_type=_JSON, headers=headers)
-    headers["Inference-Header-Content-Length"] = str(json_length)
-    return web.Response(body=payload, content_type="application/octet-stream", headers=headers)
+        return payload, _JSON, out
+    out["Inference-Header-Content-Length"] = str(json_length)
+    return payload, "application/octet-stream", out
 
 
-async def _tensor_request(request: web.Request) -> InferRequest:
+def tensor_request(body: bytes, header_length: str | None) -> InferRequest:
     """A KServe v2 body: JSON, or JSON followed by binary tensor data."""
-    body = await request.read()
-    header_length = None
-    raw = request.headers.get("Inference-Header-Content-Length")
-    if raw is not None:
+    length = None
+    if header_length is not None:
         try:
-            header_length = int(raw)
+            length = int(header_length)
         except ValueError:
             raise InvalidInput(
-                f"Inference-Header-Content-Length must be an integer, got {raw!r}"
+                f"Inference-Header-Content-Length must be an integer, got {header_length!r}"
             ) from None
-    return decode_request(body, header_length)
+    return decode_request(body, length)
 
 
 def _query_parameters(request: web.Request) -> dict[str, Any]:

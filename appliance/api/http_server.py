@@ -1,0 +1,639 @@
+"""The HTTP/1.1 server in front of the aiohttp application: the infer hot path, served directly.
+
+Why: for a small model, aiohttp's per-request machinery (request and response objects, router,
+middleware chain, header multidicts, its writer) costs several times what the runtime takes, and
+under overload even a 503 paid for all of it. This protocol parses plain requests itself and
+answers the hot routes (KServe v2 `infer` with a JSON or binary-tensor body, and
+`/v2/health/live`) straight from the engine, through the same functions as the aiohttp handlers
+(api/http.py: auth, `answer`, the error mapping, metrics, the access log), so the two cannot
+disagree.
+
+Every other request (other routes, image and multipart bodies, compressed bodies, odd query
+strings) is handed byte for byte to the aiohttp application on the same connection, and the
+connection comes back once aiohttp has written its answer. Anything unusual (chunked bodies,
+HTTP/1.0, `Expect`, upgrades, absolute URLs, non-ASCII or malformed heads, heads over the size
+limit) hands the rest of the connection to aiohttp for good, so its parser decides, exactly as
+it would have without this layer. Requests on one connection are answered in order, one at a
+time; reading pauses while the client does not read its answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Any, cast
+from urllib.parse import parse_qsl
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from ..errors import ApplianceError, InferenceFailed
+from ..logs import request_id, trace_id
+from ..metrics import Metrics
+from .http import (
+    ENGINE,
+    METRICS,
+    SETTINGS,
+    HttpSettings,
+    answer,
+    check_auth,
+    check_length,
+    error_parts,
+    log_access,
+    pick_request_id,
+    tensor_request,
+    trace_of,
+)
+from .images import text_parameters
+
+log = logging.getLogger("appliance.http")
+
+#: A head (request line and headers) longer than this goes to aiohttp, which refuses it.
+MAX_HEAD_BYTES = 8190
+#: Unanswered bytes buffered per connection before reading pauses (a pipelining client).
+MAX_BUFFERED_BYTES = 1 << 20
+_INFER = re.compile(
+    r"/v2/models/([A-Za-z0-9][A-Za-z0-9._-]*)(?:/versions/([A-Za-z0-9._-]+))?/infer"
+)
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_ROUTES = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")
+_LIVE_BODY = b'{"live":true}'
+_JSON = b"application/json"
+#: Headers that may appear once only; a repeat sends the connection to aiohttp's parser.
+_SINGLE = frozenset({"content-length", "content-type", "authorization", "host"})
+#: Present: the request is not plain enough for this parser (aiohttp takes the connection).
+_HAND_OVER = frozenset({"transfer-encoding", "expect", "upgrade"})
+_STATUS = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
+
+
+class _Head:
+    """A parsed request head: what the hot path needs, the rest only for handing over."""
+
+    __slots__ = ("close", "headers", "length", "method", "path", "query")
+
+    def __init__(
+        self, method: str, path: str, query: str, headers: dict[str, str], length: int
+    ) -> None:
+        self.method = method
+        self.path = path
+        self.query = query
+        self.headers = headers
+        self.length = length
+        self.close = "close" in headers.get("connection", "").lower()
+
+
+class _Headers(dict[str, str]):
+    """Header names are case-insensitive (the router looks up `X-Device-Id`, say)."""
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return dict.get(self, key.lower(), default)
+
+
+def parse_head(raw: bytes) -> _Head | None:
+    """The head of a plain HTTP/1.1 request, or None when aiohttp should judge it."""
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    lines = text.split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or parts[2] != "HTTP/1.1" or not parts[1].startswith("/"):
+        return None
+    method, target = parts[0], parts[1]
+    headers = _Headers()
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep or "\r" in line or "\n" in line or not _TOKEN.fullmatch(name):
+            return None
+        key = name.lower()
+        value = value.strip(" \t")
+        if key in headers:
+            if key in _SINGLE:
+                return None
+            value = headers[key] + ", " + value
+        headers[key] = value
+    if not _HAND_OVER.isdisjoint(headers):
+        return None
+    raw_length = headers.get("content-length", "0")
+    if not raw_length.isdigit() or not raw_length.isascii():
+        return None
+    connection = headers.get("connection", "").lower()
+    if "upgrade" in connection:
+        return None
+    path, _, query = target.partition("?")
+    return _Head(method, path, query, headers, int(raw_length))
+
+
+class _DateCache:
+    """The Date header, formatted once a second."""
+
+    def __init__(self) -> None:
+        self._second = 0
+        self._value = b""
+
+    def get(self) -> bytes:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._value = formatdate(now, usegmt=True).encode()
+        return self._value
+
+
+class _ToAiohttp(asyncio.Transport):
+    """The transport aiohttp's protocol sees for a connection it shares: writes go to the real
+    socket; a close while aiohttp answers closes the socket (its error or `Connection: close`),
+    one while it is idle (its keep-alive timer) only lets it go."""
+
+    def __init__(self, conn: Connection) -> None:
+        super().__init__()
+        self._conn = conn
+        self._closed = False
+
+    @property
+    def _real(self) -> asyncio.Transport:
+        transport = self._conn.transport
+        assert transport is not None
+        return transport
+
+    def request_done(self, keep_alive: bool | None) -> None:
+        """Called by api/http.py's middleware once the answer is written."""
+        if not self._closed:
+            self._conn.delegated_done(keep_alive is not False)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not self._closed:
+            self._real.write(data)
+
+    def writelines(self, list_of_data: Any) -> None:
+        if not self._closed:
+            self._real.writelines(list_of_data)
+
+    def is_closing(self) -> bool:
+        return self._closed or self._real.is_closing()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._conn.aiohttp_closed()
+
+    def abort(self) -> None:
+        self.close()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._real.get_extra_info(name, default)
+
+    def pause_reading(self) -> None:
+        self._conn.pause("aiohttp")
+
+    def resume_reading(self) -> None:
+        self._conn.resume("aiohttp")
+
+    def is_reading(self) -> bool:
+        return self._real.is_reading()
+
+    def get_write_buffer_size(self) -> int:
+        return self._real.get_write_buffer_size()
+
+    def can_write_eof(self) -> bool:
+        return False
+
+
+class Connection(asyncio.Protocol):
+    """One client connection (see the module docstring)."""
+
+    def __init__(self, server: HttpServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.idle_since = time.monotonic()
+        self._buf = bytearray()
+        #: A request is being answered (by the hot path or by aiohttp).
+        self.busy = False
+        self._head: _Head | None = None
+        #: Body bytes of the request aiohttp answers, still to pass on as they arrive.
+        self._forward = 0
+        #: Body bytes of a request refused from its head, still to discard.
+        self._skip = 0
+        self._close_after = False
+        #: aiohttp owns the rest of the connection.
+        self._handed_over = False
+        self._aio: RequestHandler | None = None
+        self._aio_transport: _ToAiohttp | None = None
+        self._paused: set[str] = set()
+        self._write_paused = False
+
+    # -- asyncio callbacks -------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.server.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        if self._aio is not None:
+            self._aio.connection_lost(exc)
+            self._aio = None
+        self.transport = None
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        if self._aio is not None:
+            self._aio.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._aio is not None:
+            self._aio.resume_writing()
+        if not self.busy:
+            self._process()
+
+    def data_received(self, data: bytes) -> None:
+        self.idle_since = time.monotonic()
+        if self._handed_over:
+            assert self._aio is not None
+            self._aio.data_received(data)
+            return
+        if self._forward:
+            n = min(len(data), self._forward)
+            self._forward -= n
+            assert self._aio is not None
+            self._aio.data_received(data[:n])
+            data = data[n:]
+        if self._skip:
+            n = min(len(data), self._skip)
+            self._skip -= n
+            data = data[n:]
+        if data:
+            self._buf += data
+            if len(self._buf) > MAX_BUFFERED_BYTES and self.busy:
+                self.pause("buffer")
+        if not self.busy:
+            self._process()
+
+    def eof_received(self) -> bool | None:
+        if self._aio is not None:
+            self._aio.eof_received()
+        return None
+
+    # -- flow control ------------------------------------------------------------------------
+    def pause(self, reason: str) -> None:
+        if not self._paused and self.transport is not None:
+            self.transport.pause_reading()
+        self._paused.add(reason)
+
+    def resume(self, reason: str) -> None:
+        if reason in self._paused:
+            self._paused.discard(reason)
+            if not self._paused and self.transport is not None:
+                self.transport.resume_reading()
+
+    # -- requests ----------------------------------------------------------------------------
+    def _process(self) -> None:
+        """Start on the next buffered request, if it is complete enough."""
+        while (
+            not self.busy
+            and self._buf
+            and not self._skip
+            and not self._forward
+            and not self._write_paused
+            and self.transport is not None
+            and not self.transport.is_closing()
+        ):
+            buf = self._buf
+            head = self._head
+            if head is None:
+                end = buf.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES + 4)
+                if end < 0:
+                    if len(buf) > MAX_HEAD_BYTES:
+                        self._hand_over()
+                    return
+                raw = bytes(buf[: end + 4])
+                head = parse_head(raw[:-4])
+                if head is None:
+                    self._hand_over()
+                    return
+                del buf[: end + 4]
+                if not self._hot(head):
+                    self._delegate(head, raw)
+                    return
+                if self._refused(head):
+                    continue
+                self._head = head
+            if len(buf) < head.length:
+                return  # the body is still coming
+            body = bytes(buf[: head.length])
+            del buf[: head.length]
+            self._head = None
+            self.resume("buffer")
+            self.busy = True
+            self.server.loop.create_task(self._infer(head, body))
+
+    def _hot(self, head: _Head) -> bool:
+        if head.method == "POST":
+            if not _INFER.fullmatch(head.path):
+                return False
+            ctype = head.headers.get("content-type", "").lower()
+            return not ctype.startswith(("image/", "multipart/")) and (
+                "content-encoding" not in head.headers
+            )
+        return head.method == "GET" and head.path == "/v2/health/live" and not head.length
+
+    def _refused(self, head: _Head) -> bool:
+        """Answer at once what fails before its body matters (auth, unknown model, a full
+        queue, an oversized body); the body is then skipped, or the connection closed."""
+        server = self.server
+        if head.method == "GET":  # /v2/health/live
+            self.idle_since = time.monotonic()
+            rid = pick_request_id(head.headers.get("x-request-id"))
+            self._write(200, _LIVE_BODY, _JSON, None, rid, head.close)
+            server.metrics.http_response("/v2/health/live", 200)
+            if server.settings.access_log:
+                server.loop.call_soon(
+                    log_access, "GET", head.path, 200, 0.0, self._peer(), rid, None
+                )
+            return True
+        m = _INFER.fullmatch(head.path)
+        assert m is not None
+        try:
+            check_auth(server.settings, head.path, head.headers.get("authorization"))
+            server.engine.admit(m.group(1), m.group(2))
+            check_length(head.length, server.settings.max_body_bytes)
+        except ApplianceError as exc:
+            self._error(head, exc, m.group(2) is not None, time.perf_counter())
+            if exc.status == 413:
+                self._close_after = True
+                self._close_now()
+                return True
+            available = min(len(self._buf), head.length)
+            del self._buf[:available]
+            self._skip = head.length - available
+            return True
+        return False
+
+    async def _infer(self, head: _Head, body: bytes) -> None:
+        server = self.server
+        start = time.perf_counter()
+        headers = head.headers
+        m = _INFER.fullmatch(head.path)
+        assert m is not None
+        name, version = m.group(1), m.group(2)
+        rid = pick_request_id(headers.get("x-request-id"))
+        rid_token = request_id.set(rid)
+        tid_token = trace_id.set(trace_of(headers.get("traceparent")))
+        try:
+            req = tensor_request(body, headers.get("inference-header-content-length"))
+            if head.query:
+                req.parameters.update(
+                    text_parameters(parse_qsl(head.query, keep_blank_values=True))
+                )
+            payload, ctype, extra = await answer(server.engine, name, version, req, headers)
+        except ApplianceError as exc:
+            self._error(head, exc, version is not None, start, rid)
+        except Exception:
+            log.exception("unhandled error on POST %s", head.path)
+            self._error(
+                head, InferenceFailed("internal server error"), version is not None, start, rid
+            )
+        else:
+            self._write(200, payload, ctype.encode(), extra, rid, head.close)
+            self._account(head, 200, version is not None, start, rid)
+        finally:
+            trace_id.reset(tid_token)
+            request_id.reset(rid_token)
+        self._finished(head.close)
+
+    def _error(
+        self,
+        head: _Head,
+        exc: ApplianceError,
+        versioned: bool,
+        start: float,
+        rid: str | None = None,
+    ) -> None:
+        if rid is None:
+            rid = pick_request_id(head.headers.get("x-request-id"))
+        if exc.status >= 500:
+            log.warning("%s %s: %s", head.method, head.path, exc.message)
+        body, extra = error_parts(exc)
+        self._write(exc.status, body, _JSON, extra, rid, head.close or exc.status == 413)
+        self._account(head, exc.status, versioned, start, rid)
+
+    def _account(self, head: _Head, status: int, versioned: bool, start: float, rid: str) -> None:
+        server = self.server
+        server.metrics.http_response(_ROUTES[versioned], status)
+        if server.settings.access_log:
+            server.loop.call_soon(
+                log_access,
+                head.method,
+                head.path,
+                status,
+                time.perf_counter() - start,
+                self._peer(),
+                rid,
+                trace_id.get(),
+            )
+
+    def _peer(self) -> str | None:
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        return str(peer[0]) if peer else None
+
+    def _write(
+        self,
+        status: int,
+        body: bytes,
+        ctype: bytes,
+        extra: dict[str, str] | None,
+        rid: str,
+        close: bool,
+    ) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        parts = [
+            _STATUS[status],
+            b"Content-Type: ",
+            ctype,
+            b"\r\nContent-Length: ",
+            str(len(body)).encode(),
+            b"\r\nDate: ",
+            self.server.date.get(),
+            b"\r\nX-Request-Id: ",
+            rid.encode(),
+        ]
+        if extra:
+            for key, value in extra.items():
+                parts += (b"\r\n", key.encode(), b": ", value.encode())
+        if close:
+            parts.append(b"\r\nConnection: close")
+        parts += (b"\r\n\r\n", body)
+        transport.write(b"".join(parts))
+
+    def _finished(self, close: bool) -> None:
+        self.busy = False
+        self.idle_since = time.monotonic()
+        if close or self._close_after or self.server.closing:
+            self._close_now()
+            return
+        self._process()
+
+    def _close_now(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    # -- aiohttp -----------------------------------------------------------------------------
+    def _aiohttp(self) -> RequestHandler:
+        if self._aio is None:
+            transport = _ToAiohttp(self)
+            handler = self.server.handler_factory()
+            handler.connection_made(transport)
+            self._aio, self._aio_transport = handler, transport
+        return self._aio
+
+    def _delegate(self, head: _Head, raw_head: bytes) -> None:
+        """Hand one request to aiohttp: its head as received, and its body as it comes."""
+        self.busy = True
+        buf = self._buf
+        n = min(len(buf), head.length)
+        chunk = raw_head + bytes(buf[:n])
+        del buf[:n]
+        self._forward = head.length - n
+        self._aiohttp().data_received(chunk)
+
+    def _hand_over(self) -> None:
+        """aiohttp takes the rest of this connection."""
+        self._handed_over = True
+        handler = self._aiohttp()
+        data = bytes(self._buf)
+        self._buf.clear()
+        self.resume("buffer")
+        handler.data_received(data)
+
+    def delegated_done(self, keep_alive: bool) -> None:
+        if self._handed_over:
+            return
+        self._finished(not keep_alive)
+
+    def aiohttp_closed(self) -> None:
+        """aiohttp closed its side: the socket too if it was answering, else only its part."""
+        handler = self._aio
+        self._aio = self._aio_transport = None
+        if self.busy or self._handed_over:
+            self._close_now()
+        elif handler is not None:
+            self.server.loop.call_soon(handler.connection_lost, None)
+        self._paused.discard("aiohttp")
+
+
+@dataclass
+class HttpServer:
+    """The listening side: connections, the aiohttp handler factory, graceful close."""
+
+    app: web.Application
+    handler_factory: Callable[[], RequestHandler]
+    loop: asyncio.AbstractEventLoop
+    keepalive_timeout_s: float = 75.0
+
+    def __post_init__(self) -> None:
+        self.engine = self.app[ENGINE]
+        self.metrics: Metrics = self.app[METRICS]
+        self.settings: HttpSettings = self.app[SETTINGS]
+        self.date = _DateCache()
+        self.connections: set[Connection] = set()
+        self.closing = False
+
+    def protocol(self) -> Connection:
+        return Connection(self)
+
+    def sweep(self) -> None:
+        """Close connections idle for longer than the keep-alive timeout."""
+        limit = time.monotonic() - self.keepalive_timeout_s
+        for conn in list(self.connections):
+            if not conn.busy and conn.idle_since < limit and conn.transport is not None:
+                conn.transport.close()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Stop taking requests; wait for those being answered, then close every connection."""
+        self.closing = True
+        deadline = time.monotonic() + timeout_s
+        for conn in list(self.connections):
+            if not conn.busy and conn.transport is not None:
+                conn.transport.close()
+        while any(c.busy for c in self.connections) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.close()
+
+
+class RunningServer:
+    """The app served on a socket by this protocol; `close` is the graceful shutdown."""
+
+    def __init__(
+        self, runner: web.AppRunner, http: HttpServer, server: asyncio.Server, sweeper: Any
+    ) -> None:
+        self.runner = runner
+        self.http = http
+        self.server = server
+        self._sweeper = sweeper
+
+    @property
+    def port(self) -> int:
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def close(self, timeout_s: float = 10.0) -> None:
+        self.server.close()
+        self._sweeper.cancel()
+        await self.http.drain(timeout_s)
+        await self.runner.cleanup()
+
+
+async def open_server(
+    app: web.Application, sock: socket.socket, keepalive_timeout_s: float = 75.0
+) -> RunningServer:
+    """Start the app (its startup and cleanup contexts) and serve it on `sock`."""
+    loop = asyncio.get_running_loop()
+    runner = web.AppRunner(
+        app, handle_signals=False, access_log=None, keepalive_timeout=keepalive_timeout_s
+    )
+    await runner.setup()
+    factory = runner.server
+    assert factory is not None
+    http = HttpServer(app, factory, loop, keepalive_timeout_s)
+    server = await loop.create_server(http.protocol, sock=sock, backlog=1024)
+
+    async def sweep() -> None:
+        while True:
+            await asyncio.sleep(min(5.0, keepalive_timeout_s))
+            http.sweep()
+
+    return RunningServer(runner, http, server, loop.create_task(sweep()))
+
+
+def run(app: web.Application, sock: socket.socket, shutdown_timeout_s: float) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully (what `web.run_app` does)."""
+
+    async def main() -> None:
+        running = await open_server(app, sock)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await running.close(shutdown_timeout_s)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())
