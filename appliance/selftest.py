@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import socket
 import time
 from importlib import resources
 from pathlib import Path
@@ -29,9 +30,9 @@ def data_dir() -> Path:
 
 async def _run(timeout_s: float) -> str:
     import aiohttp
-    from aiohttp import web
 
     from .api.http import ENGINE, LOADER
+    from .api.http_server import open_server
     from .config import load_config
     from .server import build, source_from_file
 
@@ -42,12 +43,10 @@ async def _run(timeout_s: float) -> str:
         None, {"server": {"host": "127.0.0.1", "port": 0, "access_log": False}}, environ={}
     )
     app = build(config, [source_from_file(data / "sample.onnx", "sample")])
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
+    # The server `appliance serve` runs: its own protocol for infer, aiohttp for the rest.
+    running = await open_server(app, socket.create_server(("127.0.0.1", 0)))
     try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = runner.addresses[0][:2]
+        host, port = "127.0.0.1", running.port
         await asyncio.wait_for(app[LOADER], timeout_s)
         model = app[ENGINE].model("sample")
         if model.status != "ready":
@@ -82,7 +81,7 @@ async def _run(timeout_s: float) -> str:
         where = f"{placement.device} ({placement.detail})" if placement else "unknown device"
         return f"sample model on {where} answered correctly over HTTP in {elapsed_ms:.1f} ms"
     finally:
-        await runner.cleanup()
+        await running.close()
 
 
 def run_selftest(timeout_s: float = 60.0) -> tuple[bool, str]:

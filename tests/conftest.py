@@ -16,13 +16,14 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from appliance.api.http import LOADER
 from appliance.config import load_config
 from appliance.engine import ModelSource
 from appliance.registry import Registry
 from appliance.server import build, sources_from_store
+from tests.support.front import FrontServer
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_NAMES = ("sample", "multi_io", "strings", "fp16")
@@ -117,7 +118,8 @@ ClientFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]
 async def serve(
     store: Registry,
 ) -> AsyncIterator[ClientFactory]:
-    """Start the real HTTP app on a loopback port; returns a client once models are loaded."""
+    """Start the real HTTP server (api/http_server.py in front of the app) on a loopback port;
+    returns a client once models are loaded."""
     clients: list[TestClient[web.Request, web.Application]] = []
 
     async def start(
@@ -130,7 +132,7 @@ async def serve(
             app = build(config, sources_from_store(store.root), store)
         else:
             app = build(config, sources)
-        client = TestClient(TestServer(app, host="127.0.0.1"))
+        client = TestClient(FrontServer(app, host="127.0.0.1"))
         await client.start_server()
         clients.append(client)
         if wait:

@@ -1,0 +1,294 @@
+"""The HTTP/1.1 front protocol (api/http_server.py) byte by byte over real loopback sockets: the
+hot path, requests handed to aiohttp on the same connection, hand-overs, limits and bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import orjson
+import pytest
+
+from appliance.api.http import LOADER
+from appliance.api.http_server import open_server, parse_head
+from appliance.config import load_config
+from appliance.server import build, sources_from_store
+
+BODY = orjson.dumps(
+    {
+        "inputs": [
+            {"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [5.1, 3.5, 1.4, 0.2]}
+        ]
+    }
+)
+INFER = "/v2/models/sample/infer"
+
+
+def request(method: str, path: str, body: bytes = b"", **headers: str) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: test"]
+    if body or method == "POST":
+        lines.append(f"Content-Length: {len(body)}")
+        lines.append("Content-Type: application/json")
+    lines += [f"{k.replace('_', '-')}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+class Conn:
+    """One raw keep-alive connection that reads responses with a Content-Length."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def response(self) -> tuple[int, dict[str, str], bytes]:
+        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 10)
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ")[1])
+        headers = {}
+        for line in lines[1:]:
+            if line:
+                k, _, v = line.partition(":")
+                headers[k.strip().lower()] = v.strip()
+        if "content-length" in headers:
+            body = await self.reader.readexactly(int(headers["content-length"]))
+        else:
+            assert headers.get("transfer-encoding") == "chunked", headers
+            body = b""
+            while True:
+                size = int((await self.reader.readuntil(b"\r\n")).strip(), 16)
+                chunk = await self.reader.readexactly(size + 2)
+                if size == 0:
+                    break
+                body += chunk[:-2]
+        return status, headers, body
+
+    async def closed(self) -> bool:
+        return await asyncio.wait_for(self.reader.read(1), 10) == b""
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+@pytest.fixture
+async def connect(serve):
+    conns: list[Conn] = []
+    port = None
+
+    async def open_conn(overrides=None) -> Conn:
+        nonlocal port
+        if port is None or overrides is not None:
+            client = await serve(overrides)
+            port = client.server.port
+        conn = Conn(*await asyncio.open_connection("127.0.0.1", port))
+        conns.append(conn)
+        return conn
+
+    yield open_conn
+    for conn in conns:
+        conn.close()
+
+
+def test_parse_head_takes_only_plain_requests():
+    head = parse_head(b"POST /v2/models/a/infer?x=1 HTTP/1.1\r\nHost: h\r\nContent-Length: 12")
+    assert head is not None and head.length == 12 and head.query == "x=1"
+    assert head.headers.get("HOST") == "h" and not head.close
+    assert parse_head(b"GET / HTTP/1.1\r\nConnection: close").close
+    refused = [
+        b"GET / HTTP/1.0",  # HTTP/1.0: aiohttp's keep-alive rules
+        b"GET http://h/ HTTP/1.1",  # absolute form
+        b"GET /  HTTP/1.1",
+        b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2",  # smuggling
+        b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked",
+        b"POST / HTTP/1.1\r\nContent-Length: +5",
+        b"POST / HTTP/1.1\r\nContent-Length: \xd9\xa3",  # non-ASCII digit
+        b"POST / HTTP/1.1\r\nExpect: 100-continue",
+        b"GET / HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket",
+        b"GET / HTTP/1.1\r\n folded: header",  # obs-fold
+        b"GET / HTTP/1.1\r\nBad Name: x",
+        b"GET / HTTP/1.1\r\nNo-colon",
+        b"GET / HTTP/1.1\r\nX: a\nY: b",  # bare LF
+        "GET / HTTP/1.1\r\nX: é".encode(),
+    ]
+    for raw in refused:
+        assert parse_head(raw) is None, raw
+
+
+async def test_hot_and_handed_over_requests_share_one_connection(connect):
+    conn = await connect()
+    sequence = [
+        request("POST", INFER, BODY, X_Request_Id="r-1"),
+        request("GET", "/v2/models/sample"),
+        request("POST", INFER, BODY),
+        request("GET", "/v2/health/ready"),
+        request("GET", "/v2/health/live"),
+        request("POST", "/v2/repository/index"),
+        request("POST", INFER, BODY),
+    ]
+    answers = []
+    for raw in sequence:
+        await conn.send(raw)
+        answers.append(await conn.response())
+    assert [a[0] for a in answers] == [200] * len(sequence)
+    assert answers[0][1]["x-request-id"] == "r-1"
+    assert answers[0][1]["x-model-name"] == "sample" and answers[0][1]["x-model-version"] == "1"
+    assert orjson.loads(answers[0][2]) == orjson.loads(answers[2][2])
+    assert orjson.loads(answers[1][2])["name"] == "sample"
+    assert orjson.loads(answers[4][2]) == {"live": True}
+    assert all("x-request-id" in a[1] for a in answers)
+
+
+async def test_pipelined_requests_are_answered_in_order(connect):
+    conn = await connect()
+    batch = [
+        request("POST", INFER, BODY, X_Request_Id="a"),
+        request("GET", "/v2/models/sample", X_Request_Id="b"),
+        request("POST", INFER, b"{not json", X_Request_Id="c"),
+        request("GET", "/nowhere", X_Request_Id="d"),
+        request("POST", INFER, BODY, X_Request_Id="e"),
+    ]
+    await conn.send(b"".join(batch))
+    got = [await conn.response() for _ in batch]
+    assert [(s, h["x-request-id"]) for s, h, _ in got] == [
+        (200, "a"), (200, "b"), (400, "c"), (404, "d"), (200, "e"),
+    ]  # fmt: skip
+    assert "malformed JSON" in orjson.loads(got[2][2])["error"]
+
+
+async def test_body_in_pieces_and_binary_output(connect):
+    conn = await connect()
+    body = orjson.loads(BODY)
+    body["parameters"] = {"binary_data_output": True}
+    raw = request("POST", INFER, orjson.dumps(body))
+    head_end = raw.index(b"\r\n\r\n") + 4
+    for piece in (raw[:10], raw[10:head_end], raw[head_end : head_end + 7], raw[head_end + 7 :]):
+        await conn.send(piece)
+        await asyncio.sleep(0.01)
+    status, headers, body = await conn.response()
+    assert status == 200
+    assert headers["content-type"] == "application/octet-stream"
+    assert int(headers["inference-header-content-length"]) < len(body)
+
+
+async def test_chunked_and_http10_requests_go_to_aiohttp(connect):
+    conn = await connect()
+    chunked = (
+        f"POST {INFER} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n"
+    ).encode()
+    chunked += f"{len(BODY):x}\r\n".encode() + BODY + b"\r\n0\r\n\r\n"
+    await conn.send(chunked)
+    status, _, body = await conn.response()
+    assert status == 200 and orjson.loads(body)["model_name"] == "sample"
+    await conn.send(request("POST", INFER, BODY))  # the connection stays aiohttp's, and works
+    assert (await conn.response())[0] == 200
+
+    old = await connect()
+    await old.send(b"GET /v2/health/live HTTP/1.0\r\n\r\n")
+    status, _, body = await old.response()
+    assert status == 200 and orjson.loads(body) == {"live": True}
+    assert await old.closed()
+
+
+async def test_malformed_head_is_refused_by_aiohttp_and_the_server_goes_on(connect):
+    conn = await connect()
+    await conn.send(
+        b"POST /v2/models/sample/infer HTTP/1.1\r\nContent-Length: 5\r\n"
+        b"Content-Length: 7\r\n\r\n12345"
+    )
+    status, _, _ = await conn.response()
+    assert status == 400
+    again = await connect()
+    await again.send(request("POST", INFER, BODY))
+    assert (await again.response())[0] == 200
+
+
+async def test_refusals_from_the_head_skip_the_body_and_keep_the_connection(connect):
+    conn = await connect()
+    await conn.send(request("POST", "/v2/models/nope/infer", BODY) + request("POST", INFER, BODY))
+    status, headers, body = await conn.response()
+    assert status == 404 and orjson.loads(body) == {"error": "unknown model 'nope'"}
+    assert headers["content-type"] == "application/json"
+    assert (await conn.response())[0] == 200
+    # the refusal is sent before the body has arrived; the body is then skipped as it comes
+    raw = request("POST", "/v2/models/nope/versions/2/infer", BODY)
+    cut = raw.index(b"\r\n\r\n") + 4
+    await conn.send(raw[:cut])
+    assert (await conn.response())[0] == 404
+    await conn.send(raw[cut:] + request("GET", "/v2/health/live"))
+    assert (await conn.response())[0] == 200
+
+
+async def test_body_over_the_limit_is_413_and_closes(connect):
+    conn = await connect({"server": {"max_body_bytes": 2000}})
+    head = f"POST {INFER} HTTP/1.1\r\nHost: t\r\nContent-Length: 5000000\r\n\r\n".encode()
+    await conn.send(head + b"x" * 100)
+    status, headers, body = await conn.response()
+    assert status == 413 and "limit of 2000 bytes" in orjson.loads(body)["error"]
+    assert headers["connection"] == "close"
+    assert await conn.closed()
+    fresh = await connect()
+    await fresh.send(request("POST", INFER, BODY))
+    assert (await fresh.response())[0] == 200
+
+
+async def test_bearer_token_on_the_hot_path(connect):
+    conn = await connect({"server": {"auth_token": "s3cret"}})
+    await conn.send(request("POST", INFER, BODY))
+    status, headers, body = await conn.response()
+    assert status == 401 and headers["www-authenticate"].startswith("Bearer")
+    assert orjson.loads(body) == {"error": "missing or wrong bearer token"}
+    await conn.send(request("POST", INFER, BODY, Authorization="Bearer wrong"))
+    assert (await conn.response())[0] == 401
+    await conn.send(request("POST", INFER, BODY, Authorization="Bearer s3cret"))
+    assert (await conn.response())[0] == 200
+    await conn.send(request("GET", "/v2/health/live"))  # health needs no token
+    assert (await conn.response())[0] == 200
+    await conn.send(request("GET", "/v2/models/sample"))  # nor does aiohttp's side forget it
+    assert (await conn.response())[0] == 401
+
+
+async def test_connection_close_is_honoured_on_both_paths(connect):
+    for path, method, body in ((INFER, "POST", BODY), ("/v2/models/sample", "GET", b"")):
+        conn = await connect()
+        await conn.send(request(method, path, body, Connection="close"))
+        status, headers, _ = await conn.response()
+        assert status == 200 and headers.get("connection", "").lower() == "close"
+        assert await conn.closed()
+
+
+async def test_metrics_count_hot_path_responses_by_route(connect):
+    conn = await connect()
+    for raw in (request("POST", INFER, BODY), request("POST", INFER, b"[]"),
+                request("POST", "/v2/models/sample/versions/1/infer", BODY)):  # fmt: skip
+        await conn.send(raw)
+        await conn.response()
+    await conn.send(request("GET", "/metrics"))
+    _, _, text = await conn.response()
+    lines = text.decode().splitlines()
+    assert (
+        'appliance_http_responses_total{route="/v2/models/{name}/infer",status="200"} 1.0' in lines
+    )
+    assert (
+        'appliance_http_responses_total{route="/v2/models/{name}/infer",status="400"} 1.0' in lines
+    )
+    versioned = '{route="/v2/models/{name}/versions/{version}/infer",status="200"} 1.0'
+    assert f"appliance_http_responses_total{versioned}" in lines
+
+
+async def test_idle_connections_are_closed_after_the_keepalive_timeout(store):
+    config = load_config(None, {"store": {"path": str(store.root)}}, {})
+    app = build(config, sources_from_store(store.root), store)
+    sock = socket.create_server(("127.0.0.1", 0))
+    running = await open_server(app, sock, keepalive_timeout_s=0.3)
+    try:
+        await app[LOADER]
+        conn = Conn(*await asyncio.open_connection("127.0.0.1", running.port))
+        await conn.send(request("POST", INFER, BODY))
+        assert (await conn.response())[0] == 200
+        assert await conn.closed()  # within the sweep after 0.3 s idle
+        conn.close()
+    finally:
+        await running.close()
