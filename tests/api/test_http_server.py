@@ -95,7 +95,8 @@ def test_parse_head_takes_only_plain_requests():
     head = parse_head(b"POST /v2/models/a/infer?x=1 HTTP/1.1\r\nHost: h\r\nContent-Length: 12")
     assert head is not None and head.length == 12 and head.query == "x=1"
     assert head.headers.get("HOST") == "h" and not head.close
-    assert parse_head(b"GET / HTTP/1.1\r\nConnection: close").close
+    closing = parse_head(b"GET / HTTP/1.1\r\nConnection: close")
+    assert closing is not None and closing.close
     refused = [
         b"GET / HTTP/1.0",  # HTTP/1.0: aiohttp's keep-alive rules
         b"GET http://h/ HTTP/1.1",  # absolute form

@@ -228,3 +228,21 @@ def test_bench_mqtt_leg(sample_models: Path, mosquitto) -> None:
     for key in ("mqtt_p50_us", "mqtt_p99_us", "mqtt_mean_us"):
         assert isinstance(f[key], float) and math.isfinite(f[key]) and f[key] > 0, (key, f)
     assert f["mqtt_p99_us"] >= f["mqtt_p50_us"]
+
+
+def test_triton_compare_reads_wrk_output():
+    from tests.bench.triton_compare import parse_wrk
+
+    out = """Running 8s test @ http://127.0.0.1:1/v2/models/sample/infer
+  Latency Distribution
+     50%  126.00us
+     75%    1.20ms
+     99%    3.08ms
+  59344 requests in 8.00s, 17.11MB read
+Requests/sec:   7418.06
+"""
+    assert parse_wrk(out) == {"rps": 7418.06, "p50_us": 126.0, "p99_us": 3080.0}
+    with pytest.raises(ValueError, match="3 answers were not 200"):
+        parse_wrk(out + "  Non-2xx or 3xx responses: 3\n")
+    with pytest.raises(ValueError, match="socket errors"):
+        parse_wrk(out + "  Socket errors: connect 0, read 2, write 0, timeout 0\n")

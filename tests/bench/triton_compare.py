@@ -3,14 +3,17 @@
     PYTHONPATH=. .venv/bin/python tests/bench/triton_compare.py \\
         --triton-python /work/venvs/triton/bin/python [--model build/samples/sample.onnx] \\
         [--server-cpus 0] [--levels 1,32] [--requests 3000] [--rounds 3] [--json]
+        [--client wrk|python] [--seconds 8]
 
 Triton 2.51 comes from PyTriton (pip `nvidia-pytriton`, which bundles tritonserver), in a venv
 of its own: it serves the ONNX model through its Python backend, a function that calls
 onnxruntime, with dynamic batching on (max batch 32, no queue delay). The appliance serves the
 same file with its defaults (dynamic batching on). Both servers are pinned to the same CPUs
-(taskset) and idle while the other is measured; the clients are the `appliance bench` socket
-client (KServe v2 JSON, keep-alive, one thread per connection), alternating between the two
-servers round by round. The result is the ratio of requests per second, side by side.
+(taskset) and idle while the other is measured, alternating round by round. The client is wrk
+(Debian's `wrk`, C, one thread, keep-alive, KServe v2 JSON bodies; the default where it is on
+PATH), or with `--client python` the `appliance bench` socket client (one thread per
+connection), which tops out near 4,000 req/s on one core and so under-reports a server faster
+than that. The result is the ratio of requests per second, side by side.
 
 The same file, run by the Triton venv's Python with `--serve-triton`, is the Triton server.
 """
@@ -19,8 +22,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -107,6 +113,48 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
+_WRK_LATENCY = re.compile(r"^\s*(50|99)%\s+([\d.]+)(us|ms|s)\s*$", re.M)
+_WRK_UNIT = {"us": 1.0, "ms": 1e3, "s": 1e6}
+
+
+def parse_wrk(output: str) -> dict[str, float]:
+    """Requests per second and p50/p99 in µs from `wrk --latency` output; fails on errors."""
+    rps = re.search(r"^Requests/sec:\s+([\d.]+)", output, re.M)
+    if rps is None:
+        raise ValueError(f"no Requests/sec in wrk's output:\n{output}")
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    if bad is not None:
+        raise ValueError(f"{bad.group(1)} answers were not 200:\n{output}")
+    errors = re.search(r"Socket errors: (.*)", output)
+    if errors is not None and re.search(r"[1-9]", errors.group(1)):
+        raise ValueError(f"socket errors: {errors.group(1)}")
+    out = {"rps": float(rps.group(1))}
+    for pct, value, unit in _WRK_LATENCY.findall(output):
+        out[f"p{pct}_us"] = float(value) * _WRK_UNIT[unit]
+    return out
+
+
+def run_wrk(
+    url: str, body: bytes, concurrency: int, seconds: float, cpus: set[int] | None
+) -> dict[str, float]:
+    """One wrk run of POSTs of `body` (KServe v2 JSON) over `concurrency` connections."""
+    script = (
+        'wrk.method = "POST"\n'
+        f"wrk.body = {body.decode()!r}\n"
+        'wrk.headers["Content-Type"] = "application/json"\n'
+    )
+    with tempfile.NamedTemporaryFile("w", suffix=".lua") as f:
+        f.write(script)
+        f.flush()
+        pin = ["taskset", "-c", ",".join(map(str, sorted(cpus)))] if cpus else []
+        cmd = [*pin, "wrk", "-t1", f"-c{concurrency}", f"-d{seconds:g}s", "--latency",
+               "-s", f.name, url]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    if proc.returncode != 0:
+        raise ValueError(f"wrk failed ({proc.returncode}): {proc.stderr}")
+    return parse_wrk(proc.stdout)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--serve-triton", action="store_true", help=argparse.SUPPRESS)
@@ -119,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument(
+        "--client", choices=["wrk", "python"], default="wrk" if shutil.which("wrk") else "python"
+    )
+    ap.add_argument("--seconds", type=float, default=8.0, help="length of one wrk run")
     args = ap.parse_args(argv)
     if args.serve_triton:
         http, grpc, metrics = (int(p) for p in args.ports.split(","))
@@ -136,9 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     log = open(os.devnull, "wb")  # noqa: SIM115 - closed below
     results: dict[str, dict[int, dict[str, float]]] = {"appliance": {}, "triton": {}}
     load_before = [round(x, 2) for x in os.getloadavg()]
+    others: set[int] | None = None
     if args.server_cpus:  # the clients keep off the servers' CPUs where there are others
         servers = {int(x) for x in args.server_cpus.split(",")}
-        others = os.sched_getaffinity(0) - servers
+        others = os.sched_getaffinity(0) - servers or None
         if others:
             os.sched_setaffinity(0, others)
     try:
@@ -162,22 +215,26 @@ def main(argv: list[str] | None = None) -> int:
         headers = {"Content-Type": "application/json"}
         for c in levels:
             n = max(args.requests, 30 * c)
-            samples: dict[str, list[tuple[float, Latency]]] = {"appliance": [], "triton": []}
+            samples: dict[str, list[dict[str, float]]] = {"appliance": [], "triton": []}
             for i in range(args.rounds):
                 order = ["appliance", "triton"] if i % 2 == 0 else ["triton", "appliance"]
                 for name in order:
                     addr = ("127.0.0.1", ports[name])
-                    req = build_request("POST", "/v2/models/sample/infer", *addr, body, headers)
-                    ns, wall = time_concurrent(addr, req, c, max(2, args.warmup // c), n, 60.0)
-                    samples[name].append((len(ns) / wall, Latency.of(ns)))
-                    print(f"c={c} {name} round {i + 1}: {len(ns) / wall:,.0f} req/s",
+                    if args.client == "wrk":
+                        url = f"http://127.0.0.1:{ports[name]}/v2/models/sample/infer"
+                        got = run_wrk(url, body, c, args.seconds, others)
+                    else:
+                        req = build_request("POST", "/v2/models/sample/infer", *addr, body,
+                                            headers)  # fmt: skip
+                        ns, wall = time_concurrent(addr, req, c, max(2, args.warmup // c), n, 60.0)
+                        lat = Latency.of(ns)
+                        got = {"rps": len(ns) / wall, "p50_us": lat.p50_us, "p99_us": lat.p99_us}
+                    samples[name].append(got)
+                    print(f"c={c} {name} round {i + 1}: {got['rps']:,.0f} req/s",
                           file=sys.stderr, flush=True)  # fmt: skip
             for name, runs in samples.items():
-                rps, lat = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
-                results[name][c] = {
-                    "rps": round(rps, 1), "p50_us": round(lat.p50_us, 1),
-                    "p99_us": round(lat.p99_us, 1),
-                }  # fmt: skip
+                mid = sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]
+                results[name][c] = {k: round(v, 1) for k, v in mid.items()}
     finally:
         for proc in procs.values():
             _stop(proc)
@@ -185,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     figures = {
         "model": args.model,
         "server_cpus": args.server_cpus,
+        "client": args.client,
         "load_average_before": load_before,
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "results": results,
@@ -196,8 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(orjson.dumps(figures, option=orjson.OPT_NON_STR_KEYS).decode())
     else:
-        print(f"servers on CPUs {args.server_cpus}; load average {figures['load_average_before']}"
-              f" before, {figures['load_average_after']} after")  # fmt: skip
+        before, after = figures["load_average_before"], figures["load_average_after"]
+        print(f"client {args.client}; servers on CPUs {args.server_cpus}; "
+              f"load average {before} before, {after} after")  # fmt: skip
         print(f"{'concurrency':>11} {'server':>10} {'req/s':>9} {'p50 µs':>9} {'p99 µs':>9}")
         for c in levels:
             for name in ("appliance", "triton"):
