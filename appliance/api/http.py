@@ -30,6 +30,7 @@ from ..errors import (
     InvalidInput,
     ModelError,
     NotReady,
+    Overloaded,
     PayloadTooLarge,
     Unauthorized,
 )
@@ -88,6 +89,12 @@ def error_response(exc: ApplianceError, openai: bool = False) -> web.Response:
     return web.Response(body=body, status=exc.status, content_type=_JSON, headers=headers)
 
 
+def worth_logging(exc: ApplianceError) -> bool:
+    """Server-side failures get a log line; a refusal of a full queue does not (it is counted
+    in the metrics): under overload one line per 503 would cost the CPU the 503 is saving."""
+    return exc.status >= 500 and not isinstance(exc, Overloaded)
+
+
 def pick_request_id(header: str | None) -> str:
     """The client's X-Request-Id when it is a sane token, else a new one."""
     if header is None or not _REQUEST_ID_RE.match(header):
@@ -131,7 +138,7 @@ async def middleware(
         response = await handler(request)
     except ApplianceError as exc:
         response = error_response(exc, openai)
-        if exc.status >= 500:
+        if worth_logging(exc):
             log.warning("%s %s: %s", request.method, request.path, exc.message)
     except web.HTTPException as exc:
         reason = exc.reason

@@ -52,6 +52,7 @@ from .http import (
     pick_request_id,
     tensor_request,
     trace_of,
+    worth_logging,
 )
 from .images import text_parameters
 
@@ -362,6 +363,8 @@ class Connection(asyncio.Protocol):
                 server.loop.call_soon(
                     log_access, "GET", head.path, 200, 0.0, self._peer(), rid, None
                 )
+            if head.close:
+                self._close_now()
             return True
         m = _INFER.fullmatch(head.path)
         assert m is not None
@@ -371,7 +374,7 @@ class Connection(asyncio.Protocol):
             check_length(head.length, server.settings.max_body_bytes)
         except ApplianceError as exc:
             self._error(head, exc, m.group(2) is not None, time.perf_counter())
-            if exc.status == 413:
+            if exc.status == 413 or head.close:  # 413: the body is not worth reading
                 self._close_after = True
                 self._close_now()
                 return True
@@ -423,7 +426,7 @@ class Connection(asyncio.Protocol):
     ) -> None:
         if rid is None:
             rid = pick_request_id(head.headers.get("x-request-id"))
-        if exc.status >= 500:
+        if worth_logging(exc):
             log.warning("%s %s: %s", head.method, head.path, exc.message)
         body, extra = error_parts(exc)
         self._write(exc.status, body, _JSON, extra, rid, head.close or exc.status == 413)

@@ -252,11 +252,17 @@ async def test_bearer_token_on_the_hot_path(connect):
 
 
 async def test_connection_close_is_honoured_on_both_paths(connect):
-    for path, method, body in ((INFER, "POST", BODY), ("/v2/models/sample", "GET", b"")):
+    cases = [
+        (INFER, "POST", BODY, 200),
+        ("/v2/models/sample", "GET", b"", 200),
+        ("/v2/health/live", "GET", b"", 200),
+        ("/v2/models/nope/infer", "POST", BODY, 404),
+    ]
+    for path, method, body, expected in cases:
         conn = await connect()
         await conn.send(request(method, path, body, Connection="close"))
         status, headers, _ = await conn.response()
-        assert status == 200 and headers.get("connection", "").lower() == "close"
+        assert status == expected and headers.get("connection", "").lower() == "close"
         assert await conn.closed()
 
 
