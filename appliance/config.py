@@ -49,6 +49,8 @@ class ServerConfig:
     #: Ready only when every model loaded (Triton's strict readiness).
     strict_readiness: bool = True
     shutdown_timeout_s: float = 10.0
+    #: Infer and liveness answered by api/http_server.py's own protocol; false: all by aiohttp.
+    fast_path: bool = True
 
 
 @dataclass

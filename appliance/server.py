@@ -77,6 +77,7 @@ def build(
         token=config.token(),
         max_body_bytes=config.server.max_body_bytes,
         access_log=config.server.access_log,
+        fast_path=config.server.fast_path,
     )
     app = build_app(engine, metrics, settings, store)
     if store is not None:

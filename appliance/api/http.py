@@ -50,6 +50,8 @@ class HttpSettings:
     token: str
     max_body_bytes: int
     access_log: bool
+    #: The hot routes answered by api/http_server.py itself (else every request by aiohttp).
+    fast_path: bool = True
 
 
 ENGINE = web.AppKey("engine", Engine)

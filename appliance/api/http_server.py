@@ -239,6 +239,8 @@ class Connection(asyncio.Protocol):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.server.connections.add(self)
+        if not self.server.settings.fast_path:
+            self._hand_over()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)

@@ -299,3 +299,15 @@ async def test_idle_connections_are_closed_after_the_keepalive_timeout(store):
         conn.close()
     finally:
         await running.close()
+
+
+async def test_fast_path_off_sends_everything_to_aiohttp(connect):
+    conn = await connect({"server": {"fast_path": False}})
+    await conn.send(request("POST", INFER, BODY) + request("GET", "/v2/health/live"))
+    for _ in range(2):
+        status, headers, _ = await conn.response()
+        assert status == 200 and "aiohttp" in headers["server"]
+    fast = await connect({})
+    await fast.send(request("POST", INFER, BODY))
+    status, headers, _ = await fast.response()
+    assert status == 200 and "server" not in headers  # the hot path names no server
