@@ -76,7 +76,7 @@ def json_response(
 
 def error_parts(exc: ApplianceError, openai: bool = False) -> tuple[bytes, dict[str, str] | None]:
     """The one place errors become HTTP: KServe's `{"error": "..."}`, or OpenAI's shape, and
-    the headers that go with the status (both servers of api/http_server.py use it)."""
+    the headers that go with the status (for aiohttp's handlers and api/http_server.py)."""
     headers = None
     if exc.retry_after is not None:
         headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
