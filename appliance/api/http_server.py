@@ -304,6 +304,8 @@ class Connection(asyncio.Protocol):
     # -- requests ----------------------------------------------------------------------------
     def _process(self) -> None:
         """Start on the next buffered request, if it is complete enough."""
+        if len(self._buf) <= MAX_BUFFERED_BYTES:
+            self.resume("buffer")
         while (
             not self.busy
             and self._buf
@@ -535,9 +537,9 @@ class Connection(asyncio.Protocol):
         self._aio = self._aio_transport = None
         if self.busy or self._handed_over:
             self._close_now()
-        elif handler is not None:
+        if handler is not None:  # so that aiohttp's server forgets it
             self.server.loop.call_soon(handler.connection_lost, None)
-        self._paused.discard("aiohttp")
+        self.resume("aiohttp")
 
 
 @dataclass

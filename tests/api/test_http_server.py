@@ -158,6 +158,20 @@ async def test_pipelined_requests_are_answered_in_order(connect):
     assert "malformed JSON" in orjson.loads(got[2][2])["error"]
 
 
+async def test_a_client_that_pipelines_megabytes_is_paused_then_served(connect):
+    """Reading pauses above 1 MiB of unanswered requests and resumes as they are answered,
+    whichever path answers them."""
+    conn = await connect()
+    pad = "p" * 4000
+    batch = [request("GET", "/v2/models/sample", X_Pad=pad) for _ in range(1000)]
+    batch.insert(0, request("POST", INFER, BODY))
+    batch.append(request("POST", INFER, BODY))
+    sender = asyncio.ensure_future(conn.send(b"".join(batch)))
+    statuses = [(await conn.response())[0] for _ in batch]
+    await sender
+    assert statuses == [200] * len(batch)
+
+
 async def test_body_in_pieces_and_binary_output(connect):
     conn = await connect()
     body = orjson.loads(BODY)
