@@ -313,3 +313,24 @@ def encode_response(response: InferResponse, request: InferRequest) -> tuple[byt
     if not blobs:
         return header, None
     return b"".join([header, *blobs]), len(header)
+
+
+def timeout_ms(raw: str | None, what: str) -> float | None:
+    """Seconds from a client's timeout in milliseconds (HTTP header, MQTT user property)."""
+    if raw is None:
+        return None
+    try:
+        ms = float(raw)
+    except ValueError:
+        ms = float("nan")
+    if not 0 < ms < 1e12:  # also NaN and infinity
+        raise InvalidInput(f"{what} must be a positive number of milliseconds, got {raw[:40]!r}")
+    return ms / 1e3
+
+
+def shorten_deadline(request: InferRequest, seconds: float | None) -> None:
+    """The shortest of the timeouts a client gave counts."""
+    if seconds is not None:
+        request.timeout_s = (
+            seconds if request.timeout_s is None else min(request.timeout_s, seconds)
+        )

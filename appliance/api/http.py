@@ -22,7 +22,13 @@ import orjson
 from aiohttp import web
 
 from .. import __version__
-from ..codec import InferRequest, decode_request, encode_response
+from ..codec import (
+    InferRequest,
+    decode_request,
+    encode_response,
+    shorten_deadline,
+    timeout_ms,
+)
 from ..engine import Engine, LoadedModel
 from ..errors import (
     ApplianceError,
@@ -336,21 +342,6 @@ async def metrics(request: web.Request) -> web.Response:
 TIMEOUT_HEADER = "X-Request-Timeout-Ms"
 
 
-def _timeout_header(raw: str | None) -> float | None:
-    """Seconds from the timeout header; None if absent."""
-    if raw is None:
-        return None
-    try:
-        ms = float(raw)
-    except ValueError:
-        ms = float("nan")
-    if not 0 < ms < 1e12:  # also NaN and infinity
-        raise InvalidInput(
-            f"{TIMEOUT_HEADER} must be a positive number of milliseconds, got {raw[:40]!r}"
-        )
-    return ms / 1e3
-
-
 async def infer(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     name, version = request.match_info["name"], request.match_info.get("version")
@@ -385,9 +376,7 @@ async def answer(
 ) -> tuple[bytes, str, dict[str, str]]:
     """Run a decoded KServe v2 request: the body, its content type and the headers saying which
     model answered. The one infer path below both HTTP servers (api/http_server.py)."""
-    timeout_s = _timeout_header(headers.get(TIMEOUT_HEADER))
-    if timeout_s is not None:
-        req.timeout_s = timeout_s if req.timeout_s is None else min(req.timeout_s, timeout_s)
+    shorten_deadline(req, timeout_ms(headers.get(TIMEOUT_HEADER), TIMEOUT_HEADER))
     key = engine.router.key_for(name, req.parameters, headers)
     result = await engine.infer(name, version, req, key)
     payload, json_length = encode_response(result, req)

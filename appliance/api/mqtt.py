@@ -41,7 +41,13 @@ import numpy as np
 import orjson
 
 from .. import __version__
-from ..codec import InferRequest, decode_request, encode_response
+from ..codec import (
+    InferRequest,
+    decode_request,
+    encode_response,
+    shorten_deadline,
+    timeout_ms,
+)
 from ..config import Config, MqttConfig
 from ..engine import Engine
 from ..errors import (
@@ -77,6 +83,19 @@ class Incoming:
     #: MQTT 5 user properties (request parameters such as top_k for raw payloads; a task's
     #: sticky key may travel as one).
     user_properties: tuple[tuple[str, str], ...] = ()
+    #: MQTT 5 message expiry interval (seconds left when the broker delivered it).
+    expiry_s: int | None = None
+
+
+#: MQTT 5 user property with the request's timeout in milliseconds (HTTP's X-Request-Timeout-Ms).
+TIMEOUT_PROPERTY = "request-timeout-ms"
+
+
+def _property(m: Incoming, name: str) -> str | None:
+    for key, value in m.user_properties:
+        if key == name:
+            return value
+    return None
 
 
 @dataclass(frozen=True)
@@ -332,6 +351,7 @@ class MqttService:
             correlation=getattr(props, "CorrelationData", None) if props else None,
             content_type=getattr(props, "ContentType", None) if props else None,
             user_properties=tuple(getattr(props, "UserProperty", None) or ()) if props else (),
+            expiry_s=getattr(props, "MessageExpiryInterval", None) if props else None,
         )
         loop = self._loop
         if loop is not None:
@@ -437,6 +457,12 @@ class MqttService:
                     request.parameters.update(text_parameters(known))
                 else:
                     request = decode_request(m.payload)
+                # The client's deadline: the message's own expiry, or a user property in ms.
+                if m.expiry_s:
+                    shorten_deadline(request, float(m.expiry_s))
+                shorten_deadline(
+                    request, timeout_ms(_property(m, TIMEOUT_PROPERTY), TIMEOUT_PROPERTY)
+                )
                 # Replies are JSON: there is no header to frame binary outputs in.
                 request.binary_output = False
                 if request.outputs is not None:

@@ -188,9 +188,11 @@ class Peer:
         response_topic: str | None = None,
         correlation: bytes | None = None,
         content_type: str | None = None,
+        user: list[tuple[str, str]] | None = None,
+        expiry_s: int | None = None,
     ) -> mqtt.MQTTMessageInfo:
         props = None
-        if self.v5 and (response_topic or correlation or content_type):
+        if self.v5 and (response_topic or correlation or content_type or user or expiry_s):
             props = Properties(PacketTypes.PUBLISH)
             if response_topic:
                 props.ResponseTopic = response_topic
@@ -198,6 +200,10 @@ class Peer:
                 props.CorrelationData = correlation
             if content_type:
                 props.ContentType = content_type
+            if user:
+                props.UserProperty = user
+            if expiry_s:
+                props.MessageExpiryInterval = expiry_s
         return self.client.publish(topic, payload, qos=qos, properties=props)
 
     def mark(self) -> int:
@@ -709,6 +715,33 @@ async def test_overload_is_answered_with_503(mosquitto, serve, peers, gated):
     assert len(statuses) == n and set(statuses) <= {200, 503}, statuses
     text = await metrics_text(client)
     assert re.search(r'appliance_mqtt_requests_total\{outcome="overloaded"\} [1-9]', text)
+
+
+async def test_client_deadlines_by_user_property_and_message_expiry(mosquitto, serve, peers, gated):
+    """A request that cannot finish in time is answered 504 (the model here never finishes
+    while the gate is shut); a bad timeout is a 400 naming the property."""
+    await serve(mqtt_settings(mosquitto), gated)
+    peer = peers(mosquitto)
+    replies = f"replies/{uuid.uuid4().hex}"
+    peer.subscribe(replies)
+    peer.subscribe(f"appliance/{DEVICE}/status")
+    await peer.wait(online(DEVICE))
+    topic = f"appliance/{DEVICE}/infer/gated"
+    peer.publish(topic, body(GATED), response_topic=replies, correlation=b"bad",
+                 user=[("request-timeout-ms", "soon")])  # fmt: skip
+    reply = await peer.reply(replies, b"bad")
+    assert reply.status == 400
+    assert reply.json()["error"] == (
+        "request-timeout-ms must be a positive number of milliseconds, got 'soon'"
+    )
+    peer.publish(topic, body(GATED), response_topic=replies, correlation=b"ms",
+                 user=[("request-timeout-ms", "300")])  # fmt: skip
+    reply = await peer.reply(replies, b"ms")
+    assert reply.status == 504 and "timed out after 0.3 s" in reply.json()["error"]
+    peer.publish(topic, body(GATED), response_topic=replies, correlation=b"expiry", expiry_s=1)
+    reply = await peer.reply(replies, b"expiry")
+    assert reply.status == 504 and "timed out after 1 s" in reply.json()["error"]
+    GatedBackend.gate.set()
 
 
 # -- 9. TLS with a self-made CA and a password --------------------------------------------------
