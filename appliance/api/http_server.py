@@ -225,8 +225,8 @@ class Connection(asyncio.Protocol):
         self._skip = 0
         self._close_after = False
         #: aiohttp owns the rest of the connection.
-        self._handed_over = False
-        self._aio: RequestHandler | None = None
+        self.handed_over = False
+        self.aio: RequestHandler | None = None
         self._aio_transport: _ToAiohttp | None = None
         self._paused: set[str] = set()
         self._write_paused = False
@@ -244,34 +244,34 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
-        if self._aio is not None:
-            self._aio.connection_lost(exc)
-            self._aio = None
+        if self.aio is not None:
+            self.aio.connection_lost(exc)
+            self.aio = None
         self.transport = None
 
     def pause_writing(self) -> None:
         self._write_paused = True
-        if self._aio is not None:
-            self._aio.pause_writing()
+        if self.aio is not None:
+            self.aio.pause_writing()
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        if self._aio is not None:
-            self._aio.resume_writing()
+        if self.aio is not None:
+            self.aio.resume_writing()
         if not self.busy:
             self._process()
 
     def data_received(self, data: bytes) -> None:
         self.idle_since = time.monotonic()
-        if self._handed_over:
-            assert self._aio is not None
-            self._aio.data_received(data)
+        if self.handed_over:
+            assert self.aio is not None
+            self.aio.data_received(data)
             return
         if self._forward:
             n = min(len(data), self._forward)
             self._forward -= n
-            assert self._aio is not None
-            self._aio.data_received(data[:n])
+            assert self.aio is not None
+            self.aio.data_received(data[:n])
             data = data[n:]
         if self._skip:
             n = min(len(data), self._skip)
@@ -285,8 +285,8 @@ class Connection(asyncio.Protocol):
             self._process()
 
     def eof_received(self) -> bool | None:
-        if self._aio is not None:
-            self._aio.eof_received()
+        if self.aio is not None:
+            self.aio.eof_received()
         return None
 
     # -- flow control ------------------------------------------------------------------------
@@ -342,7 +342,9 @@ class Connection(asyncio.Protocol):
             self._head = None
             self.resume("buffer")
             self.busy = True
-            self.server.loop.create_task(self._infer(head, body))
+            task = self.server.loop.create_task(self._infer(head, body))
+            self.server.tasks.add(task)  # the loop keeps only a weak reference
+            task.add_done_callback(self.server.tasks.discard)
 
     def _hot(self, head: _Head) -> bool:
         if head.method == "POST":
@@ -500,12 +502,12 @@ class Connection(asyncio.Protocol):
 
     # -- aiohttp -----------------------------------------------------------------------------
     def _aiohttp(self) -> RequestHandler:
-        if self._aio is None:
+        if self.aio is None:
             transport = _ToAiohttp(self)
             handler = self.server.handler_factory()
             handler.connection_made(transport)
-            self._aio, self._aio_transport = handler, transport
-        return self._aio
+            self.aio, self._aio_transport = handler, transport
+        return self.aio
 
     def _delegate(self, head: _Head, raw_head: bytes) -> None:
         """Hand one request to aiohttp: its head as received, and its body as it comes."""
@@ -519,7 +521,7 @@ class Connection(asyncio.Protocol):
 
     def _hand_over(self) -> None:
         """aiohttp takes the rest of this connection."""
-        self._handed_over = True
+        self.handed_over = True
         handler = self._aiohttp()
         data = bytes(self._buf)
         self._buf.clear()
@@ -527,15 +529,15 @@ class Connection(asyncio.Protocol):
         handler.data_received(data)
 
     def delegated_done(self, keep_alive: bool) -> None:
-        if self._handed_over:
+        if self.handed_over:
             return
         self._finished(not keep_alive)
 
     def aiohttp_closed(self) -> None:
         """aiohttp closed its side: the socket too if it was answering, else only its part."""
-        handler = self._aio
-        self._aio = self._aio_transport = None
-        if self.busy or self._handed_over:
+        handler = self.aio
+        self.aio = self._aio_transport = None
+        if self.busy or self.handed_over:
             self._close_now()
         if handler is not None:  # so that aiohttp's server forgets it
             self.server.loop.call_soon(handler.connection_lost, None)
@@ -557,27 +559,40 @@ class HttpServer:
         self.settings: HttpSettings = self.app[SETTINGS]
         self.date = _DateCache()
         self.connections: set[Connection] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
         self.closing = False
 
     def protocol(self) -> Connection:
         return Connection(self)
 
     def sweep(self) -> None:
-        """Close connections idle for longer than the keep-alive timeout."""
+        """Close connections idle for longer than the keep-alive timeout (aiohttp times out
+        those handed to it, which may be streaming an answer while the client is silent)."""
         limit = time.monotonic() - self.keepalive_timeout_s
         for conn in list(self.connections):
-            if not conn.busy and conn.idle_since < limit and conn.transport is not None:
+            if (
+                not conn.busy
+                and not conn.handed_over
+                and conn.idle_since < limit
+                and conn.transport is not None
+            ):
                 conn.transport.close()
 
     async def drain(self, timeout_s: float) -> None:
         """Stop taking requests; wait for those being answered, then close every connection."""
         self.closing = True
         deadline = time.monotonic() + timeout_s
+        handed: list[RequestHandler] = []
         for conn in list(self.connections):
-            if not conn.busy and conn.transport is not None:
+            if conn.handed_over and conn.aio is not None:
+                handed.append(conn.aio)  # aiohttp finishes what it is answering, then closes
+            elif not conn.busy and conn.transport is not None:
                 conn.transport.close()
+        shutdowns = asyncio.gather(*(h.shutdown(timeout_s) for h in handed))
         while any(c.busy for c in self.connections) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(shutdowns, max(0.0, deadline - time.monotonic()))
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.close()

@@ -8,6 +8,7 @@ import socket
 
 import orjson
 import pytest
+from aiohttp import web
 
 from appliance.api.http import LOADER
 from appliance.api.http_server import open_server, parse_head
@@ -325,3 +326,38 @@ async def test_fast_path_off_sends_everything_to_aiohttp(connect):
     await fast.send(request("POST", INFER, BODY))
     status, headers, _ = await fast.response()
     assert status == 200 and "server" not in headers  # the hot path names no server
+
+
+async def test_requests_aiohttp_answers_outlive_the_sweep_and_a_graceful_close(store):
+    """A connection handed to aiohttp may be silent while its answer is made (a slow route, a
+    streamed chat): neither the keep-alive sweep nor shutdown cuts it off."""
+    config = load_config(None, {"store": {"path": str(store.root)}}, {})
+    app = build(config, sources_from_store(store.root), store)
+
+    async def slow(_request: web.Request) -> web.Response:
+        await asyncio.sleep(1.0)
+        return web.json_response({"slow": True})
+
+    app.router.add_get("/slow", slow)
+    sock = socket.create_server(("127.0.0.1", 0))
+    running = await open_server(app, sock, keepalive_timeout_s=0.2)
+    try:
+        await app[LOADER]
+        handed = b"GET /slow HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"  # HTTP/1.0: aiohttp's
+        conn = Conn(*await asyncio.open_connection("127.0.0.1", running.port))
+        await conn.send(handed)
+        status, _, body = await conn.response()
+        assert (status, orjson.loads(body)) == (200, {"slow": True})
+        delegated = Conn(*await asyncio.open_connection("127.0.0.1", running.port))
+        await delegated.send(request("GET", "/slow"))
+        await conn.send(handed)
+        await asyncio.sleep(0.3)
+        closing = asyncio.create_task(running.close(timeout_s=5))
+        for c in (conn, delegated):
+            status, _, body = await c.response()
+            assert (status, orjson.loads(body)) == (200, {"slow": True})
+            assert await c.closed()
+            c.close()
+        await closing
+    finally:
+        await running.close()
