@@ -230,6 +230,7 @@ class Connection(asyncio.Protocol):
         self._aio_transport: _ToAiohttp | None = None
         self._paused: set[str] = set()
         self._write_paused = False
+        self.task: asyncio.Task[None] | None = None
 
     # -- asyncio callbacks -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -342,9 +343,8 @@ class Connection(asyncio.Protocol):
             self._head = None
             self.resume("buffer")
             self.busy = True
-            task = self.server.loop.create_task(self._infer(head, body))
-            self.server.tasks.add(task)  # the loop keeps only a weak reference
-            task.add_done_callback(self.server.tasks.discard)
+            # Held here: the loop keeps only a weak reference to a task (one per connection).
+            self.task = self.server.loop.create_task(self._infer(head, body))
 
     def _hot(self, head: _Head) -> bool:
         if head.method == "POST":
@@ -559,7 +559,6 @@ class HttpServer:
         self.settings: HttpSettings = self.app[SETTINGS]
         self.date = _DateCache()
         self.connections: set[Connection] = set()
-        self.tasks: set[asyncio.Task[None]] = set()
         self.closing = False
 
     def protocol(self) -> Connection:
