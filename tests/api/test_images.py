@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import struct
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from paho.mqtt.properties import Properties
 
 from appliance.registry import Registry
 from appliance.server import sources_from_store
-from tests.api.test_mqtt import DEVICE, mqtt_settings, online
+from tests.api.test_mqtt import DEVICE, mqtt_settings
 from tests.api.test_mqtt import peers as peers
 from tests.conftest import ClientFactory
 from tests.support.images import (
@@ -254,10 +253,7 @@ async def test_mqtt_raw_image_gives_the_same_top_k_as_http(
 ) -> None:
     client = await serve(mqtt_settings(mosquitto), sources=sources_from_store(image_store.root))
     peer = peers(mosquitto)
-    replies = f"replies/{uuid.uuid4().hex}"
-    peer.subscribe(replies)
-    peer.subscribe(f"appliance/{DEVICE}/status")
-    await peer.wait(online(DEVICE))
+    replies = await peer.ready()
     for i, (ctype, data) in enumerate(pictures()):
         r = await client.post(f"{INFER}?top_k=3", data=data, headers={"Content-Type": ctype})
         http_answer = await r.json()

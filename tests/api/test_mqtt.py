@@ -179,6 +179,15 @@ class Peer:
         with self.cond:
             assert self.cond.wait_for(lambda: mid in self.subacks, TIMEOUT), "no SUBACK"
 
+    async def ready(self) -> str:
+        """Subscribe to a new reply topic and the appliance's status, wait until the appliance
+        is online, and return the reply topic."""
+        replies = f"replies/{uuid.uuid4().hex}"
+        self.subscribe(replies)
+        self.subscribe(f"appliance/{DEVICE}/status")
+        await self.wait(online(DEVICE))
+        return replies
+
     def publish(
         self,
         topic: str,
@@ -294,10 +303,7 @@ def replies_to(topic: str, ms: list[Msg]) -> list[Msg]:
 async def test_mqtt5_round_trips_match_http(mosquitto, serve, peers):
     client = await serve(mqtt_settings(mosquitto))
     peer = peers(mosquitto)
-    replies = f"replies/{uuid.uuid4().hex}"
-    peer.subscribe(replies)
-    peer.subscribe(f"appliance/{DEVICE}/status")
-    await peer.wait(online(DEVICE))
+    replies = await peer.ready()
 
     cases = [
         ("sample", "/v2/models/sample/infer", SAMPLE),
@@ -341,10 +347,7 @@ async def test_mqtt5_round_trips_match_http(mosquitto, serve, peers):
 async def test_mqtt311_reply_to_and_id(mosquitto, serve, peers, appliance_protocol):
     client = await serve(mqtt_settings(mosquitto, protocol=appliance_protocol))
     peer = peers(mosquitto, v5=False)
-    replies = f"replies/{uuid.uuid4().hex}"
-    peer.subscribe(replies)
-    peer.subscribe(f"appliance/{DEVICE}/status")
-    await peer.wait(online(DEVICE))
+    replies = await peer.ready()
     request = {**SAMPLE, "id": "req-311", "reply_to": replies}
     status, expected = await http_json(client, "/v2/models/sample/infer", body(request))
     assert status == 200
@@ -369,10 +372,7 @@ async def test_errors_match_http_and_connection_stays_up(mosquitto, serve, peers
         {**mqtt_settings(mosquitto, max_payload_bytes=limit), "server": {"max_body_bytes": limit}}
     )
     peer = peers(mosquitto)
-    replies = f"replies/{uuid.uuid4().hex}"
-    peer.subscribe(replies)
-    peer.subscribe(f"appliance/{DEVICE}/status")
-    await peer.wait(online(DEVICE))
+    replies = await peer.ready()
     wrong_shape = {
         "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]
     }
@@ -454,10 +454,7 @@ async def test_errors_match_http_and_connection_stays_up(mosquitto, serve, peers
 async def test_raw_payloads(mosquitto, serve, peers):
     client = await serve(mqtt_settings(mosquitto))
     peer = peers(mosquitto)
-    replies = f"replies/{uuid.uuid4().hex}"
-    peer.subscribe(replies)
-    peer.subscribe(f"appliance/{DEVICE}/status")
-    await peer.wait(online(DEVICE))
+    replies = await peer.ready()
     text = "héllo, wörld".encode()
     _, expected_text = await http_json(
         client,
@@ -588,10 +585,7 @@ async def test_broker_restart_in_the_middle_of_a_request_stream(mosquitto, serve
     await serve(mqtt_settings(mosquitto))
     # A persistent session: replies that come while the test client is away are kept for it.
     peer = peers(mosquitto, client_id="stream-tester", session_expiry=600)
-    replies = f"replies/{uuid.uuid4().hex}"
-    peer.subscribe(replies)
-    peer.subscribe(f"appliance/{DEVICE}/status")
-    await peer.wait(online(DEVICE))
+    replies = await peer.ready()
     n, stop_at, start_at = 40, 15, 25
     for i in range(n):
         if i == stop_at:
@@ -660,10 +654,7 @@ async def test_broker_down_at_start_up(mosquitto_factory, serve, peers, caplog):
     assert "appliance_mqtt_connected 0.0" in await metrics_text(client)
     await asyncio.to_thread(broker.start)
     peer = peers(broker)
-    replies = f"replies/{uuid.uuid4().hex}"
-    peer.subscribe(replies)
-    peer.subscribe(f"appliance/{DEVICE}/status")
-    await peer.wait(online(DEVICE))  # it connected by itself
+    replies = await peer.ready()  # it connected by itself
     peer.publish(
         f"appliance/{DEVICE}/infer/sample",
         body(SAMPLE),
@@ -722,10 +713,7 @@ async def test_client_deadlines_by_user_property_and_message_expiry(mosquitto, s
     while the gate is shut); a bad timeout is a 400 naming the property."""
     await serve(mqtt_settings(mosquitto), gated)
     peer = peers(mosquitto)
-    replies = f"replies/{uuid.uuid4().hex}"
-    peer.subscribe(replies)
-    peer.subscribe(f"appliance/{DEVICE}/status")
-    await peer.wait(online(DEVICE))
+    replies = await peer.ready()
     topic = f"appliance/{DEVICE}/infer/gated"
     peer.publish(topic, body(GATED), response_topic=replies, correlation=b"bad",
                  user=[("request-timeout-ms", "soon")])  # fmt: skip
@@ -894,10 +882,7 @@ async def test_large_replies_under_load(mosquitto_factory, serve, peers, tmp_pat
         settings["mqtt"].update(url=f"mqtts://127.0.0.1:{broker.tls_port}", ca_file=str(certs.ca))
     await serve(settings)
     peer = peers(broker)
-    replies = f"replies/{uuid.uuid4().hex}"
-    peer.subscribe(replies)
-    peer.subscribe(f"appliance/{DEVICE}/status")
-    await peer.wait(online(DEVICE))
+    replies = await peer.ready()
     payload = b"x" * 3_000_000
     n = 40
     for i in range(n):

@@ -5,7 +5,6 @@ mosquitto broker."""
 from __future__ import annotations
 
 import struct
-import uuid
 from typing import Any
 
 import openai
@@ -15,7 +14,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from appliance.registry import Registry
-from tests.api.test_mqtt import DEVICE, mqtt_settings, online, peers  # noqa: F401
+from tests.api.test_mqtt import DEVICE, mqtt_settings, peers  # noqa: F401
 from tests.api.test_openai import llm_store  # noqa: F401
 from tests.engine.test_routing import X, metric
 from tests.support.flaky import FlakyBackend
@@ -139,10 +138,7 @@ async def test_mqtt_infer_to_a_task(mosquitto, serve, peers, flaky):  # noqa: F8
     }  # fmt: skip
     client = await serve(config, flaky("det-v3", "det-v4", "det-small"))
     peer = peers(mosquitto)
-    replies = f"replies/{uuid.uuid4().hex}"
-    peer.subscribe(replies)
-    peer.subscribe(f"appliance/{DEVICE}/status")
-    await peer.wait(online(DEVICE))
+    replies = await peer.ready()
     topic = f"appliance/{DEVICE}/infer/detect"
 
     async def ask(payload: bytes, corr: bytes, topic: str = topic, **user: str) -> Any:
