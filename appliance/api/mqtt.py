@@ -91,13 +91,6 @@ class Incoming:
 TIMEOUT_PROPERTY = "request-timeout-ms"
 
 
-def _property(m: Incoming, name: str) -> str | None:
-    for key, value in m.user_properties:
-        if key == name:
-            return value
-    return None
-
-
 @dataclass(frozen=True)
 class Route:
     model: str
@@ -457,19 +450,16 @@ class MqttService:
                     request.parameters.update(text_parameters(known))
                 else:
                     request = decode_request(m.payload)
+                user = dict(m.user_properties)
                 # The client's deadline: the message's own expiry, or a user property in ms.
                 if m.expiry_s:
                     shorten_deadline(request, float(m.expiry_s))
-                shorten_deadline(
-                    request, timeout_ms(_property(m, TIMEOUT_PROPERTY), TIMEOUT_PROPERTY)
-                )
+                shorten_deadline(request, timeout_ms(user.get(TIMEOUT_PROPERTY), TIMEOUT_PROPERTY))
                 # Replies are JSON: there is no header to frame binary outputs in.
                 request.binary_output = False
                 if request.outputs is not None:
                     request.outputs = dict.fromkeys(request.outputs, False)
-                key = self.engine.router.key_for(
-                    route.model, request.parameters, dict(m.user_properties)
-                )
+                key = self.engine.router.key_for(route.model, request.parameters, user)
                 response = await self.engine.infer(route.model, route.version, request, key)
                 body, _ = encode_response(response, request)
                 self._publish(address, body, m.correlation, 200)
