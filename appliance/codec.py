@@ -35,6 +35,8 @@ class InferRequest:
     parameters: dict[str, Any] = field(default_factory=dict)
     #: The datatype each input was declared with on the wire.
     datatypes: dict[str, str] = field(default_factory=dict)
+    #: Its priority level (1 = highest; None = the model's default).
+    priority: int | None = None
 
 
 @dataclass

@@ -296,6 +296,9 @@ class TaskConfig:
     fallback: str = ""
     #: LLM tasks: text with {field} names, filled from the request's `fields`.
     prompt_template: str = ""
+    #: Priority level of the task's requests that name none (1 = highest; 0 = the model's
+    #: default level).
+    priority: int = 0
 
 
 @dataclass

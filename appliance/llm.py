@@ -36,6 +36,8 @@ class Generation:
     messages: list[dict[str, Any]] = field(default_factory=list)
     prompt: str = ""
     sampling: Sampling = field(default_factory=Sampling)
+    #: Its priority level (1 = highest; None = the model's default).
+    priority: int | None = None
 
 
 @dataclass

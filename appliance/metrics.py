@@ -32,6 +32,9 @@ LATENCY_BUCKETS = (
 #: Requests merged into one runtime call (dynamic batching).
 BATCH_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
 OUTCOMES = ("success", "invalid", "overloaded", "timeout", "error", "cancelled")
+#: MQTT requests by outcome: the status of their reply.
+_MQTT_OUTCOMES = {400: "invalid", 404: "not_found", 413: "invalid", 415: "invalid",
+                  503: "overloaded", 504: "timeout"}  # fmt: skip
 
 
 class Histogram:
@@ -145,6 +148,12 @@ class Metrics(Collector):
     def http_response(self, route: str, status: int) -> None:
         key = (route, status)
         self._http[key] = self._http.get(key, 0) + 1
+
+    def mqtt_message(self, status: int, answered: bool = True) -> None:
+        outcome = "success" if status == 200 else _MQTT_OUTCOMES.get(status, "error")
+        if not answered:
+            outcome += "_unanswered"
+        self.mqtt_messages[outcome] = self.mqtt_messages.get(outcome, 0) + 1
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -22,6 +22,8 @@ from .errors import ApplianceError, ConfigError, ModelError
 from .manifest import Manifest, sha256_file
 from .metrics import Metrics
 from .registry import Registry, check_name
+from .request import RequestPath
+from .routing import Router
 from .tensors import Signature
 
 log = logging.getLogger("appliance.server")
@@ -73,19 +75,20 @@ def build(
     metrics = Metrics()
     cache_dir = Path(config.store.path) / ".cache"
     engine = Engine(config, metrics, sources, cache_dir)
+    paths = RequestPath(Router(engine, config, metrics), metrics, config.server.access_log)
     settings = HttpSettings(
         token=config.token(),
         max_body_bytes=config.server.max_body_bytes,
         access_log=config.server.access_log,
         fast_path=config.server.fast_path,
     )
-    app = build_app(engine, metrics, settings, store)
+    app = build_app(paths, metrics, settings, store)
     if store is not None:
         app.cleanup_ctx.append(_reload_on_hangup)
     # After build_app: readiness waits on the loader that build_app's engine context starts.
     systemd.install(app, systemd.format_address(config.server.host, config.server.port))
     if config.mqtt.url:
-        app.cleanup_ctx.append(_mqtt_ctx(config, engine, metrics))
+        app.cleanup_ctx.append(_mqtt_ctx(config, paths, metrics))
     if config.hub.url:
         if store is None:
             raise ConfigError("hub.url: fleet sync needs a model store, not --model FILE")
@@ -153,7 +156,7 @@ async def _reload_on_hangup(app: web.Application) -> AsyncIterator[None]:
 
 
 def _mqtt_ctx(
-    config: Config, engine: Engine, metrics: Metrics
+    config: Config, paths: RequestPath, metrics: Metrics
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     """MQTT runs beside HTTP; it stops first (contexts unwind in reverse), while the engine it
     feeds still serves."""
@@ -162,7 +165,7 @@ def _mqtt_ctx(
         from .api.http import LOADER
         from .api.mqtt import MqttService
 
-        service = MqttService(config, engine, metrics)
+        service = MqttService(config, paths, metrics)
         metrics.mqtt_connected = 0
         service.start()
 

@@ -8,13 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hmac
 import logging
-import random
-import re
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,13 +18,7 @@ import orjson
 from aiohttp import web
 
 from .. import __version__
-from ..codec import (
-    InferRequest,
-    decode_request,
-    encode_response,
-    shorten_deadline,
-    timeout_ms,
-)
+from ..codec import InferRequest, InferResponse, decode_request, encode_response
 from ..engine import Engine, LoadedModel
 from ..errors import (
     ApplianceError,
@@ -36,19 +26,19 @@ from ..errors import (
     InvalidInput,
     ModelError,
     NotReady,
-    Overloaded,
     PayloadTooLarge,
     Unauthorized,
 )
-from ..logs import request_id, trace_id
 from ..metrics import Metrics
 from ..registry import Registry, check_name
+from ..request import Request, RequestPath
+from ..routing import Router
 from .images import image_request, text_parameters
 from .openai import add_routes as add_openai_routes
 from .openai import openai_error
+from .routes import KSERVE, PUBLIC
 
 log = logging.getLogger("appliance.http")
-access = logging.getLogger("appliance.access")
 
 
 @dataclass(frozen=True)
@@ -61,15 +51,17 @@ class HttpSettings:
 
 
 ENGINE = web.AppKey("engine", Engine)
+ROUTER = web.AppKey("router", Router)
+#: The request lifecycle every route runs its requests through (appliance/request.py).
+PATH = web.AppKey("path", RequestPath)
+#: The lifecycle record of the request being answered (set by the middleware).
+REQUEST = web.RequestKey("request", Request)
 METRICS = web.AppKey("metrics", Metrics)
 SETTINGS = web.AppKey("settings", HttpSettings)
 LOADER: web.AppKey[asyncio.Task[None]] = web.AppKey("loader")
 #: The model store the server was started from; None when it serves files named on the command line.
 STORE: web.AppKey[Registry | None] = web.AppKey("store")
 
-_PUBLIC = frozenset({"/v2/health/live", "/v2/health/ready"})
-_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_TRACEPARENT_RE = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 _JSON = "application/json"
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
 
@@ -97,22 +89,9 @@ def error_response(exc: ApplianceError, openai: bool = False) -> web.Response:
     return web.Response(body=body, status=exc.status, content_type=_JSON, headers=headers)
 
 
-def worth_logging(exc: ApplianceError) -> bool:
-    """Server-side failures get a log line; a refusal of a full queue does not (it is counted
-    in the metrics): under overload one line per 503 would cost the CPU the 503 is saving."""
-    return exc.status >= 500 and not isinstance(exc, Overloaded)
-
-
-def pick_request_id(header: str | None) -> str:
-    """The client's X-Request-Id when it is a sane token, else a new one."""
-    if header is None or not _REQUEST_ID_RE.match(header):
-        return f"{random.getrandbits(128):032x}"  # an id, not a secret: no syscall per request
-    return header
-
-
 def check_auth(settings: HttpSettings, path: str, authorization: str | None) -> None:
     """Bearer auth on every route but health."""
-    if settings.token and path not in _PUBLIC:
+    if settings.token and path not in PUBLIC:
         scheme, _, given = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
             given.strip().encode(), settings.token.encode()
@@ -120,96 +99,74 @@ def check_auth(settings: HttpSettings, path: str, authorization: str | None) -> 
             raise Unauthorized("missing or wrong bearer token")
 
 
-def trace_of(header: str | None) -> str | None:
-    if not header:
-        return None
-    m = _TRACEPARENT_RE.match(header.strip().lower())
-    if m is None or m.group(1) == "0" * 32:
-        return None
-    return m.group(1)
+#: The client's timeout for one request, in milliseconds: a queued request that can no longer
+#: finish in time is answered 504 without running. Same effect as Triton's `timeout` request
+#: parameter (microseconds); when both are given the shorter one counts.
+TIMEOUT_HEADER = "X-Request-Timeout-Ms"
+#: The request's priority level (1 = highest), when the body's `parameters.priority` is absent
+#: (OpenAI's routes have no such field).
+PRIORITY_HEADER = "X-Request-Priority"
+
+
+def begin(path: RequestPath, method: str, target: str, route: str, headers: Any,
+          remote: str | None) -> Request:  # fmt: skip
+    """An HTTP request into the lifecycle: what its headers carry (both HTTP servers)."""
+    return path.begin(
+        "http", method, target, route,
+        request_id=headers.get("X-Request-Id"),
+        traceparent=headers.get("traceparent"),
+        remote=remote,
+        meta=headers,
+        timeout_ms=headers.get(TIMEOUT_HEADER),
+        priority=headers.get(PRIORITY_HEADER),
+        timeout_name=TIMEOUT_HEADER,
+        priority_name=PRIORITY_HEADER,
+    )  # fmt: skip
 
 
 @web.middleware
 async def middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Request id and trace id, bearer auth, errors as JSON, the access log and HTTP metrics."""
-    settings = request.app[SETTINGS]
-    start = time.perf_counter()
-    rid = pick_request_id(request.headers.get("X-Request-Id"))
-    rid_token = request_id.set(rid)
-    tid_token = trace_id.set(trace_of(request.headers.get("traceparent")))
-    openai = request.path.startswith("/v1/")
-    response: web.StreamResponse
-    try:
-        check_auth(settings, request.path, request.headers.get("Authorization"))
-        response = await handler(request)
-    except ApplianceError as exc:
-        response = error_response(exc, openai)
-        if worth_logging(exc):
-            log.warning("%s %s: %s", request.method, request.path, exc.message)
-    except web.HTTPException as exc:
-        reason = exc.reason
-        if exc.status == 413:
-            reason = f"request body is larger than the limit of {settings.max_body_bytes} bytes"
-        elif exc.status == 404:
-            reason = f"no route for {request.method} {request.path}"
-        err = ApplianceError(reason)
-        err.status = exc.status
-        response = error_response(err, openai)
-        for key, value in exc.headers.items():  # e.g. Allow on a 405
-            if key.lower() not in ("content-type", "content-length"):
-                response.headers[key] = value
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        response = error_response(InferenceFailed("internal server error"), openai)
-    response.headers["X-Request-Id"] = rid
+    """Every request into the lifecycle; bearer auth; errors as JSON; accounted once."""
+    app = request.app
+    settings, paths = app[SETTINGS], app[PATH]
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
-    request.app[METRICS].http_response(route, response.status)
-    if settings.access_log:
-        # Formatted once this step ends, after aiohttp has written the response: the client
-        # does not wait for its log line.
-        asyncio.get_running_loop().call_soon(
-            log_access,
-            request.method,
-            request.path,
-            response.status,
-            time.perf_counter() - start,
-            request.remote,
-            rid,
-            trace_id.get(),
-        )
-    trace_id.reset(tid_token)
-    request_id.reset(rid_token)
+    req = begin(paths, request.method, request.path, route, request.headers, request.remote)
+    request[REQUEST] = req
+    openai = request.path.startswith("/v1/")
+    response: web.StreamResponse
+    with req.bound():
+        try:
+            check_auth(settings, request.path, request.headers.get("Authorization"))
+            response = await handler(request)
+        except ApplianceError as exc:
+            paths.failed(req, exc)
+            response = error_response(exc, openai)
+        except web.HTTPException as exc:
+            reason = exc.reason
+            if exc.status == 413:
+                reason = f"request body is larger than the limit of {settings.max_body_bytes} bytes"
+            elif exc.status == 404:
+                reason = f"no route for {request.method} {request.path}"
+            err = ApplianceError(reason)
+            err.status = exc.status
+            response = error_response(err, openai)
+            for key, value in exc.headers.items():  # e.g. Allow on a 405
+                if key.lower() not in ("content-type", "content-length"):
+                    response.headers[key] = value
+        except Exception:
+            paths.crashed(req)
+            response = error_response(InferenceFailed("internal server error"), openai)
+    response.headers["X-Request-Id"] = req.id
+    paths.finish(req, response.status)
     done = getattr(request.transport, "request_done", None)
     if done is not None:  # handed over by api/http_server.py: tell it when the answer is out
         await response.prepare(request)
         await response.write_eof()
         done(response.keep_alive)
     return response
-
-
-def log_access(
-    method: str,
-    path: str,
-    status: int,
-    seconds: float,
-    remote: str | None,
-    rid: str,
-    tid: str | None,
-) -> None:
-    access.info(
-        "%s %s %d",
-        method,
-        path,
-        status,
-        extra={
-            "request_id": rid,
-            "trace_id": tid,
-            "fields": {"status": status, "duration_ms": round(seconds * 1000, 3), "remote": remote},
-        },
-    )
 
 
 # -- health and metadata ----------------------------------------------------------------------
@@ -242,27 +199,17 @@ async def server_metadata(request: web.Request) -> web.Response:
 
 
 def _model(request: web.Request) -> LoadedModel:
-    engine, name = request.app[ENGINE], request.match_info["name"]
-    if name in engine.router.tasks:
-        return engine.resolve(name, request.match_info.get("version"))
-    return engine.model(name, request.match_info.get("version"))
-
-
-def _task_parameters(engine: Engine, name: str) -> dict[str, Any]:
-    task = engine.router.tasks[name].config
-    return {
-        "variants": [dataclasses.asdict(v) for v in task.variants],
-        "fallback": task.fallback,
-        "sticky_key": task.sticky_key,
-    }
+    return request.app[ROUTER].model_of(
+        request.match_info["name"], request.match_info.get("version")
+    )
 
 
 async def model_metadata(request: web.Request) -> web.Response:
-    engine, name = request.app[ENGINE], request.match_info["name"]
-    meta = engine.describe(_model(request))
-    if name in engine.router.tasks:  # a task: the signature of the first ready model it uses
+    router, name = request.app[ROUTER], request.match_info["name"]
+    meta = request.app[ENGINE].describe(_model(request))
+    if router.is_task(name):  # a task: the signature of the first ready model it uses
         meta["name"] = name
-        meta["parameters"]["task"] = _task_parameters(engine, name)
+        meta["parameters"]["task"] = router.task_parameters(name)
     return json_response(meta)
 
 
@@ -336,27 +283,21 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 # -- inference --------------------------------------------------------------------------------
-#: The client's timeout for one request, in milliseconds: a queued request that can no longer
-#: finish in time is answered 504 without running. Same effect as Triton's `timeout` request
-#: parameter (microseconds); when both are given the shorter one counts.
-TIMEOUT_HEADER = "X-Request-Timeout-Ms"
-
-
 async def infer(request: web.Request) -> web.Response:
-    engine = request.app[ENGINE]
+    paths, req = request.app[PATH], request[REQUEST]
     name, version = request.match_info["name"], request.match_info.get("version")
-    # 404/503 before reading a body we would discard
-    engine.admit(name, version)
+    model = paths.admit(name, version)  # 404/503 before reading a body we would discard
     limit = request.app[SETTINGS].max_body_bytes
     check_length(request.content_length, limit)
     ctype = request.content_type.lower()
     if ctype.startswith(("image/", "multipart/")):
-        req = await image_request(request, engine.resolve(name, version), ctype, limit)
+        body = await image_request(request, model, ctype, limit)
     else:
-        body = await request.read()
-        req = tensor_request(body, request.headers.get("Inference-Header-Content-Length"))
-    req.parameters.update(_query_parameters(request))
-    payload, content_type, headers = await answer(engine, name, version, req, request.headers)
+        raw = await request.read()
+        body = tensor_request(raw, request.headers.get("Inference-Header-Content-Length"))
+    body.parameters.update(_query_parameters(request))
+    result = await paths.infer(req, name, version, body)
+    payload, content_type, headers = encode_answer(result, body, name)
     return web.Response(body=payload, content_type=content_type, headers=headers)
 
 
@@ -367,19 +308,12 @@ def check_length(content_length: int | None, limit: int) -> None:
         )
 
 
-async def answer(
-    engine: Engine,
-    name: str,
-    version: str | None,
-    req: InferRequest,
-    headers: Mapping[str, str],
+def encode_answer(
+    result: InferResponse, body: InferRequest, name: str
 ) -> tuple[bytes, str, dict[str, str]]:
-    """Run a decoded KServe v2 request: the body, its content type and the headers saying which
-    model answered. The one infer path below both HTTP servers (api/http_server.py)."""
-    shorten_deadline(req, timeout_ms(headers.get(TIMEOUT_HEADER), TIMEOUT_HEADER))
-    key = engine.router.key_for(name, req.parameters, headers)
-    result = await engine.infer(name, version, req, key)
-    payload, json_length = encode_response(result, req)
+    """A KServe v2 answer over HTTP: the body, its content type and the headers saying which
+    model answered (both HTTP servers)."""
+    payload, json_length = encode_response(result, body)
     # Which model answered (for a task, the variant or the fallback): also in the body.
     out = {"X-Model-Name": result.model_name, "X-Model-Version": result.model_version}
     if result.parameters:
@@ -426,30 +360,36 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     await engine.stop()
 
 
+HANDLERS: dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]] = {
+    "live": live,
+    "ready": ready,
+    "server_metadata": server_metadata,
+    "model_metadata": model_metadata,
+    "model_ready": model_ready,
+    "infer": infer,
+    "repository_index": repository_index,
+    "repository_load": repository_load,
+    "repository_unload": repository_unload,
+    "metrics": metrics,
+}
+
+
 def build_app(
-    engine: Engine,
+    paths: RequestPath,
     metrics_registry: Metrics,
     settings: HttpSettings,
     store: Registry | None = None,
 ) -> web.Application:
     # aiohttp's own limit stops chunked bodies; infer checks Content-Length before reading.
     app = web.Application(middlewares=[middleware], client_max_size=settings.max_body_bytes)
-    app[ENGINE] = engine
+    app[PATH] = paths
+    app[ROUTER] = paths.router
+    app[ENGINE] = paths.engine
     app[METRICS] = metrics_registry
     app[SETTINGS] = settings
     app[STORE] = store
-    r = app.router
-    r.add_get("/v2/health/live", live)
-    r.add_get("/v2/health/ready", ready)
-    r.add_get("/v2", server_metadata)
-    for base in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
-        r.add_get(base, model_metadata)
-        r.add_get(base + "/ready", model_ready)
-        r.add_post(base + "/infer", infer)
-    r.add_post("/v2/repository/index", repository_index)
-    r.add_post("/v2/repository/models/{name}/load", repository_load)
-    r.add_post("/v2/repository/models/{name}/unload", repository_unload)
-    r.add_get("/metrics", metrics)
-    add_openai_routes(app, ENGINE)
+    for route in KSERVE:
+        app.router.add_route(route.method, route.path, HANDLERS[route.handler])
+    add_openai_routes(app, PATH, REQUEST)
     app.cleanup_ctx.append(_engine_ctx)
     return app

@@ -37,24 +37,20 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from ..errors import ApplianceError, InferenceFailed
-from ..logs import request_id, trace_id
-from ..metrics import Metrics
+from ..request import Request, RequestPath
 from .http import (
-    ENGINE,
-    METRICS,
+    PATH,
     SETTINGS,
     HttpSettings,
-    answer,
+    begin,
     check_auth,
     check_length,
+    encode_answer,
     error_parts,
-    log_access,
-    pick_request_id,
     tensor_request,
-    trace_of,
-    worth_logging,
 )
 from .images import text_parameters
+from .routes import Route, hot_routes
 
 log = logging.getLogger("appliance.http")
 
@@ -62,11 +58,11 @@ log = logging.getLogger("appliance.http")
 MAX_HEAD_BYTES = 8190
 #: Unanswered bytes buffered per connection before reading pauses (a pipelining client).
 MAX_BUFFERED_BYTES = 1 << 20
-_INFER = re.compile(
-    r"/v2/models/([A-Za-z0-9][A-Za-z0-9._-]*)(?:/versions/([A-Za-z0-9._-]+))?/infer"
-)
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_ROUTES = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")
+#: The routes this protocol answers itself (api/routes.py marks them), by method.
+_HOT: dict[str, list[tuple[Route, re.Pattern[str]]]] = {}
+for _method, _route, _pattern in hot_routes():
+    _HOT.setdefault(_method, []).append((_route, _pattern))
 _LIVE_BODY = b'{"live":true}'
 _JSON = b"application/json"
 #: Headers that may appear once only; a repeat sends the connection to aiohttp's parser.
@@ -79,7 +75,7 @@ _STATUS = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPS
 class _Head:
     """A parsed request head: what the hot path needs, the rest only for handing over."""
 
-    __slots__ = ("close", "headers", "length", "method", "path", "query")
+    __slots__ = ("close", "headers", "length", "match", "method", "path", "query", "req", "route")
 
     def __init__(
         self, method: str, path: str, query: str, headers: dict[str, str], length: int
@@ -90,6 +86,11 @@ class _Head:
         self.headers = headers
         self.length = length
         self.close = "close" in headers.get("connection", "").lower()
+        #: The hot route it goes to, and the names in its path (set by Connection._hot).
+        self.route: Route | None = None
+        self.match: re.Match[str] | None = None
+        #: Its lifecycle record, from the moment its head is in.
+        self.req: Request | None = None
 
 
 class _Headers(dict[str, str]):
@@ -231,10 +232,14 @@ class Connection(asyncio.Protocol):
         self._paused: set[str] = set()
         self._write_paused = False
         self.task: asyncio.Task[None] | None = None
+        #: The client's address (the access log).
+        self.peer: str | None = None
 
     # -- asyncio callbacks -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer[0]) if peer else None
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -347,39 +352,49 @@ class Connection(asyncio.Protocol):
             self.task = self.server.loop.create_task(self._infer(head, body))
 
     def _hot(self, head: _Head) -> bool:
+        """Whether this protocol answers the request itself: a hot route, plainly sent."""
+        for route, pattern in _HOT.get(head.method, ()):
+            m = pattern.fullmatch(head.path)
+            if m is not None:
+                head.route, head.match = route, m
+                break
+        else:
+            return False
         if head.method == "POST":
-            if not _INFER.fullmatch(head.path):
-                return False
             ctype = head.headers.get("content-type", "").lower()
             return not ctype.startswith(("image/", "multipart/")) and (
                 "content-encoding" not in head.headers
             )
-        return head.method == "GET" and head.path == "/v2/health/live" and not head.length
+        return not head.length
+
+    def _begin(self, head: _Head) -> Request:
+        assert head.route is not None
+        head.req = req = begin(
+            self.server.paths, head.method, head.path, head.route.path, head.headers, self.peer
+        )
+        return req
 
     def _refused(self, head: _Head) -> bool:
         """Answer at once what fails before its body matters (auth, unknown model, a full
-        queue, an oversized body); the body is then skipped, or the connection closed."""
+        queue, an oversized body), and what needs no body (liveness); the body is then
+        skipped, or the connection closed."""
         server = self.server
+        req = self._begin(head)
         if head.method == "GET":  # /v2/health/live
             self.idle_since = time.monotonic()
-            rid = pick_request_id(head.headers.get("x-request-id"))
-            self._write(200, _LIVE_BODY, _JSON, None, rid, head.close)
-            server.metrics.http_response("/v2/health/live", 200)
-            if server.settings.access_log:
-                server.loop.call_soon(
-                    log_access, "GET", head.path, 200, 0.0, self._peer(), rid, None
-                )
+            self._write(200, _LIVE_BODY, _JSON, None, req.id, head.close)
+            server.paths.finish(req, 200)
             if head.close:
                 self._close_now()
             return True
-        m = _INFER.fullmatch(head.path)
+        m = head.match
         assert m is not None
         try:
             check_auth(server.settings, head.path, head.headers.get("authorization"))
-            server.engine.admit(m.group(1), m.group(2))
+            server.paths.admit(m.group("name"), m.groupdict().get("version"))
             check_length(head.length, server.settings.max_body_bytes)
         except ApplianceError as exc:
-            self._error(head, exc, m.group(2) is not None, time.perf_counter())
+            self._error(head, req, exc)
             if exc.status == 413 or head.close:  # 413: the body is not worth reading
                 self._close_after = True
                 self._close_now()
@@ -391,71 +406,33 @@ class Connection(asyncio.Protocol):
         return False
 
     async def _infer(self, head: _Head, body: bytes) -> None:
-        server = self.server
-        start = time.perf_counter()
-        headers = head.headers
-        m = _INFER.fullmatch(head.path)
-        assert m is not None
-        name, version = m.group(1), m.group(2)
-        rid = pick_request_id(headers.get("x-request-id"))
-        rid_token = request_id.set(rid)
-        tid_token = trace_id.set(trace_of(headers.get("traceparent")))
+        paths = self.server.paths
+        req, m = head.req, head.match
+        assert req is not None and m is not None
+        name, version = m.group("name"), m.groupdict().get("version")
         try:
-            req = tensor_request(body, headers.get("inference-header-content-length"))
+            decoded = tensor_request(body, head.headers.get("inference-header-content-length"))
             if head.query:
-                req.parameters.update(
+                decoded.parameters.update(
                     text_parameters(parse_qsl(head.query, keep_blank_values=True))
                 )
-            payload, ctype, extra = await answer(server.engine, name, version, req, headers)
+            result = await paths.infer(req, name, version, decoded)
+            payload, ctype, extra = encode_answer(result, decoded, name)
         except ApplianceError as exc:
-            self._error(head, exc, version is not None, start, rid)
+            self._error(head, req, exc)
         except Exception:
-            log.exception("unhandled error on POST %s", head.path)
-            self._error(
-                head, InferenceFailed("internal server error"), version is not None, start, rid
-            )
+            paths.crashed(req)
+            self._error(head, req, InferenceFailed("internal server error"))
         else:
-            self._write(200, payload, ctype.encode(), extra, rid, head.close)
-            self._account(head, 200, version is not None, start, rid)
-        finally:
-            trace_id.reset(tid_token)
-            request_id.reset(rid_token)
+            self._write(200, payload, ctype.encode(), extra, req.id, head.close)
+            paths.finish(req, 200)
         self._finished(head.close)
 
-    def _error(
-        self,
-        head: _Head,
-        exc: ApplianceError,
-        versioned: bool,
-        start: float,
-        rid: str | None = None,
-    ) -> None:
-        if rid is None:
-            rid = pick_request_id(head.headers.get("x-request-id"))
-        if worth_logging(exc):
-            log.warning("%s %s: %s", head.method, head.path, exc.message)
+    def _error(self, head: _Head, req: Request, exc: ApplianceError) -> None:
+        status = self.server.paths.failed(req, exc)
         body, extra = error_parts(exc)
-        self._write(exc.status, body, _JSON, extra, rid, head.close or exc.status == 413)
-        self._account(head, exc.status, versioned, start, rid)
-
-    def _account(self, head: _Head, status: int, versioned: bool, start: float, rid: str) -> None:
-        server = self.server
-        server.metrics.http_response(_ROUTES[versioned], status)
-        if server.settings.access_log:
-            server.loop.call_soon(
-                log_access,
-                head.method,
-                head.path,
-                status,
-                time.perf_counter() - start,
-                self._peer(),
-                rid,
-                trace_id.get(),
-            )
-
-    def _peer(self) -> str | None:
-        peer = self.transport.get_extra_info("peername") if self.transport else None
-        return str(peer[0]) if peer else None
+        self._write(status, body, _JSON, extra, req.id, head.close or status == 413)
+        self.server.paths.finish(req, status)
 
     def _write(
         self,
@@ -554,8 +531,7 @@ class HttpServer:
     keepalive_timeout_s: float = 75.0
 
     def __post_init__(self) -> None:
-        self.engine = self.app[ENGINE]
-        self.metrics: Metrics = self.app[METRICS]
+        self.paths: RequestPath = self.app[PATH]
         self.settings: HttpSettings = self.app[SETTINGS]
         self.date = _DateCache()
         self.connections: set[Connection] = set()

@@ -41,18 +41,12 @@ import numpy as np
 import orjson
 
 from .. import __version__
-from ..codec import (
-    InferRequest,
-    decode_request,
-    encode_response,
-    shorten_deadline,
-    timeout_ms,
-)
+from ..codec import InferRequest, decode_request, encode_response
 from ..config import Config, MqttConfig
-from ..engine import Engine
 from ..errors import (
     ApplianceError,
     ConfigError,
+    InferenceFailed,
     InvalidInput,
     NotFound,
     Overloaded,
@@ -60,6 +54,8 @@ from ..errors import (
 )
 from ..metrics import Metrics
 from ..preprocess.image import check_content_type
+from ..request import Request, RequestPath
+from ..routing import Router
 from ..tensors import DATATYPES
 from .images import PARAMETERS, image_spec, images_request, text_parameters
 
@@ -89,6 +85,9 @@ class Incoming:
 
 #: MQTT 5 user property with the request's timeout in milliseconds (HTTP's X-Request-Timeout-Ms).
 TIMEOUT_PROPERTY = "request-timeout-ms"
+#: MQTT 5 user property with the request's priority level (1 = highest), when the JSON body's
+#: `parameters.priority` is absent (raw payloads have no body to carry it).
+PRIORITY_PROPERTY = "priority"
 
 
 @dataclass(frozen=True)
@@ -141,11 +140,11 @@ def parse_topic(topic: str, prefixes: list[str]) -> Route:
 
 
 def raw_request(
-    engine: Engine, route: Route, payload: bytes, content_type: str | None = None
+    router: Router, route: Route, payload: bytes, content_type: str | None = None
 ) -> InferRequest:
     """A raw payload is the whole of a model's single input: bytes for BYTES, or a tensor, or
     an encoded image (JPEG/PNG) for a model that declares image pre-processing."""
-    model = engine.resolve(route.model, route.version)
+    model = router.resolve(route.model, route.version)
     if content_type is not None and content_type.lower().startswith("image/"):
         check_content_type(payload, content_type)
         return images_request(image_spec(model), [payload])
@@ -197,13 +196,14 @@ def _no_socket_callback(client: Any, userdata: Any, sock: Any) -> None:
 class MqttService:
     """One broker connection serving inference requests; see the module docstring."""
 
-    def __init__(self, config: Config, engine: Engine, metrics: Metrics) -> None:
+    def __init__(self, config: Config, paths: RequestPath, metrics: Metrics) -> None:
         import paho.mqtt.client as mqtt
 
         self._mqtt = mqtt
         self.cfg = cfg = config.mqtt
         self.broker = parse_url(cfg.url)
-        self.engine = engine
+        self.paths = paths
+        self.engine = paths.engine
         self.metrics = metrics
         self.device = device_id(cfg)
         self.v5 = cfg.protocol == "5"
@@ -389,11 +389,24 @@ class MqttService:
         if self.connected.is_set():
             self.client.publish(self.status_topic, self._online(), qos=1, retain=True)
 
-    def _count(self, outcome: str) -> None:
-        self.metrics.mqtt_messages[outcome] = self.metrics.mqtt_messages.get(outcome, 0) + 1
+    def _begin(self, m: Incoming) -> Request:
+        """A message into the request lifecycle: what its MQTT 5 user properties carry."""
+        user = dict(m.user_properties)  # a repeated property: its last value counts
+        return self.paths.begin(
+            "mqtt", "PUBLISH", m.topic, "infer",
+            request_id=user.get("request-id"),
+            traceparent=user.get("traceparent"),
+            meta=user,
+            timeout_ms=user.get(TIMEOUT_PROPERTY),
+            priority=user.get(PRIORITY_PROPERTY),
+            expiry_s=float(m.expiry_s) if m.expiry_s else None,
+            timeout_name=TIMEOUT_PROPERTY,
+            priority_name=PRIORITY_PROPERTY,
+        )  # fmt: skip
 
     def _dispatch(self, m: Incoming) -> None:
         if self._inflight >= self.cfg.max_inflight:
+            req = self._begin(m)
             exc = Overloaded(
                 f"{self._inflight} MQTT requests are in progress (max_inflight "
                 f"{self.cfg.max_inflight}); retry later"
@@ -407,8 +420,9 @@ class MqttService:
             ):
                 with contextlib.suppress(orjson.JSONDecodeError):
                     body = orjson.loads(m.payload)
-            self._reply_error(m, self._reply_address(m, body), exc)
-            self._finish(m, "overloaded")
+            address = self._reply_address(m, body)
+            self._reply_error(m, address, exc)
+            self._finish(m, req, exc.status, address)
             return
         self._inflight += 1
         task = asyncio.get_running_loop().create_task(self._handle(m))
@@ -427,7 +441,9 @@ class MqttService:
         return None, None
 
     async def _handle(self, m: Incoming) -> None:
-        outcome = "success"
+        paths = self.paths
+        req = self._begin(m)
+        status = 200
         address: tuple[str | None, str | None] = (m.response_topic, None)
         try:
             try:
@@ -444,36 +460,28 @@ class MqttService:
                     with contextlib.suppress(orjson.JSONDecodeError):
                         address = self._reply_address(m, orjson.loads(m.payload))
                 if raw:
-                    request = raw_request(self.engine, route, m.payload, m.content_type)
+                    request = raw_request(paths.router, route, m.payload, m.content_type)
                     # Other user properties (trace ids...) are the client's own business.
                     known = [(k, v) for k, v in m.user_properties if k in PARAMETERS]
                     request.parameters.update(text_parameters(known))
                 else:
                     request = decode_request(m.payload)
-                user = dict(m.user_properties)
-                # The client's deadline: the message's own expiry, or a user property in ms.
-                if m.expiry_s:
-                    shorten_deadline(request, float(m.expiry_s))
-                shorten_deadline(request, timeout_ms(user.get(TIMEOUT_PROPERTY), TIMEOUT_PROPERTY))
                 # Replies are JSON: there is no header to frame binary outputs in.
                 request.binary_output = False
                 if request.outputs is not None:
                     request.outputs = dict.fromkeys(request.outputs, False)
-                key = self.engine.router.key_for(route.model, request.parameters, user)
-                response = await self.engine.infer(route.model, route.version, request, key)
+                response = await paths.infer(req, route.model, route.version, request)
                 body, _ = encode_response(response, request)
                 self._publish(address, body, m.correlation, 200)
             except ApplianceError as exc:
-                outcome = {400: "invalid", 404: "not_found", 413: "invalid", 415: "invalid",
-                           503: "overloaded",
-                           504: "timeout"}.get(exc.status, "error")  # fmt: skip
+                status = paths.failed(req, exc)
                 self._reply_error(m, address, exc)
         except Exception:
-            outcome = "error"
-            log.exception("MQTT request on %s failed", m.topic)
+            paths.crashed(req)
+            status = InferenceFailed.status
         finally:
             self._inflight -= 1
-            self._finish(m, outcome if address[0] else f"{outcome}_unanswered")
+            self._finish(m, req, status, address)
 
     async def _models_loaded(self) -> None:
         """Requests kept for us while we were away arrive as soon as we connect, usually before
@@ -481,9 +489,11 @@ class MqttService:
         while not self.engine.loaded and not self._closing:
             await asyncio.sleep(0.05)
 
-    def _finish(self, m: Incoming, outcome: str) -> None:
-        """Count the request and acknowledge it, now that its reply (if any) is queued."""
-        self._count(outcome)
+    def _finish(
+        self, m: Incoming, req: Request, status: int, address: tuple[str | None, str | None]
+    ) -> None:
+        """Account for the request and acknowledge it, now that its reply (if any) is queued."""
+        self.paths.finish(req, status, answered=bool(address[0]))
         if m.qos > 0:
             with contextlib.suppress(Exception):
                 self.client.ack(m.mid, m.qos)

@@ -20,10 +20,11 @@ import orjson
 from aiohttp import web
 
 from .. import __version__
-from ..engine import Engine, LoadedModel
-from ..engine.routing import Served
+from ..engine import LoadedModel
 from ..errors import ApplianceError, InvalidInput, NotFound
 from ..llm import Generation, GenerationResult, Sampling, TextModel
+from ..request import Request, RequestPath
+from ..routing import Router
 
 MAX_EMBEDDING_INPUTS = 2048
 _FINGERPRINT = f"appliance-{__version__}"
@@ -132,9 +133,9 @@ def _sampling(body: dict[str, Any], n_ctx: int) -> Sampling:
     )
 
 
-def _template(engine: Engine, name: str, body: dict[str, Any]) -> str | None:
+def _template(router: Router, name: str, body: dict[str, Any]) -> str | None:
     """A task's prompt template filled from the request's `fields` (None: the task has none)."""
-    task = engine.router.tasks.get(name)
+    task = router.tasks.get(name)
     if task is None or not task.config.prompt_template:
         if body.get("fields") is not None:
             raise BadField("fields", f"'{name}' is not a task with a prompt template")
@@ -204,9 +205,9 @@ def _finish(reason: str) -> str:
     return "length" if reason == "length" else "stop"
 
 
-def _text_model(engine: Engine, name: str, mode: str) -> tuple[LoadedModel, TextModel]:
+def _text_model(router: Router, name: str, mode: str) -> tuple[LoadedModel, TextModel]:
     try:
-        return engine.text_model(name, mode)
+        return router.text_model(name, mode)
     except NotFound:
         raise NotFound(f"the model '{name}' does not exist") from None
 
@@ -217,17 +218,17 @@ def _model_entry(model: LoadedModel) -> dict[str, Any]:
     return {"id": model.name, "object": "model", "created": created, "owned_by": "appliance"}
 
 
-def _text_models(engine: Engine) -> list[LoadedModel]:
-    return [m for m in engine.models() if isinstance(m.backend, TextModel)]
+def _text_models(router: Router) -> list[LoadedModel]:
+    return [m for m in router.engine.models() if isinstance(m.backend, TextModel)]
 
 
-def _text_tasks(engine: Engine) -> list[dict[str, Any]]:
+def _text_tasks(router: Router) -> list[dict[str, Any]]:
     """Tasks whose models are language or embedding models, listed under the task's name."""
     out = []
-    for name in engine.router.tasks:
+    for name in router.tasks:
         for mode in ("chat", "embedding"):
             try:
-                model, _ = engine.text_model(name, mode)
+                model, _ = router.text_model(name, mode)
             except ApplianceError:
                 continue
             out.append({**_model_entry(model), "id": name})
@@ -235,29 +236,30 @@ def _text_tasks(engine: Engine) -> list[dict[str, Any]]:
     return out
 
 
-async def list_models(request: web.Request, engine: Engine) -> web.Response:
-    data = [_model_entry(m) for m in _text_models(engine)] + _text_tasks(engine)
+async def list_models(request: web.Request, paths: RequestPath, req: Request) -> web.Response:
+    data = [_model_entry(m) for m in _text_models(paths.router)] + _text_tasks(paths.router)
     return _json({"object": "list", "data": data})
 
 
-async def get_model(request: web.Request, engine: Engine) -> web.Response:
+async def get_model(request: web.Request, paths: RequestPath, req: Request) -> web.Response:
     name = request.match_info["model"]
-    for m in _text_models(engine):
+    for m in _text_models(paths.router):
         if m.name == name:
             return _json(_model_entry(m))
-    for entry in _text_tasks(engine):
+    for entry in _text_tasks(paths.router):
         if entry["id"] == name:
             return _json(entry)
     raise NotFound(f"the model '{name}' does not exist")
 
 
-async def chat_completions(request: web.Request, engine: Engine) -> web.StreamResponse:
+async def chat_completions(
+    request: web.Request, paths: RequestPath, req: Request
+) -> web.StreamResponse:
     body = await _body(request)
     name = _model_name(body)
-    _, backend = _text_model(engine, name, "chat")
-    messages = _messages(body, _template(engine, name, body))
+    _, backend = _text_model(paths.router, name, "chat")
+    messages = _messages(body, _template(paths.router, name, body))
     gen = Generation("chat", messages=messages, sampling=_sampling(body, _n_ctx(backend)))
-    route_key = engine.router.key_for(name, body, request.headers)
     stream, include_usage = _stream_flags(body)
     cid, created = f"chatcmpl-{random.getrandbits(96):024x}", int(time.time())
 
@@ -268,31 +270,30 @@ async def chat_completions(request: web.Request, engine: Engine) -> web.StreamRe
 
     if stream:
         return await _stream(
-            request, engine, name, gen, include_usage, route_key,
+            request, paths, req, name, gen, body, include_usage,
             first=chunk({"role": "assistant", "content": ""}, None),
             piece=lambda text: chunk({"content": text}, None),
             last=lambda result: chunk({}, _finish(result.finish_reason)),
             usage_chunk=lambda usage: {**chunk({}, None), "choices": [], "usage": usage},
         )  # fmt: skip
-    served = Served()
-    _, result = await engine.generate(name, gen, key=route_key, served=served)
+    _, result = await paths.generate(req, name, gen, body)
     return _json({
         "id": cid, "object": "chat.completion", "created": created, "model": name,
         "system_fingerprint": _FINGERPRINT,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                      "finish_reason": _finish(result.finish_reason), "logprobs": None}],
         "usage": _usage(result),
-    }, headers=served.headers())  # fmt: skip
+    }, headers=req.served.headers())  # fmt: skip
 
 
-async def completions(request: web.Request, engine: Engine) -> web.StreamResponse:
+async def completions(request: web.Request, paths: RequestPath, req: Request) -> web.StreamResponse:
     body = await _body(request)
     name = _model_name(body)
-    _, backend = _text_model(engine, name, "chat")
+    _, backend = _text_model(paths.router, name, "chat")
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
-    filled = _template(engine, name, body)
+    filled = _template(paths.router, name, body)
     if filled is not None and prompt is None:
         prompt = filled
     elif filled is not None and isinstance(prompt, str):
@@ -303,7 +304,6 @@ async def completions(request: web.Request, engine: Engine) -> web.StreamRespons
         if body.get(key) not in (None, False, 1):
             raise BadField(key, "is not supported by this server")
     gen = Generation("completion", prompt=prompt, sampling=_sampling(body, _n_ctx(backend)))
-    route_key = engine.router.key_for(name, body, request.headers)
     stream, include_usage = _stream_flags(body)
     cid, created = f"cmpl-{random.getrandbits(96):024x}", int(time.time())
 
@@ -315,23 +315,22 @@ async def completions(request: web.Request, engine: Engine) -> web.StreamRespons
 
     if stream:
         return await _stream(
-            request, engine, name, gen, include_usage, route_key,
+            request, paths, req, name, gen, body, include_usage,
             first=None,
             piece=lambda text: chunk(text, None),
             last=lambda result: chunk("", _finish(result.finish_reason)),
             usage_chunk=lambda usage: {**chunk("", None), "choices": [], "usage": usage},
         )  # fmt: skip
-    served = Served()
-    _, result = await engine.generate(name, gen, key=route_key, served=served)
+    _, result = await paths.generate(req, name, gen, body)
     out = chunk(result.text, _finish(result.finish_reason))
     out["usage"] = _usage(result)
-    return _json(out, headers=served.headers())
+    return _json(out, headers=req.served.headers())
 
 
-async def embeddings(request: web.Request, engine: Engine) -> web.Response:
+async def embeddings(request: web.Request, paths: RequestPath, req: Request) -> web.Response:
     body = await _body(request)
     name = _model_name(body)
-    _text_model(engine, name, "embedding")
+    _text_model(paths.router, name, "embedding")
     raw = body.get("input")
     texts = [raw] if isinstance(raw, str) else raw
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
@@ -343,9 +342,7 @@ async def embeddings(request: web.Request, engine: Engine) -> web.Response:
     encoding = body.get("encoding_format", "float")
     if encoding not in ("float", "base64"):
         raise BadField("encoding_format", "must be 'float' or 'base64'")
-    served = Served()
-    route_key = engine.router.key_for(name, body, request.headers)
-    _, result = await engine.embed(name, texts, route_key, served)
+    _, result = await paths.embed(req, name, texts, body)
     dims = body.get("dimensions")
     if dims is not None and dims != result.vectors.shape[1]:
         raise BadField("dimensions", f"this model gives {result.vectors.shape[1]} dimensions")
@@ -361,7 +358,7 @@ async def embeddings(request: web.Request, engine: Engine) -> web.Response:
     return web.Response(
         body=orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY),
         content_type="application/json",
-        headers=served.headers(),
+        headers=req.served.headers(),
     )
 
 
@@ -375,11 +372,12 @@ def _sse(obj: Any) -> bytes:
 
 async def _stream(
     request: web.Request,
-    engine: Engine,
+    paths: RequestPath,
+    req: Request,
     name: str,
     gen: Generation,
+    body: dict[str, Any],
     include_usage: bool,
-    key: str | None,
     first: dict[str, Any] | None,
     piece: Callable[[str], dict[str, Any]],
     last: Callable[[GenerationResult], dict[str, Any]],
@@ -392,9 +390,9 @@ async def _stream(
     generation: the worker polls `stop` between tokens."""
     queue: asyncio.Queue[str | None] = asyncio.Queue()
     gone = threading.Event()
-    served = Served()
+    served = req.served
     task = asyncio.ensure_future(
-        engine.generate(name, gen, queue.put_nowait, gone.is_set, key, served)
+        paths.generate(req, name, gen, body, queue.put_nowait, gone.is_set)
     )
     task.add_done_callback(lambda _t: queue.put_nowait(None))
     response: web.StreamResponse | None = None
@@ -428,10 +426,17 @@ async def _stream(
             gone.set()
 
 
-def add_routes(app: web.Application, engine_key: web.AppKey[Engine]) -> None:
-    def bind(handler: Callable[[web.Request, Engine], Any]) -> Callable[[web.Request], Any]:
+def add_routes(
+    app: web.Application, path_key: web.AppKey[RequestPath], request_key: web.RequestKey[Request]
+) -> None:
+    """The OpenAI routes, run through the request lifecycle (`request_key`: where the middleware
+    keeps each request's lifecycle record)."""
+
+    def bind(
+        handler: Callable[[web.Request, RequestPath, Request], Any],
+    ) -> Callable[[web.Request], Any]:
         async def route(request: web.Request) -> Any:
-            return await handler(request, request.app[engine_key])
+            return await handler(request, request.app[path_key], request[request_key])
 
         return route
 

@@ -1,4 +1,7 @@
-"""The one core below every protocol: which models are loaded, validation, and scheduling."""
+"""The loaded models: load, activate (the gap-free version switch), look up, run.
+
+Below the router (appliance/routing/), which alone knows tasks, and knows nothing of them itself:
+it never calls back up."""
 
 from __future__ import annotations
 
@@ -24,7 +27,6 @@ from ..preprocess.pipeline import Pipeline, build_pipeline
 from ..registry import Registry
 from ..tensors import Signature
 from .batching import policy_for
-from .routing import Router, Served, guarded
 from .scheduler import ModelRunner, lower_priority
 from .validation import validate
 
@@ -102,9 +104,6 @@ class Engine:
         #: One version switch at a time per model name.
         self._switching: dict[str, asyncio.Lock] = {}
         metrics.gauge_source = self._gauges
-        #: Tasks, and the cache, breaker and retries of the models that have them.
-        self.router = Router(self, config, metrics)
-        self.router.check_names(list(self._models))
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -356,36 +355,6 @@ class Engine:
         return model
 
     # -- inference -------------------------------------------------------------------------
-    def resolve(self, name: str, version: str | None = None) -> LoadedModel:
-        """The ready model a request to `name` would go to: the model itself, or for a task the
-        first of its models that is ready (for its signature); NotFound/NotReady otherwise."""
-        task = self.router.tasks.get(name)
-        if task is None:
-            return self.ready_model(name, version)
-        if version is not None:
-            raise NotFound(f"{name!r} is a task, not a model: it has no versions")
-        return self.router.resolve(task)
-
-    async def infer(
-        self, name: str, version: str | None, request: InferRequest, key: str | None = None
-    ) -> InferResponse:
-        """Run `request` on model or task `name`; `key` is a task's sticky key, if any."""
-        if name not in self.router.tasks:
-            model = self.ready_model(name, version)
-            if not guarded(model.config):
-                return await self.infer_on(model, request)
-        return await self.router.infer(name, version, request, key)
-
-    def admit(self, name: str, version: str | None = None) -> LoadedModel:
-        """The model a request to `name` goes to (404/503 if none), refused with 503 at once
-        when its queue is full, before a body is read or decoded: under overload, refusals
-        must stay cheap for the event loop. Not for tasks (a full queue sends them to their
-        fallback) nor for models that retry a full queue."""
-        model = self.resolve(name, version)
-        if name not in self.router.tasks and not model.config.retries:
-            self.check_capacity(model)
-        return model
-
     def check_capacity(self, model: LoadedModel) -> None:
         runner, metrics = model.runner, model.stats
         if runner is None or metrics is None:
@@ -434,13 +403,7 @@ class Engine:
         return current, current.runner, current.stats
 
     def text_model(self, name: str, mode: str) -> tuple[LoadedModel, TextModel]:
-        """The ready model `name`, which must be a language ("chat") or embedding model; for a
-        task, the first of its models that is ready."""
-        task = self.router.tasks.get(name)
-        if task is not None:
-            model = self.router.resolve(task, mode)
-            assert isinstance(model.backend, TextModel)
-            return model, model.backend
+        """The ready model `name`, which must be a language ("chat") or embedding model."""
         model = self.ready_model(name)
         backend = model.backend
         if not isinstance(backend, TextModel):
@@ -467,25 +430,6 @@ class Engine:
         metrics.total.observe(time.perf_counter() - t0)
         return result
 
-    async def generate(
-        self,
-        name: str,
-        request: Generation,
-        emit: Callable[[str], None] | None = None,
-        stop: Callable[[], bool] | None = None,
-        key: str | None = None,
-        served: Served | None = None,
-    ) -> tuple[LoadedModel, GenerationResult]:
-        """Run a chat or completion on model or task `name`; `emit` gets each piece of text on
-        the event loop thread; `served` is told which model answers, before its first piece."""
-        served = served if served is not None else Served()
-        if name not in self.router.tasks:
-            model, _ = self.text_model(name, "chat")
-            if not guarded(model.config):
-                served.model, served.version = model.name, model.version
-                return model, await self.generate_on(model, request, emit, stop)
-        return await self.router.generate(name, request, emit, stop, key, served)
-
     async def generate_on(
         self,
         model: LoadedModel,
@@ -507,17 +451,6 @@ class Engine:
             lambda backend, cancelled: backend.generate(request, from_worker, cancelled),
             stop,
         )
-
-    async def embed(
-        self, name: str, texts: list[str], key: str | None = None, served: Served | None = None
-    ) -> tuple[LoadedModel, EmbeddingResult]:
-        served = served if served is not None else Served()
-        if name not in self.router.tasks:
-            model, _ = self.text_model(name, "embedding")
-            if not guarded(model.config):
-                served.model, served.version = model.name, model.version
-                return model, await self.embed_on(model, texts)
-        return await self.router.embed(name, texts, key, served)
 
     async def embed_on(self, model: LoadedModel, texts: list[str]) -> EmbeddingResult:
         return await self._call(model, lambda backend, _cancelled: backend.embed(texts), None)

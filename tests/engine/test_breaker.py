@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from appliance.api.http import ENGINE
+from appliance.api.http import ROUTER
 from tests.engine.test_routing import X, metric
 from tests.support.flaky import FlakyBackend
 
@@ -29,7 +29,7 @@ async def start(serve: Any, flaky: Any, **breaker: Any) -> tuple[Any, Clock]:
     }
     client = await serve(config, flaky("det", "det-small"))
     clock = Clock()
-    client.app[ENGINE].router.clock = clock
+    client.app[ROUTER].clock = clock
     return client, clock
 
 
@@ -97,7 +97,7 @@ async def test_probes_are_limited_while_half_open(serve, flaky):
     client, clock = await start(serve, flaky, half_open_probes=1, min_requests=2)
     await send(client, BAD, 2, 500)
     clock.now += 30
-    breaker = client.app[ENGINE].router._breakers["det"]
+    breaker = client.app[ROUTER]._breakers["det"]
     assert breaker.admit() is True  # one probe out (as if still running)
     r = await client.post("/v2/models/det/infer", json=X)
     assert r.status == 503 and "probe" in (await r.json())["error"]

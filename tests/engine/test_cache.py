@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from appliance.codec import InferRequest
-from appliance.engine.cache import ResultCache, tensor_key
 from appliance.registry import Registry
+from appliance.routing.cache import ResultCache, tensor_key
 from tests.engine.test_routing import SAMPLE_REQ, X, metric
 from tests.support.flaky import FlakyBackend
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from appliance.api.http import ENGINE
+from appliance.api.http import ROUTER
 from appliance.config import load_config
 from appliance.errors import ConfigError
 from appliance.registry import Registry
@@ -264,7 +264,7 @@ async def test_a_full_queue_is_retried_within_the_deadline(serve, gated):
     cfg = {"max_concurrency": 1, "max_queue": 0, "retries": 1000, "retry_backoff_s": 0.002,
            "retry_backoff_max_s": 0.005}  # fmt: skip
     client = await serve({"models": {"gated": cfg}}, gated)
-    router = client.app[ENGINE].router
+    router = client.app[ROUTER]
     path = "/v2/models/gated/infer"
     body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]}
     first = asyncio.ensure_future(client.post(path, json=body))

@@ -16,13 +16,15 @@ runtime raising), never for a client's mistake (4xx), a model that is not ready,
 whose deadline has passed (504), and never past the request's deadline. A streamed generation
 is retried, or handed to the fallback, only while none of its text has been sent.
 
-A model with none of these configured is not touched by this module: Engine.infer sends it
-straight to the scheduler.
+The router is the single entry below the fronts (through request.py): every request to a model
+or a task goes through it, and it calls down into the engine (the loaded models) only. A model
+with none of the guards configured goes straight to its engine runner.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import random
@@ -31,12 +33,13 @@ import time
 from bisect import bisect_right
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ..codec import InferRequest, InferResponse
 from ..config import Config, ModelConfig, TaskConfig, template_fields
+from ..engine import Engine, LoadedModel
 from ..errors import (
     ApplianceError,
     ConfigError,
@@ -46,13 +49,10 @@ from ..errors import (
     NotReady,
     Overloaded,
 )
-from ..llm import EmbeddingResult, Generation, GenerationResult
+from ..llm import EmbeddingResult, Generation, GenerationResult, TextModel
 from ..metrics import Metrics
 from . import cache as rc
 from .breaker import STATE_VALUE, Breaker, CircuitOpen, verdict
-
-if TYPE_CHECKING:
-    from .engine import Engine, LoadedModel
 
 log = logging.getLogger("appliance.routing")
 T = TypeVar("T")
@@ -178,9 +178,14 @@ class Router:
         #: Injectable for tests: the breakers' clock, and the draw of a variant.
         self.clock: Callable[[], float] = time.monotonic
         self.draw: Callable[[], float] = random.random
-        self._sticky = frozenset(t.config.sticky_key for t in self.tasks.values())
+        #: Request parameters that do not change an answer (not part of a cache key).
+        self._ignored = frozenset(t.config.sticky_key for t in self.tasks.values()) | {
+            "priority",
+            "timeout",
+        }
         self._breakers: dict[str, Breaker] = {}
         self._caches: dict[str, rc.ResultCache] = {}
+        self.check_names([m.name for m in engine.models()])
         self.retries: dict[str, int] = {}
         #: (task, model, version, route, outcome) -> requests.
         self.routed: dict[tuple[str, str, str, str, str], int] = {}
@@ -223,19 +228,71 @@ class Router:
             raise InvalidInput(f"parameter {key!r} (the task's sticky key) must be a string")
         return str(value)
 
-    def resolve(self, task: Task, mode: str | None = None) -> LoadedModel:
-        """The first ready model among the task's variants and fallback (for its signature)."""
+    def is_task(self, name: str) -> bool:
+        return name in self.tasks
+
+    def task_parameters(self, name: str) -> dict[str, Any]:
+        """What model metadata says of a task: its variants, fallback and sticky key."""
+        task = self.tasks[name].config
+        return {
+            "variants": [dataclasses.asdict(v) for v in task.variants],
+            "fallback": task.fallback,
+            "sticky_key": task.sticky_key,
+        }
+
+    def default_priority(self, name: str) -> int | None:
+        """The priority level of a request to `name` that names none (a task's setting)."""
+        task = self.tasks.get(name)
+        if task is None or not task.config.priority:
+            return None
+        return task.config.priority
+
+    def resolve(
+        self, name: str, version: str | None = None, mode: str | None = None
+    ) -> LoadedModel:
+        """The ready model a request to `name` would go to: the model itself, or for a task the
+        first of its models that is ready (for `mode`: "chat" or "embedding" text models);
+        NotFound/NotReady otherwise."""
+        task = self.tasks.get(name)
+        if task is None:
+            if mode is None:
+                return self.engine.ready_model(name, version)
+            return self.engine.text_model(name, mode)[0]
+        if version is not None:
+            raise NotFound(f"{name!r} is a task, not a model: it has no versions")
         first: ApplianceError | None = None
-        for name, version in task.candidates():
+        for model_name, pin in task.candidates():
             try:
                 if mode is None:
-                    return self.engine.ready_model(name, version)
-                model, _ = self.engine.text_model(name, mode)
-                return model
+                    return self.engine.ready_model(model_name, pin)
+                return self.engine.text_model(model_name, mode)[0]
             except ApplianceError as exc:
                 first = first or exc
         assert first is not None
         raise first
+
+    def model_of(self, name: str, version: str | None = None) -> LoadedModel:
+        """For metadata and readiness: the model `name` (in whatever state), or the model a
+        task would use now."""
+        if name in self.tasks:
+            return self.resolve(name, version)
+        return self.engine.model(name, version)
+
+    def text_model(self, name: str, mode: str) -> tuple[LoadedModel, TextModel]:
+        """The ready language ("chat") or embedding model `name`, or a task's first one."""
+        model = self.resolve(name, None, mode)
+        assert isinstance(model.backend, TextModel)
+        return model, model.backend
+
+    def admit(self, name: str, version: str | None = None) -> LoadedModel:
+        """The model a request to `name` goes to (404/503 if none), refused with 503 at once
+        when its queue is full, before a body is read or decoded: under overload, refusals
+        must stay cheap for the event loop. Not for tasks (a full queue sends them to their
+        fallback) nor for models that retry a full queue."""
+        model = self.resolve(name, version)
+        if name not in self.tasks and not model.config.retries:
+            self.engine.check_capacity(model)
+        return model
 
     # -- the guards of one model -----------------------------------------------------------
     def _breaker(self, model: LoadedModel) -> Breaker:
@@ -388,8 +445,13 @@ class Router:
 
     # -- requests --------------------------------------------------------------------------
     async def infer(
-        self, name: str, version: str | None, request: InferRequest, key: str | None
+        self, name: str, version: str | None, request: InferRequest, key: str | None = None
     ) -> InferResponse:
+        """Run `request` on model or task `name`; `key` is a task's sticky key, if any."""
+        if name not in self.tasks:
+            model = self.engine.ready_model(name, version)
+            if not guarded(model.config):
+                return await self.engine.infer_on(model, request)
         served = Served()
 
         async def run(model: LoadedModel, remaining: float) -> InferResponse:
@@ -406,7 +468,7 @@ class Router:
         def attempt(model: str, pin: str | None) -> Awaitable[InferResponse]:
             return self._guard(
                 model, pin, None, run,
-                lambda m: rc.tensor_key(m.name, m.version, request, self._sticky),
+                lambda m: rc.tensor_key(m.name, m.version, request, self._ignored),
                 lambda r: rc.outputs_size(r.outputs), hit, served, _always,
                 request.timeout_s,
             )  # fmt: skip
@@ -423,11 +485,19 @@ class Router:
         self,
         name: str,
         request: Generation,
-        emit: Callable[[str], None] | None,
-        stop: Callable[[], bool] | None,
-        key: str | None,
-        served: Served,
+        emit: Callable[[str], None] | None = None,
+        stop: Callable[[], bool] | None = None,
+        key: str | None = None,
+        served: Served | None = None,
     ) -> tuple[LoadedModel, GenerationResult]:
+        """Run a chat or completion on model or task `name`; `emit` gets each piece of text on
+        the event loop thread; `served` is told which model answers, before its first piece."""
+        served = served if served is not None else Served()
+        if name not in self.tasks:
+            model, _ = self.engine.text_model(name, "chat")
+            if not guarded(model.config):
+                served.model, served.version = model.name, model.version
+                return model, await self.engine.generate_on(model, request, emit, stop)
         sent = [False]
         forward = emit
         if emit is not None:
@@ -463,8 +533,14 @@ class Router:
         return answered[-1], result
 
     async def embed(
-        self, name: str, texts: list[str], key: str | None, served: Served
+        self, name: str, texts: list[str], key: str | None = None, served: Served | None = None
     ) -> tuple[LoadedModel, EmbeddingResult]:
+        served = served if served is not None else Served()
+        if name not in self.tasks:
+            model, _ = self.engine.text_model(name, "embedding")
+            if not guarded(model.config):
+                served.model, served.version = model.name, model.version
+                return model, await self.engine.embed_on(model, texts)
         answered: list[LoadedModel] = []
 
         async def run(model: LoadedModel, _remaining: float) -> EmbeddingResult:

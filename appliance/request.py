@@ -1,0 +1,261 @@
+"""The protocol-neutral request and its lifecycle: the one path every front takes.
+
+A front (the HTTP fast path, the aiohttp routes, OpenAI's routes, MQTT) only translates its wire
+format: it calls `RequestPath.begin` with what its wire carries (the client's request id, the
+W3C traceparent, a timeout, a priority, the metadata a task's sticky key may travel in), decodes
+the body with its codec, runs it with `infer`/`generate`/`embed`, encodes the answer and maps
+errors to its statuses. Everything else is done here, once, in the same order for every front:
+
+    begin (id, trace) -> admit -> deadline, priority, sticky key -> router -> finish (account)
+
+Accounting is one call, `finish`: the per-protocol response counters and the access log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .codec import InferRequest, InferResponse, shorten_deadline, timeout_ms
+from .engine import LoadedModel
+from .errors import ApplianceError, InvalidInput, Overloaded
+from .llm import EmbeddingResult, Generation, GenerationResult
+from .logs import request_id, trace_id
+from .metrics import Metrics
+from .routing import Router, Served
+
+log = logging.getLogger("appliance.request")
+access = logging.getLogger("appliance.access")
+
+Protocol = Literal["http", "mqtt"]
+
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_TRACEPARENT_RE = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
+#: Priority levels a request may ask for (Triton's `priority` is a uint64; 0 = the default).
+MAX_PRIORITY = 1 << 32
+
+
+def pick_request_id(given: str | None) -> str:
+    """The client's request id when it is a sane token, else a new one."""
+    if given is None or not _REQUEST_ID_RE.match(given):
+        return f"{random.getrandbits(128):032x}"  # an id, not a secret: no syscall per request
+    return given
+
+
+def trace_of(traceparent: str | None) -> str | None:
+    """The trace id of a W3C traceparent, or None when there is none or it is malformed."""
+    if not traceparent:
+        return None
+    m = _TRACEPARENT_RE.match(traceparent.strip().lower())
+    if m is None or m.group(1) == "0" * 32:
+        return None
+    return m.group(1)
+
+
+def priority_of(raw: Any, what: str) -> int | None:
+    """A request's priority level from its wire (1 = highest; 0 = the model's default)."""
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        text = raw.strip()
+        if not text.isdigit() or not text.isascii():
+            raise InvalidInput(f"{what} must be a non-negative integer, got {raw[:40]!r}")
+        raw = int(text)
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
+        raise InvalidInput(f"{what} must be a non-negative integer, got {raw!r}")
+    return min(raw, MAX_PRIORITY) or None
+
+
+def worth_logging(exc: ApplianceError) -> bool:
+    """Server-side failures get a log line; a refusal of a full queue does not (it is counted
+    in the metrics): under overload one line per 503 would cost the CPU the 503 is saving."""
+    return exc.status >= 500 and not isinstance(exc, Overloaded)
+
+
+@dataclass(eq=False, slots=True)
+class Request:
+    """One request, whatever protocol it came on: who sent it, where it goes, how it ended."""
+
+    protocol: Protocol
+    #: The HTTP method, or PUBLISH for MQTT (the access log).
+    method: str
+    #: The URL path or the MQTT topic (the access log).
+    path: str
+    #: The route template, the label of the response counters.
+    route: str
+    id: str
+    trace_id: str | None
+    remote: str | None
+    start: float
+    #: Where a sticky key may travel besides the body's parameters: HTTP headers, MQTT 5 user
+    #: properties (case-insensitive lookups are the front's business).
+    meta: Mapping[str, str] = field(default_factory=dict)
+    #: The client's timeout on the wire (header, user property), in milliseconds, unparsed.
+    timeout_ms: str | None = None
+    #: Seconds from the transport itself (an MQTT message's expiry interval).
+    expiry_s: float | None = None
+    #: The priority on the wire (header, user property), unparsed.
+    priority: str | None = None
+    #: Its name on the wire, for error messages.
+    timeout_name: str = "timeout"
+    priority_name: str = "priority"
+    #: Which model answered (filled in by the router).
+    served: Served = field(default_factory=Served)
+    status: int = 0
+
+    @contextlib.contextmanager
+    def bound(self) -> Iterator[None]:
+        """The request and trace ids in the logging context while this request is worked on."""
+        rid_token = request_id.set(self.id)
+        tid_token = trace_id.set(self.trace_id)
+        try:
+            yield
+        finally:
+            trace_id.reset(tid_token)
+            request_id.reset(rid_token)
+
+
+class RequestPath:
+    """The lifecycle every front runs its requests through (see the module docstring)."""
+
+    def __init__(self, router: Router, metrics: Metrics, access_log: bool) -> None:
+        self.router = router
+        self.engine = router.engine
+        self.metrics = metrics
+        self.access_log = access_log
+
+    def begin(
+        self,
+        protocol: Protocol,
+        method: str,
+        path: str,
+        route: str,
+        *,
+        request_id: str | None = None,
+        traceparent: str | None = None,
+        remote: str | None = None,
+        meta: Mapping[str, str] | None = None,
+        timeout_ms: str | None = None,
+        priority: str | None = None,
+        expiry_s: float | None = None,
+        timeout_name: str = "timeout",
+        priority_name: str = "priority",
+    ) -> Request:
+        """A request as it arrives: never raises (what it carries is checked when it runs, so
+        that a malformed value is answered with the request's own id)."""
+        return Request(
+            protocol,
+            method,
+            path,
+            route,
+            pick_request_id(request_id),
+            trace_of(traceparent),
+            remote,
+            time.perf_counter(),
+            meta if meta is not None else {},
+            timeout_ms,
+            expiry_s,
+            priority,
+            timeout_name,
+            priority_name,
+        )
+
+    # -- stages ------------------------------------------------------------------------------
+    def admit(self, name: str, version: str | None = None) -> LoadedModel:
+        """404 for an unknown model, 503 for a full queue: before a body is read or decoded."""
+        return self.router.admit(name, version)
+
+    def _key(self, req: Request, name: str, parameters: Mapping[str, Any]) -> str | None:
+        return self.router.key_for(name, parameters, req.meta)
+
+    def _deadline(self, req: Request, body: InferRequest) -> None:
+        if req.expiry_s:
+            shorten_deadline(body, req.expiry_s)
+        shorten_deadline(body, timeout_ms(req.timeout_ms, req.timeout_name))
+
+    def _priority(self, req: Request, name: str, parameters: Mapping[str, Any]) -> int | None:
+        """The body's `priority` parameter (Triton's), else the wire's, else the task's default."""
+        level = priority_of(parameters.get("priority"), "parameters.priority")
+        if level is None:
+            level = priority_of(req.priority, req.priority_name)
+        return level if level is not None else self.router.default_priority(name)
+
+    async def infer(
+        self, req: Request, name: str, version: str | None, body: InferRequest
+    ) -> InferResponse:
+        """Run a decoded KServe v2 request on model or task `name`."""
+        self._deadline(req, body)
+        body.priority = self._priority(req, name, body.parameters)
+        key = self._key(req, name, body.parameters)
+        with req.bound():
+            return await self.router.infer(name, version, body, key)
+
+    async def generate(
+        self,
+        req: Request,
+        name: str,
+        gen: Generation,
+        parameters: Mapping[str, Any],
+        emit: Callable[[str], None] | None = None,
+        stop: Callable[[], bool] | None = None,
+    ) -> tuple[LoadedModel, GenerationResult]:
+        """Run a chat or completion; `parameters` is where a sticky key may be (the body)."""
+        gen.priority = self._priority(req, name, {})
+        key = self._key(req, name, parameters)
+        with req.bound():
+            return await self.router.generate(name, gen, emit, stop, key, req.served)
+
+    async def embed(
+        self, req: Request, name: str, texts: list[str], parameters: Mapping[str, Any]
+    ) -> tuple[LoadedModel, EmbeddingResult]:
+        key = self._key(req, name, parameters)
+        with req.bound():
+            return await self.router.embed(name, texts, key, req.served)
+
+    # -- the end -----------------------------------------------------------------------------
+    def failed(self, req: Request, exc: ApplianceError) -> int:
+        """A request that ended in an error: logged if it is the server's fault; its status."""
+        if worth_logging(exc):
+            with req.bound():
+                log.warning("%s %s: %s", req.method, req.path, exc.message)
+        return exc.status
+
+    def crashed(self, req: Request) -> None:
+        """A bug: logged with its traceback (the front answers 500)."""
+        with req.bound():
+            log.exception("unhandled error on %s %s", req.method, req.path)
+
+    def finish(self, req: Request, status: int, answered: bool = True) -> None:
+        """Account for a request once it is answered: response counters and the access log
+        (formatted after this step: the client does not wait for its log line)."""
+        req.status = status
+        if req.protocol == "http":
+            self.metrics.http_response(req.route, status)
+        else:
+            self.metrics.mqtt_message(status, answered)
+        if self.access_log:
+            asyncio.get_running_loop().call_soon(log_access, req, time.perf_counter() - req.start)
+
+
+def log_access(req: Request, seconds: float) -> None:
+    fields: dict[str, Any] = {
+        "status": req.status,
+        "duration_ms": round(seconds * 1000, 3),
+        "remote": req.remote,
+    }
+    if req.protocol != "http":
+        fields["protocol"] = req.protocol
+    access.info(
+        "%s %s %d",
+        req.method,
+        req.path,
+        req.status,
+        extra={"request_id": req.id, "trace_id": req.trace_id, "fields": fields},
+    )
