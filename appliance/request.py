@@ -60,16 +60,22 @@ def trace_of(traceparent: str | None) -> str | None:
 
 
 def priority_of(raw: Any, what: str) -> int | None:
-    """A request's priority level from its wire (1 = highest; 0 = the model's default)."""
-    if raw is None:
-        return None
+    """A request's priority level (1 = highest; 0 = the model's default): an integer in a JSON
+    body, the digits of one in a header or a user property."""
     if isinstance(raw, str):
         text = raw.strip()
         if not text.isdigit() or not text.isascii():
             raise InvalidInput(f"{what} must be a non-negative integer, got {raw[:40]!r}")
         raw = int(text)
+    return _level(raw, what)
+
+
+def _level(raw: Any, what: str) -> int | None:
+    if raw is None:
+        return None
     if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
-        raise InvalidInput(f"{what} must be a non-negative integer, got {raw!r}")
+        shown = repr(raw)[:40]
+        raise InvalidInput(f"{what} must be a non-negative integer, got {shown}")
     return min(raw, MAX_PRIORITY) or None
 
 
@@ -182,7 +188,7 @@ class RequestPath:
 
     def _priority(self, req: Request, name: str, parameters: Mapping[str, Any]) -> int | None:
         """The body's `priority` parameter (Triton's), else the wire's, else the task's default."""
-        level = priority_of(parameters.get("priority"), "parameters.priority")
+        level = _level(parameters.get("priority"), "parameters.priority")
         if level is None:
             level = priority_of(req.priority, req.priority_name)
         return level if level is not None else self.router.default_priority(name)

@@ -85,6 +85,8 @@ class Incoming:
 
 #: MQTT 5 user property with the request's timeout in milliseconds (HTTP's X-Request-Timeout-Ms).
 TIMEOUT_PROPERTY = "request-timeout-ms"
+#: MQTT 5 user property naming a request in the logs (HTTP's X-Request-Id), sent back in replies.
+REQUEST_ID_PROPERTY = "request-id"
 #: MQTT 5 user property with the request's priority level (1 = highest), when the JSON body's
 #: `parameters.priority` is absent (raw payloads have no body to carry it).
 PRIORITY_PROPERTY = "priority"
@@ -394,7 +396,7 @@ class MqttService:
         user = dict(m.user_properties)  # a repeated property: its last value counts
         return self.paths.begin(
             "mqtt", "PUBLISH", m.topic, "infer",
-            request_id=user.get("request-id"),
+            request_id=user.get(REQUEST_ID_PROPERTY),
             traceparent=user.get("traceparent"),
             meta=user,
             timeout_ms=user.get(TIMEOUT_PROPERTY),
@@ -421,7 +423,7 @@ class MqttService:
                 with contextlib.suppress(orjson.JSONDecodeError):
                     body = orjson.loads(m.payload)
             address = self._reply_address(m, body)
-            self._reply_error(m, address, exc)
+            self._reply_error(m, req, address, exc)
             self._finish(m, req, exc.status, address)
             return
         self._inflight += 1
@@ -472,10 +474,10 @@ class MqttService:
                     request.outputs = dict.fromkeys(request.outputs, False)
                 response = await paths.infer(req, route.model, route.version, request)
                 body, _ = encode_response(response, request)
-                self._publish(address, body, m.correlation, 200)
+                self._publish(address, body, m.correlation, 200, req.id)
             except ApplianceError as exc:
                 status = paths.failed(req, exc)
-                self._reply_error(m, address, exc)
+                self._reply_error(m, req, address, exc)
         except Exception:
             paths.crashed(req)
             status = InferenceFailed.status
@@ -498,15 +500,15 @@ class MqttService:
             with contextlib.suppress(Exception):
                 self.client.ack(m.mid, m.qos)
 
-    def _reply_error(self, m: Incoming, address: tuple[str | None, str | None],
+    def _reply_error(self, m: Incoming, req: Request, address: tuple[str | None, str | None],
                      exc: ApplianceError) -> None:  # fmt: skip
         body: dict[str, Any] = {"error": exc.message, "status": exc.status}
         if address[1] is not None:
             body["id"] = address[1]
-        self._publish(address, orjson.dumps(body), m.correlation, exc.status)
+        self._publish(address, orjson.dumps(body), m.correlation, exc.status, req.id)
 
     def _publish(self, address: tuple[str | None, str | None], body: bytes,
-                 correlation: bytes | None, status: int) -> None:  # fmt: skip
+                 correlation: bytes | None, status: int, rid: str) -> None:  # fmt: skip
         topic, _ = address
         if not topic:
             return
@@ -517,7 +519,9 @@ class MqttService:
 
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             props.ContentType = JSON
-            props.UserProperty = [("status", str(status))]
+            # the request id: the client's own (a `request-id` user property) or a new one,
+            # as HTTP's X-Request-Id; it names the request in the appliance's logs
+            props.UserProperty = [("status", str(status)), (REQUEST_ID_PROPERTY, rid)]
             if correlation is not None:
                 props.CorrelationData = correlation
         try:
