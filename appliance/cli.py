@@ -148,13 +148,35 @@ def cmd_probe_gguf(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run
+    from .bench.options import BenchOptions, SweepOptions, parse_levels
+
+    sweep = None
     if args.sweep:
-        from .bench_batching import run_batching_bench
-
-        return run_batching_bench(args)
-    from .bench import run_bench
-
-    return run_bench(args)
+        sweep = SweepOptions(
+            levels=parse_levels(args.sweep),
+            server_cpus=args.server_cpus,
+            overload=args.overload,
+            overload_connections=args.overload_connections,
+            rounds=args.rounds,
+        )
+    options = BenchOptions(
+        model=args.model,
+        requests=args.requests,
+        warmup=args.warmup,
+        concurrency=args.concurrency,
+        batch=args.batch,
+        binary=args.binary,
+        mqtt=args.mqtt,
+        device=args.device,
+        config=getattr(args, "config", None),
+        models=getattr(args, "models", None),
+        json=args.json,
+        runs=args.runs,
+        max_tokens=args.max_tokens,
+        sweep=sweep,
+    )
+    return run(options)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
