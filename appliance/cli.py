@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,44 +11,13 @@ from .errors import ApplianceError, ConfigError
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from .config import load_config
+    """The config with the setting flags this sub-command has (each has some of them)."""
+    from dataclasses import fields
 
-    overrides: dict[str, Any] = {}
-    server: dict[str, Any] = {}
-    if getattr(args, "host", None) is not None:
-        server["host"] = args.host
-    if getattr(args, "port", None) is not None:
-        server["port"] = args.port
-    if getattr(args, "token_file", None) is not None:
-        server["auth_token_file"] = args.token_file
-    if getattr(args, "log_level", None) is not None:
-        server["log_level"] = args.log_level
-    if server:
-        overrides["server"] = server
-    if getattr(args, "models", None) is not None:
-        overrides["store"] = {"path": args.models}
-    if getattr(args, "device", None) is not None:
-        overrides["model_defaults"] = {"device": args.device}
-    mqtt: dict[str, Any] = {}
-    if getattr(args, "mqtt", None) is not None:
-        mqtt["url"] = args.mqtt
-    if getattr(args, "device_id", None) is not None:
-        mqtt["device_id"] = args.device_id
-    if mqtt:
-        overrides["mqtt"] = mqtt
-    hub: dict[str, Any] = {}
-    if getattr(args, "hub", None) is not None:
-        hub["url"] = args.hub
-    if getattr(args, "device_id", None) is not None and getattr(args, "hub", None) is not None:
-        hub["device_id"] = args.device_id
-    if getattr(args, "hub_token_file", None) is not None:
-        hub["token_file"] = args.hub_token_file
-    if getattr(args, "hub_root", None) is not None:
-        hub["root_file"] = args.hub_root
-    if hub:
-        overrides["hub"] = hub
-    config_path = getattr(args, "config", None) or os.environ.get("APPLIANCE_CONFIG")
-    return load_config(config_path, overrides)
+    from .config_flags import ConfigFlags, config_from_flags
+
+    flags = ConfigFlags(**{f.name: getattr(args, f.name, None) for f in fields(ConfigFlags)})
+    return config_from_flags(flags)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -180,13 +148,35 @@ def cmd_probe_gguf(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run
+    from .bench.options import BenchOptions, SweepOptions, parse_levels
+
+    sweep = None
     if args.sweep:
-        from .bench_batching import run_batching_bench
-
-        return run_batching_bench(args)
-    from .bench import run_bench
-
-    return run_bench(args)
+        sweep = SweepOptions(
+            levels=parse_levels(args.sweep),
+            server_cpus=args.server_cpus,
+            overload=args.overload,
+            overload_connections=args.overload_connections,
+            rounds=args.rounds,
+        )
+    options = BenchOptions(
+        model=args.model,
+        requests=args.requests,
+        warmup=args.warmup,
+        concurrency=args.concurrency,
+        batch=args.batch,
+        binary=args.binary,
+        mqtt=args.mqtt,
+        device=args.device,
+        config=getattr(args, "config", None),
+        models=getattr(args, "models", None),
+        json=args.json,
+        runs=args.runs,
+        max_tokens=args.max_tokens,
+        sweep=sweep,
+    )
+    return run(options)
 
 
 def cmd_build(args: argparse.Namespace) -> int:

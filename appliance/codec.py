@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,7 +64,7 @@ def _count(shape: tuple[int, ...]) -> int:
 
 
 def _from_json_data(
-    data: Any, datatype: str, shape: tuple[int, ...], what: str
+    data: Any, datatype: str, shape: tuple[int, ...], what: str, null_is_nan: bool = False
 ) -> np.ndarray[Any, Any]:
     if not isinstance(data, list):
         raise InvalidInput(f"{what}: 'data' must be a JSON array (flat or nested)")
@@ -96,17 +97,33 @@ def _from_json_data(
         if kind != "b":
             raise InvalidInput(f"{what}: BOOL data must be true or false")
     elif datatype in INT_TYPES:
+        info = np.iinfo(target)
+        if kind == "f":  # numpy reads [1, 2**64 - 1] as float64: check the JSON integers
+            flat = np.array(data, dtype=object).reshape(-1)
+            if not all(isinstance(x, int) and not isinstance(x, bool) for x in flat):
+                raise InvalidInput(f"{what}: {datatype} data must be integers")
+            if min(flat) < info.min or max(flat) > info.max:
+                raise InvalidInput(
+                    f"{what}: value out of range for {datatype} ({info.min}..{info.max})"
+                )
+            return np.array(flat.tolist(), dtype=target).reshape(shape)
         if kind not in "iub":
             raise InvalidInput(f"{what}: {datatype} data must be integers")
-        info = np.iinfo(target)
         lo, hi = arr.min(), arr.max()
         if lo < info.min or hi > info.max:
             raise InvalidInput(
                 f"{what}: value out of range for {datatype} ({info.min}..{info.max})"
             )
     elif datatype in FLOAT_TYPES and kind not in "iuf":
-        raise InvalidInput(f"{what}: {datatype} data must be numbers")
+        flat = arr.reshape(-1)
+        if not null_is_nan or kind != "O" or not all(_number_or_null(x) for x in flat):
+            raise InvalidInput(f"{what}: {datatype} data must be numbers")
+        arr = np.array([math.nan if x is None else x for x in flat], dtype=np.float64)
     return arr.astype(target, copy=False).reshape(shape)
+
+
+def _number_or_null(item: Any) -> bool:
+    return item is None or (isinstance(item, (int, float)) and not isinstance(item, bool))
 
 
 def _bytes_from_binary(raw: bytes | memoryview, n: int, what: str) -> np.ndarray[Any, Any]:
@@ -127,46 +144,22 @@ def _bytes_from_binary(raw: bytes | memoryview, n: int, what: str) -> np.ndarray
     return out
 
 
-def decode_request(body: bytes, header_length: int | None = None) -> InferRequest:
-    """Decode a KServe v2 infer body; `header_length` is Inference-Header-Content-Length."""
-    if header_length is None:
-        header, binary = body, memoryview(b"")
-    else:
-        if header_length < 0 or header_length > len(body):
-            raise InvalidInput(
-                f"Inference-Header-Content-Length is {header_length} but the body has "
-                f"{len(body)} bytes"
-            )
-        view = memoryview(body)
-        header, binary = bytes(view[:header_length]), view[header_length:]
-    try:
-        obj = orjson.loads(header)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"malformed JSON in request: {exc}") from None
-    if not isinstance(obj, dict):
-        raise InvalidInput("request body must be a JSON object")
-    raw_inputs = obj.get("inputs")
-    if not isinstance(raw_inputs, list) or not raw_inputs:
-        raise InvalidInput("request needs a non-empty 'inputs' list")
-
-    params = obj.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise InvalidInput("'parameters' must be a JSON object")
-    request_id = obj.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise InvalidInput("'id' must be a string")
-
-    inputs: dict[str, np.ndarray[Any, Any]] = {}
+def _decode_tensors(
+    items: list[Any], binary: memoryview, kind: str
+) -> tuple[dict[str, np.ndarray[Any, Any]], dict[str, str]]:
+    """The tensors of a request's `inputs` or a response's `outputs` (`kind`), JSON or binary,
+    and the datatype each was declared with; the binary section must be used up exactly."""
+    arrays: dict[str, np.ndarray[Any, Any]] = {}
     datatypes: dict[str, str] = {}
     offset = 0
-    for index, item in enumerate(raw_inputs):
+    for index, item in enumerate(items):
         if not isinstance(item, dict):
-            raise InvalidInput(f"inputs[{index}] must be a JSON object")
+            raise InvalidInput(f"{kind}s[{index}] must be a JSON object")
         name = item.get("name")
         if not isinstance(name, str) or not name:
-            raise InvalidInput(f"inputs[{index}] needs a 'name' string")
-        what = f"input '{name}'"
-        if name in inputs:
+            raise InvalidInput(f"{kind}s[{index}] needs a 'name' string")
+        what = f"{kind} '{name}'"
+        if name in arrays:
             raise InvalidInput(f"{what} appears more than once")
         datatype = item.get("datatype")
         if datatype not in DATATYPES:
@@ -174,10 +167,10 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
                 f"{what}: unknown datatype {datatype!r} (one of {', '.join(DATATYPES)})"
             )
         shape = _shape(item.get("shape"), what)
-        in_params = item.get("parameters") or {}
-        if not isinstance(in_params, dict):
+        params = item.get("parameters") or {}
+        if not isinstance(params, dict):
             raise InvalidInput(f"{what}: 'parameters' must be a JSON object")
-        size = in_params.get("binary_data_size")
+        size = params.get("binary_data_size")
         if size is not None:
             if isinstance(size, bool) or not isinstance(size, int) or size < 0:
                 raise InvalidInput(f"{what}: binary_data_size must be a non-negative integer")
@@ -206,13 +199,50 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
         else:
             if "data" not in item:
                 raise InvalidInput(f"{what}: needs 'data' or parameters.binary_data_size")
-            array = _from_json_data(item["data"], datatype, shape, what)
-        inputs[name] = array
+            # A response's JSON has null where a float was NaN or infinite (JSON has neither).
+            array = _from_json_data(item["data"], datatype, shape, what, kind == "output")
+        arrays[name] = array
         datatypes[name] = datatype
     if offset != len(binary):
         raise InvalidInput(
-            f"binary section has {len(binary)} bytes but the inputs declare {offset}"
+            f"binary section has {len(binary)} bytes but the {kind}s declare {offset}"
         )
+    return arrays, datatypes
+
+
+def _split_body(body: bytes, header_length: int | None) -> tuple[bytes, memoryview]:
+    """The JSON header and the binary section of a body (Inference-Header-Content-Length)."""
+    if header_length is None:
+        return body, memoryview(b"")
+    if header_length < 0 or header_length > len(body):
+        raise InvalidInput(
+            f"Inference-Header-Content-Length is {header_length} but the body has {len(body)} bytes"
+        )
+    view = memoryview(body)
+    return bytes(view[:header_length]), view[header_length:]
+
+
+def decode_request(body: bytes, header_length: int | None = None) -> InferRequest:
+    """Decode a KServe v2 infer body; `header_length` is Inference-Header-Content-Length."""
+    header, binary = _split_body(body, header_length)
+    try:
+        obj = orjson.loads(header)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"malformed JSON in request: {exc}") from None
+    if not isinstance(obj, dict):
+        raise InvalidInput("request body must be a JSON object")
+    raw_inputs = obj.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise InvalidInput("request needs a non-empty 'inputs' list")
+
+    params = obj.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise InvalidInput("'parameters' must be a JSON object")
+    request_id = obj.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise InvalidInput("'id' must be a string")
+
+    inputs, datatypes = _decode_tensors(raw_inputs, binary, "input")
 
     outputs: dict[str, bool] | None = None
     binary_default = params.get("binary_data_output") is True
@@ -260,7 +290,7 @@ def _bytes_to_binary(array: np.ndarray[Any, Any]) -> bytes:
     return b"".join(parts)
 
 
-def _json_data(array: np.ndarray[Any, Any], name: str) -> Any:
+def _json_data(array: np.ndarray[Any, Any], what: str, fix: str) -> Any:
     if array.dtype.kind in "OSU":
         out = []
         for item in array.reshape(-1):
@@ -268,10 +298,7 @@ def _json_data(array: np.ndarray[Any, Any], name: str) -> Any:
                 try:
                     out.append(item.decode("utf-8"))
                 except UnicodeDecodeError:
-                    raise InvalidInput(
-                        f"output '{name}' holds bytes that are not UTF-8: ask for it as binary "
-                        "data (parameters.binary_data = true)"
-                    ) from None
+                    raise InvalidInput(f"{what} holds bytes that are not UTF-8: {fix}") from None
             else:
                 out.append(str(item))
         return out
@@ -281,40 +308,130 @@ def _json_data(array: np.ndarray[Any, Any], name: str) -> Any:
     return flat
 
 
-def encode_response(response: InferResponse, request: InferRequest) -> tuple[bytes, int | None]:
-    """Encode a response; returns the body and the JSON header length if any output is binary."""
-    out_json: list[dict[str, Any]] = []
+def _encode_tensors(
+    arrays: dict[str, np.ndarray[Any, Any]],
+    datatypes: dict[str, str],
+    binary: Callable[[str], bool],
+    kind: str,
+    fix: str,
+) -> tuple[list[dict[str, Any]], list[bytes]]:
+    """The JSON entries of `inputs` or `outputs` (`kind`), and the binary blobs in their order.
+
+    A tensor goes out with the datatype in `datatypes` (else its numpy dtype's); BYTES elements
+    that are not UTF-8 can only go as binary data (`fix` says how to ask for that)."""
+    entries: list[dict[str, Any]] = []
     blobs: list[bytes] = []
-    for name, array in response.outputs.items():
-        binary = request.binary_output if request.outputs is None else request.outputs[name]
-        entry: dict[str, Any] = {
-            "name": name,
-            "datatype": datatype_of(array),
-            "shape": list(array.shape),
-        }
-        if binary:
-            if array.dtype.kind in "OSU":
+    for name, array in arrays.items():
+        datatype = datatypes.get(name) or datatype_of(array)
+        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+        if binary(name):
+            if datatype == "BYTES":
                 blob = _bytes_to_binary(array)
             else:
-                blob = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+                dtype = DATATYPES[datatype].newbyteorder("<")
+                blob = np.ascontiguousarray(array, dtype=dtype).tobytes()
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
-            entry["data"] = _json_data(array, name)
-        out_json.append(entry)
+            entry["data"] = _json_data(array, f"{kind} '{name}'", fix)
+        entries.append(entry)
+    return entries, blobs
+
+
+def _body(head: dict[str, Any], blobs: list[bytes]) -> tuple[bytes, int | None]:
+    header = orjson.dumps(head, option=_ORJSON_OPTS)
+    if not blobs:
+        return header, None
+    return b"".join([header, *blobs]), len(header)
+
+
+def encode_response(response: InferResponse, request: InferRequest) -> tuple[bytes, int | None]:
+    """Encode a response; returns the body and the JSON header length if any output is binary."""
+
+    def binary(name: str) -> bool:
+        return request.binary_output if request.outputs is None else request.outputs[name]
+
+    fix = "ask for it as binary data (parameters.binary_data = true)"
+    entries, blobs = _encode_tensors(response.outputs, {}, binary, "output", fix)
     head: dict[str, Any] = {
         "model_name": response.model_name,
         "model_version": response.model_version,
-        "outputs": out_json,
+        "outputs": entries,
     }
     if response.id is not None:
         head["id"] = response.id
     if response.parameters:
         head["parameters"] = response.parameters
-    header = orjson.dumps(head, option=_ORJSON_OPTS)
-    if not blobs:
-        return header, None
-    return b"".join([header, *blobs]), len(header)
+    return _body(head, blobs)
+
+
+def encode_request(request: InferRequest, binary_inputs: bool = False) -> tuple[bytes, int | None]:
+    """The client side of `decode_request`: a KServe v2 infer body for `request`, its inputs as
+    binary tensor data with `binary_inputs`; returns the body and the JSON header length when
+    any part is binary (Inference-Header-Content-Length).
+
+    Inputs go with `request.datatypes` where given; `binary_output`, `timeout_s` and `outputs`
+    are written as the parameters `decode_request` reads them from, over `request.parameters`.
+    """
+    fix = "send it as binary data"
+    entries, blobs = _encode_tensors(
+        request.inputs, request.datatypes, lambda _: binary_inputs, "input", fix
+    )
+    head: dict[str, Any] = {}
+    if request.id is not None:
+        head["id"] = request.id
+    head["inputs"] = entries
+    if request.outputs is not None:
+        head["outputs"] = [
+            {"name": name, "parameters": {"binary_data": binary}}
+            for name, binary in request.outputs.items()
+        ]
+    params = dict(request.parameters)
+    if request.binary_output:
+        params["binary_data_output"] = True
+    else:
+        params.pop("binary_data_output", None)
+    if request.timeout_s is not None:
+        params["timeout"] = max(1, round(request.timeout_s * 1e6))
+    else:
+        params.pop("timeout", None)
+    if params:
+        head["parameters"] = params
+    return _body(head, blobs)
+
+
+def decode_response(body: bytes, header_length: int | None = None) -> InferResponse:
+    """The client side of `encode_response`: a KServe v2 infer response, JSON or binary, with
+    BYTES elements as `bytes` and JSON nulls in float outputs as NaN.
+
+    Raises InvalidInput naming the field when the body is not such a response."""
+    header, binary = _split_body(body, header_length)
+    try:
+        obj = orjson.loads(header)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"malformed JSON in response: {exc}") from None
+    if not isinstance(obj, dict):
+        raise InvalidInput("response body must be a JSON object")
+    raw_outputs = obj.get("outputs")
+    if not isinstance(raw_outputs, list):
+        raise InvalidInput("response needs an 'outputs' list")
+    fields = {}
+    for key in ("model_name", "model_version", "id"):
+        value = obj.get(key)
+        if value is not None and not isinstance(value, str):
+            raise InvalidInput(f"'{key}' must be a string")
+        fields[key] = value
+    params = obj.get("parameters")
+    if params is not None and not isinstance(params, dict):
+        raise InvalidInput("'parameters' must be a JSON object")
+    outputs, _ = _decode_tensors(raw_outputs, binary, "output")
+    return InferResponse(
+        model_name=fields["model_name"] or "",
+        model_version=fields["model_version"] or "",
+        outputs=outputs,
+        id=fields["id"],
+        parameters=params,
+    )
 
 
 def timeout_ms(raw: str | None, what: str) -> float | None:

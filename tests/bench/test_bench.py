@@ -17,14 +17,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from appliance.bench import (
-    BenchError,
-    ServerProcess,
-    check_outputs,
-    decode_infer_body,
-    encode_infer_body,
-    make_inputs,
-)
+from appliance.bench.errors import BenchError
+from appliance.bench.inputs import check_outputs, infer_body, make_inputs, read_outputs
+from appliance.bench.server import ServerProcess
 from appliance.codec import InferResponse, decode_request, encode_response
 from appliance.tensors import TensorSpec
 from tests.support.mosquitto import mosquitto_factory_fixture, mosquitto_fixture  # noqa: F401
@@ -176,7 +171,7 @@ def test_make_inputs_is_deterministic_and_fits() -> None:
 def test_request_encoding_is_what_the_server_decodes(binary: bool) -> None:
     inputs = make_inputs(SPECS, 3)
     datatypes = {s.name: s.datatype for s in SPECS}
-    body, header_length = encode_infer_body(inputs, datatypes, binary)
+    body, header_length = infer_body(inputs, datatypes, binary)
     assert (header_length is not None) == binary
     req = decode_request(body, header_length)
     assert req.binary_output == binary
@@ -192,7 +187,7 @@ def test_request_encoding_is_what_the_server_decodes(binary: bool) -> None:
     outputs = dict(req.inputs)  # an echo model; BYTES come back as bytes, as from a model
     payload, json_length = encode_response(InferResponse("m", "1", outputs), req)
     assert (json_length is not None) == binary
-    check_outputs(inputs, decode_infer_body(payload, json_length))
+    check_outputs(inputs, read_outputs(payload, json_length))
 
 
 def test_check_outputs_refuses_differences() -> None:

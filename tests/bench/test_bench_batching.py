@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.bench_batching import _cpus, _env_key, parse_levels
+from appliance.bench.batching import _env_key
+from appliance.bench.options import parse_cpus, parse_levels
 from appliance.errors import ConfigError
 from tests.bench.test_bench import appliance
 
@@ -44,8 +45,8 @@ def test_sweep_arguments() -> None:
     for bad in ("", "0,1", "a"):
         with pytest.raises(ConfigError):
             parse_levels(bad)
-    assert _cpus("0,2-3") == {0, 2, 3}
+    assert parse_cpus("0,2-3") == {0, 2, 3}
     with pytest.raises(ConfigError):
-        _cpus("x")
+        parse_cpus("x")
     assert _env_key("sample") == "APPLIANCE_MODELS__SAMPLE__BATCHING__ENABLED"
     assert _env_key("My-Model") == "APPLIANCE_MODEL_DEFAULTS__BATCHING__ENABLED"

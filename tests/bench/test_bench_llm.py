@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from appliance.bench import BenchError, StreamRun, _SseReader
+from appliance.bench.errors import BenchError
+from appliance.bench.llm import SseReader, StreamRun
 
 from .test_bench import appliance
 
@@ -79,7 +80,7 @@ EVENTS = [b'data: {"a": 1}\n\n', b'data: {"b": 2}\n\n', b"data: [DONE]\n\n"]
 def test_sse_reader_chunked_in_any_pieces(step: int) -> None:
     """Events come out whole however the bytes are split, across chunks and reads."""
     body = _chunked(EVENTS[0] + EVENTS[1][:5], EVENTS[1][5:], EVENTS[2]) + b"HTTP/1.1 200"
-    reader = _SseReader(chunked=True, length=None)
+    reader = SseReader(chunked=True, length=None)
     got: list[bytes] = []
     for i in range(0, len(body), step):
         got += reader.feed(body[i : i + step])
@@ -89,7 +90,7 @@ def test_sse_reader_chunked_in_any_pieces(step: int) -> None:
 
 def test_sse_reader_content_length() -> None:
     body = b"".join(EVENTS)
-    reader = _SseReader(chunked=False, length=len(body))
+    reader = SseReader(chunked=False, length=len(body))
     assert reader.feed(body[:10]) == []
     assert reader.feed(body[10:] + b"next") == [b'{"a": 1}', b'{"b": 2}', b"[DONE]"]
     assert reader.done and reader.rest == b"next"
@@ -97,7 +98,7 @@ def test_sse_reader_content_length() -> None:
 
 def test_sse_reader_bad_chunk_size() -> None:
     with pytest.raises(BenchError, match="chunk size"):
-        _SseReader(chunked=True, length=None).feed(b"zz\r\nabc\r\n")
+        SseReader(chunked=True, length=None).feed(b"zz\r\nabc\r\n")
 
 
 def test_stream_run_rate() -> None:

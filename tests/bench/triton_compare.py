@@ -79,7 +79,8 @@ def serve_triton(model: str, http_port: int, grpc_port: int, metrics_port: int) 
 
 # -- the driver (runs in the appliance venv) ------------------------------------------------------
 def _wait_ready(port: int, model: str, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
-    from appliance.bench import BenchError, HttpConnection, build_request
+    from appliance.bench.client import HttpConnection, build_request
+    from appliance.bench.errors import BenchError
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -177,13 +178,16 @@ def main(argv: list[str] | None = None) -> int:
         serve_triton(args.model, http, grpc, metrics)
         return 0
 
+    import numpy as np
     import orjson
 
-    from appliance.bench import Latency, _free_port, build_request, time_concurrent
+    from appliance.bench.client import build_request, free_port
+    from appliance.bench.timing import Latency, time_concurrent
+    from appliance.codec import InferRequest, encode_request
 
     levels = sorted({int(x) for x in args.levels.split(",")})
     pin = ["taskset", "-c", args.server_cpus] if args.server_cpus else []
-    ports = {"appliance": _free_port(), "triton": _free_port()}
+    ports = {"appliance": free_port(), "triton": free_port()}
     procs: dict[str, subprocess.Popen[bytes]] = {}
     log = open(os.devnull, "wb")  # noqa: SIM115 - closed below
     results: dict[str, dict[int, dict[str, float]]] = {"appliance": {}, "triton": {}}
@@ -200,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
              "--name", "sample", "--host", "127.0.0.1", "--port", str(ports["appliance"])],
             stdout=log, stderr=log, cwd=ROOT,
         )  # fmt: skip
-        extra = f"{ports['triton']},{_free_port()},{_free_port()}"
+        extra = f"{ports['triton']},{free_port()},{free_port()}"
         procs["triton"] = subprocess.Popen(
             [*pin, args.triton_python, __file__, "--serve-triton", "--model", args.model,
              "--ports", extra],
@@ -208,10 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         for name, proc in procs.items():
             _wait_ready(ports[name], "sample", proc, 180.0)
-        body = orjson.dumps(
-            {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4],
-                         "data": [5.1, 3.5, 1.4, 0.2]}]}
-        )  # fmt: skip
+        x = np.array([[5.1, 3.5, 1.4, 0.2]], dtype=np.float32)
+        body, _ = encode_request(InferRequest(inputs={"input": x}))
         headers = {"Content-Type": "application/json"}
         for c in levels:
             n = max(args.requests, 30 * c)

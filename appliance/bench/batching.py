@@ -15,64 +15,28 @@ must get full service within a second of the load stopping.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .bench import (
-    STOP_GRACE_S,
-    BenchError,
-    HttpConnection,
-    Latency,
-    ServerProcess,
-    _error_text,
-    _free_port,
-    _header,
-    _open_server,
-    _rss_and_peak,
-    _say,
-    _serve_command,
-    build_request,
-    check_outputs,
-    decode_infer_body,
-    infer_request,
-    load_backend,
-    make_inputs,
-    raw_call,
-    resolve_model,
-    time_calls,
-    time_concurrent,
-)
-from .engine.scheduler import lower_priority
-from .errors import ConfigError
+from ..engine.scheduler import lower_priority
+from .client import HttpConnection, build_request, error_text, free_port, header
+from .errors import BenchError
+from .inputs import check_outputs, infer_request, make_inputs, read_outputs
+from .model import Target, load_backend, raw_call
+from .options import parse_cpus
+from .report import say
+from .server import STOP_GRACE_S, ServerProcess, open_server, rss_and_peak, serve_command
+from .timing import Latency, time_calls, time_concurrent
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from .options import BenchOptions, SweepOptions
 
 MODES = ("off", "on")
-
-
-def parse_levels(text: str) -> list[int]:
-    try:
-        levels = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        levels = []
-    if not levels or min(levels) < 1:
-        raise ConfigError(f"--sweep {text!r}: expected concurrency levels such as 1,8,32")
-    return sorted(set(levels))
-
-
-def _cpus(text: str) -> set[int]:
-    """taskset's list syntax: 0,2-3."""
-    out: set[int] = set()
-    try:
-        for part in text.split(","):
-            lo, _, hi = part.partition("-")
-            out.update(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
-        raise ConfigError(f"--server-cpus {text!r}: expected CPUs such as 0 or 0,2-3") from None
-    return out
 
 
 def _load() -> list[float]:
@@ -141,7 +105,7 @@ def overload(
                 t0 = time.perf_counter_ns()
                 status, head, _ = conn.exchange(request)
                 took = time.perf_counter_ns() - t0
-                out.append((status, took, _header(head, b"Retry-After") is not None))
+                out.append((status, took, header(head, b"Retry-After") is not None))
                 due += interval
         except BaseException as exc:
             errors.append(repr(exc))
@@ -151,11 +115,11 @@ def overload(
 
     def sample_rss() -> None:
         while not done.wait(0.5):
-            value, _ = _rss_and_peak(pid)
+            value, _ = rss_and_peak(pid)
             if value is not None:
                 rss.append(value)
 
-    rss_before, _ = _rss_and_peak(pid)
+    rss_before, _ = rss_and_peak(pid)
     sampler = threading.Thread(target=sample_rss, daemon=True)
     sampler.start()
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(connections)]
@@ -177,7 +141,7 @@ def overload(
         conn.close()
     done.set()
     sampler.join()
-    rss_after, _ = _rss_and_peak(pid)
+    rss_after, _ = rss_and_peak(pid)
 
     answers = [a for r in results for a in r]
     ok = [ns for status, ns, _ in answers if status == 200]
@@ -232,24 +196,30 @@ class RawCeiling:
 
 
 def measure_ceiling(
-    args: argparse.Namespace, config: Any, target: Any, rows: int, batch_rows: int, nice: int
+    options: BenchOptions,
+    config: Config,
+    target: Target,
+    rows: int,
+    batch_rows: int,
+    nice: int,
 ) -> RawCeiling:
     """Load the model and time it in a thread of its own, on the servers' CPUs and at their
     workers' priority (the runtime's threads inherit both), so the ceiling is comparable."""
+    cpus = options.sweep.server_cpus if options.sweep else None
     box: list[RawCeiling] = []
     errors: list[BaseException] = []
 
     def work() -> None:
         try:
-            if args.server_cpus:
-                os.sched_setaffinity(0, _cpus(args.server_cpus))  # this thread only
+            if cpus:
+                os.sched_setaffinity(0, parse_cpus(cpus))  # this thread only
             lower_priority(nice)
             backend = load_backend(target, config)
             try:
                 specs = backend.signature.inputs
                 inputs = make_inputs(specs, rows)
                 call1, _ = raw_call(backend, inputs)
-                n1 = max(20, args.requests // 4)
+                n1 = max(20, options.requests // 4)
                 batch1 = Latency.of(time_calls(call1, max(5, n1 // 10), n1))
                 call_big, _ = raw_call(backend, make_inputs(specs, batch_rows))
                 n_big = max(10, n1 // max(1, batch_rows // rows))
@@ -270,29 +240,29 @@ def measure_ceiling(
     return box[0]
 
 
-def run_batching_bench(args: argparse.Namespace) -> int:
-    from .cli import _config
-
-    levels = parse_levels(args.sweep)
-    quiet = bool(args.json)
-    config = _config(args)
-    target = resolve_model(args.model, config)
+def run_sweep(
+    options: BenchOptions, sweep: SweepOptions, config: Config, target: Target
+) -> dict[str, Any]:
+    """Batching off and on, level by level, side by side (`sweep`, the part of `options` that
+    only this mode reads); then the overload, if asked."""
+    levels = sweep.levels
+    quiet = options.quiet
     model_cfg = config.model_config(target.name)
-    rows = args.batch
+    rows = options.batch
     top = levels[-1]
     ceiling_rows = min(top * rows, max(model_cfg.batching.max_batch_size, rows))
 
     # 1. The raw runtime in-process (again after every round of the sweep, side by side).
-    _say(quiet, f"timing the raw runtime in-process ({target.file}) ...")
+    say(quiet, f"timing the raw runtime in-process ({target.file}) ...")
     raw_rounds: list[RawCeiling] = []
-    first = measure_ceiling(args, config, target, rows, ceiling_rows, model_cfg.worker_nice)
+    first = measure_ceiling(options, config, target, rows, ceiling_rows, model_cfg.worker_nice)
     raw_rounds.append(first)
     inputs, datatypes, expected = first.inputs, first.datatypes, first.expected
 
     token = config.token()
-    body, headers = infer_request(inputs, datatypes, args.binary, token)
+    body, headers = infer_request(inputs, datatypes, options.binary, token)
     timeout_s = model_cfg.timeout_s + 30.0
-    pin = ["taskset", "-c", args.server_cpus] if args.server_cpus else []
+    pin = ["taskset", "-c", sweep.server_cpus] if sweep.server_cpus else []
     servers: dict[str, ServerProcess] = {}
     conns: dict[str, HttpConnection] = {}
     requests: dict[str, bytes] = {}
@@ -300,9 +270,9 @@ def run_batching_bench(args: argparse.Namespace) -> int:
     over: dict[str, Any] | None = None
     load_before = _load()
     affinity = os.sched_getaffinity(0)
-    if args.server_cpus:
+    if sweep.server_cpus:
         # the clients (threads started from here inherit it) keep off the servers' CPUs
-        others = affinity - _cpus(args.server_cpus)
+        others = affinity - parse_cpus(sweep.server_cpus)
         if others:
             os.sched_setaffinity(0, others)
     try:
@@ -310,54 +280,54 @@ def run_batching_bench(args: argparse.Namespace) -> int:
             env = {_env_key(target.name): "true" if mode == "on" else "false"}
             if mode == "on" and model_cfg.batching.enabled is False:
                 env[_env_key(target.name)] = "true"
-            port = _free_port()
-            cmd = pin + _serve_command(args, target, port)
+            port = free_port()
+            cmd = pin + serve_command(options, target, port)
             servers[mode] = ServerProcess(cmd, token, port, env)
-            _say(quiet, f"starting the server with batching {mode} ...")
-            conn, address, _ = _open_server(servers[mode], target.name, timeout_s, True)
+            say(quiet, f"starting the server with batching {mode} ...")
+            conn, address, _ = open_server(servers[mode], target.name, timeout_s, True)
             conns[mode] = conn
             req = build_request("POST", f"/v2/models/{target.name}/infer", *address, body, headers)
             status, head, reply = conn.exchange(req)
             if status != 200:
-                raise BenchError(f"the server answered {status}: {_error_text(reply)}")
-            length = _header(head, b"Inference-Header-Content-Length")
-            check_outputs(expected, decode_infer_body(reply, int(length) if length else None))
+                raise BenchError(f"the server answered {status}: {error_text(reply)}")
+            length = header(head, b"Inference-Header-Content-Length")
+            check_outputs(expected, read_outputs(reply, int(length) if length else None))
             requests[mode] = req
         for c in levels:
-            n = max(args.requests, 20 * c)
+            n = max(options.requests, 20 * c)
             rounds: dict[str, list[tuple[float, Latency]]] = {m: [] for m in MODES}
-            for i in range(args.rounds):
+            for i in range(sweep.rounds):
                 for mode in MODES if i % 2 == 0 else MODES[::-1]:
-                    _say(quiet, f"concurrency {c}, batching {mode}, round {i + 1}: {n} requests")
+                    say(quiet, f"concurrency {c}, batching {mode}, round {i + 1}: {n} requests")
                     samples, wall_s = time_concurrent(
-                        conns[mode].address, requests[mode], c, max(2, args.warmup // c), n,
+                        conns[mode].address, requests[mode], c, max(2, options.warmup // c), n,
                         timeout_s,
                     )  # fmt: skip
                     rounds[mode].append((len(samples) / wall_s, Latency.of(samples)))
                 if c == top:
                     raw_rounds.append(
-                        measure_ceiling(args, config, target, rows, ceiling_rows,
+                        measure_ceiling(options, config, target, rows, ceiling_rows,
                                         model_cfg.worker_nice)
                     )  # fmt: skip
             for mode in MODES:
                 # the round with the median throughput stands for the level
                 rps, lat = sorted(rounds[mode], key=lambda r: r[0])[len(rounds[mode]) // 2]
                 runs.append({
-                    "batching": mode, "concurrency": c, "requests": n, "rounds": args.rounds,
+                    "batching": mode, "concurrency": c, "requests": n, "rounds": sweep.rounds,
                     "rps": round(rps, 1), "p50_us": round(lat.p50_us, 1),
                     "p99_us": round(lat.p99_us, 1),
                 })  # fmt: skip
         calls, merged = _batch_stats(conns["on"].address, target.name, token)
         load_after = _load()
-        if args.overload > 0:
+        if sweep.overload > 0:
             best = max(r["rps"] for r in runs if r["batching"] == "on")
-            _say(quiet, f"overload: {10 * best:,.0f} req/s offered for {args.overload:g} s ...")
+            say(quiet, f"overload: {10 * best:,.0f} req/s offered for {sweep.overload:g} s ...")
             over = overload(
                 conns["on"].address,
                 requests["on"],
                 10 * best,
-                args.overload,
-                args.overload_connections,
+                sweep.overload,
+                sweep.overload_connections,
                 servers["on"].pid,
                 timeout_s,
             )
@@ -379,8 +349,8 @@ def run_batching_bench(args: argparse.Namespace) -> int:
         "model": target.name,
         "model_file": str(target.file),
         "rows_per_request": rows,
-        "encoding": "binary" if args.binary else "json",
-        "server_cpus": args.server_cpus or "any",
+        "encoding": "binary" if options.binary else "json",
+        "server_cpus": sweep.server_cpus or "any",
         "cpu_count": os.cpu_count(),
         "load_average_before": load_before,
         "load_average_after": load_after,
@@ -401,53 +371,4 @@ def run_batching_bench(args: argparse.Namespace) -> int:
         ),
         "overload": over,
     }
-    if args.json:
-        import orjson
-
-        print(orjson.dumps(figures).decode(), flush=True)
-    else:
-        print(format_sweep(figures), end="", flush=True)
-    return 0
-
-
-def format_sweep(f: dict[str, Any]) -> str:
-    lines = [
-        f"model    {f['model']} ({f['model_file']}), {f['rows_per_request']} row(s) per request,"
-        f" {f['encoding']} tensors",
-        f"machine  {f['cpu_count']} CPUs, servers on CPUs {f['server_cpus']}; load average "
-        f"{f['load_average_before']} before, {f['load_average_after']} after",
-        f"raw runtime: batch 1 p50 {f['raw_batch1_p50_us']:,.1f} µs ({f['raw_batch1_rps']:,.0f}"
-        f" req/s); batch {f['raw_ceiling_rows']} p50 {f['raw_ceiling_call_p50_us']:,.1f} µs "
-        f"(ceiling {f['raw_ceiling_rps']:,.0f} req/s; rounds "
-        f"{', '.join(f'{x:,.0f}' for x in f['raw_ceiling_rounds_rps'])})",
-        "",
-        f"{'concurrency':>11} {'batching':>9} {'req/s':>10} {'p50 µs':>10} {'p99 µs':>10}",
-    ]
-    for r in f["runs"]:
-        lines.append(
-            f"{r['concurrency']:>11} {r['batching']:>9} {r['rps']:>10,.0f} {r['p50_us']:>10,.1f}"
-            f" {r['p99_us']:>10,.1f}"
-        )
-    lines += [
-        "",
-        f"mean requests per runtime call with batching on: {f['batching_on_mean_batch']}",
-        f"at the highest concurrency: on/off throughput {f['throughput_on_vs_off_at_top']}x, "
-        f"on/raw ceiling {f['throughput_on_vs_raw_ceiling_at_top']:.1%}",
-        f"at the lowest concurrency: p50 on/off {f['p50_on_vs_off_at_lowest']}",
-    ]
-    o = f.get("overload")
-    if o:
-        lines += [
-            "",
-            f"overload: {o['target_rps']:,.0f} req/s targeted, {o['offered_rps']:,.0f} offered "
-            f"for {o['seconds']:g} s over {o['connections']} connections",
-            f"  200: {o['answered_200']} {o['latency_200']}; 503: {o['answered_503']} "
-            f"{o['latency_503']}; other statuses {o['other_statuses']}; every 503 had "
-            f"Retry-After: {o['all_503_have_retry_after']}",
-            f"  RSS MiB: before {o['rss_before_mib']}, during {o['rss_min_mib']}-"
-            f"{o['rss_max_mib']}, after {o['rss_after_mib']}",
-            f"  after the load stopped: first 200 in {o['first_200_after_stop_ms']} ms, all "
-            f"200 since: {o['all_200_after_first']}, p50 over the first second "
-            f"{o['probe_p50_us_first_second']} µs",
-        ]
-    return "\n".join(lines) + "\n"
+    return figures

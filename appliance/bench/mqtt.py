@@ -16,11 +16,11 @@ from typing import Any
 
 import orjson
 
-from .api.mqtt import parse_url
-from .errors import ApplianceError
+from ..api.mqtt import parse_url
+from .errors import BenchError
 
 
-class MqttBenchError(ApplianceError):
+class MqttBenchError(BenchError):
     """The broker or the appliance did not answer as expected."""
 
 

@@ -1,0 +1,97 @@
+"""What `appliance bench` is asked to do, as typed options (the CLI builds them from its flags)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config_flags import ConfigFlags
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    """`--sweep`: dynamic batching on and off, two servers side by side."""
+
+    #: Concurrency levels, ascending, without repeats (`parse_levels`).
+    levels: list[int]
+    #: Pin both servers (and the raw runtime) to these CPUs (taskset's list syntax).
+    server_cpus: str | None = None
+    #: Then offer 10x the sustained rate this many seconds to the batching server (0: no).
+    overload: float = 0.0
+    overload_connections: int = 128
+    #: Alternating rounds per level (the median counts).
+    rounds: int = 3
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """One `appliance bench` run; the defaults are the CLI's."""
+
+    #: A model file, or the name of a model in the store.
+    model: str
+    #: Timed requests per measurement, after `warmup` untimed ones.
+    requests: int = 2000
+    warmup: int = 200
+    #: Connections of the throughput run.
+    concurrency: int = 4
+    #: Size of each dynamic dimension of the inputs.
+    batch: int = 1
+    #: Tensors as binary data (both ways) instead of JSON.
+    binary: bool = False
+    #: Also time QoS 1 round trips through the MQTT broker at this URL.
+    mqtt: str | None = None
+    #: Device for the model (auto, cuda, cpu); None: the config's.
+    device: str | None = None
+    #: The config file and model store, as `--config` and `--models` (None: the defaults).
+    config: str | None = None
+    models: str | None = None
+    #: Print the figures as one JSON object instead of a table.
+    json: bool = False
+    #: GGUF chat models: timed streamed completions per side, and max_tokens of each.
+    runs: int = 3
+    max_tokens: int = 64
+    #: Batching on vs off instead of the usual run.
+    sweep: SweepOptions | None = field(default=None)
+
+    @property
+    def quiet(self) -> bool:
+        """No progress lines on stderr when the output is JSON."""
+        return self.json
+
+    def flags(self) -> ConfigFlags:
+        """The settings flags both the bench process and the servers it starts are given."""
+        return ConfigFlags(
+            config=self.config, models=self.models, device=self.device, mqtt=self.mqtt
+        )
+
+    def check(self) -> None:
+        """Counts a run cannot work with are refused, naming the flag."""
+        for key, least in (("requests", 1), ("warmup", 0), ("concurrency", 1), ("batch", 1),
+                           ("runs", 1), ("max_tokens", 1)):  # fmt: skip
+            value = getattr(self, key)
+            if value < least:
+                flag = key.replace("_", "-")
+                raise ConfigError(f"--{flag} = {value}: must be at least {least}")
+
+
+def parse_levels(text: str) -> list[int]:
+    """`--sweep 1,8,32`: the concurrency levels, sorted, without repeats."""
+    try:
+        levels = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        levels = []
+    if not levels or min(levels) < 1:
+        raise ConfigError(f"--sweep {text!r}: expected concurrency levels such as 1,8,32")
+    return sorted(set(levels))
+
+
+def parse_cpus(text: str) -> set[int]:
+    """taskset's list syntax: 0,2-3."""
+    out: set[int] = set()
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            out.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise ConfigError(f"--server-cpus {text!r}: expected CPUs such as 0 or 0,2-3") from None
+    return out

@@ -1,0 +1,148 @@
+"""What a person or a program reads: progress lines on stderr, then the figures as a table or
+as one JSON object on stdout."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+
+def say(quiet: bool, text: str) -> None:
+    """A progress line on stderr (none with --json)."""
+    if not quiet:
+        print(text, file=sys.stderr, flush=True)
+
+
+def emit(figures: dict[str, Any], as_json: bool, table: Callable[[dict[str, Any]], str]) -> None:
+    """The figures on stdout: JSON on one line, or the table for a person."""
+    if as_json:
+        import orjson
+
+        sys.stdout.write(orjson.dumps(figures).decode() + "\n")
+    else:
+        sys.stdout.write(table(figures))
+    sys.stdout.flush()
+
+
+def format_table(f: dict[str, Any]) -> str:
+    """The figures for a person: raw, HTTP and their difference in one table."""
+
+    def num(x: Any, fmt: str = ",.1f") -> str:
+        return "n/a" if x is None else format(x, fmt)
+
+    shapes = ", ".join(f"{i['name']}:{i['datatype']}{i['shape']}" for i in f["inputs"])
+    rows = [
+        ("raw runtime call", "raw"),
+        ("  with idle gaps", "raw_paced"),
+        ("HTTP /v2/health/live", "http_floor"),
+        ("HTTP infer round trip", "http"),
+        ("added by the appliance", "overhead"),
+        ("  vs raw with idle gaps", "overhead_vs_paced"),
+    ]
+    lines = [
+        f"model    {f['model']} ({f['model_file']}), {f['backend']} on {f['device']} "
+        f"({f['runtime_detail']})",
+        f"inputs   {shapes}",
+        f"body     {f['encoding']}: request {f['request_bytes']} B, response "
+        f"{f['response_bytes']} B",
+        f"machine  {f['cpu_count']} CPUs; {f['requests']} timed requests after "
+        f"{f['warmup']} warm-up",
+        "",
+        f"{'latency (µs)':<26}{'p50':>10}{'p99':>10}{'mean':>10}",
+    ]
+    if f.get("mqtt_p50_us") is not None:
+        rows.append(("MQTT round trip (QoS 1)", "mqtt"))
+    for label, key in rows:
+        lines.append(
+            f"{label:<26}{num(f[key + '_p50_us']):>10}{num(f[key + '_p99_us']):>10}"
+            f"{num(f[key + '_mean_us']):>10}"
+        )
+    lines.append(
+        f"{'server CPU per request':<26}{num(f['server_cpu_us_per_request']):>10}"
+        "   (user+system, all threads, sequential run)"
+    )
+    lines += [
+        "",
+        f"throughput at concurrency {f['concurrency']}: {num(f['throughput_rps'], ',.0f')} req/s "
+        f"(p50 {num(f['throughput_p50_us'])} µs, p99 {num(f['throughput_p99_us'])} µs)",
+        f"server RSS: idle {num(f['server_idle_rss_mib'])} MiB, after the run "
+        f"{num(f['server_after_rss_mib'])} MiB (peak {num(f['server_peak_rss_mib'])} MiB)",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def format_llm_table(f: dict[str, Any]) -> str:
+    """The LLM figures for a person: raw llama-cpp-python and HTTP streaming side by side."""
+
+    def num(x: Any, fmt: str = ",.2f") -> str:
+        return "n/a" if x is None else format(x, fmt)
+
+    added, ratio = f["added_ttft_ms"], f["tokens_per_s_ratio"]
+    lines = [
+        f"model    {f['model']} ({f['model_file']}), {f['backend']} on {f['device']} "
+        f"({f['runtime_detail']})",
+        f"request  streamed chat completion, max_tokens {f['max_tokens']}, temperature 0, "
+        f"seed {f['seed']}: {f['tokens']} tokens (finish: {f['finish_reason']})",
+        f"machine  {f['cpu_count']} CPUs; medians of {f['runs']} runs after "
+        f"{f['warmup_runs']} warm-up",
+        "",
+        f"{'':<26}{'raw llama.cpp':>15}{'HTTP stream':>15}{'HTTP vs raw':>15}",
+        f"{'time to first token (ms)':<26}{num(f['raw_ttft_ms'], ',.3f'):>15}"
+        f"{num(f['http_ttft_ms'], ',.3f'):>15}"
+        f"{'n/a' if added is None else format(added, '+,.3f'):>15}",
+        f"{'decode (tokens/s)':<26}{num(f['raw_tokens_per_s']):>15}"
+        f"{num(f['http_tokens_per_s']):>15}{'n/a' if ratio is None else f'{ratio:.4f} x':>15}",
+    ]
+    if f.get("tokens_per_s_note"):
+        lines.append(f"note     HTTP decode speed n/a: {f['tokens_per_s_note']}")
+    lines += [
+        "",
+        f"server RSS: idle {num(f['server_idle_rss_mib'], ',.1f')} MiB, after the run "
+        f"{num(f['server_after_rss_mib'], ',.1f')} MiB "
+        f"(peak {num(f['server_peak_rss_mib'], ',.1f')} MiB)",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def format_sweep(f: dict[str, Any]) -> str:
+    lines = [
+        f"model    {f['model']} ({f['model_file']}), {f['rows_per_request']} row(s) per request,"
+        f" {f['encoding']} tensors",
+        f"machine  {f['cpu_count']} CPUs, servers on CPUs {f['server_cpus']}; load average "
+        f"{f['load_average_before']} before, {f['load_average_after']} after",
+        f"raw runtime: batch 1 p50 {f['raw_batch1_p50_us']:,.1f} µs ({f['raw_batch1_rps']:,.0f}"
+        f" req/s); batch {f['raw_ceiling_rows']} p50 {f['raw_ceiling_call_p50_us']:,.1f} µs "
+        f"(ceiling {f['raw_ceiling_rps']:,.0f} req/s; rounds "
+        f"{', '.join(f'{x:,.0f}' for x in f['raw_ceiling_rounds_rps'])})",
+        "",
+        f"{'concurrency':>11} {'batching':>9} {'req/s':>10} {'p50 µs':>10} {'p99 µs':>10}",
+    ]
+    for r in f["runs"]:
+        lines.append(
+            f"{r['concurrency']:>11} {r['batching']:>9} {r['rps']:>10,.0f} {r['p50_us']:>10,.1f}"
+            f" {r['p99_us']:>10,.1f}"
+        )
+    lines += [
+        "",
+        f"mean requests per runtime call with batching on: {f['batching_on_mean_batch']}",
+        f"at the highest concurrency: on/off throughput {f['throughput_on_vs_off_at_top']}x, "
+        f"on/raw ceiling {f['throughput_on_vs_raw_ceiling_at_top']:.1%}",
+        f"at the lowest concurrency: p50 on/off {f['p50_on_vs_off_at_lowest']}",
+    ]
+    o = f.get("overload")
+    if o:
+        lines += [
+            "",
+            f"overload: {o['target_rps']:,.0f} req/s targeted, {o['offered_rps']:,.0f} offered "
+            f"for {o['seconds']:g} s over {o['connections']} connections",
+            f"  200: {o['answered_200']} {o['latency_200']}; 503: {o['answered_503']} "
+            f"{o['latency_503']}; other statuses {o['other_statuses']}; every 503 had "
+            f"Retry-After: {o['all_503_have_retry_after']}",
+            f"  RSS MiB: before {o['rss_before_mib']}, during {o['rss_min_mib']}-"
+            f"{o['rss_max_mib']}, after {o['rss_after_mib']}",
+            f"  after the load stopped: first 200 in {o['first_200_after_stop_ms']} ms, all "
+            f"200 since: {o['all_200_after_first']}, p50 over the first second "
+            f"{o['probe_p50_us_first_second']} µs",
+        ]
+    return "\n".join(lines) + "\n"
