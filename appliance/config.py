@@ -109,9 +109,11 @@ def finite_above(low: float) -> dict[str, Check]:
 def fraction(*, above: float = 0, at_most: float = 1) -> dict[str, Check]:
     """A share: fraction(above=0, at_most=1) takes 0 < v <= 1."""
     return constraint(
-        lambda v: None
-        if above < v <= at_most
-        else f"must be a fraction above {above} and at most {at_most}"
+        lambda v: (
+            None
+            if above < v <= at_most
+            else f"must be a fraction above {above} and at most {at_most}"
+        )
     )
 
 
