@@ -1,7 +1,37 @@
 """Configuration: defaults < TOML file < APPLIANCE_* environment < command-line flags.
 
-Every section is a dataclass; values are checked against the field types so that a bad file names
-the key and the value instead of failing later somewhere deep in the server.
+Every section is a dataclass. A bad value is refused when the config is loaded, with an error
+that names the key and the value ("models.m.max_concurrency = 0: must be at least 1") instead
+of failing later somewhere deep in the server. Three layers check a value, in this order:
+
+1. The field's type, from its annotation: int, float, bool, str, Literal[...], list[...], a
+   nested section (dataclass) or a dict of tables. Integers and numbers are never negative
+   (no setting needs one), NaN is never a number.
+2. At most one constraint per field, declared next to the field as its metadata::
+
+       max_concurrency: int = field(default=1, metadata=at_least(1))
+       worker_nice: int = field(default=5, metadata=between(0, 19))
+       error_rate: float = field(default=0.5, metadata=fraction(above=0, at_most=1))
+       url: str = field(default="", metadata=url_scheme("http://", "https://"))
+       fallback: str = field(default="", metadata=name_of("a model", optional=True))
+
+   The helpers (at_least, above, below, between, one_of, fraction, finite_above, not_empty,
+   url_scheme, matches, name_of, device_name, valid) each return that metadata: a function
+   giving the reason a value is refused, or None. A new kind of constraint is a new helper
+   built on `constraint(...)`; a model, task or device name follows appliance/names.py, the
+   one name rule.
+3. Rules across fields in the section's `check(self)` method, which raises
+   `Invalid(key, reason)`; it runs once every field passed its own constraint:
+
+       def check(self) -> None:
+           if self.reconnect_max_s < self.reconnect_min_s:
+               raise Invalid("reconnect_max_s", "must not be below reconnect_min_s")
+
+The checker (`_build`) reads all three; no check of a value lives anywhere else. A helper may
+not share a field's name: a class body sees its own fields before the module's functions.
+Porting a range check written the old way (`if obj.n < 1: raise bad("n", "must be at least
+1")` in a function far below) means moving it onto the field: `n: int = field(default=4,
+metadata=at_least(1))`; a check that reads two fields goes into `check()`.
 """
 
 from __future__ import annotations
@@ -14,11 +44,12 @@ import string
 import sys
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
+from . import names
 from .errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -27,22 +58,158 @@ else:  # pragma: no cover - Python 3.10 (JetPack 6)
     import tomli as tomllib
 
 ENV_PREFIX = "APPLIANCE_"
-#: Model and task names: the model store's rule (registry.check_name), safe in URLs and topics.
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 T = TypeVar("T")
 
 Device = Literal["auto", "cuda", "cpu"]
+
+# -- constraints (field metadata) ----------------------------------------------------------------
+
+#: A constraint: the reason a value is refused ("must be at least 1"), or None to accept it.
+Check = Callable[[Any], "str | None"]
+_CHECK = "appliance.config.check"
+
+
+class Invalid(Exception):
+    """Raised by a section's `check()`: `key` is the field to blame, `reason` why."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+def constraint(check: Check) -> dict[str, Check]:
+    """Field metadata holding `check`; every helper below is one of these."""
+    return {_CHECK: check}
+
+
+def at_least(low: float) -> dict[str, Check]:
+    return constraint(lambda v: None if v >= low else f"must be at least {low}")
+
+
+def above(low: float) -> dict[str, Check]:
+    return constraint(lambda v: None if v > low else f"must be greater than {low}")
+
+
+def below(high: float) -> dict[str, Check]:
+    return constraint(lambda v: None if v < high else f"must be below {high}")
+
+
+def between(low: float, high: float) -> dict[str, Check]:
+    """Inclusive at both ends."""
+    return constraint(lambda v: None if low <= v <= high else f"must be between {low} and {high}")
+
+
+def finite_above(low: float) -> dict[str, Check]:
+    return constraint(
+        lambda v: None if low < v < math.inf else f"must be a finite number greater than {low}"
+    )
+
+
+def fraction(*, above: float = 0, at_most: float = 1) -> dict[str, Check]:
+    """A share: fraction(above=0, at_most=1) takes 0 < v <= 1."""
+    return constraint(
+        lambda v: (
+            None
+            if above < v <= at_most
+            else f"must be a fraction above {above} and at most {at_most}"
+        )
+    )
+
+
+def one_of(*values: object) -> dict[str, Check]:
+    words = " or ".join(", ".join(map(str, values)).rsplit(", ", 1))
+    return constraint(lambda v: None if v in values else f"must be {words}")
+
+
+def not_empty(reason: str) -> dict[str, Check]:
+    return constraint(lambda v: None if v else reason)
+
+
+def url_scheme(*schemes: str) -> dict[str, Check]:
+    """A URL starting with one of `schemes` ("mqtt://"), or empty (the feature is off)."""
+    words = " or ".join(schemes)
+    return constraint(
+        lambda v: None if not v or v.startswith(schemes) else f"must start with {words}"
+    )
+
+
+def matches(pattern: str, reason: str) -> dict[str, Check]:
+    """Empty, or the whole value matches `pattern`."""
+    regex = re.compile(pattern)
+    return constraint(lambda v: None if not v or regex.fullmatch(v) else reason)
+
+
+def name_of(what: str, optional: bool = False) -> dict[str, Check]:
+    """A model or task name (appliance/names.py); `optional`: empty is allowed too."""
+
+    def check(v: str) -> str | None:
+        problem = None if optional and not v else names.name_problem(v)
+        if problem is None:
+            return None
+        empty = " (or be empty)" if optional else ""
+        return f"must name {what}{empty}: {names.rule()} ({problem})"
+
+    return constraint(check)
+
+
+def device_name(what: str) -> dict[str, Check]:
+    """A device id or group name (an MQTT topic level, a hub path segment), or empty:
+    the name rule with the length of a host name (appliance/names.py)."""
+    limit = names.DEVICE_ID_MAX_LENGTH
+
+    def check(v: str) -> str | None:
+        problem = names.name_problem(v, limit) if v else None
+        if problem is None:
+            return None
+        return f"must be {what} (or empty): {names.rule(limit)} ({problem})"
+
+    return constraint(check)
+
+
+def valid(parse: Callable[[Any], object]) -> dict[str, Check]:
+    """`parse(value)` succeeds; the text of its ValueError is the reason."""
+
+    def check(v: Any) -> str | None:
+        try:
+            parse(v)
+        except ValueError as exc:
+            return str(exc)
+        return None
+
+    return constraint(check)
+
+
+def template_fields(template: str) -> list[str]:
+    """The {field} names of a prompt template; ValueError for anything but plain names
+    ({0}, {x.attr}, {x[0]}, {x!r}, {x:>8} and unbalanced braces are refused)."""
+    found: list[str] = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"not a valid template: {exc}") from None
+    for _literal, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or spec or conversion:
+            raise ValueError(f"{{{name}}}: fields must be plain names like {{device}}")
+        if name not in found:
+            found.append(name)
+    return found
+
+
+# -- sections ----------------------------------------------------------------------------------
 
 
 @dataclass
 class ServerConfig:
     host: str = "127.0.0.1"
-    port: int = 8080
+    port: int = field(default=8080, metadata=between(0, 65535))
     #: Bearer token required on every route but health; empty disables auth.
     auth_token: str = ""
     #: File holding the token (keeps it out of the config and the process list).
     auth_token_file: str = ""
-    max_body_bytes: int = 64 * 1024 * 1024
+    max_body_bytes: int = field(default=64 * 1024 * 1024, metadata=at_least(1024))
     #: One JSON log line per request.
     access_log: bool = True
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -58,27 +225,31 @@ class MqttConfig:
     """The MQTT interface (api/mqtt.py); off while `url` is empty."""
 
     #: mqtt://user:pass@host:1883 or mqtts://... for TLS.
-    url: str = ""
+    url: str = field(default="", metadata=url_scheme("mqtt://", "mqtts://"))
     #: This appliance's id in topics; empty means the host name.
-    device_id: str = ""
+    device_id: str = field(default="", metadata=device_name("a device id"))
     #: MQTT client id; empty means the device id (stable, so the broker keeps the session).
     client_id: str = ""
     protocol: Literal["5", "3.1.1"] = "5"
     topic_prefix: str = "appliance"
-    qos: int = 1
+    qos: int = field(default=1, metadata=one_of(0, 1))
     keepalive_s: int = 60
     #: How long the broker keeps the session (and queued QoS 1 requests) while disconnected.
     session_expiry_s: int = 86400
     #: Also take requests from <prefix>/groups/<group>/infer/# as a shared subscription.
-    shared_group: str = ""
+    shared_group: str = field(default="", metadata=device_name("a group name"))
     ca_file: str = ""
     cert_file: str = ""
     key_file: str = ""
     #: Requests handled at once; more are answered with an overload error reply.
-    max_inflight: int = 64
+    max_inflight: int = field(default=64, metadata=at_least(1))
     max_payload_bytes: int = 16 * 1024 * 1024
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 30.0
+
+    def check(self) -> None:
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise Invalid("reconnect_max_s", "must not be below reconnect_min_s")
 
 
 @dataclass
@@ -86,23 +257,23 @@ class HubConfig:
     """Fleet sync with a hub (appliance/sync/); off while `url` is empty."""
 
     #: The hub's base URL, e.g. https://hub.example:8443; empty = no sync (offline only).
-    url: str = ""
+    url: str = field(default="", metadata=url_scheme("http://", "https://"))
     #: This device's id as enrolled on the hub; empty means the host name.
-    device_id: str = ""
+    device_id: str = field(default="", metadata=device_name("a device id"))
     #: File holding the device token printed by `appliance hub enroll`.
     token_file: str = ""
     #: The hub's root.json the device is bootstrapped with (`appliance hub export-root`).
     root_file: str = ""
     #: Seconds between polls of the hub's assignments (a conditional request when unchanged).
-    poll_interval_s: float = 60.0
+    poll_interval_s: float = field(default=60.0, metadata=above(0))
     #: Each wait is poll_interval_s times a random factor in [1 - jitter, 1 + jitter].
-    poll_jitter: float = 0.2
+    poll_jitter: float = field(default=0.2, metadata=below(1))
     #: Connect/read timeout of one request to the hub.
-    request_timeout_s: float = 30.0
+    request_timeout_s: float = field(default=30.0, metadata=above(0))
     #: Largest model file the device downloads, whatever the signed length says.
     max_download_bytes: int = 8 * 1024 * 1024 * 1024
     #: Roll a new version back when its failed requests pass this fraction within the window.
-    error_rate_threshold: float = 0.5
+    error_rate_threshold: float = field(default=0.5, metadata=between(0, 1))
     #: Seconds after a switch during which the new version's error rate is watched.
     error_window_s: float = 300.0
     #: Requests the new version must have answered before its error rate counts.
@@ -110,11 +281,11 @@ class HubConfig:
     #: The telemetry outbox (SQLite); empty means <store>/.sync/outbox.sqlite.
     outbox_path: str = ""
     #: Disk the outbox may use; beyond it the oldest events are dropped (and the drop reported).
-    outbox_max_bytes: int = 16 * 1024 * 1024
+    outbox_max_bytes: int = field(default=16 * 1024 * 1024, metadata=at_least(64 * 1024))
     #: Events per upload request (the hub takes at most 500).
-    upload_batch: int = 200
+    upload_batch: int = field(default=200, metadata=between(1, 500))
     #: Seconds between metrics snapshots written to the outbox.
-    metrics_interval_s: float = 60.0
+    metrics_interval_s: float = field(default=60.0, metadata=above(0))
 
 
 @dataclass
@@ -148,15 +319,15 @@ class GgufConfig:
     n_ctx: int = 2048
     #: Threads for generation; 0 means one per CPU core.
     n_threads: int = 0
-    n_batch: int = 512
+    n_batch: int = field(default=512, metadata=at_least(1))
     #: Layers offloaded to the GPU when the device is cuda (999 = all of them).
     gpu_layers: int = 999
     #: Independent llama contexts per model: requests run in parallel, one per context.
-    instances: int = 1
+    instances: int = field(default=1, metadata=at_least(1))
     #: Jinja chat template for models whose file carries none (or a wrong one).
     chat_template: str = ""
     #: max_tokens when a request gives none.
-    default_max_tokens: int = 256
+    default_max_tokens: int = field(default=256, metadata=at_least(1))
     #: Embeddings scaled to unit length, like OpenAI's.
     normalize_embeddings: bool = True
     use_mmap: bool = True
@@ -185,9 +356,9 @@ class ImageConfig:
     """Limits on images decoded for models that declare image pre-processing."""
 
     #: Largest image (width x height) decoded; larger ones are refused before decoding.
-    max_pixels: int = 4096 * 4096
+    max_pixels: int = field(default=4096 * 4096, metadata=at_least(1))
     #: Most images in one request.
-    max_images: int = 64
+    max_images: int = field(default=64, metadata=at_least(1))
 
 
 @dataclass
@@ -195,10 +366,10 @@ class TextConfig:
     """ONNX models whose manifest declares "text" preprocessing (appliance/preprocess/text.py)."""
 
     #: Longest text accepted, in characters; a longer one is refused (400) before tokenizing.
-    max_chars: int = 20000
+    max_chars: int = field(default=20000, metadata=at_least(1))
     #: Texts run together in one runtime call. 1 keeps each text's vector independent of the
     #: others in its request: dynamic INT8 models scale activations per batch (padding too).
-    batch_size: int = 1
+    batch_size: int = field(default=1, metadata=at_least(1))
 
 
 @dataclass
@@ -211,13 +382,20 @@ class BatchingConfig:
     #: in the log; false: never.
     enabled: Literal["auto", True, False] = "auto"
     #: Most rows (the sum of the requests' first dimensions) in one runtime call.
-    max_batch_size: int = 32
+    max_batch_size: int = field(default=32, metadata=at_least(1))
     #: Longest the first request of a batch waits for more; 0 never holds a request: a batch is
     #: what queued while the previous one ran.
     max_queue_delay_us: float = 0.0
     #: Batch sizes (rows) the model runs best at: a batch is cut at the largest one reachable,
     #: and a max_queue_delay_us wait ends early on reaching the largest.
     preferred_batch_sizes: list[int] = field(default_factory=list)
+
+    def check(self) -> None:
+        if any(n < 1 or n > self.max_batch_size for n in self.preferred_batch_sizes):
+            raise Invalid(
+                "preferred_batch_sizes",
+                f"each must be between 1 and max_batch_size ({self.max_batch_size})",
+            )
 
 
 @dataclass
@@ -226,15 +404,15 @@ class BreakerConfig:
 
     enabled: bool = False
     #: Open when at least this fraction of the requests in the window failed (0 < rate <= 1).
-    error_rate: float = 0.5
+    error_rate: float = field(default=0.5, metadata=fraction(above=0, at_most=1))
     #: Seconds of recent requests the error rate is measured over.
-    window_s: float = 30.0
+    window_s: float = field(default=30.0, metadata=above(0))
     #: Fewer requests than this in the window never open the breaker.
-    min_requests: int = 20
+    min_requests: int = field(default=20, metadata=at_least(1))
     #: Seconds an open breaker refuses requests before it lets probes through (half-open).
     open_s: float = 10.0
     #: Probe requests that must all succeed, while half-open, to close it again.
-    half_open_probes: int = 1
+    half_open_probes: int = field(default=1, metadata=at_least(1))
 
 
 @dataclass
@@ -243,11 +421,11 @@ class ModelConfig:
 
     device: Device = "auto"
     #: Requests running at once on this model (worker threads).
-    max_concurrency: int = 1
+    max_concurrency: int = field(default=1, metadata=at_least(1))
     #: Requests waiting beyond those running; more are refused at once with 503.
     max_queue: int = 64
     #: Longest a request may wait plus run, in seconds.
-    timeout_s: float = 30.0
+    timeout_s: float = field(default=30.0, metadata=above(0))
     #: Accept NaN and infinity in float inputs.
     allow_non_finite: bool = False
     #: A model whose measured runs stay under this many microseconds runs on the event loop
@@ -256,7 +434,7 @@ class ModelConfig:
     #: CPU priority of the model's worker and runtime threads below the event loop's (Linux
     #: nice steps, 0-19): on a saturated CPU the loop still answers health checks and refuses
     #: excess requests at once instead of queueing them behind inference.
-    worker_nice: int = 5
+    worker_nice: int = field(default=5, metadata=between(0, 19))
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     #: Result cache budget in bytes (engine/cache.py); 0 turns the cache off.
     cache_bytes: int = 0
@@ -272,30 +450,43 @@ class ModelConfig:
     image: ImageConfig = field(default_factory=ImageConfig)
     text: TextConfig = field(default_factory=TextConfig)
 
+    def check(self) -> None:
+        if self.retry_backoff_max_s < self.retry_backoff_s:
+            raise Invalid("retry_backoff_max_s", "must not be below retry_backoff_s")
+
 
 @dataclass
 class VariantConfig:
     """One model a task sends a share of its requests to."""
 
     #: The model's name (as served: each A/B version is stored under its own name).
-    model: str = ""
+    model: str = field(default="", metadata=name_of("a model"))
     #: Answer only while this version serves the model; empty = whichever version serves.
     version: str = ""
     #: Share of the task's requests, relative to the other variants' weights.
-    weight: float = 1.0
+    weight: float = field(default=1.0, metadata=finite_above(0))
 
 
 @dataclass
 class TaskConfig:
     """An operator-facing name routed to models (engine/routing.py); [tasks.NAME] tables."""
 
-    variants: list[VariantConfig] = field(default_factory=list)
+    variants: list[VariantConfig] = field(
+        default_factory=list,
+        metadata=not_empty('must list at least one {model = "NAME", weight = W}'),
+    )
     #: Request parameter (or X-Header, MQTT 5 user property) whose value pins a variant.
-    sticky_key: str = ""
+    sticky_key: str = field(
+        default="",
+        metadata=matches(
+            r"[A-Za-z][A-Za-z0-9_]{0,63}",
+            "must be a parameter name: a letter, then up to 63 letters, digits and '_'",
+        ),
+    )
     #: Model that answers when the chosen variant fails or its circuit breaker is open.
-    fallback: str = ""
+    fallback: str = field(default="", metadata=name_of("a model", optional=True))
     #: LLM tasks: text with {field} names, filled from the request's `fields`.
-    prompt_template: str = ""
+    prompt_template: str = field(default="", metadata=valid(template_fields))
     #: Priority level of the task's requests that name none (1 = highest; 0 = the model's
     #: default level).
     priority: int = 0
@@ -315,11 +506,7 @@ class Config:
 
     def task_config(self, name: str) -> TaskConfig:
         """The settings of one task, checked (names, weights, template fields)."""
-        if not _NAME_RE.match(name) or ".." in name:
-            raise ConfigError(
-                f"tasks.{name}: invalid task name: use 1-128 letters, digits, '_', '-' or '.', "
-                "starting with a letter or digit"
-            )
+        _check_table_name("tasks", name, "task name")
         return _build(TaskConfig, self.tasks.get(name, {}), f"tasks.{name}")
 
     def model_config(self, name: str) -> ModelConfig:
@@ -340,6 +527,13 @@ class Config:
                 raise ConfigError(f"server.auth_token_file = {str(path)!r}: the file is empty")
             return token
         return self.server.auth_token
+
+
+def _check_table_name(section: str, name: str, what: str) -> None:
+    """[tasks.NAME] and [models.NAME]: NAME follows the one name rule (appliance/names.py)."""
+    problem = names.name_problem(name)
+    if problem is not None:
+        raise ConfigError(f"{section}.{name}: invalid {what}: {names.rule()} ({problem})")
 
 
 def _to_dict(obj: Any) -> dict[str, Any]:
@@ -409,10 +603,6 @@ def _check_value(tp: Any, value: Any, where: str) -> Any:
             if not isinstance(sub, Mapping):
                 raise ConfigError(f"{where}.{key} = {sub!r}: must be a table")
         return dict(value)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where} = {value!r}: must be a list")
-        return [_check_value(get_args(tp)[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):  # pragma: no cover - not used yet
         raise ConfigError(f"{where}: unsupported union type")
     raise ConfigError(f"{where}: unsupported type {tp!r}")  # pragma: no cover
@@ -428,119 +618,28 @@ def _build(cls: type[T], values: Mapping[str, Any], where: str) -> T:
             raise ConfigError(f"{path}: unknown key (known keys: {', '.join(names)})")
         kwargs[key] = _check_value(hints[key], value, path)
     obj = cls(**kwargs)
-    _check_ranges(obj, where)
+    _check_constraints(obj, where)
     return obj
 
 
-def _check_ranges(obj: Any, where: str) -> None:
-    def bad(key: str, why: str) -> ConfigError:
-        return ConfigError(f"{where + '.' if where else ''}{key} = {getattr(obj, key)!r}: {why}")
+def _check_constraints(obj: Any, where: str) -> None:
+    """Each field's constraint (its metadata), then the section's own `check()`."""
 
-    if isinstance(obj, ServerConfig):
-        if not 0 <= obj.port <= 65535:
-            raise bad("port", "must be between 0 and 65535")
-        if obj.max_body_bytes < 1024:
-            raise bad("max_body_bytes", "must be at least 1024")
-    if isinstance(obj, ModelConfig):
-        if obj.max_concurrency < 1:
-            raise bad("max_concurrency", "must be at least 1")
-        if obj.timeout_s <= 0:
-            raise bad("timeout_s", "must be greater than 0")
-        if obj.worker_nice > 19:
-            raise bad("worker_nice", "must be between 0 and 19")
-    if isinstance(obj, BatchingConfig):
-        if obj.max_batch_size < 1:
-            raise bad("max_batch_size", "must be at least 1")
-        if any(n < 1 or n > obj.max_batch_size for n in obj.preferred_batch_sizes):
-            raise bad("preferred_batch_sizes", "each must be between 1 and max_batch_size")
-    if isinstance(obj, MqttConfig):
-        if obj.qos not in (0, 1):
-            raise bad("qos", "must be 0 or 1")
-        if obj.url and not obj.url.startswith(("mqtt://", "mqtts://")):
-            raise bad("url", "must start with mqtt:// or mqtts://")
-        if obj.max_inflight < 1:
-            raise bad("max_inflight", "must be at least 1")
-        if obj.reconnect_max_s < obj.reconnect_min_s:
-            raise bad("reconnect_max_s", "must not be below reconnect_min_s")
-    if isinstance(obj, ImageConfig):
-        if obj.max_pixels < 1:
-            raise bad("max_pixels", "must be at least 1")
-        if obj.max_images < 1:
-            raise bad("max_images", "must be at least 1")
-    if isinstance(obj, ModelConfig) and obj.retry_backoff_max_s < obj.retry_backoff_s:
-        raise bad("retry_backoff_max_s", "must not be below retry_backoff_s")
-    if isinstance(obj, BreakerConfig):
-        if not 0 < obj.error_rate <= 1:
-            raise bad("error_rate", "must be a fraction above 0 and at most 1")
-        if obj.window_s <= 0:
-            raise bad("window_s", "must be greater than 0")
-        if obj.min_requests < 1:
-            raise bad("min_requests", "must be at least 1")
-        if obj.half_open_probes < 1:
-            raise bad("half_open_probes", "must be at least 1")
-    if isinstance(obj, VariantConfig):
-        if not _NAME_RE.match(obj.model):
-            raise bad("model", "must name a model")
-        if obj.weight <= 0 or math.isinf(obj.weight):
-            raise bad("weight", "must be a number greater than 0")
-    if isinstance(obj, TaskConfig):
-        if not obj.variants:
-            raise bad("variants", 'must list at least one {model = "NAME", weight = W}')
-        if obj.fallback and not _NAME_RE.match(obj.fallback):
-            raise bad("fallback", "must name a model (or be empty)")
-        if obj.sticky_key and not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,63}", obj.sticky_key):
-            raise bad("sticky_key", "must be a parameter name: letters, digits and '_'")
+    def bad(key: str, reason: str) -> ConfigError:
+        return ConfigError(f"{where + '.' if where else ''}{key} = {getattr(obj, key)!r}: {reason}")
+
+    for f in dataclasses.fields(obj):
+        check = f.metadata.get(_CHECK)
+        if check is not None:
+            reason = check(getattr(obj, f.name))
+            if reason is not None:
+                raise bad(f.name, reason)
+    section_check = getattr(obj, "check", None)
+    if section_check is not None:
         try:
-            template_fields(obj.prompt_template)
-        except ValueError as exc:
-            raise bad("prompt_template", str(exc)) from None
-    if isinstance(obj, HubConfig):
-        if obj.url and not obj.url.startswith(("http://", "https://")):
-            raise bad("url", "must start with http:// or https://")
-        if obj.poll_interval_s <= 0:
-            raise bad("poll_interval_s", "must be greater than 0")
-        if obj.poll_jitter >= 1:
-            raise bad("poll_jitter", "must be below 1")
-        if obj.request_timeout_s <= 0:
-            raise bad("request_timeout_s", "must be greater than 0")
-        if obj.error_rate_threshold > 1:
-            raise bad("error_rate_threshold", "must be between 0 and 1")
-        if not 1 <= obj.upload_batch <= 500:
-            raise bad("upload_batch", "must be between 1 and 500")
-        if obj.outbox_max_bytes < 64 * 1024:
-            raise bad("outbox_max_bytes", "must be at least 65536")
-        if obj.metrics_interval_s <= 0:
-            raise bad("metrics_interval_s", "must be greater than 0")
-    if isinstance(obj, GgufConfig):
-        if obj.instances < 1:
-            raise bad("instances", "must be at least 1")
-        if obj.n_batch < 1:
-            raise bad("n_batch", "must be at least 1")
-        if obj.default_max_tokens < 1:
-            raise bad("default_max_tokens", "must be at least 1")
-    if isinstance(obj, TextConfig):
-        if obj.max_chars < 1:
-            raise bad("max_chars", "must be at least 1")
-        if obj.batch_size < 1:
-            raise bad("batch_size", "must be at least 1")
-
-
-def template_fields(template: str) -> list[str]:
-    """The {field} names of a prompt template; ValueError for anything but plain names
-    ({0}, {x.attr}, {x[0]}, {x!r}, {x:>8} and unbalanced braces are refused)."""
-    names: list[str] = []
-    try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError as exc:
-        raise ValueError(f"not a valid template: {exc}") from None
-    for _literal, name, spec, conversion in parsed:
-        if name is None:
-            continue
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or spec or conversion:
-            raise ValueError(f"{{{name}}}: fields must be plain names like {{device}}")
-        if name not in names:
-            names.append(name)
-    return names
+            section_check()
+        except Invalid as exc:
+            raise bad(exc.key, exc.reason) from None
 
 
 def _declared_type(parts: list[str]) -> Any:
@@ -605,6 +704,7 @@ def load_config(
     data = _merge(data, overrides or {})
     config = _build(Config, data, "")
     for name in config.models:
+        _check_table_name("models", name, "model name")
         config.model_config(name)  # validate every per-model table now, not at first use
     for name in config.tasks:
         config.task_config(name)

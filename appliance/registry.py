@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
-import re
 import shutil
 import stat
 import tempfile
@@ -21,26 +20,21 @@ from typing import Any
 
 import orjson
 
+from . import names
 from .backends import detect_backend, get_backend
 from .errors import ModelError, NotFound
 from .manifest import MANIFEST_NAME, Manifest, is_plain_name, sha256_file
 from .tensors import Signature, TensorSpec
 
-ACTIVE_NAME = "ACTIVE"
+ACTIVE_NAME = names.ACTIVE_FILE
 _READ_ONLY = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
 _SEARCH = stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH
-#: Names and versions become directory names: no separators, no dot-files, no surprises.
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 def check_name(value: str, what: str) -> str:
-    """Refuse names that could escape the store or clash with its own files."""
-    if not _NAME_RE.match(value) or value in (ACTIVE_NAME,) or ".." in value:
-        raise ModelError(
-            f"invalid {what} {value!r}: use 1-128 letters, digits, '_', '-' or '.', "
-            "starting with a letter or digit"
-        )
-    return value
+    """Names and versions become directory names: the one name rule (appliance/names.py)
+    keeps them inside the store and off its own files. A ModelError: a store problem."""
+    return names.check_name(value, what, ModelError)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -103,11 +97,7 @@ class Registry:
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(
-            p.name
-            for p in self.root.iterdir()
-            if p.is_dir() and _NAME_RE.match(p.name) and not p.name.startswith(".")
-        )
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and names.is_name(p.name))
 
     def versions(self, name: str) -> list[str]:
         d = self.model_dir(name)
@@ -116,7 +106,7 @@ class Registry:
         found = [
             p.name
             for p in d.iterdir()
-            if p.is_dir() and _NAME_RE.match(p.name) and (p / MANIFEST_NAME).is_file()
+            if p.is_dir() and names.is_name(p.name) and (p / MANIFEST_NAME).is_file()
         ]
         return sorted(found, key=_version_key)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -446,3 +448,96 @@ def test_worker_nice_range() -> None:
     assert load_config(None, {}, environ={}).model_defaults.worker_nice == 5
     with pytest.raises(ConfigError, match="worker_nice = 20: must be between 0 and 19"):
         load_config(None, {"model_defaults": {"worker_nice": 20}}, environ={})
+
+
+# -- constraints declared on the fields, and the sections' cross-field checks -------------------
+
+RULE = "use 1-128 letters, digits, '_', '-' or '.', starting with a letter or digit, with no '..'"
+ONE_VARIANT = {"variants": [{"model": "m"}]}
+CONSTRAINTS = [
+    # (override, the exact message): one per kind of constraint, and each section check
+    ({"server": {"port": 65536}}, "server.port = 65536: must be between 0 and 65535"),
+    ({"hub": {"upload_batch": 0}}, "hub.upload_batch = 0: must be between 1 and 500"),
+    ({"model_defaults": {"gguf": {"instances": 0}}},
+     "model_defaults.gguf.instances = 0: must be at least 1"),
+    ({"model_defaults": {"text": {"max_chars": 0}}},
+     "model_defaults.text.max_chars = 0: must be at least 1"),
+    ({"model_defaults": {"image": {"max_images": 0}}},
+     "model_defaults.image.max_images = 0: must be at least 1"),
+    ({"hub": {"poll_interval_s": 0}}, "hub.poll_interval_s = 0.0: must be greater than 0"),
+    ({"hub": {"poll_jitter": 1}}, "hub.poll_jitter = 1.0: must be below 1"),
+    ({"hub": {"error_rate_threshold": 1.5}},
+     "hub.error_rate_threshold = 1.5: must be between 0 and 1"),
+    ({"models": {"m": {"breaker": {"error_rate": 0}}}},
+     "models.m.breaker.error_rate = 0.0: must be a fraction above 0 and at most 1"),
+    ({"mqtt": {"qos": 2}}, "mqtt.qos = 2: must be 0 or 1"),
+    ({"mqtt": {"url": "tcp://broker"}}, "mqtt.url = 'tcp://broker': must start with mqtt:// or mqtts://"),
+    ({"hub": {"url": "ftp://hub"}}, "hub.url = 'ftp://hub': must start with http:// or https://"),
+    ({"tasks": {"t": {"variants": []}}},
+     "tasks.t.variants = []: must list at least one {model = \"NAME\", weight = W}"),
+    ({"tasks": {"t": {"variants": [{"model": "m", "weight": float("inf")}]}}},
+     "tasks.t.variants[0].weight = inf: must be a finite number greater than 0"),
+    ({"tasks": {"t": {"variants": [{"weight": 1}]}}},
+     f"tasks.t.variants[0].model = '': must name a model: {RULE} (it is empty)"),
+    ({"tasks": {"t": {**ONE_VARIANT, "fallback": "a..b"}}},
+     f"tasks.t.fallback = 'a..b': must name a model (or be empty): {RULE} (it contains '..')"),
+    ({"tasks": {"t": {**ONE_VARIANT, "sticky_key": "1st"}}},
+     "tasks.t.sticky_key = '1st': must be a parameter name: a letter, then up to 63 letters, "
+     "digits and '_'"),
+    ({"tasks": {"t": {**ONE_VARIANT, "prompt_template": "{0}"}}},
+     "tasks.t.prompt_template = '{0}': {0}: fields must be plain names like {device}"),
+    ({"tasks": {"a/b": ONE_VARIANT}}, f"tasks.a/b: invalid task name: {RULE} ('/' is not allowed)"),
+    ({"models": {"ACTIVE": {}}},
+     f"models.ACTIVE: invalid model name: {RULE} ('ACTIVE' is reserved for the model store's own "
+     "files)"),
+    ({"mqtt": {"device_id": "cam 7"}},
+     "mqtt.device_id = 'cam 7': must be a device id (or empty): use 1-64 letters, digits, '_', "
+     "'-' or '.', starting with a letter or digit, with no '..' (' ' is not allowed)"),
+    ({"mqtt": {"reconnect_min_s": 5, "reconnect_max_s": 1}},
+     "mqtt.reconnect_max_s = 1.0: must not be below reconnect_min_s"),
+    ({"models": {"m": {"retry_backoff_s": 2}}},
+     "models.m.retry_backoff_max_s = 1.0: must not be below retry_backoff_s"),
+    ({"model_defaults": {"batching": {"max_batch_size": 8, "preferred_batch_sizes": [4, 16]}}},
+     "model_defaults.batching.preferred_batch_sizes = [4, 16]: each must be between 1 and "
+     "max_batch_size (8)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("override", "message"), CONSTRAINTS, ids=[c[1] for c in CONSTRAINTS])
+def test_constraints_name_the_key_the_value_and_the_reason(
+    override: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, override, environ={})
+    assert info.value.message == message
+
+
+def test_constraints_accept_their_edges() -> None:
+    config = load_config(
+        None,
+        {
+            "server": {"port": 65535},
+            "hub": {"upload_batch": 500, "error_rate_threshold": 1, "poll_jitter": 0.99},
+            "mqtt": {"qos": 0, "url": "mqtts://b", "reconnect_min_s": 1, "reconnect_max_s": 1},
+            "model_defaults": {
+                "worker_nice": 19,
+                "retry_backoff_s": 1,
+                "breaker": {"error_rate": 1},
+                "batching": {"max_batch_size": 8, "preferred_batch_sizes": [1, 8]},
+            },
+            "tasks": {"t" * 128: {"variants": [{"model": "m" * 128}], "fallback": ""}},
+            "models": {"m" * 128: {}},
+        },
+        environ={},
+    )
+    assert config.model_defaults.batching.preferred_batch_sizes == [1, 8]
+    assert config.task_config("t" * 128).variants[0].model == "m" * 128
+
+
+def test_every_constraint_is_declared_on_its_field() -> None:
+    """The checker reads field metadata: the constraint sits next to the field it guards."""
+    meta = {f.name: f.metadata for f in dataclasses.fields(ModelConfig)}
+    assert set(meta["max_concurrency"]) == {"appliance.config.check"}
+    assert meta["max_concurrency"]["appliance.config.check"](0) == "must be at least 1"
+    assert meta["max_concurrency"]["appliance.config.check"](1) is None
+    assert not meta["retries"]  # no constraint beyond its type

@@ -313,7 +313,7 @@ def test_remove_refuses_unknown_versions_and_models(reg: Registry, samples: Path
 
 # -- names -------------------------------------------------------------------------------------
 
-BAD_NAMES = ["../x", ".hidden", "a/b", "", "ACTIVE", "a..b", "-dash", "sp ace", "x" * 129]
+BAD_NAMES = ["../x", ".hidden", "a/b", "", "ACTIVE", "a..b", "-dash", "sp ace", "x" * 129, "a\n"]
 
 
 @pytest.mark.parametrize("bad", BAD_NAMES)
@@ -343,6 +343,13 @@ def test_invalid_versions_are_refused(reg: Registry, samples: Path, bad: str) ->
 def test_valid_names() -> None:
     for good in ("a", "A1", "resnet-50_int8.v2", "1", "x" * 128):
         assert check_name(good, "model name") == good
+
+
+def test_names_and_versions_at_the_limit_are_stored(reg: Registry, samples: Path) -> None:
+    name, version = "n" * 128, "v" * 128
+    reg.add(name, samples / "sample.onnx", version=version)
+    assert reg.names() == [name]
+    assert reg.active(name).manifest.version == version
 
 
 def test_listing_ignores_what_is_not_a_model_or_version(reg: Registry, samples: Path) -> None:

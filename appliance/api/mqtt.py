@@ -53,6 +53,7 @@ from ..errors import (
     PayloadTooLarge,
 )
 from ..metrics import Metrics
+from ..names import check_name
 from ..preprocess.image import check_content_type
 from ..request import Request, RequestPath
 from ..routing import Router
@@ -127,17 +128,19 @@ def device_id(cfg: MqttConfig) -> str:
 
 
 def parse_topic(topic: str, prefixes: list[str]) -> Route:
-    """<prefix>/infer/<model>[/versions/<v>][/raw] -> Route; NotFound for anything else."""
+    """<prefix>/infer/<model>[/versions/<v>][/raw] -> Route; NotFound for any other shape,
+    InvalidInput for a model name or version that breaks the name rule (appliance/names.py)."""
     for prefix in prefixes:
         if topic.startswith(prefix + "/infer/"):
             parts = topic[len(prefix) + len("/infer/") :].split("/")
-            raw = parts[-1] == "raw"
+            raw = len(parts) > 1 and parts[-1] == "raw"  # .../infer/raw is a model named raw
             if raw:
                 parts = parts[:-1]
             if len(parts) == 1 and parts[0]:
-                return Route(parts[0], None, raw)
+                return Route(check_name(parts[0], "model name"), None, raw)
             if len(parts) == 3 and parts[1] == "versions" and parts[0] and parts[2]:
-                return Route(parts[0], parts[2], raw)
+                model = check_name(parts[0], "model name")
+                return Route(model, check_name(parts[2], "version"), raw)
     raise NotFound(f"topic {topic!r} names no model (expected .../infer/<model>)")
 
 

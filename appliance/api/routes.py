@@ -6,8 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-#: What a model or task name, or a version, may look like in a URL path.
-NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+from ..names import NAME_PATTERN
 
 
 @dataclass(frozen=True)
@@ -21,7 +20,8 @@ class Route:
     hot: bool = False
 
     def regex(self) -> re.Pattern[str]:
-        """The fast path's pattern for this route: names as the store allows them."""
+        """The fast path's pattern for this route: names as the store allows them (one rule for
+        the store, the hub, MQTT topics and URLs: appliance/names.py)."""
         text = re.escape(self.path)
         for part in ("name", "version"):
             text = text.replace(re.escape("{" + part + "}"), f"(?P<{part}>{NAME_PATTERN})")

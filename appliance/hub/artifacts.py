@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -18,13 +17,12 @@ from pathlib import Path
 from typing import Protocol
 
 from ..errors import NotFound
-
-_KEY_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+from ..names import is_name
 
 
 def check_key(key: str) -> str:
-    parts = key.split("/")
-    if not parts or any(not _KEY_PART.match(p) or ".." in p for p in parts):
+    """Every part of a key follows the name rule (appliance/names.py): no '..', no leading '.'."""
+    if not all(is_name(p) for p in key.split("/")):
         raise NotFound(f"no artifact {key!r}")
     return key
 

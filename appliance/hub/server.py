@@ -30,7 +30,7 @@ from prometheus_client.registry import Collector
 from ..errors import ApplianceError, InvalidInput, NotFound, PayloadTooLarge, Unauthorized
 from .errors import Forbidden
 from .repository import utcnow
-from .service import ROLLOUT_STATES, Hub, check_name, require_device
+from .service import ROLLOUT_STATES, Hub, check_device_id, require_device
 from .storage import Device
 
 log = logging.getLogger("appliance.hub.http")
@@ -306,7 +306,7 @@ async def list_devices(request: web.Request) -> web.Response:
 
 async def device_events(request: web.Request) -> web.Response:
     hub = request.app[HUB]
-    device_id = check_name(request.match_info["device_id"], "device id")
+    device_id = check_device_id(request.match_info["device_id"])
     try:
         after = int(request.query.get("after", "0"))
         limit = int(request.query.get("limit", "1000"))

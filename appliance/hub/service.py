@@ -31,6 +31,7 @@ from typing import Any
 import orjson
 
 from ..errors import ApplianceError, InvalidInput, NotFound, PayloadTooLarge, Unauthorized
+from ..names import DEVICE_ID_MAX_LENGTH, check_name, is_name
 from .artifacts import ArtifactStore, LocalArtifacts
 from .errors import Conflict, Forbidden
 from .protocol import decode_custom, encode_custom
@@ -39,7 +40,6 @@ from .storage import Device, Event, HubStore, Rollout, SQLiteStore, Target
 
 log = logging.getLogger("appliance.hub")
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 KIND_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 SUFFIXES = {"onnx": ".onnx", "gguf": ".gguf", "tflite": ".tflite"}
@@ -48,14 +48,9 @@ ROLLOUT_STATES = ("active", "halted", "rolled_back")
 __all__ = ["Hub", "HubConfig", "decode_custom", "encode_custom", "init_hub"]
 
 
-def check_name(value: Any, what: str) -> str:
-    """Names and versions become path components: a strict pattern, no exceptions."""
-    if not isinstance(value, str) or not NAME_RE.match(value) or ".." in value:
-        raise InvalidInput(
-            f"invalid {what} {value!r}: use 1-64 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
-    return value
+def check_device_id(value: Any, what: str = "device id") -> str:
+    """Device ids and group names: the name rule (appliance/names.py), host-name length."""
+    return check_name(value, what, max_length=DEVICE_ID_MAX_LENGTH)
 
 
 def now_iso() -> str:
@@ -186,8 +181,8 @@ class Hub:
 
     def enroll(self, device_id: Any, group: Any = "default") -> str:
         """Register a device; returns its token (shown once, the hub keeps only a hash)."""
-        device_id = check_name(device_id, "device id")
-        group = check_name(group, "group")
+        device_id = check_device_id(device_id)
+        group = check_device_id(group, "group")
         token = secrets.token_urlsafe(32)
         self.store.add_device(Device(device_id, group, token_hash(token), now_iso(), None))
         log.info("enrolled device %s in group %s", device_id, group)
@@ -283,7 +278,7 @@ class Hub:
         name, version, base = parts
         digest, _, filename = base.partition(".")
         target = None
-        if NAME_RE.match(name) and NAME_RE.match(version) and SHA256_RE.match(digest):
+        if is_name(name) and is_name(version) and SHA256_RE.match(digest):
             target = self.store.target(name, version)
         if target is None or target.sha256 != digest or target.path.split("/")[-1] != filename:
             raise NotFound(f"no target file {target_path!r}")
@@ -501,10 +496,10 @@ def _check_target(target: Any) -> dict[str, Any]:
         if target.get("all") is True:
             return {"all": True}
         if "group" in target:
-            return {"group": check_name(target["group"], "group")}
+            return {"group": check_device_id(target["group"], "group")}
         devices = target.get("devices")
         if isinstance(devices, list) and devices:
-            return {"devices": sorted({check_name(d, "device id") for d in devices})}
+            return {"devices": sorted({check_device_id(d) for d in devices})}
     raise InvalidInput(
         'rollout \'target\' must be {"all": true}, {"group": "G"} or {"devices": ["id", ...]}'
     )

@@ -55,6 +55,30 @@ async def test_updater_verifies_and_downloads_a_published_model(
     assert await asyncio.to_thread(updater.get_targetinfo, "sample/2/model.onnx") is None
 
 
+async def test_names_up_to_the_device_limit_are_published_and_downloaded(
+    env: HubEnv, samples: Path, tmp_path: Path
+) -> None:
+    """The hub takes every name the device serves (appliance/names.py: 128 characters)."""
+    token = await env.enroll("dev1")
+    model = samples / "sample.onnx"
+    for name, version in (("m" * 100, "1"), ("n" * 128, "v" * 128)):
+        status, body = await env.publish(name, version, model)
+        assert status == 201, body
+        updater = env.updater(token, tmp_path / "device")  # one refresh per updater
+        await asyncio.to_thread(updater.refresh)
+        info = await asyncio.to_thread(updater.get_targetinfo, f"{name}/{version}/model.onnx")
+        assert info is not None
+        # The sync agent names downloads by their hash: the quoted target path would be too
+        # long a file name (272 characters) for ngclient's default.
+        out = tmp_path / f"{len(name)}.onnx"
+        await asyncio.to_thread(updater.download_target, info, str(out))
+        assert out.read_bytes() == model.read_bytes()
+    for name, version in (("m" * 129, "1"), ("m", "v" * 129)):
+        status, body = await env.publish(name, version, model)
+        assert status == 400 and "use 1-128 letters" in body["error"], body
+        assert "(it has 129 characters)" in body["error"]
+
+
 async def test_every_publish_bumps_targets_snapshot_and_timestamp(
     env: HubEnv, samples: Path, tmp_path: Path
 ) -> None:

@@ -6,7 +6,9 @@ import threading
 from pathlib import Path
 
 from tests.sync.conftest import (
+    SAMPLE_INPUT,
     Fleet,
+    http_json,
     infer,
     kinds,
     serving_version,
@@ -70,6 +72,24 @@ def test_rollout_reaches_the_device_and_is_reported(
     assert set(since_change) <= {304}  # every poll after the last change
     store = fleet.tmp / "store-dev1" / "sample"
     assert (store / "ACTIVE").read_text().split() == ["2", "1"]  # the previous version is kept
+
+
+def test_a_model_with_a_100_character_name_is_published_and_served(
+    fleet: Fleet, variants: dict[str, Path]
+) -> None:
+    """The hub takes every name the device serves (appliance/names.py): once it took 64 only."""
+    name = "factory-line-7.defect-detector_" + "v" * 69
+    assert len(name) == 100
+    device = fleet.start_device("dev1", fleet.store("dev1"))
+    fleet.hub.publish(name, variants["v2"], "1", *fleet.manifest_args)
+    fleet.hub.rollout(name, "1", "dev1")
+    wait_for("the model serving", lambda: sync_status(device)["active"].get(name) == "1")
+    body = {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32",
+                        "data": SAMPLE_INPUT[0]}]}  # fmt: skip
+    out = http_json(f"http://{device.url}/v2/models/{name}/infer", "POST", body)
+    assert (out["model_name"], out["model_version"]) == (name, "1")
+    assert out["outputs"] != infer(device)["outputs"]  # v2's weights, not the sample's
+    assert (fleet.tmp / "store-dev1" / name / "ACTIVE").read_text().split() == ["1"]
 
 
 def test_a_dropped_connection_resumes_where_it_stopped(
