@@ -1,7 +1,7 @@
 """The loaded models: load, activate (the gap-free version switch), look up, run.
 
-Below the router (appliance/routing/), which alone knows tasks, and knows nothing of them itself:
-it never calls back up."""
+It sits below the router (appliance/routing/), which alone knows tasks; the engine knows
+nothing of them and never calls back up."""
 
 from __future__ import annotations
 
