@@ -29,6 +29,8 @@ else:  # pragma: no cover - Python 3.10 (JetPack 6)
 ENV_PREFIX = "APPLIANCE_"
 #: Model and task names: the model store's rule (registry.check_name), safe in URLs and topics.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+#: Most priority levels a model may have (each is a queue its workers look at).
+MAX_PRIORITY_LEVELS = 16
 T = TypeVar("T")
 
 Device = Literal["auto", "cuda", "cpu"]
@@ -238,6 +240,37 @@ class BreakerConfig:
 
 
 @dataclass
+class PriorityQueueConfig:
+    """The queue policy of one priority level (Triton's ModelQueuePolicy)."""
+
+    #: The level this policy applies to (1 is the highest).
+    level: int = 0
+    #: Requests of this level waiting at once; more are refused at once with 503. 0: only the
+    #: model's max_queue bounds it.
+    max_queue: int = 0
+    #: Longest a request of this level waits for a worker before `timeout_action` applies, in
+    #: seconds; 0: no limit but the request's own deadline.
+    timeout_s: float = 0.0
+    #: "reject": answered 503 (Triton's UNAVAILABLE, "Request timeout expired"); "delay": moved
+    #: behind every request of its level still within its wait, still ahead of lower levels.
+    timeout_action: Literal["reject", "delay"] = "reject"
+
+
+@dataclass
+class PriorityConfig:
+    """Priority levels of a model's queue (engine/priority.py): a request's `priority` parameter
+    picks one, 1 being the highest; 0, none or one out of range take `default_level`."""
+
+    #: 1: one queue in arrival order (no priorities).
+    levels: int = 1
+    #: The level of requests that give no priority (or 0, or one above `levels`); 0 here
+    #: means the lowest level.
+    default_level: int = 0
+    #: Policies of the levels that have one ([[models.NAME.priority.queues]] tables).
+    queues: list[PriorityQueueConfig] = field(default_factory=list)
+
+
+@dataclass
 class ModelConfig:
     """Serving settings for a model; [model_defaults] applies to all, [models.NAME] overrides."""
 
@@ -266,6 +299,7 @@ class ModelConfig:
     retry_backoff_s: float = 0.05
     retry_backoff_max_s: float = 1.0
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    priority: PriorityConfig = field(default_factory=PriorityConfig)
     onnx: OnnxConfig = field(default_factory=OnnxConfig)
     gguf: GgufConfig = field(default_factory=GgufConfig)
     tflite: TfliteConfig = field(default_factory=TfliteConfig)
@@ -515,11 +549,37 @@ def _check_ranges(obj: Any, where: str) -> None:
             raise bad("n_batch", "must be at least 1")
         if obj.default_max_tokens < 1:
             raise bad("default_max_tokens", "must be at least 1")
+    if isinstance(obj, PriorityConfig):
+        _check_priority(obj, where)
     if isinstance(obj, TextConfig):
         if obj.max_chars < 1:
             raise bad("max_chars", "must be at least 1")
         if obj.batch_size < 1:
             raise bad("batch_size", "must be at least 1")
+
+
+def _check_priority(obj: PriorityConfig, where: str) -> None:
+    """The priority table's own rules (the types of its queue tables are checked by `_build`)."""
+    at = f"{where}." if where else ""
+    if not 1 <= obj.levels <= MAX_PRIORITY_LEVELS:
+        raise ConfigError(f"{at}levels = {obj.levels}: must be between 1 and {MAX_PRIORITY_LEVELS}")
+    if obj.default_level > obj.levels:
+        raise ConfigError(
+            f"{at}default_level = {obj.default_level}: must be between 1 and levels "
+            f"({obj.levels}), or 0 for the lowest level"
+        )
+    seen: set[int] = set()
+    for i, queue in enumerate(obj.queues):
+        if not 1 <= queue.level <= obj.levels:
+            raise ConfigError(
+                f"{at}queues[{i}].level = {queue.level}: must be between 1 and levels "
+                f"({obj.levels})"
+            )
+        if queue.level in seen:
+            raise ConfigError(
+                f"{at}queues[{i}].level = {queue.level}: another queue table has this level"
+            )
+        seen.add(queue.level)
 
 
 def template_fields(template: str) -> list[str]:

@@ -146,6 +146,7 @@ class Engine:
             inline_max_us=model.config.inline_max_us,
             batching=policy_for(model.config.batching, backend, label),
             nice=model.config.worker_nice,
+            priority=model.config.priority,
         )
         model.status = "ready"
         p = backend.placement
@@ -320,6 +321,7 @@ class Engine:
                     load_seconds=m.load_seconds,
                     queue_depth=(runner.pending - running) if runner else 0,
                     inflight=running,
+                    queued_by_level=runner.queued_by_level() if runner else (),
                 )
             )
         return out
@@ -376,22 +378,26 @@ class Engine:
                 return await self.infer_on(model, request)
         return await self.router.infer(name, version, request, key)
 
-    def admit(self, name: str, version: str | None = None) -> LoadedModel:
+    def admit(
+        self, name: str, version: str | None = None, priority: int | None = None
+    ) -> LoadedModel:
         """The model a request to `name` goes to (404/503 if none), refused with 503 at once
         when its queue is full, before a body is read or decoded: under overload, refusals
         must stay cheap for the event loop. Not for tasks (a full queue sends them to their
-        fallback) nor for models that retry a full queue."""
+        fallback) nor for models that retry a full queue. `priority`: the request's, when
+        known before its body; None (not known yet) refuses only what the highest level
+        would be refused (its body may ask for that level)."""
         model = self.resolve(name, version)
         if name not in self.router.tasks and not model.config.retries:
-            self.check_capacity(model)
+            self.check_capacity(model, 1 if priority is None else priority)
         return model
 
-    def check_capacity(self, model: LoadedModel) -> None:
+    def check_capacity(self, model: LoadedModel, priority: int | None = None) -> None:
         runner, metrics = model.runner, model.stats
         if runner is None or metrics is None:
             return
         try:
-            runner.check_capacity()
+            runner.check_capacity(priority)
         except ApplianceError:
             metrics.outcomes["overloaded"] += 1
             raise
@@ -412,7 +418,7 @@ class Engine:
             timeout = model.config.timeout_s
             if request.timeout_s is not None:
                 timeout = min(timeout, request.timeout_s)
-            result, _timing = await runner.run(request.inputs, outputs, timeout)
+            result, _timing = await runner.run(request.inputs, outputs, timeout, request.priority)
             if pipeline is not None:
                 result = pipeline.finish(request, result, asked)
         except ApplianceError as exc:
@@ -453,12 +459,12 @@ class Engine:
         return model, backend
 
     async def _call(self, model: LoadedModel, fn: Callable[[Any, Callable[[], bool]], T],
-                    stop: Callable[[], bool] | None) -> T:  # fmt: skip
+                    stop: Callable[[], bool] | None, priority: int | None = None) -> T:  # fmt: skip
         runner, metrics = model.runner, model.stats
         assert runner is not None and metrics is not None
         t0 = time.perf_counter()
         try:
-            result = await runner.call(fn, model.config.timeout_s, stop)
+            result = await runner.call(fn, model.config.timeout_s, stop, priority)
         except ApplianceError as exc:
             metrics.outcomes[_OUTCOME.get(exc.status, "error")] += 1
             raise
@@ -492,6 +498,7 @@ class Engine:
         request: Generation,
         emit: Callable[[str], None] | None = None,
         stop: Callable[[], bool] | None = None,
+        priority: int | None = None,
     ) -> GenerationResult:
         """Run a generation on this loaded version."""
         loop = asyncio.get_running_loop()
@@ -506,6 +513,7 @@ class Engine:
             model,
             lambda backend, cancelled: backend.generate(request, from_worker, cancelled),
             stop,
+            priority,
         )
 
     async def embed(
@@ -519,8 +527,12 @@ class Engine:
                 return model, await self.embed_on(model, texts)
         return await self.router.embed(name, texts, key, served)
 
-    async def embed_on(self, model: LoadedModel, texts: list[str]) -> EmbeddingResult:
-        return await self._call(model, lambda backend, _cancelled: backend.embed(texts), None)
+    async def embed_on(
+        self, model: LoadedModel, texts: list[str], priority: int | None = None
+    ) -> EmbeddingResult:
+        return await self._call(
+            model, lambda backend, _cancelled: backend.embed(texts), None, priority
+        )
 
     def describe(self, model: LoadedModel) -> dict[str, Any]:
         """KServe v2 model metadata, plus where the model runs."""
