@@ -254,6 +254,10 @@ class PriorityQueueConfig:
     #: "reject": answered 503 (Triton's UNAVAILABLE, "Request timeout expired"); "delay": moved
     #: behind every request of its level still within its wait, still ahead of lower levels.
     timeout_action: Literal["reject", "delay"] = "reject"
+    #: Most rows in one run of this level's requests; 0: the model's batching.max_batch_size.
+    #: Runs are never preempted: a small one for a background level bounds how long a higher
+    #: level's request can wait behind it.
+    max_batch_size: int = 0
 
 
 @dataclass

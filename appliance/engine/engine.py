@@ -409,6 +409,9 @@ class Engine:
         t0 = time.perf_counter()
         pipeline = model.pipeline
         try:
+            if runner.priority_levels > 1:
+                # its level is known now: under a flood, refuse before decoding or validating
+                runner.check_capacity(request.priority)
             asked = None
             if pipeline is not None:
                 asked = await pipeline.prepare(request)

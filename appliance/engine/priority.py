@@ -13,16 +13,18 @@ ModelQueuePolicy per level), kept here:
   every request of its level still within its wait, arrivals to come included, but still ahead
   of every lower level: Triton's delayed queue, which belongs to the level.
 
-Beyond Triton, which only refuses: when the model's whole queue is full (max_concurrency +
-max_queue admitted) and a request arrives, the queued request that would run last among those
-of a lower level (the lowest level first, the newest first) is evicted with a 503 and
-Retry-After, and the arrival takes its place: urgent work is never refused because background
-work filled the queue. An arrival with nothing below it (the lowest level, say) is refused at
-once, as before. Running requests are never preempted.
+Beyond Triton, which only refuses: when the model is full (max_concurrency + max_queue
+admitted, and max_queue of them still waiting: requests a worker took into a batch wait no
+more) and a request arrives, the queued request that would run last among those of a lower
+level (the lowest level first, the newest first) is evicted with a 503 and Retry-After, and the
+arrival takes its place: urgent work is never refused because background work filled the
+queue. An arrival with nothing below it (the lowest level, say) is refused at once, as before.
 
-Batches hold requests of one level: a higher level's request never waits for lower-level rows
-to be computed in its own run (on a CPU a batch's run time grows with its rows), and it is
-never held back by a lower level's batch that is still forming.
+Running requests are never preempted, so an urgent request may wait for the run in progress;
+a level's `max_batch_size` bounds that wait (a background level's small batches cost it some
+throughput). Batches hold requests of one level: a higher level's request never waits for
+lower-level rows to be computed in its own run (on a CPU a batch's run time grows with its
+rows), and it is never held back by a lower level's batch that is still forming.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ class LevelPolicy:
     max_queue: int = 0
     timeout_s: float = 0.0
     delay: bool = False
+    #: Most rows in one batch of this level (0: the model's own limit).
+    max_rows: int = 0
 
 
 class Levels(Generic[J]):
@@ -65,7 +69,7 @@ class Levels(Generic[J]):
         self.default = config.default_level or config.levels
         given = {q.level: q for q in config.queues}
         self.policies = tuple(
-            LevelPolicy(q.max_queue, q.timeout_s, q.timeout_action == "delay")
+            LevelPolicy(q.max_queue, q.timeout_s, q.timeout_action == "delay", q.max_batch_size)
             if (q := given.get(level)) is not None
             else LevelPolicy()
             for level in range(1, self.count + 1)
@@ -87,6 +91,11 @@ class Levels(Generic[J]):
 
     def policy(self, level: int) -> LevelPolicy:
         return self.policies[level - 1]
+
+    @property
+    def size(self) -> int:
+        """Requests waiting, all levels together (an int read: no lock needed)."""
+        return self._size
 
     def queued(self, level: int) -> int:
         with self._cond:

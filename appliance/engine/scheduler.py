@@ -396,8 +396,8 @@ class ModelRunner:
                 f"model {self.label}: priority level {level} has {policy.max_queue} requests "
                 "waiting, its max_queue; retry later"
             )
-        if self._pending < self._limit:
-            return
+        if self._pending < self._limit or levels.size < self.max_queue:
+            return  # (requests in a running batch count in `pending`, but wait no more)
         if not evict:
             if levels.can_evict(level):
                 return
@@ -524,6 +524,9 @@ class ModelRunner:
             first.key = merge_key(names, first.inputs, first.outputs) or False
             first.rows = rows_of(names, first.inputs) if first.key else 0
         key, limit = first.key, policy.max_rows
+        level = first.level
+        if levels.policy(level).max_rows:
+            limit = min(limit, levels.policy(level).max_rows)
         rows = first.rows
         if not key or rows >= limit:
             return
@@ -543,7 +546,6 @@ class ModelRunner:
             rows += job.rows
             return True
 
-        level = first.level
         levels.take_more(level, accept)
         if policy.max_delay_s:
             until = time.perf_counter() + policy.max_delay_s
