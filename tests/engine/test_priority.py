@@ -64,14 +64,19 @@ def _levels(levels: int = 3, default: int = 0, **model: Any) -> dict[str, Any]:
     }
 
 
-def _record(client: Any, model: str = "sample") -> list[list[float]]:
-    """The markers of every runtime call the model makes from now on, in order."""
+def _record(
+    client: Any, model: str = "sample", gate: threading.Event | None = None
+) -> list[list[float]]:
+    """The markers of every runtime call the model makes from now on, in order (each call
+    waits for `gate`, if given, before onnxruntime runs it)."""
     backend = client.server.app[ENGINE].ready_model(model).backend
     calls: list[list[float]] = []
     real = backend.run
 
     def run(inputs: dict[str, np.ndarray[Any, Any]], outputs: list[str] | None) -> Any:
         calls.append(inputs["input"][:, 0].tolist())
+        if gate is not None:
+            assert gate.wait(TIMEOUT), "the test never opened the gate"
         return real(inputs, outputs)
 
     backend.run = run
@@ -131,6 +136,21 @@ async def test_without_levels_the_queue_keeps_arrival_order(serve):
     assert "appliance_priority_" not in text  # one level: no per-level series
 
 
+async def test_a_levels_max_batch_size_cuts_its_batches(serve):
+    client = await serve(_levels(queues=[{"level": 3, "max_batch_size": 2}]))
+    runner, release, hold = await _hold(client, "sample")
+    calls = _record(client)
+    futs = [_post(client, _req(30 + i, priority=3)) for i in range(5)]
+    await _queued(runner, 6)
+    futs.append(_post(client, _req(20 + 0, priority=2)))
+    futs.append(_post(client, _req(21, priority=2)))
+    await _queued(runner, 8)
+    release.set()
+    await hold
+    assert [(await f).status for f in futs] == [200] * 7
+    assert calls == [[20.0, 21.0], [30.0, 31.0], [32.0, 33.0], [34.0]]
+
+
 # -- a full queue: eviction and refusal ------------------------------------------------------------
 async def test_a_full_queue_evicts_its_newest_lowest_request_for_a_higher_one(serve):
     client = await serve(_levels(max_queue=3))
@@ -187,6 +207,29 @@ async def test_the_lowest_level_at_a_full_queue_is_refused_at_once(serve):
     release.set()
     await hold
     assert [(await f).status for f in top] == [200, 200]
+
+
+async def test_requests_in_a_running_batch_no_longer_count_as_waiting(serve):
+    client = await serve(_levels(max_queue=2))
+    runner, release, hold = await _hold(client, "sample")
+    gate = threading.Event()
+    calls = _record(client, gate=gate)
+    first = [_post(client, _req(30 + i, priority=3)) for i in range(2)]
+    await _queued(runner, 3)  # full: 1 running, 2 waiting
+    release.set()
+    await hold
+    for _ in range(int(TIMEOUT / 0.005)):  # the two now run as one batch, held at the gate
+        if calls:
+            break
+        await asyncio.sleep(0.005)
+    assert calls == [[30.0, 31.0]]
+    # 2 admitted and running: 2 more may wait (max_queue), the next is refused
+    more = [_post(client, _req(32 + i, priority=3)) for i in range(2)]
+    await _queued(runner, 4)
+    r = await client.post("/v2/models/sample/infer", json=_req(34, priority=3))
+    assert r.status == 503
+    gate.set()
+    assert [(await f).status for f in (*first, *more)] == [200] * 4
 
 
 async def test_a_levels_own_max_queue_refuses_that_level_only(serve):
