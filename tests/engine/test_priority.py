@@ -111,6 +111,8 @@ async def test_a_higher_level_queued_later_runs_first_and_levels_batch_apart(ser
     await _queued(runner, 5)
     high = _post(client, _req(10, priority=1))
     await _queued(runner, 6)
+    for level, n in (("1", 1), ("2", 1), ("3", 3)):
+        assert await _metric(client, "appliance_priority_queued", level=level) == n
     release.set()
     await hold
     for fut in [*low, mid, high]:
