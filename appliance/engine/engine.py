@@ -410,7 +410,7 @@ class Engine:
         pipeline = model.pipeline
         try:
             if runner.priority_levels > 1:
-                # its level is known now: under a flood, refuse before decoding or validating
+                # its level is known now: under a flood, refuse before preparing or validating
                 runner.check_capacity(request.priority)
             asked = None
             if pipeline is not None:
