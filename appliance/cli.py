@@ -148,6 +148,10 @@ def cmd_probe_gguf(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.priority:
+        from .bench_priority import run_priority_bench
+
+        return run_priority_bench(args)
     from .bench import run
     from .bench.options import BenchOptions, SweepOptions, parse_levels
 
@@ -285,6 +289,22 @@ def parser() -> argparse.ArgumentParser:
     sweep.add_argument(
         "--rounds", type=int, default=3, help="alternating rounds per level (the median counts)"
     )
+    prio = b.add_argument_group("priority levels: an urgent stream through a flood (one server)")
+    prio.add_argument(
+        "--priority", action="store_true", help="level-1 requests alone, then beside a flood"
+    )
+    prio.add_argument("--priority-seconds", type=float, default=10.0, metavar="S",
+                      help="length of each phase")  # fmt: skip
+    prio.add_argument("--high-share", type=float, default=0.05, metavar="F",
+                      help="the level-1 rate, as a fraction of the measured capacity")  # fmt: skip
+    prio.add_argument("--flood-factor", type=float, default=10.0, metavar="X",
+                      help="the level-2 flood's rate, as a multiple of the capacity")  # fmt: skip
+    prio.add_argument("--flood-connections", type=int, default=160, metavar="N",
+                      help="more than the model admits, or the flood stalls")  # fmt: skip
+    prio.add_argument("--flood-nice", type=int, default=0, metavar="N",
+                      help="the flood client's CPU priority, N steps lower")  # fmt: skip
+    prio.add_argument("--flood-batch", type=int, default=0, metavar="ROWS",
+                      help="level 2's max_batch_size (0: the model's own)")  # fmt: skip
     llm = b.add_argument_group("GGUF chat models (streamed /v1/chat/completions)")
     llm.add_argument("--runs", type=int, default=3, help="timed streamed completions per side")
     llm.add_argument("--max-tokens", type=int, default=64, help="max_tokens of each completion")

@@ -33,11 +33,12 @@ class InferRequest:
     binary_output: bool = False
     #: Client deadline in seconds (from Triton's `timeout` parameter, in microseconds).
     timeout_s: float | None = None
+    #: Triton's `priority` parameter: 1 is the highest level; 0 or None the model's default
+    #: (the runner maps it, see engine/priority.py).
+    priority: int | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
     #: The datatype each input was declared with on the wire.
     datatypes: dict[str, str] = field(default_factory=dict)
-    #: Its priority level (1 = highest; None = the model's default).
-    priority: int | None = None
 
 
 @dataclass
@@ -57,6 +58,12 @@ def _shape(value: Any, what: str) -> tuple[int, ...]:
         if isinstance(d, bool) or not isinstance(d, int) or d < 0:
             raise InvalidInput(f"{what}: 'shape' must hold non-negative integers, got {value}")
     return tuple(value)
+
+
+def _brief(value: Any) -> str:
+    """A client's value in an error message, cut short."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _count(shape: tuple[int, ...]) -> int:
@@ -270,12 +277,21 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
             raise InvalidInput("parameters.timeout must be a non-negative integer (microseconds)")
         if timeout > 0:
             timeout_s = timeout / 1e6
+    priority = params.get("priority")
+    if priority is not None and (
+        isinstance(priority, bool) or not isinstance(priority, int) or priority < 0
+    ):
+        raise InvalidInput(
+            "parameters.priority must be a non-negative integer (1 is the highest level, 0 the "
+            f"model's default), got {_brief(priority)}"
+        )
     return InferRequest(
         inputs=inputs,
         outputs=outputs,
         id=request_id,
         binary_output=binary_default,
         timeout_s=timeout_s,
+        priority=priority,
         parameters=params,
         datatypes=datatypes,
     )

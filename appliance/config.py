@@ -58,6 +58,8 @@ else:  # pragma: no cover - Python 3.10 (JetPack 6)
     import tomli as tomllib
 
 ENV_PREFIX = "APPLIANCE_"
+#: Most priority levels a model may have (each is a queue its workers look at).
+MAX_PRIORITY_LEVELS = 16
 T = TypeVar("T")
 
 Device = Literal["auto", "cuda", "cpu"]
@@ -72,10 +74,12 @@ _CHECK = "appliance.config.check"
 class Invalid(Exception):
     """Raised by a section's `check()`: `key` is the field to blame, `reason` why."""
 
-    def __init__(self, key: str, reason: str) -> None:
+    def __init__(self, key: str, reason: str, value: Any = None) -> None:
         super().__init__(f"{key}: {reason}")
         self.key = key
         self.reason = reason
+        #: The value to show, for a key that is not a field of the section (`queues[0].level`).
+        self.value = value
 
 
 def constraint(check: Check) -> dict[str, Check]:
@@ -416,6 +420,56 @@ class BreakerConfig:
 
 
 @dataclass
+class PriorityQueueConfig:
+    """The queue policy of one priority level (Triton's ModelQueuePolicy)."""
+
+    #: The level this policy applies to (1 is the highest).
+    level: int = 0
+    #: Requests of this level waiting at once; more are refused at once with 503. 0: only the
+    #: model's max_queue bounds it.
+    max_queue: int = 0
+    #: Longest a request of this level waits for a worker before `timeout_action` applies, in
+    #: seconds; 0: no limit but the request's own deadline.
+    timeout_s: float = 0.0
+    #: "reject": answered 503 (Triton's UNAVAILABLE, "Request timeout expired"); "delay": moved
+    #: behind every request of its level still within its wait, still ahead of lower levels.
+    timeout_action: Literal["reject", "delay"] = "reject"
+    #: Most rows in one run of this level's requests; 0: the model's batching.max_batch_size.
+    #: Runs are never preempted: a small one for a background level bounds how long a higher
+    #: level's request can wait behind it.
+    max_batch_size: int = 0
+
+
+@dataclass
+class PriorityConfig:
+    """Priority levels of a model's queue (engine/priority.py): a request's `priority` parameter
+    picks one, 1 being the highest; 0, none or one out of range take `default_level`."""
+
+    #: 1: one queue in arrival order (no priorities).
+    levels: int = field(default=1, metadata=between(1, MAX_PRIORITY_LEVELS))
+    #: The level of requests that give no priority (or 0, or one above `levels`); 0 here
+    #: means the lowest level.
+    default_level: int = 0
+    #: Policies of the levels that have one ([[models.NAME.priority.queues]] tables).
+    queues: list[PriorityQueueConfig] = field(default_factory=list)
+
+    def check(self) -> None:
+        if self.default_level > self.levels:
+            raise Invalid(
+                "default_level",
+                f"must be between 1 and levels ({self.levels}), or 0 for the lowest level",
+            )
+        seen: set[int] = set()
+        for i, queue in enumerate(self.queues):
+            key = f"queues[{i}].level"
+            if not 1 <= queue.level <= self.levels:
+                raise Invalid(key, f"must be between 1 and levels ({self.levels})", queue.level)
+            if queue.level in seen:
+                raise Invalid(key, "another queue table has this level", queue.level)
+            seen.add(queue.level)
+
+
+@dataclass
 class ModelConfig:
     """Serving settings for a model; [model_defaults] applies to all, [models.NAME] overrides."""
 
@@ -444,6 +498,7 @@ class ModelConfig:
     retry_backoff_s: float = 0.05
     retry_backoff_max_s: float = 1.0
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    priority: PriorityConfig = field(default_factory=PriorityConfig)
     onnx: OnnxConfig = field(default_factory=OnnxConfig)
     gguf: GgufConfig = field(default_factory=GgufConfig)
     tflite: TfliteConfig = field(default_factory=TfliteConfig)
@@ -625,8 +680,9 @@ def _build(cls: type[T], values: Mapping[str, Any], where: str) -> T:
 def _check_constraints(obj: Any, where: str) -> None:
     """Each field's constraint (its metadata), then the section's own `check()`."""
 
-    def bad(key: str, reason: str) -> ConfigError:
-        return ConfigError(f"{where + '.' if where else ''}{key} = {getattr(obj, key)!r}: {reason}")
+    def bad(key: str, reason: str, value: Any = None) -> ConfigError:
+        shown = getattr(obj, key) if hasattr(obj, key) else value
+        return ConfigError(f"{where + '.' if where else ''}{key} = {shown!r}: {reason}")
 
     for f in dataclasses.fields(obj):
         check = f.metadata.get(_CHECK)
@@ -639,7 +695,7 @@ def _check_constraints(obj: Any, where: str) -> None:
         try:
             section_check()
         except Invalid as exc:
-            raise bad(exc.key, exc.reason) from None
+            raise bad(exc.key, exc.reason, exc.value) from None
 
 
 def _declared_type(parts: list[str]) -> Any:

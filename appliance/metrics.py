@@ -59,10 +59,29 @@ class Histogram:
         return out
 
 
+class LevelStats:
+    """Counters of one priority level of a model version (loop thread only)."""
+
+    __slots__ = ("delayed", "evicted", "queue", "refused", "rejected", "total")
+
+    def __init__(self) -> None:
+        #: Queued requests answered 503 to make room for a higher level.
+        self.evicted = 0
+        #: Requests refused on arrival: the level's own max_queue, or a full model queue with
+        #: nothing of a lower level to evict.
+        self.refused = 0
+        #: Requests past the level's queue timeout, answered 503 or moved back.
+        self.rejected = 0
+        self.delayed = 0
+        #: Time waited for a worker, and from entering the queue to the answer.
+        self.queue = Histogram()
+        self.total = Histogram()
+
+
 class ModelStats:
     """Counters of one model version, updated on the event loop thread only."""
 
-    __slots__ = ("batch", "compute", "inline", "outcomes", "queue", "total")
+    __slots__ = ("batch", "compute", "inline", "levels", "outcomes", "queue", "total")
 
     def __init__(self) -> None:
         self.outcomes = dict.fromkeys(OUTCOMES, 0)
@@ -72,6 +91,8 @@ class ModelStats:
         #: Requests per runtime call (1 when a request ran alone).
         self.batch = Histogram(BATCH_BUCKETS)
         self.inline = 0
+        #: Per priority level, from level 1; empty for a model with one level.
+        self.levels: list[LevelStats] = []
 
 
 @dataclass(frozen=True)
@@ -87,6 +108,8 @@ class ModelGauges:
     load_seconds: float
     queue_depth: int
     inflight: int
+    #: Requests waiting per priority level, from level 1 (empty: the model has one level).
+    queued_by_level: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -154,6 +177,65 @@ class Metrics(Collector):
         if not answered:
             outcome += "_unanswered"
         self.mqtt_messages[outcome] = self.mqtt_messages.get(outcome, 0) + 1
+
+    def _priority_metrics(self, gauges: list[ModelGauges]) -> Iterator[Metric]:
+        """Per model and priority level, for the models with more than one level."""
+        if not any(g.queued_by_level for g in gauges) and not any(
+            s.levels for s in self._models.values()
+        ):
+            return
+        labels = ["model", "version", "level"]
+        queued = GaugeMetricFamily(
+            "appliance_priority_queued",
+            "Requests waiting for a worker, by priority level",
+            labels=labels,
+        )
+        counters = {
+            "evicted": CounterMetricFamily(
+                "appliance_priority_evicted",
+                "Queued requests answered 503 to make room for a request of a higher level",
+                labels=labels,
+            ),
+            "refused": CounterMetricFamily(
+                "appliance_priority_refused",
+                "Requests refused on arrival: their level's max_queue, or a full queue holding "
+                "nothing of a lower level",
+                labels=labels,
+            ),
+        }
+        timeouts = CounterMetricFamily(
+            "appliance_priority_queue_timeouts",
+            "Requests that waited longer than their level's timeout_s, by the action taken",
+            labels=[*labels, "action"],
+        )
+        hists = {
+            "queue": HistogramMetricFamily(
+                "appliance_priority_queue_seconds",
+                "Time a request waited for a worker, by priority level", labels=labels,
+            ),
+            "total": HistogramMetricFamily(
+                "appliance_priority_request_seconds",
+                "Time from entering the model's queue to the answer, by priority level",
+                labels=labels,
+            ),
+        }  # fmt: skip
+        for g in gauges:
+            for i, n in enumerate(g.queued_by_level, 1):
+                queued.add_metric([g.name, g.version, str(i)], n)
+        for (name, version), stats in self._models.items():
+            for i, level in enumerate(stats.levels, 1):
+                values = [name, version, str(i)]
+                counters["evicted"].add_metric(values, level.evicted)
+                counters["refused"].add_metric(values, level.refused)
+                timeouts.add_metric([*values, "reject"], level.rejected)
+                timeouts.add_metric([*values, "delay"], level.delayed)
+                for key, family in hists.items():
+                    h: Histogram = getattr(level, key)
+                    family.add_metric(values, h.buckets(), h.sum)
+        yield queued
+        yield from counters.values()
+        yield timeouts
+        yield from hists.values()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -226,6 +308,7 @@ class Metrics(Collector):
                 load.add_metric(values, g.load_seconds)
                 device.add_metric([*values, g.device, g.detail, str(g.fallback).lower()], 1)
         yield from (depth, inflight, ready, load, device)
+        yield from self._priority_metrics(gauges)
         for extra in self.collectors:
             yield from extra()
 

@@ -38,7 +38,7 @@ Protocol = Literal["http", "mqtt"]
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _TRACEPARENT_RE = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
-#: Priority levels a request may ask for (Triton's `priority` is a uint64; 0 = the default).
+#: Above any level a model may have (Triton's `priority` is a uint64; 0 = the default).
 MAX_PRIORITY = 1 << 32
 
 
@@ -59,24 +59,15 @@ def trace_of(traceparent: str | None) -> str | None:
     return m.group(1)
 
 
-def priority_of(raw: Any, what: str) -> int | None:
-    """A request's priority level (1 = highest; 0 = the model's default): an integer in a JSON
-    body, the digits of one in a header or a user property."""
-    if isinstance(raw, str):
-        text = raw.strip()
-        if not text.isdigit() or not text.isascii():
-            raise InvalidInput(f"{what} must be a non-negative integer, got {raw[:40]!r}")
-        raw = int(text)
-    return _level(raw, what)
-
-
-def _level(raw: Any, what: str) -> int | None:
+def priority_of(raw: str | None, what: str) -> int | None:
+    """A request's priority level from a header or a user property (1 = highest; 0 = the
+    model's default), as the digits of a non-negative integer."""
     if raw is None:
         return None
-    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
-        shown = repr(raw)[:40]
-        raise InvalidInput(f"{what} must be a non-negative integer, got {shown}")
-    return min(raw, MAX_PRIORITY) or None
+    text = raw.strip()
+    if not text.isdigit() or not text.isascii():
+        raise InvalidInput(f"{what} must be a non-negative integer, got {raw[:40]!r}")
+    return min(int(text), MAX_PRIORITY) or None
 
 
 def worth_logging(exc: ApplianceError) -> bool:
@@ -174,9 +165,11 @@ class RequestPath:
         )
 
     # -- stages ------------------------------------------------------------------------------
-    def admit(self, name: str, version: str | None = None) -> LoadedModel:
-        """404 for an unknown model, 503 for a full queue: before a body is read or decoded."""
-        return self.router.admit(name, version)
+    def admit(self, req: Request, name: str, version: str | None = None) -> LoadedModel:
+        """404 for an unknown model, 503 for a full queue: before a body is read or decoded.
+        The level is the wire's (a header) when it gives one: under a flood of background
+        work, a request marked so in its header is refused without reading its body."""
+        return self.router.admit(name, version, priority_of(req.priority, req.priority_name))
 
     def _key(self, req: Request, name: str, parameters: Mapping[str, Any]) -> str | None:
         return self.router.key_for(name, parameters, req.meta)
@@ -186,11 +179,12 @@ class RequestPath:
             shorten_deadline(body, req.expiry_s)
         shorten_deadline(body, timeout_ms(req.timeout_ms, req.timeout_name))
 
-    def _priority(self, req: Request, name: str, parameters: Mapping[str, Any]) -> int | None:
-        """The body's `priority` parameter (Triton's), else the wire's, else the task's default."""
-        level = _level(parameters.get("priority"), "parameters.priority")
-        if level is None:
-            level = priority_of(req.priority, req.priority_name)
+    def _priority(self, req: Request, name: str, given: int | None = None) -> int | None:
+        """The body's own priority (KServe's `parameters.priority`, decoded by the codec), else
+        the wire's (a header, a user property), else the task's default."""
+        if given:
+            return given
+        level = priority_of(req.priority, req.priority_name)
         return level if level is not None else self.router.default_priority(name)
 
     async def infer(
@@ -198,7 +192,7 @@ class RequestPath:
     ) -> InferResponse:
         """Run a decoded KServe v2 request on model or task `name`."""
         self._deadline(req, body)
-        body.priority = self._priority(req, name, body.parameters)
+        body.priority = self._priority(req, name, body.priority)
         key = self._key(req, name, body.parameters)
         with req.bound():
             return await self.router.infer(name, version, body, key)
@@ -213,7 +207,7 @@ class RequestPath:
         stop: Callable[[], bool] | None = None,
     ) -> tuple[LoadedModel, GenerationResult]:
         """Run a chat or completion; `parameters` is where a sticky key may be (the body)."""
-        gen.priority = self._priority(req, name, {})
+        gen.priority = self._priority(req, name)
         key = self._key(req, name, parameters)
         with req.bound():
             return await self.router.generate(name, gen, emit, stop, key, req.served)
@@ -222,8 +216,9 @@ class RequestPath:
         self, req: Request, name: str, texts: list[str], parameters: Mapping[str, Any]
     ) -> tuple[LoadedModel, EmbeddingResult]:
         key = self._key(req, name, parameters)
+        priority = self._priority(req, name)
         with req.bound():
-            return await self.router.embed(name, texts, key, req.served)
+            return await self.router.embed(name, texts, key, req.served, priority)
 
     # -- the end -----------------------------------------------------------------------------
     def failed(self, req: Request, exc: ApplianceError) -> int:

@@ -286,7 +286,7 @@ async def metrics(request: web.Request) -> web.Response:
 async def infer(request: web.Request) -> web.Response:
     paths, req = request.app[PATH], request[REQUEST]
     name, version = request.match_info["name"], request.match_info.get("version")
-    model = paths.admit(name, version)  # 404/503 before reading a body we would discard
+    model = paths.admit(req, name, version)  # 404/503 before reading a body we would discard
     limit = request.app[SETTINGS].max_body_bytes
     check_length(request.content_length, limit)
     ctype = request.content_type.lower()

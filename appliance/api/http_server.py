@@ -391,7 +391,7 @@ class Connection(asyncio.Protocol):
         assert m is not None
         try:
             check_auth(server.settings, head.path, head.headers.get("authorization"))
-            server.paths.admit(m.group("name"), m.groupdict().get("version"))
+            server.paths.admit(req, m.group("name"), m.groupdict().get("version"))
             check_length(head.length, server.settings.max_body_bytes)
         except ApplianceError as exc:
             self._error(head, req, exc)

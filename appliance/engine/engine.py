@@ -145,6 +145,7 @@ class Engine:
             inline_max_us=model.config.inline_max_us,
             batching=policy_for(model.config.batching, backend, label),
             nice=model.config.worker_nice,
+            priority=model.config.priority,
         )
         model.status = "ready"
         p = backend.placement
@@ -319,6 +320,7 @@ class Engine:
                     load_seconds=m.load_seconds,
                     queue_depth=(runner.pending - running) if runner else 0,
                     inflight=running,
+                    queued_by_level=runner.queued_by_level() if runner else (),
                 )
             )
         return out
@@ -355,12 +357,12 @@ class Engine:
         return model
 
     # -- inference -------------------------------------------------------------------------
-    def check_capacity(self, model: LoadedModel) -> None:
+    def check_capacity(self, model: LoadedModel, priority: int | None = None) -> None:
         runner, metrics = model.runner, model.stats
         if runner is None or metrics is None:
             return
         try:
-            runner.check_capacity()
+            runner.check_capacity(priority)
         except ApplianceError:
             metrics.outcomes["overloaded"] += 1
             raise
@@ -372,6 +374,9 @@ class Engine:
         t0 = time.perf_counter()
         pipeline = model.pipeline
         try:
+            if runner.priority_levels > 1:
+                # its level is known now: under a flood, refuse before preparing or validating
+                runner.check_capacity(request.priority)
             asked = None
             if pipeline is not None:
                 asked = await pipeline.prepare(request)
@@ -381,7 +386,7 @@ class Engine:
             timeout = model.config.timeout_s
             if request.timeout_s is not None:
                 timeout = min(timeout, request.timeout_s)
-            result, _timing = await runner.run(request.inputs, outputs, timeout)
+            result, _timing = await runner.run(request.inputs, outputs, timeout, request.priority)
             if pipeline is not None:
                 result = pipeline.finish(request, result, asked)
         except ApplianceError as exc:
@@ -416,12 +421,12 @@ class Engine:
         return model, backend
 
     async def _call(self, model: LoadedModel, fn: Callable[[Any, Callable[[], bool]], T],
-                    stop: Callable[[], bool] | None) -> T:  # fmt: skip
+                    stop: Callable[[], bool] | None, priority: int | None = None) -> T:  # fmt: skip
         runner, metrics = model.runner, model.stats
         assert runner is not None and metrics is not None
         t0 = time.perf_counter()
         try:
-            result = await runner.call(fn, model.config.timeout_s, stop)
+            result = await runner.call(fn, model.config.timeout_s, stop, priority)
         except ApplianceError as exc:
             metrics.outcomes[_OUTCOME.get(exc.status, "error")] += 1
             raise
@@ -437,7 +442,7 @@ class Engine:
         emit: Callable[[str], None] | None = None,
         stop: Callable[[], bool] | None = None,
     ) -> GenerationResult:
-        """Run a generation on this loaded version."""
+        """Run a generation on this loaded version (at its priority level)."""
         loop = asyncio.get_running_loop()
         from_worker = None
         if emit is not None:
@@ -450,10 +455,15 @@ class Engine:
             model,
             lambda backend, cancelled: backend.generate(request, from_worker, cancelled),
             stop,
+            request.priority,
         )
 
-    async def embed_on(self, model: LoadedModel, texts: list[str]) -> EmbeddingResult:
-        return await self._call(model, lambda backend, _cancelled: backend.embed(texts), None)
+    async def embed_on(
+        self, model: LoadedModel, texts: list[str], priority: int | None = None
+    ) -> EmbeddingResult:
+        return await self._call(
+            model, lambda backend, _cancelled: backend.embed(texts), None, priority
+        )
 
     def describe(self, model: LoadedModel) -> dict[str, Any]:
         """KServe v2 model metadata, plus where the model runs."""

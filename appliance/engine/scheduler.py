@@ -15,6 +15,9 @@ far over the budget sends the model back to them at once.
 With a batching policy (engine/batching.py), a worker merges what queued for the model into one
 run. Every request keeps its own deadline: one that passed, or that the model's measured run
 time can no longer meet, is answered 504 without running (at admission and again on the worker).
+
+A model with priority levels (engine/priority.py) queues in a `Levels` instead, one FIFO per
+level with eviction under overload; with one level (the default) nothing of it is on the path.
 """
 
 from __future__ import annotations
@@ -33,9 +36,11 @@ from typing import Any, TypeVar
 import numpy as np
 
 from ..backends.base import Backend
+from ..config import PriorityConfig
 from ..errors import ApplianceError, DeadlineExceeded, InferenceFailed, Overloaded
-from ..metrics import ModelStats
+from ..metrics import LevelStats, ModelStats
 from .batching import BatchPolicy, merge, merge_key, preferred_cut, rows_of, split
+from .priority import Levels
 
 log = logging.getLogger("appliance.engine")
 
@@ -73,6 +78,7 @@ class _Job:
         "future",
         "inputs",
         "key",
+        "level",
         "nbytes",
         "outputs",
         "ran",
@@ -112,6 +118,8 @@ class _Job:
         self.rows = 0
         self.ran = False
         self.batch = 1
+        #: Its priority level (1 is the highest; 0 when the model has one level).
+        self.level = 0
 
     def is_cancelled(self) -> bool:
         return self.cancelled or (self.stop is not None and self.stop())
@@ -148,6 +156,7 @@ class ModelRunner:
         inline_max_us: float = 0.0,
         batching: BatchPolicy | None = None,
         nice: int = 0,
+        priority: PriorityConfig | None = None,
     ) -> None:
         self.backend = backend
         self.label = label
@@ -176,8 +185,19 @@ class ModelRunner:
         self._solo: deque[float] = deque(maxlen=_SOLO_RUNS)
         self._floor = 0.0
         self._ran_at = 0.0
+        #: Queues by priority level; None with one level (the SimpleQueue serves it).
+        self._levels: Levels[_Job] | None = None
+        work: Callable[[], None] = self._work
+        if priority is not None and priority.levels > 1:
+            levels = self._levels = Levels(priority)
+            if len(stats.levels) != levels.count:
+                stats.levels = [LevelStats() for _ in range(levels.count)]
+
+            def work() -> None:
+                self._work_levels(levels)
+
         self._threads = [
-            threading.Thread(target=self._work, name=f"infer-{label}-{i}", daemon=True)
+            threading.Thread(target=work, name=f"infer-{label}-{i}", daemon=True)
             for i in range(self.concurrency)
         ]
         for t in self._threads:
@@ -192,6 +212,14 @@ class ModelRunner:
     def running(self) -> int:
         """Requests inside the runtime on a worker right now."""
         return self._running
+
+    @property
+    def priority_levels(self) -> int:
+        return self._levels.count if self._levels is not None else 1
+
+    def queued_by_level(self) -> tuple[int, ...]:
+        """Requests waiting per priority level, from level 1; () with one level."""
+        return self._levels.queued_by_level() if self._levels is not None else ()
 
     def floor_s(self, now: float) -> float:
         """The least time a request still needs to run (0 when unknown).
@@ -218,8 +246,14 @@ class ModelRunner:
             self._fast_nbytes = min(self._fast_nbytes, nbytes - 1)
 
     async def run(
-        self, inputs: Arrays, outputs: list[str] | None, timeout_s: float
+        self,
+        inputs: Arrays,
+        outputs: list[str] | None,
+        timeout_s: float,
+        priority: int | None = None,
     ) -> tuple[Arrays, Timing]:
+        """Run one request; `priority` is Triton's (1 the highest; None, 0 or out of range the
+        model's default level)."""
         floor = self.floor_s(time.perf_counter())
         if timeout_s < floor:
             raise DeadlineExceeded(
@@ -234,8 +268,12 @@ class ModelRunner:
             and est <= self._inline_budget
             and nbytes <= self._fast_nbytes
         ):
+            if self._levels is not None:
+                return self._run_inline_level(
+                    self._levels.level_of(priority), inputs, outputs, nbytes
+                )
             return self._run_inline(inputs, outputs, nbytes)
-        job = self._submit(inputs, outputs, timeout_s, nbytes, None)
+        job = self._submit(inputs, outputs, timeout_s, nbytes, None, priority)
         result: Arrays = await job.future
         return result, Timing(
             job.started - job.enqueued, job.finished - job.started, False, job.batch
@@ -246,20 +284,25 @@ class ModelRunner:
         fn: Callable[[Backend, Callable[[], bool]], T],
         timeout_s: float,
         stop: Callable[[], bool] | None = None,
+        priority: int | None = None,
     ) -> T:
         """Run `fn(backend, cancelled)` on a worker, under the same queue bound and deadline.
 
         `cancelled()` turns true once the deadline passed or `stop()` does (a client that went
         away): long work such as a generation polls it and ends early. Never batched."""
-        job = self._submit({}, None, timeout_s, 0, fn)
+        job = self._submit({}, None, timeout_s, 0, fn, priority)
         if stop is not None:
             job.stop = stop
         result: T = await job.future
         return result
 
-    def check_capacity(self) -> None:
-        """Raise Overloaded when a request would be refused now (loop thread only)."""
-        if self._pending >= self._limit:
+    def check_capacity(self, priority: int | None = None) -> None:
+        """Raise Overloaded when a request (of this priority) would be refused now (loop thread
+        only). With priority levels, one that would evict a lower level's request passes."""
+        levels = self._levels
+        if levels is not None:
+            self._make_room(levels, levels.level_of(priority), False)
+        elif self._pending >= self._limit:
             raise Overloaded(
                 f"model {self.label} is at capacity ({self.concurrency} running, "
                 f"{self.max_queue} queued); retry later"
@@ -272,7 +315,12 @@ class ModelRunner:
         timeout_s: float,
         nbytes: int,
         fn: Callable[[Backend, Callable[[], bool]], Any] | None,
+        priority: int | None = None,
     ) -> _Job:
+        if self._levels is not None:
+            return self._submit_level(
+                self._levels, inputs, outputs, timeout_s, nbytes, fn, priority
+            )
         self.check_capacity()
         loop = self._loop
         future: asyncio.Future[Any] = loop.create_future()
@@ -306,6 +354,8 @@ class ModelRunner:
 
     def _expire(self, job: _Job, timeout_s: float) -> None:
         job.cancelled = True
+        if self._levels is not None and self._levels.remove(job):
+            self._pending -= 1  # its place in the queue is free at once
         if not job.future.done():
             where = "while running" if job.started else "in the queue"
             job.future.set_exception(
@@ -333,6 +383,179 @@ class ModelRunner:
                 fut.set_exception(job.error)
             else:
                 fut.set_result(job.result)
+
+    # -- priority levels (engine/priority.py) --------------------------------------------------
+    def _make_room(self, levels: Levels[_Job], level: int, evict: bool) -> None:
+        """Admit a request of `level` (loop thread): refuse it, or with `evict` make room by
+        evicting a lower level's queued request when the model is full; `evict` False only
+        checks."""
+        policy = levels.policy(level)
+        if policy.max_queue and levels.queued(level) >= policy.max_queue:
+            self._stats.levels[level - 1].refused += 1
+            raise Overloaded(
+                f"model {self.label}: priority level {level} has {policy.max_queue} requests "
+                "waiting, its max_queue; retry later"
+            )
+        if self._pending < self._limit or levels.size < self.max_queue:
+            return  # (requests in a running batch count in `pending`, but wait no more)
+        if not evict:
+            if levels.can_evict(level):
+                return
+        else:
+            victim = levels.evict(level)
+            if victim is not None:
+                self._evict(victim, level)
+                return
+        self._stats.levels[level - 1].refused += 1
+        raise Overloaded(
+            f"model {self.label} is at capacity ({self.concurrency} running, {self.max_queue} "
+            f"queued), none of them below priority level {level}; retry later"
+        )
+
+    def _evict(self, victim: _Job, level: int) -> None:
+        """Answer a queued request 503 to make room for one of a higher `level`."""
+        self._pending -= 1
+        victim.cancelled = True
+        if victim.timer is not None:
+            victim.timer.cancel()
+        self._stats.levels[victim.level - 1].evicted += 1
+        if not victim.future.done():
+            victim.future.set_exception(
+                Overloaded(
+                    f"model {self.label} is at capacity: this request (priority level "
+                    f"{victim.level}) was evicted from the queue for one of level {level}; "
+                    "retry later"
+                )
+            )
+
+    def _submit_level(
+        self,
+        levels: Levels[_Job],
+        inputs: Arrays,
+        outputs: list[str] | None,
+        timeout_s: float,
+        nbytes: int,
+        fn: Callable[[Backend, Callable[[], bool]], Any] | None,
+        priority: int | None,
+    ) -> _Job:
+        level = levels.level_of(priority)
+        self._make_room(levels, level, True)
+        loop = self._loop
+        future: asyncio.Future[Any] = loop.create_future()
+        job = _Job(inputs, outputs, future, time.perf_counter() + timeout_s, nbytes)
+        job.fn = fn
+        job.level = level
+        wait = levels.policy(level).timeout_s
+        if wait and wait < timeout_s:
+            job.timer = loop.call_later(wait, self._waited, job, timeout_s)
+        else:
+            job.timer = loop.call_later(timeout_s, self._expire, job, timeout_s)
+        self._pending += 1
+        levels.put(job)
+        return job
+
+    def _waited(self, job: _Job, timeout_s: float) -> None:
+        """The request's level timeout passed (loop thread): reject or delay it if it is still
+        queued; its own deadline keeps counting either way."""
+        levels = self._levels
+        assert levels is not None
+        policy, stats = levels.policy(job.level), self._stats.levels[job.level - 1]
+        if policy.delay:
+            if levels.delay(job):
+                stats.delayed += 1
+        elif levels.remove(job):
+            self._pending -= 1
+            job.cancelled = True
+            stats.rejected += 1
+            if not job.future.done():
+                job.future.set_exception(
+                    Overloaded(
+                        f"model {self.label}: the request waited {policy.timeout_s:g} s in the "
+                        f"queue, the timeout_s of priority level {job.level}; retry later"
+                    )
+                )
+            return
+        remaining = max(0.0, job.deadline - time.perf_counter())
+        job.timer = self._loop.call_later(remaining, self._expire, job, timeout_s)
+
+    def _run_inline_level(
+        self, level: int, inputs: Arrays, outputs: list[str] | None, nbytes: int
+    ) -> tuple[Arrays, Timing]:
+        result, timing = self._run_inline(inputs, outputs, nbytes)
+        stats = self._stats.levels[level - 1]
+        stats.queue.observe(0.0)
+        stats.total.observe(timing.compute_s)
+        return result, timing
+
+    def _done_levels(self, jobs: list[_Job], runs: list[_Run]) -> None:
+        self._done(jobs, runs)
+        levels = self._stats.levels
+        for job in jobs:
+            stats = levels[job.level - 1]
+            stats.queue.observe(job.started - job.enqueued)
+            stats.total.observe(job.finished - job.enqueued)
+
+    def _work_levels(self, levels: Levels[_Job]) -> None:
+        """A worker of a model with priority levels: the highest level's requests first, a
+        batch from one level (see engine/priority.py)."""
+        lower_priority(self.nice)
+        call = self._loop.call_soon_threadsafe
+        while True:
+            first = levels.take()
+            if first is None:
+                return
+            jobs = [first]
+            policy = self.batching
+            if policy is not None and first.fn is None:
+                self._gather_level(levels, first, jobs, policy)
+            runs = self._execute(jobs)
+            try:
+                call(self._done_levels, jobs, runs)
+            except RuntimeError:  # loop closed during shutdown
+                return
+
+    def _gather_level(
+        self, levels: Levels[_Job], first: _Job, jobs: list[_Job], policy: BatchPolicy
+    ) -> None:
+        """Add to `jobs` the queued requests of `first`'s level that can share its run, in
+        order; the others keep their places (waiting, unless the policy has a delay)."""
+        names = self._input_names
+        if first.key is None:
+            first.key = merge_key(names, first.inputs, first.outputs) or False
+            first.rows = rows_of(names, first.inputs) if first.key else 0
+        key, limit = first.key, policy.max_rows
+        level = first.level
+        if levels.policy(level).max_rows:
+            limit = min(limit, levels.policy(level).max_rows)
+        rows = first.rows
+        if not key or rows >= limit:
+            return
+
+        def accept(job: _Job) -> bool | None:
+            nonlocal rows
+            if job.fn is not None:
+                return False
+            if job.key is None:
+                job.key = merge_key(names, job.inputs, job.outputs) or False
+                job.rows = rows_of(names, job.inputs) if job.key else 0
+            if job.key != key:
+                return False
+            if rows + job.rows > limit:
+                return None
+            jobs.append(job)
+            rows += job.rows
+            return True
+
+        levels.take_more(level, accept)
+        if policy.max_delay_s:
+            until = time.perf_counter() + policy.max_delay_s
+            while rows < policy.target and levels.wait_more(level, until):
+                levels.take_more(level, accept)
+        if policy.preferred and len(jobs) > 1:
+            cut = preferred_cut([j.rows for j in jobs], policy.preferred)
+            if cut < len(jobs):
+                levels.put_back(level, jobs[cut:])
+                del jobs[cut:]
 
     # -- worker threads --------------------------------------------------------------------
     def _work(self) -> None:
@@ -521,8 +744,11 @@ class ModelRunner:
 
     async def stop(self) -> None:
         """Finish what is queued, then stop the threads."""
-        for _ in self._threads:
-            self._queue.put(None)
+        if self._levels is not None:
+            self._levels.close()
+        else:
+            for _ in self._threads:
+                self._queue.put(None)
         await asyncio.to_thread(self._join)
 
     def _join(self) -> None:

@@ -284,14 +284,18 @@ class Router:
         assert isinstance(model.backend, TextModel)
         return model, model.backend
 
-    def admit(self, name: str, version: str | None = None) -> LoadedModel:
+    def admit(
+        self, name: str, version: str | None = None, priority: int | None = None
+    ) -> LoadedModel:
         """The model a request to `name` goes to (404/503 if none), refused with 503 at once
         when its queue is full, before a body is read or decoded: under overload, refusals
         must stay cheap for the event loop. Not for tasks (a full queue sends them to their
-        fallback) nor for models that retry a full queue."""
+        fallback) nor for models that retry a full queue. `priority`: the request's, when
+        known before its body; None (not known yet) refuses only what the highest level
+        would be refused (its body may ask for that level)."""
         model = self.resolve(name, version)
         if name not in self.tasks and not model.config.retries:
-            self.engine.check_capacity(model)
+            self.engine.check_capacity(model, 1 if priority is None else priority)
         return model
 
     # -- the guards of one model -----------------------------------------------------------
@@ -533,19 +537,24 @@ class Router:
         return answered[-1], result
 
     async def embed(
-        self, name: str, texts: list[str], key: str | None = None, served: Served | None = None
+        self,
+        name: str,
+        texts: list[str],
+        key: str | None = None,
+        served: Served | None = None,
+        priority: int | None = None,
     ) -> tuple[LoadedModel, EmbeddingResult]:
         served = served if served is not None else Served()
         if name not in self.tasks:
             model, _ = self.engine.text_model(name, "embedding")
             if not guarded(model.config):
                 served.model, served.version = model.name, model.version
-                return model, await self.engine.embed_on(model, texts)
+                return model, await self.engine.embed_on(model, texts, priority)
         answered: list[LoadedModel] = []
 
         async def run(model: LoadedModel, _remaining: float) -> EmbeddingResult:
             answered.append(model)
-            return await self.engine.embed_on(model, texts)
+            return await self.engine.embed_on(model, texts, priority)
 
         def hit(model: LoadedModel, cached: EmbeddingResult) -> EmbeddingResult:
             answered.append(model)

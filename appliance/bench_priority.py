@@ -1,0 +1,505 @@
+"""`appliance bench MODEL --priority`: urgent requests through a flood of background ones.
+
+One `appliance serve` gives the model two priority levels (engine/priority.py); level 2, the
+flood's, is the default one. The model's capacity is measured first: a closed loop of level-2
+requests over `--concurrency` connections. Then, one after the other on the same server, for
+`--priority-seconds` each:
+
+1. alone: level-1 requests (`parameters.priority = 1`) at a steady `--high-share` (5 %) of that
+   capacity, open loop (each of a few connections sends on its own schedule);
+2. flood: the same level-1 stream, plus level-2 requests at `--flood-factor` (10x) the
+   capacity, open loop over `--flood-connections` connections from an asyncio client in a
+   process of its own (`--flood-nice` lowers its CPU priority: on a small machine the flood's
+   client competes for the CPU with the server it floods, which a flood from the network
+   does not).
+
+The figures are the level-1 stream's latency in both phases and their ratio (the goal: p99
+under the flood within 2x of its p99 alone), its refusals (the goal: none), and what the flood
+got: answers by status, and how fast its 503s came back. Both phases run in one invocation on
+one server, so the ratio compares like with like; the absolute figures are this machine's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import re
+import threading
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+import orjson
+
+from .bench import (
+    STOP_GRACE_S,
+    BenchError,
+    HttpConnection,
+    Latency,
+    ServerProcess,
+    _error_text,
+    _free_port,
+    _header,
+    _open_server,
+    _say,
+    _serve_command,
+    build_request,
+    infer_request,
+    load_backend,
+    make_inputs,
+    resolve_model,
+    time_concurrent,
+)
+from .bench_batching import _cpus
+from .errors import ConfigError
+
+#: The levels the server is given: 1 for the urgent stream, 2 (the default) for the flood.
+HIGH, LOW = 1, 2
+#: Connections carrying the level-1 stream (it is sparse: a few cover its rate).
+HIGH_CONNECTIONS = 4
+
+#: One answer: (status, nanoseconds, whether it had Retry-After).
+Answer = tuple[int, int, bool]
+
+
+def _env(name: str, flood_batch: int) -> dict[str, str]:
+    """Two priority levels for the model, level 2 the default (its batches at most
+    `flood_batch` rows, 0: the model's limit), as APPLIANCE_* variables: the model's own table
+    when its name allows, else [model_defaults]."""
+    if re.fullmatch(r"[a-z0-9_]+", name):
+        prefix = f"APPLIANCE_MODELS__{name.upper()}__PRIORITY__"
+    else:
+        prefix = "APPLIANCE_MODEL_DEFAULTS__PRIORITY__"
+    return {
+        f"{prefix}LEVELS": "2",
+        f"{prefix}DEFAULT_LEVEL": str(LOW),
+        f"{prefix}QUEUES": f"[{{level = {LOW}, max_batch_size = {flood_batch}}}]",
+    }
+
+
+def with_priority(
+    body: bytes, header_length: int | None, priority: int
+) -> tuple[bytes, int | None]:
+    """The same infer body with `parameters.priority` set (the JSON head re-encoded)."""
+    split = len(body) if header_length is None else header_length
+    head = orjson.loads(body[:split])
+    head.setdefault("parameters", {})["priority"] = priority
+    encoded = orjson.dumps(head)
+    return encoded + body[split:], None if header_length is None else len(encoded)
+
+
+def _request(
+    address: tuple[str, int], model: str, body: bytes, headers: dict[str, str], priority: int
+) -> bytes:
+    raw = headers.get("Inference-Header-Content-Length")
+    body, length = with_priority(body, int(raw) if raw else None, priority)
+    headers = dict(headers)
+    if length is not None:
+        headers["Inference-Header-Content-Length"] = str(length)
+    return build_request("POST", f"/v2/models/{model}/infer", *address, body, headers)
+
+
+def open_loop(
+    address: tuple[str, int],
+    request: bytes,
+    rate: float,
+    start: float,
+    stop_at: float,
+    connections: int,
+    timeout_s: float,
+    errors: list[str],
+) -> tuple[list[threading.Thread], list[list[Answer]]]:
+    """Threads that offer `rate` requests/s from `start` to `stop_at` (time.monotonic), each
+    connection on its own schedule (at once when behind); started, not joined."""
+    interval = connections / rate
+    results: list[list[Answer]] = [[] for _ in range(connections)]
+    clock = time.monotonic
+
+    def client(index: int) -> None:
+        conn: HttpConnection | None = None
+        out = results[index]
+        due = start + index * interval / connections
+        try:
+            conn = HttpConnection(*address, timeout_s)
+            while due < stop_at and clock() < stop_at:
+                wait = due - clock()
+                if wait > 0:
+                    time.sleep(wait)
+                t0 = time.perf_counter_ns()
+                status, head, _ = conn.exchange(request)
+                took = time.perf_counter_ns() - t0
+                out.append((status, took, _header(head, b"Retry-After") is not None))
+                due += interval
+        except BaseException as exc:
+            errors.append(repr(exc))
+        finally:
+            if conn is not None:
+                conn.close()
+
+    threads = [
+        threading.Thread(target=client, args=(i,), name=f"bench-open-{i}", daemon=True)
+        for i in range(connections)
+    ]
+    for t in threads:
+        t.start()
+    return threads, results
+
+
+async def _flood_async(
+    address: tuple[str, int],
+    request: bytes,
+    rate: float,
+    start: float,
+    stop_at: float,
+    connections: int,
+    timeout_s: float,
+) -> tuple[list[Answer], list[str]]:
+    """`open_loop` on one thread with asyncio: hundreds of connections without hundreds of
+    threads taking turns at the GIL (which would time the client, not the server)."""
+    interval = connections / rate
+    answers: list[Answer] = []
+    errors: list[str] = []
+    clock = time.monotonic
+
+    async def client(index: int) -> None:
+        due = start + index * interval / connections
+        writer: asyncio.StreamWriter | None = None
+        try:
+            reader, writer = await asyncio.open_connection(*address)
+            while due < stop_at and clock() < stop_at:
+                wait = due - clock()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                t0 = time.perf_counter_ns()
+                writer.write(request)
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout_s)
+                length = _header(head, b"Content-Length")
+                if length:
+                    await reader.readexactly(int(length))
+                took = time.perf_counter_ns() - t0
+                answers.append((int(head[9:12]), took, _header(head, b"Retry-After") is not None))
+                due += interval
+        except Exception as exc:
+            errors.append(repr(exc))
+        finally:
+            if writer is not None:
+                writer.close()
+
+    await asyncio.gather(*(client(i) for i in range(connections)))
+    return answers, errors
+
+
+def _flood_main(
+    conn: Connection,
+    address: tuple[str, int],
+    request: bytes,
+    rate: float,
+    start: float,
+    stop_at: float,
+    connections: int,
+    timeout_s: float,
+    nice: int,
+) -> None:
+    """The flood's own process (spawned), `nice` steps below the bench's CPU priority: its
+    answers go back through `conn`."""
+    os.nice(nice)
+    conn.send(
+        asyncio.run(_flood_async(address, request, rate, start, stop_at, connections, timeout_s))
+    )
+    conn.close()
+
+
+def _lat(samples: list[int]) -> dict[str, float] | None:
+    if not samples:
+        return None
+    x = Latency.of(samples)
+    return {"p50_us": round(x.p50_us, 1), "p99_us": round(x.p99_us, 1), "count": x.count}
+
+
+def _summary(answers: list[Answer], seconds: float) -> dict[str, Any]:
+    by_status: dict[str, int] = {}
+    for status, _, _ in answers:
+        by_status[str(status)] = by_status.get(str(status), 0) + 1
+    return {
+        "sent": len(answers),
+        "offered_rps": round(len(answers) / seconds, 1),
+        "statuses": by_status,
+        "latency_200": _lat([ns for status, ns, _ in answers if status == 200]),
+        "latency_503": _lat([ns for status, ns, _ in answers if status == 503]),
+        "all_503_have_retry_after": all(ra for status, _, ra in answers if status == 503),
+    }
+
+
+def phase(
+    address: tuple[str, int],
+    high: bytes,
+    high_rps: float,
+    low: bytes | None,
+    low_rps: float,
+    seconds: float,
+    flood_connections: int,
+    timeout_s: float,
+    flood_nice: int = 0,
+) -> dict[str, Any]:
+    """The level-1 stream, alone or (with `low`) beside the level-2 flood."""
+    errors: list[str] = []
+    # time for the flood's process to start; the flood begins first, so the queue is full
+    # when the first level-1 request comes
+    start = time.monotonic() + (2.0 if low is not None else 0.2)
+    stop_at = start + seconds
+    process, pipe = None, None
+    if low is not None:
+        ctx = multiprocessing.get_context("spawn")
+        pipe, child = ctx.Pipe(duplex=False)
+        process = ctx.Process(
+            target=_flood_main,
+            args=(
+                child,
+                address,
+                low,
+                low_rps,
+                start - 0.2,
+                stop_at,
+                flood_connections,
+                timeout_s,
+                flood_nice,
+            ),
+            name="bench-flood",
+            daemon=True,
+        )
+        process.start()
+        child.close()
+    threads, urgent = open_loop(
+        address, high, high_rps, start, stop_at, HIGH_CONNECTIONS, timeout_s, errors
+    )
+    for t in threads:
+        t.join()
+    out: dict[str, Any] = {
+        "seconds": seconds,
+        "high": _summary([a for r in urgent for a in r], seconds),
+        "client_errors": errors,
+    }
+    if process is not None and pipe is not None:
+        if not pipe.poll(timeout_s + 30.0):
+            process.kill()
+            raise BenchError("the flood's process never reported")
+        flood, flood_errors = pipe.recv()
+        process.join()
+        out["low"] = _summary(flood, seconds + 0.2)
+        out["low"]["connections"] = flood_connections
+        errors += flood_errors
+    out["client_errors"] = errors[:3]
+    return out
+
+
+def _metrics(address: tuple[str, int], token: str) -> str:
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
+    conn = HttpConnection(*address, 30.0)  # a fresh one: the server closes idle keep-alives
+    try:
+        status, _, body = conn.exchange(build_request("GET", "/metrics", *address, b"", auth))
+    finally:
+        conn.close()
+    if status != 200:
+        raise BenchError(f"/metrics answered {status}")
+    return body.decode()
+
+
+def priority_counters(text: str, model: str) -> dict[str, float]:
+    """The server's per-level counters (appliance_priority_*_total) for the model."""
+    out: dict[str, float] = {}
+    pattern = (
+        rf"appliance_priority_(evicted|refused|queue_timeouts)_total"
+        rf'\{{(?:action="(\w+)",)?level="(\d+)",model="{re.escape(model)}",[^}}]*\}} (\S+)'
+    )
+    for kind, action, level, value in re.findall(pattern, text):
+        key = f"{kind}_level{level}" + (f"_{action}" if action else "")
+        out[key] = float(value)
+    return out
+
+
+def level_buckets(text: str, model: str, level: int) -> list[tuple[float, float]]:
+    """(upper bound in seconds, cumulative count) of the level's appliance_priority_request_
+    seconds: the server's own view, from entering the model's queue to the answer."""
+    pattern = (
+        rf'appliance_priority_request_seconds_bucket\{{le="([^"]+)",level="{level}",'
+        rf'model="{re.escape(model)}",[^}}]*\}} (\S+)'
+    )
+    return [(float(le), float(n)) for le, n in re.findall(pattern, text)]
+
+
+def bucket_quantile(
+    before: list[tuple[float, float]], after: list[tuple[float, float]], q: float
+) -> float | None:
+    """The bucket bound under which a fraction `q` of the requests between two scrapes fell."""
+    counts = [(le, n - b) for (le, n), (_, b) in zip(after, before, strict=True)]
+    if not counts or counts[-1][1] <= 0:
+        return None
+    want = q * counts[-1][1]
+    return next(le for le, n in counts if n >= want)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    for key, least in (("priority_seconds", 0.5), ("flood_connections", 1), ("flood_factor", 1),
+                       ("concurrency", 1), ("requests", 1), ("flood_batch", 0),
+                       ("flood_nice", 0)):  # fmt: skip
+        value = getattr(args, key)
+        if value < least:
+            raise ConfigError(f"--{key.replace('_', '-')} = {value}: must be at least {least}")
+    if not 0 < args.high_share < 1:
+        raise ConfigError(f"--high-share = {args.high_share}: must be a fraction between 0 and 1")
+
+
+def run_priority_bench(args: argparse.Namespace) -> int:
+    from .cli import _config
+
+    check_args(args)
+    quiet = bool(args.json)
+    config = _config(args)
+    target = resolve_model(args.model, config)
+    model_cfg = config.model_config(target.name)
+    backend = load_backend(target, config)
+    try:
+        specs = backend.signature.inputs
+        inputs = make_inputs(specs, args.batch)
+        datatypes = {s.name: s.datatype for s in specs}
+    finally:
+        backend.unload()
+    token = config.token()
+    body, headers = infer_request(inputs, datatypes, args.binary, token)
+    timeout_s = model_cfg.timeout_s + 30.0
+    pin = ["taskset", "-c", args.server_cpus] if args.server_cpus else []
+    server = ServerProcess(
+        pin + _serve_command(args, target, port := _free_port()),
+        token,
+        port,
+        _env(target.name, args.flood_batch),
+    )
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    affinity = os.sched_getaffinity(0)
+    if args.server_cpus:
+        # the clients (threads and the flood's process started from here inherit it) keep
+        # off the server's CPUs
+        others = affinity - _cpus(args.server_cpus)
+        if others:
+            os.sched_setaffinity(0, others)
+    try:
+        conn, address, _ = _open_server(server, target.name, timeout_s, quiet)
+        high = _request(address, target.name, body, headers, HIGH)
+        low = _request(address, target.name, body, headers, LOW)
+        for request in (high, low):
+            status, _, reply = conn.exchange(request)
+            if status != 200:
+                raise BenchError(f"the server answered {status}: {_error_text(reply)}")
+        conn.close()
+        c = args.concurrency
+        _say(quiet, f"capacity: {args.requests} level-{LOW} requests over {c} connections ...")
+        samples, wall_s = time_concurrent(
+            address, low, c, max(2, args.warmup // c), args.requests, timeout_s
+        )
+        capacity = len(samples) / wall_s
+        high_rps = args.high_share * capacity
+        low_rps = args.flood_factor * capacity
+        seconds = args.priority_seconds
+        _say(quiet, f"alone: level {HIGH} at {high_rps:,.1f} req/s for {seconds:g} s ...")
+        scrapes = [_metrics(address, token)]
+        alone = phase(address, high, high_rps, None, 0.0, seconds, 1, timeout_s)
+        scrapes.append(_metrics(address, token))
+        _say(
+            quiet,
+            f"flood: level {HIGH} at {high_rps:,.1f} req/s beside level {LOW} at "
+            f"{low_rps:,.0f} req/s for {seconds:g} s ...",
+        )
+        flood = phase(
+            address, high, high_rps, low, low_rps, seconds, args.flood_connections, timeout_s,
+            args.flood_nice,
+        )  # fmt: skip
+        server.alive_or_raise()
+        scrapes.append(_metrics(address, token))
+    finally:
+        server.stop(config.server.shutdown_timeout_s + STOP_GRACE_S)
+        os.sched_setaffinity(0, affinity)
+    load_after = [round(x, 2) for x in os.getloadavg()]
+
+    def p99(run: dict[str, Any]) -> float | None:
+        lat = run["high"]["latency_200"]
+        return lat["p99_us"] if lat else None
+
+    alone_p99, flood_p99 = p99(alone), p99(flood)
+    hist = [level_buckets(text, target.name, HIGH) for text in scrapes]
+    for run, (before, after) in ((alone, hist[0:2]), (flood, hist[1:3])):
+        run["high"]["server_p50_under_ms"], run["high"]["server_p99_under_ms"] = (
+            None if (x := bucket_quantile(before, after, q)) is None else x * 1e3
+            for q in (0.5, 0.99)
+        )
+    high_sent = flood["high"]["sent"]
+    figures: dict[str, Any] = {
+        "model": target.name,
+        "model_file": str(target.file),
+        "encoding": "binary" if args.binary else "json",
+        "batching": model_cfg.batching.enabled,
+        "max_batch_size": model_cfg.batching.max_batch_size,
+        "flood_max_batch_size": args.flood_batch or model_cfg.batching.max_batch_size,
+        "max_queue": model_cfg.max_queue,
+        "cpu_count": os.cpu_count(),
+        "server_cpus": args.server_cpus or "any",
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+        "capacity_rps": round(capacity, 1),
+        "capacity_p50_us": round(Latency.of(samples).p50_us, 1),
+        "high_target_rps": round(high_rps, 1),
+        "flood_target_rps": round(low_rps, 1),
+        "flood_nice": args.flood_nice,
+        "alone": alone,
+        "flood": flood,
+        "high_p99_flood_vs_alone": (
+            round(flood_p99 / alone_p99, 2) if alone_p99 and flood_p99 else None
+        ),
+        "high_not_200_under_flood": high_sent - flood["high"]["statuses"].get("200", 0),
+        "server_counters": priority_counters(scrapes[-1], target.name),
+    }
+    if args.json:
+        print(orjson.dumps(figures).decode(), flush=True)
+    else:
+        print(format_priority(figures), end="", flush=True)
+    return 0
+
+
+def format_priority(f: dict[str, Any]) -> str:
+    def lat(x: dict[str, Any] | None) -> str:
+        return "-" if not x else f"p50 {x['p50_us'] / 1e3:,.2f} ms, p99 {x['p99_us'] / 1e3:,.2f} ms"
+
+    alone, flood = f["alone"], f["flood"]
+    low = flood["low"]
+    lines = [
+        f"model    {f['model']} ({f['model_file']}), {f['encoding']} tensors; batching "
+        f"{f['batching']}, max_batch_size {f['max_batch_size']}, level {LOW}'s "
+        f"{f['flood_max_batch_size']}; max_queue {f['max_queue']}",
+        f"machine  {f['cpu_count']} CPUs, the server on CPUs {f['server_cpus']}; load average "
+        f"{f['load_average_before']} before, "
+        f"{f['load_average_after']} after",
+        f"capacity {f['capacity_rps']:,.1f} req/s (level {LOW}, closed loop; p50 "
+        f"{f['capacity_p50_us'] / 1e3:,.2f} ms)",
+        "",
+        f"level {HIGH} at {f['high_target_rps']:,.1f} req/s:",
+        f"  alone        {lat(alone['high']['latency_200'])}; statuses {alone['high']['statuses']}",
+        f"  under flood  {lat(flood['high']['latency_200'])}; statuses {flood['high']['statuses']}",
+        f"  the server's own view (queue to answer; histogram bounds): alone p50 <= "
+        f"{alone['high']['server_p50_under_ms']} ms, p99 <= {alone['high']['server_p99_under_ms']}"
+        f" ms; under flood p50 <= {flood['high']['server_p50_under_ms']} ms, p99 <= "
+        f"{flood['high']['server_p99_under_ms']} ms",
+        f"  p99 under flood / alone: {f['high_p99_flood_vs_alone']}x; not 200 under flood: "
+        f"{f['high_not_200_under_flood']}",
+        f"level {LOW} flood: {f['flood_target_rps']:,.0f} req/s targeted, {low['offered_rps']:,.0f}"
+        f" offered over {low['connections']} connections (client nice +{f['flood_nice']}); "
+        f"statuses {low['statuses']}",
+        f"  200: {lat(low['latency_200'])}",
+        f"  503: {lat(low['latency_503'])}; every 503 had Retry-After: "
+        f"{low['all_503_have_retry_after']}",
+        f"server counters: {f['server_counters']}",
+    ]
+    errors = alone["client_errors"] + flood["client_errors"]
+    if errors:
+        lines.append(f"client errors: {errors}")
+    return "\n".join(lines) + "\n"
