@@ -505,3 +505,77 @@ def test_a_batch_wait_ends_when_a_higher_level_arrives() -> None:
     t.join()
     taken = levels.take()
     assert taken is not None and taken.level == 1
+
+
+# -- the priority from the request path: header, user property, a task's default ------------------
+async def test_the_header_and_a_tasks_default_set_the_level(serve):
+    """X-Request-Priority gives a level to a body without one; a task's `priority` gives one to
+    its requests that name none; the body's own parameter wins over both."""
+    client = await serve(
+        {
+            **_levels(),
+            "tasks": {"urgent": {"variants": [{"model": "sample"}], "priority": 1}},
+        }
+    )
+    runner, release, hold = await _hold(client, "sample")
+    calls = _record(client)
+    low = _post(client, _req(30))  # the default level: the lowest
+    await _queued(runner, 2)
+    by_header = asyncio.ensure_future(
+        client.post("/v2/models/sample/infer", json=_req(20), headers={"X-Request-Priority": "2"})
+    )
+    await _queued(runner, 3)
+    by_task = _post(client, _req(10), model="urgent")
+    await _queued(runner, 4)
+    overridden = _post(client, _req(31, priority=3), model="urgent")  # the body says 3
+    await _queued(runner, 5)
+    release.set()
+    await hold
+    for fut in (low, by_header, by_task, overridden):
+        r = await fut
+        assert r.status == 200, await r.text()
+    assert calls == [[10.0], [20.0], [30.0, 31.0]]
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast_path", "aiohttp"])
+async def test_a_low_level_named_in_the_header_is_refused_before_its_body(serve, fast_path):
+    """At a full queue, a request whose header names the lowest level is refused from its
+    head alone (its body is skipped, the connection stays usable); one without a header is
+    admitted as if of the highest level, since its body may ask for it."""
+    client = await serve({**_levels(max_queue=2), "server": {"fast_path": fast_path}})
+    runner, release, hold = await _hold(client, "sample")
+    queued = [_post(client, _req(30 + i, priority=3)) for i in range(2)]
+    await _queued(runner, 3)
+    r = await client.post(
+        "/v2/models/sample/infer", data=b"{not even json", headers={"X-Request-Priority": "3"}
+    )
+    assert r.status == 503 and r.headers["Retry-After"] == "1"
+    r = await client.post("/v2/models/sample/infer", data=b"{not even json")
+    assert r.status == 400  # admitted, then its body read: malformed
+    release.set()
+    await hold
+    assert [(await f).status for f in queued] == [200, 200]
+    assert await _metric(client, "appliance_priority_refused_total", level="3") == 1
+
+
+async def test_mqtt_user_property_sets_the_level(mosquitto, serve, peers):  # noqa: F811
+    client = await serve({**mqtt_settings(mosquitto), **_levels()})
+    peer = peers(mosquitto)
+    replies = await peer.ready()
+    topic = f"appliance/{DEVICE}/infer/sample"
+    runner, release, hold = await _hold(client, "sample")
+    calls = _record(client)
+    for marker, level in ((30, "3"), (10, "1")):
+        peer.publish(
+            topic,
+            orjson.dumps(_req(marker)),
+            response_topic=replies,
+            correlation=b"p%d" % marker,
+            user=[("priority", level)],
+        )
+        await _queued(runner, 2 if marker == 30 else 3)
+    release.set()
+    await hold
+    for marker in (30, 10):
+        assert (await peer.reply(replies, b"p%d" % marker)).status == 200
+    assert calls == [[10.0], [30.0]]
