@@ -148,13 +148,21 @@ def cmd_probe_gguf(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    if args.priority:
-        from .bench_priority import run_priority_bench
-
-        return run_priority_bench(args)
     from .bench import run
-    from .bench.options import BenchOptions, SweepOptions, parse_levels
+    from .bench.options import BenchOptions, PriorityOptions, SweepOptions, parse_levels
 
+    priority = None
+    if args.priority:
+        priority = PriorityOptions(
+            seconds=args.priority_seconds,
+            high_share=args.high_share,
+            flood_factor=args.flood_factor,
+            flood_connections=args.flood_connections,
+            flood_nice=args.flood_nice,
+            flood_batch=args.flood_batch,
+            server_cpus=args.server_cpus,
+            by=args.priority_by,
+        )
     sweep = None
     if args.sweep:
         sweep = SweepOptions(
@@ -179,6 +187,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         runs=args.runs,
         max_tokens=args.max_tokens,
         sweep=sweep,
+        priority=priority,
     )
     return run(options)
 
@@ -276,7 +285,9 @@ def parser() -> argparse.ArgumentParser:
         "--sweep", metavar="LEVELS", help="concurrency levels, e.g. 1,8,32: replaces the usual run"
     )
     sweep.add_argument(
-        "--server-cpus", metavar="LIST", help="pin both servers to these CPUs (taskset -c LIST)"
+        "--server-cpus",
+        metavar="LIST",
+        help="pin the server(s) to these CPUs (taskset -c LIST); the clients keep off them",
     )
     sweep.add_argument(
         "--overload",
@@ -305,6 +316,9 @@ def parser() -> argparse.ArgumentParser:
                       help="the flood client's CPU priority, N steps lower")  # fmt: skip
     prio.add_argument("--flood-batch", type=int, default=0, metavar="ROWS",
                       help="level 2's max_batch_size (0: the model's own)")  # fmt: skip
+    prio.add_argument("--priority-by", choices=["header", "body"], default="header",
+                      help="each request's level in the X-Request-Priority header (read before "
+                      "the body) or in parameters.priority (default: header)")  # fmt: skip
     llm = b.add_argument_group("GGUF chat models (streamed /v1/chat/completions)")
     llm.add_argument("--runs", type=int, default=3, help="timed streamed completions per side")
     llm.add_argument("--max-tokens", type=int, default=64, help="max_tokens of each completion")

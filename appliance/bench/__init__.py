@@ -5,7 +5,8 @@ can beat) and a real `appliance serve` subprocess (what a client sees). Modes, o
 
 - `latency`: raw runtime call vs HTTP round trip (and MQTT), throughput, server memory and CPU;
 - `llm`: GGUF chat models, streamed chat completions (time to first token, tokens/s);
-- `batching` (`--sweep`): dynamic batching on vs off over concurrency levels, then overload.
+- `batching` (`--sweep`): dynamic batching on vs off over concurrency levels, then overload;
+- `priority` (`--priority`): an urgent level alone, then through a flood of a lower one.
 
 Shared parts: `options` (what to run, built by the CLI), `model` (the file and its bare runtime
 call), `inputs` (tensors, encoded by the appliance's own codec), `client` (a socket HTTP client),
@@ -25,8 +26,18 @@ def run(options: BenchOptions) -> int:
     """Run the benchmark `options` ask for and print its figures; the exit status."""
     from ..config_flags import config_from_flags
     from .model import resolve_model
-    from .report import emit, format_llm_table, format_sweep, format_table
+    from .report import emit, format_llm_table, format_priority, format_sweep, format_table
 
+    if options.priority is not None:
+        options.check()
+        options.priority.check()
+        config = config_from_flags(options.flags())
+        target = resolve_model(options.model, config)
+        from .priority import run_priority
+
+        figures = run_priority(options, options.priority, config, target)
+        emit(figures, options.json, format_priority)
+        return 0
     if options.sweep is not None:
         config = config_from_flags(options.flags())
         target = resolve_model(options.model, config)

@@ -23,14 +23,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..engine.scheduler import lower_priority
-from .client import HttpConnection, build_request, error_text, free_port, header
+from .client import HttpConnection, build_request, error_text, free_port, header, metrics_text
 from .errors import BenchError
 from .inputs import check_outputs, infer_request, make_inputs, read_outputs
 from .model import Target, load_backend, raw_call
 from .options import parse_cpus
 from .report import say
 from .server import STOP_GRACE_S, ServerProcess, open_server, rss_and_peak, serve_command
-from .timing import Latency, time_calls, time_concurrent
+from .timing import Latency, open_loop, time_calls, time_concurrent
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -53,15 +53,7 @@ def _env_key(name: str) -> str:
 
 def _batch_stats(address: tuple[str, int], model: str, token: str) -> tuple[float, float]:
     """(runtime calls, requests) from the server's appliance_batch_size histogram."""
-    auth = {"Authorization": f"Bearer {token}"} if token else {}
-    conn = HttpConnection(*address, 30.0)  # a fresh one: the server closes idle keep-alives
-    try:
-        status, _, body = conn.exchange(build_request("GET", "/metrics", *address, b"", auth))
-    finally:
-        conn.close()
-    if status != 200:
-        raise BenchError(f"/metrics answered {status}")
-    text = body.decode()
+    text = metrics_text(address, token)
     out = []
     for part in ("count", "sum"):
         m = re.search(
@@ -83,35 +75,12 @@ def overload(
 ) -> dict[str, Any]:
     """Offer `rate` requests/s for `seconds`, open loop over `connections` keep-alive connections
     (each sends on its own schedule, or at once when behind); then probe recovery."""
-    clock = time.perf_counter
-    interval = connections / rate
-    results: list[list[tuple[int, int, bool]]] = [[] for _ in range(connections)]
+    clock = time.monotonic
     errors: list[str] = []
     rss: list[float] = []
     done = threading.Event()
     start = clock() + 0.2
     stop_at = start + seconds
-
-    def client(index: int) -> None:
-        conn: HttpConnection | None = None
-        out = results[index]
-        due = start + index * interval / connections
-        try:
-            conn = HttpConnection(*address, timeout_s)
-            while due < stop_at and clock() < stop_at:
-                wait = due - clock()
-                if wait > 0:
-                    time.sleep(wait)
-                t0 = time.perf_counter_ns()
-                status, head, _ = conn.exchange(request)
-                took = time.perf_counter_ns() - t0
-                out.append((status, took, header(head, b"Retry-After") is not None))
-                due += interval
-        except BaseException as exc:
-            errors.append(repr(exc))
-        finally:
-            if conn is not None:
-                conn.close()
 
     def sample_rss() -> None:
         while not done.wait(0.5):
@@ -122,9 +91,9 @@ def overload(
     rss_before, _ = rss_and_peak(pid)
     sampler = threading.Thread(target=sample_rss, daemon=True)
     sampler.start()
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(connections)]
-    for t in threads:
-        t.start()
+    threads, results = open_loop(
+        address, request, rate, start, stop_at, connections, timeout_s, errors
+    )
     for t in threads:
         t.join()
     stopped = clock()

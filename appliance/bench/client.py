@@ -123,6 +123,20 @@ def error_text(body: bytes) -> str:
     return body[:300].decode("utf-8", "replace")
 
 
+def metrics_text(address: tuple[str, int], token: str) -> str:
+    """The server's /metrics page (Prometheus text), on a fresh connection: the server closes
+    idle keep-alives, and a load generator's connections are busy."""
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
+    conn = HttpConnection(*address, 30.0)
+    try:
+        status, _, body = conn.exchange(build_request("GET", "/metrics", *address, b"", auth))
+    finally:
+        conn.close()
+    if status != 200:
+        raise BenchError(f"/metrics answered {status}: {error_text(body)}")
+    return body.decode()
+
+
 def free_port() -> int:
     """A port free on 127.0.0.1 now (another program may take it before it is bound again)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -59,23 +59,33 @@ def make_inputs(specs: Sequence[TensorSpec], batch: int, seed: int = SEED) -> di
 
 
 def infer_body(
-    inputs: dict[str, Array], datatypes: dict[str, str], binary: bool
+    inputs: dict[str, Array],
+    datatypes: dict[str, str],
+    binary: bool,
+    parameters: dict[str, Any] | None = None,
 ) -> tuple[bytes, int | None]:
-    """A KServe v2 infer body; with `binary`, the binary tensor data extension both ways.
+    """A KServe v2 infer body; with `binary`, the binary tensor data extension both ways;
+    `parameters` are the request's own (`{"priority": 1}`).
 
     Returns the body and, for binary, the JSON header length (Inference-Header-Content-Length).
     """
     from ..codec import InferRequest, encode_request
 
-    request = InferRequest(inputs=inputs, datatypes=datatypes, binary_output=binary)
+    request = InferRequest(
+        inputs=inputs, datatypes=datatypes, binary_output=binary, parameters=parameters or {}
+    )
     return encode_request(request, binary_inputs=binary)
 
 
 def infer_request(
-    inputs: dict[str, Array], datatypes: dict[str, str], binary: bool, token: str
+    inputs: dict[str, Array],
+    datatypes: dict[str, str],
+    binary: bool,
+    token: str,
+    parameters: dict[str, Any] | None = None,
 ) -> tuple[bytes, dict[str, str]]:
     """The KServe v2 infer body the load generators send, and its headers."""
-    body, header_length = infer_body(inputs, datatypes, binary)
+    body, header_length = infer_body(inputs, datatypes, binary, parameters)
     headers = {"Content-Type": "application/octet-stream" if binary else "application/json"}
     if header_length is not None:
         headers["Inference-Header-Content-Length"] = str(header_length)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from ..config_flags import ConfigFlags
 from ..errors import ConfigError
@@ -21,6 +22,54 @@ class SweepOptions:
     overload_connections: int = 128
     #: Alternating rounds per level (the median counts).
     rounds: int = 3
+
+
+#: Where the priority bench's requests carry their level: the `X-Request-Priority` header (read
+#: before the body, so a refused request's body is never decoded) or `parameters.priority`.
+PriorityBy = Literal["header", "body"]
+
+
+@dataclass(frozen=True)
+class PriorityOptions:
+    """`--priority`: an urgent stream alone, then through a flood (one server, two levels)."""
+
+    #: Length of each phase.
+    seconds: float = 10.0
+    #: The level-1 rate, as a fraction of the measured capacity.
+    high_share: float = 0.05
+    #: The level-2 flood's rate, as a multiple of the capacity.
+    flood_factor: float = 10.0
+    #: The flood's connections: more than the model admits, or the flood stalls.
+    flood_connections: int = 160
+    #: The flood client's CPU priority, this many steps lower.
+    flood_nice: int = 0
+    #: Level 2's max_batch_size (0: the model's own).
+    flood_batch: int = 0
+    #: Pin the server to these CPUs (taskset's list syntax); the clients keep off them.
+    server_cpus: str | None = None
+    #: How each request names its level.
+    by: PriorityBy = "header"
+
+    def check(self) -> None:
+        """Values a run cannot work with are refused, naming the flag."""
+        for key, flag, least in (
+            ("seconds", "priority-seconds", 0.5),
+            ("flood_connections", "flood-connections", 1),
+            ("flood_factor", "flood-factor", 1),
+            ("flood_batch", "flood-batch", 0),
+            ("flood_nice", "flood-nice", 0),
+        ):
+            value = getattr(self, key)
+            if value < least:
+                raise ConfigError(f"--{flag} = {value}: must be at least {least}")
+        if not 0 < self.high_share < 1:
+            raise ConfigError(
+                f"--high-share = {self.high_share}: must be a fraction between 0 and 1"
+            )
+        if self.by not in ("header", "body"):
+            raise ConfigError(f"--priority-by {self.by!r}: expected header or body")
+        if self.server_cpus:
+            parse_cpus(self.server_cpus)
 
 
 @dataclass(frozen=True)
@@ -52,6 +101,8 @@ class BenchOptions:
     max_tokens: int = 64
     #: Batching on vs off instead of the usual run.
     sweep: SweepOptions | None = field(default=None)
+    #: An urgent stream through a flood instead of the usual run (before `sweep` if both).
+    priority: PriorityOptions | None = field(default=None)
 
     @property
     def quiet(self) -> bool:

@@ -146,3 +146,44 @@ def format_sweep(f: dict[str, Any]) -> str:
             f"{o['probe_p50_us_first_second']} µs",
         ]
     return "\n".join(lines) + "\n"
+
+
+def format_priority(f: dict[str, Any]) -> str:
+    """The priority figures for a person: the urgent level alone and under the flood."""
+
+    def lat(x: dict[str, Any] | None) -> str:
+        return "-" if not x else f"p50 {x['p50_us'] / 1e3:,.2f} ms, p99 {x['p99_us'] / 1e3:,.2f} ms"
+
+    high, low_level = f["high_level"], f["flood_level"]
+    alone, flood = f["alone"], f["flood"]
+    low = flood["low"]
+    lines = [
+        f"model    {f['model']} ({f['model_file']}), {f['encoding']} tensors, the level in the "
+        f"{f['priority_by']}; batching {f['batching']}, max_batch_size {f['max_batch_size']}, "
+        f"level {low_level}'s {f['flood_max_batch_size']}; max_queue {f['max_queue']}",
+        f"machine  {f['cpu_count']} CPUs, the server on CPUs {f['server_cpus']}; load average "
+        f"{f['load_average_before']} before, {f['load_average_after']} after",
+        f"capacity {f['capacity_rps']:,.1f} req/s (level {low_level}, closed loop; p50 "
+        f"{f['capacity_p50_us'] / 1e3:,.2f} ms)",
+        "",
+        f"level {high} at {f['high_target_rps']:,.1f} req/s:",
+        f"  alone        {lat(alone['high']['latency_200'])}; statuses {alone['high']['statuses']}",
+        f"  under flood  {lat(flood['high']['latency_200'])}; statuses {flood['high']['statuses']}",
+        f"  the server's own view (queue to answer; histogram bounds): alone p50 <= "
+        f"{alone['high']['server_p50_under_ms']} ms, p99 <= {alone['high']['server_p99_under_ms']}"
+        f" ms; under flood p50 <= {flood['high']['server_p50_under_ms']} ms, p99 <= "
+        f"{flood['high']['server_p99_under_ms']} ms",
+        f"  p99 under flood / alone: {f['high_p99_flood_vs_alone']}x; not 200 under flood: "
+        f"{f['high_not_200_under_flood']}",
+        f"level {low_level} flood: {f['flood_target_rps']:,.0f} req/s targeted, "
+        f"{low['offered_rps']:,.0f} offered over {low['connections']} connections (client nice "
+        f"+{f['flood_nice']}); statuses {low['statuses']}",
+        f"  200: {lat(low['latency_200'])}",
+        f"  503: {lat(low['latency_503'])}; every 503 had Retry-After: "
+        f"{low['all_503_have_retry_after']}",
+        f"server counters: {f['server_counters']}",
+    ]
+    errors = alone["client_errors"] + flood["client_errors"]
+    if errors:
+        lines.append(f"client errors: {errors}")
+    return "\n".join(lines) + "\n"

@@ -13,8 +13,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from ..errors import ApplianceError
-from .client import HttpConnection, error_text
+from .client import HttpConnection, error_text, header
 from .errors import BenchError
+
+#: One answer of an open loop: (status, nanoseconds, whether it had Retry-After).
+Answer = tuple[int, int, bool]
 
 
 @dataclass(frozen=True)
@@ -170,3 +173,51 @@ def time_concurrent(
             raise first
         raise BenchError(f"a client thread failed: {first!r}") from first
     return [s for r in results for s in r], wall_s
+
+
+def open_loop(
+    address: tuple[str, int],
+    request: bytes,
+    rate: float,
+    start: float,
+    stop_at: float,
+    connections: int,
+    timeout_s: float,
+    errors: list[str],
+) -> tuple[list[threading.Thread], list[list[Answer]]]:
+    """Threads that offer `rate` requests/s from `start` to `stop_at` (time.monotonic, which
+    other processes share), each keep-alive connection on its own schedule (at once when
+    behind), whatever the answers; started, not joined. A client's failure ends its thread and
+    is appended to `errors`."""
+    interval = connections / rate
+    results: list[list[Answer]] = [[] for _ in range(connections)]
+    clock = time.monotonic
+
+    def client(index: int) -> None:
+        conn: HttpConnection | None = None
+        out = results[index]
+        due = start + index * interval / connections
+        try:
+            conn = HttpConnection(*address, timeout_s)
+            while due < stop_at and clock() < stop_at:
+                wait = due - clock()
+                if wait > 0:
+                    time.sleep(wait)
+                t0 = time.perf_counter_ns()
+                status, head, _ = conn.exchange(request)
+                took = time.perf_counter_ns() - t0
+                out.append((status, took, header(head, b"Retry-After") is not None))
+                due += interval
+        except BaseException as exc:
+            errors.append(repr(exc))
+        finally:
+            if conn is not None:
+                conn.close()
+
+    threads = [
+        threading.Thread(target=client, args=(i,), name=f"bench-open-{i}", daemon=True)
+        for i in range(connections)
+    ]
+    for t in threads:
+        t.start()
+    return threads, results

@@ -10,23 +10,30 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from appliance.bench_priority import bucket_quantile, with_priority
+from appliance.api.http import PRIORITY_HEADER as SERVER_PRIORITY_HEADER
+from appliance.bench.options import PriorityOptions
+from appliance.bench.priority import PRIORITY_HEADER, bucket_quantile, level_request, server_env
 from appliance.codec import decode_request
+from appliance.errors import ConfigError
 from tests.bench.test_bench import appliance
 
 
-@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
-def test_priority_bench_smoke(samples: Path, binary: bool) -> None:
+@pytest.mark.parametrize(
+    ("binary", "by"), [(False, "body"), (True, "header")], ids=["json-body", "binary-header"]
+)
+def test_priority_bench_smoke(samples: Path, binary: bool, by: str) -> None:
     proc = appliance(
         "bench", str(samples / "sample.onnx"), "--priority", "--priority-seconds", "0.5",
         "--requests", "60", "--warmup", "4", "--concurrency", "2", "--flood-connections", "24",
-        "--flood-batch", "2", *(["--binary"] if binary else []), "--json",
+        "--flood-batch", "2", "--priority-by", by, *(["--binary"] if binary else []), "--json",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     f = json.loads(proc.stdout)
     assert f["capacity_rps"] > 0 and f["flood_max_batch_size"] == 2
+    assert f["priority_by"] == by and f["encoding"] == ("binary" if binary else "json")
     for run in (f["alone"], f["flood"]):
         assert not run["client_errors"]
         assert run["high"]["sent"] > 0 and set(run["high"]["statuses"]) == {"200"}
@@ -38,18 +45,59 @@ def test_priority_bench_smoke(samples: Path, binary: bool) -> None:
     assert "evicted_level2" in f["server_counters"]
 
 
-def test_priority_is_added_to_json_and_binary_bodies() -> None:
-    head = b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1],"data":[1.0]}]}'
-    body, length = with_priority(head, None, 1)
-    assert length is None and decode_request(body).priority == 1
-    binary_head = (
-        b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1],'
-        b'"parameters":{"binary_data_size":4}}]}'
-    )
-    body, length = with_priority(binary_head + b"\0\0\x80?", len(binary_head), 2)
-    assert length is not None
-    request = decode_request(body, length)
-    assert request.priority == 2 and request.inputs["x"].tolist() == [1.0]
+def _split(request: bytes) -> tuple[dict[str, str], bytes]:
+    head, _, body = request.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")[1:]
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in lines)}, body
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_level_request_names_the_level_in_the_header_or_the_body(binary: bool) -> None:
+    inputs = {"x": np.array([[1.0, 2.0]], dtype=np.float32)}
+    for by in ("header", "body"):
+        request = level_request(
+            ("127.0.0.1", 8080), "m", inputs, {"x": "FP32"}, binary, "tok", 1, by
+        )  # fmt: skip
+        assert request.startswith(b"POST /v2/models/m/infer HTTP/1.1\r\n")
+        headers, body = _split(request)
+        assert headers["Authorization"] == "Bearer tok"
+        assert int(headers["Content-Length"]) == len(body)
+        raw_length = headers.get("Inference-Header-Content-Length")
+        assert (raw_length is not None) == binary
+        decoded = decode_request(body, int(raw_length) if raw_length else None)
+        assert decoded.inputs["x"].tolist() == [[1.0, 2.0]]
+        if by == "header":
+            assert headers[PRIORITY_HEADER] == "1" and decoded.priority is None
+        else:
+            assert PRIORITY_HEADER not in headers and decoded.priority == 1
+
+
+def test_the_bench_sends_the_servers_priority_header() -> None:
+    assert PRIORITY_HEADER == SERVER_PRIORITY_HEADER
+
+
+def test_priority_options_are_checked() -> None:
+    PriorityOptions().check()
+    for bad, flag in (
+        (PriorityOptions(seconds=0.1), "--priority-seconds"),
+        (PriorityOptions(high_share=1.0), "--high-share"),
+        (PriorityOptions(flood_factor=0.5), "--flood-factor"),
+        (PriorityOptions(flood_connections=0), "--flood-connections"),
+        (PriorityOptions(flood_nice=-1), "--flood-nice"),
+        (PriorityOptions(server_cpus="x"), "--server-cpus"),
+    ):
+        with pytest.raises(ConfigError, match=flag):
+            bad.check()
+    assert server_env("sample", 4)["APPLIANCE_MODELS__SAMPLE__PRIORITY__LEVELS"] == "2"
+    assert "APPLIANCE_MODEL_DEFAULTS__PRIORITY__DEFAULT_LEVEL" in server_env("My-Model", 0)
+
+
+def test_priority_bench_bad_arguments(samples: Path) -> None:
+    model = str(samples / "sample.onnx")
+    proc = appliance("bench", model, "--priority", "--priority-by", "query")
+    assert proc.returncode == 2 and "--priority-by" in proc.stderr
+    proc = appliance("bench", model, "--priority", "--high-share", "2")
+    assert proc.returncode == 2 and "--high-share" in proc.stderr
 
 
 def test_bucket_quantile_reads_the_requests_between_two_scrapes() -> None:

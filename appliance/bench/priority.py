@@ -1,12 +1,15 @@
 """`appliance bench MODEL --priority`: urgent requests through a flood of background ones.
 
 One `appliance serve` gives the model two priority levels (engine/priority.py); level 2, the
-flood's, is the default one. The model's capacity is measured first: a closed loop of level-2
-requests over `--concurrency` connections. Then, one after the other on the same server, for
-`--priority-seconds` each:
+flood's, is the default one. Every request names its level, in the `X-Request-Priority` header
+(`--priority-by header`, the default: the server picks the level before it reads the body, so a
+refused request's body is never read or decoded) or in the body's `parameters.priority`
+(`--priority-by body`: the whole body is read and decoded first). The model's capacity is
+measured first: a closed loop of level-2 requests over `--concurrency` connections. Then, one
+after the other on the same server, for `--priority-seconds` each:
 
-1. alone: level-1 requests (`parameters.priority = 1`) at a steady `--high-share` (5 %) of that
-   capacity, open loop (each of a few connections sends on its own schedule);
+1. alone: level-1 requests at a steady `--high-share` (5 %) of that capacity, open loop (each
+   of a few connections sends on its own schedule);
 2. flood: the same level-1 stream, plus level-2 requests at `--flood-factor` (10x) the
    capacity, open loop over `--flood-connections` connections from an asyncio client in a
    process of its own (`--flood-nice` lowers its CPU priority: on a small machine the flood's
@@ -21,50 +24,37 @@ one server, so the ratio compares like with like; the absolute figures are this 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import multiprocessing
 import os
 import re
-import threading
 import time
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import orjson
+from .client import build_request, error_text, free_port, header, metrics_text
+from .errors import BenchError
+from .inputs import infer_request, make_inputs
+from .model import Target, load_backend
+from .options import parse_cpus
+from .report import say
+from .server import STOP_GRACE_S, ServerProcess, open_server, serve_command
+from .timing import Answer, Latency, open_loop, time_concurrent
 
-from .bench import (
-    STOP_GRACE_S,
-    BenchError,
-    HttpConnection,
-    Latency,
-    ServerProcess,
-    _error_text,
-    _free_port,
-    _header,
-    _open_server,
-    _say,
-    _serve_command,
-    build_request,
-    infer_request,
-    load_backend,
-    make_inputs,
-    resolve_model,
-    time_concurrent,
-)
-from .bench_batching import _cpus
-from .errors import ConfigError
+if TYPE_CHECKING:
+    from ..config import Config
+    from .options import BenchOptions, PriorityBy, PriorityOptions
 
 #: The levels the server is given: 1 for the urgent stream, 2 (the default) for the flood.
 HIGH, LOW = 1, 2
 #: Connections carrying the level-1 stream (it is sparse: a few cover its rate).
 HIGH_CONNECTIONS = 4
+#: The HTTP header that carries a request's level (api/http.py's PRIORITY_HEADER; not imported
+#: from there, which would load the server's web framework into the load generator).
+PRIORITY_HEADER = "X-Request-Priority"
 
-#: One answer: (status, nanoseconds, whether it had Retry-After).
-Answer = tuple[int, int, bool]
 
-
-def _env(name: str, flood_batch: int) -> dict[str, str]:
+def server_env(name: str, flood_batch: int) -> dict[str, str]:
     """Two priority levels for the model, level 2 the default (its batches at most
     `flood_batch` rows, 0: the model's limit), as APPLIANCE_* variables: the model's own table
     when its name allows, else [model_defaults]."""
@@ -79,72 +69,22 @@ def _env(name: str, flood_batch: int) -> dict[str, str]:
     }
 
 
-def with_priority(
-    body: bytes, header_length: int | None, priority: int
-) -> tuple[bytes, int | None]:
-    """The same infer body with `parameters.priority` set (the JSON head re-encoded)."""
-    split = len(body) if header_length is None else header_length
-    head = orjson.loads(body[:split])
-    head.setdefault("parameters", {})["priority"] = priority
-    encoded = orjson.dumps(head)
-    return encoded + body[split:], None if header_length is None else len(encoded)
-
-
-def _request(
-    address: tuple[str, int], model: str, body: bytes, headers: dict[str, str], priority: int
-) -> bytes:
-    raw = headers.get("Inference-Header-Content-Length")
-    body, length = with_priority(body, int(raw) if raw else None, priority)
-    headers = dict(headers)
-    if length is not None:
-        headers["Inference-Header-Content-Length"] = str(length)
-    return build_request("POST", f"/v2/models/{model}/infer", *address, body, headers)
-
-
-def open_loop(
+def level_request(
     address: tuple[str, int],
-    request: bytes,
-    rate: float,
-    start: float,
-    stop_at: float,
-    connections: int,
-    timeout_s: float,
-    errors: list[str],
-) -> tuple[list[threading.Thread], list[list[Answer]]]:
-    """Threads that offer `rate` requests/s from `start` to `stop_at` (time.monotonic), each
-    connection on its own schedule (at once when behind); started, not joined."""
-    interval = connections / rate
-    results: list[list[Answer]] = [[] for _ in range(connections)]
-    clock = time.monotonic
-
-    def client(index: int) -> None:
-        conn: HttpConnection | None = None
-        out = results[index]
-        due = start + index * interval / connections
-        try:
-            conn = HttpConnection(*address, timeout_s)
-            while due < stop_at and clock() < stop_at:
-                wait = due - clock()
-                if wait > 0:
-                    time.sleep(wait)
-                t0 = time.perf_counter_ns()
-                status, head, _ = conn.exchange(request)
-                took = time.perf_counter_ns() - t0
-                out.append((status, took, _header(head, b"Retry-After") is not None))
-                due += interval
-        except BaseException as exc:
-            errors.append(repr(exc))
-        finally:
-            if conn is not None:
-                conn.close()
-
-    threads = [
-        threading.Thread(target=client, args=(i,), name=f"bench-open-{i}", daemon=True)
-        for i in range(connections)
-    ]
-    for t in threads:
-        t.start()
-    return threads, results
+    model: str,
+    inputs: dict[str, Any],
+    datatypes: dict[str, str],
+    binary: bool,
+    token: str,
+    level: int,
+    by: PriorityBy,
+) -> bytes:
+    """The full infer request for one level, the level in the header or in the body."""
+    parameters = {"priority": level} if by == "body" else None
+    body, headers = infer_request(inputs, datatypes, binary, token, parameters)
+    if by == "header":
+        headers[PRIORITY_HEADER] = str(level)
+    return build_request("POST", f"/v2/models/{model}/infer", *address, body, headers)
 
 
 async def _flood_async(
@@ -175,11 +115,11 @@ async def _flood_async(
                 t0 = time.perf_counter_ns()
                 writer.write(request)
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout_s)
-                length = _header(head, b"Content-Length")
+                length = header(head, b"Content-Length")
                 if length:
                     await reader.readexactly(int(length))
                 took = time.perf_counter_ns() - t0
-                answers.append((int(head[9:12]), took, _header(head, b"Retry-After") is not None))
+                answers.append((int(head[9:12]), took, header(head, b"Retry-After") is not None))
                 due += interval
         except Exception as exc:
             errors.append(repr(exc))
@@ -294,18 +234,6 @@ def phase(
     return out
 
 
-def _metrics(address: tuple[str, int], token: str) -> str:
-    auth = {"Authorization": f"Bearer {token}"} if token else {}
-    conn = HttpConnection(*address, 30.0)  # a fresh one: the server closes idle keep-alives
-    try:
-        status, _, body = conn.exchange(build_request("GET", "/metrics", *address, b"", auth))
-    finally:
-        conn.close()
-    if status != 200:
-        raise BenchError(f"/metrics answered {status}")
-    return body.decode()
-
-
 def priority_counters(text: str, model: str) -> dict[str, float]:
     """The server's per-level counters (appliance_priority_*_total) for the model."""
     out: dict[str, float] = {}
@@ -340,83 +268,75 @@ def bucket_quantile(
     return next(le for le, n in counts if n >= want)
 
 
-def check_args(args: argparse.Namespace) -> None:
-    for key, least in (("priority_seconds", 0.5), ("flood_connections", 1), ("flood_factor", 1),
-                       ("concurrency", 1), ("requests", 1), ("flood_batch", 0),
-                       ("flood_nice", 0)):  # fmt: skip
-        value = getattr(args, key)
-        if value < least:
-            raise ConfigError(f"--{key.replace('_', '-')} = {value}: must be at least {least}")
-    if not 0 < args.high_share < 1:
-        raise ConfigError(f"--high-share = {args.high_share}: must be a fraction between 0 and 1")
-
-
-def run_priority_bench(args: argparse.Namespace) -> int:
-    from .cli import _config
-
-    check_args(args)
-    quiet = bool(args.json)
-    config = _config(args)
-    target = resolve_model(args.model, config)
+def run_priority(
+    options: BenchOptions, prio: PriorityOptions, config: Config, target: Target
+) -> dict[str, Any]:
+    """Capacity, then level 1 alone, then level 1 beside the level-2 flood, on one server
+    (`prio`, the part of `options` that only this mode reads); the figures as a JSON document."""
+    quiet = options.quiet
     model_cfg = config.model_config(target.name)
     backend = load_backend(target, config)
     try:
         specs = backend.signature.inputs
-        inputs = make_inputs(specs, args.batch)
+        inputs = make_inputs(specs, options.batch)
         datatypes = {s.name: s.datatype for s in specs}
     finally:
         backend.unload()
     token = config.token()
-    body, headers = infer_request(inputs, datatypes, args.binary, token)
     timeout_s = model_cfg.timeout_s + 30.0
-    pin = ["taskset", "-c", args.server_cpus] if args.server_cpus else []
+    pin = ["taskset", "-c", prio.server_cpus] if prio.server_cpus else []
+    port = free_port()
     server = ServerProcess(
-        pin + _serve_command(args, target, port := _free_port()),
+        pin + serve_command(options, target, port),
         token,
         port,
-        _env(target.name, args.flood_batch),
+        server_env(target.name, prio.flood_batch),
     )
     load_before = [round(x, 2) for x in os.getloadavg()]
     affinity = os.sched_getaffinity(0)
-    if args.server_cpus:
+    if prio.server_cpus:
         # the clients (threads and the flood's process started from here inherit it) keep
         # off the server's CPUs
-        others = affinity - _cpus(args.server_cpus)
+        others = affinity - parse_cpus(prio.server_cpus)
         if others:
             os.sched_setaffinity(0, others)
     try:
-        conn, address, _ = _open_server(server, target.name, timeout_s, quiet)
-        high = _request(address, target.name, body, headers, HIGH)
-        low = _request(address, target.name, body, headers, LOW)
+        conn, address, _ = open_server(server, target.name, timeout_s, quiet)
+        high, low = (
+            level_request(
+                address, target.name, inputs, datatypes, options.binary, token, level, prio.by
+            )
+            for level in (HIGH, LOW)
+        )
         for request in (high, low):
             status, _, reply = conn.exchange(request)
             if status != 200:
-                raise BenchError(f"the server answered {status}: {_error_text(reply)}")
+                raise BenchError(f"the server answered {status}: {error_text(reply)}")
         conn.close()
-        c = args.concurrency
-        _say(quiet, f"capacity: {args.requests} level-{LOW} requests over {c} connections ...")
+        c = options.concurrency
+        say(quiet, f"capacity: {options.requests} level-{LOW} requests over {c} connections ...")
         samples, wall_s = time_concurrent(
-            address, low, c, max(2, args.warmup // c), args.requests, timeout_s
+            address, low, c, max(2, options.warmup // c), options.requests, timeout_s
         )
         capacity = len(samples) / wall_s
-        high_rps = args.high_share * capacity
-        low_rps = args.flood_factor * capacity
-        seconds = args.priority_seconds
-        _say(quiet, f"alone: level {HIGH} at {high_rps:,.1f} req/s for {seconds:g} s ...")
-        scrapes = [_metrics(address, token)]
+        high_rps = prio.high_share * capacity
+        low_rps = prio.flood_factor * capacity
+        seconds = prio.seconds
+        say(quiet, f"alone: level {HIGH} at {high_rps:,.1f} req/s for {seconds:g} s ...")
+        scrapes = [metrics_text(address, token)]
         alone = phase(address, high, high_rps, None, 0.0, seconds, 1, timeout_s)
-        scrapes.append(_metrics(address, token))
-        _say(
+        scrapes.append(metrics_text(address, token))
+        say(
             quiet,
             f"flood: level {HIGH} at {high_rps:,.1f} req/s beside level {LOW} at "
-            f"{low_rps:,.0f} req/s for {seconds:g} s ...",
+            f"{low_rps:,.0f} req/s for {seconds:g} s (level in the {prio.by}) ...",
         )
         flood = phase(
-            address, high, high_rps, low, low_rps, seconds, args.flood_connections, timeout_s,
-            args.flood_nice,
+            address, high, high_rps, low, low_rps, seconds, prio.flood_connections, timeout_s,
+            prio.flood_nice,
         )  # fmt: skip
         server.alive_or_raise()
-        scrapes.append(_metrics(address, token))
+        scrapes.append(metrics_text(address, token))
     finally:
         server.stop(config.server.shutdown_timeout_s + STOP_GRACE_S)
         os.sched_setaffinity(0, affinity)
@@ -434,23 +354,26 @@ def run_priority_bench(args: argparse.Namespace) -> int:
             for q in (0.5, 0.99)
         )
     high_sent = flood["high"]["sent"]
-    figures: dict[str, Any] = {
+    return {
         "model": target.name,
         "model_file": str(target.file),
-        "encoding": "binary" if args.binary else "json",
+        "encoding": "binary" if options.binary else "json",
+        "priority_by": prio.by,
+        "high_level": HIGH,
+        "flood_level": LOW,
         "batching": model_cfg.batching.enabled,
         "max_batch_size": model_cfg.batching.max_batch_size,
-        "flood_max_batch_size": args.flood_batch or model_cfg.batching.max_batch_size,
+        "flood_max_batch_size": prio.flood_batch or model_cfg.batching.max_batch_size,
         "max_queue": model_cfg.max_queue,
         "cpu_count": os.cpu_count(),
-        "server_cpus": args.server_cpus or "any",
+        "server_cpus": prio.server_cpus or "any",
         "load_average_before": load_before,
         "load_average_after": load_after,
         "capacity_rps": round(capacity, 1),
         "capacity_p50_us": round(Latency.of(samples).p50_us, 1),
         "high_target_rps": round(high_rps, 1),
         "flood_target_rps": round(low_rps, 1),
-        "flood_nice": args.flood_nice,
+        "flood_nice": prio.flood_nice,
         "alone": alone,
         "flood": flood,
         "high_p99_flood_vs_alone": (
@@ -459,47 +382,3 @@ def run_priority_bench(args: argparse.Namespace) -> int:
         "high_not_200_under_flood": high_sent - flood["high"]["statuses"].get("200", 0),
         "server_counters": priority_counters(scrapes[-1], target.name),
     }
-    if args.json:
-        print(orjson.dumps(figures).decode(), flush=True)
-    else:
-        print(format_priority(figures), end="", flush=True)
-    return 0
-
-
-def format_priority(f: dict[str, Any]) -> str:
-    def lat(x: dict[str, Any] | None) -> str:
-        return "-" if not x else f"p50 {x['p50_us'] / 1e3:,.2f} ms, p99 {x['p99_us'] / 1e3:,.2f} ms"
-
-    alone, flood = f["alone"], f["flood"]
-    low = flood["low"]
-    lines = [
-        f"model    {f['model']} ({f['model_file']}), {f['encoding']} tensors; batching "
-        f"{f['batching']}, max_batch_size {f['max_batch_size']}, level {LOW}'s "
-        f"{f['flood_max_batch_size']}; max_queue {f['max_queue']}",
-        f"machine  {f['cpu_count']} CPUs, the server on CPUs {f['server_cpus']}; load average "
-        f"{f['load_average_before']} before, "
-        f"{f['load_average_after']} after",
-        f"capacity {f['capacity_rps']:,.1f} req/s (level {LOW}, closed loop; p50 "
-        f"{f['capacity_p50_us'] / 1e3:,.2f} ms)",
-        "",
-        f"level {HIGH} at {f['high_target_rps']:,.1f} req/s:",
-        f"  alone        {lat(alone['high']['latency_200'])}; statuses {alone['high']['statuses']}",
-        f"  under flood  {lat(flood['high']['latency_200'])}; statuses {flood['high']['statuses']}",
-        f"  the server's own view (queue to answer; histogram bounds): alone p50 <= "
-        f"{alone['high']['server_p50_under_ms']} ms, p99 <= {alone['high']['server_p99_under_ms']}"
-        f" ms; under flood p50 <= {flood['high']['server_p50_under_ms']} ms, p99 <= "
-        f"{flood['high']['server_p99_under_ms']} ms",
-        f"  p99 under flood / alone: {f['high_p99_flood_vs_alone']}x; not 200 under flood: "
-        f"{f['high_not_200_under_flood']}",
-        f"level {LOW} flood: {f['flood_target_rps']:,.0f} req/s targeted, {low['offered_rps']:,.0f}"
-        f" offered over {low['connections']} connections (client nice +{f['flood_nice']}); "
-        f"statuses {low['statuses']}",
-        f"  200: {lat(low['latency_200'])}",
-        f"  503: {lat(low['latency_503'])}; every 503 had Retry-After: "
-        f"{low['all_503_have_retry_after']}",
-        f"server counters: {f['server_counters']}",
-    ]
-    errors = alone["client_errors"] + flood["client_errors"]
-    if errors:
-        lines.append(f"client errors: {errors}")
-    return "\n".join(lines) + "\n"
