@@ -386,8 +386,9 @@ def encode_request(request: InferRequest, binary_inputs: bool = False) -> tuple[
     binary tensor data with `binary_inputs`; returns the body and the JSON header length when
     any part is binary (Inference-Header-Content-Length).
 
-    Inputs go with `request.datatypes` where given; `binary_output`, `timeout_s` and `outputs`
-    are written as the parameters `decode_request` reads them from, over `request.parameters`.
+    Inputs go with `request.datatypes` where given; `binary_output`, `timeout_s`, `priority`
+    and `outputs` are written as the parameters `decode_request` reads them from, over
+    `request.parameters`.
     """
     fix = "send it as binary data"
     entries, blobs = _encode_tensors(
@@ -411,6 +412,8 @@ def encode_request(request: InferRequest, binary_inputs: bool = False) -> tuple[
         params["timeout"] = max(1, round(request.timeout_s * 1e6))
     else:
         params.pop("timeout", None)
+    if request.priority:
+        params["priority"] = request.priority
     if params:
         head["parameters"] = params
     return _body(head, blobs)

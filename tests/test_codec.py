@@ -88,6 +88,8 @@ def test_decode_request_inverts_encode_request(binary: bool) -> None:
             timeout_s=None if rng.random() < 0.5 else int(rng.integers(1, 10**7)) / 1e6,
             parameters={} if rng.random() < 0.5 else {"priority": int(rng.integers(1, 3))},
         )
+        if not request.parameters and rng.random() < 0.5:
+            request.priority = int(rng.integers(1, 3))
         body, header_length = encode_request(request, binary_inputs=binary)
         assert (header_length is not None) == binary
         got = decode_request(body, header_length)
@@ -97,6 +99,7 @@ def test_decode_request_inverts_encode_request(binary: bool) -> None:
         assert got.id == request.id
         assert got.binary_output == request.binary_output
         assert got.timeout_s == request.timeout_s
+        assert got.priority == (request.priority or request.parameters.get("priority"))
         for key, value in request.parameters.items():
             assert got.parameters[key] == value
         # and what was decoded encodes to the very same body
