@@ -141,10 +141,10 @@ class _VersionAction(argparse.Action):
         parser.exit()
 
 
-def cmd_probe_gguf(args: argparse.Namespace) -> int:
-    from .backends.gguf import probe_main
+def cmd_worker(args: argparse.Namespace) -> int:
+    from .isolation.worker import main
 
-    return probe_main(args.file, args.embedding)
+    return main(args.fd)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -261,11 +261,10 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--timeout", type=float, default=60.0, help="seconds before giving up")
     t.set_defaults(func=cmd_selftest)
 
-    # Internal: the child process that loads an untrusted GGUF file first (backends/gguf.py).
-    g = sub.add_parser("_probe-gguf")
-    g.add_argument("file")
-    g.add_argument("--embedding", action="store_true")
-    g.set_defaults(func=cmd_probe_gguf)
+    # Internal: a model's worker process, and the first load of a file (appliance/isolation).
+    w = sub.add_parser("_worker")
+    w.add_argument("fd", type=int, help="the inherited socket of its first channel")
+    w.set_defaults(func=cmd_worker)
 
     b = sub.add_parser("bench", help="raw runtime latency vs HTTP round trip, side by side")
     _common(b)

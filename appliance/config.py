@@ -470,6 +470,23 @@ class PriorityConfig:
 
 
 @dataclass
+class ProcessConfig:
+    """A model served with `isolation = "process"` (appliance/isolation/): how its worker
+    process is restarted after it dies."""
+
+    #: Wait before the first restart; it doubles with each crash that follows soon after.
+    restart_backoff_s: float = field(default=0.5, metadata=above(0))
+    #: The longest wait between restarts.
+    restart_backoff_max_s: float = 30.0
+    #: A worker that served this long before it died restarts after restart_backoff_s again.
+    healthy_after_s: float = 60.0
+
+    def check(self) -> None:
+        if self.restart_backoff_max_s < self.restart_backoff_s:
+            raise Invalid("restart_backoff_max_s", "must not be below restart_backoff_s")
+
+
+@dataclass
 class ModelConfig:
     """Serving settings for a model; [model_defaults] applies to all, [models.NAME] overrides."""
 
@@ -499,6 +516,14 @@ class ModelConfig:
     retry_backoff_max_s: float = 1.0
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
     priority: PriorityConfig = field(default_factory=PriorityConfig)
+    #: "process": the backend runs in a worker process of its own, so a native crash (segfault,
+    #: abort, out-of-memory kill) fails only this model's requests in flight and the worker is
+    #: restarted; "none": in the server's process (see appliance/isolation/).
+    isolation: Literal["none", "process"] = "none"
+    #: Load a model file the first time (per sha256) in a throwaway child process before the
+    #: server loads it, so a runtime crashing on a malformed file kills the child only.
+    probe_first_load: bool = True
+    process: ProcessConfig = field(default_factory=ProcessConfig)
     onnx: OnnxConfig = field(default_factory=OnnxConfig)
     gguf: GgufConfig = field(default_factory=GgufConfig)
     tflite: TfliteConfig = field(default_factory=TfliteConfig)

@@ -71,6 +71,17 @@ class InferenceFailed(ApplianceError):
     status = 500
 
 
+class WorkerDied(ApplianceError):
+    """The worker process of a model served with `isolation = "process"` died (a native crash,
+    an out-of-memory kill) or hung; the model restarts it by itself."""
+
+    status = 503
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class ModelError(ApplianceError):
     """A model could not be added, verified or loaded (store or backend problem)."""
 

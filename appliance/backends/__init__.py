@@ -1,8 +1,13 @@
-"""Backends by name, imported lazily so a device only loads the runtimes its models use."""
+"""Backends by name, imported lazily so a device only loads the runtimes its models use.
+
+Installed packages add backends through the `appliance.backends` entry-point group
+(`name = "module:Class"`, a `Backend` subclass); the built-in names cannot be taken over.
+"""
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from pathlib import Path
 
 from ..errors import ModelError
@@ -23,35 +28,55 @@ _SUFFIXES: dict[str, str] = {
 }
 
 
+#: The entry-point group plugins register backends in.
+ENTRY_POINT_GROUP = "appliance.backends"
+
+
+def plugins() -> dict[str, str]:
+    """Backends installed packages add: name -> "module:Class" (read only when asked for: it
+    scans the installed distributions)."""
+    found = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    return {ep.name: ep.value for ep in found if ep.name not in _BACKENDS}
+
+
 def names() -> list[str]:
-    return sorted(_BACKENDS)
+    return sorted({*_BACKENDS, *plugins()})
 
 
 def get_backend(name: str) -> type[Backend]:
     """The backend class for `name`; a missing runtime gives a message saying what to install."""
     target = _BACKENDS.get(name)
+    plugin = target is None
+    if target is None:
+        target = plugins().get(name)
     if target is None:
         raise ModelError(f"unknown backend {name!r} (known: {', '.join(names())})")
     module_name, _, cls_name = target.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ModelError(
-            f"backend {name!r} is not available: {exc} (install the '{name}' extra: "
-            f"pip install 'appliance[{name}]')"
-        ) from None
-    cls: type[Backend] = getattr(module, cls_name)
+        hint = (
+            f"the plugin's module {module_name!r} does not import"
+            if plugin
+            else f"install the '{name}' extra: pip install 'appliance[{name}]'"
+        )
+        raise ModelError(f"backend {name!r} is not available: {exc} ({hint})") from None
+    cls = getattr(module, cls_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+        raise ModelError(f"backend {name!r}: {target} is not a Backend class")
     return cls
 
 
 def runtime_report() -> list[str]:
     """One line per backend: its runtime version and the devices it can use here, or why not."""
     lines = []
-    for name in names():
-        module_name = _BACKENDS[name].partition(":")[0]
+    targets = {**plugins(), **_BACKENDS}
+    for name in sorted(targets):
+        module_name = targets[name].partition(":")[0]
         try:
             module = importlib.import_module(module_name)
-            info: str = module.runtime_info()
+            report = getattr(module, "runtime_info", None)
+            info = str(report()) if report is not None else "plugin (no runtime report)"
         except (ImportError, ModelError) as exc:
             info = f"not available ({exc})"
         lines.append(f"{name}: {info}")

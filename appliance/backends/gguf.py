@@ -2,9 +2,10 @@
 `appliance.config.GgufConfig`.
 
 A file is never handed to llama.cpp before `gguf_file.read_gguf` has checked its header, and the
-first load of each file (by sha256) happens in a child process, so a parser crash on a hostile
-file kills that child, not the server. A llama context is not thread-safe: each of the
-configured `instances` is used by one request at a time, handed out through a pool.
+engine loads each file (by sha256) in a child process first (appliance/isolation/probe.py), so a
+parser crash on a hostile file kills that child, not the server. A llama context is not
+thread-safe: each of the configured `instances` is used by one request at a time, handed out
+through a pool.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ import contextlib
 import logging
 import os
 import queue
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -36,7 +35,6 @@ log = logging.getLogger("appliance.backends.gguf")
 EMBEDDING_ARCHITECTURES = frozenset(
     {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "t5encoder", "modern-bert", "neo-bert"}
 )
-PROBE_TIMEOUT_S = 300.0
 
 CHAT_SIGNATURE = Signature(
     (TensorSpec("text_input", "BYTES", (1,)),), (TensorSpec("text_output", "BYTES", (1,)),)
@@ -96,59 +94,6 @@ def model_mode(info: GgufInfo, configured: str) -> Literal["chat", "embedding"]:
     return "chat"
 
 
-def self_command() -> list[str]:
-    """How to run this program again: the frozen binary itself, or `python -m appliance`."""
-    if getattr(sys, "frozen", False):
-        return [sys.executable]
-    return [sys.executable, "-m", "appliance"]
-
-
-def probe_in_child(path: Path, embedding: bool) -> None:
-    """Load the file once in a child process; a crash there is reported, not inherited."""
-    cmd = [*self_command(), "_probe-gguf", str(path)]
-    if embedding:
-        cmd.append("--embedding")
-    env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, env=env)
-    except subprocess.TimeoutExpired:
-        raise ModelError(
-            f"{path}: loading it took over {PROBE_TIMEOUT_S:g} s in a test process"
-        ) from None
-    if proc.returncode == 0:
-        return
-    if proc.returncode < 0:
-        raise ModelError(
-            f"{path}: llama.cpp crashed (signal {-proc.returncode}) while loading this file in a "
-            "test process; refusing to load it into the server"
-        )
-    tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or ["no message"]
-    raise ModelError(f"{path}: llama.cpp cannot load this file: {tail[0]}")
-
-
-def probe_once(path: Path, sha256: str | None, cache_dir: Path, embedding: bool) -> None:
-    """probe_in_child, unless this content (by sha256) passed it before."""
-    marker = cache_dir / "gguf-verified" / (sha256 or "unhashed")
-    if not sha256 or not marker.exists():
-        probe_in_child(path, embedding)
-        if sha256:
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.touch()
-
-
-def probe_main(path: str, embedding: bool) -> int:
-    """The child side of probe_in_child (`appliance _probe-gguf FILE`)."""
-    llama_cpp = _llama()
-    try:
-        llm = llama_cpp.Llama(model_path=path, n_ctx=64, n_gpu_layers=0, embedding=embedding,
-                              verbose=False)  # fmt: skip
-        llm.close()
-    except Exception as exc:
-        print(f"{type(exc).__name__}: {exc}")
-        return 1
-    return 0
-
-
 WHY_NO_GPU = "this llama-cpp-python was built without GPU offload"
 #: When llama.cpp's threads take every core, the generating thread steps off its core this long
 #: after handing over the first piece of a stream: the event loop, then the client, get a core to
@@ -202,7 +147,6 @@ class GgufBackend(Backend):
         self.mode: Literal["chat", "embedding"] = model_mode(info, cfg.mode)
         embedding = self.mode == "embedding"
         self._cfg = cfg
-        probe_once(path, manifest.sha256, context.cache_dir, embedding)
         gpu = bool(llama_cpp.llama_supports_gpu_offload())
         why_not = WHY_NO_GPU
         use_gpu = want_accelerator(context.config.device, gpu, why_not, what)

@@ -79,22 +79,18 @@ def gguf_chat_config(target: Target, config: Config) -> GgufConfig | None:
 def open_llama(target: Target, config: Config, cfg: GgufConfig) -> tuple[Any, Placement]:
     """`llama_cpp.Llama` with the server's own arguments and chat template, in-process (after
     the same header check and child-process probe the server does)."""
-    from ..backends.gguf import (
-        WHY_NO_GPU,
-        _llama,
-        _template_handler,
-        llama_kwargs,
-        probe_once,
-    )
+    from ..backends.base import LoadContext
+    from ..backends.gguf import WHY_NO_GPU, _llama, _template_handler, llama_kwargs
     from ..backends.gguf_file import read_gguf
     from ..device import settle, want_accelerator
+    from ..isolation.probe import probe_once
 
     llama_cpp = _llama()
     model_cfg = config.model_config(target.name)
     manifest = target.source.manifest
     what = f"model {manifest.name!r}"
     info = read_gguf(target.file)
-    probe_once(target.file, manifest.sha256, Path(config.store.path) / ".cache", False)
+    probe_once(manifest, target.file, LoadContext(model_cfg, Path(config.store.path) / ".cache"))
     gpu = bool(llama_cpp.llama_supports_gpu_offload())
     use_gpu = want_accelerator(model_cfg.device, gpu, WHY_NO_GPU, what)
     kwargs = llama_kwargs(target.file, cfg, info, use_gpu)

@@ -6,6 +6,7 @@ nothing of them and never calls back up."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -14,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from ..backends import get_backend
 from ..backends.base import Backend, LoadContext
 from ..codec import InferRequest, InferResponse
 from ..config import Config, ModelConfig
 from ..device import Placement
 from ..errors import ApplianceError, InvalidInput, ModelError, NotFound, NotReady
+from ..isolation import StateHook, load_backend
 from ..llm import EmbeddingResult, Generation, GenerationResult, TextModel
 from ..manifest import Manifest, verify_file
 from ..metrics import Metrics, ModelGauges, ModelStats
@@ -32,7 +33,8 @@ from .validation import validate
 
 log = logging.getLogger("appliance.engine")
 
-Status = Literal["loading", "ready", "failed", "stopped"]
+#: "restarting": an isolated model whose worker process died (appliance/isolation).
+Status = Literal["loading", "ready", "restarting", "failed", "stopped"]
 T = TypeVar("T")
 
 
@@ -176,12 +178,16 @@ class Engine:
                 assert result is not None
                 future.set_result(result)
 
+        def on_state(status: str, reason: str | None) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed (shutdown)
+                loop.call_soon_threadsafe(self._worker_state, model, status, reason)
+
         def load() -> None:
             lower_priority(model.config.worker_nice)
             result: Backend | None = None
             error: BaseException | None = None
             try:
-                result = self._load_backend(model)
+                result = self._load_backend(model, on_state)
             except BaseException as exc:
                 error = exc
             try:
@@ -193,12 +199,12 @@ class Engine:
         threading.Thread(target=load, name=f"load-{model.name}", daemon=True).start()
         return await future
 
-    def _load_backend(self, model: LoadedModel) -> Backend:
+    def _load_backend(self, model: LoadedModel, on_state: StateHook | None = None) -> Backend:
         src = model.source
         if src.verify:
             verify_file(src.path, src.manifest)
-        cls = get_backend(src.manifest.backend)
-        backend = cls(src.manifest, src.path, LoadContext(model.config, self.cache_dir))
+        context = LoadContext(model.config, self.cache_dir)
+        backend = load_backend(src.manifest, src.path, context, on_state)
         try:
             model.pipeline = build_pipeline(
                 src.manifest, backend.signature, backend.quantization, model.config
@@ -207,6 +213,12 @@ class Engine:
             backend.unload()
             raise
         return backend
+
+    def _worker_state(self, model: LoadedModel, status: str, reason: str | None) -> None:
+        """An isolated model's worker process died, or serves again (loop thread)."""
+        if model.status in ("ready", "restarting"):  # not one loading, failed or retired
+            model.status = "ready" if status == "ready" else "restarting"
+            model.reason = reason
 
     async def activate(
         self,

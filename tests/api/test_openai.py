@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import math
-import sys
 
 import numpy as np
 import openai
@@ -268,13 +267,5 @@ async def test_file_llama_cpp_rejects_is_refused_from_a_child_process(serve, tmp
     odd.write_bytes(gguf([kv_str("general.architecture", "llama")], [tensor("w", [4, 4])]))
     client = await serve({}, [source_from_file(odd, "odd")])
     r = await client.get("/v2/models/odd/ready")
-    assert r.status == 503 and "llama.cpp cannot load this file" in (await r.json())["error"]
-
-
-def test_a_crash_while_probing_is_reported_not_inherited(tmp_path, monkeypatch):
-    from appliance.backends import gguf as gguf_backend
-
-    crash = "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"
-    monkeypatch.setattr(gguf_backend, "self_command", lambda: [sys.executable, "-c", crash])
-    with pytest.raises(ModelError, match=r"llama.cpp crashed \(signal 11\)"):
-        gguf_backend.probe_in_child(tmp_path / "any.gguf", embedding=False)
+    error = (await r.json())["error"]
+    assert r.status == 503 and "llama.cpp cannot load odd.gguf" in error, error

@@ -1,0 +1,287 @@
+"""The worker protocol: small packets over a socket pair, the data in shared memory.
+
+Each channel (one per request a model runs at once) is an AF_UNIX SOCK_SEQPACKET pair and one
+shared memory segment (a memfd both processes map). A message is its tensors, then a JSON
+header naming them, written into the segment; the packet that follows only says where the
+header lies (`op`, offset, length). Nothing is pickled in either direction: the worker runs
+model files the server does not trust, so the server reads its answers as data only, checks
+every offset, shape and type against the segment, and copies results out.
+
+A side that needs more room than the segment has makes a larger one and sends its file
+descriptor with the packet (SCM_RIGHTS); the other side adopts it. Generated text travels
+inside the packets instead (op PIECE), so a stream never overwrites what is still being read.
+"""
+
+from __future__ import annotations
+
+import array
+import math
+import mmap
+import os
+import socket
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import orjson
+
+from ..tensors import DATATYPES, datatype_of
+
+#: Packet kinds. Server to worker: CALL (a JSON header in the segment), CANCEL (stop the
+#: generation running). Worker to server: REPLY (a JSON header in the segment), PIECE (text).
+CALL, CANCEL, REPLY, PIECE = b"C", b"X", b"R", b"P"
+_DOORBELL = struct.Struct("<cQQ")
+#: Largest packet (a piece of text is cut to fit).
+MAX_PACKET = 16 * 1024
+_FD_SPACE = socket.CMSG_SPACE(array.array("i", [0]).itemsize)
+ALIGN = 64
+#: A new segment's size; it grows (to the next power of two) when a message needs more.
+INITIAL_BYTES = 1 << 20
+_LEN = struct.Struct("<I")
+_TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
+#: The datatypes of native, little-endian arrays (the common case, looked up directly).
+_NATIVE = {dtype: name for name, dtype in DATATYPES.items() if name != "BYTES"}
+
+Arrays = dict[str, np.ndarray[Any, Any]]
+
+
+class ProtocolError(Exception):
+    """The peer sent something this side cannot read: it is treated as broken."""
+
+
+class Closed(Exception):
+    """The peer closed its end (it exited, or was killed)."""
+
+
+class Segment:
+    """Shared memory both processes map: a memfd (anonymous: nothing to clean up after a crash)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.size = os.fstat(fd).st_size if fd >= 0 else 0
+        self.map = mmap.mmap(fd, self.size) if self.size else None
+
+    @classmethod
+    def empty(cls) -> Segment:
+        """No memory yet: the worker's, until the server's first packet brings a segment."""
+        return cls(-1)
+
+    @classmethod
+    def create(cls, least: int) -> Segment:
+        size = max(INITIAL_BYTES, 1 << max(0, least - 1).bit_length())
+        fd = os.memfd_create("appliance-worker", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd)
+
+    def close(self) -> None:
+        # A mapping that arrays still view stays until they go; the fd can go now.
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Channel:
+    """One end of a channel: the socket, the segment, and reading and writing messages."""
+
+    def __init__(self, sock: socket.socket, segment: Segment) -> None:
+        self.sock = sock
+        self.segment = segment
+        #: The segment is new to the peer: its fd goes with the next packet.
+        self._announce = False
+        self._timeout: float | None = None
+
+    def set_timeout(self, seconds: float | None) -> None:
+        """How long a receive may wait (None: for ever); a system call only when it changes."""
+        if seconds != self._timeout:
+            self.sock.settimeout(seconds)
+            self._timeout = seconds
+
+    @classmethod
+    def create(cls, sock: socket.socket) -> Channel:
+        """The server's end: it makes the first segment, sent along with the first packet."""
+        channel = cls(sock, Segment.create(INITIAL_BYTES))
+        channel._announce = True
+        return channel
+
+    def close(self) -> None:
+        self.sock.close()
+        self.segment.close()
+
+    # -- sending -------------------------------------------------------------------------------
+    def send(
+        self, op: bytes, doc: Mapping[str, Any], arrays: Mapping[str, Any], start: int
+    ) -> None:
+        """Write `arrays` from offset `start` (or 0 of a new, larger segment), then `doc` with
+        their layout under "tensors", and ring the peer."""
+        layout: list[list[Any]] = []
+        blobs: list[Any] = []
+        offset = start
+        for name, value in arrays.items():
+            datatype, shape, blob = _encode(value)
+            nbytes = len(blob) if datatype == "BYTES" else blob.nbytes
+            layout.append([name, datatype, shape, offset, nbytes])
+            blobs.append(blob)
+            offset += (nbytes + ALIGN - 1) & -ALIGN
+        body = orjson.dumps({**doc, "tensors": layout}) if layout else orjson.dumps(doc)
+        if offset + len(body) > self.segment.size:  # rare: a larger segment, from 0
+            self._grow(offset - start + len(body))
+            for entry in layout:
+                entry[3] -= start
+            offset -= start
+            body = orjson.dumps({**doc, "tensors": layout})
+        mm = self.segment.map
+        assert mm is not None
+        for (_, _, _, at, nbytes), blob in zip(layout, blobs, strict=True):
+            mm[at : at + nbytes] = blob
+        mm[offset : offset + len(body)] = body
+        self._ring(_DOORBELL.pack(op, offset, len(body)))
+
+    def send_piece(self, text: str) -> None:
+        data = text.encode("utf-8")
+        step = MAX_PACKET - 1
+        for i in range(0, len(data), step):
+            self.sock.send(PIECE + data[i : i + step])
+
+    def send_cancel(self) -> None:
+        self.sock.send(CANCEL)
+
+    def _grow(self, least: int) -> None:
+        self.segment.close()
+        self.segment = Segment.create(least)
+        self._announce = True
+
+    def _ring(self, packet: bytes) -> None:
+        if self._announce:
+            fds = array.array("i", [self.segment.fd])
+            self.sock.sendmsg([packet], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+            self._announce = False
+        else:
+            self.sock.send(packet)
+
+    # -- receiving -----------------------------------------------------------------------------
+    def receive(self) -> tuple[bytes, bytes]:
+        """The next packet: (op, rest); a segment sent with it replaces this side's own."""
+        data, ancdata, flags, _ = self.sock.recvmsg(MAX_PACKET, _FD_SPACE)
+        if ancdata:
+            self._adopt(ancdata)
+        if not data:
+            raise Closed()
+        if flags & _TRUNCATED:
+            raise ProtocolError("a packet was larger than the protocol allows")
+        return data[:1], data[1:]
+
+    def _adopt(self, ancdata: list[tuple[int, int, bytes]]) -> None:
+        fds: list[int] = []
+        for level, kind, data in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                got = array.array("i")
+                got.frombytes(data[: len(data) - len(data) % got.itemsize])
+                fds.extend(got)
+        for extra in fds[1:]:
+            os.close(extra)
+        if fds:
+            try:
+                segment = Segment(fds[0])
+            except (OSError, ValueError) as exc:
+                os.close(fds[0])
+                raise ProtocolError(f"cannot map the segment the peer sent: {exc}") from None
+            self.segment.close()
+            self.segment = segment
+
+    def header(self, rest: bytes) -> tuple[dict[str, Any], list[Any]]:
+        """The JSON header a CALL or REPLY packet points at, and its tensor layout."""
+        if len(rest) != _DOORBELL.size - 1:
+            raise ProtocolError("a malformed packet")
+        _, at, length = _DOORBELL.unpack(b"C" + rest)
+        mm = self.segment.map
+        if mm is None or at + length > self.segment.size:
+            raise ProtocolError("a header outside the shared memory")
+        try:
+            doc = orjson.loads(mm[at : at + length])
+        except orjson.JSONDecodeError as exc:
+            raise ProtocolError(f"a header that is not JSON: {exc}") from None
+        if not isinstance(doc, dict):
+            raise ProtocolError("a header that is not a JSON object")
+        layout = doc.pop("tensors", [])
+        if not isinstance(layout, list):
+            raise ProtocolError("'tensors' is not a list")
+        return doc, layout
+
+    def arrays(self, layout: list[Any], copy: bool) -> tuple[Arrays, int]:
+        """The tensors a header lists (views into the segment, or copies), checked against
+        the segment; and where the last one ends."""
+        out: Arrays = {}
+        end = 0
+        mm = self.segment.map
+        size = self.segment.size
+        for entry in layout:
+            try:
+                name, datatype, shape, offset, nbytes = entry
+                dtype = DATATYPES[datatype]
+                count = math.prod(shape)
+                ok = (
+                    type(name) is str
+                    and type(offset) is int
+                    and type(nbytes) is int
+                    and 0 <= offset <= offset + nbytes <= size
+                    and all(type(d) is int and d >= 0 for d in shape)
+                )
+            except (TypeError, ValueError, KeyError):
+                ok = False
+            if not ok:
+                raise ProtocolError(f"a malformed tensor entry: {entry!r:.200}")
+            end = max(end, offset + nbytes)
+            if datatype == "BYTES":
+                assert mm is not None
+                out[name] = _decode_bytes(name, shape, mm[offset : offset + nbytes])
+            elif count * dtype.itemsize != nbytes:
+                raise ProtocolError(f"tensor {name!r}: {nbytes} bytes do not hold {shape}")
+            elif count == 0 or mm is None:
+                out[name] = np.empty(shape, dtype)
+            else:
+                view: np.ndarray[Any, Any] = np.ndarray(shape, dtype, mm, offset)
+                out[name] = view.copy() if copy else view
+        return out, (end + ALIGN - 1) & -ALIGN
+
+
+def _encode(value: Any) -> tuple[str, list[int] | tuple[int, ...], Any]:
+    """(datatype, shape, data): data is a C-ordered little-endian array, or bytes for BYTES
+    tensors (each element as a 4-byte little-endian length and its bytes, as KServe's binary
+    form)."""
+    arr = value if type(value) is np.ndarray else np.asarray(value)
+    datatype = _NATIVE.get(arr.dtype)
+    if datatype is None:
+        datatype = datatype_of(arr)
+        if datatype != "BYTES":
+            arr = arr.astype(arr.dtype.newbyteorder("<"))
+    if datatype == "BYTES":
+        chunks = []
+        for item in arr.reshape(-1):
+            raw = item.encode("utf-8") if isinstance(item, str) else bytes(item)
+            chunks.append(_LEN.pack(len(raw)))
+            chunks.append(raw)
+        return datatype, arr.shape, b"".join(chunks)
+    if not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr)
+    return datatype, arr.shape, arr
+
+
+def _decode_bytes(name: str, shape: tuple[int, ...], data: bytes) -> np.ndarray[Any, Any]:
+    count = math.prod(shape)
+    out = np.empty(count, dtype=object)
+    pos = 0
+    for i in range(count):
+        if pos + 4 > len(data):
+            raise ProtocolError(f"tensor {name!r}: element {i} lies beyond its bytes")
+        (n,) = _LEN.unpack_from(data, pos)
+        pos += 4
+        if pos + n > len(data):
+            raise ProtocolError(f"tensor {name!r}: element {i} lies beyond its bytes")
+        out[i] = data[pos : pos + n]
+        pos += n
+    return out.reshape(shape)

@@ -1,0 +1,63 @@
+"""A backend plugin that crashes its process on marked inputs: y = x * 2 otherwise.
+
+Found through the `appliance.backends` entry point (see the .dist-info beside it). The crashes
+are genuine: a null pointer read (SIGSEGV), abort() (SIGABRT), SIGKILL as the out-of-memory
+killer sends it, or a hang. A model file that starts with b"crash on load" crashes the load.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from appliance.backends.base import Backend, LoadContext
+from appliance.device import Placement
+from appliance.manifest import Manifest
+from appliance.tensors import Signature, TensorSpec
+
+SIGNATURE = Signature((TensorSpec("x", "FP32", (-1,)),), (TensorSpec("y", "FP32", (-1,)),))
+#: Input values that crash (or stall) the run.
+SEGFAULT, ABORT, KILLED, HANG, SLOW = 13.0, 6.0, 9.0, 7.0, 5.0
+#: How long a run with a SLOW value takes.
+SLOW_S = 1.0
+
+
+def segfault() -> None:
+    ctypes.string_at(0)  # reads address 0: SIGSEGV
+
+
+class CrashyBackend(Backend):
+    name = "crashy"
+    platform = "test_crashy"
+
+    @classmethod
+    def inspect(cls, path: Path) -> tuple[Signature, dict[str, Any]]:
+        return SIGNATURE, {}
+
+    def __init__(self, manifest: Manifest, path: Path, context: LoadContext) -> None:
+        if path.read_bytes().startswith(b"crash on load"):
+            segfault()
+        self.signature = SIGNATURE
+        self.placement = Placement("cpu", f"crashy in process {os.getpid()}")
+
+    def run(
+        self, inputs: dict[str, np.ndarray[Any, Any]], outputs: list[str] | None
+    ) -> dict[str, np.ndarray[Any, Any]]:
+        x = inputs["x"]
+        if (x == SEGFAULT).any():
+            segfault()
+        if (x == ABORT).any():
+            os.abort()
+        if (x == KILLED).any():
+            os.kill(os.getpid(), signal.SIGKILL)
+        if (x == HANG).any():
+            time.sleep(3600)
+        if (x == SLOW).any():
+            time.sleep(SLOW_S)
+        return {"y": x * 2}
