@@ -19,7 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from appliance.api.http import LOADER
-from appliance.config import load_config
+from appliance.config import _merge, load_config
 from appliance.engine import ModelSource
 from appliance.registry import Registry
 from appliance.server import build, sources_from_store
@@ -119,7 +119,11 @@ async def serve(
     store: Registry,
 ) -> AsyncIterator[ClientFactory]:
     """Start the real HTTP server (api/http_server.py in front of the app) on a loopback port;
-    returns a client once models are loaded."""
+    returns a client once models are loaded.
+
+    These servers skip the first load in a child process (probe_first_load) unless the
+    overrides ask for it: each test's fresh store would pay it again for the same sample files
+    (tests/isolation covers it; servers started as processes keep the default)."""
     clients: list[TestClient[web.Request, web.Application]] = []
 
     async def start(
@@ -127,7 +131,8 @@ async def serve(
         sources: list[ModelSource] | None = None,
         wait: bool = True,
     ) -> TestClient[web.Request, web.Application]:
-        config = load_config(None, {"store": {"path": str(store.root)}, **(overrides or {})}, {})
+        base = {"store": {"path": str(store.root)}, "model_defaults": {"probe_first_load": False}}
+        config = load_config(None, _merge(base, overrides or {}), {})
         if sources is None:
             app = build(config, sources_from_store(store.root), store)
         else:
