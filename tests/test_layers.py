@@ -1,6 +1,7 @@
 """The request path is one straight line, each layer calling only the ones below it:
 
-    api (fronts: codec + status mapping) -> request (lifecycle) -> routing -> engine -> backends
+    api (fronts: codec + status mapping) -> request (lifecycle) -> routing -> engine
+        -> isolation (a model in a worker process, the first load in a child) -> backends
 
 Checked from the source: no module imports a layer above its own, at run time or for typing
 only (an import cycle hidden behind TYPE_CHECKING is still a cycle)."""
@@ -14,7 +15,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "appliance"
 #: Top to bottom.
-LAYERS = ["api", "request", "routing", "engine", "backends"]
+LAYERS = ["api", "request", "routing", "engine", "isolation", "backends"]
 
 
 def _layer(module: str) -> str | None:

@@ -35,9 +35,11 @@ def marker(manifest: Manifest, cache_dir: Path) -> Path | None:
 
 
 def remember(manifest: Manifest, cache_dir: Path) -> None:
-    """Record that this content loaded in a child process."""
+    """Record that this content loaded in a child process. The cache lies in the model store:
+    where there is none (`serve --model FILE` without one), nothing is written, and the file
+    is probed again at the next start."""
     path = marker(manifest, cache_dir)
-    if path is not None:
+    if path is not None and cache_dir.parent.is_dir():
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.touch()
