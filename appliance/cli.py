@@ -149,7 +149,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run
-    from .bench.options import BenchOptions, PriorityOptions, SweepOptions, parse_levels
+    from .bench.options import (
+        BenchOptions,
+        IsolationOptions,
+        PriorityOptions,
+        SweepOptions,
+        parse_levels,
+    )
 
     priority = None
     if args.priority:
@@ -172,6 +178,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             overload_connections=args.overload_connections,
             rounds=args.rounds,
         )
+    isolation = None
+    if args.isolation:
+        isolation = IsolationOptions(parse_levels(args.isolation, "--isolation"), args.rounds)
     options = BenchOptions(
         model=args.model,
         requests=args.requests,
@@ -188,6 +197,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         sweep=sweep,
         priority=priority,
+        isolation=isolation,
     )
     return run(options)
 
@@ -321,6 +331,15 @@ def parser() -> argparse.ArgumentParser:
     llm = b.add_argument_group("GGUF chat models (streamed /v1/chat/completions)")
     llm.add_argument("--runs", type=int, default=3, help="timed streamed completions per side")
     llm.add_argument("--max-tokens", type=int, default=64, help="max_tokens of each completion")
+    iso = b.add_argument_group("in-process vs a worker process (two servers, side by side)")
+    iso.add_argument(
+        "--isolation",
+        metavar="LEVELS",
+        nargs="?",
+        const="1,32",
+        help="concurrency levels (default 1,32): the model in-process and with isolation = "
+        '"process", added µs at the lowest, req/s ratio at the highest (--rounds applies)',
+    )
     b.set_defaults(func=cmd_bench)
 
     from .build.command import add_arguments

@@ -7,6 +7,7 @@ can beat) and a real `appliance serve` subprocess (what a client sees). Modes, o
 - `llm`: GGUF chat models, streamed chat completions (time to first token, tokens/s);
 - `batching` (`--sweep`): dynamic batching on vs off over concurrency levels, then overload;
 - `priority` (`--priority`): an urgent level alone, then through a flood of a lower one.
+- `isolation` (`--isolation`): the model in-process vs in a worker process (added µs, req/s).
 
 Shared parts: `options` (what to run, built by the CLI), `model` (the file and its bare runtime
 call), `inputs` (tensors, encoded by the appliance's own codec), `client` (a socket HTTP client),
@@ -44,6 +45,15 @@ def run(options: BenchOptions) -> int:
         from .batching import run_sweep
 
         emit(run_sweep(options, options.sweep, config, target), options.json, format_sweep)
+        return 0
+    if options.isolation is not None:
+        options.check()
+        config = config_from_flags(options.flags())
+        target = resolve_model(options.model, config)
+        from .isolation import format_isolation, run_isolation
+
+        figures = run_isolation(options, options.isolation, config, target)
+        emit(figures, options.json, format_isolation)
         return 0
     options.check()
     config = config_from_flags(options.flags())

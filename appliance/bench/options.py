@@ -73,6 +73,17 @@ class PriorityOptions:
 
 
 @dataclass(frozen=True)
+class IsolationOptions:
+    """`--isolation`: the model in-process and in a worker process, two servers side by side."""
+
+    #: Concurrency levels, ascending (`parse_levels`): the lowest gives the added latency, the
+    #: highest the throughput ratio.
+    levels: list[int]
+    #: Alternating rounds per level (the median counts).
+    rounds: int = 3
+
+
+@dataclass(frozen=True)
 class BenchOptions:
     """One `appliance bench` run; the defaults are the CLI's."""
 
@@ -103,6 +114,8 @@ class BenchOptions:
     sweep: SweepOptions | None = field(default=None)
     #: An urgent stream through a flood instead of the usual run (before `sweep` if both).
     priority: PriorityOptions | None = field(default=None)
+    #: In-process vs isolated instead of the usual run.
+    isolation: IsolationOptions | None = field(default=None)
 
     @property
     def quiet(self) -> bool:
@@ -125,14 +138,14 @@ class BenchOptions:
                 raise ConfigError(f"--{flag} = {value}: must be at least {least}")
 
 
-def parse_levels(text: str) -> list[int]:
+def parse_levels(text: str, flag: str = "--sweep") -> list[int]:
     """`--sweep 1,8,32`: the concurrency levels, sorted, without repeats."""
     try:
         levels = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         levels = []
     if not levels or min(levels) < 1:
-        raise ConfigError(f"--sweep {text!r}: expected concurrency levels such as 1,8,32")
+        raise ConfigError(f"{flag} {text!r}: expected concurrency levels such as 1,8,32")
     return sorted(set(levels))
 
 

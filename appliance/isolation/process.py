@@ -128,10 +128,10 @@ class WorkerProcess:
         try:
             first.set_timeout(timeout_s)
             first.send(CALL, doc, {}, 0)
-            op, rest = first.receive()
-            if op != REPLY:
-                raise ProtocolError(f"an unexpected packet {op!r}")
-            answer, _ = first.header(rest)
+            packet = first.receive()
+            if packet[:1] != REPLY:
+                raise ProtocolError(f"an unexpected packet {packet[:1]!r}")
+            answer, _ = first.header(packet)
         except (Closed, OSError) as exc:
             timed_out = isinstance(exc, TimeoutError)
             if timed_out:

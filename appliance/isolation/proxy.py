@@ -230,17 +230,18 @@ class Supervisor:
             told = False
             while True:
                 try:
-                    op, rest = channel.receive()
+                    packet = channel.receive()
                 except TimeoutError:
                     if not streaming or time.monotonic() - quiet_since >= wait:
                         raise
-                    op, rest = b"", b""
+                    packet = b""
+                op = packet[:1]
                 if op == REPLY:
-                    return channel.header(rest)
+                    return channel.header(packet)
                 if op == PIECE:
                     quiet_since = time.monotonic()
                     if emit is not None:
-                        emit(rest.decode("utf-8", errors="replace"))
+                        emit(packet[1:].decode("utf-8", errors="replace"))
                 elif op:
                     raise ProtocolError(f"an unexpected packet {op!r}")
                 if streaming and not told and cancelled is not None and cancelled():

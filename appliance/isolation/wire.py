@@ -28,10 +28,15 @@ import orjson
 
 from ..tensors import DATATYPES, datatype_of
 
-#: Packet kinds. Server to worker: CALL (a JSON header in the segment), CANCEL (stop the
-#: generation running). Worker to server: REPLY (a JSON header in the segment), PIECE (text).
+#: Packet kinds, the first byte. Server to worker: CALL (a JSON header), CANCEL (stop the
+#: generation running). Worker to server: REPLY (a JSON header), PIECE (text).
 CALL, CANCEL, REPLY, PIECE = b"C", b"X", b"R", b"P"
-_DOORBELL = struct.Struct("<cQQ")
+#: The second byte of a CALL or REPLY: the JSON header follows (INLINE), or lies in the segment
+#: at the offset and length that follow (SHARED).
+INLINE, SHARED = b"J", b"S"
+_WHERE = struct.Struct("<QQ")
+#: Headers up to this size travel inside the packet.
+INLINE_HEADER = 8 * 1024
 #: Largest packet (a piece of text is cut to fit).
 MAX_PACKET = 16 * 1024
 _FD_SPACE = socket.CMSG_SPACE(array.array("i", [0]).itemsize)
@@ -113,33 +118,43 @@ class Channel:
         self.segment.close()
 
     # -- sending -------------------------------------------------------------------------------
-    def send(
-        self, op: bytes, doc: Mapping[str, Any], arrays: Mapping[str, Any], start: int
-    ) -> None:
-        """Write `arrays` from offset `start` (or 0 of a new, larger segment), then `doc` with
-        their layout under "tensors", and ring the peer."""
-        layout: list[list[Any]] = []
+    def send(self, op: bytes, doc: dict[str, Any], arrays: Mapping[str, Any], start: int) -> None:
+        """Write `arrays` from offset `start` (or 0 of a new, larger segment), add their layout
+        to `doc` under "tensors", and send `doc`: inside the packet when it is small, else in
+        the segment after the tensors."""
+        layout: list[tuple[str, str, Any, int, int]] = []
         blobs: list[Any] = []
         offset = start
         for name, value in arrays.items():
-            datatype, shape, blob = _encode(value)
-            nbytes = len(blob) if datatype == "BYTES" else blob.nbytes
-            layout.append([name, datatype, shape, offset, nbytes])
-            blobs.append(blob)
+            arr = value if type(value) is np.ndarray else np.asarray(value)
+            datatype = _NATIVE.get(arr.dtype)
+            if datatype is None or not arr.flags.c_contiguous:
+                datatype, arr = _encode(arr)
+            nbytes = len(arr) if datatype == "BYTES" else arr.nbytes
+            layout.append((name, datatype, arr.shape, offset, nbytes))
+            blobs.append(arr)
             offset += (nbytes + ALIGN - 1) & -ALIGN
-        body = orjson.dumps({**doc, "tensors": layout}) if layout else orjson.dumps(doc)
-        if offset + len(body) > self.segment.size:  # rare: a larger segment, from 0
+        if layout:
+            doc["tensors"] = layout
+        body = orjson.dumps(doc)
+        inline = len(body) <= INLINE_HEADER
+        if offset + (0 if inline else len(body)) > self.segment.size:  # rare: from 0 of a new one
             self._grow(offset - start + len(body))
-            for entry in layout:
-                entry[3] -= start
+            layout = [(n, d, sh, at - start, nb) for n, d, sh, at, nb in layout]
             offset -= start
-            body = orjson.dumps({**doc, "tensors": layout})
+            doc["tensors"] = layout
+            body = orjson.dumps(doc)
         mm = self.segment.map
-        assert mm is not None
         for (_, _, _, at, nbytes), blob in zip(layout, blobs, strict=True):
-            mm[at : at + nbytes] = blob
-        mm[offset : offset + len(body)] = body
-        self._ring(_DOORBELL.pack(op, offset, len(body)))
+            if nbytes:
+                assert mm is not None
+                mm[at : at + nbytes] = blob
+        if inline:
+            self._ring(op + INLINE + body)
+        else:
+            assert mm is not None
+            mm[offset : offset + len(body)] = body
+            self._ring(op + SHARED + _WHERE.pack(offset, len(body)))
 
     def send_piece(self, text: str) -> None:
         data = text.encode("utf-8")
@@ -164,8 +179,8 @@ class Channel:
             self.sock.send(packet)
 
     # -- receiving -----------------------------------------------------------------------------
-    def receive(self) -> tuple[bytes, bytes]:
-        """The next packet: (op, rest); a segment sent with it replaces this side's own."""
+    def receive(self) -> bytes:
+        """The next packet; a segment sent with it replaces this side's own."""
         data, ancdata, flags, _ = self.sock.recvmsg(MAX_PACKET, _FD_SPACE)
         if ancdata:
             self._adopt(ancdata)
@@ -173,7 +188,7 @@ class Channel:
             raise Closed()
         if flags & _TRUNCATED:
             raise ProtocolError("a packet was larger than the protocol allows")
-        return data[:1], data[1:]
+        return data
 
     def _adopt(self, ancdata: list[tuple[int, int, bytes]]) -> None:
         fds: list[int] = []
@@ -193,22 +208,30 @@ class Channel:
             self.segment.close()
             self.segment = segment
 
-    def header(self, rest: bytes) -> tuple[dict[str, Any], list[Any]]:
-        """The JSON header a CALL or REPLY packet points at, and its tensor layout."""
-        if len(rest) != _DOORBELL.size - 1:
+    def header(self, packet: bytes) -> tuple[dict[str, Any], list[Any]]:
+        """The JSON header of a CALL or REPLY packet (in it, or where it points), and its
+        tensor layout."""
+        where = packet[1:2]
+        if where == INLINE:
+            text: Any = memoryview(packet)[2:]
+        elif where == SHARED and len(packet) == 2 + _WHERE.size:
+            at, length = _WHERE.unpack_from(packet, 2)
+            mm = self.segment.map
+            if mm is None or at + length > self.segment.size:
+                raise ProtocolError("a header outside the shared memory")
+            text = mm[at : at + length]
+        else:
             raise ProtocolError("a malformed packet")
-        _, at, length = _DOORBELL.unpack(b"C" + rest)
-        mm = self.segment.map
-        if mm is None or at + length > self.segment.size:
-            raise ProtocolError("a header outside the shared memory")
         try:
-            doc = orjson.loads(mm[at : at + length])
+            doc = orjson.loads(text)
         except orjson.JSONDecodeError as exc:
             raise ProtocolError(f"a header that is not JSON: {exc}") from None
-        if not isinstance(doc, dict):
+        if type(doc) is not dict:
             raise ProtocolError("a header that is not a JSON object")
-        layout = doc.pop("tensors", [])
-        if not isinstance(layout, list):
+        layout = doc.pop("tensors", None)
+        if layout is None:
+            layout = []
+        elif type(layout) is not list:
             raise ProtocolError("'tensors' is not a list")
         return doc, layout
 
@@ -221,21 +244,27 @@ class Channel:
         size = self.segment.size
         for entry in layout:
             try:
+                if type(entry) is not list:
+                    raise TypeError
                 name, datatype, shape, offset, nbytes = entry
                 dtype = DATATYPES[datatype]
-                count = math.prod(shape)
+                count = 1
+                for d in shape:
+                    if type(d) is not int or d < 0:
+                        raise ValueError
+                    count *= d
                 ok = (
                     type(name) is str
                     and type(offset) is int
                     and type(nbytes) is int
                     and 0 <= offset <= offset + nbytes <= size
-                    and all(type(d) is int and d >= 0 for d in shape)
                 )
             except (TypeError, ValueError, KeyError):
                 ok = False
             if not ok:
                 raise ProtocolError(f"a malformed tensor entry: {entry!r:.200}")
-            end = max(end, offset + nbytes)
+            if offset + nbytes > end:
+                end = offset + nbytes
             if datatype == "BYTES":
                 assert mm is not None
                 out[name] = _decode_bytes(name, shape, mm[offset : offset + nbytes])
@@ -249,26 +278,30 @@ class Channel:
         return out, (end + ALIGN - 1) & -ALIGN
 
 
-def _encode(value: Any) -> tuple[str, list[int] | tuple[int, ...], Any]:
-    """(datatype, shape, data): data is a C-ordered little-endian array, or bytes for BYTES
-    tensors (each element as a 4-byte little-endian length and its bytes, as KServe's binary
-    form)."""
-    arr = value if type(value) is np.ndarray else np.asarray(value)
-    datatype = _NATIVE.get(arr.dtype)
-    if datatype is None:
-        datatype = datatype_of(arr)
-        if datatype != "BYTES":
-            arr = arr.astype(arr.dtype.newbyteorder("<"))
+def _encode(arr: np.ndarray[Any, Any]) -> tuple[str, Any]:
+    """(datatype, data) for what the fast path does not take as is: data is a C-ordered
+    little-endian array, or bytes for BYTES tensors (each element as a 4-byte little-endian
+    length and its bytes, as KServe's binary form)."""
+    datatype = datatype_of(arr)
     if datatype == "BYTES":
         chunks = []
         for item in arr.reshape(-1):
             raw = item.encode("utf-8") if isinstance(item, str) else bytes(item)
             chunks.append(_LEN.pack(len(raw)))
             chunks.append(raw)
-        return datatype, arr.shape, b"".join(chunks)
-    if not arr.flags.c_contiguous:
-        arr = np.ascontiguousarray(arr)
-    return datatype, arr.shape, arr
+        return datatype, _Blob(b"".join(chunks), arr.shape)
+    return datatype, np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+
+
+class _Blob(bytes):
+    """The bytes of a BYTES tensor, with the tensor's shape."""
+
+    shape: tuple[int, ...]
+
+    def __new__(cls, data: bytes, shape: tuple[int, ...]) -> _Blob:
+        blob = super().__new__(cls, data)
+        blob.shape = shape
+        return blob
 
 
 def _decode_bytes(name: str, shape: tuple[int, ...], data: bytes) -> np.ndarray[Any, Any]:

@@ -39,10 +39,10 @@ def main(fd: int) -> int:
     first = Channel(socket.socket(fileno=fd), Segment.empty())
     channels = [first]
     try:
-        _, rest = first.receive()
+        packet = first.receive()
     except Closed:
         return 0
-    doc, _ = first.header(rest)
+    doc, _ = first.header(packet)
     try:
         backend = load(doc)
     except ApplianceError as exc:
@@ -129,15 +129,16 @@ def serve(channel: Channel, backend: Backend, lock: AbstractContextManager[Any])
     """Answer the calls on one channel until the server closes it."""
     while True:
         try:
-            op, rest = channel.receive()
+            packet = channel.receive()
         except Closed:
             return
+        op = packet[:1]
         if op == CANCEL:  # it came after its generation had ended
             continue
         if op != CALL:
             log.error("unexpected packet %r from the server: closing the channel", op)
             return
-        doc, layout = channel.header(rest)
+        doc, layout = channel.header(packet)
         inputs, end = channel.arrays(layout, copy=False)
         outputs: Arrays = {}
         try:

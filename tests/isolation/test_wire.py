@@ -27,9 +27,9 @@ def pair() -> Iterator[tuple[Channel, Channel]]:
 
 def roundtrip(src: Channel, dst: Channel, arrays: dict[str, Any], copy: bool) -> dict[str, Any]:
     src.send(CALL, {"call": "run"}, arrays, 0)
-    op, rest = dst.receive()
-    assert op == CALL
-    doc, layout = dst.header(rest)
+    packet = dst.receive()
+    assert packet[:1] == CALL
+    doc, layout = dst.header(packet)
     assert doc == {"call": "run"}
     out, _ = dst.arrays(layout, copy)
     return out
@@ -76,8 +76,7 @@ def test_segments_grow_on_either_side_and_the_peer_adopts_them(pair) -> None:
     assert worker.segment.size >= big.nbytes and np.array_equal(got["x"], big)
     bigger = np.ones((2, 1_000_000), np.float64)  # the worker needs more still for its reply
     worker.send(REPLY, {}, {"y": bigger}, 0)
-    _, rest = server.receive()
-    out, _ = server.arrays(server.header(rest)[1], copy=True)
+    out, _ = server.arrays(server.header(server.receive())[1], copy=True)
     assert np.array_equal(out["y"], bigger)
     assert server.segment.size == worker.segment.size >= bigger.nbytes
 
@@ -95,7 +94,7 @@ def forged(server: Channel, worker: Channel, layout: Any, header: bytes | None =
     assert mm is not None
     body = header if header is not None else orjson.dumps({"tensors": layout})
     mm[0 : len(body)] = body
-    worker.sock.send(wire._DOORBELL.pack(REPLY, 0, len(body)))
+    worker.sock.send(REPLY + wire.SHARED + wire._WHERE.pack(0, len(body)))
 
 
 @pytest.mark.parametrize(
@@ -119,16 +118,24 @@ def test_whatever_a_worker_sends_is_checked(pair, layout: Any, header: bytes | N
     assert worker.segment.map is not None
     worker.segment.map[64:70] = b"\xff\xff\x00\x00ab"
     forged(server, worker, layout, header)
-    _, rest = server.receive()
+    packet = server.receive()
     with pytest.raises(ProtocolError):
-        _, got = server.header(rest)
+        _, got = server.header(packet)
         server.arrays(got, copy=True)
 
 
 def test_a_header_outside_the_segment_is_refused(pair) -> None:
     server, worker = pair
     roundtrip(server, worker, {"x": np.zeros(4, np.float32)}, copy=False)
-    worker.sock.send(wire._DOORBELL.pack(REPLY, server.segment.size - 2, 10))
-    _, rest = server.receive()
+    worker.sock.send(REPLY + wire.SHARED + wire._WHERE.pack(server.segment.size - 2, 10))
     with pytest.raises(ProtocolError, match="outside"):
-        server.header(rest)
+        server.header(server.receive())
+
+
+def test_headers_too_large_for_a_packet_go_through_the_segment(pair) -> None:
+    server, worker = pair
+    texts = ["x" * 1000] * 40  # a 40 kB header
+    server.send(CALL, {"call": "embed", "texts": texts}, {}, 0)
+    packet = worker.receive()
+    assert packet[1:2] == wire.SHARED
+    assert worker.header(packet)[0]["texts"] == texts
