@@ -7,6 +7,10 @@ rounds, so machine load drifts alike for both; the round with the median through
 the level. The figures that matter are the differences: microseconds added per request at
 concurrency 1 and the throughput ratio at the highest level.
 
+For scale, the bare round trip between two Python processes over the same kind of socket pair
+(no shared memory, no model) is timed in the bench process: no worker call can be cheaper than
+it on the machine at hand (on a small VM, waking a process on another CPU dominates).
+
 Start-up is timed too: the in-process server's first start on a fresh cache includes the
 first-load probe (the file loaded once in a child process); its second start finds the probe
 remembered; the isolated server loads the model in its worker. Memory: the server's RSS, and
@@ -18,6 +22,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -59,6 +66,39 @@ def _rss(pid: int) -> float | None:
     return None if rss is None else round(rss, 1)
 
 
+#: The echo a bare round trip talks to: what the worker's loop does, without the protocol.
+_ECHO = """
+import socket, sys
+s = socket.socket(fileno=int(sys.argv[1]))
+while (m := s.recv(4096)):
+    s.send(m)
+"""
+
+
+def process_round_trip(requests: int) -> Latency:
+    """A 32-byte packet to another Python process and back, over an AF_UNIX SOCK_SEQPACKET
+    pair: the floor of a call to a worker process on this machine."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _ECHO, str(theirs.fileno())], pass_fds=(theirs.fileno(),)
+    )
+    theirs.close()
+    try:
+        packet = b"x" * 32
+        clock = time.perf_counter_ns
+        samples = []
+        for i in range(requests + requests // 10):
+            t0 = clock()
+            ours.send(packet)
+            ours.recv(64)
+            if i >= requests // 10:  # the first tenth warms up
+                samples.append(clock() - t0)
+        return Latency.of(samples)
+    finally:
+        ours.close()
+        proc.wait(10)
+
+
 def run_isolation(
     options: BenchOptions, isolation: IsolationOptions, config: Config, target: Target
 ) -> dict[str, Any]:
@@ -71,6 +111,7 @@ def run_isolation(
     token = config.token()
     timeout_s = model_cfg.timeout_s + 30.0
 
+    floor = process_round_trip(options.requests)
     say(quiet, f"loading {target.file} in-process for its inputs and expected outputs ...")
     backend = load_backend(target, config)
     try:
@@ -175,6 +216,8 @@ def run_isolation(
         "probe_added_to_first_start_s": round(
             startup["in-process, first start"] - startup["in-process"], 3
         ),
+        "process_round_trip_p50_us": round(floor.p50_us, 1),
+        "process_round_trip_mean_us": round(floor.mean_us, 1),
         "runs": runs,
         "added_p50_us_at_lowest": round(
             find("isolated", low)["p50_us"] - find("in-process", low)["p50_us"], 1
@@ -214,7 +257,9 @@ def format_isolation(f: dict[str, Any]) -> str:
     lines += [
         "",
         f"added by the worker process at concurrency {f['lowest_concurrency']}: "
-        f"{f['added_p50_us_at_lowest']:,.1f} µs p50, {f['added_mean_us_at_lowest']:,.1f} µs mean",
+        f"{f['added_p50_us_at_lowest']:,.1f} µs p50, {f['added_mean_us_at_lowest']:,.1f} µs mean"
+        f" (a bare round trip to another process here: {f['process_round_trip_p50_us']:,.1f} µs"
+        f" p50, {f['process_round_trip_mean_us']:,.1f} µs mean)",
         f"throughput at concurrency {f['highest_concurrency']}: isolated / in-process "
         f"{f['throughput_isolated_vs_in_process_at_top']:.3f}x",
         f"memory: in-process server {mem['in-process']['server_rss_mib']} MiB; isolated server "
