@@ -155,12 +155,12 @@ class Supervisor:
                     return
                 try:
                     new, report = self._spawn()
-                except ApplianceError as exc:
+                except Exception as exc:  # this thread must live on: it is the only restarter
+                    why = exc.message if isinstance(exc, ApplianceError) else repr(exc)
                     delay = min(delay * 2, settings.restart_backoff_max_s)
-                    self._down = WorkerDied(f"model {self.label} is restarting: {exc.message}",
-                                            delay)  # fmt: skip
-                    log.error("model %s: restart failed: %s", self.label, exc.message)
-                    self._state("restarting", f"{exc.message}; next try in {delay:g} s")
+                    self._down = WorkerDied(f"model {self.label} is restarting: {why}", delay)
+                    log.error("model %s: restart failed: %s", self.label, why)
+                    self._state("restarting", f"{why}; next try in {delay:g} s")
                     continue
                 break
             if self._closing:
@@ -196,9 +196,9 @@ class Supervisor:
         except RuntimeError:
             wait = self._timeout_s
         try:
-            channel = worker.pool.get(timeout=wait)
+            channel = worker.pool.get_nowait()
         except queue.Empty:
-            raise Overloaded(f"model {self.label}: every channel to its worker is busy") from None
+            channel = self._wait_for_channel(worker, wait)
         try:
             answer, layout = self._exchange(worker, channel, doc, arrays, wait, emit, cancelled)
             try:
@@ -212,6 +212,21 @@ class Supervisor:
             raise _rebuild(error, self.label)
         return answer, out
 
+    def _wait_for_channel(self, worker: WorkerProcess, wait: float) -> Channel:
+        """A channel once a call gives one back (only callers from outside the scheduler, such
+        as a smoke test, make this wait); the worker's death ends the wait at once."""
+        deadline = time.monotonic() + wait
+        while True:
+            if worker.dead:
+                raise self._died(worker)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Overloaded(f"model {self.label}: every channel to its worker is busy")
+            try:
+                return worker.pool.get(timeout=min(remaining, POLL_S))
+            except queue.Empty:
+                continue
+
     def _exchange(
         self,
         worker: WorkerProcess,
@@ -223,9 +238,11 @@ class Supervisor:
         cancelled: Cancelled | None,
     ) -> tuple[dict[str, Any], list[Any]]:
         streaming = cancelled is not None
+        sent = False
         try:
             channel.set_timeout(min(wait, POLL_S) if streaming else wait)
             channel.send(CALL, doc, arrays, 0)
+            sent = True
             quiet_since = time.monotonic()
             told = False
             while True:
@@ -253,6 +270,22 @@ class Supervisor:
             raise self._died(worker) from None
         except ProtocolError as exc:
             raise self._broken(worker, f"sent a malformed answer ({exc})") from None
+        except BaseException:  # emit or cancelled raised (the loop closed, say): the call ends
+            if sent:
+                self._resync(worker, channel, wait)
+            raise
+
+    def _resync(self, worker: WorkerProcess, channel: Channel, wait: float) -> None:
+        """Bring a channel whose call was abandoned back to a clean state: cancel the call and
+        read up to its reply, so that the next call does not read this one's answer. A worker
+        that will not answer is killed (and restarted)."""
+        try:
+            channel.send_cancel()
+            channel.set_timeout(wait)
+            while channel.receive()[:1] != REPLY:
+                pass
+        except Exception:
+            worker.kill("lost track of an abandoned call")
 
     def _broken(self, worker: WorkerProcess, why: str) -> WorkerDied:
         worker.kill(why)

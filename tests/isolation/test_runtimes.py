@@ -170,3 +170,27 @@ async def test_gguf_chat_stream_and_embeddings_answer_the_same(
     (text_a, stream_a, emb_a), (text_b, stream_b, emb_b) = results
     assert text_a and text_a == text_b and stream_a == stream_b == text_a
     np.testing.assert_allclose(emb_a, emb_b, rtol=1e-5, atol=1e-6)
+
+
+async def test_a_client_leaving_mid_stream_cancels_the_generation_in_the_worker(
+    serve, store: Registry, plugin: None, tmp_path: Path
+) -> None:
+    f = tmp_path / "ticking.bin"
+    f.write_bytes(b"fine")
+    store.add("ticking", f, backend="ticking")
+    client = await serve(ISOLATED)
+    body = {"model": "ticking", "messages": ASK, "stream": True}
+    r = await client.post("/v1/chat/completions", json=body)
+    await r.content.readline()  # the first event arrived: generation is under way
+    r.close()  # the client goes away
+    cancelled = 'outcome="cancelled",version="1"} 1.0'
+    for _ in range(250):  # the generation would run 10 s if the cancel did not reach it
+        if cancelled in await (await client.get("/metrics")).text():
+            break
+        await asyncio.sleep(0.02)
+    else:
+        raise AssertionError("the generation was not cancelled")
+    # the channel is clean: the next call gets its own answer
+    req = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1, 2]}]}
+    r = await client.post("/v2/models/ticking/infer", json=req)
+    assert r.status == 200 and (await r.json())["outputs"][0]["data"] == [2, 4]

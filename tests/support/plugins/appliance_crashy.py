@@ -1,8 +1,11 @@
-"""A backend plugin that crashes its process on marked inputs: y = x * 2 otherwise.
+"""Backend plugins for the isolation tests, found through the `appliance.backends` entry points
+(see the .dist-info beside this file).
 
-Found through the `appliance.backends` entry point (see the .dist-info beside it). The crashes
-are genuine: a null pointer read (SIGSEGV), abort() (SIGABRT), SIGKILL as the out-of-memory
-killer sends it, or a hang. A model file that starts with b"crash on load" crashes the load.
+`crashy` crashes its process on marked inputs, y = x * 2 otherwise. The crashes are genuine: a
+null pointer read (SIGSEGV), abort() (SIGABRT), SIGKILL as the out-of-memory killer sends it,
+or a hang. A model file that starts with b"crash on load" crashes the load.
+
+`ticking` is a language model that streams a token every 10 ms until cancelled (at most 10 s).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import numpy as np
 
 from appliance.backends.base import Backend, LoadContext
 from appliance.device import Placement
+from appliance.llm import Cancelled, EmbeddingResult, Emit, Generation, GenerationResult
 from appliance.manifest import Manifest
 from appliance.tensors import Signature, TensorSpec
 
@@ -61,3 +65,26 @@ class CrashyBackend(Backend):
         if (x == SLOW).any():
             time.sleep(SLOW_S)
         return {"y": x * 2}
+
+
+class TickingBackend(CrashyBackend):
+    name = "ticking"
+    platform = "test_ticking"
+    mode = "chat"
+
+    def generate(
+        self, request: Generation, emit: Emit | None, cancelled: Cancelled
+    ) -> GenerationResult:
+        tokens, finish = 0, "length"
+        while tokens < 1000:
+            if cancelled():
+                finish = "cancelled"
+                break
+            tokens += 1
+            if emit is not None:
+                emit("x")
+            time.sleep(0.01)
+        return GenerationResult("x" * tokens, finish, 1, tokens)
+
+    def embed(self, texts: list[str]) -> EmbeddingResult:
+        raise NotImplementedError

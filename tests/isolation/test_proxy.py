@@ -1,0 +1,39 @@
+"""The server's side of an isolated model, driven directly (a real worker process behind it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from appliance.backends.base import LoadContext
+from appliance.config import ModelConfig
+from appliance.isolation.proxy import IsolatedTextBackend, start
+from appliance.llm import Generation
+from appliance.registry import Registry
+
+
+def test_an_abandoned_stream_leaves_the_channel_clean(plugin: None, tmp_path: Path) -> None:
+    f = tmp_path / "ticking.bin"
+    f.write_bytes(b"fine")
+    store = Registry(tmp_path / "models")
+    mv = store.add("ticking", f, backend="ticking")
+    backend = start(mv.manifest, mv.file, LoadContext(ModelConfig(), tmp_path / "cache"), None)
+    try:
+        assert isinstance(backend, IsolatedTextBackend) and backend.mode == "chat"
+        pieces: list[str] = []
+
+        def emit(text: str) -> None:  # the consumer fails mid-stream (its loop closed, say)
+            pieces.append(text)
+            if len(pieces) == 3:
+                raise RuntimeError("gone")
+
+        with pytest.raises(RuntimeError, match="gone"):
+            backend.generate(Generation("completion", prompt="x"), emit, lambda: False)
+        # the next call on the same (only) channel reads its own answer, not the stream's
+        out = backend.run({"x": np.array([1.0, 2.0], np.float32)}, None)
+        assert out["y"].tolist() == [2.0, 4.0]
+        assert backend.supervisor._worker is not None and not backend.supervisor._worker.dead
+    finally:
+        backend.unload()
