@@ -130,7 +130,7 @@ def serve(channel: Channel, backend: Backend, lock: AbstractContextManager[Any])
     while True:
         try:
             packet = channel.receive()
-        except Closed:
+        except (Closed, OSError):  # the server closed the channel, or is gone
             return
         op = packet[:1]
         if op == CANCEL:  # it came after its generation had ended
@@ -146,13 +146,20 @@ def serve(channel: Channel, backend: Backend, lock: AbstractContextManager[Any])
                 answer, outputs = _handle(doc, inputs, backend, channel)
         except ApplianceError as exc:
             answer = {"error": error_json(exc)}
-        except Closed:
+        except (Closed, BrokenPipeError, ConnectionResetError):  # a stream's server went away
             return
         except Exception as exc:
             log.exception("%s failed", doc.get("call"))
             answer = {"error": {"type": "Exception", "message": f"{type(exc).__name__}: {exc}"}}
         del inputs
-        channel.send(REPLY, answer, outputs, end)
+        try:
+            try:
+                channel.send(REPLY, answer, outputs, end)
+            except (TypeError, ValueError) as exc:  # outputs no tensor datatype can carry
+                why = f"the model's outputs cannot be sent: {exc}"
+                channel.send(REPLY, {"error": {"type": "InferenceFailed", "message": why}}, {}, end)
+        except OSError:
+            return
 
 
 def _handle(

@@ -9,6 +9,7 @@ import pytest
 
 from appliance.backends.base import LoadContext
 from appliance.config import ModelConfig
+from appliance.errors import InferenceFailed
 from appliance.isolation.proxy import IsolatedTextBackend, start
 from appliance.llm import Generation
 from appliance.registry import Registry
@@ -35,5 +36,22 @@ def test_an_abandoned_stream_leaves_the_channel_clean(plugin: None, tmp_path: Pa
         out = backend.run({"x": np.array([1.0, 2.0], np.float32)}, None)
         assert out["y"].tolist() == [2.0, 4.0]
         assert backend.supervisor._worker is not None and not backend.supervisor._worker.dead
+    finally:
+        backend.unload()
+
+
+def test_outputs_the_protocol_cannot_carry_fail_that_call_only(
+    plugin: None, tmp_path: Path
+) -> None:
+    from tests.support.plugins.appliance_crashy import UNSENDABLE
+
+    f = tmp_path / "crashy.bin"
+    f.write_bytes(b"fine")
+    mv = Registry(tmp_path / "models").add("crashy", f, backend="crashy")
+    backend = start(mv.manifest, mv.file, LoadContext(ModelConfig(), tmp_path / "cache"), None)
+    try:
+        with pytest.raises(InferenceFailed, match="outputs cannot be sent"):
+            backend.run({"x": np.array([UNSENDABLE], np.float32)}, None)
+        assert backend.run({"x": np.array([1.0], np.float32)}, None)["y"].tolist() == [2.0]
     finally:
         backend.unload()

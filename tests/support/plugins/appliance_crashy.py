@@ -26,8 +26,8 @@ from appliance.manifest import Manifest
 from appliance.tensors import Signature, TensorSpec
 
 SIGNATURE = Signature((TensorSpec("x", "FP32", (-1,)),), (TensorSpec("y", "FP32", (-1,)),))
-#: Input values that crash (or stall) the run.
-SEGFAULT, ABORT, KILLED, HANG, SLOW = 13.0, 6.0, 9.0, 7.0, 5.0
+#: Input values that crash (or stall) the run; UNSENDABLE gives an output no tensor can carry.
+SEGFAULT, ABORT, KILLED, HANG, SLOW, UNSENDABLE = 13.0, 6.0, 9.0, 7.0, 5.0, 4.0
 #: How long a run with a SLOW value takes.
 SLOW_S = 1.0
 
@@ -64,6 +64,8 @@ class CrashyBackend(Backend):
             time.sleep(3600)
         if (x == SLOW).any():
             time.sleep(SLOW_S)
+        if (x == UNSENDABLE).any():
+            return {"y": np.array([object()], dtype=object)}
         return {"y": x * 2}
 
 
