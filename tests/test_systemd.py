@@ -325,11 +325,16 @@ async def test_nothing_happens_without_notify_socket(
 
 # -- the real command -------------------------------------------------------------------------
 def test_appliance_serve_notifies_systemd(store: Registry, path_listener: Listener) -> None:
+    # Read the socket while the server starts, as systemd does: the kernel queues only a few
+    # datagrams (net.unix.max_dgram_qlen, 10) and the watchdog pings while the models load.
+    ready = threading.Thread(target=path_listener.wait_sync, args=("READY=1",), daemon=True)
+    ready.start()
     server = start_server_process(
         ["--models", str(store.root)],
         env={"NOTIFY_SOCKET": path_listener.env_value, "WATCHDOG_USEC": "200000"},
     )
     try:
+        ready.join()
         path_listener.wait_sync("READY=1")
         assert f"STATUS=serving 4 model(s) on 127.0.0.1:{server.port}" in path_listener.lines()
         path_listener.wait_sync("WATCHDOG=1", count=2)
