@@ -8,8 +8,10 @@ the level. The figures that matter are the differences: microseconds added per r
 concurrency 1 and the throughput ratio at the highest level.
 
 For scale, the bare round trip between two Python processes over the same kind of socket pair
-(no shared memory, no model) is timed in the bench process: no worker call can be cheaper than
-it on the machine at hand (on a small VM, waking a process on another CPU dominates).
+(no shared memory, no model) is timed in the bench process, back to back and with the sender
+busy for `BUSY_GAP_S` before each (as a server is, parsing the next request, while its worker
+waits): no worker call can be cheaper than it on the machine at hand. On a small VM the second
+is much the slower: waking a process whose CPU went idle costs an interrupt to another vCPU.
 
 Start-up is timed too: the in-process server's first start on a fresh cache includes the
 first-load probe (the file loaded once in a child process); its second start finds the probe
@@ -75,9 +77,15 @@ while (m := s.recv(4096)):
 """
 
 
-def process_round_trip(requests: int) -> Latency:
+#: How long the sender keeps its CPU busy before each paced round trip: about what the server
+#: spends on an HTTP request around the model call.
+BUSY_GAP_S = 0.00025
+
+
+def process_round_trip(requests: int, busy_gap_s: float = 0.0) -> Latency:
     """A 32-byte packet to another Python process and back, over an AF_UNIX SOCK_SEQPACKET
-    pair: the floor of a call to a worker process on this machine."""
+    pair: the floor of a call to a worker process on this machine. With `busy_gap_s`, the
+    sender spins that long before each round trip (its peer waits idle meanwhile)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     proc = subprocess.Popen(
         [sys.executable, "-c", _ECHO, str(theirs.fileno())], pass_fds=(theirs.fileno(),)
@@ -87,7 +95,12 @@ def process_round_trip(requests: int) -> Latency:
         packet = b"x" * 32
         clock = time.perf_counter_ns
         samples = []
+        gap_ns = int(busy_gap_s * 1e9)
         for i in range(requests + requests // 10):
+            if gap_ns:
+                until = clock() + gap_ns
+                while clock() < until:
+                    pass
             t0 = clock()
             ours.send(packet)
             ours.recv(64)
@@ -112,6 +125,7 @@ def run_isolation(
     timeout_s = model_cfg.timeout_s + 30.0
 
     floor = process_round_trip(options.requests)
+    floor_busy = process_round_trip(options.requests, BUSY_GAP_S)
     say(quiet, f"loading {target.file} in-process for its inputs and expected outputs ...")
     backend = load_backend(target, config)
     try:
@@ -218,6 +232,8 @@ def run_isolation(
         ),
         "process_round_trip_p50_us": round(floor.p50_us, 1),
         "process_round_trip_mean_us": round(floor.mean_us, 1),
+        "process_round_trip_after_busy_gap_p50_us": round(floor_busy.p50_us, 1),
+        "process_round_trip_after_busy_gap_mean_us": round(floor_busy.mean_us, 1),
         "runs": runs,
         "added_p50_us_at_lowest": round(
             find("isolated", low)["p50_us"] - find("in-process", low)["p50_us"], 1
@@ -258,8 +274,9 @@ def format_isolation(f: dict[str, Any]) -> str:
         "",
         f"added by the worker process at concurrency {f['lowest_concurrency']}: "
         f"{f['added_p50_us_at_lowest']:,.1f} µs p50, {f['added_mean_us_at_lowest']:,.1f} µs mean"
-        f" (a bare round trip to another process here: {f['process_round_trip_p50_us']:,.1f} µs"
-        f" p50, {f['process_round_trip_mean_us']:,.1f} µs mean)",
+        f"\n  (a bare round trip to another process here: {f['process_round_trip_p50_us']:,.1f} µs"
+        f" p50 back to back, {f['process_round_trip_after_busy_gap_p50_us']:,.1f} µs p50 after"
+        f" {BUSY_GAP_S * 1e6:.0f} µs of work)",
         f"throughput at concurrency {f['highest_concurrency']}: isolated / in-process "
         f"{f['throughput_isolated_vs_in_process_at_top']:.3f}x",
         f"memory: in-process server {mem['in-process']['server_rss_mib']} MiB; isolated server "
