@@ -47,13 +47,47 @@ class InferResponse:
     parameters: dict[str, Any] | None = None
 
 
+#: numpy's portable limit on dimensions (NPY_MAXDIMS is 32 before numpy 2).
+MAX_DIMS = 32
+#: More elements than any body could carry; numpy cannot even describe some shapes past it
+#: (a zero dimension beside huge ones).
+MAX_ELEMENTS = 2**48
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """A client's value in an error message, cut short."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _shape(value: Any, what: str) -> tuple[int, ...]:
     if not isinstance(value, list):
-        raise InvalidInput(f"{what}: 'shape' must be a list of integers")
+        raise InvalidInput(f"{what}: 'shape' must be a list of integers, got {_show(value)}")
     for d in value:
         if isinstance(d, bool) or not isinstance(d, int) or d < 0:
-            raise InvalidInput(f"{what}: 'shape' must hold non-negative integers, got {value}")
+            raise InvalidInput(
+                f"{what}: 'shape' must hold non-negative integers, got {_show(value)}"
+            )
+    if len(value) > MAX_DIMS:
+        raise InvalidInput(f"{what}: 'shape' has {len(value)} dimensions, at most {MAX_DIMS}")
+    if math.prod(max(d, 1) for d in value) > MAX_ELEMENTS:
+        raise InvalidInput(f"{what}: 'shape' {_show(value)} describes too many elements")
     return tuple(value)
+
+
+def _parameters(container: dict[str, Any], what: str) -> dict[str, Any]:
+    """The `parameters` object of a request, an input or an output ({} when absent)."""
+    params = container.get("parameters", {})
+    if not isinstance(params, dict):
+        raise InvalidInput(f"{what}'parameters' must be a JSON object, got {_show(params)}")
+    return params
+
+
+def _flag(params: dict[str, Any], key: str, default: bool, what: str) -> bool:
+    value = params.get(key, default)
+    if not isinstance(value, bool):
+        raise InvalidInput(f"{what}parameters.{key} must be true or false, got {_show(value)}")
+    return value
 
 
 def _count(shape: tuple[int, ...]) -> int:
@@ -67,7 +101,10 @@ def _from_json_data(
         raise InvalidInput(f"{what}: 'data' must be a JSON array (flat or nested)")
     n = _count(shape)
     if datatype == "BYTES":
-        flat = np.array(data, dtype=object).reshape(-1) if data else np.empty(0, dtype=object)
+        try:
+            flat = np.array(data, dtype=object).reshape(-1) if data else np.empty(0, dtype=object)
+        except (ValueError, TypeError) as exc:
+            raise InvalidInput(f"{what}: 'data' is not a regular array: {exc}") from None
         if flat.size != n:
             raise InvalidInput(
                 f"{what}: 'data' has {flat.size} elements but shape {list(shape)} needs {n}"
@@ -75,7 +112,9 @@ def _from_json_data(
         out = np.empty(n, dtype=object)
         for i, item in enumerate(flat):
             if not isinstance(item, str):
-                raise InvalidInput(f"{what}: BYTES data must be strings, element {i} is {item!r}")
+                raise InvalidInput(
+                    f"{what}: BYTES data must be strings, element {i} is {_show(item)}"
+                )
             out[i] = item.encode("utf-8")
         return out.reshape(shape)
     try:
@@ -94,7 +133,9 @@ def _from_json_data(
         if kind != "b":
             raise InvalidInput(f"{what}: BOOL data must be true or false")
     elif datatype in INT_TYPES:
-        if kind not in "iub":
+        if kind == "f":  # numpy makes a mix of int64 and uint64 values float64: take them exact
+            arr = _exact_integers(arr, data, datatype, what)
+        elif kind not in "iub":
             raise InvalidInput(f"{what}: {datatype} data must be integers")
         info = np.iinfo(target)
         lo, hi = arr.min(), arr.max()
@@ -102,9 +143,27 @@ def _from_json_data(
             raise InvalidInput(
                 f"{what}: value out of range for {datatype} ({info.min}..{info.max})"
             )
-    elif datatype in FLOAT_TYPES and kind not in "iuf":
-        raise InvalidInput(f"{what}: {datatype} data must be numbers")
+    elif datatype in FLOAT_TYPES:
+        if kind not in "iuf":
+            raise InvalidInput(f"{what}: {datatype} data must be numbers")
+        top = float(np.finfo(target).max)
+        if kind == "f" and target.itemsize < arr.dtype.itemsize and np.abs(arr).max() > top:
+            raise InvalidInput(f"{what}: value out of range for {datatype} (-{top:g}..{top:g})")
     return arr.astype(target, copy=False).reshape(shape)
+
+
+def _exact_integers(
+    arr: np.ndarray[Any, Any], data: list[Any], datatype: str, what: str
+) -> np.ndarray[Any, Any]:
+    flat = np.array(data, dtype=object).reshape(-1)
+    if flat.size != arr.size or not all(type(x) is int for x in flat):
+        raise InvalidInput(f"{what}: {datatype} data must be integers")
+    info = np.iinfo(DATATYPES[datatype])
+    if min(flat) < info.min or max(flat) > info.max:
+        raise InvalidInput(f"{what}: value out of range for {datatype} ({info.min}..{info.max})")
+    exact: np.ndarray[Any, Any] = np.array(flat.tolist(), dtype=DATATYPES[datatype])
+    exact.shape = arr.shape
+    return exact
 
 
 def _bytes_from_binary(raw: bytes | memoryview, n: int, what: str) -> np.ndarray[Any, Any]:
@@ -147,12 +206,10 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise InvalidInput("request needs a non-empty 'inputs' list")
 
-    params = obj.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise InvalidInput("'parameters' must be a JSON object")
+    params = _parameters(obj, "")
     request_id = obj.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise InvalidInput("'id' must be a string")
+    if "id" in obj and not isinstance(request_id, str):
+        raise InvalidInput(f"'id' must be a string, got {_show(request_id)}")
 
     inputs: dict[str, np.ndarray[Any, Any]] = {}
     datatypes: dict[str, str] = {}
@@ -167,14 +224,12 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
         if name in inputs:
             raise InvalidInput(f"{what} appears more than once")
         datatype = item.get("datatype")
-        if datatype not in DATATYPES:
+        if not isinstance(datatype, str) or datatype not in DATATYPES:
             raise InvalidInput(
-                f"{what}: unknown datatype {datatype!r} (one of {', '.join(DATATYPES)})"
+                f"{what}: unknown datatype {_show(datatype)} (one of {', '.join(DATATYPES)})"
             )
         shape = _shape(item.get("shape"), what)
-        in_params = item.get("parameters") or {}
-        if not isinstance(in_params, dict):
-            raise InvalidInput(f"{what}: 'parameters' must be a JSON object")
+        in_params = _parameters(item, f"{what}: ")
         size = in_params.get("binary_data_size")
         if size is not None:
             if isinstance(size, bool) or not isinstance(size, int) or size < 0:
@@ -213,23 +268,20 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
         )
 
     outputs: dict[str, bool] | None = None
-    binary_default = params.get("binary_data_output") is True
-    raw_outputs = obj.get("outputs")
-    if raw_outputs is not None:
+    binary_default = _flag(params, "binary_data_output", False, "")
+    if "outputs" in obj:
+        raw_outputs = obj["outputs"]
         if not isinstance(raw_outputs, list):
-            raise InvalidInput("'outputs' must be a list")
+            raise InvalidInput(f"'outputs' must be a list, got {_show(raw_outputs)}")
         outputs = {}
         for index, item in enumerate(raw_outputs):
             if not isinstance(item, dict) or not isinstance(item.get("name"), str):
                 raise InvalidInput(f"outputs[{index}] needs a 'name' string")
-            out_params = item.get("parameters") or {}
-            if not isinstance(out_params, dict):
-                raise InvalidInput(f"output '{item['name']}': 'parameters' must be a JSON object")
+            what = f"output '{item['name']}': "
+            out_params = _parameters(item, what)
             if out_params.get("classification"):
-                raise InvalidInput(
-                    f"output '{item['name']}': the classification extension is not supported"
-                )
-            outputs[item["name"]] = bool(out_params.get("binary_data", binary_default))
+                raise InvalidInput(f"{what}the classification extension is not supported")
+            outputs[item["name"]] = _flag(out_params, "binary_data", binary_default, what)
 
     timeout_s = None
     timeout = params.get("timeout")
