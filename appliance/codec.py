@@ -282,6 +282,7 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
             if out_params.get("classification"):
                 raise InvalidInput(f"{what}the classification extension is not supported")
             outputs[item["name"]] = _flag(out_params, "binary_data", binary_default, what)
+        outputs = outputs or None  # an empty list asks for every output, as no list does
 
     timeout_s = None
     timeout = params.get("timeout")
@@ -326,6 +327,11 @@ def _json_data(array: np.ndarray[Any, Any], name: str) -> Any:
                 out.append(str(item))
         return out
     flat = array.reshape(-1)
+    if array.dtype.kind == "f" and not np.isfinite(flat).all():
+        raise InvalidInput(
+            f"output '{name}' holds NaN or infinity, which JSON cannot carry: ask for it as "
+            "binary data (parameters.binary_data = true)"
+        )
     if array.dtype == np.float16:
         flat = flat.astype(np.float32)
     return flat
