@@ -82,10 +82,14 @@ def fast_server(kserve_store: Path, broker: Mosquitto) -> Iterator[ServerProcess
 
 @pytest.fixture(scope="package")
 def aiohttp_server(kserve_store: Path) -> Iterator[ServerProcess]:
-    """The same store with every request answered by the aiohttp application."""
-    server = start_server_process(
-        ["--models", str(kserve_store)], env={**QUIET, "APPLIANCE_SERVER__FAST_PATH": "false"}
-    )
+    """The same store with every request answered by the aiohttp application (and a result
+    cache, whose keys are made from the request's parameters)."""
+    env = {
+        **QUIET,
+        "APPLIANCE_SERVER__FAST_PATH": "false",
+        "APPLIANCE_MODEL_DEFAULTS__CACHE_BYTES": "1000000",
+    }
+    server = start_server_process(["--models", str(kserve_store)], env=env)
     yield server
     stop_server_process(server)
 

@@ -60,6 +60,21 @@ class Document:
             schema = {"$ref": f"#/components/schemas/{schema}"}
         return _strategy(self.components["schemas"], schema, depth, ())
 
+    def properties(self, name: str) -> dict[str, Any]:
+        """The top-level properties of an object component, through `allOf` and `$ref`."""
+        out: dict[str, Any] = {}
+
+        def walk(node: Any) -> None:
+            ref = node.get("$ref")
+            if isinstance(ref, str):
+                walk(self.components["schemas"][ref.rsplit("/", 1)[-1]])
+            for part in node.get("allOf", []):
+                walk(part)
+            out.update(node.get("properties", {}))
+
+        walk(self.components["schemas"][name])
+        return out
+
     def valid_values(self, name: str, depth: int = 3) -> st.SearchStrategy[Any]:
         """Instances of component `name` that its validator accepts."""
         return self.values(name, depth).filter(lambda v: self.is_valid(name, v))
