@@ -76,15 +76,19 @@ def _shape(value: Any, what: str) -> tuple[int, ...]:
 
 
 def _parameters(container: dict[str, Any], what: str) -> dict[str, Any]:
-    """The `parameters` object of a request, an input or an output ({} when absent)."""
-    params = container.get("parameters", {})
+    """The `parameters` object of a request, an input or an output ({} when absent or null)."""
+    params = container.get("parameters")
+    if params is None:
+        return {}
     if not isinstance(params, dict):
         raise InvalidInput(f"{what}'parameters' must be a JSON object, got {_show(params)}")
     return params
 
 
 def _flag(params: dict[str, Any], key: str, default: bool, what: str) -> bool:
-    value = params.get(key, default)
+    value = params.get(key)
+    if value is None:
+        return default
     if not isinstance(value, bool):
         raise InvalidInput(f"{what}parameters.{key} must be true or false, got {_show(value)}")
     return value
@@ -208,7 +212,7 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
 
     params = _parameters(obj, "")
     request_id = obj.get("id")
-    if "id" in obj and not isinstance(request_id, str):
+    if request_id is not None and not isinstance(request_id, str):
         raise InvalidInput(f"'id' must be a string, got {_show(request_id)}")
 
     inputs: dict[str, np.ndarray[Any, Any]] = {}
@@ -269,8 +273,8 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
 
     outputs: dict[str, bool] | None = None
     binary_default = _flag(params, "binary_data_output", False, "")
-    if "outputs" in obj:
-        raw_outputs = obj["outputs"]
+    raw_outputs = obj.get("outputs")
+    if raw_outputs is not None:
         if not isinstance(raw_outputs, list):
             raise InvalidInput(f"'outputs' must be a list, got {_show(raw_outputs)}")
         outputs = {}
@@ -328,13 +332,14 @@ def _json_data(array: np.ndarray[Any, Any], name: str) -> Any:
         return out
     flat = array.reshape(-1)
     if array.dtype.kind == "f" and not np.isfinite(flat).all():
-        raise InvalidInput(
-            f"output '{name}' holds NaN or infinity, which JSON cannot carry: ask for it as "
-            "binary data (parameters.binary_data = true)"
-        )
+        # JSON has no NaN or infinity: the strings Python's float() and numpy read back
+        return [_NON_FINITE.get(str(x), x) for x in flat.astype(np.float64).tolist()]
     if array.dtype == np.float16:
         flat = flat.astype(np.float32)
     return flat
+
+
+_NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 
 
 def encode_response(response: InferResponse, request: InferRequest) -> tuple[bytes, int | None]:

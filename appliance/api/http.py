@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from .. import __version__
 from ..codec import (
@@ -71,6 +72,9 @@ _PUBLIC = frozenset({"/v2/health/live", "/v2/health/ready"})
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _TRACEPARENT_RE = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 _JSON = "application/json"
+#: Status counted (never sent) for a request whose connection closed before it was answered:
+#: nginx's "client closed request".
+CLIENT_GONE = 499
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
 
 
@@ -148,6 +152,13 @@ async def middleware(
         response = error_response(exc, openai)
         if worth_logging(exc):
             log.warning("%s %s: %s", request.method, request.path, exc.message)
+    except RequestPayloadError as exc:  # a body aiohttp could not decode (gzip, deflate, br)
+        request.content.feed_eof()  # so aiohttp closes the connection instead of draining it
+        cause = getattr(exc.__cause__, "message", None) or str(exc)
+        response = error_response(InvalidInput(f"request body cannot be read: {cause}"), openai)
+        response.force_close()
+    except ConnectionResetError:  # gone while its body was read: nobody to answer or blame
+        response = web.Response(status=CLIENT_GONE)
     except web.HTTPException as exc:
         reason = exc.reason
         if exc.status == 413:

@@ -119,6 +119,15 @@ class Mutation:
         text = dumps(replaced(self.body, self.path, _PLACEHOLDER)).decode()
         return text.replace(json.dumps(_PLACEHOLDER), self.raw.text).encode()
 
+    @property
+    def null(self) -> bool:
+        """The change set an object's field to null."""
+        return self.what == "= None" and bool(self.path) and isinstance(self.path[-1], str)
+
+    def without(self) -> Any:
+        """The body as parsed, with the changed field left out instead."""
+        return parsed_like_server(removed(self.body, self.path))
+
     def as_parsed(self) -> Any:
         """The body as orjson reads it (integers past 64 bits become floats)."""
         return parsed_like_server(self.body)

@@ -6,11 +6,12 @@ from __future__ import annotations
 import struct
 from typing import Any
 
+import numpy as np
 import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
-from appliance.codec import decode_request
+from appliance.codec import InferRequest, InferResponse, decode_request, encode_response
 from appliance.errors import InvalidInput
 
 from . import schemas
@@ -102,3 +103,15 @@ def test_binary_framing(request: Request, data: st.DataObject) -> None:
         blob = request.binary[:at] + lie + request.binary[at + 4 :]
         body = body[:length] + blob[: len(request.binary)]
     decode(body, length)
+
+
+def test_non_finite_outputs_travel_as_strings_json_allows() -> None:
+    """JSON has no NaN: a model's NaN or infinity comes back as the strings numpy reads back
+    (the schema's tensor data allows strings), not as null."""
+    outputs = {"y": np.array([[1.5, np.nan], [np.inf, -np.inf]], dtype=np.float32)}
+    body, _ = encode_response(InferResponse("m", "1", outputs), InferRequest({}))
+    head = orjson.loads(body)
+    assert head["outputs"][0]["data"] == [1.5, "NaN", "Infinity", "-Infinity"]
+    assert not schemas.oip().errors("inference_response", head)
+    back = np.array(head["outputs"][0]["data"], dtype=np.float32).reshape(2, 2)
+    np.testing.assert_array_equal(back, outputs["y"])

@@ -6,6 +6,8 @@ each test with a look at the server's log (no traceback, no unhandled error)."""
 
 from __future__ import annotations
 
+import gzip
+import zlib
 from typing import Any
 from urllib.parse import quote
 
@@ -42,7 +44,8 @@ def still_serving(kserve: Http) -> Any:
     def check() -> None:
         seen[0] = assert_clean_log(kserve.server, seen[0])
         again = infer(kserve, "sample", GOOD)
-        assert (again.status, again.json()) == (200, first.json())
+        assert again.status == 200, again.payload
+        assert again.json()["outputs"] == first.json()["outputs"]  # (a cache hit says so too)
 
     yield check
     assert_clean_log(kserve.server, seen[0])
@@ -144,6 +147,44 @@ def test_binary_framing_that_does_not_add_up(
         answer.status,
         answer.message,
     )
+    still_serving()
+
+
+@given(data=st.data())
+def test_compressed_bodies(kserve: Http, still_serving: Any, data: st.DataObject) -> None:
+    """gzip and deflate bodies (aiohttp decodes them): good ones answered, broken ones a 400.
+
+    Not sent: a broken deflate body. aiohttp 3.14 finds some broken only at their end, and when
+    that end comes in a later packet than the head, it never answers (README "Known limits")."""
+    encoding = data.draw(st.sampled_from(["gzip", "deflate", "br", "x-unknown"]), label="encoding")
+    good = encoding == "deflate" or data.draw(st.booleans(), label="good")
+    if good and encoding == "gzip":
+        body = gzip.compress(GOOD)
+    elif good and encoding == "deflate":
+        body = zlib.compress(GOOD)
+    else:
+        body = data.draw(st.binary(max_size=64), label="body")
+    answer = infer(kserve, "sample", body, {"Content-Type": "application/json",
+                                            "Content-Encoding": encoding})  # fmt: skip
+    if good and encoding in ("gzip", "deflate"):
+        assert answer.status == 200, answer.message
+    else:
+        assert 400 <= answer.status < 500, (encoding, body, answer.status, answer.message)
+    still_serving()
+
+
+@given(value=st.text(max_size=12) | st.floats().map(str) | st.integers().map(str))
+def test_timeout_header(kserve: Http, still_serving: Any, value: str) -> None:
+    """X-Request-Timeout-Ms of any text: answered, refused as a 400, or, for a deadline too
+    short to meet, a 504."""
+    headers = {"Content-Type": "application/json", "X-Request-Timeout-Ms": value}
+    try:
+        answer = infer(kserve, "sample", GOOD, headers)
+    except ValueError:  # http.client refuses to send some header values (a newline)
+        return
+    assert answer.status in (200, 400, 504), (value, answer.status, answer.message)
+    if answer.status == 504:
+        assert 0 < float(value) < 10, value
     still_serving()
 
 
