@@ -3,6 +3,8 @@ field whenever the published schema says the body is wrong."""
 
 from __future__ import annotations
 
+from hypothesis import event
+
 from .mutate import Mutation
 from .schemas import Document
 
@@ -23,6 +25,7 @@ def judge(
     - a body the schema allows: anything but a 5xx (the model may still not take it); a null
       where an optional field may be left out counts as leaving it out.
     """
+    event(f"status {status}")
     where = f"{mutation.path} {mutation.what}: {status} {message[:300]!r}"
     assert status < 500, f"5xx for {where}"
     if mutation.unparsable:

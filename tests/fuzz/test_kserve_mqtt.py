@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 import pytest
-from hypothesis import given
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 from tests.api.test_mqtt import Msg, Peer
@@ -130,6 +130,7 @@ def test_any_schema_valid_body_over_mqtt(mqtt: Any, data: st.DataObject) -> None
     model = data.draw(st.sampled_from(MODELS), label="model")
     body = data.draw(schemas.oip().valid_values("inference_request"), label="body")
     status, reply = mqtt.send(model, dumps(body))
+    event(f"status {status}")
     assert status < 500, (body, status, reply)
     mqtt.check()
 
@@ -155,6 +156,7 @@ def test_raw_payloads(mqtt: Any, data: st.DataObject) -> None:
     )
     route = model if ctype else f"{model}/raw"
     status, reply = mqtt.send(route, payload, ctype, user)
+    event(f"status {status}")
     assert status < 500, (route, payload, ctype, user, status, reply)
     mqtt.check()
 

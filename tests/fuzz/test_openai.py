@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 from appliance.registry import Registry
@@ -109,6 +109,7 @@ def test_any_published_field_value_is_never_a_5xx(oai: Any, data: st.DataObject)
     value = data.draw(doc.values(fields[name], depth=2), label="value")
     body = {**body, name: value}
     answer = post(oai, route, dumps(body))
+    event(f"status {answer.status}")
     assert answer.status < 500, (name, value, answer.status, answer.message)
     if answer.status == 200:
         check_answer(route, body, answer.headers.get("content-type", ""), answer.payload)
