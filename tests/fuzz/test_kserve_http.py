@@ -181,16 +181,16 @@ def test_compressed_bodies(kserve: Http, still_serving: Any, data: st.DataObject
 
 @given(value=st.text(max_size=12) | st.floats().map(str) | st.integers().map(str))
 def test_timeout_header(kserve: Http, still_serving: Any, value: str) -> None:
-    """X-Request-Timeout-Ms of any text: answered, refused as a 400, or, for a deadline too
-    short to meet, a 504."""
+    """X-Request-Timeout-Ms of any text: answered, refused as a 400, or, for a deadline that
+    passed, a 504."""
     headers = {"Content-Type": "application/json", "X-Request-Timeout-Ms": value}
     try:
         answer = infer(kserve, "sample", GOOD, headers)
     except ValueError:  # http.client refuses to send some header values (a newline)
         return
     assert answer.status in (200, 400, 504), (value, answer.status, answer.message)
-    if answer.status == 504:
-        assert 0 < float(value) < 10, value
+    if answer.status == 504:  # only for a deadline the server took (a positive number)
+        assert 0 < float(value) < 1e12, value
     still_serving()
 
 
