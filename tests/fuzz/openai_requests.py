@@ -13,8 +13,9 @@ from . import schemas
 CHAT_MODEL = "tiny"
 EMBEDDING_MODEL = "minilm"
 EMBEDDING_DIMS = 384
-#: Short prompts: a tiny model with a 256-token context answers them quickly.
-TEXT = st.text(max_size=40)
+#: Short prompts: a tiny model with a 256-token context answers them quickly (a character
+#: outside its vocabulary costs up to 4 byte tokens).
+TEXT = st.text(max_size=20)
 #: Fields of OpenAI's schema the appliance accepts and ignores (their type is still checked).
 IGNORED: dict[str, st.SearchStrategy[Any]] = {
     "user": st.text(max_size=8),

@@ -77,6 +77,9 @@ def test_valid_requests_get_schema_valid_answers(oai: Any, data: st.DataObject) 
     body = data.draw(requests, label="body")
     assert not schemas.openai().errors(request_schema, body), "the generator strayed"
     answer = post(oai, route, dumps(body))
+    if answer.status == 400 and "context window" in answer.message:
+        event("longer than the model's context")  # the one refusal a valid body may get
+        return
     assert answer.status == 200, (body, answer.status, answer.message)
     check_answer(route, body, answer.headers.get("content-type", ""), answer.payload)
     oai.check()
