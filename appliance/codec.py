@@ -51,19 +51,51 @@ class InferResponse:
     parameters: dict[str, Any] | None = None
 
 
+#: numpy's portable limit on dimensions (NPY_MAXDIMS is 32 before numpy 2).
+MAX_DIMS = 32
+#: More elements than any body could carry; numpy cannot even describe some shapes past it
+#: (a zero dimension beside huge ones).
+MAX_ELEMENTS = 2**48
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """A client's value in an error message, cut short."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _shape(value: Any, what: str) -> tuple[int, ...]:
     if not isinstance(value, list):
-        raise InvalidInput(f"{what}: 'shape' must be a list of integers")
+        raise InvalidInput(f"{what}: 'shape' must be a list of integers, got {_show(value)}")
     for d in value:
         if isinstance(d, bool) or not isinstance(d, int) or d < 0:
-            raise InvalidInput(f"{what}: 'shape' must hold non-negative integers, got {value}")
+            raise InvalidInput(
+                f"{what}: 'shape' must hold non-negative integers, got {_show(value)}"
+            )
+    if len(value) > MAX_DIMS:
+        raise InvalidInput(f"{what}: 'shape' has {len(value)} dimensions, at most {MAX_DIMS}")
+    if math.prod(max(d, 1) for d in value) > MAX_ELEMENTS:
+        raise InvalidInput(f"{what}: 'shape' {_show(value)} describes too many elements")
     return tuple(value)
 
 
-def _brief(value: Any) -> str:
-    """A client's value in an error message, cut short."""
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+def _parameters(container: dict[str, Any], what: str) -> dict[str, Any]:
+    """The `parameters` object of a request, an input or an output ({} when absent or null)."""
+    params = container.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise InvalidInput(f"{what}'parameters' must be a JSON object, got {_show(params)}")
+    return params
+
+
+def _flag(params: dict[str, Any], key: str, default: bool, what: str) -> bool:
+    value = params.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise InvalidInput(f"{what}parameters.{key} must be true or false, got {_show(value)}")
+    return value
 
 
 def _count(shape: tuple[int, ...]) -> int:
@@ -71,13 +103,16 @@ def _count(shape: tuple[int, ...]) -> int:
 
 
 def _from_json_data(
-    data: Any, datatype: str, shape: tuple[int, ...], what: str, null_is_nan: bool = False
+    data: Any, datatype: str, shape: tuple[int, ...], what: str, non_finite: bool = False
 ) -> np.ndarray[Any, Any]:
     if not isinstance(data, list):
         raise InvalidInput(f"{what}: 'data' must be a JSON array (flat or nested)")
     n = _count(shape)
     if datatype == "BYTES":
-        flat = np.array(data, dtype=object).reshape(-1) if data else np.empty(0, dtype=object)
+        try:
+            flat = np.array(data, dtype=object).reshape(-1) if data else np.empty(0, dtype=object)
+        except (ValueError, TypeError) as exc:
+            raise InvalidInput(f"{what}: 'data' is not a regular array: {exc}") from None
         if flat.size != n:
             raise InvalidInput(
                 f"{what}: 'data' has {flat.size} elements but shape {list(shape)} needs {n}"
@@ -85,7 +120,9 @@ def _from_json_data(
         out = np.empty(n, dtype=object)
         for i, item in enumerate(flat):
             if not isinstance(item, str):
-                raise InvalidInput(f"{what}: BYTES data must be strings, element {i} is {item!r}")
+                raise InvalidInput(
+                    f"{what}: BYTES data must be strings, element {i} is {_show(item)}"
+                )
             out[i] = item.encode("utf-8")
         return out.reshape(shape)
     try:
@@ -107,7 +144,7 @@ def _from_json_data(
         info = np.iinfo(target)
         if kind == "f":  # numpy reads [1, 2**64 - 1] as float64: check the JSON integers
             flat = np.array(data, dtype=object).reshape(-1)
-            if not all(isinstance(x, int) and not isinstance(x, bool) for x in flat):
+            if flat.size != arr.size or not all(type(x) is int for x in flat):
                 raise InvalidInput(f"{what}: {datatype} data must be integers")
             if min(flat) < info.min or max(flat) > info.max:
                 raise InvalidInput(
@@ -121,16 +158,30 @@ def _from_json_data(
             raise InvalidInput(
                 f"{what}: value out of range for {datatype} ({info.min}..{info.max})"
             )
-    elif datatype in FLOAT_TYPES and kind not in "iuf":
-        flat = arr.reshape(-1)
-        if not null_is_nan or kind != "O" or not all(_number_or_null(x) for x in flat):
-            raise InvalidInput(f"{what}: {datatype} data must be numbers")
-        arr = np.array([math.nan if x is None else x for x in flat], dtype=np.float64)
+    elif datatype in FLOAT_TYPES:
+        if kind not in "iuf":
+            flat = arr.reshape(-1)
+            if not non_finite or kind not in "OU" or not all(_float_item(x) for x in flat):
+                raise InvalidInput(f"{what}: {datatype} data must be numbers")
+            arr = np.array([_FROM_TEXT.get(x, x) for x in flat.tolist()], dtype=np.float64)
+        elif kind == "f" and target.itemsize < arr.dtype.itemsize:
+            top = float(np.finfo(target).max)  # JSON numbers past it would become infinity
+            if np.abs(arr).max() > top:
+                raise InvalidInput(f"{what}: value out of range for {datatype} (-{top:g}..{top:g})")
     return arr.astype(target, copy=False).reshape(shape)
 
 
-def _number_or_null(item: Any) -> bool:
-    return item is None or (isinstance(item, (int, float)) and not isinstance(item, bool))
+#: NaN and infinity in a JSON response: the strings encode_response writes (the schema allows
+#: strings; JSON has no such numbers), and null, which earlier versions wrote.
+_FROM_TEXT: dict[Any, float] = {
+    "NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf, None: math.nan,
+}  # fmt: skip
+
+
+def _float_item(item: Any) -> bool:
+    if isinstance(item, str) or item is None:
+        return item in _FROM_TEXT
+    return isinstance(item, (int, float)) and not isinstance(item, bool)
 
 
 def _bytes_from_binary(raw: bytes | memoryview, n: int, what: str) -> np.ndarray[Any, Any]:
@@ -169,14 +220,12 @@ def _decode_tensors(
         if name in arrays:
             raise InvalidInput(f"{what} appears more than once")
         datatype = item.get("datatype")
-        if datatype not in DATATYPES:
+        if not isinstance(datatype, str) or datatype not in DATATYPES:
             raise InvalidInput(
-                f"{what}: unknown datatype {datatype!r} (one of {', '.join(DATATYPES)})"
+                f"{what}: unknown datatype {_show(datatype)} (one of {', '.join(DATATYPES)})"
             )
         shape = _shape(item.get("shape"), what)
-        params = item.get("parameters") or {}
-        if not isinstance(params, dict):
-            raise InvalidInput(f"{what}: 'parameters' must be a JSON object")
+        params = _parameters(item, f"{what}: ")
         size = params.get("binary_data_size")
         if size is not None:
             if isinstance(size, bool) or not isinstance(size, int) or size < 0:
@@ -242,33 +291,29 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise InvalidInput("request needs a non-empty 'inputs' list")
 
-    params = obj.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise InvalidInput("'parameters' must be a JSON object")
+    params = _parameters(obj, "")
     request_id = obj.get("id")
     if request_id is not None and not isinstance(request_id, str):
-        raise InvalidInput("'id' must be a string")
+        raise InvalidInput(f"'id' must be a string, got {_show(request_id)}")
 
     inputs, datatypes = _decode_tensors(raw_inputs, binary, "input")
 
     outputs: dict[str, bool] | None = None
-    binary_default = params.get("binary_data_output") is True
+    binary_default = _flag(params, "binary_data_output", False, "")
     raw_outputs = obj.get("outputs")
     if raw_outputs is not None:
         if not isinstance(raw_outputs, list):
-            raise InvalidInput("'outputs' must be a list")
+            raise InvalidInput(f"'outputs' must be a list, got {_show(raw_outputs)}")
         outputs = {}
         for index, item in enumerate(raw_outputs):
             if not isinstance(item, dict) or not isinstance(item.get("name"), str):
                 raise InvalidInput(f"outputs[{index}] needs a 'name' string")
-            out_params = item.get("parameters") or {}
-            if not isinstance(out_params, dict):
-                raise InvalidInput(f"output '{item['name']}': 'parameters' must be a JSON object")
+            what = f"output '{item['name']}': "
+            out_params = _parameters(item, what)
             if out_params.get("classification"):
-                raise InvalidInput(
-                    f"output '{item['name']}': the classification extension is not supported"
-                )
-            outputs[item["name"]] = bool(out_params.get("binary_data", binary_default))
+                raise InvalidInput(f"{what}the classification extension is not supported")
+            outputs[item["name"]] = _flag(out_params, "binary_data", binary_default, what)
+        outputs = outputs or None  # an empty list asks for every output, as no list does
 
     timeout_s = None
     timeout = params.get("timeout")
@@ -283,7 +328,7 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
     ):
         raise InvalidInput(
             "parameters.priority must be a non-negative integer (1 is the highest level, 0 the "
-            f"model's default), got {_brief(priority)}"
+            f"model's default), got {_show(priority)}"
         )
     return InferRequest(
         inputs=inputs,
@@ -319,9 +364,15 @@ def _json_data(array: np.ndarray[Any, Any], what: str, fix: str) -> Any:
                 out.append(str(item))
         return out
     flat = array.reshape(-1)
+    if array.dtype.kind == "f" and not np.isfinite(flat).all():
+        # JSON has no NaN or infinity: the strings Python's float() and numpy read back
+        return [_NON_FINITE.get(str(x), x) for x in flat.astype(np.float64).tolist()]
     if array.dtype == np.float16:
         flat = flat.astype(np.float32)
     return flat
+
+
+_NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 
 
 def _encode_tensors(
@@ -421,7 +472,8 @@ def encode_request(request: InferRequest, binary_inputs: bool = False) -> tuple[
 
 def decode_response(body: bytes, header_length: int | None = None) -> InferResponse:
     """The client side of `encode_response`: a KServe v2 infer response, JSON or binary, with
-    BYTES elements as `bytes` and JSON nulls in float outputs as NaN.
+    BYTES elements as `bytes`, and NaN and infinity in float outputs (the strings
+    encode_response writes, or null) as themselves.
 
     Raises InvalidInput naming the field when the body is not such a response."""
     header, binary = _split_body(body, header_length)

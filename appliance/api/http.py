@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from .. import __version__
 from ..codec import InferRequest, InferResponse, decode_request, encode_response
@@ -63,6 +64,9 @@ LOADER: web.AppKey[asyncio.Task[None]] = web.AppKey("loader")
 STORE: web.AppKey[Registry | None] = web.AppKey("store")
 
 _JSON = "application/json"
+#: Status counted (never sent) for a request whose connection closed before it was answered:
+#: nginx's "client closed request".
+CLIENT_GONE = 499
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
 
 
@@ -144,6 +148,13 @@ async def middleware(
         except ApplianceError as exc:
             paths.failed(req, exc)
             response = error_response(exc, openai)
+        except RequestPayloadError as exc:  # a body aiohttp could not decode (gzip, deflate, br)
+            request.content.feed_eof()  # so aiohttp closes the connection instead of draining it
+            cause = getattr(exc.__cause__, "message", None) or str(exc)
+            response = error_response(InvalidInput(f"request body cannot be read: {cause}"), openai)
+            response.force_close()
+        except ConnectionResetError:  # gone while its body was read: nobody to answer or blame
+            response = web.Response(status=CLIENT_GONE)
         except web.HTTPException as exc:
             reason = exc.reason
             if exc.status == 413:

@@ -32,6 +32,14 @@ _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"
                 "X-Accel-Buffering": "no"}  # fmt: skip
 _UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "logprobs", "top_logprobs",
                 "logit_bias", "audio", "modalities", "prediction")  # fmt: skip
+#: Fields of OpenAI's schema that change nothing here: accepted, their JSON type still checked.
+_IGNORED: dict[str, tuple[type, ...]] = {
+    "user": (str,), "metadata": (dict, type(None)), "store": (bool, type(None)),
+    "service_tier": (str, type(None)), "safety_identifier": (str, type(None)),
+    "prompt_cache_key": (str, type(None)),
+}  # fmt: skip
+_JSON_TYPES = {str: "a string", dict: "an object", bool: "true or false", type(None): "null"}
+_SERVICE_TIERS = (None, "auto", "default", "flex", "scale", "priority", "fast")
 
 
 def openai_error(exc: ApplianceError) -> dict[str, Any]:
@@ -69,6 +77,7 @@ async def _body(request: web.Request) -> dict[str, Any]:
         raise InvalidInput(f"malformed JSON in request: {exc}") from None
     if not isinstance(body, dict):
         raise InvalidInput("request body must be a JSON object")
+    _check_ignored(body)
     return body
 
 
@@ -98,12 +107,31 @@ def _model_name(body: dict[str, Any]) -> str:
     return name
 
 
+def _check_ignored(body: dict[str, Any]) -> None:
+    """The fields this server ignores still have to be what OpenAI's schema says."""
+    for key, types in _IGNORED.items():
+        if key in body and not isinstance(body[key], types):
+            raise BadField(key, f"must be {' or '.join(_JSON_TYPES[t] for t in types)}")
+    for key, value in (body.get("metadata") or {}).items():
+        if not isinstance(value, str):
+            raise BadField(f"metadata.{key}", "must be a string")
+    if body.get("service_tier") not in _SERVICE_TIERS:
+        raise BadField("service_tier", f"must be one of {', '.join(map(str, _SERVICE_TIERS))}")
+    if len(body.get("safety_identifier") or "") > 64:
+        raise BadField("safety_identifier", "must be at most 64 characters")
+
+
+def _absent(value: Any) -> bool:
+    """An unsupported feature left off: missing, null, false or empty (not 0, which is no bool)."""
+    return value is None or value is False or (isinstance(value, (list, dict)) and not value)
+
+
 def _sampling(body: dict[str, Any], n_ctx: int) -> Sampling:
     for key in _UNSUPPORTED:
-        if body.get(key) not in (None, False, [], {}):
+        if not _absent(body.get(key)):
             raise BadField(key, "is not supported by this server")
     n = body.get("n")
-    if n not in (None, 1):
+    if n is not None and (isinstance(n, bool) or n != 1):
         raise BadField("n", "only n = 1 is supported")
     fmt = body.get("response_format")
     if fmt is not None and fmt != {"type": "text"}:
@@ -171,8 +199,10 @@ def _messages(body: dict[str, Any], prompt: str | None = None) -> list[dict[str,
         if isinstance(content, list):
             parts = []
             for j, part in enumerate(content):
-                if not isinstance(part, dict) or part.get("type") != "text":
-                    raise BadField(f"{where}.content[{j}]", "only text parts are supported")
+                if not isinstance(part, dict):
+                    raise BadField(f"{where}.content[{j}]", "must be an object (a text part)")
+                if part.get("type") != "text":
+                    raise BadField(f"{where}.content[{j}].type", "only text parts are supported")
                 if not isinstance(part.get("text"), str):
                     raise BadField(f"{where}.content[{j}].text", "must be a string")
                 parts.append(part["text"])
@@ -184,13 +214,20 @@ def _messages(body: dict[str, Any], prompt: str | None = None) -> list[dict[str,
 
 
 def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
-    stream = body.get("stream", False)
+    stream = body.get("stream")
+    if stream is None:
+        stream = False
     if not isinstance(stream, bool):
         raise BadField("stream", "must be true or false")
-    options = body.get("stream_options") or {}
+    options = body.get("stream_options")
+    if options is None:
+        options = {}
     if not isinstance(options, dict):
         raise BadField("stream_options", "must be an object")
-    return stream, bool(options.get("include_usage"))
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise BadField("stream_options.include_usage", "must be true or false")
+    return stream, include_usage
 
 
 def _usage(result: GenerationResult) -> dict[str, int]:
@@ -280,7 +317,8 @@ async def chat_completions(
     return _json({
         "id": cid, "object": "chat.completion", "created": created, "model": name,
         "system_fingerprint": _FINGERPRINT,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text,
+                                             "refusal": None},
                      "finish_reason": _finish(result.finish_reason), "logprobs": None}],
         "usage": _usage(result),
     }, headers=req.served.headers())  # fmt: skip
@@ -300,8 +338,9 @@ async def completions(request: web.Request, paths: RequestPath, req: Request) ->
         prompt += filled  # the task's template follows what the client sent
     if not isinstance(prompt, str):
         raise BadField("prompt", "must be a string (or a list holding one string)")
-    for key in ("echo", "best_of", "suffix"):
-        if body.get(key) not in (None, False, 1):
+    for key, off in (("echo", False), ("best_of", 1), ("suffix", "")):
+        value = body.get(key)
+        if value is not None and (type(value) is not type(off) or value != off):
             raise BadField(key, "is not supported by this server")
     gen = Generation("completion", prompt=prompt, sampling=_sampling(body, _n_ctx(backend)))
     stream, include_usage = _stream_flags(body)
