@@ -160,17 +160,26 @@ def _from_json_data(
             )
     elif datatype in FLOAT_TYPES:
         if kind not in "iuf":
-            flat = arr.reshape(-1)
+            # numpy made strings of everything if one item was one ("NaN"): look at the items
+            flat = np.array(data, dtype=object).reshape(-1) if kind == "U" else arr.reshape(-1)
             if not non_finite or kind not in "OU" or not all(_float_item(x) for x in flat):
                 raise InvalidInput(f"{what}: {datatype} data must be numbers")
             arr = np.array([_FROM_TEXT.get(x, x) for x in flat.tolist()], dtype=np.float64)
         elif kind == "f" and target.itemsize < arr.dtype.itemsize:
-            top = float(np.finfo(target).max)  # JSON numbers past it would become infinity
-            if np.abs(arr).max() > top:
+            # JSON numbers that would round to infinity (3.4028235e38, FP32's largest written
+            # short, still rounds down to it)
+            top = float(np.finfo(target).max)
+            if np.abs(arr).max() >= _OVERFLOW[datatype]:
                 raise InvalidInput(f"{what}: value out of range for {datatype} (-{top:g}..{top:g})")
     return arr.astype(target, copy=False).reshape(shape)
 
 
+#: The least magnitude that rounds to infinity in each narrower float type: its largest value
+#: plus half a step.
+_OVERFLOW = {
+    name: float(info.max) + 2.0 ** (info.maxexp - info.nmant - 2)
+    for name, info in (("FP16", np.finfo(np.float16)), ("FP32", np.finfo(np.float32)))
+}
 #: NaN and infinity in a JSON response: the strings encode_response writes (the schema allows
 #: strings; JSON has no such numbers), and null, which earlier versions wrote.
 _FROM_TEXT: dict[Any, float] = {

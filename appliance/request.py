@@ -14,12 +14,11 @@ Accounting is one call, `finish`: the per-protocol response counters and the acc
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -107,16 +106,26 @@ class Request:
     served: Served = field(default_factory=Served)
     status: int = 0
 
-    @contextlib.contextmanager
-    def bound(self) -> Iterator[None]:
+    def bound(self) -> _Bound:
         """The request and trace ids in the logging context while this request is worked on."""
-        rid_token = request_id.set(self.id)
-        tid_token = trace_id.set(self.trace_id)
-        try:
-            yield
-        finally:
-            trace_id.reset(tid_token)
-            request_id.reset(rid_token)
+        return _Bound(self)
+
+
+class _Bound:
+    """Request.bound's context manager (a class: a generator-based one costs 2 µs a request)."""
+
+    __slots__ = ("_req", "_rid", "_tid")
+
+    def __init__(self, req: Request) -> None:
+        self._req = req
+
+    def __enter__(self) -> None:
+        self._rid = request_id.set(self._req.id)
+        self._tid = trace_id.set(self._req.trace_id)
+
+    def __exit__(self, *exc: object) -> None:
+        trace_id.reset(self._tid)
+        request_id.reset(self._rid)
 
 
 class RequestPath:

@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 
 from appliance.codec import (
@@ -199,3 +200,26 @@ def test_nulls_are_nan_in_float_responses_only() -> None:
     request = b'{"inputs": [{"name": "y", "datatype": "FP32", "shape": [2], "data": [null, 1]}]}'
     with pytest.raises(InvalidInput, match="FP32 data must be numbers"):
         decode_request(request)
+
+
+@pytest.mark.parametrize(
+    ("datatype", "value", "ok"),
+    [
+        ("FP32", 3.4028235e38, True),  # FP32's largest, as a short JSON number: rounds to it
+        ("FP32", -3.4028235e38, True),
+        ("FP32", 3.5e38, False),
+        ("FP32", 1e300, False),
+        ("FP16", 65519.0, True),  # rounds down to 65504
+        ("FP16", 65520.0, False),  # rounds to infinity
+        ("FP64", 1e300, True),
+    ],
+)
+def test_float_data_past_its_type_is_refused_by_name(datatype: str, value: float, ok: bool):
+    body = orjson.dumps(
+        {"inputs": [{"name": "x", "datatype": datatype, "shape": [2], "data": [1.0, value]}]}
+    )
+    if ok:
+        assert np.isfinite(decode_request(body).inputs["x"]).all()
+    else:
+        with pytest.raises(InvalidInput, match=f"input 'x': value out of range for {datatype}"):
+            decode_request(body)
