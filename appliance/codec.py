@@ -47,7 +47,7 @@ class InferResponse:
     model_version: str
     outputs: dict[str, np.ndarray[Any, Any]]
     id: str | None = None
-    #: Response parameters: which task answered, whether from the cache (engine/routing.py).
+    #: Response parameters: which task answered, whether from the cache (routing/router.py).
     parameters: dict[str, Any] | None = None
 
 

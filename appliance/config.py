@@ -404,7 +404,7 @@ class BatchingConfig:
 
 @dataclass
 class BreakerConfig:
-    """A model's circuit breaker (engine/breaker.py): stop sending requests to a failing model."""
+    """A model's circuit breaker (routing/breaker.py): stop sending requests to a failing model."""
 
     enabled: bool = False
     #: Open when at least this fraction of the requests in the window failed (0 < rate <= 1).
@@ -507,7 +507,7 @@ class ModelConfig:
     #: excess requests at once instead of queueing them behind inference.
     worker_nice: int = field(default=5, metadata=between(0, 19))
     batching: BatchingConfig = field(default_factory=BatchingConfig)
-    #: Result cache budget in bytes (engine/cache.py); 0 turns the cache off.
+    #: Result cache budget in bytes (routing/cache.py); 0 turns the cache off.
     cache_bytes: int = 0
     #: Extra attempts after a transient failure (queue full, runtime error); 0 = none.
     retries: int = 0
@@ -549,7 +549,7 @@ class VariantConfig:
 
 @dataclass
 class TaskConfig:
-    """An operator-facing name routed to models (engine/routing.py); [tasks.NAME] tables."""
+    """An operator-facing name routed to models (routing/router.py); [tasks.NAME] tables."""
 
     variants: list[VariantConfig] = field(
         default_factory=list,
