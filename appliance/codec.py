@@ -165,12 +165,15 @@ def _from_json_data(
             if not non_finite or kind not in "OU" or not all(_float_item(x) for x in flat):
                 raise InvalidInput(f"{what}: {datatype} data must be numbers")
             arr = np.array([_FROM_TEXT.get(x, x) for x in flat.tolist()], dtype=np.float64)
-        elif kind == "f" and target.itemsize < arr.dtype.itemsize:
-            # JSON numbers that would round to infinity (3.4028235e38, FP32's largest written
-            # short, still rounds down to it)
+        # JSON numbers that would round to infinity (3.4028235e38, FP32's largest written
+        # short, still rounds down to it)
+        elif (
+            kind == "f"
+            and target.itemsize < arr.dtype.itemsize
+            and np.abs(arr).max() >= _OVERFLOW[datatype]
+        ):
             top = float(np.finfo(target).max)
-            if np.abs(arr).max() >= _OVERFLOW[datatype]:
-                raise InvalidInput(f"{what}: value out of range for {datatype} (-{top:g}..{top:g})")
+            raise InvalidInput(f"{what}: value out of range for {datatype} (-{top:g}..{top:g})")
     return arr.astype(target, copy=False).reshape(shape)
 
 
@@ -373,7 +376,8 @@ def _json_data(array: np.ndarray[Any, Any], what: str, fix: str) -> Any:
                 out.append(str(item))
         return out
     flat = array.reshape(-1)
-    if array.dtype.kind == "f" and not np.isfinite(flat).all():
+    # (a sum is one cheap call; only one that is not finite needs the exact look)
+    if array.dtype.kind == "f" and not math.isfinite(flat.sum()) and not np.isfinite(flat).all():
         # JSON has no NaN or infinity: the strings Python's float() and numpy read back
         return [_NON_FINITE.get(str(x), x) for x in flat.astype(np.float64).tolist()]
     if array.dtype == np.float16:

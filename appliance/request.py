@@ -183,11 +183,6 @@ class RequestPath:
     def _key(self, req: Request, name: str, parameters: Mapping[str, Any]) -> str | None:
         return self.router.key_for(name, parameters, req.meta)
 
-    def _deadline(self, req: Request, body: InferRequest) -> None:
-        if req.expiry_s:
-            shorten_deadline(body, req.expiry_s)
-        shorten_deadline(body, timeout_ms(req.timeout_ms, req.timeout_name))
-
     def _priority(self, req: Request, name: str, given: int | None = None) -> int | None:
         """The body's own priority (KServe's `parameters.priority`, decoded by the codec), else
         the wire's (a header, a user property), else the task's default."""
@@ -199,12 +194,18 @@ class RequestPath:
     async def infer(
         self, req: Request, name: str, version: str | None, body: InferRequest
     ) -> InferResponse:
-        """Run a decoded KServe v2 request on model or task `name`."""
-        self._deadline(req, body)
-        body.priority = self._priority(req, name, body.priority)
-        key = self._key(req, name, body.parameters)
+        """Run a decoded KServe v2 request on model or task `name` (the hot path: its stages
+        are written out here rather than called)."""
+        if req.expiry_s:
+            shorten_deadline(body, req.expiry_s)
+        if req.timeout_ms is not None:
+            shorten_deadline(body, timeout_ms(req.timeout_ms, req.timeout_name))
+        if not body.priority:
+            body.priority = self._priority(req, name)
+        router = self.router
+        key = router.key_for(name, body.parameters, req.meta) if router.tasks else None
         with req.bound():
-            return await self.router.infer(name, version, body, key)
+            return await router.infer(name, version, body, key)
 
     async def generate(
         self,
