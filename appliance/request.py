@@ -183,11 +183,9 @@ class RequestPath:
     def _key(self, req: Request, name: str, parameters: Mapping[str, Any]) -> str | None:
         return self.router.key_for(name, parameters, req.meta)
 
-    def _priority(self, req: Request, name: str, given: int | None = None) -> int | None:
-        """The body's own priority (KServe's `parameters.priority`, decoded by the codec), else
-        the wire's (a header, a user property), else the task's default."""
-        if given:
-            return given
+    def _priority(self, req: Request, name: str) -> int | None:
+        """For a request whose body names no level (KServe's `parameters.priority`, decoded by
+        the codec, counts first): the wire's (a header, a user property), else the task's."""
         level = priority_of(req.priority, req.priority_name)
         return level if level is not None else self.router.default_priority(name)
 
