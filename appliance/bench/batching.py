@@ -23,9 +23,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..engine.scheduler import lower_priority
-from .client import HttpConnection, build_request, error_text, free_port, header, metrics_text
-from .errors import BenchError
-from .inputs import check_outputs, infer_request, make_inputs, read_outputs
+from .client import HttpConnection, build_request, free_port, metrics_text
+from .inputs import check_answer, infer_request, make_inputs
 from .model import Target, load_backend, raw_call
 from .options import parse_cpus
 from .report import say
@@ -256,11 +255,7 @@ def run_sweep(
             conn, address, _ = open_server(servers[mode], target.name, timeout_s, True)
             conns[mode] = conn
             req = build_request("POST", f"/v2/models/{target.name}/infer", *address, body, headers)
-            status, head, reply = conn.exchange(req)
-            if status != 200:
-                raise BenchError(f"the server answered {status}: {error_text(reply)}")
-            length = header(head, b"Inference-Header-Content-Length")
-            check_outputs(expected, read_outputs(reply, int(length) if length else None))
+            check_answer(conn, req, expected)
             requests[mode] = req
         for c in levels:
             n = max(options.requests, 20 * c)

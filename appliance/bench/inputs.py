@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidInput, ModelError
+from .client import HttpConnection, error_text, header
 from .errors import BenchError
 
 if TYPE_CHECKING:
@@ -145,3 +146,16 @@ def _text(item: Any) -> str:
 def _preview(array: Array) -> str:
     flat = array.reshape(-1)[:6].tolist()
     return f"{flat}{'...' if array.size > 6 else ''}"
+
+
+def check_answer(
+    conn: HttpConnection, request: bytes, expected: dict[str, Array], who: str = "the server"
+) -> bool:
+    """Send `request` once and check the answer against the runtime's own outputs (before any
+    timing: a server that answers wrongly is not worth measuring). True when it came binary."""
+    status, head, reply = conn.exchange(request)
+    if status != 200:
+        raise BenchError(f"{who} answered {status}: {error_text(reply)}")
+    length = header(head, b"Inference-Header-Content-Length")
+    check_outputs(expected, read_outputs(reply, int(length) if length else None))
+    return length is not None

@@ -32,9 +32,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .client import HttpConnection, build_request, error_text, free_port, header
-from .errors import BenchError
-from .inputs import check_outputs, infer_request, make_inputs, read_outputs
+from .client import HttpConnection, build_request, free_port
+from .inputs import check_answer, infer_request, make_inputs
 from .model import Target, load_backend, raw_call
 from .report import say
 from .server import STOP_GRACE_S, ServerProcess, open_server, rss_and_peak, serve_command
@@ -158,11 +157,7 @@ def run_isolation(
         elapsed = time.perf_counter() - t0
         conns[mode] = conn
         req = build_request("POST", f"/v2/models/{target.name}/infer", *address, body, headers)
-        status, head, reply = conn.exchange(req)
-        if status != 200:
-            raise BenchError(f"the {mode} server answered {status}: {error_text(reply)}")
-        length = header(head, b"Inference-Header-Content-Length")
-        check_outputs(expected, read_outputs(reply, int(length) if length else None))
+        check_answer(conn, req, expected, f"the {mode} server")
         requests[mode] = req
         startup[mode] = elapsed
         return server
