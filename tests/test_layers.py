@@ -1,6 +1,7 @@
 """The request path is one straight line, each layer calling only the ones below it:
 
-    api (fronts: codec + status mapping) -> request (lifecycle) -> routing -> engine
+    api (fronts: codec + status mapping) -> request (lifecycle) -> routing
+        -> pipelines (DAGs of models and steps) -> engine -> steps (processing around a model)
         -> isolation (a model in a worker process, the first load in a child) -> backends
 
 Checked from the source: no module imports a layer above its own, at run time or for typing
@@ -15,7 +16,9 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "appliance"
 #: Top to bottom.
-LAYERS = ["api", "request", "routing", "engine", "isolation", "backends"]
+LAYERS = [
+    "api", "request", "routing", "pipelines", "engine", "steps", "isolation", "backends"
+]  # fmt: skip
 
 
 def _layer(module: str) -> str | None:
