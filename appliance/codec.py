@@ -16,7 +16,7 @@ import numpy as np
 import orjson
 
 from .errors import InvalidInput
-from .tensors import DATATYPES, FLOAT_TYPES, INT_TYPES, datatype_of
+from .tensors import DATATYPES, FLOAT_TYPES, INT_TYPES, all_finite, datatype_of, max_abs
 
 _ORJSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
 
@@ -67,14 +67,17 @@ def _show(value: Any, limit: int = 60) -> str:
 def _shape(value: Any, what: str) -> tuple[int, ...]:
     if not isinstance(value, list):
         raise InvalidInput(f"{what}: 'shape' must be a list of integers, got {_show(value)}")
+    if len(value) > MAX_DIMS:
+        raise InvalidInput(f"{what}: 'shape' has {len(value)} dimensions, at most {MAX_DIMS}")
+    size = 1  # the elements it describes, counting a 0 as a 1 (one pass: the hot path)
     for d in value:
-        if isinstance(d, bool) or not isinstance(d, int) or d < 0:
+        if type(d) is not int or d < 0:  # JSON's integers are ints; a bool is not one here
             raise InvalidInput(
                 f"{what}: 'shape' must hold non-negative integers, got {_show(value)}"
             )
-    if len(value) > MAX_DIMS:
-        raise InvalidInput(f"{what}: 'shape' has {len(value)} dimensions, at most {MAX_DIMS}")
-    if math.prod(max(d, 1) for d in value) > MAX_ELEMENTS:
+        if d > 1:
+            size *= d
+    if size > MAX_ELEMENTS:
         raise InvalidInput(f"{what}: 'shape' {_show(value)} describes too many elements")
     return tuple(value)
 
@@ -170,7 +173,7 @@ def _from_json_data(
         elif (
             kind == "f"
             and target.itemsize < arr.dtype.itemsize
-            and np.abs(arr).max() >= _OVERFLOW[datatype]
+            and max_abs(arr) >= _OVERFLOW[datatype]
         ):
             top = float(np.finfo(target).max)
             raise InvalidInput(f"{what}: value out of range for {datatype} (-{top:g}..{top:g})")
@@ -376,7 +379,7 @@ def _json_data(array: np.ndarray[Any, Any], what: str, fix: str) -> Any:
                 out.append(str(item))
         return out
     flat = array.reshape(-1)
-    if array.dtype.kind == "f" and not np.isfinite(flat).all():
+    if array.dtype.kind == "f" and not all_finite(flat):
         # JSON has no NaN or infinity: the strings Python's float() and numpy read back
         return [_NON_FINITE.get(str(x), x) for x in flat.astype(np.float64).tolist()]
     if array.dtype == np.float16:

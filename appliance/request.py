@@ -198,9 +198,9 @@ class RequestPath:
             shorten_deadline(body, req.expiry_s)
         if req.timeout_ms is not None:
             shorten_deadline(body, timeout_ms(req.timeout_ms, req.timeout_name))
-        if not body.priority:
-            body.priority = self._priority(req, name)
         router = self.router
+        if not body.priority and (req.priority is not None or router.tasks):
+            body.priority = self._priority(req, name)
         key = router.key_for(name, body.parameters, req.meta) if router.tasks else None
         with req.bound():
             return await router.infer(name, version, body, key)

@@ -6,6 +6,7 @@ place that maps between them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,26 @@ _BY_DTYPE: dict[np.dtype[Any], str] = {v: k for k, v in DATATYPES.items()}
 
 FLOAT_TYPES = frozenset({"FP16", "FP32", "FP64"})
 INT_TYPES = frozenset({"UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64"})
+
+
+#: Up to this many elements, a check over a tensor's values runs in Python on its list: a numpy
+#: reduction costs about a microsecond whatever the size, a list of a few floats a fifth of it.
+SMALL = 32
+
+
+def all_finite(array: np.ndarray[Any, Any]) -> bool:
+    """Whether a float tensor holds no NaN or infinity (cheap for the small tensors of the
+    typical edge request: this runs on every input and output of the hot path)."""
+    if array.size <= SMALL:
+        return all(map(math.isfinite, array.ravel().tolist()))
+    return bool(np.isfinite(array).all())
+
+
+def max_abs(array: np.ndarray[Any, Any]) -> float:
+    """The largest magnitude in a non-empty float tensor without NaN."""
+    if array.size <= SMALL:
+        return float(max(map(abs, array.ravel().tolist())))
+    return float(np.abs(array).max())
 
 
 def datatype_of(array: np.ndarray[Any, Any]) -> str:

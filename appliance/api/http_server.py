@@ -40,9 +40,10 @@ from ..errors import ApplianceError, InferenceFailed
 from ..request import Request, RequestPath
 from .http import (
     PATH,
+    PRIORITY_HEADER,
     SETTINGS,
+    TIMEOUT_HEADER,
     HttpSettings,
-    begin,
     check_auth,
     check_length,
     encode_answer,
@@ -85,7 +86,7 @@ class _Head:
         self.query = query
         self.headers = headers
         self.length = length
-        self.close = "close" in headers.get("connection", "").lower()
+        self.close = "close" in _get(headers, "connection", "").lower()
         #: The hot route it goes to, and the names in its path (set by Connection._hot).
         self.route: Route | None = None
         self.match: re.Match[str] | None = None
@@ -98,6 +99,13 @@ class _Headers(dict[str, str]):
 
     def get(self, key: str, default: Any = None) -> Any:
         return dict.get(self, key.lower(), default)
+
+
+#: The names this module looks up are lower case already: no per-lookup `lower()` (the same
+#: headers as api/http.begin reads for the aiohttp routes).
+_get = dict.get
+_TIMEOUT = TIMEOUT_HEADER.lower()
+_PRIORITY = PRIORITY_HEADER.lower()
 
 
 def parse_head(raw: bytes) -> _Head | None:
@@ -125,10 +133,10 @@ def parse_head(raw: bytes) -> _Head | None:
         headers[key] = value
     if not _HAND_OVER.isdisjoint(headers):
         return None
-    raw_length = headers.get("content-length", "0")
+    raw_length = _get(headers, "content-length", "0")
     if not raw_length.isdigit() or not raw_length.isascii():
         return None
-    connection = headers.get("connection", "").lower()
+    connection = _get(headers, "connection", "").lower()
     if "upgrade" in connection:
         return None
     path, _, query = target.partition("?")
@@ -361,7 +369,7 @@ class Connection(asyncio.Protocol):
         else:
             return False
         if head.method == "POST":
-            ctype = head.headers.get("content-type", "").lower()
+            ctype = _get(head.headers, "content-type", "").lower()
             return not ctype.startswith(("image/", "multipart/")) and (
                 "content-encoding" not in head.headers
             )
@@ -369,9 +377,18 @@ class Connection(asyncio.Protocol):
 
     def _begin(self, head: _Head) -> Request:
         assert head.route is not None
-        head.req = req = begin(
-            self.server.paths, head.method, head.path, head.route.path, head.headers, self.peer
-        )
+        h = head.headers
+        head.req = req = self.server.paths.begin(
+            "http", head.method, head.path, head.route.path,
+            request_id=_get(h, "x-request-id"),
+            traceparent=_get(h, "traceparent"),
+            remote=self.peer,
+            meta=h,
+            timeout_ms=_get(h, _TIMEOUT),
+            priority=_get(h, _PRIORITY),
+            timeout_name=TIMEOUT_HEADER,
+            priority_name=PRIORITY_HEADER,
+        )  # fmt: skip
         return req
 
     def _refused(self, head: _Head) -> bool:
@@ -390,7 +407,7 @@ class Connection(asyncio.Protocol):
         m = head.match
         assert m is not None
         try:
-            check_auth(server.settings, head.path, head.headers.get("authorization"))
+            check_auth(server.settings, head.path, _get(head.headers, "authorization"))
             server.paths.admit(req, m.group("name"), m.groupdict().get("version"))
             check_length(head.length, server.settings.max_body_bytes)
         except ApplianceError as exc:
@@ -411,7 +428,7 @@ class Connection(asyncio.Protocol):
         assert req is not None and m is not None
         name, version = m.group("name"), m.groupdict().get("version")
         try:
-            decoded = tensor_request(body, head.headers.get("inference-header-content-length"))
+            decoded = tensor_request(body, _get(head.headers, "inference-header-content-length"))
             if head.query:
                 decoded.parameters.update(
                     text_parameters(parse_qsl(head.query, keep_blank_values=True))

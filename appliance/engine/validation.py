@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from ..codec import InferRequest
 from ..errors import InvalidInput
-from ..tensors import FLOAT_TYPES, Signature, datatype_of
+from ..tensors import FLOAT_TYPES, Signature, all_finite, datatype_of
 
 
 def _names(specs: Any) -> str:
@@ -49,7 +47,7 @@ def validate(
             not allow_non_finite
             and spec.datatype in FLOAT_TYPES
             and array.size
-            and not np.isfinite(array).all()
+            and not all_finite(array)
         ):
             raise InvalidInput(
                 f"input {spec.name!r} contains NaN or infinity, which this model does not accept"

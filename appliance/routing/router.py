@@ -448,14 +448,22 @@ class Router:
         self.routed[k] = self.routed.get(k, 0) + 1
 
     # -- requests --------------------------------------------------------------------------
-    async def infer(
+    def infer(
         self, name: str, version: str | None, request: InferRequest, key: str | None = None
-    ) -> InferResponse:
-        """Run `request` on model or task `name`; `key` is a task's sticky key, if any."""
+    ) -> Awaitable[InferResponse]:
+        """Run `request` on model or task `name`; `key` is a task's sticky key, if any.
+
+        A plain model (no task, cache, retries or breaker) is the engine's run itself, with no
+        coroutine of the router's around it: the hot path of most edge requests."""
         if name not in self.tasks:
             model = self.engine.ready_model(name, version)
             if not guarded(model.config):
-                return await self.engine.infer_on(model, request)
+                return self.engine.infer_on(model, request)
+        return self._infer(name, version, request, key)
+
+    async def _infer(
+        self, name: str, version: str | None, request: InferRequest, key: str | None
+    ) -> InferResponse:
         served = Served()
 
         async def run(model: LoadedModel, remaining: float) -> InferResponse:
