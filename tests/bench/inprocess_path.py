@@ -1,6 +1,7 @@
 """CPU per request of the HTTP fast path, in-process, without sockets or a load generator.
 
     PYTHONPATH=. .venv/bin/python tests/bench/inprocess_path.py [--requests 3000] [--rounds 7]
+        [--isolation none|process|both]
 
 Feeds a plain KServe v2 infer request for build/samples/sample.onnx to the front protocol's
 connection object (api/http_server.py) over a transport that discards what is written, and
@@ -58,8 +59,15 @@ class NullTransport(asyncio.Transport):
         pass
 
 
-async def measure(model: Path, requests: int, rounds: int) -> float:
-    config = load_config(None, {"server": {"port": 0, "access_log": True}}, environ={})
+async def measure(
+    model: Path, requests: int, rounds: int, isolation: str = "none"
+) -> tuple[float, float]:
+    """(event loop CPU, wall time) per request, in microseconds (medians of the rounds)."""
+    overrides = {
+        "server": {"port": 0, "access_log": True},
+        "model_defaults": {"isolation": isolation},
+    }
+    config = load_config(None, overrides, environ={})
     app = build(config, [source_from_file(model, "sample")])
     running = await open_server(app, socket.create_server(("127.0.0.1", 0)))
     try:
@@ -75,14 +83,15 @@ async def measure(model: Path, requests: int, rounds: int) -> float:
 
         for _ in range(requests):  # warm up (the inline path learns the model's run time)
             await one()
-        per_round = []
+        cpu, wall = [], []
         for _ in range(rounds):
-            start = time.thread_time()
+            start, t0 = time.thread_time(), time.perf_counter()
             for _ in range(requests):
                 await one()
-            per_round.append((time.thread_time() - start) / requests * 1e6)
+            cpu.append((time.thread_time() - start) / requests * 1e6)
+            wall.append((time.perf_counter() - t0) / requests * 1e6)
         assert transport.writes == requests * (rounds + 1)
-        return statistics.median(per_round)
+        return statistics.median(cpu), statistics.median(wall)
     finally:
         await running.close()
 
@@ -92,6 +101,13 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=Path("build/samples/sample.onnx"))
     ap.add_argument("--requests", type=int, default=3000)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument(
+        "--isolation",
+        choices=["none", "process", "both"],
+        default="none",
+        help="the model in-process, in a worker process, or both side by side (wall time per "
+        "request then tells what isolation adds at c=1: the worker's CPU is not the loop's)",
+    )
     args = ap.parse_args()
     access = logging.getLogger("appliance.access")  # records made, not written
     access.addHandler(logging.NullHandler())
@@ -104,8 +120,10 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
-    cpu = asyncio.run(measure(args.model, args.requests, args.rounds))
-    print(f"event loop CPU per request: {cpu:.1f} µs")
+    kinds = ["none", "process"] if args.isolation == "both" else [args.isolation]
+    for kind in kinds:
+        cpu, wall = asyncio.run(measure(args.model, args.requests, args.rounds, kind))
+        print(f"isolation {kind}: event loop CPU per request: {cpu:.1f} µs, wall {wall:.1f} µs")
 
 
 if __name__ == "__main__":
