@@ -320,6 +320,21 @@ def test_models_add_with_a_plugin_backend(
     assert "weights: every row needs the same, non-zero, length" in capsys.readouterr().err
 
 
+def test_models_add_names_a_plugin_that_cannot_read_the_file(
+    test_dir: Path, tmp_path: Path
+) -> None:
+    plugins.use_dirs([str(test_dir)])
+    f = tmp_path / "odd.bin"
+    f.write_bytes(b"unreadable")
+    store = Registry(tmp_path / "models")
+    with pytest.raises(ModelError) as err:
+        store.add("odd", f, backend="faulty")
+    assert err.value.message == (
+        f"backend 'faulty' (plugin 'appliance-plugin-faulty') cannot read {f}: KeyError: 'header'"
+    )
+    assert store.names() == []
+
+
 def test_pip_install_into_an_environment(tmp_path: Path) -> None:
     """`pip install appliance-plugin-example` into an environment the appliance runs from:
     found through the ordinary entry points, no plugin directory needed."""

@@ -1,4 +1,5 @@
-"""A plugin with bugs: its step and its backend raise on the value 13 (y = x otherwise)."""
+"""A plugin with bugs: its step and its backend raise on the value 13 (y = x otherwise), and
+it cannot read a model file that says "unreadable"."""
 
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ class FaultyBackend(Backend):
 
     @classmethod
     def inspect(cls, path: Path) -> tuple[Signature, dict[str, Any]]:
+        if path.read_bytes() == b"unreadable":
+            raise KeyError("header")
         return SIGNATURE, {}
 
     def __init__(self, manifest: Manifest, path: Path, context: LoadContext) -> None:
