@@ -40,9 +40,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _registry(args: argparse.Namespace) -> Any:
+    from .plugins import use_dirs
     from .registry import Registry
 
-    return Registry(Path(_config(args).store.path))
+    config = _config(args)
+    use_dirs(config.plugins.dirs)  # `models add --backend` may name a plugin's backend
+    return Registry(Path(config.store.path))
 
 
 def _json_object(value: str | None, flag: str) -> dict[str, Any] | None:
@@ -79,6 +82,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             Path(args.file),
             version=args.version,
             activate=not args.no_activate,
+            backend=args.backend,
             preprocess=_json_object(args.preprocess, "--preprocess"),
             postprocess=_json_object(args.postprocess, "--postprocess"),
         )
@@ -115,6 +119,30 @@ def cmd_models(args: argparse.Namespace) -> int:
         reg.remove(args.name, args.version)
         print(f"{args.name}: removed version {args.version}")
     return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    """List the plugin steps and backends installed, each imported to say whether it works;
+    exit status 1 when one does not (a check for a device's deployment script)."""
+    from .plugins import active_dirs, report, use_dirs
+
+    use_dirs(_config(args).plugins.dirs)
+    entries = report()
+    if args.json:
+        from dataclasses import asdict
+
+        import orjson
+
+        doc = {"dirs": active_dirs(), "plugins": [asdict(e) for e in entries]}
+        print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
+    else:
+        print("plugin directories: " + (", ".join(active_dirs()) or "none"))
+        if not entries:
+            print("no plugins installed")
+        for e in entries:
+            print(f"{e.group:<8} {e.name:<16} {e.distribution} {e.version}  {e.target}")
+            print(f"         {e.status}  ({e.location})")
+    return 0 if all(e.ok or e.status.startswith("ignored") for e in entries) else 1
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:
@@ -224,7 +252,7 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="appliance", description="Edge inference appliance")
     ap.add_argument("--version", action=_VersionAction)
     sub = ap.add_subparsers(
-        dest="command", required=True, metavar="{serve,models,selftest,bench,build,hub}"
+        dest="command", required=True, metavar="{serve,models,plugins,selftest,bench,build,hub}"
     )
 
     s = sub.add_parser("serve", help="serve the model store (or one file) over HTTP")
@@ -252,6 +280,10 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("file")
     a.add_argument("--version", help="version name (default: the next integer)")
     a.add_argument("--no-activate", action="store_true", help="add without activating")
+    a.add_argument(
+        "--backend",
+        help="the backend that reads the file (default: from its format); a plugin's backend name",
+    )
     a.add_argument("--preprocess", metavar="JSON", help="pre-processing (a file or JSON text)")
     a.add_argument("--postprocess", metavar="JSON", help="post-processing (a file or JSON text)")
     msub.add_parser("list", help="list models and versions")
@@ -266,6 +298,11 @@ def parser() -> argparse.ArgumentParser:
     for p in (m, *msub.choices.values()):
         _common(p)
     m.set_defaults(func=cmd_models)
+
+    pl = sub.add_parser("plugins", help="list plugin steps and backends and whether they import")
+    _common(pl, store=False)
+    pl.add_argument("--json", action="store_true", help="print the list as JSON")
+    pl.set_defaults(func=cmd_plugins)
 
     t = sub.add_parser("selftest", help="serve the bundled sample model and check one answer")
     t.add_argument("--timeout", type=float, default=60.0, help="seconds before giving up")

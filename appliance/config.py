@@ -292,6 +292,22 @@ class HubConfig:
     metrics_interval_s: float = field(default=60.0, metadata=above(0))
 
 
+def _absolute_paths(value: list[str]) -> str | None:
+    for i, item in enumerate(value):
+        if not Path(item).is_absolute():
+            return f"[{i}] {item!r} is not an absolute path"
+    return None
+
+
+@dataclass
+class PluginsConfig:
+    """Directories of plugin packages (`pip install --target DIR appliance-plugin-x`), for
+    the frozen binary (see appliance/plugins.py): put on sys.path at start-up; each must be
+    writable by root (or the server's user) only."""
+
+    dirs: list[str] = field(default_factory=list, metadata=constraint(_absolute_paths))
+
+
 @dataclass
 class StoreConfig:
     path: str = "models"
@@ -578,6 +594,7 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     hub: HubConfig = field(default_factory=HubConfig)
+    plugins: PluginsConfig = field(default_factory=PluginsConfig)
     model_defaults: ModelConfig = field(default_factory=ModelConfig)
     #: Raw per-model overrides, merged over model_defaults by `model_config`.
     models: dict[str, dict[str, Any]] = field(default_factory=dict)

@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 from . import names
-from .backends import detect_backend, get_backend
+from .backends import PLUGIN_OF, detect_backend, get_backend
 from .errors import ModelError, NotFound
 from .manifest import MANIFEST_NAME, Manifest, is_plain_name, sha256_file
 from .tensors import Signature, TensorSpec
@@ -203,6 +203,14 @@ class Registry:
                 signature, params = backend_cls.inspect(target)
             except ModelError as exc:  # name the user's file, not the staging copy
                 raise ModelError(exc.message.replace(str(target), str(source))) from None
+            except Exception as exc:  # a plugin's own bug: name the plugin
+                if backend_cls not in PLUGIN_OF:
+                    raise
+                plugin, dist = PLUGIN_OF[backend_cls]
+                raise ModelError(
+                    f"backend {plugin!r} (plugin {dist!r}) cannot read {source}: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
             manifest = Manifest(
                 name=name,
                 version=version,

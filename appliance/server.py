@@ -12,7 +12,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import systemd
+from . import plugins, systemd
 from .api.http import HttpSettings, build_app
 from .api.http_server import run as run_http
 from .backends import detect_backend
@@ -72,6 +72,7 @@ def build(
     config: Config, sources: list[ModelSource], store: Registry | None = None
 ) -> web.Application:
     """The app; with `store`, it can switch versions at run time (repository API, SIGHUP)."""
+    plugins.use_dirs(config.plugins.dirs)  # before any model loads: they may need a plugin
     metrics = Metrics()
     cache_dir = Path(config.store.path) / ".cache"
     engine = Engine(config, metrics, sources, cache_dir)

@@ -1,7 +1,11 @@
 """Backends by name, imported lazily so a device only loads the runtimes its models use.
 
 Installed packages add backends through the `appliance.backends` entry-point group
-(`name = "module:Class"`, a `Backend` subclass); the built-in names cannot be taken over.
+(`name = "module:Class"`, a `Backend` subclass); the built-in names cannot be taken over. A
+plugin's failures name it: one that does not import, or fails to load a model, makes only that
+model not ready (ModelError naming the plugin); one that raises while running gives that
+request a 500 naming the plugin and its backend (`failure`, used by the engine's scheduler and
+the isolation worker), and the server goes on.
 """
 
 from __future__ import annotations
@@ -9,9 +13,11 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 from pathlib import Path
+from typing import Any
 
-from ..errors import ModelError
-from .base import Backend
+from ..errors import ApplianceError, ModelError
+from ..manifest import Manifest
+from .base import Backend, LoadContext
 
 #: name -> "module:Class"
 _BACKENDS: dict[str, str] = {
@@ -32,11 +38,26 @@ _SUFFIXES: dict[str, str] = {
 ENTRY_POINT_GROUP = "appliance.backends"
 
 
+#: A plugin backend class -> (its registered name, the distribution it came from), so a
+#: failure names the plugin to blame (filled by `get_backend`).
+PLUGIN_OF: dict[type[Backend], tuple[str, str]] = {}
+
+
 def plugins() -> dict[str, str]:
     """Backends installed packages add: name -> "module:Class" (read only when asked for: it
     scans the installed distributions)."""
-    found = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
-    return {ep.name: ep.value for ep in found if ep.name not in _BACKENDS}
+    return {name: target for name, (target, _dist) in _plugin_entries().items()}
+
+
+def _plugin_entries() -> dict[str, tuple[str, str]]:
+    """name -> ("module:Class", distribution name)."""
+    found: dict[str, tuple[str, str]] = {}
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in _BACKENDS or ep.name in found:
+            continue
+        dist = ep.dist.name if ep.dist is not None else ep.value.partition(":")[0]
+        found[ep.name] = (ep.value, dist)
+    return found
 
 
 def names() -> list[str]:
@@ -46,25 +67,68 @@ def names() -> list[str]:
 def get_backend(name: str) -> type[Backend]:
     """The backend class for `name`; a missing runtime gives a message saying what to install."""
     target = _BACKENDS.get(name)
-    plugin = target is None
+    dist = None
     if target is None:
-        target = plugins().get(name)
-    if target is None:
-        raise ModelError(f"unknown backend {name!r} (known: {', '.join(names())})")
+        found = _plugin_entries().get(name)
+        if found is None:
+            raise ModelError(f"unknown backend {name!r} (known: {', '.join(names())})")
+        target, dist = found
     module_name, _, cls_name = target.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        hint = (
-            f"the plugin's module {module_name!r} does not import"
-            if plugin
-            else f"install the '{name}' extra: pip install 'appliance[{name}]'"
-        )
-        raise ModelError(f"backend {name!r} is not available: {exc} ({hint})") from None
+        if dist is not None:
+            raise _not_available(name, dist, exc) from None
+        raise ModelError(
+            f"backend {name!r} is not available: {exc} "
+            f"(install the '{name}' extra: pip install 'appliance[{name}]')"
+        ) from None
+    except Exception as exc:  # a plugin may fail in any way while importing
+        if dist is None:
+            raise
+        raise _not_available(name, dist, exc) from None
     cls = getattr(module, cls_name, None)
     if not (isinstance(cls, type) and issubclass(cls, Backend)):
-        raise ModelError(f"backend {name!r}: {target} is not a Backend class")
+        origin = f" (plugin {dist!r})" if dist else ""
+        raise ModelError(f"backend {name!r}{origin}: {target} is not a Backend class")
+    if dist is not None:
+        PLUGIN_OF[cls] = (name, dist)
     return cls
+
+
+def _not_available(name: str, dist: str, exc: BaseException) -> ModelError:
+    return ModelError(
+        f"backend {name!r} (plugin {dist!r}) is not available: it does not import: "
+        f"{type(exc).__name__}: {exc}"
+    )
+
+
+def load(manifest: Manifest, path: Path, context: LoadContext) -> Backend:
+    """The manifest's backend, loaded in this process; a plugin's own failure (anything but
+    a ModelError) is a ModelError naming the plugin, so only this model is not ready."""
+    cls = get_backend(manifest.backend)
+    try:
+        return cls(manifest, path, context)
+    except ApplianceError:
+        raise
+    except Exception as exc:
+        if cls not in PLUGIN_OF:
+            raise
+        name, dist = PLUGIN_OF[cls]
+        raise ModelError(
+            f"backend {name!r} (plugin {dist!r}) failed to load {path.name}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def failure(backend: Any, exc: BaseException, typed: bool = False) -> str:
+    """What a backend's own exception during a run tells the client: the error (`typed`: with
+    its type's name), and for a plugin, which plugin and backend raised it."""
+    origin = PLUGIN_OF.get(type(backend))
+    if origin is None:
+        return f"{type(exc).__name__}: {exc}" if typed else str(exc)
+    name, dist = origin
+    return f"backend {name!r} (plugin {dist!r}) raised {type(exc).__name__}: {exc}"
 
 
 def runtime_report() -> list[str]:

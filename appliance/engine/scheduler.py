@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from ..backends import failure
 from ..backends.base import Backend
 from ..config import PriorityConfig
 from ..errors import ApplianceError, DeadlineExceeded, InferenceFailed, Overloaded
@@ -345,7 +346,9 @@ class ModelRunner:
             raise
         except Exception as exc:
             log.exception("model %s failed", self.label)
-            raise InferenceFailed(f"model {self.label} failed: {exc}") from None
+            raise InferenceFailed(
+                f"model {self.label} failed: {failure(self.backend, exc)}"
+            ) from None
         finally:
             elapsed = time.perf_counter() - start
             stats.compute.observe(elapsed)
@@ -696,7 +699,7 @@ class ModelRunner:
             job.error = exc
         except Exception as exc:
             log.exception("model %s failed", self.label)
-            job.error = InferenceFailed(f"model {self.label} failed: {exc}")
+            job.error = InferenceFailed(f"model {self.label} failed: {failure(self.backend, exc)}")
         finally:
             with lock:
                 self._running -= 1

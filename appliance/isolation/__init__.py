@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from ..backends import get_backend
+from .. import backends
 from ..backends.base import Backend, LoadContext
 from ..manifest import Manifest
 
@@ -34,5 +34,4 @@ def load_backend(
         return backend
     if context.config.probe_first_load:
         probe_once(manifest, path, context)
-    cls = get_backend(manifest.backend)
-    return cls(manifest, path, context)
+    return backends.load(manifest, path, context)

@@ -18,6 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from .. import plugins
 from ..config import ModelConfig
 from ..errors import ModelError
 from ..manifest import Manifest
@@ -69,6 +70,7 @@ def load_call(
         "cache_dir": str(cache_dir),
         "nice": _own_nice(),
         "log_level": logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
+        "plugin_dirs": plugins.active_dirs(),
     }
 
 

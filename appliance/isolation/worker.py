@@ -21,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..backends import get_backend
+from .. import backends, plugins
 from ..backends.base import Backend, LoadContext
 from ..config import Config, ModelConfig
 from ..errors import ApplianceError, InvalidInput, ModelError
@@ -79,8 +79,8 @@ def load(doc: dict[str, Any]) -> Backend:
             os.setpriority(os.PRIO_PROCESS, 0, nice)
     config: ModelConfig = Config(models={manifest.name: doc["config"]}).model_config(manifest.name)
     context = LoadContext(config, Path(doc["cache_dir"]))
-    cls = get_backend(manifest.backend)
-    return cls(manifest, Path(doc["path"]), context)
+    plugins.use_dirs(doc.get("plugin_dirs", []))  # the server's, already checked there
+    return backends.load(manifest, Path(doc["path"]), context)
 
 
 def _tag_logs(label: str) -> None:
@@ -150,7 +150,8 @@ def serve(channel: Channel, backend: Backend, lock: AbstractContextManager[Any])
             return
         except Exception as exc:
             log.exception("%s failed", doc.get("call"))
-            answer = {"error": {"type": "Exception", "message": f"{type(exc).__name__}: {exc}"}}
+            why = backends.failure(backend, exc, typed=True)
+            answer = {"error": {"type": "Exception", "message": why}}
         del inputs
         try:
             try:

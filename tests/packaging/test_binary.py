@@ -171,3 +171,39 @@ def test_takes_a_rollout_from_a_hub(tmp_path: Path, samples: Path) -> None:
         if device is not None:
             stop_server_process(device)
         hub.stop()
+
+
+def test_loads_plugins_from_a_plugin_directory(tmp_path: Path) -> None:
+    """The example plugin installed with `pip install --target DIR` and named in `[plugins]
+    dirs`: the binary lists it, adds a model with its backend and serves it (the first load
+    probed in a child process, which gets the directory too)."""
+    import json
+    import urllib.request
+
+    from tests.plugins.conftest import EXAMPLE, pip_install
+
+    plugin_dir = tmp_path / "plugins"
+    pip_install(EXAMPLE, tmp_path, "--target", str(plugin_dir))
+    config = tmp_path / "config.toml"
+    config.write_text(f"[plugins]\ndirs = [{json.dumps(str(plugin_dir))}]\n")
+    listed = run("plugins", "--config", str(config), "--json", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    found = {e["name"]: e["status"] for e in json.loads(listed.stdout)["plugins"]}
+    assert found == {"clip": "ok", "linear": "ok"}
+    layer = tmp_path / "layer.json"
+    layer.write_text(json.dumps({"weights": [[1, 0], [0, 1], [1, 1]], "bias": [0.5, -0.5]}))
+    store = ["--config", str(config), "--models", str(tmp_path / "models")]
+    added = run("models", "add", "lin", str(layer), "--backend", "linear", *store, cwd=tmp_path)
+    assert added.returncode == 0, added.stderr
+    server = start_server_process(
+        store, command=[str(Path(BINARY or "").resolve())], base_env=BARE_ENV
+    )
+    try:
+        body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]}
+        request = urllib.request.Request(
+            f"http://{server.url}/v2/models/lin/infer", data=json.dumps(body).encode()
+        )
+        with urllib.request.urlopen(request, timeout=30) as r:
+            assert json.loads(r.read())["outputs"][0]["data"] == [4.5, 4.5]
+    finally:
+        assert stop_server_process(server) == 0
