@@ -43,8 +43,8 @@ run: samples
 	$(BIN)/appliance serve --models models --host $(HOST) --port $(PORT)
 
 lint: $(STAMP)
-	$(BIN)/ruff check appliance build tests
-	$(BIN)/ruff format --check appliance build tests
+	$(BIN)/ruff check appliance build tests plugins
+	$(BIN)/ruff format --check appliance build tests plugins
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
