@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
+from typing import Any
 
 from appliance.registry import Registry
 from tests.sync.conftest import (
@@ -100,10 +101,11 @@ def test_declared_steps_travel_with_the_rollout(fleet: Fleet, variants: dict[str
     device = fleet.start_device("dev1", fleet.store("dev1"))
     post = {"type": "classification", "output": "probabilities", "labels": ["a", "b", "c"]}
     steps = {"output": [{"type": "classification", "output": "probabilities", "name": "best"}]}
-    for name, version, processing in [
+    published: list[tuple[str, str, dict[str, Any]]] = [
         ("sample", "2", {"postprocess": post}),
         ("stepped", "1", {"steps": steps}),
-    ]:
+    ]
+    for name, version, processing in published:
         manifest = fleet.tmp / f"manifest-{name}.json"
         manifest.write_text(json.dumps({**fleet.sample_manifest(), **processing}))
         fleet.hub.publish(name, variants["v2"], version, "--manifest", str(manifest))
