@@ -10,10 +10,9 @@ from typing import Any
 import orjson
 import pytest
 
-from appliance import steps
 from appliance.registry import Registry
 from tests.conftest import ClientFactory
-from tests.support.gate_step import GateStep
+from tests.support.steps import GateStep
 
 GATE = {"input": [{"type": "gate"}]}
 BODY = orjson.dumps(
@@ -22,10 +21,7 @@ BODY = orjson.dumps(
 
 
 @pytest.fixture
-def store(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tflite_models: Path) -> Registry:
-    monkeypatch.setitem(steps._STEPS, "gate", "tests.support.gate_step:GateStep")
-    GateStep.entered.clear()
-    GateStep.release.clear()
+def store(test_steps: None, tmp_path: Path, tflite_models: Path) -> Registry:
     registry = Registry(tmp_path / "store")
     model = tflite_models / "tfl_float.tflite"
     registry.add("m", model, version="1", steps=GATE)
