@@ -112,8 +112,8 @@ class Chain:
         )
 
     def bind(self, histogram: Callable[[str], Histogram]) -> None:
-        """Time each step into the histogram for its label (the engine's metrics)."""
-        for b in (*self.inputs, *self.outputs):
+        """Time each step that runs into the histogram for its label (the engine's metrics)."""
+        for b in (*self._run_in, *self._run_out):
             b.hist = histogram(b.label)
 
     # -- a request ---------------------------------------------------------------------------
