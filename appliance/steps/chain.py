@@ -50,20 +50,33 @@ NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 class Bound:
     """One step of a chain, with its label and where it was declared."""
 
-    __slots__ = ("hist", "label", "named", "step", "where")
+    __slots__ = ("hist", "label", "named", "skips", "step", "where")
 
     def __init__(self, step: Step, where: str, name: str | None) -> None:
         self.step = step
+        #: A step's optional `skips(tensors)`: True when this request needs nothing of it (an
+        #: image step given the model's tensor), so a blocking step costs no thread hop then.
+        self.skips: Callable[[Mapping[str, Array]], bool] | None = getattr(step, "skips", None)
         self.where = where
         self.named = name is not None
         self.label = name if name is not None else step.type
         self.hist: Histogram | None = None
 
     async def run(self, tensors: Mapping[str, Array], call: StepCall) -> Arrays:
+        """Run the step (in a thread when it blocks), timed; failures named (run_step)."""
+        if not self.step.blocking:
+            return self.run_here(tensors, call)
         t0 = time.perf_counter()
         try:
-            if self.step.blocking:
-                return await asyncio.to_thread(run_step, self.step, tensors, call, self.where)
+            return await asyncio.to_thread(run_step, self.step, tensors, call, self.where)
+        finally:
+            if self.hist is not None:
+                self.hist.observe(time.perf_counter() - t0)
+
+    def run_here(self, tensors: Mapping[str, Array], call: StepCall) -> Arrays:
+        """Run a step that does not block, on this thread, timed."""
+        t0 = time.perf_counter()
+        try:
             return run_step(self.step, tensors, call, self.where)
         finally:
             if self.hist is not None:
@@ -124,8 +137,8 @@ class Chain:
             call = StepCall(request.parameters)
             inputs = request.inputs
             for b in self._run_in:
-                if any(r not in inputs for r in b.step.reads):
-                    continue  # validation names the missing input
+                if any(r not in inputs for r in b.step.reads) or (b.skips and b.skips(inputs)):
+                    continue  # validation names a missing input
                 out = await b.run(inputs, call)
                 for name in b.step.writes:
                     value = out.get(name)
@@ -184,7 +197,8 @@ class Chain:
             for b in steps:
                 if any(r not in out for r in b.step.reads):
                     continue  # an earlier step wrote nothing for this request
-                produced = await b.run(out, call)
+                blocks = b.step.blocking
+                produced = await b.run(out, call) if blocks else b.run_here(out, call)
                 for name in b.step.writes:
                     if name in produced:
                         out[name] = produced[name]

@@ -68,6 +68,11 @@ class ImageStep(Step):
         shape = (-1, *dims) if s.batch else dims
         return {self.output: TensorSpec(self.output, s.datatype, shape)}
 
+    def skips(self, tensors: Mapping[str, Array]) -> bool:
+        """Around a model, a tensor sent for the image input is the model's own: nothing to
+        decode (the chain then skips the step, and its thread hop)."""
+        return not self.standalone and datatype_of(tensors[self.spec.input]) != "BYTES"
+
     def run(self, tensors: Mapping[str, Array], call: StepCall) -> Arrays:
         items = tensors[self.spec.input]
         if datatype_of(items) != "BYTES":
