@@ -48,8 +48,9 @@ def _registry(args: argparse.Namespace) -> Any:
     return Registry(Path(config.store.path))
 
 
-def _json_object(value: str | None, flag: str) -> dict[str, Any] | None:
-    """A manifest declaration from the command line: JSON text, or a file holding it."""
+def _json_object(value: str | None, flag: str, typed: bool = True) -> dict[str, Any] | None:
+    """A manifest declaration from the command line: JSON text, or a file holding it (`typed`:
+    an object with a string 'type')."""
     if value is None:
         return None
     import orjson
@@ -66,8 +67,10 @@ def _json_object(value: str | None, flag: str) -> dict[str, Any] | None:
         obj = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
         raise ConfigError(f"{flag}: not JSON: {exc}") from None
-    if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
+    if typed and not (isinstance(obj, dict) and isinstance(obj.get("type"), str)):
         raise ConfigError(f"{flag}: must be a JSON object with a string 'type'")
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{flag}: must be a JSON object")
     return obj
 
 
@@ -85,6 +88,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             backend=args.backend,
             preprocess=_json_object(args.preprocess, "--preprocess"),
             postprocess=_json_object(args.postprocess, "--postprocess"),
+            steps=_json_object(args.steps, "--steps", typed=False),
         )
         m = mv.manifest
         state = "active" if not args.no_activate else "inactive"
@@ -286,6 +290,11 @@ def parser() -> argparse.ArgumentParser:
     )
     a.add_argument("--preprocess", metavar="JSON", help="pre-processing (a file or JSON text)")
     a.add_argument("--postprocess", metavar="JSON", help="post-processing (a file or JSON text)")
+    a.add_argument(
+        "--steps",
+        metavar="JSON",
+        help='processing steps {"input": [step, ...], "output": [step, ...]} (a file or JSON text)',
+    )
     msub.add_parser("list", help="list models and versions")
     act = msub.add_parser("activate", help="make a version the active one")
     act.add_argument("name")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
@@ -22,8 +22,9 @@ class Manifest:
 
     `parameters` carries backend hints that travel with the model (for example a chat template).
     `preprocess` and `postprocess` declare how raw client data (an image, text) becomes the
-    model's input tensors and how outputs become answers; appliance.preprocess reads them, keyed
-    by their "type".
+    model's input tensors and how outputs become answers; `steps` (`{"input": [...],
+    "output": [...]}`) declares more steps after them. appliance/steps builds the model's chain
+    from all three (`declared`), keyed by each declaration's "type".
     """
 
     name: str
@@ -38,6 +39,9 @@ class Manifest:
     parameters: dict[str, Any] = field(default_factory=dict)
     preprocess: dict[str, Any] | None = None
     postprocess: dict[str, Any] | None = None
+    #: Processing steps: "input" ones run on the request's inputs, "output" ones on the
+    #: model's outputs (after the legacy preprocess / postprocess, which come first).
+    steps: dict[str, list[dict[str, Any]]] | None = None
     #: Further files of the version (a tokenizer, a validation report): plain file name ->
     #: {"sha256", "size"}; verify_file checks them with the model file.
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -58,6 +62,7 @@ class Manifest:
             "parameters": self.parameters,
             **({"preprocess": self.preprocess} if self.preprocess is not None else {}),
             **({"postprocess": self.postprocess} if self.postprocess is not None else {}),
+            **({"steps": self.steps} if self.steps is not None else {}),
             **({"files": self.files} if self.files else {}),
         }
 
@@ -82,6 +87,7 @@ class Manifest:
                 parameters=dict(obj.get("parameters") or {}),
                 preprocess=_optional_object(obj, "preprocess"),
                 postprocess=_optional_object(obj, "postprocess"),
+                steps=check_steps(obj.get("steps")),
                 files=_files(obj.get("files")),
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -98,6 +104,21 @@ class Manifest:
         if manifest.file in manifest.files or MANIFEST_NAME in manifest.files:
             raise ModelError(f"{where}: manifest 'files' repeats the model file or the manifest")
         return manifest
+
+    def declared(self, side: Literal["input", "output"]) -> list[tuple[str, dict[str, Any]]]:
+        """The step declarations of one side, in order, each with the key it came from: the
+        legacy `preprocess` / `postprocess` first, then `steps.<side>[i]`."""
+        legacy = self.preprocess if side == "input" else self.postprocess
+        out = [("preprocess" if side == "input" else "postprocess", legacy)] if legacy else []
+        for i, decl in enumerate((self.steps or {}).get(side, [])):
+            out.append((f"steps.{side}[{i}]", decl))
+        return out
+
+    @property
+    def processing(self) -> tuple[Any, ...]:
+        """Everything that decides how requests are prepared and answered (two versions with
+        equal `processing` can take each other's prepared requests)."""
+        return (self.preprocess, self.postprocess, self.steps)
 
     @classmethod
     def read(cls, path: Path) -> Manifest:
@@ -119,6 +140,34 @@ def _optional_object(obj: dict[str, Any], key: str) -> dict[str, Any] | None:
     if not isinstance(value, dict) or not isinstance(value.get("type"), str):
         raise ValueError(f"{key!r} must be an object with a string 'type'")
     return dict(value)
+
+
+STEP_SIDES = ("input", "output")
+
+
+def check_steps(value: Any) -> dict[str, list[dict[str, Any]]] | None:
+    """The shape of a `steps` object: {"input": [step, ...], "output": [step, ...]}, each step
+    an object with a string "type" (what each step holds is checked by the step itself, at
+    `models add` and at load). ValueError names the place."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError('\'steps\' must be an object {"input": [...], "output": [...]}')
+    unknown = sorted(set(value) - set(STEP_SIDES))
+    if unknown:
+        raise ValueError(f"'steps' has unknown key {unknown[0]!r} (known: input, output)")
+    out: dict[str, list[dict[str, Any]]] = {}
+    for side in STEP_SIDES:
+        decls = value.get(side)
+        if decls is None:
+            continue
+        if not isinstance(decls, list):
+            raise ValueError(f"'steps.{side}' must be a list of step objects")
+        for i, decl in enumerate(decls):
+            if not isinstance(decl, dict) or not isinstance(decl.get("type"), str):
+                raise ValueError(f"'steps.{side}[{i}]' must be an object with a string 'type'")
+        out[side] = [dict(d) for d in decls]
+    return out
 
 
 def is_plain_name(name: str) -> bool:

@@ -137,6 +137,8 @@ class Metrics(Collector):
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self._models: dict[tuple[str, str], ModelStats] = {}
+        #: Time spent in each processing step: (model or pipeline name, step label).
+        self._steps: dict[tuple[str, str], Histogram] = {}
         self._http: dict[tuple[str, int], int] = {}
         #: Set by the engine: the current state of every model.
         self.gauge_source: Callable[[], list[ModelGauges]] = list
@@ -151,6 +153,11 @@ class Metrics(Collector):
 
     def for_model(self, name: str, version: str) -> ModelStats:
         return self._models.setdefault((name, version), ModelStats())
+
+    def for_step(self, model: str, step: str) -> Histogram:
+        """The `appliance_step_seconds` histogram of one step of a model (or pipeline): its
+        declared name, else its type. Call it on the loop thread (at load), then observe."""
+        return self._steps.setdefault((model, step), Histogram())
 
     def model_snapshot(self) -> dict[str, dict[str, float]]:
         """Per model version: requests by outcome and mean latency (a telemetry snapshot)."""
@@ -280,6 +287,15 @@ class Metrics(Collector):
         yield requests
         yield inline
         yield from hists.values()
+        if self._steps:
+            steps = HistogramMetricFamily(
+                "appliance_step_seconds",
+                "Time one processing step took on one request (decoding, top-k, ...)",
+                labels=["model", "step"],
+            )
+            for (model, step), h in self._steps.items():
+                steps.add_metric([model, step], h.buckets(), h.sum)
+            yield steps
 
         gauges = self.gauge_source()
         depth = GaugeMetricFamily(

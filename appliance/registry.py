@@ -23,7 +23,7 @@ import orjson
 from . import names
 from .backends import PLUGIN_OF, detect_backend, get_backend
 from .errors import ModelError, NotFound
-from .manifest import MANIFEST_NAME, Manifest, is_plain_name, sha256_file
+from .manifest import MANIFEST_NAME, Manifest, check_steps, is_plain_name, sha256_file
 from .tensors import Signature, TensorSpec
 
 ACTIVE_NAME = names.ACTIVE_FILE
@@ -154,14 +154,20 @@ class Registry:
         preprocess: dict[str, Any] | None = None,
         postprocess: dict[str, Any] | None = None,
         parameters: dict[str, Any] | None = None,
+        steps: dict[str, Any] | None = None,
     ) -> ModelVersion:
         """Copy a model file in as a new immutable version and (by default) activate it.
 
         `extra_files` (name in the version -> source file: a tokenizer, a report) are copied
         beside it and hashed into the manifest's `files`; `parameters` go over the backend's.
-        `preprocess` / `postprocess` are written into the manifest (see appliance/preprocess),
-        checked against the model's inputs and outputs first."""
+        `preprocess` / `postprocess` / `steps` are written into the manifest (see
+        appliance/steps/chain.py), checked against the model's inputs and outputs first: a
+        step type nobody knows or a wrong declaration refuses the model, and nothing is kept."""
         check_name(name, "model name")
+        try:
+            steps = check_steps(steps)
+        except ValueError as exc:
+            raise ModelError(f"model {name!r}: {exc}") from None
         if not source.is_file():
             raise ModelError(f"{source}: no such file")
         extras = dict(extra_files or {})
@@ -224,13 +230,14 @@ class Registry:
                 parameters={**params, **(parameters or {})},
                 preprocess=preprocess,
                 postprocess=postprocess,
+                steps=steps,
                 files=files,
             )
-            if preprocess is not None or postprocess is not None:
+            if manifest.processing != (None, None, None):
                 from .config import ModelConfig
-                from .preprocess.pipeline import build_pipeline
+                from .steps.chain import build_chain
 
-                build_pipeline(manifest, signature, {}, ModelConfig())
+                build_chain(manifest, signature, {}, ModelConfig())
             (staging / MANIFEST_NAME).write_bytes(
                 orjson.dumps(manifest.to_json(), option=orjson.OPT_INDENT_2)
             )

@@ -21,7 +21,9 @@ def reg(tmp_path: Path) -> Registry:
 def test_extra_files_are_copied_hashed_and_read_only(reg, samples, tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("hello")
-    pre = {"type": "text", "tokenizer": "notes.txt"}
+    # a complete text declaration: models add checks it (the steps' refusal)
+    pre = {"type": "text", "tokenizer": "notes.txt", "max_length": 8,
+           "inputs": {"input_ids": "input"}}  # fmt: skip
     mv = reg.add("s", samples / "sample.onnx", extra_files={"notes.txt": notes}, preprocess=pre,
                  parameters={"build": {"x": 1}})  # fmt: skip
     m = mv.manifest

@@ -4,7 +4,7 @@ HTTP: `POST .../infer` with `Content-Type: image/jpeg` or `image/png` (the body 
 or `multipart/form-data` (each file part an image, in order: a batch; text fields `top_k`,
 `softmax`, `raw_quantized`, or `parameters` as a JSON object). MQTT: a raw payload (see
 api/mqtt.py). Both become one KServe request whose image input is a BYTES tensor of encoded
-images; the engine's pipeline decodes them (appliance/preprocess/image.py), so a v2 BYTES
+images; the model's chain decodes them (appliance/preprocess/image.py), so a v2 BYTES
 input gets exactly the same treatment.
 """
 
@@ -53,13 +53,13 @@ def text_parameters(pairs: Any) -> dict[str, Any]:
 
 
 def image_spec(model: LoadedModel) -> ImageSpec:
-    pipeline = model.pipeline
-    if pipeline is None or pipeline.image is None:
+    chain = model.chain
+    if chain is None or chain.image is None:
         raise UnsupportedMediaType(
             f"model {model.name!r} declares no image pre-processing, so it takes no images: "
             "send a KServe v2 request (application/json)"
         )
-    return pipeline.image
+    return chain.image
 
 
 def images_request(

@@ -153,8 +153,8 @@ def raw_request(
     if content_type is not None and content_type.lower().startswith("image/"):
         check_content_type(payload, content_type)
         return images_request(image_spec(model), [payload])
-    if model.pipeline is not None and model.pipeline.image is not None:
-        return images_request(model.pipeline.image, [payload])
+    if model.chain is not None and model.chain.image is not None:
+        return images_request(model.chain.image, [payload])
     inputs = model.signature.inputs
     if len(inputs) != 1:
         raise InvalidInput(

@@ -150,9 +150,9 @@ class OnnxBackend(Backend):
         return _signature(session), params
 
     def __new__(cls, manifest: Manifest, path: Path, context: LoadContext) -> OnnxBackend:
-        """A manifest with "text" preprocessing gets the text-embedding flavour of this backend
-        (backends/onnx_text.py); the store names both "onnx"."""
-        if cls is OnnxBackend and (manifest.preprocess or {}).get("type") == "text":
+        """A manifest with "text" preprocessing (or a "text" input step) gets the text-embedding
+        flavour of this backend (backends/onnx_text.py); the store names both "onnx"."""
+        if cls is OnnxBackend and any(d["type"] == "text" for _, d in manifest.declared("input")):
             from .onnx_text import OnnxTextBackend
 
             return super().__new__(OnnxTextBackend)

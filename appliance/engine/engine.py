@@ -24,8 +24,8 @@ from ..isolation import StateHook, load_backend
 from ..llm import EmbeddingResult, Generation, GenerationResult, TextModel
 from ..manifest import Manifest, verify_file
 from ..metrics import Metrics, ModelGauges, ModelStats
-from ..preprocess.pipeline import Pipeline, build_pipeline
 from ..registry import Registry
+from ..steps.chain import Chain, build_chain
 from ..tensors import Signature
 from .batching import policy_for
 from .scheduler import ModelRunner, lower_priority
@@ -61,8 +61,9 @@ class LoadedModel:
     loaded_at: float = 0.0
     stats: ModelStats | None = None
     versions: list[str] = field(default_factory=list)
-    #: Image decoding, classification answers, raw quantized tensors (None: nothing declared).
-    pipeline: Pipeline | None = None
+    #: The steps around the model: image decoding, classification answers, raw quantized
+    #: tensors (None: nothing declared, nothing quantized).
+    chain: Chain | None = None
 
     @property
     def name(self) -> str:
@@ -137,6 +138,9 @@ class Engine:
         model.loaded_at = time.time()
         model.backend = backend
         model.stats = self.metrics.for_model(model.name, model.version)
+        if model.chain is not None:
+            name = model.name
+            model.chain.bind(lambda step: self.metrics.for_step(name, step))
         label = f"{model.name}/{model.version}"
         model.runner = ModelRunner(
             backend,
@@ -206,7 +210,7 @@ class Engine:
         context = LoadContext(model.config, self.cache_dir)
         backend = load_backend(src.manifest, src.path, context, on_state)
         try:
-            model.pipeline = build_pipeline(
+            model.chain = build_chain(
                 src.manifest, backend.signature, backend.quantization, model.config
             )
         except BaseException:
@@ -384,14 +388,14 @@ class Engine:
         runner, metrics = model.runner, model.stats
         assert runner is not None and metrics is not None
         t0 = time.perf_counter()
-        pipeline = model.pipeline
+        chain = model.chain
+        plan = None
         try:
             if runner.priority_levels > 1:
                 # its level is known now: under a flood, refuse before preparing or validating
                 runner.check_capacity(request.priority)
-            asked = None
-            if pipeline is not None:
-                asked = await pipeline.prepare(request)
+            if chain is not None:
+                plan = await chain.prepare(request)
                 if model.status != "ready":  # switched to another version while decoding
                     model, runner, metrics = self._successor(model)
             outputs = validate(model.signature, request, model.config.allow_non_finite)
@@ -399,19 +403,22 @@ class Engine:
             if request.timeout_s is not None:
                 timeout = min(timeout, request.timeout_s)
             result, _timing = await runner.run(request.inputs, outputs, timeout, request.priority)
-            if pipeline is not None:
-                result = pipeline.finish(request, result, asked)
+            if chain is not None:
+                result = await chain.finish(request, result, plan)
         except ApplianceError as exc:
             metrics.outcomes[_OUTCOME.get(exc.status, "error")] += 1
+            if chain is not None:
+                chain.restore(request, plan)
             raise
         metrics.outcomes["success"] += 1
         metrics.total.observe(time.perf_counter() - t0)
         return InferResponse(model.name, model.version, result, request.id)
 
     def _successor(self, model: LoadedModel) -> tuple[LoadedModel, ModelRunner, ModelStats]:
-        """The version that replaced `model`, if it prepares inputs the same way."""
+        """The version that replaced `model`, if it declares the same steps (so it prepares
+        inputs and answers the same way)."""
         current = self.ready_model(model.name)
-        if current.source.manifest.preprocess != model.source.manifest.preprocess:
+        if current.source.manifest.processing != model.source.manifest.processing:
             raise NotReady(
                 f"model {model.name!r} switched to version {current.version}, which prepares "
                 "its inputs differently, while this request was being prepared; send it again"
@@ -496,7 +503,7 @@ class Engine:
             params["runtime_detail"] = p.detail
             if p.fallback_reason:
                 params["fallback_reason"] = p.fallback_reason
-        if model.pipeline is not None:
-            params.update(model.pipeline.describe())
+        if model.chain is not None:
+            params.update(model.chain.describe())
         meta["parameters"] = params
         return meta

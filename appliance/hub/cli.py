@@ -444,7 +444,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--version", required=True)
     p.add_argument("--backend", choices=["onnx", "gguf", "tflite"], help="default: detected")
     p.add_argument("--acceptance", help="JSON file: acceptance cases the device runs")
-    p.add_argument("--manifest", help="JSON file with inputs/outputs/parameters/pre/postprocess")
+    p.add_argument(
+        "--manifest", help="JSON file with inputs/outputs/parameters/pre/postprocess/steps"
+    )
     p.add_argument(
         "--store-manifest",
         action="store_true",

@@ -43,7 +43,7 @@ log = logging.getLogger("appliance.hub")
 KIND_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 SUFFIXES = {"onnx": ".onnx", "gguf": ".gguf", "tflite": ".tflite"}
-MANIFEST_KEYS = ("inputs", "outputs", "parameters", "preprocess", "postprocess")
+MANIFEST_KEYS = ("inputs", "outputs", "parameters", "preprocess", "postprocess", "steps")
 ROLLOUT_STATES = ("active", "halted", "rolled_back")
 __all__ = ["Hub", "HubConfig", "decode_custom", "encode_custom", "init_hub"]
 

@@ -35,11 +35,13 @@ class ClassifySpec:
     top_k: int | None
 
     @classmethod
-    def parse(cls, obj: dict[str, Any], signature: Signature, what: str) -> ClassifySpec:
+    def parse(
+        cls, obj: dict[str, Any], signature: Signature, what: str, section: str = "postprocess"
+    ) -> ClassifySpec:
         def bad(key: str, why: str) -> ModelError:
-            return ModelError(f"{what}: postprocess.{key} = {obj.get(key)!r}: {why}")
+            return ModelError(f"{what}: {section}.{key} = {obj.get(key)!r}: {why}")
 
-        spec = declared_tensor(obj, "postprocess", _KEYS, "output", signature.outputs, what)
+        spec = declared_tensor(obj, section, _KEYS, "output", signature.outputs, what)
         name = spec.name
         if spec.datatype not in FLOAT_TYPES | INT_TYPES or len(spec.shape) not in (1, 2):
             raise bad("output", f"must be numeric [classes] or [batch, classes], not {spec}")

@@ -72,14 +72,20 @@ class ImageSpec:
 
     @classmethod
     def parse(
-        cls, obj: dict[str, Any], signature: Signature, limits: ImageConfig, what: str
+        cls,
+        obj: dict[str, Any],
+        signature: Signature,
+        limits: ImageConfig,
+        what: str,
+        section: str = "preprocess",
     ) -> ImageSpec:
-        """Check a declaration against the model's input; ModelError names the bad key."""
+        """Check a declaration against the model's input; ModelError names the bad key
+        (`section`: where the declaration is in the manifest)."""
 
         def bad(key: str, why: str) -> ModelError:
-            return ModelError(f"{what}: preprocess.{key} = {obj.get(key)!r}: {why}")
+            return ModelError(f"{what}: {section}.{key} = {obj.get(key)!r}: {why}")
 
-        spec = declared_tensor(obj, "preprocess", _KEYS, "input", signature.inputs, what)
+        spec = declared_tensor(obj, section, _KEYS, "input", signature.inputs, what)
         name = spec.name
         rank = len(spec.shape)
         if rank not in (3, 4):

@@ -52,12 +52,18 @@ class TextSpec:
 
     @classmethod
     def from_manifest(cls, manifest: Manifest) -> TextSpec | None:
-        """The manifest's text processing, None when it declares none; ModelError if malformed."""
-        pre, post = manifest.preprocess, manifest.postprocess
-        if pre is None or pre.get("type") != PREPROCESS_TYPE:
+        """The manifest's text processing, None when it declares none; ModelError if malformed.
+
+        The declarations may be the legacy `preprocess` / `postprocess` or input / output
+        `steps` (appliance/steps/text.py checks them the same way at `models add`)."""
+        pre = next((d for _, d in manifest.declared("input") if d["type"] == PREPROCESS_TYPE), None)
+        if pre is None:
             return None
+        post = next(
+            (d for _, d in manifest.declared("output") if d["type"] == POSTPROCESS_TYPE), None
+        )
         where = f"model {manifest.name!r} version {manifest.version}"
-        if post is None or post.get("type") != POSTPROCESS_TYPE:
+        if post is None:
             raise ModelError(
                 f"{where}: text preprocessing needs an 'embedding' postprocess in the manifest"
             )
@@ -68,34 +74,7 @@ class TextSpec:
 
     @classmethod
     def from_json(cls, pre: dict[str, Any], post: dict[str, Any]) -> TextSpec:
-        tokenizer = str(pre["tokenizer"])
-        if not is_plain_name(tokenizer):
-            raise ValueError(f"'tokenizer' must be a plain file name, got {tokenizer!r}")
-        max_length = pre["max_length"]
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
-            raise ValueError(f"'max_length' must be an integer of at least 2, got {max_length!r}")
-        padding = pre.get("padding", "longest")
-        if padding not in PADDINGS:
-            raise ValueError(f"'padding' must be one of {PADDINGS}, got {padding!r}")
-        inputs = pre["inputs"]
-        if not isinstance(inputs, dict) or "input_ids" not in inputs:
-            raise ValueError("'inputs' must map at least 'input_ids' to a model input")
-        unknown = sorted(set(inputs) - set(ROLES))
-        if unknown:
-            raise ValueError(f"'inputs' has unknown roles {unknown} (known: {list(ROLES)})")
-        pooling = post.get("pooling", "mean")
-        if pooling not in POOLINGS:
-            raise ValueError(f"'pooling' must be one of {POOLINGS}, got {pooling!r}")
-        return cls(
-            tokenizer=tokenizer,
-            max_length=max_length,
-            padding=padding,
-            truncation=bool(pre.get("truncation", True)),
-            inputs={str(k): str(v) for k, v in inputs.items()},
-            output=str(post["output"]),
-            pooling=pooling,
-            normalize=bool(post.get("normalize", True)),
-        )
+        return cls(**text_fields(pre), **embedding_fields(post))
 
     def to_json(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """The manifest's (preprocess, postprocess) objects."""
@@ -114,6 +93,44 @@ class TextSpec:
             "normalize": self.normalize,
         }
         return pre, post
+
+
+def text_fields(pre: dict[str, Any]) -> dict[str, Any]:
+    """The checked fields of a "text" declaration; ValueError/KeyError/TypeError if wrong."""
+    tokenizer = str(pre["tokenizer"])
+    if not is_plain_name(tokenizer):
+        raise ValueError(f"'tokenizer' must be a plain file name, got {tokenizer!r}")
+    max_length = pre["max_length"]
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        raise ValueError(f"'max_length' must be an integer of at least 2, got {max_length!r}")
+    padding = pre.get("padding", "longest")
+    if padding not in PADDINGS:
+        raise ValueError(f"'padding' must be one of {PADDINGS}, got {padding!r}")
+    inputs = pre["inputs"]
+    if not isinstance(inputs, dict) or "input_ids" not in inputs:
+        raise ValueError("'inputs' must map at least 'input_ids' to a model input")
+    unknown = sorted(set(inputs) - set(ROLES))
+    if unknown:
+        raise ValueError(f"'inputs' has unknown roles {unknown} (known: {list(ROLES)})")
+    return {
+        "tokenizer": tokenizer,
+        "max_length": max_length,
+        "padding": padding,
+        "truncation": bool(pre.get("truncation", True)),
+        "inputs": {str(k): str(v) for k, v in inputs.items()},
+    }
+
+
+def embedding_fields(post: dict[str, Any]) -> dict[str, Any]:
+    """The checked fields of an "embedding" declaration; ValueError/KeyError if wrong."""
+    pooling = post.get("pooling", "mean")
+    if pooling not in POOLINGS:
+        raise ValueError(f"'pooling' must be one of {POOLINGS}, got {pooling!r}")
+    return {
+        "output": str(post["output"]),
+        "pooling": pooling,
+        "normalize": bool(post.get("normalize", True)),
+    }
 
 
 def _tokenizers() -> Any:

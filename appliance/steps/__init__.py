@@ -23,6 +23,7 @@ _STEPS: dict[str, str] = {
     "image": "appliance.steps.image:ImageStep",
     "classification": "appliance.steps.classify:ClassifyStep",
     "text": "appliance.steps.text:TextStep",
+    "embedding": "appliance.steps.text:EmbeddingStep",
     # built-ins for detectors, classifiers and text outputs
     "letterbox": "appliance.steps.letterbox:LetterboxStep",
     "resize": "appliance.steps.letterbox:ResizeStep",

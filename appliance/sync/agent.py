@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import shutil
@@ -390,14 +391,17 @@ class SyncAgent:
         backend = custom.get("backend")
         try:
             mv = await asyncio.to_thread(
-                self.registry.add,
-                a.name,
-                path,
-                a.version,
-                False,
-                str(backend) if backend else None,
-                _object(manifest.get("preprocess")),
-                _object(manifest.get("postprocess")),
+                functools.partial(
+                    self.registry.add,
+                    a.name,
+                    path,
+                    a.version,
+                    activate=False,
+                    backend=str(backend) if backend else None,
+                    preprocess=_object(manifest.get("preprocess")),
+                    postprocess=_object(manifest.get("postprocess")),
+                    steps=_object(manifest.get("steps")),
+                )
             )
         except ApplianceError as exc:
             path.unlink(missing_ok=True)  # verified, but no runtime here can open it

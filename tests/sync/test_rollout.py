@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
+from typing import Any
 
+from appliance.registry import Registry
 from tests.sync.conftest import (
     SAMPLE_INPUT,
     Fleet,
@@ -90,6 +93,38 @@ def test_a_model_with_a_100_character_name_is_published_and_served(
     assert (out["model_name"], out["model_version"]) == (name, "1")
     assert out["outputs"] != infer(device)["outputs"]  # v2's weights, not the sample's
     assert (fleet.tmp / "store-dev1" / name / "ACTIVE").read_text().split() == ["1"]
+
+
+def test_declared_steps_travel_with_the_rollout(fleet: Fleet, variants: dict[str, Path]) -> None:
+    """The manifest's processing (a legacy postprocess, `steps`) reaches the device's store and
+    serves there: once the agent passed postprocess where preprocess belonged."""
+    device = fleet.start_device("dev1", fleet.store("dev1"))
+    post = {"type": "classification", "output": "probabilities", "labels": ["a", "b", "c"]}
+    steps = {"output": [{"type": "classification", "output": "probabilities", "name": "best"}]}
+    published: list[tuple[str, str, dict[str, Any]]] = [
+        ("sample", "2", {"postprocess": post}),
+        ("stepped", "1", {"steps": steps}),
+    ]
+    for name, version, processing in published:
+        manifest = fleet.tmp / f"manifest-{name}.json"
+        manifest.write_text(json.dumps({**fleet.sample_manifest(), **processing}))
+        fleet.hub.publish(name, variants["v2"], version, "--manifest", str(manifest))
+        fleet.hub.rollout(name, version, "dev1")
+    wanted = {"sample": "2", "stepped": "1"}
+    wait_for("both serving", lambda: sync_status(device)["active"] == wanted)
+    store = Registry(fleet.tmp / "store-dev1")
+    got = store.get("sample", "2").manifest
+    assert (got.preprocess, got.postprocess, got.steps) == (None, post, None)
+    got = store.get("stepped", "1").manifest
+    assert (got.preprocess, got.postprocess, got.steps) == (None, None, steps)
+    for name, output in [("sample", "top_k_labels"), ("stepped", "top_k_indices")]:
+        body = {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32",
+                            "data": SAMPLE_INPUT[0]}], "outputs": [{"name": output}],
+                "parameters": {"top_k": 1}}  # fmt: skip
+        out = http_json(f"http://{device.url}/v2/models/{name}/infer", "POST", body)
+        assert [o["name"] for o in out["outputs"]] == [output]
+    meta = http_json(f"http://{device.url}/v2/models/stepped")
+    assert meta["parameters"]["steps"]["output"][0]["name"] == "best"
 
 
 def test_a_dropped_connection_resumes_where_it_stopped(
