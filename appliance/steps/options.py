@@ -240,8 +240,9 @@ def param_number(
     if isinstance(value, str):
         with contextlib.suppress(ValueError):
             value = float(value.strip())
-    if not is_number(value) or not low <= value <= high:
-        raise InvalidInput(f"parameter {name} must be a number from {low} to {high}, got {value!r}")
+    if not is_number(value) or not low <= value <= high or not np.isfinite(value):
+        span = f" from {low} to {high}" if np.isfinite([low, high]).all() else ""
+        raise InvalidInput(f"parameter {name} must be a number{span}, got {value!r}")
     return float(value)
 
 
