@@ -75,8 +75,10 @@ class ThresholdStep(Step):
     }
     _keys: ClassVar[frozenset[str]] = NAME_KEYS | {"value", "also"}
 
-    def __init__(self, names_: Names, value: float, optional: tuple[str, ...]) -> None:
-        self.names, self.value = names_, value
+    def __init__(
+        self, names_: Names, value: float, optional: tuple[str, ...], also: list[str] | None
+    ) -> None:
+        self.names, self.value, self.also = names_, value, also
         #: roles read only when present (the default `also`)
         self.optional = frozenset(optional)
         self.reads, self.writes = names_.reads, names_.writes
@@ -109,7 +111,7 @@ class ThresholdStep(Step):
             ranks = (1, 2) if role == "scores" else None
             check_spec(ctx, f"inputs.{role}", name, ranks=ranks)
         check_spec(ctx, "inputs.scores", n.inputs["scores"], datatypes=NUMERIC_TYPES)
-        return cls(n, value, optional)
+        return cls(n, value, optional, also)
 
     def specs(self, given: Mapping[str, TensorSpec]) -> dict[str, TensorSpec]:
         out: dict[str, TensorSpec] = {}
@@ -138,8 +140,10 @@ class ThresholdStep(Step):
         return out
 
     def describe(self) -> dict[str, Any]:
-        also = [r for r in self.names.inputs if r != "scores"]
-        return {"type": self.type, "value": self.value, "also": also, **self.names.describe()}
+        out: dict[str, Any] = {"type": self.type, "value": self.value}
+        if self.also is not None:
+            out["also"] = list(self.also)
+        return {**out, **self.names.describe()}
 
 
 class TopKStep(Step):
