@@ -43,10 +43,14 @@ def test_box_formats_and_normalized_coordinates_agree() -> None:
         "cxcywh": np.stack([xyxy[:, 0] + w / 2, xyxy[:, 1] + h / 2, w, h], axis=1),
     }
     for fmt, boxes in forms.items():
-        got = run(parse({"type": "crop", "size": [6, 7], "box_format": fmt}), image=image, boxes=boxes)
+        got = run(
+            parse({"type": "crop", "size": [6, 7], "box_format": fmt}), image=image, boxes=boxes
+        )
         np.testing.assert_allclose(got["crops"], want, atol=1e-5)
     normalized = xyxy / np.array([50, 40, 50, 40], np.float32)
-    got = run(parse({"type": "crop", "size": [6, 7], "normalized": True}), image=image, boxes=normalized)
+    got = run(
+        parse({"type": "crop", "size": [6, 7], "normalized": True}), image=image, boxes=normalized
+    )
     np.testing.assert_allclose(got["crops"], want, atol=1e-5)
 
 
@@ -104,10 +108,12 @@ def test_clipping_zero_area_and_no_boxes() -> None:
     st.sampled_from([np.uint8, np.float32, np.int16]),
     st.integers(1, 4),
 )
-def test_crop_shapes(n: int, out_h: int, out_w: int, layout: str, dtype: type, channels: int) -> None:
+def test_crop_shapes(
+    n: int, out_h: int, out_w: int, layout: str, dtype: type, channels: int
+) -> None:
     rng = np.random.default_rng(n)
     boxes = rng.uniform(-5, 25, (n, 4)).astype(np.float32)
-    chw = np.ones((channels, 12, 16), dtype)
+    chw: np.ndarray = np.ones((channels, 12, 16), dtype)
     image = chw if layout == "NCHW" else chw.transpose(1, 2, 0)
     step = parse({"type": "crop", "size": [out_h, out_w], "layout": layout})
     out = run(step, image=image, boxes=boxes)["crops"]
@@ -120,7 +126,9 @@ def test_crop_shapes(n: int, out_h: int, out_w: int, layout: str, dtype: type, c
 def test_limits_and_bad_inputs() -> None:
     step = parse({"type": "crop", "size": 4, "max_crops": 2})
     image = np.zeros((1, 3, 8, 8), np.float32)
-    with pytest.raises(InvalidInput, match=r"3 boxes, more than the limit of 2 \(crop step max_crops\)"):
+    with pytest.raises(
+        InvalidInput, match=r"3 boxes, more than the limit of 2 \(crop step max_crops\)"
+    ):
         run(step, image=image, boxes=np.zeros((3, 4), np.float32))
     with pytest.raises(InvalidInput, match="crop takes one image, got 2"):
         run(step, image=np.zeros((2, 3, 8, 8), np.float32), boxes=np.zeros((1, 4), np.float32))
@@ -129,7 +137,9 @@ def test_limits_and_bad_inputs() -> None:
     with pytest.raises(InvalidInput, match=r"tensor 'boxes' must be boxes \[N, 4\]"):
         run(step, image=image, boxes=np.zeros((2, 5), np.float32))
     available = {"image": ("FP32", (4, 3, 8, 8)), "boxes": ("FP32", (-1, 4))}
-    with pytest.raises(ModelError, match=r"inputs\.image: crops one image; 'image' has a batch of 4"):
+    with pytest.raises(
+        ModelError, match=r"inputs\.image: crops one image; 'image' has a batch of 4"
+    ):
         parse({"type": "crop", "size": 4}, **available)
     with pytest.raises(ModelError, match=r"max_crops: must be from 1 to"):
         parse({"type": "crop", "size": 4, "max_crops": 0})

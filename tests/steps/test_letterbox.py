@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from typing import Any
 
 import numpy as np
 import pytest
@@ -29,7 +30,9 @@ def torch_resize(nchw: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 @pytest.mark.skipif(not HAVE_TORCH, reason="torch is not installed")
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize(("src", "dst"), [((13, 17), (7, 5)), ((8, 6), (40, 50)), ((9, 9), (9, 9))])
-def test_resize_is_bilinear_like_torch(layout: str, src: tuple[int, int], dst: tuple[int, int]) -> None:
+def test_resize_is_bilinear_like_torch(
+    layout: str, src: tuple[int, int], dst: tuple[int, int]
+) -> None:
     rng = np.random.default_rng(0)
     nchw = rng.random((2, 3, *src), dtype=np.float32)
     step = parse({"type": "resize", "size": list(dst), "layout": layout})
@@ -103,9 +106,7 @@ def test_letterbox_boxes_map_back_through_nms(
     back = run(nms, boxes=found, scores=np.array([1.0], np.float32), transform=out["transform"])
     scale = float(out["transform"][0])
     tolerance = 1.0 / scale + 0.5
-    assert back["boxes"][0].tolist() == pytest.approx(
-        [x0, y0, x0 + side, y0 + side], abs=tolerance
-    )
+    assert back["boxes"][0].tolist() == pytest.approx([x0, y0, x0 + side, y0 + side], abs=tolerance)
 
 
 def test_bad_declarations_and_tensors() -> None:
@@ -114,15 +115,21 @@ def test_bad_declarations_and_tensors() -> None:
     assert ok.reads == ("images",) and ok.writes == ("images", "transform")
     specs = ok.specs({"images": TensorSpec("images", "FP32", (1, 3, -1, -1))})
     assert specs["images"].shape == (1, 3, 320, 320)
-    cases = [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"type": "letterbox"}, r"size: must be \[height, width\]"),
         ({"type": "letterbox", "size": [0, 5]}, r"size: must be \[height, width\]"),
         ({"type": "resize", "size": [5, 5], "layout": "CHW"}, r"layout: must be one of NCHW, NHWC"),
         ({"type": "letterbox", "size": 8, "pad_value": "grey"}, r"pad_value: must be a number"),
         ({"type": "letterbox", "size": 8, "center": 1}, r"center: must be true or false"),
-        ({"type": "resize", "size": 8, "inputs": {"image": "scores"}}, r"inputs\.image: tensor 'scores' has shape \[1, 4\], not 3 or 4 dims"),
-        ({"type": "resize", "size": 8}, r"inputs\.image: no tensor 'image' to read \(available: images, scores\)"),
-    ]  # fmt: skip
+        (
+            {"type": "resize", "size": 8, "inputs": {"image": "scores"}},
+            r"inputs\.image: tensor 'scores' has shape \[1, 4\], not 3 or 4 dims",
+        ),
+        (
+            {"type": "resize", "size": 8},
+            r"inputs\.image: no tensor 'image' to read \(available: images, scores\)",
+        ),
+    ]
     for decl, message in cases:
         with pytest.raises(ModelError, match=message):
             parse(decl, **available)

@@ -34,7 +34,9 @@ def brute_nms(
 ) -> list[int]:
     """The definition: walk candidates best first (ties: lower index), keep one unless a kept
     one of its class overlaps it by more than the IoU threshold."""
-    order = sorted((i for i in range(len(scores)) if scores[i] >= score_t), key=lambda i: (-scores[i], i))
+    order = sorted(
+        (i for i in range(len(scores)) if scores[i] >= score_t), key=lambda i: (-scores[i], i)
+    )
     kept: list[int] = []
     for i in order:
         if len(kept) == limit:
@@ -137,7 +139,11 @@ def test_matches_torchvision(
 def test_detector_shapes_per_class_scores_and_multi_label() -> None:
     boxes = np.array([[[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30]]], np.float32)
     per_class = np.array([[[0.1, 0.8], [0.7, 0.2], [0.4, 0.35]]], np.float32)  # [1, N, C]
-    out = run(parse({"type": "nms", "score_threshold": 0.3, "iou_threshold": 0.5}), boxes=boxes, scores=per_class)
+    out = run(
+        parse({"type": "nms", "score_threshold": 0.3, "iou_threshold": 0.5}),
+        boxes=boxes,
+        scores=per_class,
+    )
     # box 0 is class 1, box 1 class 0: different classes, both kept; box 2 takes class 0
     assert out["classes"].tolist() == [1, 0, 0]
     assert out["scores"].tolist() == pytest.approx([0.8, 0.7, 0.4])
@@ -173,7 +179,10 @@ def test_box_formats_and_transform_map_back() -> None:
     xywh = np.array([[10, 20, 20, 40]], np.float32)
     scores = np.array([0.9], np.float32)
     for fmt, b in (("xyxy", xyxy), ("cxcywh", cxcywh), ("xywh", xywh)):
-        assert run(parse({"type": "nms", "box_format": fmt}), boxes=b, scores=scores)["boxes"].tolist() == xyxy.tolist()
+        assert (
+            run(parse({"type": "nms", "box_format": fmt}), boxes=b, scores=scores)["boxes"].tolist()
+            == xyxy.tolist()
+        )
     transform = np.array([2.0, 4.0, 0.0], np.float32)  # scale 2, pad_x 4
     out = run(parse({"type": "nms"}), boxes=xyxy, scores=scores, transform=transform)
     assert out["boxes"].tolist() == [[3, 10, 13, 30]]
@@ -184,11 +193,27 @@ def test_box_formats_and_transform_map_back() -> None:
 def test_request_parameters() -> None:
     boxes = np.array([[0, 0, 10, 10], [2, 0, 12, 10], [50, 50, 60, 60]], np.float32)
     scores = np.array([0.9, 0.8, 0.4], np.float32)
-    step = parse({"type": "nms", "iou_threshold": 0.5, "score_threshold": 0.5, "max_detections": 10})
+    step = parse(
+        {"type": "nms", "iou_threshold": 0.5, "score_threshold": 0.5, "max_detections": 10}
+    )
     assert len(run(step, boxes=boxes, scores=scores)["boxes"]) == 1
     assert len(run(step, {"score_threshold": 0.3}, boxes=boxes, scores=scores)["boxes"]) == 2
-    assert len(run(step, {"score_threshold": "0.3", "iou_threshold": 0.9}, boxes=boxes, scores=scores)["boxes"]) == 3
-    assert len(run(step, {"score_threshold": 0.3, "max_detections": 1}, boxes=boxes, scores=scores)["boxes"]) == 1
+    assert (
+        len(
+            run(step, {"score_threshold": "0.3", "iou_threshold": 0.9}, boxes=boxes, scores=scores)[
+                "boxes"
+            ]
+        )
+        == 3
+    )
+    assert (
+        len(
+            run(step, {"score_threshold": 0.3, "max_detections": 1}, boxes=boxes, scores=scores)[
+                "boxes"
+            ]
+        )
+        == 1
+    )
     for params, name in (
         ({"iou_threshold": 1.5}, "iou_threshold"),
         ({"score_threshold": "high"}, "score_threshold"),
@@ -229,27 +254,47 @@ def test_declaration_checked_against_the_model_outputs() -> None:
         "feat": ("FP32", (1, -1, 3)),
         "feat4": ("FP32", (1, 2, 3, 4)),
     }
-    decl = {"type": "nms", "inputs": {"boxes": "out_boxes", "scores": "out_scores", "classes": "labels"}}
+    decl = {
+        "type": "nms",
+        "inputs": {"boxes": "out_boxes", "scores": "out_scores", "classes": "labels"},
+    }
     step = parse(decl, **available)
     assert step.reads == ("out_boxes", "out_scores", "labels")
     assert step.writes == ("boxes", "scores", "classes")
     # without a classes tensor and no transform around, neither is read
-    step = parse({"type": "nms", "inputs": {"boxes": "out_boxes", "scores": "out_scores"}}, **available)
+    step = parse(
+        {"type": "nms", "inputs": {"boxes": "out_boxes", "scores": "out_scores"}}, **available
+    )
     assert step.reads == ("out_boxes", "out_scores")
     assert {s.name: (s.datatype, s.shape) for s in step.specs({}).values()} == {
         "boxes": ("FP32", (-1, 4)), "scores": ("FP32", (-1,)), "classes": ("INT64", (-1,))
     }  # fmt: skip
     cases: list[tuple[dict[str, Any], str]] = [
-        ({"inputs": {"boxes": "nope", "scores": "out_scores"}}, r"inputs\.boxes: no tensor 'nope' to read"),
-        ({"inputs": {"boxes": "feat", "scores": "out_scores"}}, r"inputs\.boxes: tensor 'feat' has shape \[1, -1, 3\]: the last dim is not 4"),
-        ({"inputs": {"boxes": "out_boxes", "scores": "feat4"}}, r"inputs\.scores: tensor 'feat4' has shape \[1, 2, 3, 4\], not 1 or 2 or 3 dims"),
+        (
+            {"inputs": {"boxes": "nope", "scores": "out_scores"}},
+            r"inputs\.boxes: no tensor 'nope' to read",
+        ),
+        (
+            {"inputs": {"boxes": "feat", "scores": "out_scores"}},
+            r"inputs\.boxes: tensor 'feat' has shape \[1, -1, 3\]: the last dim is not 4",
+        ),
+        (
+            {"inputs": {"boxes": "out_boxes", "scores": "feat4"}},
+            r"inputs\.scores: tensor 'feat4' has shape \[1, 2, 3, 4\], not 1 or 2 or 3 dims",
+        ),
         ({"iou_threshold": 2}, r"iou_threshold: must be from 0\.0 to 1\.0, got 2"),
         ({"iou_threshold": "0.5"}, r"iou_threshold: must be a number, got '0\.5'"),
         ({"max_detections": 0}, r"max_detections: must be from 1 to 100000"),
         ({"class_agnostic": "yes"}, r"class_agnostic: must be true or false"),
         ({"box_format": "yxyx"}, r"box_format: must be one of xyxy, xywh, cxcywh"),
-        ({"outputs": {"boxes": "x", "scores": "x"}}, r"outputs: two outputs would have the same name"),
-    ]  # fmt: skip
+        (
+            {"outputs": {"boxes": "x", "scores": "x"}},
+            r"outputs: two outputs would have the same name",
+        ),
+    ]
     for extra, message in cases:
         with pytest.raises(ModelError, match=message):
-            parse({"type": "nms", "inputs": {"boxes": "out_boxes", "scores": "out_scores"}, **extra}, **available)
+            parse(
+                {"type": "nms", "inputs": {"boxes": "out_boxes", "scores": "out_scores"}, **extra},
+                **available,
+            )
