@@ -27,7 +27,18 @@ import numpy as np
 from ..errors import InvalidInput
 from ..tensors import TensorSpec
 from .base import Array, Arrays, Step, StepCall, StepContext, unknown_keys
-from .imaging import bilinear, centres, channels_of, check_image, images, layout_of, tensor_of
+from .imaging import (
+    bilinear,
+    centres,
+    channels_of,
+    check_image,
+    images,
+    layout_of,
+    paste,
+    shape_of,
+    size_of,
+    value_as,
+)
 from .options import (
     NAME_KEYS,
     NUMERIC_TYPES,
@@ -133,35 +144,31 @@ class CropStep(Step):
         image_name, boxes_name = self.names.inputs["image"], self.names.inputs["boxes"]
         array = tensor(tensors, image_name, "image")
         boxes = box_rows(tensor(tensors, boxes_name, "boxes"), boxes_name)
-        hwc, _ = images(array, image_name, self.layout)
-        if len(hwc) != 1:
-            raise InvalidInput(f"tensor {image_name!r}: crop takes one image, got {len(hwc)}")
+        pictures, _ = images(array, image_name, self.layout)
+        if len(pictures) != 1:
+            raise InvalidInput(f"tensor {image_name!r}: crop takes one image, got {len(pictures)}")
         if len(boxes) > self.max_crops:
             raise InvalidInput(
                 f"tensor {boxes_name!r}: {len(boxes)} boxes, more than the limit of "
                 f"{self.max_crops} (crop step max_crops)"
             )
-        image = hwc[0]
-        height, width, channels = image.shape
+        image = pictures[0]
+        height, width, channels = size_of(image, self.layout)
         xyxy = to_xyxy(boxes, self.box_format)
         if self.normalized:
             xyxy *= np.array([width, height, width, height], np.float64)
         xyxy[:, 0::2] = np.clip(xyxy[:, 0::2], 0, width)
         xyxy[:, 1::2] = np.clip(xyxy[:, 1::2], 0, height)
         h, w = self.height, self.width
-        crops = []
-        for x1, y1, x2, y2 in xyxy:
+        crops = np.empty((len(xyxy), *shape_of(h, w, channels, self.layout)), array.dtype)
+        for i, (x1, y1, x2, y2) in enumerate(xyxy):
             if x2 <= x1 or y2 <= y1:
-                crops.append(np.full((h, w, channels), self.fill, image.dtype))
+                crops[i] = value_as(self.fill, array)
                 continue
             ys = centres(h, y1, (y2 - y1) / h)
             xs = centres(w, x1, (x2 - x1) / w)
-            crops.append(bilinear(image, ys, xs))
-        name = self.names.outputs["crops"]
-        if not crops:
-            shape = (0, channels, h, w) if self.layout == "NCHW" else (0, h, w, channels)
-            return {name: np.zeros(shape, array.dtype)}
-        return {name: tensor_of(crops, array, self.layout, True, name)}
+            paste(crops[i], bilinear(image, ys, xs, self.layout), 0, 0, self.layout)
+        return {self.names.outputs["crops"]: crops}
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -44,7 +44,7 @@ def channels_of(spec: TensorSpec, layout: str) -> int:
 
 
 def images(array: Array, name: str, layout: str) -> tuple[list[Array], bool]:
-    """The images of an image tensor as float [H, W, C] arrays, and whether it had a batch
+    """The images of an image tensor (views, in their own layout), and whether it had a batch
     dimension; InvalidInput naming the tensor when it is not an image."""
     if array.dtype.kind not in "iuf" or array.ndim not in (3, 4):
         raise InvalidInput(
@@ -54,36 +54,68 @@ def images(array: Array, name: str, layout: str) -> tuple[list[Array], bool]:
     batch = array.ndim == 4
     if batch and array.shape[0] == 0:
         raise InvalidInput(f"tensor {name!r} holds no image (shape {list(array.shape)})")
-    items = list(array) if batch else [array]
-    work = np.float64 if array.dtype == np.float64 else np.float32
-    out = [np.asarray(a.transpose(1, 2, 0) if layout == "NCHW" else a, dtype=work) for a in items]
-    if out[0].shape[0] == 0 or out[0].shape[1] == 0:
+    out = list(array) if batch else [array]
+    height, width, _ = size_of(out[0], layout)
+    if height == 0 or width == 0:
         raise InvalidInput(f"tensor {name!r} is an empty image {list(array.shape)} ({layout})")
     return out, batch
 
 
-def tensor_of(hwc: list[Array], like: Array, layout: str, batch: bool, name: str) -> Array:
-    """Float [H, W, C] images back into a tensor shaped and typed like the input."""
-    items = [a.transpose(2, 0, 1) if layout == "NCHW" else a for a in hwc]
-    stacked = np.stack(items) if batch else items[0]
-    return cast_to(np.ascontiguousarray(stacked), datatype_of(like), name)
+def size_of(image: Array, layout: str) -> tuple[int, int, int]:
+    """(height, width, channels) of one image."""
+    if layout == "NCHW":
+        c, h, w = image.shape
+    else:
+        h, w, c = image.shape
+    return int(h), int(w), int(c)
 
 
-def bilinear(image: Array, ys: Array, xs: Array) -> Array:
-    """`image` [H, W, C] sampled at rows `ys` and columns `xs` (pixel-centre coordinates:
-    pixel i's centre is at i), points outside clamped to the edge: [len(ys), len(xs), C]."""
-    height, width = image.shape[:2]
-    y = np.clip(ys, 0, height - 1)
-    x = np.clip(xs, 0, width - 1)
-    y0 = np.floor(y).astype(np.intp)
-    x0 = np.floor(x).astype(np.intp)
-    y1 = np.minimum(y0 + 1, height - 1)
-    x1 = np.minimum(x0 + 1, width - 1)
-    wy = (y - y0).astype(image.dtype)[:, None, None]
-    wx = (x - x0).astype(image.dtype)[None, :, None]
-    rows = image[y0] * (1 - wy) + image[y1] * wy
-    out: Array = rows[:, x0] * (1 - wx) + rows[:, x1] * wx
-    return out
+def shape_of(height: int, width: int, channels: int, layout: str) -> tuple[int, int, int]:
+    return (channels, height, width) if layout == "NCHW" else (height, width, channels)
+
+
+def value_as(value: float, like: Array) -> Array:
+    """One number as `like`'s datatype (rounded and clamped for integers)."""
+    return cast_to(np.array(value, np.float64), datatype_of(like), "fill")
+
+
+def paste(canvas: Array, patch: Array, top: int, left: int, layout: str) -> None:
+    """Write `patch` (any float or the canvas's type) into `canvas` at (top, left), converted
+    like a cast (integers rounded and clamped)."""
+    h, w, _ = size_of(patch, layout)
+    region: tuple[slice, ...] = (slice(None), slice(top, top + h), slice(left, left + w))
+    if layout == "NHWC":
+        region = region[1:]
+    canvas[region] = cast_to(patch, datatype_of(canvas), "image")
+
+
+def bilinear(image: Array, ys: Array, xs: Array, layout: str) -> Array:
+    """`image` sampled at rows `ys` and columns `xs` (pixel-centre coordinates: pixel i's
+    centre is at i; points outside clamped to the edge), in the image's layout: float32 (or
+    float64 for a float64 image), or the image itself where the grid is its own pixels."""
+    height, width, _ = size_of(image, layout)
+    h_axis, w_axis = (1, 2) if layout == "NCHW" else (0, 1)
+    out = _along(image, ys, height, h_axis)
+    return _along(out, xs, width, w_axis)
+
+
+def _along(image: Array, at: Array, size: int, axis: int) -> Array:
+    """Linear interpolation of `image` along one axis at the points `at`."""
+    pos = np.clip(at, 0, size - 1)
+    i0 = np.floor(pos).astype(np.intp)
+    work = np.float64 if image.dtype == np.float64 else np.float32
+    weight = (pos - i0).astype(work)
+    if len(i0) == size and not weight.any() and (i0 == np.arange(size)).all():
+        return image  # the identity: nothing to sample
+    i1 = np.minimum(i0 + 1, size - 1)
+    shape = [1] * image.ndim
+    shape[axis] = len(i0)
+    low: Array = np.take(image, i0, axis=axis).astype(work, copy=False)
+    high: Array = np.take(image, i1, axis=axis).astype(work, copy=False)
+    high -= low
+    high *= weight.reshape(shape)
+    high += low
+    return high
 
 
 def centres(count: int, start: float, step: float) -> Array:

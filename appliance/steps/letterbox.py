@@ -22,7 +22,18 @@ import numpy as np
 
 from ..tensors import TensorSpec
 from .base import Array, Arrays, Step, StepCall, StepContext, unknown_keys
-from .imaging import bilinear, centres, check_image, image_shape, images, layout_of, tensor_of
+from .imaging import (
+    bilinear,
+    centres,
+    check_image,
+    image_shape,
+    images,
+    layout_of,
+    paste,
+    shape_of,
+    size_of,
+    value_as,
+)
 from .options import NAME_KEYS, Names, boolean, names, number, size, tensor
 
 
@@ -57,14 +68,14 @@ class ResizeStep(Step):
     def run(self, tensors: Mapping[str, Array], call: StepCall) -> Arrays:
         name = self.names.inputs["image"]
         array = tensor(tensors, name, "image")
-        hwc, batch = images(array, name, self.layout)
+        pictures, batch = images(array, name, self.layout)
         h, w = self.height, self.width
-        resized = []
-        for img in hwc:
-            ys = centres(h, 0.0, img.shape[0] / h)
-            xs = centres(w, 0.0, img.shape[1] / w)
-            resized.append(bilinear(img, ys, xs))
-        return {self.names.outputs["image"]: tensor_of(resized, array, self.layout, batch, name)}
+        src_h, src_w, channels = size_of(pictures[0], self.layout)
+        ys, xs = centres(h, 0.0, src_h / h), centres(w, 0.0, src_w / w)
+        out = np.empty((len(pictures), *shape_of(h, w, channels, self.layout)), array.dtype)
+        for i, picture in enumerate(pictures):
+            paste(out[i], bilinear(picture, ys, xs, self.layout), 0, 0, self.layout)
+        return {self.names.outputs["image"]: out if batch else out[0]}
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -134,19 +145,18 @@ class LetterboxStep(Step):
     def run(self, tensors: Mapping[str, Array], call: StepCall) -> Arrays:
         name = self.names.inputs["image"]
         array = tensor(tensors, name, "image")
-        hwc, batch = images(array, name, self.layout)
-        src_h, src_w, channels = hwc[0].shape if hwc else (1, 1, 0)
+        pictures, batch = images(array, name, self.layout)
+        src_h, src_w, channels = size_of(pictures[0], self.layout)
         r, new_h, new_w, pad_x, pad_y = self.geometry(src_h, src_w)
         ys = centres(new_h, 0.0, 1 / r)
         xs = centres(new_w, 0.0, 1 / r)
-        boxed = []
-        for img in hwc:
-            canvas = np.full((self.height, self.width, channels), self.pad_value, img.dtype)
-            canvas[pad_y : pad_y + new_h, pad_x : pad_x + new_w] = bilinear(img, ys, xs)
-            boxed.append(canvas)
+        shape = shape_of(self.height, self.width, channels, self.layout)
+        out = np.full((len(pictures), *shape), value_as(self.pad_value, array), array.dtype)
+        for i, picture in enumerate(pictures):
+            paste(out[i], bilinear(picture, ys, xs, self.layout), pad_y, pad_x, self.layout)
         transform = np.array([r, pad_x, pad_y], np.float32)
         return {
-            self.names.outputs["image"]: tensor_of(boxed, array, self.layout, batch, name),
+            self.names.outputs["image"]: out if batch else out[0],
             self.names.outputs["transform"]: transform,
         }
 

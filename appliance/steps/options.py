@@ -299,10 +299,13 @@ def cast_to(array: Array, datatype: str, name: str) -> Array:
         return np.clip(array, max(src.min, info.min), min(src.max, info.max)).astype(dtype)
     if np.isnan(array).any():
         raise InvalidInput(f"tensor {name!r} holds NaN, which {datatype} cannot hold")
-    wide = np.rint(array.astype(np.float64))
+    # float32 holds every 8- and 16-bit integer exactly: no need to widen for those
+    work = np.float32 if info.bits <= 16 and array.dtype.itemsize <= 4 else np.float64
+    wide = np.asarray(np.rint(array.astype(work)))  # rint of a 0-d array is a scalar
     high = float(info.max)  # 2**63 or 2**64 for 64-bit types: one past what they hold
     safe = np.nextafter(high, 0.0) if info.bits == 64 else high
-    out = np.clip(wide, float(info.min), safe).astype(dtype)
-    if info.bits == 64:
-        out[wide >= high] = info.max
+    over = wide >= high if info.bits == 64 else None
+    out = np.clip(wide, float(info.min), safe, out=wide).astype(dtype)
+    if over is not None:
+        out[over] = info.max
     return out

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from appliance.errors import InvalidInput, ModelError
+from appliance.steps import nms
 from tests.steps.helpers import parse, run
 
 
@@ -298,3 +299,25 @@ def test_declaration_checked_against_the_model_outputs() -> None:
                 {"type": "nms", "inputs": {"boxes": "out_boxes", "scores": "out_scores"}, **extra},
                 **available,
             )
+
+
+@pytest.mark.parametrize("n", [40, 700])
+def test_both_ways_of_suppressing_agree_with_brute_force(
+    n: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Up to nms.MATRIX_MAX candidates the IoUs are computed all at once, above one row per
+    kept box: both give the definition's answer, on clustered boxes like a detector's."""
+    rng = np.random.default_rng(n)
+    centres = rng.uniform(50, 550, (12, 2))
+    pick = rng.integers(0, 12, n)
+    half = rng.uniform(10, 40, (12, 2))[pick] * rng.uniform(0.8, 1.2, (n, 2))
+    middle = centres[pick] + rng.normal(0, 4, (n, 2))
+    boxes = np.concatenate([middle - half, middle + half], axis=1).astype(np.float32)
+    scores = rng.random(n).astype(np.float32)
+    classes = rng.integers(0, 3, n)
+    want = brute_nms(boxes.tolist(), scores.tolist(), classes.tolist(), 0.45, 0.0, False, 300)
+    step = parse({"type": "nms", "iou_threshold": 0.45, "score_threshold": 0.0})
+    for matrix_max in (nms.MATRIX_MAX, 0, 10_000):
+        monkeypatch.setattr(nms, "MATRIX_MAX", matrix_max)
+        out = run(step, boxes=boxes, scores=scores, classes=classes)
+        assert out["boxes"].tolist() == boxes[want].tolist()
