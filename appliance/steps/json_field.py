@@ -11,8 +11,9 @@ BYTES (a string as its UTF-8, anything else as compact JSON); with a numeric `da
 be a number or true/false, converted like the cast step does.
 
 A text that is not JSON (or longer than `max_bytes`), or has no such value, is the model's
-failure: a 500 naming the step, unless `"on_error": "empty"`, which writes `value` with shape
-[0] instead (so a client or a pipeline's `when` sees that nothing was found).
+failure: a 500 naming the step, unless `"on_error": "empty"`, which writes `value` with no rows
+instead (shape [0, ...], the rest of `text`'s shape), so a client or a pipeline's `when` sees
+that nothing was found.
 """
 
 from __future__ import annotations
@@ -135,10 +136,12 @@ class JsonFieldStep(Step):
 
     def specs(self, given: Mapping[str, TensorSpec]) -> dict[str, TensorSpec]:
         spec = given.get(self.names.inputs["text"])
+        if spec is None:
+            return {}
         name = self.names.outputs["value"]
-        shape = spec.shape if spec is not None and self.on_error == "fail" else None
-        if shape is None:  # "empty" may write [0] instead
-            shape = tuple(-1 for _ in spec.shape) if spec is not None and spec.shape else (-1,)
+        shape = spec.shape
+        if self.on_error == "empty":  # the first dimension may be 0 instead
+            shape = (-1, *shape[1:])
         return {name: TensorSpec(name, self.datatype, shape)}
 
     def run(self, tensors: Mapping[str, Array], call: StepCall) -> Arrays:
@@ -151,7 +154,8 @@ class JsonFieldStep(Step):
             values = [self._one(item, i, name) for i, item in enumerate(texts.reshape(-1))]
         except (ValueError, LookupError, RecursionError):
             if self.on_error == "empty":
-                return {out_name: np.zeros((0,), DATATYPES[self.datatype])}
+                empty = (0, *texts.shape[1:])
+                return {out_name: np.zeros(empty, DATATYPES[self.datatype])}
             raise
         if self.datatype == "BYTES":
             out = np.empty(len(values), dtype=object)

@@ -63,6 +63,10 @@ def test_bad_model_output_is_a_500_naming_the_step_or_empty() -> None:
     out = run(empty, text=texts({"y": 1}))["value"]
     assert out.shape == (0,) and out.dtype == np.int32
     assert run(empty, text=texts({"x": 7}))["value"].tolist() == [7]
+    two = run(empty, text=texts({"x": 1}, "oops").reshape(2, 1))["value"]
+    assert two.shape == (0, 1)
+    spec = empty.specs({"text": TensorSpec("text", "BYTES", (2, 1))})["value"]
+    assert spec == TensorSpec("value", "INT32", (-1, 1))
     small = parse({"type": "json_field", "path": "x", "max_bytes": 8})
     with pytest.raises(InferenceFailed, match=r"element 0 is 12 bytes, more than max_bytes 8"):
         run(small, text=texts({"x": 12345}))
