@@ -109,6 +109,7 @@ class CropStep(Step):
         self.box_format, self.normalized = box_format, normalized
         self.fill, self.max_crops = fill, max_crops
         self.reads, self.writes = names_.reads, names_.writes
+        self.optional = names_.optional
 
     @classmethod
     def parse(cls, config: Mapping[str, Any], ctx: StepContext) -> Step:

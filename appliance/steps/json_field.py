@@ -116,6 +116,7 @@ class JsonFieldStep(Step):
         self.names, self.path, self.datatype = names_, path, datatype_
         self.on_error, self.max_bytes = on_error, max_bytes
         self.reads, self.writes = names_.reads, names_.writes
+        self.optional = names_.optional
 
     @classmethod
     def parse(cls, config: Mapping[str, Any], ctx: StepContext) -> Step:

@@ -32,6 +32,7 @@ class ArgmaxLabelStep(Step):
         self.names, self.labels, self.softmax = names_, labels, softmax
         self._encoded = np.array([s.encode() for s in labels], dtype=object)
         self.reads, self.writes = names_.reads, names_.writes
+        self.optional = names_.optional
 
     @classmethod
     def parse(cls, config: Mapping[str, Any], ctx: StepContext) -> Step:

@@ -47,6 +47,7 @@ class ResizeStep(Step):
         self.names = names_
         self.height, self.width, self.layout = height, width, layout
         self.reads, self.writes = names_.reads, names_.writes
+        self.optional = names_.optional
 
     @classmethod
     def parse(cls, config: Mapping[str, Any], ctx: StepContext) -> Step:
@@ -108,6 +109,7 @@ class LetterboxStep(Step):
         self.height, self.width, self.layout = height, width, layout
         self.pad_value, self.center, self.scale_up = pad_value, center, scale_up
         self.reads, self.writes = names_.reads, names_.writes
+        self.optional = names_.optional
 
     @classmethod
     def parse(cls, config: Mapping[str, Any], ctx: StepContext) -> Step:

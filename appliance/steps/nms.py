@@ -124,6 +124,7 @@ class NmsStep(Step):
         self.max_detections, self.class_agnostic = max_detections, class_agnostic
         self.multi_label, self.box_format = multi_label, box_format
         self.reads, self.writes = names_.reads, names_.writes
+        self.optional = names_.optional
 
     @classmethod
     def parse(cls, config: Mapping[str, Any], ctx: StepContext) -> Step:

@@ -41,6 +41,12 @@ class Names:
 
     inputs: dict[str, str]
     outputs: dict[str, str]
+    #: the optional roles among `inputs`
+    maybe: frozenset[str] = frozenset()
+
+    @property
+    def optional(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(n for r, n in self.inputs.items() if r in self.maybe))
 
     @property
     def reads(self) -> tuple[str, ...]:
@@ -65,7 +71,8 @@ def names(
     """The tensor names of a step's roles, from its `inputs` / `outputs` renames.
 
     An optional input role is read when the declaration names it, when `ctx.available` holds
-    its name, or when nothing is known yet (at run the step then reads it only if present).
+    its name, or when nothing is known yet; it is then in the step's `optional` too, and at run
+    the step reads it only if present.
     `same_as` maps an output role to an input role whose name it takes by default (a cast
     writes the tensor it reads)."""
     given_in = _renames(config, "inputs", (*reads, *optional), ctx)
@@ -92,7 +99,7 @@ def names(
         outputs[role] = given_out.get(role, default)
     if len(set(outputs.values())) != len(outputs):
         raise ctx.bad("outputs", f"two outputs would have the same name: {outputs}")
-    return Names(inputs, outputs)
+    return Names(inputs, outputs, frozenset(optional) & set(inputs))
 
 
 def _renames(

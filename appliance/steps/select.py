@@ -75,13 +75,10 @@ class ThresholdStep(Step):
     }
     _keys: ClassVar[frozenset[str]] = NAME_KEYS | {"value", "also"}
 
-    def __init__(
-        self, names_: Names, value: float, optional: tuple[str, ...], also: list[str] | None
-    ) -> None:
+    def __init__(self, names_: Names, value: float, also: list[str] | None) -> None:
         self.names, self.value, self.also = names_, value, also
-        #: roles read only when present (the default `also`)
-        self.optional = frozenset(optional)
         self.reads, self.writes = names_.reads, names_.writes
+        self.optional = names_.optional
 
     @classmethod
     def parse(cls, config: Mapping[str, Any], ctx: StepContext) -> Step:
@@ -106,12 +103,12 @@ class ThresholdStep(Step):
         )
         # an optional role that is not read is not written either
         outputs = {r: o for r, o in n.outputs.items() if r in n.inputs}
-        n = Names(n.inputs, outputs)
+        n = Names(n.inputs, outputs, n.maybe)
         for role, name in n.inputs.items():
             ranks = (1, 2) if role == "scores" else None
             check_spec(ctx, f"inputs.{role}", name, ranks=ranks)
         check_spec(ctx, "inputs.scores", n.inputs["scores"], datatypes=NUMERIC_TYPES)
-        return cls(n, value, optional, also)
+        return cls(n, value, also)
 
     def specs(self, given: Mapping[str, TensorSpec]) -> dict[str, TensorSpec]:
         out: dict[str, TensorSpec] = {}
@@ -133,7 +130,7 @@ class ThresholdStep(Step):
         rows = np.flatnonzero(scores.reshape(-1) >= value)
         out: Arrays = {}
         for role, name in self.names.inputs.items():
-            if role in self.optional and name not in tensors:
+            if role in self.names.maybe and name not in tensors:
                 continue
             array = tensor(tensors, name, role)
             out[self.names.outputs[role]] = keep_rows(array, rows, n, name, scores_name)
@@ -156,6 +153,7 @@ class TopKStep(Step):
     def __init__(self, names_: Names, k: int) -> None:
         self.names, self.k = names_, k
         self.reads, self.writes = names_.reads, names_.writes
+        self.optional = names_.optional
 
     @classmethod
     def parse(cls, config: Mapping[str, Any], ctx: StepContext) -> Step:

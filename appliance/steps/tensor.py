@@ -38,6 +38,7 @@ class CastStep(Step):
         self.names, self.datatype = names_, datatype_
         self._in, self._out = names_.inputs["input"], names_.outputs["output"]
         self.reads, self.writes = names_.reads, names_.writes
+        self.optional = names_.optional
 
     @classmethod
     def parse(cls, config: Mapping[str, Any], ctx: StepContext) -> Step:
@@ -73,6 +74,7 @@ class ReshapeStep(Step):
     def __init__(self, names_: Names, shape: tuple[int, ...]) -> None:
         self.names, self.shape = names_, shape
         self.reads, self.writes = names_.reads, names_.writes
+        self.optional = names_.optional
 
     @classmethod
     def parse(cls, config: Mapping[str, Any], ctx: StepContext) -> Step:

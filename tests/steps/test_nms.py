@@ -261,6 +261,11 @@ def test_declaration_checked_against_the_model_outputs() -> None:
     }
     step = parse(decl, **available)
     assert step.reads == ("out_boxes", "out_scores", "labels")
+    assert step.optional == ("labels",)  # read when given: a pipeline need not map it
+    # nothing known yet (`models add` before the file is read): the optional ones may come
+    unknown = parse({"type": "nms"})
+    assert unknown.reads == ("boxes", "scores", "classes", "transform")
+    assert unknown.optional == ("classes", "transform")
     assert step.writes == ("boxes", "scores", "classes")
     # without a classes tensor and no transform around, neither is read
     step = parse(

@@ -52,6 +52,8 @@ def test_threshold_names_and_specs() -> None:
     assert step.reads == ("conf", "det") and step.writes == ("conf", "kept")
     specs = step.specs({n: TensorSpec(n, dt, s) for n, (dt, s) in available.items()})
     assert specs["kept"].shape == (1, -1, 4) and specs["conf"].shape == (1, -1)
+    assert step.optional == ()
+    assert parse({"type": "threshold"}).optional == ("boxes", "classes")
     # the default `also` only takes tensors that exist
     assert parse({"type": "threshold", "inputs": {"scores": "conf"}}, **available).reads == (
         "conf",
