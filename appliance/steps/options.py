@@ -72,7 +72,10 @@ def names(
 
     An optional input role is read when the declaration names it, when `ctx.available` holds
     its name, or when nothing is known yet; it is then in the step's `optional` too, and at run
-    the step reads it only if present.
+    the step reads it only if present. A required name missing from `ctx.available` is not
+    refused here: what the caller knows may be partial (a spec not known before a model loads),
+    and the callers check what a step reads against what exists (the model chain against the
+    model's outputs, a pipeline against the node's `inputs`), each with its own message.
     `same_as` maps an output role to an input role whose name it takes by default (a cast
     writes the tensor it reads)."""
     given_in = _renames(config, "inputs", (*reads, *optional), ctx)
@@ -87,9 +90,6 @@ def names(
             and name not in ctx.available
         ):
             continue
-        if ctx.available and name not in ctx.available:
-            known = ", ".join(sorted(ctx.available))
-            raise ctx.bad(f"inputs.{role}", f"no tensor {name!r} to read (available: {known})")
         inputs[role] = name
     outputs: dict[str, str] = {}
     for role in writes:

@@ -125,10 +125,6 @@ def test_bad_declarations_and_tensors() -> None:
             {"type": "resize", "size": 8, "inputs": {"image": "scores"}},
             r"inputs\.image: tensor 'scores' has shape \[1, 4\], not 3 or 4 dims",
         ),
-        (
-            {"type": "resize", "size": 8},
-            r"inputs\.image: no tensor 'image' to read \(available: images, scores\)",
-        ),
     ]
     for decl, message in cases:
         with pytest.raises(ModelError, match=message):

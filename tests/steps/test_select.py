@@ -58,8 +58,11 @@ def test_threshold_names_and_specs() -> None:
     assert parse({"type": "threshold", "inputs": {"scores": "conf"}}, **available).reads == (
         "conf",
     )
-    with pytest.raises(ModelError, match=r"inputs\.missing: no tensor 'missing' to read"):
-        parse({"type": "threshold", "also": ["missing"], "inputs": {"scores": "conf"}}, **available)
+    # an explicit `also` is required: read even when its spec is not known
+    explicit = parse(
+        {"type": "threshold", "also": ["other"], "inputs": {"scores": "conf"}}, **available
+    )
+    assert explicit.reads == ("conf", "other") and explicit.optional == ()
     with pytest.raises(ModelError, match=r"also: must be a list of tensor names"):
         parse({"type": "threshold", "also": "boxes"})
     with pytest.raises(ModelError, match=r"value: must be a number"):
