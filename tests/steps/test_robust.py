@@ -73,10 +73,9 @@ def tensors(draw: Any, role: str = "", n: int = 1) -> np.ndarray:
     if dtype.kind == "f":
         plain = st.floats(-5, 60, width=8 * dtype.itemsize)
         odd = ODD.map(lambda v: _as(v, dtype))
-        return draw(
-            hnp.arrays(dtype, shape, elements=odd if draw(st.integers(0, 3)) == 0 else plain)
-        )
-    return draw(hnp.arrays(dtype, shape))
+        elements = odd if draw(st.integers(0, 3)) == 0 else plain
+        return np.asarray(draw(hnp.arrays(dtype, shape, elements=elements)))
+    return np.asarray(draw(hnp.arrays(dtype, shape)))
 
 
 @pytest.mark.parametrize("key", sorted(DECLARATIONS))
