@@ -75,11 +75,11 @@ class ArgmaxLabelStep(Step):
                 f"labels, so it takes [..., {len(self.labels)}]"
             )
         best = np.argmax(x, axis=-1)
-        values = np.take_along_axis(x, best[..., None], axis=-1)[..., 0].astype(np.float64)
+        top = x.max(axis=-1, keepdims=True)  # the value at `best` (NaN where argmax found one)
+        values = top[..., 0]
         if self.softmax:
             wide = x.astype(np.float64)
-            shifted = np.exp(wide - wide.max(axis=-1, keepdims=True))
-            values = 1.0 / shifted.sum(axis=-1)  # the best one's exp(0) over the sum
+            values = 1.0 / np.exp(wide - top).sum(axis=-1)  # the best one's exp(0) over the sum
         out = self.names.outputs
         return {
             out["label"]: np.asarray(self._encoded[best], dtype=object),
