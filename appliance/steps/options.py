@@ -11,6 +11,7 @@ a model (the model's tensor names) and inside a pipeline (the roles themselves).
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -253,12 +254,15 @@ def param_number(
     return float(value)
 
 
+_INTEGER = re.compile(r"[+-]?[0-9]{1,19}")  # ASCII digits only ("²".isdigit() is true)
+
+
 def param_int(parameters: Mapping[str, Any], name: str, default: int, low: int, high: int) -> int:
     """A request parameter that is an integer from `low` to `high` (or its decimal string)."""
     if name not in parameters:
         return default
     value = parameters[name]
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    if isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
         value = int(value.strip())
     if not is_int(value) or not low <= value <= high:
         raise InvalidInput(

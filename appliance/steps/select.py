@@ -117,7 +117,9 @@ class ThresholdStep(Step):
             if spec is None or not spec.shape:
                 continue
             shape = list(spec.shape)
-            shape[1 if len(shape) >= 2 and shape[0] == 1 else 0] = -1
+            if len(shape) >= 2 and shape[0] == 1:
+                shape[1] = -1  # [1, N, ...]: the rows are the second dimension ...
+            shape[0] = -1  # ... unless N is 1 too: then they are the first
             target = self.names.outputs[role]
             out[target] = TensorSpec(target, spec.datatype, tuple(shape))
         return out

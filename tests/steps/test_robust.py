@@ -14,6 +14,7 @@ from hypothesis.extra import numpy as hnp
 
 from appliance.errors import InferenceFailed, InvalidInput
 from appliance.steps.base import StepCall, run_step
+from appliance.tensors import TensorSpec, datatype_of
 from tests.steps.helpers import WHERE, parse
 
 DECLARATIONS: dict[str, dict[str, Any]] = {
@@ -101,6 +102,14 @@ def test_a_400_or_an_answer(key: str, data: st.DataObject) -> None:
         except InferenceFailed as exc:  # pragma: no cover - the failure this test exists for
             raise AssertionError(f"{key}: a 500 for client tensors: {exc}") from exc
     assert set(out) <= set(step.writes)
+    # what specs() promised at load is what came out (a pipeline checks nodes against it)
+    specs = step.specs({n: TensorSpec(n, datatype_of(a), a.shape) for n, a in given_.items()})
+    for name, array in out.items():
+        spec = specs.get(name)
+        if spec is not None:
+            assert datatype_of(array) == spec.datatype, (name, spec)
+            assert len(array.shape) == len(spec.shape), (name, array.shape, spec)
+            assert all(d in (-1, a) for d, a in zip(spec.shape, array.shape, strict=True))
     OUTCOMES[key] = OUTCOMES.get(key, 0) + 1
 
 

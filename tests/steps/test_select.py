@@ -51,7 +51,8 @@ def test_threshold_names_and_specs() -> None:
     )
     assert step.reads == ("conf", "det") and step.writes == ("conf", "kept")
     specs = step.specs({n: TensorSpec(n, dt, s) for n, (dt, s) in available.items()})
-    assert specs["kept"].shape == (1, -1, 4) and specs["conf"].shape == (1, -1)
+    # [1, N, ...]: N rows of the second dimension, or of the first when N is 1
+    assert specs["kept"].shape == (-1, -1, 4) and specs["conf"].shape == (-1, -1)
     assert step.optional == ()
     assert parse({"type": "threshold"}).optional == ("boxes", "classes")
     # the default `also` only takes tensors that exist
@@ -108,3 +109,14 @@ def test_top_k_parameter_names_and_limits() -> None:
     spec = step.specs({"probs": TensorSpec("probs", "FP16", (-1, 10))})
     assert spec["values"] == TensorSpec("values", "FP16", (-1, -1))
     assert spec["ids"] == TensorSpec("ids", "INT64", (-1, -1))
+
+
+def test_parameters_as_text() -> None:
+    """MQTT user properties and form fields send numbers as text: decimal ASCII only."""
+    step = parse({"type": "top_k", "k": 1})
+    x = np.array([0.1, 0.7, 0.2], np.float32)
+    assert run(step, {"top_k": " 2 "}, scores=x)["indices"].tolist() == [1, 2]
+    assert run(step, {"top_k": "+2"}, scores=x)["indices"].tolist() == [1, 2]
+    for bad in ("²", "2.0", "0x2", "", "1e2", "٣"):
+        with pytest.raises(InvalidInput, match="parameter top_k must be an integer"):
+            run(step, {"top_k": bad}, scores=x)
