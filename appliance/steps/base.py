@@ -72,6 +72,9 @@ class Step(ABC):
 
     #: Tensor names read, in the step's namespace.
     reads: tuple[str, ...] = ()
+    #: Those of `reads` the step does without when they are not given (a detector with no
+    #: classes output): a pipeline node need not map them, a model need not have them.
+    optional: tuple[str, ...] = ()
     #: Tensor names written.
     writes: tuple[str, ...] = ()
 
