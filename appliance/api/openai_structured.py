@@ -208,9 +208,10 @@ class Structure:
             return self._text(result.text, result)
         parser = self.parser()
         parser.feed(result.text)
+        self._check_complete(parser, result)
         if not parser.calls:
             return self._text(parser.text, result)
-        self._check_calls(parser, result)
+        parser.check(self.tools)
         calls = [
             {"id": c.id, "type": "function",
              "function": {"name": c.name, "arguments": c.arguments}}
@@ -231,12 +232,11 @@ class Structure:
             finish = "stop"  # complete, whatever token it ended on
         return {"role": "assistant", "content": text, "refusal": None}, finish
 
-    def _check_calls(self, parser: CallParser, result: GenerationResult) -> None:
+    def _check_complete(self, parser: CallParser, result: GenerationResult) -> None:
         if not parser.complete:
             if result.finish_reason == "length":
                 raise _too_long(result)
             raise InvalidOutput("the model's tool call was cut short")
-        parser.check(self.tools)
 
     # -- a stream ------------------------------------------------------------------------------
     def streamer(self) -> Streamer:
@@ -282,10 +282,11 @@ class Streamer:
         if self.error is not None:
             raise self.error
         structure, parser = self.structure, self.parser
+        if parser is not None and not parser.complete and result.finish_reason == "length":
+            return "length"
         if parser is not None and parser.calls:
-            if not parser.complete and result.finish_reason == "length":
-                return "length"
-            structure._check_calls(parser, result)
+            structure._check_complete(parser, result)
+            parser.check(structure.tools)
             return "tool_calls"
         text = parser.text if parser is not None else "".join(self.text)
         if structure.spec is not None:
