@@ -8,7 +8,7 @@ parameters; stream deltas add up to the whole answer."""
 from __future__ import annotations
 
 import json
-from typing import Literal
+from typing import Any, Literal
 
 import jsonschema
 import openai
@@ -43,7 +43,7 @@ def json_schema(schema: dict, name: str = "answer") -> dict:
     return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
 
 
-SCHEMAS = {
+SCHEMAS: dict[str, dict] = {
     "object": {
         "type": "object",
         "properties": {
@@ -162,7 +162,7 @@ async def test_official_parse_with_pydantic(oai):
 
 async def test_unsupported_schema_features_are_refused_by_name(oai):
     client, api = await oai()
-    cases = {
+    cases: dict[str, dict] = {
         "minimum": {"type": "object", "properties": {"n": {"type": "integer", "minimum": 3}}},
         "format": {"type": "string", "format": "email"},
         "not": {"not": {"type": "string"}},
@@ -176,7 +176,7 @@ async def test_unsupported_schema_features_are_refused_by_name(oai):
                 model="tiny", messages=ASK, response_format=json_schema(schema), max_tokens=8
             )
         assert keyword in bad.value.message, bad.value.message
-        assert bad.value.param.startswith("response_format.json_schema.schema")
+        assert str(bad.value.param).startswith("response_format.json_schema.schema")
     bad_name = {"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}
     for fmt, param in (
         ({"type": "yaml"}, "response_format.type"),
@@ -209,7 +209,7 @@ async def test_max_tokens_before_the_json_closes(oai):
 
 
 # -- tools --------------------------------------------------------------------------------------
-LOOKUP = {
+LOOKUP: dict = {
     "type": "function",
     "function": {
         "name": "lookup",
@@ -224,8 +224,8 @@ LOOKUP = {
 }
 PING = {"type": "function", "function": {"name": "ping"}}
 TOOLS = [LOOKUP, PING]
-PARAMS = {"lookup": LOOKUP["function"]["parameters"], "ping": {"type": "object"}}
-STOCK = [{"role": "user", "content": "Stock of A1?"}]
+PARAMS: dict[str, dict] = {"lookup": LOOKUP["function"]["parameters"], "ping": {"type": "object"}}
+STOCK: list[dict] = [{"role": "user", "content": "Stock of A1?"}]
 #: A chat template that knows tools (Hugging Face style: `tools`, `tool_calls` with arguments
 #: as objects, `role: tool`), terse enough for the tiny model's 256-token context.
 TOOL_TEMPLATE = (
@@ -245,14 +245,14 @@ async def tool_api(oai):
     return api
 
 
-def assert_calls(message, names=("lookup", "ping")) -> list:
+def assert_calls(message, names=("lookup", "ping")) -> list[Any]:
     assert message.content is None and message.tool_calls
     for call in message.tool_calls:
         assert call.type == "function" and call.id.startswith("call_")
         assert call.function.name in names
         jsonschema.validate(json.loads(call.function.arguments), PARAMS[call.function.name])
     assert len({c.id for c in message.tool_calls}) == len(message.tool_calls)
-    return message.tool_calls
+    return list(message.tool_calls)
 
 
 async def streamed(api, **kwargs) -> tuple[dict, list[str]]:
