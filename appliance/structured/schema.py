@@ -16,6 +16,7 @@ neither.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -180,48 +181,69 @@ def _check_string(schema: dict[str, Any], path: str) -> None:
 
 # -- patterns ---------------------------------------------------------------------------------
 _CLASS_SHORTHANDS = {"d": "0-9", "w": "a-zA-Z0-9_", "s": " "}
+_QUANTIFIER = re.compile(r"^\{\d*(,\d*)?\}$")
 
 
 def _pattern(pattern: str, path: str) -> str:
-    """The pattern as the converter reads it: anchored at both ends (stricter than a search:
-    what it generates still matches), \\d \\w \\s spelled as classes (\\s as a space only: a raw
-    tab or newline is not valid inside a JSON string). Refuses what it cannot express."""
+    """The pattern as the converter reads it: anchored at both ends around one group
+    (stricter than a search: what it generates still matches; the group keeps a top-level `|`
+    inside the string's quotes), \\d \\w \\s spelled as classes (\\s as a space only: a raw tab
+    or newline is not valid inside a JSON string), escaped punctuation as a class of one (GBNF
+    has no escape for it). Refuses what it cannot express."""
+    body = pattern[1:] if pattern.startswith("^") else pattern
+    if body.endswith("$") and not body.endswith("\\$"):
+        body = body[:-1]
     out: list[str] = []
     in_class = False
     i = 0
-    while i < len(pattern):
-        c = pattern[i]
+    while i < len(body):
+        c = body[i]
         if c == "\\":
-            if i + 1 >= len(pattern):
+            if i + 1 >= len(body):
                 raise UnsupportedSchema(path, "ends with a lone backslash")
-            n = pattern[i + 1]
+            n = body[i + 1]
             if n in _CLASS_SHORTHANDS:
-                body = _CLASS_SHORTHANDS[n]
-                out.append(body if in_class else f"[{body}]")
+                shorthand = _CLASS_SHORTHANDS[n]
+                out.append(shorthand if in_class else f"[{shorthand}]")
             elif n.isalnum() and n not in "nrt":
                 raise UnsupportedSchema(path, f"the escape \\{n} is not supported")
+            elif not n.isalnum() and n not in '\\[](){}|*+?^-"' and not in_class:
+                out.append(f"[{n}]")
+            elif not n.isalnum() and n not in "\\]-^" and in_class:
+                out.append(n)
             else:
                 out.append(c + n)
             i += 2
             continue
-        if c == "(" and pattern[i + 1 : i + 2] == "?" and not in_class:
-            raise UnsupportedSchema(
-                path, "groups with (? (lookarounds, named groups) are not supported"
-            )
-        if c in "*+?}" and pattern[i + 1 : i + 2] in ("?", "+") and not in_class:
-            raise UnsupportedSchema(path, "lazy and possessive quantifiers are not supported")
+        if not in_class:
+            if c == "(" and body[i + 1 : i + 2] == "?":
+                raise UnsupportedSchema(
+                    path, "groups with (? (lookarounds, named) are not supported"
+                )
+            if c in "*+?}" and body[i + 1 : i + 2] in ("?", "+"):
+                raise UnsupportedSchema(path, "lazy and possessive quantifiers are not supported")
+            if c in "^$":
+                raise UnsupportedSchema(path, "anchors are only supported at the ends")
         if c == "[" and not in_class:
             in_class = True
-        elif c == "]" and in_class:
+            out.append(c)
+            if body[i + 1 : i + 2] == "^":  # a negated class: the ^ is no anchor
+                out.append("^")
+                i += 1
+            if body[i + 1 : i + 2] == "]":  # a leading ] is a literal
+                out.append("\\]")
+                i += 1
+            i += 1
+            continue
+        if c == "]" and in_class:
             in_class = False
+        if c == "{" and not in_class:
+            close = body.find("}", i)
+            if close < 0 or not _QUANTIFIER.match(body[i : close + 1]):
+                raise UnsupportedSchema(path, f"a malformed quantifier at {body[i : i + 8]!r}")
         out.append(c)
         i += 1
-    text = "".join(out)
-    if not text.startswith("^"):
-        text = "^" + text
-    if not text.endswith("$") or text.endswith("\\$"):
-        text += "$"
-    return text
+    return "^(" + "".join(out) + ")$"
 
 
 # -- the grammar ------------------------------------------------------------------------------
@@ -234,6 +256,8 @@ def _normalized(schema: Any, prefix: str) -> Any:
         return [_normalized(s, prefix) for s in schema]
     if not isinstance(schema, dict):
         return schema
+    if not set(schema) - _ANNOTATIONS:  # any value (the converter would make it an object)
+        return {"anyOf": [{"type": t} for t in sorted(_TYPES - {"integer"})]}
     out: dict[str, Any] = {}
     for key, value in schema.items():
         if key in _ANNOTATIONS:
@@ -272,27 +296,29 @@ _CHAR = (
 _DOT = r'[^"\\\x00-\x1F]'
 
 
-def schema_rules(parts: list[tuple[dict[str, Any], str]]) -> tuple[dict[str, str], list[str]]:
-    """GBNF rules (name -> body) for each (schema, name): one converter for all, so shared
-    primitives are one rule; with the name of each schema's top rule. A rule called `space`
-    (optional whitespace) comes with them."""
+def schema_rules(
+    parts: list[tuple[dict[str, Any], str, str]],
+) -> tuple[dict[str, str], list[str]]:
+    """GBNF rules (name -> body) for each (schema, rule name, what it is for error messages):
+    one converter for all, so shared primitives are one rule; with the name of each schema's
+    top rule. A rule called `space` (optional whitespace) comes with them."""
     from llama_cpp.llama_grammar import PRIMITIVE_RULES, SchemaConverter
 
     converter = SchemaConverter(  # type: ignore[no-untyped-call]
         prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False
     )
     tops = []
-    for schema, name in parts:
+    for schema, name, label in parts:
         try:
             resolved = converter.resolve_refs(_normalized(schema, f"{name}-"), name)
             tops.append(converter.visit(resolved, name))  # type: ignore[no-untyped-call]
         except UnsupportedSchema:
             raise
         except (AssertionError, ValueError, KeyError, TypeError, RecursionError) as exc:
-            raise UnsupportedSchema(name, f"cannot be turned into a grammar: {exc}") from None
+            raise UnsupportedSchema(label, f"cannot be turned into a grammar: {exc}") from None
     rules: dict[str, str] = dict(converter._rules)
     if len(rules) > MAX_GRAMMAR_RULES:
-        raise UnsupportedSchema(parts[0][1], f"needs more than {MAX_GRAMMAR_RULES} grammar rules")
+        raise UnsupportedSchema(parts[0][2], f"needs more than {MAX_GRAMMAR_RULES} grammar rules")
     for key, body in rules.items():
         if body == PRIMITIVE_RULES["char"].content:
             rules[key] = _CHAR
@@ -303,7 +329,7 @@ def schema_rules(parts: list[tuple[dict[str, Any], str]]) -> tuple[dict[str, str
 
 def grammar_for_schema(schema: dict[str, Any]) -> str:
     """A GBNF grammar (root rule `root`) whose every sentence is JSON the schema may accept."""
-    rules, (top,) = schema_rules([(schema, "answer")])
+    rules, (top,) = schema_rules([(schema, "answer", "response_format")])
     rules["root"] = top
     return format_rules(rules)
 

@@ -91,11 +91,14 @@ def structured_grammar(
     if choice == "none" or not callable_:
         if schema is None:
             return None
-        parts = [(schema, "answer")]
+        parts = [(schema, "answer", "response_format")]
     else:
-        parts = [(_call_schema(t), f"fn{i}") for i, t in enumerate(callable_)]
+        parts = [
+            (_call_schema(t), f"fn{i}", f"the parameters of tool {t.name}")
+            for i, t in enumerate(callable_)
+        ]
         if schema is not None and choice == "auto":
-            parts.append((schema, "answer"))
+            parts.append((schema, "answer", "response_format"))
     rules, tops = schema_rules(parts)
     if choice == "none" or not callable_:
         rules["root"] = tops[0]
