@@ -76,7 +76,9 @@ def test_tool_grammars_parse_and_keep_definitions_apart(vocab):
             assert choice == "none" and schema is None
             continue
         assert parses(vocab, grammar), (choice, only, parallel)
-    rules = dict(line.split(" ::= ", 1) for line in structured_grammar(None, tools).splitlines())
+    grammar = structured_grammar(None, tools)
+    assert grammar is not None
+    rules = dict(line.split(" ::= ", 1) for line in grammar.splitlines())
     assert '"\\"n\\""' in rules["fn0-Item-n-kv"] and '"\\"s\\""' in rules["fn1-Item-s-kv"]
 
 
@@ -170,7 +172,7 @@ def test_call_parser_auto_text_and_cut_calls():
 
 
 def test_prompt_without_tool_support_in_the_template():
-    history = [
+    history: list[dict[str, Any]] = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Stock?"},
         {"role": "assistant", "content": "",
