@@ -91,6 +91,7 @@ def test_strings_never_hold_raw_control_characters():
     ("schema", "named"),
     [
         ({"type": "integer", "minimum": 0}, "minimum"),
+        ({"oneOf": [{"type": "integer"}, {"type": "number"}]}, "oneOf"),
         ({"type": "number", "multipleOf": 2}, "multipleOf"),
         ({"type": "string", "format": "email"}, "email"),
         ({"properties": {"a": {"not": {}}}}, "properties.a: unsupported keyword not"),

@@ -15,6 +15,7 @@ LengthFinishReasonError on it).
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from dataclasses import dataclass, field
@@ -171,6 +172,8 @@ class Structure:
     choice: ToolChoice = "none"
     only: str | None = None
     parallel: bool = True
+    #: The request has stop sequences (one may cut a structured answer short).
+    stops: bool = False
 
     @classmethod
     def of(cls, body: dict[str, Any]) -> Structure:
@@ -179,7 +182,8 @@ class Structure:
         parallel = body.get("parallel_tool_calls")
         if parallel not in (None, True, False):
             raise BadField("parallel_tool_calls", "must be true or false")
-        return cls(response_format(body), declared, choice, only, parallel is not False)
+        stops = bool(body.get("stop"))
+        return cls(response_format(body), declared, choice, only, parallel is not False, stops)
 
     def fields(self) -> dict[str, Any]:
         """The Generation's structured-output fields."""
@@ -225,22 +229,36 @@ class Structure:
         if self.spec is not None:
             try:
                 self.spec.validate(text)
-            except InvalidOutput:
-                if result.finish_reason == "length":
-                    raise _too_long(result) from None
-                raise
+            except InvalidOutput as exc:
+                raise self._cut(result, exc, _unfinished(text)) from None
             finish = "stop"  # complete, whatever token it ended on
         return {"role": "assistant", "content": text, "refusal": None}, finish
 
     def _check_complete(self, parser: CallParser, result: GenerationResult) -> None:
         if not parser.complete:
-            if result.finish_reason == "length":
-                raise _too_long(result)
-            raise InvalidOutput("the model's tool call was cut short")
+            raise self._cut(result, InvalidOutput("the model's tool call was cut short"), True)
+
+    def _cut(self, result: GenerationResult, error: ApplianceError, cut: bool) -> ApplianceError:
+        """Why a structured answer does not hold: the client's max_tokens or stop sequence cut
+        it short (a 400 naming the field), else `error` (a 502: the model's answer)."""
+        if cut and result.finish_reason == "length":
+            return _too_long(result)
+        if cut and self.stops and result.finish_reason == "stop":
+            # under a grammar the model itself can only end where the structure is complete
+            return BadField("stop", "a stop sequence cut the structured answer short")
+        return error
 
     # -- a stream ------------------------------------------------------------------------------
     def streamer(self) -> Streamer:
         return Streamer(self)
+
+
+def _unfinished(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return True
+    return False
 
 
 def _too_long(result: GenerationResult) -> ApplianceError:
@@ -292,10 +310,10 @@ class Streamer:
         if structure.spec is not None:
             try:
                 structure.spec.validate(text)
-            except InvalidOutput:
-                if result.finish_reason == "length":
+            except InvalidOutput as exc:
+                if result.finish_reason == "length" and _unfinished(text):
                     return "length"
-                raise
+                raise structure._cut(result, exc, _unfinished(text)) from None
             return "stop"
         return "length" if result.finish_reason == "length" else "stop"
 

@@ -5,9 +5,10 @@ llama.cpp's schema converter (`llama_cpp.llama_grammar`) skips what it cannot ex
 nothing: `minimum` on a number, `format: email`, `minLength` beside a `pattern` would be dropped
 and the model could produce anything there. So a schema is first checked against an allowlist
 of keywords the converter honours, and anything else is refused with the path and keyword
-named. What the grammar lets through is validated again with `jsonschema` (a `oneOf` compiles
-to "any of", a `stop` string can cut the JSON short): an answer is never returned as structured
-if it does not validate.
+named (`oneOf` too: a grammar cannot enforce "exactly one"). What the grammar lets through is
+validated again with `jsonschema` (a `format: date` grammar lets February 30th through, a
+`stop` string can cut the JSON short): an answer is never returned as structured if it does
+not validate.
 
 jsonschema and llama_cpp are imported on first use: a server that never sees a schema pays
 neither.
@@ -36,7 +37,7 @@ _ANNOTATIONS = frozenset(
 )  # fmt: skip
 #: What the converter enforces, by the kind of schema that may carry it.
 _ALLOWED = frozenset(
-    {"type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs", "definitions",
+    {"type", "enum", "const", "anyOf", "allOf", "$ref", "$defs", "definitions",
      "properties", "required", "additionalProperties", "items", "prefixItems", "minItems",
      "maxItems", "uniqueItems", "pattern", "format", "minLength", "maxLength"}
 )  # fmt: skip
@@ -109,6 +110,10 @@ def _check(schema: Any, path: str, depth: int) -> None:
         raise UnsupportedSchema(path, f"nested deeper than {MAX_SCHEMA_DEPTH} levels")
     if not isinstance(schema, dict):
         raise UnsupportedSchema(path, "boolean schemas are only supported as additionalProperties")
+    if "oneOf" in schema:
+        raise UnsupportedSchema(
+            path, "unsupported keyword oneOf: a grammar cannot enforce exactly one (use anyOf)"
+        )
     unknown = sorted(set(schema) - _ALLOWED - _ANNOTATIONS)
     if unknown:
         raise UnsupportedSchema(
@@ -118,7 +123,7 @@ def _check(schema: Any, path: str, depth: int) -> None:
             f"{'them' if len(unknown) > 1 else 'it'} (remove or check after generation)",
         )
     constraints = set(schema) - _ANNOTATIONS - {"$defs", "definitions"}
-    for key in ("$ref", "anyOf", "oneOf", "allOf"):
+    for key in ("$ref", "anyOf", "allOf"):
         if key in schema and constraints - {key}:
             others = ", ".join(sorted(constraints - {key}))
             raise UnsupportedSchema(path, f"{key} beside {others} is not supported")
@@ -152,7 +157,7 @@ def _check(schema: Any, path: str, depth: int) -> None:
     for key in ("$defs", "definitions"):
         for name, sub in (schema.get(key) or {}).items():
             _check(sub, f"{path}.{key}.{name}", depth + 1)
-    for key in ("anyOf", "oneOf", "allOf", "prefixItems"):
+    for key in ("anyOf", "allOf", "prefixItems"):
         for i, sub in enumerate(schema.get(key) or []):
             _check(sub, f"{path}.{key}[{i}]", depth + 1)
     items = schema.get("items")
@@ -314,7 +319,7 @@ def schema_rules(
             tops.append(converter.visit(resolved, name))  # type: ignore[no-untyped-call]
         except UnsupportedSchema:
             raise
-        except (AssertionError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        except Exception as exc:  # the converter asserts, indexes and recurses freely
             raise UnsupportedSchema(label, f"cannot be turned into a grammar: {exc}") from None
     rules: dict[str, str] = dict(converter._rules)
     if len(rules) > MAX_GRAMMAR_RULES:

@@ -200,6 +200,12 @@ async def test_max_tokens_before_the_json_closes(oai):
             model="tiny", messages=ASK, response_format=json_schema(schema), max_tokens=3
         )
     assert bad.value.param == "max_tokens" and "max_tokens" in bad.value.message
+    with pytest.raises(openai.BadRequestError) as bad:  # a stop sequence inside the JSON
+        await api.chat.completions.create(
+            model="tiny", messages=ASK, response_format=json_schema(schema), max_tokens=60,
+            stop=[":"],
+        )  # fmt: skip
+    assert bad.value.param == "stop"
     # a stream cannot take back what it sent: it ends with finish_reason "length", as OpenAI's
     stream = await api.chat.completions.create(
         model="tiny", messages=ASK, response_format=json_schema(schema), max_tokens=3, stream=True
