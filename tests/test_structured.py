@@ -59,7 +59,10 @@ def parses(vocab: Any, grammar: str) -> bool:
     "schema",
     [PART, OTHER_ITEM, {"type": "object"}, {"type": "integer"}, {"type": "array", "items": {}},
      {"anyOf": [{"type": "string", "maxLength": 2}, {"type": "number"}]},
-     {"type": "string", "pattern": "^a|b$"}, {"type": "string", "pattern": "^[^^\\]]\\/$"}],
+     {"type": "string", "pattern": "^a|b$"}, {"type": "string", "pattern": "^[^^\\]]\\/$"},
+     {"$defs": {"Node": {"type": "object", "properties": {"kids": {"type": "array",
+      "items": {"$ref": "#/$defs/Node"}, "maxItems": 2}}, "required": ["kids"]}},
+      "$ref": "#/$defs/Node"}],
 )  # fmt: skip
 def test_grammars_parse_in_llama_cpp(vocab, schema):
     check_schema(schema, "s")

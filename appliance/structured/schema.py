@@ -16,6 +16,7 @@ neither.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from ..errors import ApplianceError, InvalidInput
 MAX_SCHEMA_DEPTH = 32
 #: Most grammar rules one schema may turn into (a bound on the grammar llama.cpp parses).
 MAX_GRAMMAR_RULES = 2000
+#: Schemas (with where they were given) remembered as checked.
+CHECKED_SCHEMAS = 256
 #: What `{"type": "json_object"}` asks for: any JSON object.
 ANY_JSON_OBJECT: dict[str, Any] = {"type": "object"}
 
@@ -76,9 +79,22 @@ class JsonSpec:
 
 
 def json_spec(schema: Any, where: str) -> JsonSpec:
-    """A checked spec: 400 naming the path and keyword of anything unsupported."""
-    check_schema(schema, where)
+    """A checked spec: 400 naming the path and keyword of anything unsupported. A schema seen
+    before (clients send the same one request after request) is not checked again: the
+    metaschema check costs milliseconds, the lookup microseconds."""
+    if not isinstance(schema, dict):
+        raise UnsupportedSchema(where, "must be a JSON Schema object")
+    try:
+        key = json.dumps(schema, sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError):
+        raise UnsupportedSchema(where, "must be a JSON Schema object") from None
+    _checked(key, where)
     return JsonSpec(schema, where)
+
+
+@functools.lru_cache(maxsize=CHECKED_SCHEMAS)
+def _checked(key: str, where: str) -> None:
+    check_schema(json.loads(key), where)
 
 
 # -- checking ---------------------------------------------------------------------------------
@@ -315,7 +331,7 @@ def schema_rules(
     tops = []
     for schema, name, label in parts:
         try:
-            resolved = converter.resolve_refs(_normalized(schema, f"{name}-"), name)
+            resolved = converter.resolve_refs(_inlined(_normalized(schema, f"{name}-")), name)
             tops.append(converter.visit(resolved, name))  # type: ignore[no-untyped-call]
         except UnsupportedSchema:
             raise
@@ -330,6 +346,20 @@ def schema_rules(
         elif key.startswith("dot") and body in (r"[^\x0A\x0D]", r"[\U00000000-\U0010FFFF]"):
             rules[key] = _DOT
     return rules, tops
+
+
+def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
+    """A top-level `$ref` into the schema's own definitions replaced by what it names (the
+    converter skips the definitions beside a `$ref`, and the references inside them)."""
+    ref = schema.get("$ref")
+    if not isinstance(ref, str):
+        return schema
+    head, _, last = ref.rpartition("/")
+    defs = schema.get(head[2:]) if head in ("#/$defs", "#/definitions") else None
+    if not isinstance(defs, dict) or not isinstance(defs.get(last), dict):
+        return schema
+    rest = {k: v for k, v in schema.items() if k != "$ref"}
+    return {**defs[last], **rest}
 
 
 def grammar_for_schema(schema: dict[str, Any]) -> str:
