@@ -456,3 +456,19 @@ async def test_in_a_worker_process_too(oai):
         parallel_tool_calls=False, **GREEDY,
     )  # fmt: skip
     assert_calls(call.choices[0].message, names=("ping",))
+
+
+async def test_auto_with_a_response_format_and_the_beta_helper(tool_api):
+    """tool_choice auto beside a json_schema: a call, or JSON valid against the schema; the
+    client's `beta.chat.completions.parse` (an alias kept for older code) works the same."""
+    schema = SCHEMAS["enum"]
+    strict = {**LOOKUP, "function": {**LOOKUP["function"], "strict": True}}  # parse() wants it
+    out = await tool_api.beta.chat.completions.parse(
+        model="tiny", messages=ASK, tools=[strict], response_format=json_schema(schema),
+        max_tokens=100, parallel_tool_calls=False, **GREEDY,
+    )  # fmt: skip
+    message = out.choices[0].message
+    if message.tool_calls:
+        assert_calls(message, names=("lookup",))
+    else:
+        jsonschema.validate(json.loads(message.content or ""), schema)
