@@ -38,6 +38,26 @@ class Generation:
     sampling: Sampling = field(default_factory=Sampling)
     #: Its priority level (1 = highest; None = the model's default).
     priority: int | None = None
+    #: Structured output (appliance.structured): the answer must be JSON valid against this
+    #: (checked) JSON Schema; None: free text.
+    schema: dict[str, Any] | None = None
+    #: Functions the model may call: {"name", "description", "parameters"} each (checked).
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    #: "auto", "none" or "required"; with `tool_name`, the one function a call must be.
+    tool_choice: Literal["auto", "none", "required"] = "auto"
+    tool_name: str | None = None
+    parallel_tool_calls: bool = True
+
+    def structure(self) -> dict[str, Any]:
+        """The structured-output fields, as plain data (they cross to worker processes and
+        into cache keys with the rest of the request)."""
+        return {
+            "schema": self.schema,
+            "tools": self.tools,
+            "tool_choice": self.tool_choice,
+            "tool_name": self.tool_name,
+            "parallel_tool_calls": self.parallel_tool_calls,
+        }
 
 
 @dataclass

@@ -25,13 +25,16 @@ from ..errors import ApplianceError, InvalidInput, NotFound
 from ..llm import Generation, GenerationResult, Sampling, TextModel
 from ..request import Request, RequestPath
 from ..routing import Router
+from .openai_structured import BadField, Streamer, Structure, message_fields
 
 MAX_EMBEDDING_INPUTS = 2048
 _FINGERPRINT = f"appliance-{__version__}"
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                 "X-Accel-Buffering": "no"}  # fmt: skip
-_UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "logprobs", "top_logprobs",
-                "logit_bias", "audio", "modalities", "prediction")  # fmt: skip
+_UNSUPPORTED = ("functions", "function_call", "logprobs", "top_logprobs", "logit_bias", "audio",
+                "modalities", "prediction")  # fmt: skip
+#: Chat-only fields (openai_structured.py), refused on /v1/completions.
+_CHAT_ONLY = ("tools", "tool_choice", "parallel_tool_calls")
 #: Fields of OpenAI's schema that change nothing here: accepted, their JSON type still checked.
 _IGNORED: dict[str, tuple[type, ...]] = {
     "user": (str,), "metadata": (dict, type(None)), "store": (bool, type(None)),
@@ -55,12 +58,6 @@ def openai_error(exc: ApplianceError) -> dict[str, Any]:
             "code": code.get(exc.status),
         }
     }
-
-
-class BadField(InvalidInput):
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(f"'{param}': {message}")
-        self.param = param
 
 
 def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -126,15 +123,15 @@ def _absent(value: Any) -> bool:
     return value is None or value is False or (isinstance(value, (list, dict)) and not value)
 
 
-def _sampling(body: dict[str, Any], n_ctx: int) -> Sampling:
-    for key in _UNSUPPORTED:
+def _sampling(body: dict[str, Any], n_ctx: int, chat: bool = False) -> Sampling:
+    for key in _UNSUPPORTED if chat else _UNSUPPORTED + _CHAT_ONLY:
         if not _absent(body.get(key)):
             raise BadField(key, "is not supported by this server")
     n = body.get("n")
     if n is not None and (isinstance(n, bool) or n != 1):
         raise BadField("n", "only n = 1 is supported")
     fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
+    if not chat and fmt is not None and fmt != {"type": "text"}:
         raise BadField("response_format", "only {'type': 'text'} is supported")
     stop = body.get("stop")
     if stop is None:
@@ -193,9 +190,14 @@ def _messages(body: dict[str, Any], prompt: str | None = None) -> list[dict[str,
         role = m.get("role")
         if role == "developer":
             role = "system"
-        if role not in ("system", "user", "assistant"):
-            raise BadField(f"{where}.role", f"must be system, user or assistant, got {role!r}")
+        if role not in ("system", "user", "assistant", "tool"):
+            raise BadField(
+                f"{where}.role", f"must be system, user, assistant or tool, got {role!r}"
+            )
+        extra = message_fields(m, where, role)
         content = m.get("content")
+        if content is None and "tool_calls" in extra:
+            content = ""
         if isinstance(content, list):
             parts = []
             for j, part in enumerate(content):
@@ -209,7 +211,7 @@ def _messages(body: dict[str, Any], prompt: str | None = None) -> list[dict[str,
             content = "".join(parts)
         if not isinstance(content, str):
             raise BadField(f"{where}.content", "must be a string or a list of text parts")
-        out.append({"role": role, "content": content})
+        out.append({"role": role, "content": content, **extra})
     return out
 
 
@@ -296,7 +298,9 @@ async def chat_completions(
     name = _model_name(body)
     _, backend = _text_model(paths.router, name, "chat")
     messages = _messages(body, _template(paths.router, name, body))
-    gen = Generation("chat", messages=messages, sampling=_sampling(body, _n_ctx(backend)))
+    structure = Structure.of(body)
+    sampling = _sampling(body, _n_ctx(backend), chat=True)
+    gen = Generation("chat", messages=messages, sampling=sampling, **structure.fields())
     stream, include_usage = _stream_flags(body)
     cid, created = f"chatcmpl-{random.getrandbits(96):024x}", int(time.time())
 
@@ -306,20 +310,21 @@ async def chat_completions(
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
 
     if stream:
+        out: Streamer = structure.streamer()
         return await _stream(
             request, paths, req, name, gen, body, include_usage,
             first=chunk({"role": "assistant", "content": ""}, None),
-            piece=lambda text: chunk({"content": text}, None),
-            last=lambda result: chunk({}, _finish(result.finish_reason)),
+            piece=lambda text: [chunk(delta, None) for delta in out.deltas(text)],
+            last=lambda result: chunk({}, out.finish(result)),
             usage_chunk=lambda usage: {**chunk({}, None), "choices": [], "usage": usage},
         )  # fmt: skip
     _, result = await paths.generate(req, name, gen, body)
+    message, finish = structure.message(result)
     return _json({
         "id": cid, "object": "chat.completion", "created": created, "model": name,
         "system_fingerprint": _FINGERPRINT,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text,
-                                             "refusal": None},
-                     "finish_reason": _finish(result.finish_reason), "logprobs": None}],
+        "choices": [{"index": 0, "message": message, "finish_reason": finish,
+                     "logprobs": None}],
         "usage": _usage(result),
     }, headers=req.served.headers())  # fmt: skip
 
@@ -356,7 +361,7 @@ async def completions(request: web.Request, paths: RequestPath, req: Request) ->
         return await _stream(
             request, paths, req, name, gen, body, include_usage,
             first=None,
-            piece=lambda text: chunk(text, None),
+            piece=lambda text: [chunk(text, None)],
             last=lambda result: chunk("", _finish(result.finish_reason)),
             usage_chunk=lambda usage: {**chunk("", None), "choices": [], "usage": usage},
         )  # fmt: skip
@@ -418,7 +423,7 @@ async def _stream(
     body: dict[str, Any],
     include_usage: bool,
     first: dict[str, Any] | None,
-    piece: Callable[[str], dict[str, Any]],
+    piece: Callable[[str], list[dict[str, Any]]],
     last: Callable[[GenerationResult], dict[str, Any]],
     usage_chunk: Callable[[dict[str, int]], dict[str, Any]],
 ) -> web.StreamResponse:
@@ -444,14 +449,16 @@ async def _stream(
         if first is not None:
             await response.write(_sse(first))
         while item is not None:
-            await response.write(_sse(piece(item)))
+            for event in piece(item):
+                await response.write(_sse(event))
             item = await queue.get()
         try:
             _, result = task.result()
+            end = last(result)
         except ApplianceError as exc:
             await response.write(_sse(openai_error(exc)))
         else:
-            await response.write(_sse(last(result)))
+            await response.write(_sse(end))
             if include_usage:
                 await response.write(_sse(usage_chunk(_usage(result))))
         await response.write(b"data: [DONE]\n\n")

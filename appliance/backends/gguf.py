@@ -25,6 +25,7 @@ from ..device import Placement, settle, want_accelerator
 from ..errors import InferenceFailed, InvalidInput, ModelError
 from ..llm import Cancelled, EmbeddingResult, Emit, Generation, GenerationResult
 from ..manifest import Manifest
+from ..structured.tools import Tool, prompt_messages, structured_grammar, template_knows_tools
 from ..tensors import Signature, TensorSpec
 from .base import Backend, LoadContext
 from .gguf_file import GgufInfo, read_model
@@ -176,6 +177,8 @@ class GgufBackend(Backend):
         self.has_chat_template = bool(
             cfg.chat_template or "tokenizer.chat_template" in info.metadata
         )
+        template = cfg.chat_template or info.metadata.get("tokenizer.chat_template")
+        self._knows_tools = template_knows_tools(template if isinstance(template, str) else None)
 
     # -- text ------------------------------------------------------------------------------
     def _take(self) -> Any:
@@ -216,7 +219,14 @@ class GgufBackend(Backend):
         kwargs = self._kwargs(request)
         chat = request.kind == "chat"
         if chat:
-            stream = llm.create_chat_completion(messages=request.messages, stream=True, **kwargs)
+            messages, tools = request.messages, None
+            if request.tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+                listed = [] if request.tool_choice == "none" else [Tool(**t) for t in request.tools]
+                messages, tools = prompt_messages(messages, listed, self._knows_tools)
+            grammar = _grammar(llm, request)
+            stream = llm.create_chat_completion(
+                messages=messages, tools=tools, grammar=grammar, stream=True, **kwargs
+            )
         else:
             stream = llm.create_completion(prompt=request.prompt, stream=True, **kwargs)
         pieces: list[str] = []
@@ -285,6 +295,30 @@ class GgufBackend(Backend):
             with contextlib.suppress(Exception):  # best effort at shutdown
                 llm.close()
         self._all = []
+
+
+def _grammar(llm: Any, request: Generation) -> Any:
+    """The llama.cpp grammar holding a chat to its response_format and tools (None: free).
+
+    llama.cpp answers a grammar it cannot parse with a null sampler, and llama-cpp-python adds
+    it to the chain regardless (a crash at the first token): the text is parsed once here
+    first, and refused as the client's 400 if it does not parse."""
+    tools = [Tool(**t) for t in request.tools]
+    text = structured_grammar(
+        request.schema, tools, request.tool_choice, request.tool_name, request.parallel_tool_calls
+    )
+    if text is None:
+        return None
+    llama_cpp = _llama()
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    sampler = llama_cpp.llama_sampler_init_grammar(vocab, text.encode("utf-8"), b"root")
+    if not sampler:
+        raise InvalidInput(
+            "llama.cpp cannot parse the grammar made from this schema (a pattern it cannot "
+            "express?)"
+        )
+    llama_cpp.llama_sampler_free(sampler)
+    return llama_cpp.LlamaGrammar.from_string(text, verbose=False)
 
 
 def _signature(mode: str, dim: int) -> Signature:

@@ -400,6 +400,7 @@ class IsolatedTextBackend(IsolatedBackend):
                 "messages": request.messages,
                 "prompt": request.prompt,
                 "sampling": asdict(request.sampling),
+                **request.structure(),
             },
         }
         answer, _ = self.supervisor.call(doc, {}, emit, cancelled)

@@ -177,6 +177,9 @@ def _handle(
     if call == "generate":
         g = doc["generation"]
         request = Generation(g["kind"], g["messages"], g["prompt"], Sampling(**g["sampling"]))
+        for key in Generation("chat").structure():
+            if key in g:
+                setattr(request, key, g[key])
         emit = channel.send_piece if doc.get("stream") else None
         gen = backend.generate(request, emit, _cancelled(channel))
         return {

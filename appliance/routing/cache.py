@@ -128,7 +128,8 @@ def generation_key(name: str, version: str, request: Generation) -> str | None:
     s = request.sampling
     if s.temperature != 0 and s.seed is None:
         return None
-    body = [name, version, request.kind, request.messages, request.prompt, vars(s)]
+    body = [name, version, request.kind, request.messages, request.prompt, vars(s),
+            request.structure()]  # fmt: skip
     return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
