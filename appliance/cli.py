@@ -68,6 +68,19 @@ def _json_object(value: str | None, flag: str) -> dict[str, Any] | None:
     return obj
 
 
+def _templates(values: list[str] | None) -> dict[str, Path]:
+    """--template FORMAT=FILE, repeated: format -> template file."""
+    out: dict[str, Path] = {}
+    for value in values or ():
+        fmt, sep, file = value.partition("=")
+        if not sep or not fmt or not file:
+            raise ConfigError(f"--template {value!r}: expected FORMAT=FILE (html=report.html.j2)")
+        if fmt in out:
+            raise ConfigError(f"--template: format {fmt!r} is given twice")
+        out[fmt] = Path(file)
+    return out
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .registry import describe
 
@@ -81,6 +94,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             activate=not args.no_activate,
             preprocess=_json_object(args.preprocess, "--preprocess"),
             postprocess=_json_object(args.postprocess, "--postprocess"),
+            templates=_templates(args.template),
         )
         m = mv.manifest
         state = "active" if not args.no_activate else "inactive"
@@ -254,6 +268,10 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--no-activate", action="store_true", help="add without activating")
     a.add_argument("--preprocess", metavar="JSON", help="pre-processing (a file or JSON text)")
     a.add_argument("--postprocess", metavar="JSON", help="post-processing (a file or JSON text)")
+    a.add_argument(
+        "--template", action="append", metavar="FORMAT=FILE",
+        help="a report template (Jinja2) for output format html, markdown or text; repeatable",
+    )  # fmt: skip
     msub.add_parser("list", help="list models and versions")
     act = msub.add_parser("activate", help="make a version the active one")
     act.add_argument("name")
