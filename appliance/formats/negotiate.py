@@ -55,9 +55,9 @@ def choose(asked: Any, accept: str | None, offered: Sequence[str], what: str,
     best: tuple[float, int, int] | None = None
     chosen = None
     for order, fmt in enumerate(offered):
-        for media in MEDIA_TYPES[fmt]:
+        for alias, media in enumerate(MEDIA_TYPES[fmt]):
             score = _score(media, ranges)
-            if score is None:
+            if score is None or (alias and score[1] < 2):  # an alias counts named exactly
                 continue
             key = (score[0], score[1], -order)
             if best is None or key > best:

@@ -34,7 +34,8 @@ def as_text(array: Array, what: str, fmt: str) -> Array:
     if kind in "iu":
         return array.astype(str)
     flat = [_decode(item, what, fmt) for item in array.reshape(-1)]
-    return np.array(flat, dtype=object).reshape(array.shape)
+    texts: Array = np.array(flat, dtype=object).reshape(array.shape)
+    return texts
 
 
 def _decode(item: Any, what: str, fmt: str) -> str:
