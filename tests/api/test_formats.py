@@ -38,7 +38,11 @@ STRINGS = {
          "data": ["plain", "a,b \"quoted\"\nline", "<b>bold</b> & é"]}
     ]
 }  # fmt: skip
-CASES = [("multi_io", MULTI_IO), ("sample", SAMPLE), ("strings", STRINGS)]
+CASES: list[tuple[str, dict[str, Any]]] = [
+    ("multi_io", MULTI_IO),
+    ("sample", SAMPLE),
+    ("strings", STRINGS),
+]
 
 HTML = """<!doctype html><title>{{ model_name }}</title>
 <h1>{{ model_name }} v{{ model_version }}</h1><p id="rid">{{ id }}</p>
