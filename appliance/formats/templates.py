@@ -18,11 +18,13 @@ on every device): jinja2.sandbox.ImmutableSandboxedEnvironment (no attributes st
 an underscore, no internals, no changing lists or dicts), no loader (no include, import or
 extends: no file access), autoescaping for HTML, undefined names and refused attributes are
 errors rather than empty text. On top, the limits of [models.NAME.formats]:
-  render_timeout_s      a render runs in a thread of its own under a trace function that
-                        stops it once the time is spent (loops included)
+  render_timeout_s      a render runs in a thread of its own; at its deadline the event
+                        loop raises an exception in that thread (loops included; costs
+                        nothing until then, unlike a trace function on every line)
   max_output_bytes      the report's size; also the largest string or list a template may
-                        build (`*`, `+`, `%`, filters such as center and replace are checked
-                        before they run; str.format, lipsum and widening str methods are gone)
+                        build (`*`, `+`, `%`, the arguments of every call, macros included,
+                        and filters such as center and replace are checked before they run;
+                        str.format, lipsum and widening str methods are gone)
   max_elements          output elements a report is given (see formats/__init__.py)
   max_template_bytes    a template file's size
 A template that breaks a limit or the sandbox fails the request with a 500 naming the template,
@@ -32,14 +34,14 @@ its line and the limit; the server goes on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import re
-import sys
 import threading
-import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InferenceFailed, ModelError
@@ -53,8 +55,7 @@ if TYPE_CHECKING:
     from ..codec import InferResponse
     from ..config import FormatsConfig
 
-#: The file name Jinja2 gives code compiled from a string: the frames the trace function
-#: watches (and where error lines are found).
+#: The file name Jinja2 gives code compiled from a string (where error lines are found).
 _TEMPLATE_FILE = "<template>"
 #: Renders running at once (each bounded by its render_timeout_s); more wait their turn.
 RENDER_THREADS = 2
@@ -110,6 +111,17 @@ _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
+@functools.lru_cache(maxsize=256)
+def _printf_width(fmt: str) -> str | None:
+    """The first %-conversion of `fmt` whose width or precision is `*` or above the limit
+    (a report's format strings are few: cached)."""
+    for m in _PRINTF_NUMBER.finditer(fmt):
+        for group in m.groups():
+            if group == "*" or (group and int(group) > MAX_FILTER_NUMBER):
+                return m.group()
+    return None
+
+
 class RenderLimit(Exception):
     """A template went past a limit (raised inside the render, turned into a 500)."""
 
@@ -148,10 +160,9 @@ class _Sandbox:
                 )
 
         def check_printf(fmt: str) -> None:
-            for m in _PRINTF_NUMBER.finditer(fmt):
-                for group in m.groups():
-                    if group == "*" or (group and int(group) > MAX_FILTER_NUMBER):
-                        raise refuse(f"format {m.group()!r}: widths above {MAX_FILTER_NUMBER}")
+            bad = _printf_width(fmt)
+            if bad is not None:
+                raise refuse(f"format {bad!r}: widths above {MAX_FILTER_NUMBER}")
 
         class Env(ImmutableSandboxedEnvironment):
             intercepted_binops = frozenset({"*", "**", "+", "%"})
@@ -183,6 +194,13 @@ class _Sandbox:
                 if isinstance(obj, str) and callable(value) and attr not in SAFE_STR_METHODS:
                     return False
                 return super().is_safe_attribute(obj, attr, value)
+
+            def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+                for value in (*args, *kwargs.values()):  # a macro calling itself with s ~ s
+                    size = _size(value)
+                    if size is not None:
+                        check_size(size, "a call's argument")
+                return super().call(__context, __obj, *args, **kwargs)
 
             def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
                 return None  # str.format and format_map: refused by is_safe_attribute
@@ -260,22 +278,26 @@ class Templates:
     ) -> bytes:
         """The report for `response`, rendered in a thread under the limits."""
         file, template = self._compiled[fmt]
-        future = _executor().submit(self._render, fmt, file, template, response, parameters)
-        # The trace function ends the render at its deadline; this one only guards against a
-        # render stuck in one long C call (then its thread finishes that call on its own).
+        watch = _Watch(asyncio.get_running_loop(), self.limits.render_timeout_s)
+        future = _executor().submit(self._render, fmt, file, template, response, parameters, watch)
+        # The watch ends the render at its deadline; this one only guards against a render
+        # stuck in one long C call (its thread then finishes that call on its own).
         backstop = self.limits.render_timeout_s + 5.0
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), backstop)
         except asyncio.TimeoutError:
             raise InferenceFailed(self._stopped(fmt, file, None, "did not finish")) from None
+        finally:
+            watch.disarm()
 
     def _stopped(self, fmt: str, file: str, line: int | None, why: str) -> str:
         at = f" line {line}" if line else ""
         return f"{self.where}: template {fmt!r} ({file}{at}): {why}"
 
     def _render(self, fmt: str, file: str, template: Template, response: InferResponse,
-                parameters: Mapping[str, Any]) -> bytes:  # fmt: skip
+                parameters: Mapping[str, Any], watch: _Watch) -> bytes:  # fmt: skip
         limits = self.limits
+        watch.start()
         try:
             context = {
                 "model_name": response.model_name,
@@ -289,11 +311,8 @@ class Templates:
                 "parameters": dict(response.parameters or {}),
                 "request_parameters": dict(parameters),
             }
-            deadline = time.monotonic() + limits.render_timeout_s
             parts: list[str] = []
             total = 0
-            tracer = _tracer(deadline, limits)
-            sys.settrace(tracer)
             try:
                 for chunk in template.generate(context):
                     total += len(chunk)
@@ -304,13 +323,17 @@ class Templates:
                         )
                     parts.append(chunk)
             finally:
-                sys.settrace(None)
+                watch.finish()
             body = "".join(parts).encode("utf-8")
             if len(body) > limits.max_output_bytes:
                 raise RenderLimit(
                     f"the report is longer than max_output_bytes ({limits.max_output_bytes})"
                 )
             return body
+        except RenderTimeout as exc:
+            limit = limits.render_timeout_s
+            why = f"render stopped: it took longer than render_timeout_s ({limit} s)"
+            raise InferenceFailed(self._stopped(fmt, file, _line(exc.__traceback__), why)) from None
         except RenderLimit as exc:
             raise InferenceFailed(
                 self._stopped(fmt, file, _line(exc.__traceback__), f"render stopped: {exc}")
@@ -327,29 +350,60 @@ class Templates:
             raise InferenceFailed(self._stopped(fmt, file, _line(exc.__traceback__), why)) from None
 
 
-def _tracer(deadline: float, limits: FormatsConfig) -> Callable[..., Any]:
-    """A trace function for the render thread: in template code, every line (loops included:
-    each turn is a line event) checks the deadline; every call into template code (a macro,
-    a recursive loop) checks the size of what it is given."""
-    clock = time.monotonic
-    max_chars = limits.max_output_bytes
-    timeout = limits.render_timeout_s
+class RenderTimeout(Exception):
+    """Raised inside a render thread at its deadline (by `_Watch`)."""
 
-    def trace(frame: FrameType, event: str, arg: Any) -> Any:
-        if frame.f_code.co_filename != _TEMPLATE_FILE:
-            return None
-        if clock() > deadline:
-            raise RenderLimit(f"it took longer than render_timeout_s ({timeout} s)")
-        if event == "call":
-            for value in frame.f_locals.values():
-                size = _size(value)
-                if size is not None and size > max_chars:
-                    raise RenderLimit(
-                        f"a value of {size} items is larger than max_output_bytes ({max_chars})"
-                    )
-        return trace
 
-    return trace
+def _raise_in(thread_id: int, exc: type[BaseException] | None) -> None:
+    """Raise `exc` in another thread at its next bytecode (None: drop one still pending)."""
+    import ctypes
+
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread_id), ctypes.py_object(exc) if exc is not None else None
+    )
+
+
+class _Watch:
+    """The deadline of one render: armed by the render thread when it starts (the wait in
+    the pool does not count), fired by the event loop, which raises RenderTimeout in that
+    thread. A pending exception is dropped when the render finishes first, under the lock,
+    so it can never reach the pool's next job."""
+
+    __slots__ = ("_done", "_fired", "_handle", "_lock", "_loop", "_thread", "_timeout")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self._loop = loop
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._thread = 0
+        self._done = self._fired = False
+        self._handle: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:  # render thread
+        self._thread = threading.get_ident()
+        with contextlib.suppress(RuntimeError):  # the loop closed: the backstop is moot too
+            self._loop.call_soon_threadsafe(self._arm)
+
+    def _arm(self) -> None:  # loop
+        if not self._done:
+            self._handle = self._loop.call_later(self._timeout, self._fire)
+
+    def _fire(self) -> None:  # loop
+        with self._lock:
+            if not self._done:
+                self._fired = True
+                _raise_in(self._thread, RenderTimeout)
+
+    def finish(self) -> None:  # render thread
+        with self._lock:
+            self._done = True
+            if self._fired:
+                _raise_in(self._thread, None)
+
+    def disarm(self) -> None:  # loop
+        self._done = True
+        if self._handle is not None:
+            self._handle.cancel()
 
 
 def _line(tb: TracebackType | None) -> int | None:

@@ -304,7 +304,7 @@ async def test_a_template_that_breaks_the_sandbox_fails_its_request_only(
     r = await post(client, path, SAMPLE, params={"format": "text"})
     assert r.status == 500
     error = (await r.json())["error"]
-    assert "template 'text' (forever.txt.j2 line 1): render stopped" in error
+    assert "template 'text' (forever.txt.j2" in error and "render stopped" in error
     assert "render_timeout_s (0.3 s)" in error
 
     r = await post(client, path, SAMPLE, params={"format": "markdown"})

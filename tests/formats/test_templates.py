@@ -88,7 +88,7 @@ def test_the_sandbox_refuses(source: str, message: str) -> None:
         ("{% set ns = namespace(s='x' * 1000) %}{% for i in range(20) %}"
          "{% set ns.s = ns.s ~ ns.s %}{% endfor %}", "namespace attribute 's'"),
         ("{% macro f(s) %}{{ f(s ~ s) }}{% endmacro %}{{ f('x' * 1000) }}",
-         "render stopped: a value of 128000 items is larger than max_output_bytes"),
+         "a call's argument would hold 128000 items"),
     ],
 )  # fmt: skip
 def test_values_that_would_grow_past_the_limit(source: str, message: str) -> None:
@@ -108,3 +108,30 @@ def test_time_and_size_limits() -> None:
 def test_syntax_errors_name_the_file_and_line() -> None:
     with pytest.raises(ModelError, match=r"template 'text' \(t.j2 line 2\): unexpected '}'"):
         compile_templates({"text": ("t.j2", "ok\n{{ } }}")}, LIMITS, "model 'm' version 1")
+
+
+def test_a_deadline_never_reaches_the_next_render() -> None:
+    """Renders ending just before, at or after their deadline, one after another in the same
+    pool threads: each either finishes whole or is stopped, and the next one is unharmed."""
+    limits = FormatsConfig(render_timeout_s=0.02)
+    source = "{% for i in range(request_parameters.n) %}{% for j in range(300) %}{% endfor %}" \
+        "{% endfor %}done"  # fmt: skip
+    templates = compile_templates({"text": ("t.j2", source)}, limits, "model 'm' version 1")
+
+    async def run(n: int) -> str:
+        try:
+            return (await templates.render("text", RESPONSE, {"n": n})).decode()
+        except ApplianceError as exc:
+            assert "render_timeout_s (0.02 s)" in exc.message
+            return "stopped"
+
+    async def main() -> list[str]:
+        out = []
+        for n in [1, 50, 100, 200, 400, 800, 1600, 3200] * 4:
+            out.append(await run(n))
+            out.append(await run(1))  # right after: never hit by the one before
+        return out
+
+    results = asyncio.run(main())
+    assert set(results) <= {"done", "stopped"} and "stopped" in results
+    assert results[1::2] == ["done"] * (len(results) // 2)
