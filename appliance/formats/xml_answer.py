@@ -1,4 +1,5 @@
-"""A KServe v2 answer as XML (written with xml.etree: only written, never parsed here).
+"""A KServe v2 answer as XML (only written, never parsed here: text by hand, escaped by
+xml.sax.saxutils; xml.etree's pure-Python serializer took 20 ms for a 1000-row answer).
 
     <?xml version='1.0' encoding='utf-8'?>
     <inference_response model_name="multi_io" model_version="1" id="req-1">
@@ -18,55 +19,63 @@ is one <v>. Element text is as in JSON answers (appliance/formats/values.py): Na
 
 from __future__ import annotations
 
-import xml.etree.ElementTree as ET
 from typing import Any
+from xml.sax.saxutils import escape, quoteattr
+
+import numpy as np
 
 from ..codec import InferResponse
 from ..tensors import datatype_of
 from .values import Array, as_text, check_xml_text
+
+_DECLARATION = "<?xml version='1.0' encoding='utf-8'?>\n"
 
 
 def encode_xml(response: InferResponse) -> bytes:
     attrs = {"model_name": response.model_name, "model_version": response.model_version}
     if response.id is not None:
         attrs["id"] = response.id
-    for key, value in attrs.items():
-        check_xml_text(value, f"the answer's {key}")
-    root = ET.Element("inference_response", attrs)
+    parts = [_DECLARATION, "<inference_response", *_attributes(attrs, "the answer's"), ">"]
     if response.parameters:
-        params = ET.SubElement(root, "parameters")
+        parts.append("<parameters>")
         for key, value in response.parameters.items():
-            item = ET.SubElement(params, "parameter", {"name": key})
-            item.text = check_xml_text(_scalar(value), f"parameter {key!r}")
+            what = f"parameter {key!r}"
+            parts += ("<parameter name=", quoteattr(check_xml_text(key, what)), ">",
+                      escape(check_xml_text(_scalar(value), what)), "</parameter>")  # fmt: skip
+        parts.append("</parameters>")
     for name, array in response.outputs.items():
         what = f"output {name!r}"
-        out = ET.SubElement(
-            root,
-            "output",
-            {
-                "name": check_xml_text(name, what),
-                "datatype": datatype_of(array),
-                "shape": " ".join(str(d) for d in array.shape),
-            },
-        )
+        shape = " ".join(str(d) for d in array.shape)
+        parts += ("<output", *_attributes({"name": name, "datatype": datatype_of(array),
+                                           "shape": shape}, what), ">")  # fmt: skip
         text = as_text(array, what, "xml")
-        if text.dtype.kind == "O":  # BYTES: text from the client's model, check each
-            for item in text.reshape(-1):
-                check_xml_text(item, what)
-        _fill(out, text)
-    body: bytes = ET.tostring(root, encoding="utf-8", xml_declaration=True)
-    return body
+        if text.dtype.kind == "O" and array.dtype.kind not in "fiub":
+            # BYTES: text from the model, checked and escaped (numbers need neither)
+            flat = [escape(check_xml_text(item, what)) for item in text.reshape(-1)]
+            text = np.array(flat, dtype=object).reshape(text.shape)
+        _fill(parts, text)
+        parts.append("</output>")
+    parts.append("</inference_response>")
+    return "".join(parts).encode("utf-8")
 
 
-def _fill(parent: ET.Element, text: Array) -> None:
+def _attributes(attrs: dict[str, str], what: str) -> list[str]:
+    return [f" {key}={quoteattr(check_xml_text(value, f'{what} {key}'))}"
+            for key, value in attrs.items()]  # fmt: skip
+
+
+def _fill(parts: list[str], text: Array) -> None:
+    """Elements as <v> items, each dimension above the last nested in <row>s."""
     if text.ndim == 0:
-        ET.SubElement(parent, "v").text = str(text[()])
+        parts += ("<v>", str(text[()]), "</v>")
     elif text.ndim == 1:
-        for item in text.tolist():
-            ET.SubElement(parent, "v").text = item
+        if text.size:
+            parts += ("<v>", "</v><v>".join(text.tolist()), "</v>")
     else:
         for sub in text:
-            _fill(ET.SubElement(parent, "row"), sub)
+            parts.append("<row>")
+            _fill(parts, sub)
+            parts.append("</row>")
 
 
 def _scalar(value: Any) -> str:
