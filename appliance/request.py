@@ -241,10 +241,13 @@ class RequestPath:
     ) -> tuple[bytes, str]:
         """The answer in the request's chosen format when it is not JSON (JSON stays with the
         codec, which also writes binary tensors): its bytes and Content-Type."""
-        try:
-            limits = self.engine.model(result.model_name).config.formats
-        except ApplianceError:  # unloaded meanwhile: its settings are gone with it
-            limits = self.engine.config.model_defaults.formats
+        if result.templates is not None:  # a model's, or a pipeline's, with its limits
+            limits = result.templates.limits
+        else:
+            try:
+                limits = self.engine.model(result.model_name).config.formats
+            except ApplianceError:  # not an engine model (unloaded meanwhile, a pipeline)
+                limits = self.engine.config.model_defaults.formats
         with req.bound():
             return await encode(req.format, result, body.parameters, limits)
 
