@@ -52,3 +52,15 @@ def test_empty_and_mismatched_tables() -> None:
         encode_csv(answer(a=np.zeros(2), b=np.zeros(3)))
     with pytest.raises(NotAcceptable, match=r"output 's' has shape \[\]"):
         encode_csv(answer(s=np.array(1.0)))
+
+
+def test_names_and_text_are_escaped() -> None:
+    name = "out/1:a\"b'&<c>"
+    texts = np.array(["<&>\"'", "é\ttab\nline"], dtype=object)
+    body = encode_xml(
+        InferResponse("m&m", "1", {name: texts, "n": np.array([1, 2])}, "id<1>", {"k": "<v>"})
+    )
+    attrs, got = xml_answer(body)
+    assert attrs == {"model_name": "m&m", "model_version": "1", "id": "id<1>"}
+    assert list(got) == [name, "n"] and got[name][2].tolist() == texts.tolist()
+    assert b'<parameter name="k">&lt;v&gt;</parameter>' in body
