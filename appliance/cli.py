@@ -74,6 +74,19 @@ def _json_object(value: str | None, flag: str, typed: bool = True) -> dict[str, 
     return obj
 
 
+def _templates(values: list[str] | None) -> dict[str, Path]:
+    """--template FORMAT=FILE, repeated: format -> template file."""
+    out: dict[str, Path] = {}
+    for value in values or ():
+        fmt, sep, file = value.partition("=")
+        if not sep or not fmt or not file:
+            raise ConfigError(f"--template {value!r}: expected FORMAT=FILE (html=report.html.j2)")
+        if fmt in out:
+            raise ConfigError(f"--template: format {fmt!r} is given twice")
+        out[fmt] = Path(file)
+    return out
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .registry import describe
 
@@ -89,6 +102,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             preprocess=_json_object(args.preprocess, "--preprocess"),
             postprocess=_json_object(args.postprocess, "--postprocess"),
             steps=_json_object(args.steps, "--steps", typed=False),
+            templates=_templates(args.template),
         )
         m = mv.manifest
         state = "active" if not args.no_activate else "inactive"
@@ -295,6 +309,10 @@ def parser() -> argparse.ArgumentParser:
         metavar="JSON",
         help='processing steps {"input": [step, ...], "output": [step, ...]} (a file or JSON text)',
     )
+    a.add_argument(
+        "--template", action="append", metavar="FORMAT=FILE",
+        help="a report template (Jinja2) for output format html, markdown or text; repeatable",
+    )  # fmt: skip
     msub.add_parser("list", help="list models and versions")
     act = msub.add_parser("activate", help="make a version the active one")
     act.add_argument("name")

@@ -10,13 +10,16 @@ import math
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
 
 from .errors import InvalidInput
 from .tensors import DATATYPES, FLOAT_TYPES, INT_TYPES, all_finite, datatype_of, max_abs
+
+if TYPE_CHECKING:
+    from .formats.templates import Templates
 
 _ORJSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
 
@@ -49,6 +52,9 @@ class InferResponse:
     id: str | None = None
     #: Response parameters: which task answered, whether from the cache (routing/router.py).
     parameters: dict[str, Any] | None = None
+    #: The report templates of the model (or pipeline) that answered, for the fronts to
+    #: render with when the client asked for one of their formats (appliance/formats).
+    templates: Templates | None = field(default=None, repr=False, compare=False)
 
 
 #: numpy's portable limit on dimensions (NPY_MAXDIMS is 32 before numpy 2).

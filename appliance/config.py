@@ -393,6 +393,22 @@ class TextConfig:
 
 
 @dataclass
+class FormatsConfig:
+    """Limits on answers given in a format other than JSON (appliance/formats/): XML, CSV and
+    the model's report templates (Jinja2, sandboxed; see formats/templates.py)."""
+
+    #: Most output elements an XML, CSV or templated answer may hold; a larger answer is
+    #: refused (406: ask for JSON, or binary tensors, instead). JSON has no such limit.
+    max_elements: int = field(default=200_000, metadata=at_least(1))
+    #: Longest a template may render, in seconds; it is stopped there (500 naming the limit).
+    render_timeout_s: float = field(default=1.0, metadata=above(0))
+    #: Largest rendered report, in bytes; also the largest string or list a template may build.
+    max_output_bytes: int = field(default=1024 * 1024, metadata=at_least(1024))
+    #: Largest template file accepted at `models add` and at load.
+    max_template_bytes: int = field(default=256 * 1024, metadata=at_least(1))
+
+
+@dataclass
 class BatchingConfig:
     """Dynamic batching: queued requests merged along dim 0 into one runtime call
     (see engine/batching.py)."""
@@ -545,6 +561,7 @@ class ModelConfig:
     tflite: TfliteConfig = field(default_factory=TfliteConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    formats: FormatsConfig = field(default_factory=FormatsConfig)
 
     def check(self) -> None:
         if self.retry_backoff_max_s < self.retry_backoff_s:

@@ -35,6 +35,13 @@ class NotFound(ApplianceError):
     status = 404
 
 
+class NotAcceptable(ApplianceError):
+    """The answer cannot be given in the format the client asked for (unknown, not offered by
+    this model, or an answer that format cannot hold, like a 3-D tensor as CSV)."""
+
+    status = 406
+
+
 class PayloadTooLarge(ApplianceError):
     status = 413
 

@@ -45,6 +45,9 @@ class Manifest:
     #: Further files of the version (a tokenizer, a validation report): plain file name ->
     #: {"sha256", "size"}; verify_file checks them with the model file.
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Report templates by output format ("html", "markdown", "text") -> a file of `files`
+    #: (Jinja2, rendered in a sandbox: appliance/formats/templates.py).
+    templates: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -64,6 +67,7 @@ class Manifest:
             **({"postprocess": self.postprocess} if self.postprocess is not None else {}),
             **({"steps": self.steps} if self.steps is not None else {}),
             **({"files": self.files} if self.files else {}),
+            **({"templates": self.templates} if self.templates else {}),
         }
 
     @classmethod
@@ -89,6 +93,7 @@ class Manifest:
                 postprocess=_optional_object(obj, "postprocess"),
                 steps=check_steps(obj.get("steps")),
                 files=_files(obj.get("files")),
+                templates=_templates(obj.get("templates")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"{where}: invalid manifest: {exc!s}") from None
@@ -103,6 +108,12 @@ class Manifest:
                 )
         if manifest.file in manifest.files or MANIFEST_NAME in manifest.files:
             raise ModelError(f"{where}: manifest 'files' repeats the model file or the manifest")
+        for fmt, file_name in manifest.templates.items():
+            if file_name not in manifest.files:
+                raise ModelError(
+                    f"{where}: manifest 'templates'[{fmt!r}] names {file_name!r}, which is not "
+                    "one of its 'files' (templates are verified like the model file)"
+                )
         return manifest
 
     def declared(self, side: Literal["input", "output"]) -> list[tuple[str, dict[str, Any]]]:
@@ -189,6 +200,25 @@ def _files(value: Any) -> dict[str, dict[str, Any]]:
             raise ValueError(f"'files'[{name!r}] must have an integer 'size'")
         out[str(name)] = {"sha256": entry["sha256"], "size": size}
     return out
+
+
+#: The output formats a template may give (appliance/formats: TEMPLATED).
+TEMPLATE_FORMATS = ("html", "markdown", "text")
+
+
+def _templates(value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError("'templates' must be an object of format -> template file name")
+    for fmt, file_name in value.items():
+        if fmt not in TEMPLATE_FORMATS:
+            raise ValueError(
+                f"'templates' has unknown format {fmt!r} (one of {', '.join(TEMPLATE_FORMATS)})"
+            )
+        if not isinstance(file_name, str) or not is_plain_name(file_name):
+            raise ValueError(f"'templates'[{fmt!r}] must be a plain file name")
+    return dict(value)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> tuple[str, int]:

@@ -155,6 +155,7 @@ class Registry:
         postprocess: dict[str, Any] | None = None,
         parameters: dict[str, Any] | None = None,
         steps: dict[str, Any] | None = None,
+        templates: Mapping[str, Path] | None = None,
     ) -> ModelVersion:
         """Copy a model file in as a new immutable version and (by default) activate it.
 
@@ -162,7 +163,10 @@ class Registry:
         beside it and hashed into the manifest's `files`; `parameters` go over the backend's.
         `preprocess` / `postprocess` / `steps` are written into the manifest (see
         appliance/steps/chain.py), checked against the model's inputs and outputs first: a
-        step type nobody knows or a wrong declaration refuses the model, and nothing is kept."""
+        step type nobody knows or a wrong declaration refuses the model, and nothing is kept.
+        `templates` (output format -> a Jinja2 file: appliance/formats/templates.py) are stored
+        as further files under their own names and compiled first, so a broken one is refused
+        here."""
         check_name(name, "model name")
         try:
             steps = check_steps(steps)
@@ -171,6 +175,12 @@ class Registry:
         if not source.is_file():
             raise ModelError(f"{source}: no such file")
         extras = dict(extra_files or {})
+        template_names = {}
+        for fmt, template in (templates or {}).items():
+            if extras.get(template.name, template) != template:
+                raise ModelError(f"two different files would be stored as {template.name!r}")
+            extras[template.name] = template
+            template_names[fmt] = template.name
         for extra_name, extra_source in extras.items():
             if not is_plain_name(extra_name) or extra_name == MANIFEST_NAME:
                 raise ModelError(f"invalid file name {extra_name!r} for a model version")
@@ -232,7 +242,15 @@ class Registry:
                 postprocess=postprocess,
                 steps=steps,
                 files=files,
+                templates=template_names,
             )
+            Manifest.from_json(manifest.to_json(), f"model {name!r} version {version}")
+            if template_names:
+                from .config import FormatsConfig
+                from .formats.templates import load_templates
+
+                where = f"model {name!r} version {version}"
+                load_templates(staging, template_names, FormatsConfig(), where)
             if manifest.processing != (None, None, None):
                 from .config import ModelConfig
                 from .steps.chain import build_chain

@@ -25,6 +25,9 @@ from typing import Any, Literal
 from .codec import InferRequest, InferResponse, shorten_deadline, timeout_ms
 from .engine import LoadedModel
 from .errors import ApplianceError, InvalidInput, Overloaded
+from .formats import JSON, encode
+from .formats import available as formats_of
+from .formats.negotiate import choose, is_plain
 from .llm import EmbeddingResult, Generation, GenerationResult
 from .logs import request_id, trace_id
 from .metrics import Metrics
@@ -102,6 +105,15 @@ class Request:
     #: Its name on the wire, for error messages.
     timeout_name: str = "timeout"
     priority_name: str = "priority"
+    #: The HTTP Accept header, unparsed (None: none, or not HTTP).
+    accept: str | None = None
+    #: A format named on the wire outside the body (an MQTT user property), unparsed; the
+    #: body's `parameters.format` wins over it.
+    format_asked: str | None = None
+    format_name: str = "parameters.format"
+    #: The format the answer takes, chosen by `RequestPath.infer` (appliance/formats); the
+    #: front encodes in it.
+    format: str = JSON
     #: Which model answered (filled in by the router).
     served: Served = field(default_factory=Served)
     status: int = 0
@@ -153,6 +165,9 @@ class RequestPath:
         expiry_s: float | None = None,
         timeout_name: str = "timeout",
         priority_name: str = "priority",
+        accept: str | None = None,
+        format: str | None = None,
+        format_name: str = "parameters.format",
     ) -> Request:
         """A request as it arrives: never raises (what it carries is checked when it runs, so
         that a malformed value is answered with the request's own id)."""
@@ -171,6 +186,9 @@ class RequestPath:
             priority,
             timeout_name,
             priority_name,
+            accept,
+            format,
+            format_name,
         )
 
     # -- stages ------------------------------------------------------------------------------
@@ -198,12 +216,40 @@ class RequestPath:
             shorten_deadline(body, req.expiry_s)
         if req.timeout_ms is not None:
             shorten_deadline(body, timeout_ms(req.timeout_ms, req.timeout_name))
+        if "format" in body.parameters or req.format_asked is not None or not is_plain(req.accept):
+            self._format(req, name, version, body)
         router = self.router
         if not body.priority and (req.priority is not None or router.tasks):
             body.priority = self._priority(req, name)
         key = router.key_for(name, body.parameters, req.meta) if router.tasks else None
         with req.bound():
             return await router.infer(name, version, body, key)
+
+    def _format(self, req: Request, name: str, version: str | None, body: InferRequest) -> None:
+        """The answer's format: the body's `format` parameter (taken out: it changes how the
+        answer is written, not what it holds), else the wire's, else Accept; checked against
+        what the model (for a task, the model it would use now) offers, before it runs."""
+        asked, field_name = body.parameters.pop("format", None), "parameters.format"
+        if asked is None:
+            asked, field_name = req.format_asked, req.format_name
+        model = self.router.resolve(name, version)
+        what = f"model {model.name!r} version {model.version}"
+        req.format = choose(asked, req.accept, formats_of(model.templates), what, field_name)
+
+    async def encode(
+        self, req: Request, result: InferResponse, body: InferRequest
+    ) -> tuple[bytes, str]:
+        """The answer in the request's chosen format when it is not JSON (JSON stays with the
+        codec, which also writes binary tensors): its bytes and Content-Type."""
+        if result.templates is not None:  # a model's, or a pipeline's, with its limits
+            limits = result.templates.limits
+        else:
+            try:
+                limits = self.engine.model(result.model_name).config.formats
+            except ApplianceError:  # not an engine model (unloaded meanwhile, a pipeline)
+                limits = self.engine.config.model_defaults.formats
+        with req.bound():
+            return await encode(req.format, result, body.parameters, limits)
 
     async def generate(
         self,

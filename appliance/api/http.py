@@ -30,6 +30,7 @@ from ..errors import (
     PayloadTooLarge,
     Unauthorized,
 )
+from ..formats import JSON
 from ..metrics import Metrics
 from ..registry import Registry, check_name
 from ..request import Request, RequestPath
@@ -125,6 +126,7 @@ def begin(path: RequestPath, method: str, target: str, route: str, headers: Any,
         priority=headers.get(PRIORITY_HEADER),
         timeout_name=TIMEOUT_HEADER,
         priority_name=PRIORITY_HEADER,
+        accept=headers.get("Accept"),
     )  # fmt: skip
 
 
@@ -308,8 +310,11 @@ async def infer(request: web.Request) -> web.Response:
         body = tensor_request(raw, request.headers.get("Inference-Header-Content-Length"))
     body.parameters.update(_query_parameters(request))
     result = await paths.infer(req, name, version, body)
-    payload, content_type, headers = encode_answer(result, body, name)
-    return web.Response(body=payload, content_type=content_type, headers=headers)
+    if req.format == JSON:
+        payload, content_type, headers = encode_answer(result, body, name)
+        return web.Response(body=payload, content_type=content_type, headers=headers)
+    payload, content_type, headers = await encode_formatted(paths, req, result, body, name)
+    return web.Response(body=payload, headers=headers)
 
 
 def check_length(content_length: int | None, limit: int) -> None:
@@ -325,7 +330,26 @@ def encode_answer(
     """A KServe v2 answer over HTTP: the body, its content type and the headers saying which
     model answered (both HTTP servers)."""
     payload, json_length = encode_response(result, body)
-    # Which model answered (for a task, the variant or the fallback): also in the body.
+    out = _served_headers(result, name)
+    if json_length is None:
+        return payload, _JSON, out
+    out["Inference-Header-Content-Length"] = str(json_length)
+    return payload, "application/octet-stream", out
+
+
+async def encode_formatted(
+    paths: RequestPath, req: Request, result: InferResponse, body: InferRequest, name: str
+) -> tuple[bytes, str, dict[str, str]]:
+    """An answer in the format the client chose, not JSON (appliance/formats), with its
+    Content-Type among the headers (both HTTP servers)."""
+    payload, content_type = await paths.encode(req, result, body)
+    out = _served_headers(result, name)
+    out["Content-Type"] = content_type
+    return payload, content_type, out
+
+
+def _served_headers(result: InferResponse, name: str) -> dict[str, str]:
+    """Which model answered (for a task, the variant or the fallback): also in the body."""
     out = {"X-Model-Name": result.model_name, "X-Model-Version": result.model_version}
     if result.parameters:
         if "task" in result.parameters:
@@ -333,10 +357,7 @@ def encode_answer(
             out["X-Fallback"] = "true" if result.parameters["fallback"] else "false"
         if result.parameters.get("cached"):
             out["X-Cache"] = "hit"
-    if json_length is None:
-        return payload, _JSON, out
-    out["Inference-Header-Content-Length"] = str(json_length)
-    return payload, "application/octet-stream", out
+    return out
 
 
 def tensor_request(body: bytes, header_length: str | None) -> InferRequest:

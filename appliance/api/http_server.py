@@ -37,6 +37,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from ..errors import ApplianceError, InferenceFailed
+from ..formats import JSON
 from ..request import Request, RequestPath
 from .http import (
     PATH,
@@ -47,6 +48,7 @@ from .http import (
     check_auth,
     check_length,
     encode_answer,
+    encode_formatted,
     error_parts,
     tensor_request,
 )
@@ -434,7 +436,11 @@ class Connection(asyncio.Protocol):
                     text_parameters(parse_qsl(head.query, keep_blank_values=True))
                 )
             result = await paths.infer(req, name, version, decoded)
-            payload, ctype, extra = encode_answer(result, decoded, name)
+            if req.format == JSON:
+                payload, ctype, extra = encode_answer(result, decoded, name)
+            else:
+                payload, ctype, extra = await encode_formatted(paths, req, result, decoded, name)
+                del extra["Content-Type"]  # written by _write
         except ApplianceError as exc:
             self._error(head, req, exc)
         except Exception:

@@ -22,13 +22,19 @@ from ..errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from ..preprocess.image import ImageSpec, check_content_type
 
 #: Request parameters a URL query, a multipart field or an MQTT user property may carry.
-PARAMETERS: dict[str, type] = {"top_k": int, "softmax": bool, "raw_quantized": bool}
+PARAMETERS: dict[str, type] = {
+    "top_k": int, "softmax": bool, "raw_quantized": bool,
+    # the answer's format (appliance/formats): json, xml, csv, or a report template's
+    "format": str,
+}  # fmt: skip
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
 
 def parse_parameter(key: str, value: str, kind: type) -> Any:
     """A text value (query string, form field, MQTT user property) as the parameter's type."""
     text = value.strip().lower()
+    if kind is str:
+        return value.strip()
     if kind is bool:
         if text in _TRUE:
             return True

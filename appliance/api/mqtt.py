@@ -52,6 +52,7 @@ from ..errors import (
     Overloaded,
     PayloadTooLarge,
 )
+from ..formats import JSON as JSON_FORMAT
 from ..metrics import Metrics
 from ..names import check_name
 from ..preprocess.image import check_content_type
@@ -91,6 +92,10 @@ REQUEST_ID_PROPERTY = "request-id"
 #: MQTT 5 user property with the request's priority level (1 = highest), when the JSON body's
 #: `parameters.priority` is absent (raw payloads have no body to carry it).
 PRIORITY_PROPERTY = "priority"
+#: MQTT 5 user property naming the reply's format (json, xml, csv, or one of the model's
+#: report templates: appliance/formats), when the JSON body's `parameters.format` is absent
+#: (MQTT 3.1.1 clients use that). The reply's Content-Type property says which it is.
+FORMAT_PROPERTY = "format"
 
 
 @dataclass(frozen=True)
@@ -407,6 +412,8 @@ class MqttService:
             expiry_s=float(m.expiry_s) if m.expiry_s else None,
             timeout_name=TIMEOUT_PROPERTY,
             priority_name=PRIORITY_PROPERTY,
+            format=user.get(FORMAT_PROPERTY),
+            format_name=f"the user property {FORMAT_PROPERTY!r}",
         )  # fmt: skip
 
     def _dispatch(self, m: Incoming) -> None:
@@ -467,7 +474,10 @@ class MqttService:
                 if raw:
                     request = raw_request(paths.router, route, m.payload, m.content_type)
                     # Other user properties (trace ids...) are the client's own business.
-                    known = [(k, v) for k, v in m.user_properties if k in PARAMETERS]
+                    known = [
+                        (k, v) for k, v in m.user_properties
+                        if k in PARAMETERS and k != FORMAT_PROPERTY
+                    ]  # fmt: skip
                     request.parameters.update(text_parameters(known))
                 else:
                     request = decode_request(m.payload)
@@ -476,8 +486,12 @@ class MqttService:
                 if request.outputs is not None:
                     request.outputs = dict.fromkeys(request.outputs, False)
                 response = await paths.infer(req, route.model, route.version, request)
-                body, _ = encode_response(response, request)
-                self._publish(address, body, m.correlation, 200, req.id)
+                content_type = JSON
+                if req.format == JSON_FORMAT:
+                    body, _ = encode_response(response, request)
+                else:
+                    body, content_type = await paths.encode(req, response, request)
+                self._publish(address, body, m.correlation, 200, req.id, content_type)
             except ApplianceError as exc:
                 status = paths.failed(req, exc)
                 self._reply_error(m, req, address, exc)
@@ -511,7 +525,8 @@ class MqttService:
         self._publish(address, orjson.dumps(body), m.correlation, exc.status, req.id)
 
     def _publish(self, address: tuple[str | None, str | None], body: bytes,
-                 correlation: bytes | None, status: int, rid: str) -> None:  # fmt: skip
+                 correlation: bytes | None, status: int, rid: str,
+                 content_type: str = JSON) -> None:  # fmt: skip
         topic, _ = address
         if not topic:
             return
@@ -521,7 +536,7 @@ class MqttService:
             from paho.mqtt.properties import Properties
 
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            props.ContentType = JSON
+            props.ContentType = content_type
             # the request id: the client's own (a `request-id` user property) or a new one,
             # as HTTP's X-Request-Id; it names the request in the appliance's logs
             props.UserProperty = [("status", str(status)), (REQUEST_ID_PROPERTY, rid)]

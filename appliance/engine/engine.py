@@ -20,6 +20,8 @@ from ..codec import InferRequest, InferResponse
 from ..config import Config, ModelConfig
 from ..device import Placement
 from ..errors import ApplianceError, InvalidInput, ModelError, NotFound, NotReady
+from ..formats import available as formats_available
+from ..formats.templates import Templates, load_templates
 from ..isolation import StateHook, load_backend
 from ..llm import EmbeddingResult, Generation, GenerationResult, TextModel
 from ..manifest import Manifest, verify_file
@@ -64,6 +66,8 @@ class LoadedModel:
     #: The steps around the model: image decoding, classification answers, raw quantized
     #: tensors (None: nothing declared, nothing quantized).
     chain: Chain | None = None
+    #: Its report templates, compiled at load (None: its manifest names none).
+    templates: Templates | None = None
 
     @property
     def name(self) -> str:
@@ -213,6 +217,11 @@ class Engine:
             model.chain = build_chain(
                 src.manifest, backend.signature, backend.quantization, model.config
             )
+            if src.manifest.templates:
+                where = f"model {model.name!r} version {model.version}"
+                model.templates = load_templates(
+                    src.path.parent, src.manifest.templates, model.config.formats, where
+                )
         except BaseException:
             backend.unload()
             raise
@@ -412,7 +421,9 @@ class Engine:
             raise
         metrics.outcomes["success"] += 1
         metrics.total.observe(time.perf_counter() - t0)
-        return InferResponse(model.name, model.version, result, request.id)
+        return InferResponse(
+            model.name, model.version, result, request.id, templates=model.templates
+        )
 
     def _successor(self, model: LoadedModel) -> tuple[LoadedModel, ModelRunner, ModelStats]:
         """The version that replaced `model`, if it declares the same steps (so it prepares
@@ -505,5 +516,6 @@ class Engine:
                 params["fallback_reason"] = p.fallback_reason
         if model.chain is not None:
             params.update(model.chain.describe())
+        params["formats"] = formats_available(model.templates)
         meta["parameters"] = params
         return meta

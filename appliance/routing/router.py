@@ -475,7 +475,9 @@ class Router:
             return response
 
         def hit(model: LoadedModel, cached: InferResponse) -> InferResponse:
-            return InferResponse(model.name, model.version, cached.outputs, request.id)
+            return InferResponse(
+                model.name, model.version, cached.outputs, request.id, templates=model.templates
+            )
 
         def attempt(model: str, pin: str | None) -> Awaitable[InferResponse]:
             return self._guard(
@@ -489,8 +491,9 @@ class Router:
         params = served.parameters()
         if params is not None:  # a new object: the cache may hold the one it came from
             response = InferResponse(
-                response.model_name, response.model_version, response.outputs, request.id, params
-            )
+                response.model_name, response.model_version, response.outputs, request.id,
+                params, response.templates,
+            )  # fmt: skip
         return response
 
     async def generate(
