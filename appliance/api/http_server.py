@@ -104,7 +104,7 @@ class _Headers(dict[str, str]):
 
 
 #: The names this module looks up are lower case already: no per-lookup `lower()` (the same
-#: headers as api/http.begin reads for the aiohttp routes).
+#: headers as api/http.begin reads for the aiohttp routes: keep the two in step).
 _get = dict.get
 _TIMEOUT = TIMEOUT_HEADER.lower()
 _PRIORITY = PRIORITY_HEADER.lower()
@@ -390,6 +390,7 @@ class Connection(asyncio.Protocol):
             priority=_get(h, _PRIORITY),
             timeout_name=TIMEOUT_HEADER,
             priority_name=PRIORITY_HEADER,
+            accept=_get(h, "accept"),
         )  # fmt: skip
         return req
 
