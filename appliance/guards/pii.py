@@ -47,9 +47,10 @@ _NATIONAL = {
 
 #: Chinese provinces (the first two digits of a resident ID).
 _PROVINCES = frozenset(
-    "11 12 13 14 15 21 22 23 31 32 33 34 35 36 37 41 42 43 44 45 46 50 51 52 53 54 "
-    "61 62 63 64 65 71 81 82 83 91".split()
-)
+    ("11", "12", "13", "14", "15", "21", "22", "23", "31", "32", "33", "34", "35", "36", "37",
+     "41", "42", "43", "44", "45", "46", "50", "51", "52", "53", "54", "61", "62", "63", "64",
+     "65", "71", "81", "82", "83", "91")
+)  # fmt: skip
 _CN_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
 
 _PEM = (
@@ -80,7 +81,10 @@ _PATTERNS: dict[str, str] = {
         r"(?<![0-9A-Za-z])[1-9]\d{5}(?:18|19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])"
         r"\d{3}[0-9Xx](?![0-9A-Za-z])"
     ),
-    "iban": r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?(?![A-Za-z0-9])",
+    "iban": (
+        r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?"
+        r"(?![A-Za-z0-9])"
+    ),
     "card": (
         r"(?<![0-9A-Za-z])(?:[2-6]\d{12,18}|[2-6]\d{3}([ -])\d{4}\1\d{4}\1\d{1,7}"
         r"|3\d{3}([ -])\d{6}\2\d{5})(?![0-9A-Za-z])"
@@ -100,9 +104,7 @@ _PATTERNS: dict[str, str] = {
     ),
 }
 #: Characters a value of a built-in entity may hold besides single spaces between groups.
-WORD_CHARS = frozenset(
-    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789@._%+-:()"
-)
+WORD_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789@._%+-:()")
 _SEP = re.compile(r"[ .-]")
 _DIGITS = re.compile(r"\d")
 
@@ -337,9 +339,7 @@ class PiiMasker:
         for c in self.custom:
             import re2
 
-            self.detectors.append(
-                Detector(c.name, re2.compile(c.regex), len, "", c.max_length)
-            )
+            self.detectors.append(Detector(c.name, re2.compile(c.regex), len, "", c.max_length))
         for entity in ENTITIES:
             if entity in self.entities:
                 self.detectors.append(

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from appliance.guards.pii import PiiMasker, Masking
+from appliance.guards.pii import Masking, PiiMasker
 from appliance.guards.stream import StreamMasker
 
 from . import corpus
@@ -61,7 +61,7 @@ def test_masking_styles() -> None:
 
 def _chunks(text: str, cuts: list[int]) -> list[str]:
     points = sorted({c % (len(text) + 1) for c in cuts})
-    return [text[a:b] for a, b in zip([0, *points], [*points, len(text)]) if b > a]
+    return [text[a:b] for a, b in zip([0, *points], [*points, len(text)], strict=True) if b > a]
 
 
 def _stream(masker: PiiMasker, pieces: list[str]) -> list[str]:
