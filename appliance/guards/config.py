@@ -24,13 +24,15 @@ Everything is off by default: a server answers what its models say until told ot
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
-from ..config import Invalid, at_least, between, matches
+from ..config import Invalid, _build, at_least, between, matches
 from .patterns import INJECTION, valid_pattern
 from .pii import ENTITIES
 
+T = TypeVar("T")
 _RULE_NAME = matches(
     r"[a-z][a-z0-9_]{0,63}", "must be a rule name: a lowercase letter, then up to 63 of a-z 0-9 _"
 )
@@ -214,3 +216,9 @@ class GuardsConfig:
     input: InputGuardsConfig = field(default_factory=InputGuardsConfig)
     pii: PiiGuardsConfig = field(default_factory=PiiGuardsConfig)
     output: OutputGuardsConfig = field(default_factory=OutputGuardsConfig)
+
+
+def build_section(cls: type[T], values: Mapping[str, Any], where: str) -> T:
+    """One of these sections from a plain mapping (a step's declaration), checked like the
+    config file: ConfigError naming the key."""
+    return _build(cls, values, where)

@@ -9,21 +9,25 @@ of output violations (masked). No protocol knowledge: the request path and the s
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import logging
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import Config
 from ..errors import ConfigError, OutputInvalid
-from .config import GuardsConfig
+from .config import GuardsConfig, InputGuardsConfig
+from .outcomes import GuardRejected, Hit, Violation
 from .pii import ENTITIES, Custom, Masking, PiiMasker
-from .rules import GuardRejected, Hit, InputRules, Rule, injection_rules
 from .stream import StreamMasker
-from .validate import TextRules, Violation
+
+if TYPE_CHECKING:
+    from .rules import InputRules
+    from .validate import TextRules
 
 log = logging.getLogger("appliance.guards")
 
@@ -59,7 +63,7 @@ class Guards:
     def __init__(self, name: str, cfg: GuardsConfig, counters: Counters) -> None:
         self.name = name
         self.counters = counters
-        self.input = _input_rules(cfg)
+        self.input = input_rules(cfg.input)
         self.pii = _masker(cfg, name)
         self.pii_inputs = cfg.pii.inputs and self.pii is not None
         self.max_hold = cfg.pii.max_hold_chars
@@ -175,8 +179,18 @@ class GuardBook:
         return found
 
 
-def _input_rules(cfg: GuardsConfig) -> InputRules | None:
-    c = cfg.input
+def input_rules(cfg: InputGuardsConfig) -> InputRules | None:
+    """The compiled input rules of a [guards.input] section, or None when it declares none."""
+    c = cfg
+    limits = c.max_chars or c.max_bytes or c.max_tokens or c.max_messages or c.scripts
+    if not (limits or c.control_chars != "keep" or c.rules or c.injection != "off"):
+        return None
+    try:
+        from .rules import InputRules, Rule, injection_rules
+    except ImportError as exc:  # google-re2 comes with the extra
+        raise ConfigError(
+            f"guards.input needs the guards extra (pip install 'appliance[guards]'): {exc}"
+        ) from None
     rules = [Rule(r.name, r.literal or r.regex, r.action, literal=bool(r.literal)) for r in c.rules]
     if c.injection != "off":
         rules = injection_rules(c.injection, c.injection_off, rules)
@@ -195,6 +209,18 @@ def _masker(cfg: GuardsConfig, name: str) -> PiiMasker | None:
     custom = [Custom(x.name, x.regex, x.max_length, x.placeholder) for x in c.custom]
     wanted = set(c.entities)
     builtin = list(ENTITIES) if "all" in wanted else [e for e in ENTITIES if e in wanted]
+    # Imported now, not by the first request (phonenumbers takes ~50 ms).
+    needs = [("phonenumbers", "phone" in builtin), ("stdnum.iban", "iban" in builtin),
+             ("re2", bool(custom))]  # fmt: skip
+    for module, wanted_now in needs:
+        if wanted_now:
+            try:
+                importlib.import_module(module)
+            except ImportError as exc:
+                raise ConfigError(
+                    f"guards.pii ({name or 'default'}) needs the guards extra "
+                    f"(pip install 'appliance[guards]'): {exc}"
+                ) from None
     key = None
     if c.hash_key_file:
         try:
@@ -216,6 +242,10 @@ def _masker(cfg: GuardsConfig, name: str) -> PiiMasker | None:
 
 def _text_rules(cfg: GuardsConfig) -> TextRules | None:
     c = cfg.output
+    if not (c.json_schema or c.json_schema_file or c.regex or c.must_parse):
+        return None
+    from .validate import TextRules
+
     schema = None
     if c.json_schema:
         schema = json.loads(c.json_schema)

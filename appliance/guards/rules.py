@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import re2
 
-from ..errors import InvalidInput
+from .outcomes import GuardRejected, Hit
 from .patterns import INJECTION
 
 Action = Literal["reject", "redact", "flag"]
@@ -34,29 +34,15 @@ _INVISIBLE = re2.compile(r"[\p{Cc}\p{Cf}\p{Co}]")
 _KEEP = frozenset("\n\t\r")
 
 
+__all__ = ["GuardRejected", "Hit", "InputRules", "Rule", "injection_rules"]
+
+
 @dataclass(frozen=True)
 class Rule:
     name: str
     pattern: str
     action: Action = "reject"
     literal: bool = False
-
-
-@dataclass
-class Hit:
-    """A rule that matched a text: for metrics and the log (never the text itself)."""
-
-    rule: str
-    action: str
-
-
-class GuardRejected(InvalidInput):
-    """A guard refused the input: 400 naming the rule."""
-
-    def __init__(self, rule: str, message: str) -> None:
-        super().__init__(f"refused by guard rule {rule!r}: {message}")
-        self.rule = rule
-        self.param = "guards"
 
 
 @dataclass

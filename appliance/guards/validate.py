@@ -16,15 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-import re2
+
+from .outcomes import Violation
 
 OutputAction = Literal["reject", "fallback", "flag"]
-
-
-@dataclass
-class Violation:
-    rule: str
-    detail: str
 
 
 @dataclass
@@ -43,6 +38,8 @@ class TextRules:
             cls.check_schema(self.json_schema)
             self._validator = cls(self.json_schema)
         if self.regex:
+            import re2
+
             self._regex = re2.compile(self.regex)
 
     @property
