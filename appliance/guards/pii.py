@@ -248,27 +248,35 @@ class _Phone:
             text = value[:cut]
             if text[-1] in " .-(":
                 continue
-            n = len(_DIGITS.findall(text))
-            if not 7 <= n <= 15:
-                continue
             plain = "".join(_DIGITS.findall(text))
-            # Chinese mobiles: 1[3-9] and nine digits, with or without +86 (every block, even
-            # those phonenumbers' metadata does not list yet).
-            if "CN" in self.regions and _CN_MOBILE.fullmatch(
-                plain[2:] if text.startswith("+86") else plain
-            ):
+            if not 7 <= len(plain) <= 17:
+                continue
+            if text.startswith("+") or plain.startswith("00"):  # international ("00": IDD)
+                digits = plain[2:] if plain.startswith("00") else plain
+                # Chinese mobiles: 1[3-9] and nine digits (every block, even those
+                # phonenumbers' metadata does not list yet).
+                if digits.startswith("86") and _CN_MOBILE.fullmatch(digits[2:]):
+                    return cut
+                if _valid_number(phonenumbers, "+" + digits, None):
+                    return cut
+                continue
+            if "CN" in self.regions and _CN_MOBILE.fullmatch(plain):
                 return cut
-            for region in (None,) if text.startswith("+") else self.regions:
-                shape = _NATIONAL.get(region or "")
+            for region in self.regions:
+                shape = _NATIONAL.get(region)
                 if shape is not None and not shape.fullmatch(plain):
                     continue
-                try:
-                    number = phonenumbers.parse(text, region)
-                except phonenumbers.NumberParseException:
-                    continue
-                if phonenumbers.is_valid_number(number):
+                if _valid_number(phonenumbers, text, region):
                     return cut
         return 0
+
+
+def _valid_number(phonenumbers: Any, text: str, region: str | None) -> bool:
+    try:
+        number = phonenumbers.parse(text, region)
+    except phonenumbers.NumberParseException:
+        return False
+    return bool(phonenumbers.is_valid_number(number)) and len(text) <= 40
 
 
 # -- masking ------------------------------------------------------------------------------

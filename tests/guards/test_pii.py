@@ -44,6 +44,18 @@ def test_a_phone_number_inside_an_id_is_not_a_phone_number() -> None:
     assert MASKER.mask("电话13800138000谢谢")[0] == "电话<PHONE>谢谢"
 
 
+@pytest.mark.parametrize(
+    "phone",
+    [
+        "+86-138-0013-8000", "0086 138 0013 8000", "+8613800138000", "138.0013.8000",
+        "+1 (415) 555-2671", "+44 20 7946 0958", "010-6552-9988", "(202) 555-0147",
+    ],
+)  # fmt: skip
+def test_phone_formats(phone: str) -> None:
+    assert MASKER.mask(f"联系电话：{phone}。")[0] == "联系电话：<PHONE>。"
+    assert MASKER.mask(f"call {phone} now")[0] == "call <PHONE> now"
+
+
 def test_masking_styles() -> None:
     key = b"k" * 32
     m = PiiMasker(
