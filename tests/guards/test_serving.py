@@ -235,3 +235,11 @@ async def test_openai_output_validation_is_a_502_naming_the_rule(oai):
     with pytest.raises(openai.APIStatusError) as info:
         await api.chat.completions.create(model="tiny", messages=ASK, **GREEDY)
     assert info.value.status_code == 502 and "must_parse" in str(info.value)
+
+
+async def test_sse_output_rule_broken_ends_the_stream_with_an_error(oai):
+    _, api = await oai({"models": {"tiny": {"guards": {"output": {"must_parse": "json"}}}}})
+    stream = await api.chat.completions.create(model="tiny", messages=ASK, stream=True, **GREEDY)
+    with pytest.raises(openai.APIError, match="must_parse"):
+        async for _ in stream:
+            pass
