@@ -276,11 +276,18 @@ class RequestPath:
         emit: Callable[[str], None] | None,
         stop: Callable[[], bool] | None,
     ) -> tuple[LoadedModel, GenerationResult]:
+        count = None
+        if guards.input is not None and guards.input.max_tokens:
+            # The backend's tokenizer where it offers one (GGUF in-process; not through a
+            # worker process): max_tokens is not checked without it.
+            _, backend = self.router.text_model(name, "chat")
+            count = getattr(backend, "count_tokens", None)
         if gen.kind == "chat":
-            texts = guards.check_texts([str(m.get("content", "")) for m in gen.messages])
+            contents = [str(m.get("content", "")) for m in gen.messages]
+            texts = guards.check_texts(contents, count)
             gen.messages = [{**m, "content": t} for m, t in zip(gen.messages, texts, strict=True)]
         else:
-            (gen.prompt,) = guards.check_texts([gen.prompt])
+            (gen.prompt,) = guards.check_texts([gen.prompt], count)
         masker = guards.stream() if emit is not None else None
         forward = emit
         if masker is not None and emit is not None:

@@ -200,6 +200,15 @@ async def test_openai_injection_refused_with_the_rule_name(oai):
     assert out.choices[0].message.content
 
 
+async def test_openai_token_limit_counts_with_the_model_tokenizer(oai):
+    _, api = await oai({"models": {"tiny": {"guards": {"input": {"max_tokens": 8}}}}})
+    long = [{"role": "user", "content": "What is a model store and why does it matter here?"}]
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        await api.chat.completions.create(model="tiny", messages=long, **GREEDY)
+    short = [{"role": "user", "content": "Hello"}]
+    assert (await api.chat.completions.create(model="tiny", messages=short, **GREEDY)).choices
+
+
 async def test_sse_masks_values_split_across_tokens(oai):
     """The model's own words made PII by a custom pattern spanning several tokens: no chunk
     holds a raw value, and the stream equals the masked whole answer."""
