@@ -617,16 +617,31 @@ class Config:
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: Raw task tables, checked and built by `task_config`.
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Guardrails (appliance/guards/config.py): the server-wide default; a [models.NAME.guards]
+    #: or [tasks.NAME.guards] table overrides it for one model or task (`guards_for`).
+    guards: GuardsConfig = field(default_factory=lambda: GuardsConfig())
 
     def task_config(self, name: str) -> TaskConfig:
         """The settings of one task, checked (names, weights, template fields)."""
         _check_table_name("tasks", name, "task name")
-        return _build(TaskConfig, self.tasks.get(name, {}), f"tasks.{name}")
+        table = {k: v for k, v in self.tasks.get(name, {}).items() if k != "guards"}
+        return _build(TaskConfig, table, f"tasks.{name}")
 
     def model_config(self, name: str) -> ModelConfig:
         """The effective settings of one model: defaults with its [models.NAME] table on top."""
         base = _to_dict(self.model_defaults)
-        return _build(ModelConfig, _merge(base, self.models.get(name, {})), f"models.{name}")
+        table = {k: v for k, v in self.models.get(name, {}).items() if k != "guards"}
+        return _build(ModelConfig, _merge(base, table), f"models.{name}")
+
+    def guards_for(self, name: str) -> GuardsConfig:
+        """The guards of model or task `name`: [guards] with its own guards table on top."""
+        section, where = (self.tasks, "tasks") if name in self.tasks else (self.models, "models")
+        own = section.get(name, {}).get("guards")
+        if own is None:
+            return self.guards
+        if not isinstance(own, Mapping):
+            raise ConfigError(f"{where}.{name}.guards = {own!r}: must be a table")
+        return _build(GuardsConfig, _merge(_to_dict(self.guards), own), f"{where}.{name}.guards")
 
     def token(self) -> str:
         if self.server.auth_token_file:
@@ -821,6 +836,12 @@ def load_config(
     for name in config.models:
         _check_table_name("models", name, "model name")
         config.model_config(name)  # validate every per-model table now, not at first use
+        config.guards_for(name)
     for name in config.tasks:
         config.task_config(name)
+        config.guards_for(name)
     return config
+
+
+# The guards' section lives beside their code and uses the constraint helpers above.
+from .guards.config import GuardsConfig  # noqa: E402

@@ -78,6 +78,19 @@ class InferenceFailed(ApplianceError):
     status = 500
 
 
+class OutputInvalid(ApplianceError):
+    """A model's output broke a guard rule (appliance/guards/validate.py): the model, not the
+    client, is at fault, so 502 like a gateway given a bad answer upstream. With `fallback`,
+    a task's fallback model answers instead (routing/router.py)."""
+
+    status = 502
+
+    def __init__(self, message: str, rule: str = "", fallback: bool = False) -> None:
+        super().__init__(message)
+        self.rule = rule
+        self.fallback = fallback
+
+
 class WorkerDied(ApplianceError):
     """The worker process of a model served with `isolation = "process"` died (a native crash,
     an out-of-memory kill) or hung; the model restarts it by itself."""

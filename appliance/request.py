@@ -14,6 +14,7 @@ Accounting is one call, `finish`: the per-protocol response counters and the acc
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import re
@@ -28,6 +29,7 @@ from .errors import ApplianceError, InvalidInput, Overloaded
 from .formats import JSON, encode
 from .formats import available as formats_of
 from .formats.negotiate import choose, is_plain
+from .guards.policy import GuardBook, Guards
 from .llm import EmbeddingResult, Generation, GenerationResult
 from .logs import request_id, trace_id
 from .metrics import Metrics
@@ -143,11 +145,18 @@ class _Bound:
 class RequestPath:
     """The lifecycle every front runs its requests through (see the module docstring)."""
 
-    def __init__(self, router: Router, metrics: Metrics, access_log: bool) -> None:
+    def __init__(
+        self, router: Router, metrics: Metrics, access_log: bool, guards: GuardBook | None = None
+    ) -> None:
         self.router = router
         self.engine = router.engine
         self.metrics = metrics
         self.access_log = access_log
+        #: Guardrails by model or task name (appliance/guards/): applied here, once, so every
+        #: front gets them; None when the config declares none.
+        self.guards = guards
+        if guards is not None:
+            metrics.collectors.append(guards.counters.collect)
 
     def begin(
         self,
@@ -222,8 +231,40 @@ class RequestPath:
         if not body.priority and (req.priority is not None or router.tasks):
             body.priority = self._priority(req, name)
         key = router.key_for(name, body.parameters, req.meta) if router.tasks else None
+        guards = self.guards.get(name) if self.guards is not None else None
         with req.bound():
-            return await router.infer(name, version, body, key)
+            if guards is None:
+                return await router.infer(name, version, body, key)
+            return await self._guarded_infer(guards, name, version, body, key)
+
+    async def _guarded_infer(
+        self, guards: Guards, name: str, version: str | None, body: InferRequest, key: str | None
+    ) -> InferResponse:
+        """BYTES inputs through the input rules, BYTES outputs checked and masked."""
+        for input_name, array in body.inputs.items():
+            if array.dtype.kind == "O":
+                body.inputs[input_name] = _map_bytes(array, guards.check_texts)
+
+        def check(response: InferResponse, model: LoadedModel) -> None:
+            for array in response.outputs.values():
+                if array.dtype.kind == "O":
+                    for text in _texts(array):
+                        guards.check_output(text, model.name)
+
+        response = await self.router.infer(
+            name, version, body, key, check if guards.output is not None else None
+        )
+        if guards.pii is None:
+            return response
+        outputs = {
+            out: _map_bytes(array, lambda texts: [guards.mask(t) for t in texts])
+            if array.dtype.kind == "O"
+            else array
+            for out, array in response.outputs.items()
+        }
+        return InferResponse(
+            response.model_name, response.model_version, outputs, response.id, response.parameters
+        )
 
     def _format(self, req: Request, name: str, version: str | None, body: InferRequest) -> None:
         """The answer's format: the body's `format` parameter (taken out: it changes how the
@@ -260,11 +301,67 @@ class RequestPath:
         emit: Callable[[str], None] | None = None,
         stop: Callable[[], bool] | None = None,
     ) -> tuple[LoadedModel, GenerationResult]:
-        """Run a chat or completion; `parameters` is where a sticky key may be (the body)."""
+        """Run a chat or completion; `parameters` is where a sticky key may be (the body).
+        With guards, the prompt passes the input rules first, and the text (each streamed
+        piece too) is checked and masked before it leaves."""
         gen.priority = self._priority(req, name)
         key = self._key(req, name, parameters)
+        guards = self.guards.get(name) if self.guards is not None else None
         with req.bound():
-            return await self.router.generate(name, gen, emit, stop, key, req.served)
+            if guards is None:
+                return await self.router.generate(name, gen, emit, stop, key, req.served)
+            return await self._guarded_generate(guards, req, name, gen, key, emit, stop)
+
+    async def _guarded_generate(
+        self,
+        guards: Guards,
+        req: Request,
+        name: str,
+        gen: Generation,
+        key: str | None,
+        emit: Callable[[str], None] | None,
+        stop: Callable[[], bool] | None,
+    ) -> tuple[LoadedModel, GenerationResult]:
+        count = None
+        if guards.input is not None and guards.input.max_tokens:
+            # The backend's tokenizer where it offers one (GGUF in-process; not through a
+            # worker process): max_tokens is not checked without it.
+            _, backend = self.router.text_model(name, "chat")
+            count = getattr(backend, "count_tokens", None)
+        if gen.kind == "chat":
+            contents = [str(m.get("content", "")) for m in gen.messages]
+            texts = guards.check_texts(contents, count)
+            gen.messages = [{**m, "content": t} for m, t in zip(gen.messages, texts, strict=True)]
+        else:
+            (gen.prompt,) = guards.check_texts([gen.prompt], count)
+        masker = guards.stream() if emit is not None else None
+        forward = emit
+        if masker is not None and emit is not None:
+            deliver, feed = emit, masker.feed
+
+            def forward(text: str) -> None:
+                piece = feed(text)
+                if piece:
+                    deliver(piece)
+
+        def check(result: GenerationResult, model: LoadedModel) -> None:
+            guards.check_output(result.text, model.name)
+
+        model, result = await self.router.generate(
+            name, gen, forward, stop, key, req.served,
+            check if guards.output is not None else None,
+        )  # fmt: skip
+        if masker is not None and emit is not None:
+            tail = masker.flush()
+            if tail:
+                emit(tail)
+            guards.count_stream(masker)
+            text = guards.pii.mask(result.text)[0] if guards.pii is not None else result.text
+        else:
+            text = guards.mask(result.text)
+        if text is not result.text:  # a new result: the router's cache may hold this one
+            result = dataclasses.replace(result, text=text)
+        return model, result
 
     async def embed(
         self, req: Request, name: str, texts: list[str], parameters: Mapping[str, Any]
@@ -297,6 +394,40 @@ class RequestPath:
             self.metrics.mqtt_message(status, answered)
         if self.access_log:
             asyncio.get_running_loop().call_soon(log_access, req, time.perf_counter() - req.start)
+
+
+def _texts(array: Any) -> list[str]:
+    """The elements of a BYTES tensor as text (those that are not UTF-8 are not text: left
+    out of the text rules)."""
+    out = []
+    for item in array.reshape(-1):
+        if isinstance(item, bytes):
+            try:
+                out.append(item.decode("utf-8"))
+            except UnicodeDecodeError:
+                continue
+        elif isinstance(item, str):
+            out.append(item)
+    return out
+
+
+def _map_bytes(array: Any, change: Callable[[list[str]], list[str]]) -> Any:
+    """A new BYTES tensor with its UTF-8 elements passed through `change` (all at once)."""
+    flat = array.reshape(-1)
+    where, texts = [], []
+    for i, item in enumerate(flat):
+        if isinstance(item, bytes):
+            try:
+                texts.append(item.decode("utf-8"))
+            except UnicodeDecodeError:
+                continue
+            where.append(i)
+    if not where:
+        return array
+    out = flat.copy()
+    for i, text in zip(where, change(texts), strict=True):
+        out[i] = text.encode("utf-8")
+    return out.reshape(array.shape)
 
 
 def log_access(req: Request, seconds: float) -> None:

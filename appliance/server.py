@@ -19,6 +19,7 @@ from .backends import detect_backend
 from .config import Config
 from .engine import Engine, ModelSource
 from .errors import ApplianceError, ConfigError, ModelError
+from .guards.policy import GuardBook
 from .manifest import Manifest, sha256_file
 from .metrics import Metrics
 from .registry import Registry, check_name
@@ -76,7 +77,9 @@ def build(
     metrics = Metrics()
     cache_dir = Path(config.store.path) / ".cache"
     engine = Engine(config, metrics, sources, cache_dir)
-    paths = RequestPath(Router(engine, config, metrics), metrics, config.server.access_log)
+    paths = RequestPath(
+        Router(engine, config, metrics), metrics, config.server.access_log, GuardBook(config)
+    )
     settings = HttpSettings(
         token=config.token(),
         max_body_bytes=config.server.max_body_bytes,

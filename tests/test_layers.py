@@ -2,6 +2,7 @@
 
     api (fronts: codec + status mapping) -> request (lifecycle) -> routing
         -> pipelines (DAGs of models and steps) -> engine -> steps (processing around a model)
+        -> guards (input rules, PII masking, output checks; used by steps and request)
         -> isolation (a model in a worker process, the first load in a child) -> backends
 
 Checked from the source: no module imports a layer above its own, at run time or for typing
@@ -17,7 +18,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "appliance"
 #: Top to bottom.
 LAYERS = [
-    "api", "request", "routing", "pipelines", "engine", "steps", "isolation", "backends"
+    "api", "request", "routing", "pipelines", "engine", "steps", "guards", "isolation",
+    "backends",
 ]  # fmt: skip
 
 

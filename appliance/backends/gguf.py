@@ -181,6 +181,11 @@ class GgufBackend(Backend):
         self._knows_tools = template_knows_tools(template if isinstance(template, str) else None)
 
     # -- text ------------------------------------------------------------------------------
+    def count_tokens(self, text: str) -> int:
+        """Tokens of `text` in this model's vocabulary (the guards' max_tokens). The vocabulary
+        is read-only, so this is safe beside a generation running in a worker thread."""
+        return len(self._all[0].tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
     def _take(self) -> Any:
         return self._pool.get()
 

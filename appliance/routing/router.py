@@ -47,6 +47,7 @@ from ..errors import (
     InvalidInput,
     NotFound,
     NotReady,
+    OutputInvalid,
     Overloaded,
 )
 from ..llm import EmbeddingResult, Generation, GenerationResult, TextModel
@@ -162,6 +163,8 @@ def _fallback_reason(exc: ApplianceError) -> str | None:
         return "not_ready"
     if isinstance(exc, Overloaded):
         return "overloaded"
+    if isinstance(exc, OutputInvalid):
+        return "invalid_output" if exc.fallback else None
     if exc.status == 500:
         return "error"
     return None
@@ -449,20 +452,31 @@ class Router:
 
     # -- requests --------------------------------------------------------------------------
     def infer(
-        self, name: str, version: str | None, request: InferRequest, key: str | None = None
+        self,
+        name: str,
+        version: str | None,
+        request: InferRequest,
+        key: str | None = None,
+        check: Callable[[InferResponse, LoadedModel], None] | None = None,
     ) -> Awaitable[InferResponse]:
-        """Run `request` on model or task `name`; `key` is a task's sticky key, if any.
+        """Run `request` on model or task `name`; `key` is a task's sticky key, if any;
+        `check` vets each model's answer (OutputInvalid with `fallback`: the fallback answers).
 
-        A plain model (no task, cache, retries or breaker) is the engine's run itself, with no
-        coroutine of the router's around it: the hot path of most edge requests."""
-        if name not in self.tasks:
+        A plain model (no task, cache, retries, breaker or check) is the engine's run itself,
+        with no coroutine of the router's around it: the hot path of most edge requests."""
+        if name not in self.tasks and check is None:
             model = self.engine.ready_model(name, version)
             if not guarded(model.config):
                 return self.engine.infer_on(model, request)
-        return self._infer(name, version, request, key)
+        return self._infer(name, version, request, key, check)
 
     async def _infer(
-        self, name: str, version: str | None, request: InferRequest, key: str | None
+        self,
+        name: str,
+        version: str | None,
+        request: InferRequest,
+        key: str | None,
+        check: Callable[[InferResponse, LoadedModel], None] | None = None,
     ) -> InferResponse:
         served = Served()
 
@@ -471,6 +485,8 @@ class Router:
                 remaining = 1e-3  # the scheduler answers 504 at once
             request.timeout_s = remaining
             response = await self.engine.infer_on(model, request)
+            if check is not None:
+                check(response, model)
             rc.frozen(response.outputs)
             return response
 
@@ -504,15 +520,20 @@ class Router:
         stop: Callable[[], bool] | None = None,
         key: str | None = None,
         served: Served | None = None,
+        check: Callable[[GenerationResult, LoadedModel], None] | None = None,
     ) -> tuple[LoadedModel, GenerationResult]:
         """Run a chat or completion on model or task `name`; `emit` gets each piece of text on
-        the event loop thread; `served` is told which model answers, before its first piece."""
+        the event loop thread; `served` is told which model answers, before its first piece;
+        `check` vets each model's answer (see `infer`)."""
         served = served if served is not None else Served()
         if name not in self.tasks:
             model, _ = self.engine.text_model(name, "chat")
             if not guarded(model.config):
                 served.model, served.version = model.name, model.version
-                return model, await self.engine.generate_on(model, request, emit, stop)
+                result = await self.engine.generate_on(model, request, emit, stop)
+                if check is not None:
+                    check(result, model)
+                return model, result
         sent = [False]
         forward = emit
         if emit is not None:
@@ -529,7 +550,10 @@ class Router:
 
         async def run(model: LoadedModel, _remaining: float) -> GenerationResult:
             answered.append(model)
-            return await self.engine.generate_on(model, request, forward, stop)
+            result = await self.engine.generate_on(model, request, forward, stop)
+            if check is not None:
+                check(result, model)
+            return result
 
         def hit(model: LoadedModel, cached: GenerationResult) -> GenerationResult:
             answered.append(model)

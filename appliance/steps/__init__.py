@@ -35,6 +35,10 @@ _STEPS: dict[str, str] = {
     "cast": "appliance.steps.tensor:CastStep",
     "reshape": "appliance.steps.tensor:ReshapeStep",
     "json_field": "appliance.steps.json_field:JsonFieldStep",
+    # guardrails (appliance/guards/)
+    "input_rules": "appliance.steps.guards:InputRulesStep",
+    "pii_mask": "appliance.steps.guards:PiiMaskStep",
+    "validate": "appliance.steps.guards:ValidateStep",
 }
 
 #: The entry-point group plugins register steps in.
