@@ -46,8 +46,10 @@ def picture(
     height: int = 128,
     count: int | None = None,
     sizes: tuple[int, int] = (12, 48),
+    gap: int = 4,
 ) -> tuple[Image.Image, list[Square]]:
-    """One picture and its squares: `count` squares (random 0..5 when None), sides in `sizes`."""
+    """One picture and its squares: `count` squares (random 0..5 when None), sides in `sizes`,
+    at least `gap` pixels apart."""
     n = int(rng.integers(0, 6)) if count is None else count
     squares: list[Square] = []
     tries = 0
@@ -59,7 +61,7 @@ def picture(
         x0 = int(rng.integers(0, width - side + 1))
         y0 = int(rng.integers(0, height - side + 1))
         box = (x0, y0, x0 + side, y0 + side)
-        if any(_near(box, s.box, gap=4) for s in squares):
+        if any(_near(box, s.box, gap) for s in squares):
             continue
         squares.append(Square(box, LABELS[int(rng.integers(0, len(LABELS)))]))
     # A dark background: a level of 0..40, a soft gradient, and per-pixel noise.

@@ -14,15 +14,16 @@ Writes into --out:
 With --store, both models are added to that store (and activated) unless already there.
 
 How the detector works (a real graph computing from pixels, no learned weights): brightness is
-the largest channel of each pixel; an integral image (CumSum) gives, for every anchor, the sum of
-brightness, of its square and of a thresholded mask's moments over the anchor's window and over a
-window a few pixels larger. The score says "a uniform bright block with a darker ring around it":
-it grows with the contrast between the window and its ring and with how uniform the window is
-(contrast^2 / (contrast^2 + variance)), so a blank picture, noise, an anchor much bigger than the
-square (or spanning two squares) and an anchor much smaller than it all score low. The box is
-refined from the mask's centre and spread (a uniform w-pixel run has variance (w^2-1)/12) inside
-the larger window, or is the anchor's own when the mask is too thin there. Anchors: 11 sizes from
-8 to 64 pixels on a 4-pixel grid, 11,264 candidates that overlap heavily: NMS is needed.
+the largest channel of each pixel; an integral image (two CumSums) gives any window's sum of
+brightness, of its square and of a thresholded mask's moments from four corners. Anchors: 11
+sizes from 8 to 64 pixels, squares and (from 12 up) 4:3 and 3:4 rectangles, on a 4-pixel grid:
+31,744 candidates that overlap heavily, so NMS is needed. Each anchor's box is refined from the
+mask's centre and spread in a window a little larger than the anchor (a uniform w-pixel run has
+variance (w^2-1)/12), or is the anchor itself when the mask is too thin there. The score says
+"a uniform bright block with a dark ring around it": the contrast between the anchor and the
+brightest of the four strips around it (a few pixels out), times how uniform the anchor and the
+refined box are (contrast^2 / (contrast^2 + variance)). A blank or noisy picture, an anchor much
+bigger or smaller than a square, at its corner, or spanning two squares all score low.
 """
 
 from __future__ import annotations
@@ -48,12 +49,15 @@ IR_VERSION = 8  # readable by older onnxruntime builds such as JetPack's
 SIZE = 128
 STRIDE = 4
 ANCHOR_SIZES = (8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64)
+#: Anchors of these sizes also come as 4:3 and 3:4 rectangles.
+RECT_FROM = 12
 #: The ring around an anchor starts GUARD pixels out, so a square off the grid by up to half a
 #: stride still has a dark ring; it is max(3, size / 8 + 2) pixels wide.
 GUARD = STRIDE // 2
 #: Score = sigmoid(FILL_SLOPE * (fill - FILL_AT))
 #:       * sigmoid(CONTRAST_SLOPE * (contrast - CONTRAST_AT)), contrast on the 0..1 scale.
 FILL_AT, FILL_SLOPE = 0.6, 14.0
+BOX_FILL_AT = 0.8
 CONTRAST_AT, CONTRAST_SLOPE = 0.12, 40.0
 #: The mask for box refinement: brightness above the picture's own midpoint between its darkest
 #: and brightest (smoothed) pixels, at least MASK_MIN_STEP above the darkest.
@@ -79,35 +83,45 @@ def anchors() -> dict[str, np.ndarray[Any, Any]]:
     between them (left, right, top, bottom), as corner indices into the integral image.
 
     Windows are clipped to the picture; a window's sum comes from its four corners in the
-    integral image (SIZE + 1 square, row-major)."""
+    integral image (SIZE + 1 square, row-major). `o` is the window the box is refined in."""
     side = SIZE + 1
     wins: dict[str, list[tuple[int, int, int, int]]] = {k: [] for k in "iolrtb"}
-    for s in ANCHOR_SIZES:
-        margin = max(3, s // 8 + 2)
+    for w, h in anchor_shapes():
+        margin = max(3, max(w, h) // 8 + 2)
         for cy in range(STRIDE // 2, SIZE, STRIDE):
             for cx in range(STRIDE // 2, SIZE, STRIDE):
-                x0, y0, x1, y1 = _window(cx, cy, s, s)
-                gx0, gy0, gx1, gy1 = _window(cx, cy, s + 2 * GUARD, s + 2 * GUARD)
-                o = s + 2 * (GUARD + margin)
-                ox0, oy0, ox1, oy1 = _window(cx, cy, o, o)
+                x0, y0, x1, y1 = _window(cx, cy, w, h)
+                gx0, gy0, gx1, gy1 = _window(cx, cy, w + 2 * GUARD, h + 2 * GUARD)
+                ow, oh = w + 2 * (GUARD + margin), h + 2 * (GUARD + margin)
+                ox0, oy0, ox1, oy1 = _window(cx, cy, ow, oh)
                 wins["i"].append((x0, y0, x1, y1))
-                wins["o"].append(_window(cx, cy, s + 2 * GUARD + 4, s + 2 * GUARD + 4))
+                wins["o"].append(_window(cx, cy, w + 2 * GUARD + 4, h + 2 * GUARD + 4))
                 wins["l"].append((ox0, y0, gx0, y1))
                 wins["r"].append((gx1, y0, ox1, y1))
                 wins["t"].append((x0, oy0, x1, gy0))
                 wins["b"].append((x0, gy1, x1, oy1))
     out: dict[str, np.ndarray[Any, Any]] = {}
-    for k, w in wins.items():
-        x0, y0, x1, y1 = np.array(w, np.int64).T
-        # Outside the picture is dark: sums over the clipped window, means over the whole.
-        out[f"area_{k}"] = ((x1 - x0) * (y1 - y0)).astype(np.float64)
-        x0, y0, x1, y1 = (np.clip(v, 0, SIZE) for v in (x0, y0, x1, y1))
+    for k, listed in wins.items():
+        x0, y0, x1, y1 = np.clip(np.array(listed, np.int64), 0, SIZE).T
+        # Means over the part inside the picture; a strip wholly outside counts as dark.
+        out[f"area_{k}"] = np.maximum((x1 - x0) * (y1 - y0), 1).astype(np.float64)
         # sum = I[y1,x1] - I[y0,x1] - I[y1,x0] + I[y0,x0]
         out[f"corners_{k}"] = np.stack(
             [y1 * side + x1, y0 * side + x1, y1 * side + x0, y0 * side + x0]
         )
     out["inner"] = np.clip(np.array(wins["i"], np.int64), 0, SIZE)
     return out
+
+
+def anchor_shapes() -> list[tuple[int, int]]:
+    """(width, height) of the anchors: squares, and from RECT_FROM up, 4:3 and 3:4 ones too
+    (a picture that is not square is stretched to SIZE x SIZE, and its squares with it)."""
+    shapes = [(s, s) for s in ANCHOR_SIZES]
+    for s in ANCHOR_SIZES:
+        if s >= RECT_FROM:
+            short = round(s * 0.75)
+            shapes += [(s, short), (short, s)]
+    return shapes
 
 
 def _window(cx: int, cy: int, w: int, h: int) -> tuple[int, int, int, int]:
@@ -126,8 +140,8 @@ def squares_detector() -> onnx.ModelProto:
         "axis2": np.array(2, np.int64),
         "axis3": np.array(3, np.int64),
         "flat": np.array([0, 7, (SIZE + 1) ** 2], np.int64),
-        **{f"area_{k}": a[f"area_{k}"] for k in "ilrtb"},
-        "anchor_boxes": a["inner"].astype(np.float64).T.copy(),  # [4, A]
+        **{f"area_{k}": a[f"area_{k}"][:, None] for k in "ilrtb"},  # [A, 1]
+        "anchor_boxes": a["inner"].astype(np.float64),  # [A, 4]
         "half": np.array(0.5, np.float64),
         "one": np.array(1.0, np.float64),
         "zero": np.array(0.0, np.float64),
@@ -139,6 +153,7 @@ def squares_detector() -> onnx.ModelProto:
         "mask_gain": np.array(10.0, np.float64),
         "min_mass": np.array(0.3, np.float64),
         "fill_at": np.array(FILL_AT, np.float64),
+        "box_fill_at": np.array(BOX_FILL_AT, np.float64),
         "fill_slope": np.array(FILL_SLOPE, np.float64),
         "contrast_at": np.array(CONTRAST_AT, np.float64),
         "contrast_slope": np.array(CONTRAST_SLOPE, np.float64),
@@ -175,45 +190,26 @@ def squares_detector() -> onnx.ModelProto:
         n("Pad", ["planes", "pad_integral"], ["padded"]),
         n("CumSum", ["padded", "axis2"], ["rows"]),
         n("CumSum", ["rows", "axis3"], ["integral"]),
-        n("Reshape", ["integral", "flat"], ["table"]),
-        n("Gather", ["table", "channel0"], ["table_b"], axis=1),  # brightness only
+        n("Reshape", ["integral", "flat"], ["table_cp"]),
+        # [N, corners, channels]: a gather copies one row of 7 sums per corner
+        n("Transpose", ["table_cp"], ["table"], perm=[0, 2, 1]),
+        n("Gather", ["table", "channel0"], ["table_b"], axis=2),  # brightness only
     ]
     for win in "iolrtb":
         source = "table" if win in "io" else "table_b"
         for k in range(4):
-            nodes.append(n("Gather", [source, f"c{win}{k}"], [f"g{win}{k}"], axis=2))
+            nodes.append(n("Gather", [source, f"c{win}{k}"], [f"g{win}{k}"], axis=1))
         nodes += [
             n("Sub", [f"g{win}0", f"g{win}1"], [f"d{win}0"]),
             n("Sub", [f"d{win}0", f"g{win}2"], [f"d{win}1"]),
-            n("Add", [f"d{win}1", f"g{win}3"], [f"sum_{win}"]),  # [N, 7 or 1, A]
+            n("Add", [f"d{win}1", f"g{win}3"], [f"sum_{win}"]),  # [N, A, 7 or 1]
         ]
         if win in "io":
-            nodes.append(n("Split", [f"sum_{win}"], [f"{win}{c}" for c in range(7)], axis=1))
+            nodes.append(n("Split", [f"sum_{win}"], [f"{win}{c}" for c in range(7)], axis=2))
         else:
             nodes.append(n("Div", [f"sum_{win}", f"area_{win}"], [f"mean_{win}"]))
     nodes += [
-        # score: contrast against the ring, and how uniform the window is
-        n("Div", ["i0", "area_i"], ["mean_in"]),
-        n("Div", ["i1", "area_i"], ["sq_in"]),
-        n("Mul", ["mean_in", "mean_in"], ["mean_in2"]),
-        n("Sub", ["sq_in", "mean_in2"], ["var_raw"]),
-        n("Relu", ["var_raw"], ["var_in"]),
         n("Max", ["mean_l", "mean_r", "mean_t", "mean_b"], ["ring"]),  # its brightest side
-        n("Sub", ["mean_in", "ring"], ["contrast_raw"]),
-        n("Relu", ["contrast_raw"], ["contrast"]),
-        n("Mul", ["contrast", "contrast"], ["c2"]),
-        n("Add", ["c2", "var_in"], ["c2v"]),
-        n("Add", ["c2v", "tiny"], ["c2v_safe"]),
-        n("Div", ["c2", "c2v_safe"], ["fill"]),
-        n("Sub", ["fill", "fill_at"], ["fill_d"]),
-        n("Mul", ["fill_d", "fill_slope"], ["fill_z"]),
-        n("Sigmoid", ["fill_z"], ["fill_p"]),
-        n("Sub", ["contrast", "contrast_at"], ["contrast_d"]),
-        n("Mul", ["contrast_d", "contrast_slope"], ["contrast_z"]),
-        n("Sigmoid", ["contrast_z"], ["contrast_p"]),
-        n("Mul", ["fill_p", "contrast_p"], ["score64"]),
-        n("Squeeze", ["score64", "one_axis"], ["score_sq"]),
-        n("Cast", ["score_sq"], ["scores"], to=TensorProto.FLOAT),
         # box: the mask's centre and spread in the ring window, or the anchor itself
         n("Max", ["o2", "one"], ["mass"]),
         n("Div", ["o3", "mass"], ["cx"]),
@@ -240,13 +236,67 @@ def squares_detector() -> onnx.ModelProto:
         n("Sub", ["py", "hh"], ["ry0"]),
         n("Add", ["px", "hw"], ["rx1"]),
         n("Add", ["py", "hh"], ["ry1"]),
-        n("Concat", ["rx0", "ry0", "rx1", "ry1"], ["refined"], axis=1),  # [N, 4, A]
+        n("Concat", ["rx0", "ry0", "rx1", "ry1"], ["refined"], axis=2),  # [N, A, 4]
         n("Mul", ["area_i", "min_mass"], ["need"]),
-        n("Greater", ["o2", "need"], ["enough"]),  # [N, 1, A]
+        n("Greater", ["o2", "need"], ["enough"]),  # [N, A, 1]
         n("Where", ["enough", "refined", "anchor_boxes"], ["chosen"]),
-        n("Clip", ["chosen", "zero", "size"], ["clipped"]),
-        n("Transpose", ["clipped"], ["boxes64"], perm=[0, 2, 1]),
+        n("Clip", ["chosen", "zero", "size"], ["boxes64"]),
         n("Cast", ["boxes64"], ["boxes"], to=TensorProto.FLOAT),
+        # score: the box (rounded to pixels) against the anchor's ring: its contrast, and how
+        # uniform it is (a box spanning two squares, or a square and the dark, is not)
+        n("Round", ["boxes64"], ["rounded"]),
+        n("Cast", ["rounded"], ["corner_xy"], to=TensorProto.INT64),
+        n("Split", ["corner_xy"], ["bx0", "by0", "bx1", "by1"], axis=2),  # [N, A, 1] each
+        n("Mul", ["by1", "row"], ["rows1"]),
+        n("Mul", ["by0", "row"], ["rows0"]),
+        n("Add", ["rows1", "bx1"], ["k0"]),
+        n("Add", ["rows0", "bx1"], ["k1"]),
+        n("Add", ["rows1", "bx0"], ["k2"]),
+        n("Add", ["rows0", "bx0"], ["k3"]),
+        n("Concat", ["k0", "k1", "k2", "k3"], ["corner_k"], axis=1),  # [N, 4A, 1]
+        n("Expand", ["corner_k", "two_wide"], ["corner_k2"]),  # [N, 4A, 2]
+        n("Gather", ["table", "channels01"], ["table_b2"], axis=2),  # b, b^2
+        n("GatherElements", ["table_b2", "corner_k2"], ["corner_v"], axis=1),
+        n("Reshape", ["corner_v", "by_corner"], ["corner_v4"]),  # [N, 4, A, 2]
+        n("Split", ["corner_v4"], ["v0", "v1", "v2", "v3"], axis=1),
+        n("Sub", ["v0", "v1"], ["w0"]),
+        n("Sub", ["w0", "v2"], ["w1"]),
+        n("Add", ["w1", "v3"], ["box_sums4"]),  # [N, 1, A, 2]
+        n("Squeeze", ["box_sums4", "axis1"], ["box_sums"]),  # [N, A, 2]
+        n("Split", ["box_sums"], ["box_b", "box_b2"], axis=2),
+        n("Sub", ["bx1", "bx0"], ["box_w"]),
+        n("Sub", ["by1", "by0"], ["box_h"]),
+        n("Mul", ["box_w", "box_h"], ["box_area_i"]),
+        n("Cast", ["box_area_i"], ["box_area_raw"], to=f64),
+        n("Max", ["box_area_raw", "one"], ["box_area"]),
+        n("Div", ["box_b", "box_area"], ["mean_box"]),
+        n("Div", ["box_b2", "box_area"], ["sq_box"]),
+        n("Div", ["i0", "area_i"], ["mean_in"]),
+        n("Div", ["i1", "area_i"], ["sq_in"]),
+    ]
+    for part, at in (("in", "fill_at"), ("box", "box_fill_at")):
+        nodes += [
+            n("Mul", [f"mean_{part}", f"mean_{part}"], [f"mean2_{part}"]),
+            n("Sub", [f"sq_{part}", f"mean2_{part}"], [f"var_raw_{part}"]),
+            n("Relu", [f"var_raw_{part}"], [f"var_{part}"]),
+            n("Sub", [f"mean_{part}", "ring"], [f"contrast_raw_{part}"]),
+            n("Relu", [f"contrast_raw_{part}"], [f"contrast_{part}"]),
+            n("Mul", [f"contrast_{part}", f"contrast_{part}"], [f"c2_{part}"]),
+            n("Add", [f"c2_{part}", f"var_{part}"], [f"c2v_{part}"]),
+            n("Add", [f"c2v_{part}", "tiny"], [f"c2v_safe_{part}"]),
+            n("Div", [f"c2_{part}", f"c2v_safe_{part}"], [f"fill_{part}"]),
+            n("Sub", [f"fill_{part}", at], [f"fill_d_{part}"]),
+            n("Mul", [f"fill_d_{part}", "fill_slope"], [f"fill_z_{part}"]),
+            n("Sigmoid", [f"fill_z_{part}"], [f"fill_p_{part}"]),
+        ]
+    nodes += [
+        n("Sub", ["contrast_in", "contrast_at"], ["contrast_d"]),
+        n("Mul", ["contrast_d", "contrast_slope"], ["contrast_z"]),
+        n("Sigmoid", ["contrast_z"], ["contrast_p"]),
+        n("Mul", ["fill_p_in", "fill_p_box"], ["fill_p"]),
+        n("Mul", ["fill_p", "contrast_p"], ["score64"]),
+        n("Squeeze", ["score64", "one_axis"], ["score_sq"]),
+        n("Cast", ["score_sq"], ["scores"], to=TensorProto.FLOAT),
         # one class, "square" (0): computed from the scores' shape like any detector's
         n("Shape", ["scores"], ["score_shape"]),
         n(
@@ -256,8 +306,13 @@ def squares_detector() -> onnx.ModelProto:
             value=helper.make_tensor("c", TensorProto.INT64, [1], [0]),
         ),
     ]
-    consts["one_axis"] = np.array([1], np.int64)
+    consts["one_axis"] = np.array([2], np.int64)
     consts["channel0"] = np.array([0], np.int64)
+    consts["channels01"] = np.array([0, 1], np.int64)
+    consts["row"] = np.array(SIZE + 1, np.int64)
+    consts["two_wide"] = np.array([1, 1, 2], np.int64)
+    consts["by_corner"] = np.array([0, 4, -1, 2], np.int64)
+    consts["axis1"] = np.array([1], np.int64)
     graph = helper.make_graph(
         nodes,
         "squares_detector",
