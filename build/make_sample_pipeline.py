@@ -254,9 +254,17 @@ def squares_detector() -> onnx.ModelProto:
         n("Add", ["rows1", "bx0"], ["k2"]),
         n("Add", ["rows0", "bx0"], ["k3"]),
         n("Concat", ["k0", "k1", "k2", "k3"], ["corner_k"], axis=1),  # [N, 4A, 1]
-        n("Expand", ["corner_k", "two_wide"], ["corner_k2"]),  # [N, 4A, 2]
-        n("Gather", ["table", "channels01"], ["table_b2"], axis=2),  # b, b^2
-        n("GatherElements", ["table_b2", "corner_k2"], ["corner_v"], axis=1),
+        # each picture's corners index its own rows of the table, flattened over the batch
+        n("Gather", ["table", "channels01"], ["table_b2"], axis=2),  # b, b^2: [N, P, 2]
+        n("Shape", ["table_b2"], ["batch1"], end=1),
+        n("Squeeze", ["batch1"], ["batch"]),
+        n("Range", ["zero_i", "batch", "one_i"], ["picture"]),
+        n("Mul", ["picture", "row_count"], ["first_row"]),
+        n("Reshape", ["first_row", "per_picture"], ["first_row3"]),  # [N, 1, 1]
+        n("Add", ["corner_k", "first_row3"], ["corner_rows"]),
+        n("Reshape", ["corner_rows", "batch_flat"], ["corner_flat"]),  # [N, 4A]
+        n("Reshape", ["table_b2", "two_columns"], ["rows_b2"]),  # [N * P, 2]
+        n("Gather", ["rows_b2", "corner_flat"], ["corner_v"], axis=0),  # [N, 4A, 2]
         n("Reshape", ["corner_v", "by_corner"], ["corner_v4"]),  # [N, 4, A, 2]
         n("Split", ["corner_v4"], ["v0", "v1", "v2", "v3"], axis=1),
         n("Sub", ["v0", "v1"], ["w0"]),
@@ -310,7 +318,12 @@ def squares_detector() -> onnx.ModelProto:
     consts["channel0"] = np.array([0], np.int64)
     consts["channels01"] = np.array([0, 1], np.int64)
     consts["row"] = np.array(SIZE + 1, np.int64)
-    consts["two_wide"] = np.array([1, 1, 2], np.int64)
+    consts["zero_i"] = np.array(0, np.int64)
+    consts["one_i"] = np.array(1, np.int64)
+    consts["row_count"] = np.array((SIZE + 1) ** 2, np.int64)
+    consts["per_picture"] = np.array([-1, 1, 1], np.int64)
+    consts["batch_flat"] = np.array([0, -1], np.int64)
+    consts["two_columns"] = np.array([-1, 2], np.int64)
     consts["by_corner"] = np.array([0, 4, -1, 2], np.int64)
     consts["axis1"] = np.array([1], np.int64)
     graph = helper.make_graph(
