@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# `make run` needs only the runtime and the ONNX backend (and onnx to build the sample model).
+# `make run` needs only the runtime, the ONNX backend, Pillow (pictures into the sample pipeline)
+# and onnx to build the sample models.
 RUN_STAMP := $(VENV)/.installed-run
 # The converter Python of `appliance build` (optimum-onnx pins transformers<4.58: its own venv).
 CONVERT_VENV  := .venv-convert
@@ -33,14 +34,17 @@ convert-venv: $(CONVERT_STAMP)
 
 $(RUN_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[onnx,build]'
+	$(BIN)/pip install --quiet -e '.[onnx,build,image]'
 	touch $(RUN_STAMP)
 
+# The sample models, and the sample pipeline (squares_detector, color_classifier, pictures).
 samples: $(RUN_STAMP)
 	$(BIN)/python build/make_sample_models.py --out build/samples --store models
+	$(BIN)/python build/make_sample_pipeline.py --out build/samples --store models
 
+# build/run.toml declares the sample pipeline (see README "A pipeline: detect, crop, classify").
 run: samples
-	$(BIN)/appliance serve --models models --host $(HOST) --port $(PORT)
+	$(BIN)/appliance serve --config build/run.toml --models models --host $(HOST) --port $(PORT)
 
 lint: $(STAMP)
 	$(BIN)/ruff check appliance build tests plugins
