@@ -28,6 +28,7 @@ from appliance.config import (
     ModelConfig,
     MqttConfig,
     OnnxConfig,
+    PluginsConfig,
     ServerConfig,
     StoreConfig,
     load_config,
@@ -433,7 +434,8 @@ def test_default_config_shows_every_key_with_its_true_default(tmp_path: Path) ->
     def names(cls: Any, skip: tuple[str, ...] = ()) -> set[str]:
         return {f.name for f in dataclasses.fields(cls)} - set(skip)
 
-    assert set(data) == {"server", "store", "model_defaults", "mqtt", "hub"}
+    assert set(data) == {"server", "store", "model_defaults", "mqtt", "hub", "plugins"}
+    assert set(data["plugins"]) == names(PluginsConfig)
     assert set(data["mqtt"]) == names(MqttConfig)
     assert set(data["hub"]) == names(HubConfig)
     assert set(data["model_defaults"]["gguf"]) == names(GgufConfig)
