@@ -102,6 +102,10 @@ class WorkerProcess:
         self.dead = False
         #: Why the server killed it, if it did (a hang, nonsense on a channel).
         self.killed_for: str | None = None
+        #: `release` runs once: the supervisor's thread and `stop` may both get there, and a
+        #: second close of a file descriptor number could close one reused meanwhile.
+        self._released = False
+        self._release_lock = threading.Lock()
 
     @classmethod
     def spawn(cls, label: str) -> WorkerProcess:
@@ -211,6 +215,10 @@ class WorkerProcess:
         self.release()
 
     def release(self) -> None:
+        with self._release_lock:
+            if self._released:
+                return
+            self._released = True
         for channel in self.channels:
             channel.close()
 
