@@ -147,7 +147,13 @@ class Metrics(Collector):
         self.collectors: list[Callable[[], Iterable[Metric]]] = []
         #: Set by the sync agent when the appliance syncs with a hub.
         self.sync_source: Callable[[], SyncGauges] | None = None
+        #: appliance_step_seconds: (model or pipeline, step or node) -> time spent in it.
+        self._steps: dict[tuple[str, str], Histogram] = {}
         self.registry.register(self)
+
+    def step(self, model: str, step: str) -> Histogram:
+        """The histogram of one step of a model, or one node of a pipeline."""
+        return self._steps.setdefault((model, step), Histogram())
 
     def for_model(self, name: str, version: str) -> ModelStats:
         return self._models.setdefault((name, version), ModelStats())
@@ -280,6 +286,15 @@ class Metrics(Collector):
         yield requests
         yield inline
         yield from hists.values()
+        if self._steps:
+            steps = HistogramMetricFamily(
+                "appliance_step_seconds",
+                "Time spent in one step of a model or one node of a pipeline",
+                labels=["model", "step"],
+            )
+            for (model, step), h in self._steps.items():
+                steps.add_metric([model, step], h.buckets(), h.sum)
+            yield steps
 
         gauges = self.gauge_source()
         depth = GaugeMetricFamily(

@@ -21,6 +21,7 @@ from .engine import Engine, ModelSource
 from .errors import ApplianceError, ConfigError, ModelError
 from .manifest import Manifest, sha256_file
 from .metrics import Metrics
+from .pipelines import BACKEND as PIPELINE
 from .registry import Registry, check_name
 from .request import RequestPath
 from .routing import Router
@@ -74,8 +75,15 @@ def build(
     """The app; with `store`, it can switch versions at run time (repository API, SIGHUP)."""
     metrics = Metrics()
     cache_dir = Path(config.store.path) / ".cache"
-    engine = Engine(config, metrics, sources, cache_dir)
-    paths = RequestPath(Router(engine, config, metrics), metrics, config.server.access_log)
+    # Stored pipelines are versions like models, but the pipelines layer serves them.
+    models = [s for s in sources if s.manifest.backend != PIPELINE]
+    engine = Engine(config, metrics, models, cache_dir)
+    router = Router(engine, config, metrics)
+    for source in sources:
+        if source.manifest.backend == PIPELINE:
+            router.add_pipeline(source)
+    router.check_names([m.name for m in engine.models()])
+    paths = RequestPath(router, metrics, config.server.access_log)
     settings = HttpSettings(
         token=config.token(),
         max_body_bytes=config.server.max_body_bytes,

@@ -209,24 +209,15 @@ async def server_metadata(request: web.Request) -> web.Response:
     return json_response({"name": "appliance", "version": __version__, "extensions": EXTENSIONS})
 
 
-def _model(request: web.Request) -> LoadedModel:
-    return request.app[ROUTER].model_of(
-        request.match_info["name"], request.match_info.get("version")
-    )
-
-
 async def model_metadata(request: web.Request) -> web.Response:
-    router, name = request.app[ROUTER], request.match_info["name"]
-    meta = request.app[ENGINE].describe(_model(request))
-    if router.is_task(name):  # a task: the signature of the first ready model it uses
-        meta["name"] = name
-        meta["parameters"]["task"] = router.task_parameters(name)
-    return json_response(meta)
+    name, version = request.match_info["name"], request.match_info.get("version")
+    return json_response(request.app[ROUTER].describe(name, version))
 
 
 async def model_ready(request: web.Request) -> web.Response:
-    model = _model(request)
-    request.app[ENGINE].ready_model(model.name, model.version)
+    model = request.app[ROUTER].resolve(
+        request.match_info["name"], request.match_info.get("version")
+    )
     return json_response(
         {"name": request.match_info["name"], "version": model.version, "ready": True,
          "device": _device(model)}
@@ -235,7 +226,7 @@ async def model_ready(request: web.Request) -> web.Response:
 
 async def repository_index(request: web.Request) -> web.Response:
     out = []
-    for m in request.app[ENGINE].models():
+    for m in request.app[ROUTER].models():
         entry = {"name": m.name, "version": m.version, "state": m.status.upper()}
         if m.reason:
             entry["reason"] = m.reason

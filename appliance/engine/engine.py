@@ -282,6 +282,8 @@ class Engine:
             except ApplianceError as exc:
                 log.warning("reload: skipping model %s: %s", name, exc.message)
                 continue
+            if mv.manifest.backend == "pipeline":
+                continue  # served by the pipelines layer, not loaded here
             serving = self._models.get(name)
             if serving is not None and serving.version == mv.manifest.version:
                 continue

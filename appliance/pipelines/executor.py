@@ -1,0 +1,361 @@
+"""Runs one request through a bound pipeline.
+
+Independent nodes run concurrently; a graph that is a chain runs as plain awaits (no task per
+node: a 2-model pipeline must cost little more than calling both models). Model nodes go
+through `Engine.infer_on`, so each model keeps its own steps, batching and priority queues,
+and the request's priority and deadline apply to every node. A fan-out node's outputs are split
+into rows and the nodes under it run once per row, all rows submitted at once so that a
+model's dynamic batcher merges them; their outputs are gathered (concatenated along dimension
+0) where the declaration says, and N = 0 gives empty tensors of the right shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from ..codec import InferRequest
+from ..engine import Engine
+from ..engine.validation import validate
+from ..errors import ApplianceError, DeadlineExceeded, InvalidInput
+from ..metrics import Histogram
+from ..steps.base import Array, StepCall, run_step
+from ..tensors import DATATYPES, Signature, TensorSpec, datatype_of
+from .declaration import REQUEST, Bound, BoundNode, Source
+
+log = logging.getLogger("appliance.pipelines")
+
+Env = dict[str, Array]
+
+
+class Stats:
+    """Counters of one pipeline (loop thread only)."""
+
+    def __init__(self) -> None:
+        self.outcomes: dict[str, int] = {}
+        #: Failures of optional nodes, by node.
+        self.optional_failed: dict[str, int] = {}
+        #: Per node: seconds from start to end (model: queue + run; step: run).
+        self.node_seconds: dict[str, Histogram] = {}
+        self.total = Histogram()
+
+
+class Plan:
+    """What `run` needs of a bound pipeline, worked out once per binding."""
+
+    def __init__(self, bound: Bound, timer: Callable[[str], Histogram]) -> None:
+        self.bound = bound
+        decl = bound.decl
+        self.name = decl.name
+        self.in_signature = Signature(decl.inputs, ())
+        self.timers = {name: timer(name) for name in decl.nodes}
+        #: Outer units: node names (scope None) and fan-out blocks ("*F"), with their deps.
+        self.outer: dict[str, frozenset[str]] = {}
+        #: Nodes per row of each fan-out, with deps among them.
+        self.rows: dict[str, dict[str, frozenset[str]]] = {}
+        for node in decl.nodes.values():
+            if node.scope is None:
+                self.outer[node.name] = frozenset(_unit(decl, d) for d in node.deps)
+            else:
+                block = self.rows.setdefault(node.scope, {})
+                block[node.name] = frozenset(
+                    d for d in node.deps if decl.nodes[d].scope == node.scope
+                )
+        for f, block in self.rows.items():
+            outer_deps = {f}
+            for n in block:
+                outer_deps |= {
+                    _unit(decl, d) for d in decl.nodes[n].deps if decl.nodes[d].scope is None
+                }
+            # before the first node that needs the gathered rows
+            self.outer[f"*{f}"] = frozenset(outer_deps)
+        self.outer = _sorted(self.outer)
+        self.outer_chain = _is_chain(self.outer)
+        self.row_chain = {f: _is_chain(b) for f, b in self.rows.items()}
+        #: Per row of a fan-out, the shape of a gathered tensor with no rows.
+        self.specs = bound.specs
+
+
+def _unit(decl: Any, node: str) -> str:
+    scope = decl.nodes[node].scope
+    return node if scope is None else f"*{scope}"
+
+
+def _sorted(units: dict[str, frozenset[str]]) -> dict[str, frozenset[str]]:
+    import graphlib
+
+    order = graphlib.TopologicalSorter(units).static_order()
+    return {u: units[u] for u in order if u in units}
+
+
+def _is_chain(units: dict[str, frozenset[str]]) -> bool:
+    """Whether running the units one after another loses no concurrency."""
+    prev: str | None = None
+    for unit, deps in units.items():
+        if prev is not None and prev not in deps:
+            return False
+        prev = unit
+    return True
+
+
+class Run:
+    """One request's way through the graph."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        engine: Engine,
+        request: InferRequest,
+        deadline: float,
+        max_fan_out: int,
+        stats: Stats,
+    ) -> None:
+        self.plan = plan
+        self.bound = plan.bound
+        self.engine = engine
+        self.request = request
+        self.deadline = deadline
+        self.max_fan_out = max_fan_out
+        self.stats = stats
+        self.call = StepCall(request.parameters)
+        #: Row environments of each fan-out once its rows ran.
+        self.rows: dict[str, list[Env]] = {}
+        self.counts: dict[str, int] = {}
+        #: The version each model node ran on (for error messages).
+        self.called: dict[str, str] = {}
+
+    async def run(self) -> dict[str, Array]:
+        request = self.request
+        validate(self.plan.in_signature, replace(request, outputs=None), False)
+        decl = self.bound.decl
+        wanted = list(decl.outputs)
+        if request.outputs is not None:
+            for name in request.outputs:
+                if name not in decl.outputs:
+                    raise InvalidInput(
+                        f"unknown output {name!r}; pipeline {decl.name!r} has outputs "
+                        f"{', '.join(repr(o) for o in decl.outputs)}"
+                    )
+            wanted = list(request.outputs)
+        env: Env = {f"{REQUEST}.{k}": v for k, v in request.inputs.items()}
+        await self._units(self.plan.outer, self.plan.outer_chain, env, None)
+        out: dict[str, Array] = {}
+        for name in wanted:
+            value = self._value(decl.outputs[name], env, None)
+            if value is not None:
+                out[name] = value
+        return out
+
+    # -- scheduling ------------------------------------------------------------------------
+    async def _units(
+        self, units: Mapping[str, frozenset[str]], chain: bool, env: Env, row: int | None
+    ) -> None:
+        if chain:
+            for unit in units:
+                await self._unit(unit, env, row)
+            return
+        tasks: dict[str, asyncio.Future[None]] = {}
+
+        async def after(unit: str, deps: list[asyncio.Future[None]]) -> None:
+            for d in deps:
+                await d
+            await self._unit(unit, env, row)
+
+        for unit, deps in units.items():
+            tasks[unit] = asyncio.ensure_future(after(unit, [tasks[d] for d in deps]))
+        try:
+            await asyncio.gather(*tasks.values())
+        except BaseException:
+            for t in tasks.values():
+                t.cancel()
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
+            raise
+
+    async def _unit(self, unit: str, env: Env, row: int | None) -> None:
+        if unit.startswith("*"):
+            await self._fan_out(unit[1:], env)
+        else:
+            await self._node(self.bound.nodes[unit], env, row)
+
+    async def _fan_out(self, f: str, env: Env) -> None:
+        """The nodes under fan-out `f`, once per row, all rows at once."""
+        bound = self.bound.nodes[f]
+        keys = [f"{f}.{graph}" for graph in bound.produces]
+        present = [k for k in keys if k in env]
+        n = self.counts.get(f)
+        if n is None:  # the fan-out node was skipped: nothing runs under it
+            self.rows[f] = []
+            self.counts[f] = -1
+            return
+        envs = []
+        for i in range(n):
+            row_env = dict(env)
+            for k in present:
+                row_env[k] = env[k][i : i + 1]
+            envs.append(row_env)
+        block = self.plan.rows[f]
+        chain = self.plan.row_chain[f]
+        await asyncio.gather(*(self._units(block, chain, e, i) for i, e in enumerate(envs)))
+        self.rows[f] = envs
+
+    # -- values ----------------------------------------------------------------------------
+    def _value(self, source: Source, env: Env, scope: str | None) -> Array | None:
+        """The first present tensor of `source` as seen from `scope`: rows of a fan-out
+        seen from outside it are gathered (absent if absent in any row)."""
+        decl = self.bound.decl
+        ref_scope = decl.scope_of(source[0])
+        if ref_scope is None or scope is not None:
+            for ref in source:
+                value = env.get(f"{ref.node}.{ref.tensor}")
+                if value is not None:
+                    return value
+            return None
+        envs = self.rows.get(ref_scope)
+        if envs is None or self.counts.get(ref_scope) == -1:
+            return None  # the fan-out node did not run
+        parts = []
+        for e in envs:
+            value = self._value(source, e, ref_scope)
+            if value is None:
+                return None
+            parts.append(value)
+        if parts:
+            return np.concatenate(parts, axis=0)
+        return self._empty(source)
+
+    def _empty(self, source: Source) -> Array:
+        """A gathered tensor of no rows: shape [0, ...] from the known spec."""
+        for ref in source:
+            spec = self.plan.specs.get(f"{ref.node}.{ref.tensor}")
+            if spec is not None:
+                return _empty_of(spec)
+        return np.empty((0,), dtype=np.float32)
+
+    # -- one node --------------------------------------------------------------------------
+    async def _node(self, bound: BoundNode, env: Env, row: int | None) -> None:
+        node = bound.node
+        scope = node.scope
+        if node.when is not None:
+            value = self._value(node.when.source, env, scope)
+            if value is None or value.size == 0 or not node.when.holds(float(np.max(value))):
+                return
+        inputs: dict[str, Array] = {}
+        for key, source in node.inputs.items():
+            value = self._value(source, env, scope)
+            if value is None:
+                return  # reads an absent tensor: skipped too
+            inputs[key] = value
+        t0 = time.perf_counter()
+        try:
+            outputs = await self._call(bound, inputs)
+            if node.fan_out:
+                self._rows_of(bound, outputs)
+        except ApplianceError as exc:
+            err = self._named(bound, exc, row)
+            if node.optional:
+                self.stats.optional_failed[node.name] = (
+                    self.stats.optional_failed.get(node.name, 0) + 1
+                )
+                log.warning("%s (optional: its outputs are absent)", err.message)
+                return
+            raise err from None
+        finally:
+            self.plan.timers[node.name].observe(time.perf_counter() - t0)
+        for own, graph_name in node.renames.items():
+            if own in outputs:
+                outputs[graph_name] = outputs.pop(own)
+        for graph in bound.produces:
+            value = outputs.get(graph)
+            if value is not None:
+                env[f"{node.name}.{graph}"] = value
+
+    async def _call(self, bound: BoundNode, inputs: dict[str, Array]) -> dict[str, Array]:
+        node = bound.node
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceeded("the request's deadline passed before this node could run")
+        if node.model is not None:
+            engine = self.engine
+            model = engine.ready_model(node.model, node.version)
+            self.called[node.name] = model.version
+            req = InferRequest(
+                inputs,
+                id=self.request.id,
+                timeout_s=remaining,
+                priority=self.request.priority,
+                parameters=self.request.parameters,
+                datatypes={k: datatype_of(v) for k, v in inputs.items()},
+            )
+            response = await engine.infer_on(model, req)
+            return dict(response.outputs)
+        step = bound.step
+        assert step is not None
+        where = f"pipeline {self.bound.decl.name!r} node {node.name!r}"
+        if step.blocking:
+            return await asyncio.to_thread(run_step, step, inputs, self.call, where)
+        return run_step(step, inputs, self.call, where)
+
+    def _rows_of(self, bound: BoundNode, outputs: Mapping[str, Array]) -> None:
+        counts = {k: (v.shape[0] if v.ndim else 1) for k, v in outputs.items()}
+        if not counts:
+            raise InvalidInput("a fan-out node with no outputs")
+        n = next(iter(counts.values()))
+        if any(c != n for c in counts.values()):
+            raise ApplianceError(f"fan-out outputs disagree on their number of rows: {counts}")
+        if n > self.max_fan_out:
+            raise InvalidInput(f"fan-out of {n} rows is more than max_fan_out = {self.max_fan_out}")
+        self.counts[bound.node.name] = n
+
+    def _named(self, bound: BoundNode, exc: ApplianceError, row: int | None) -> ApplianceError:
+        """The same error (class and status), its message naming the node and the model."""
+        node = bound.node
+        prefix = f"pipeline {self.bound.decl.name!r} node {node.name!r}"
+        if exc.message.startswith(prefix):
+            head = ""
+            rest = exc.message
+        else:
+            if node.model is not None:
+                version = self.called.get(node.name) or self._version(node.model, node.version)
+                what = f"model {node.model!r}" + (f" version {version}" if version else "")
+            else:
+                what = f"step {node.step_type!r}"
+            head = f"{prefix} ({what})"
+            rest = exc.message
+        at = f" row {row}" if row is not None else ""
+        message = f"{head}{at}: {rest}" if head else rest
+        err = copy.copy(exc)
+        err.message = message
+        err.args = (message,)
+        return err
+
+    def _version(self, name: str, pin: str | None) -> str | None:
+        if pin is not None:
+            return pin
+        for model, version in self.bound.versions:
+            if model == name:
+                return version
+        return None
+
+
+def _empty_of(spec: TensorSpec) -> Array:
+    rest = tuple(max(d, 0) for d in spec.shape[1:])
+    dtype = DATATYPES.get(spec.datatype, np.dtype(np.float32))
+    return np.empty((0, *rest), dtype=dtype)
+
+
+async def execute(
+    plan: Plan,
+    engine: Engine,
+    request: InferRequest,
+    deadline: float,
+    max_fan_out: int,
+    stats: Stats,
+) -> dict[str, Array]:
+    return await Run(plan, engine, request, deadline, max_fan_out, stats).run()
