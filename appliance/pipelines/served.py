@@ -27,16 +27,16 @@ from ..engine import Engine, LoadedModel, ModelSource
 from ..errors import ApplianceError, ConfigError, ModelError, NotFound, NotReady
 from ..manifest import Manifest, sha256_file
 from ..metrics import Metrics
+from ..registry import PIPELINE, PIPELINE_FILE
 from ..tensors import Signature
 from .declaration import Declaration, bind, parse
 from .executor import Plan, Stats, execute
 
 log = logging.getLogger("appliance.pipelines")
 
-#: The manifest `backend` of a stored pipeline (the engine does not load these).
-BACKEND = "pipeline"
-#: The file a stored pipeline version keeps its declaration in.
-FILE_NAME = "pipeline.json"
+#: The manifest `backend` of a stored pipeline (the engine does not load these), and the file
+#: a stored pipeline version keeps its declaration in.
+BACKEND, FILE_NAME = PIPELINE, PIPELINE_FILE
 _OUTCOME = {400: "invalid", 404: "not_found", 503: "unavailable", 504: "timeout"}
 
 

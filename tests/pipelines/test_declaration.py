@@ -59,7 +59,8 @@ def doc(**changes: Any) -> dict[str, Any]:
 
 
 def nodes(*extra: dict[str, Any]) -> list[dict[str, Any]]:
-    return copy.deepcopy(BASE["nodes"]) + list(extra)
+    base: list[dict[str, Any]] = copy.deepcopy(BASE["nodes"])
+    return base + list(extra)
 
 
 def refused(d: dict[str, Any], *parts: str, strict: bool = True) -> str:
