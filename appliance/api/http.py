@@ -196,7 +196,7 @@ async def ready(request: web.Request) -> web.Response:
         raise NotReady("not ready: " + ("; ".join(waiting) or "starting"))
     models = {
         m.name: {"version": m.version, "status": m.status, "device": _device(m)}
-        for m in engine.models()
+        for m in request.app[ROUTER].models()
     }
     return json_response({"ready": True, "models": models})
 

@@ -360,7 +360,7 @@ class MqttService:
         models = [
             {"name": m.name, "version": m.version, "status": m.status,
              "device": m.placement.device if m.placement else None}
-            for m in self.engine.models()
+            for m in self.paths.router.models()
         ]  # fmt: skip
         return orjson.dumps({
             "status": "online", "device_id": self.device, "version": __version__,

@@ -10,25 +10,36 @@ models' signatures) whenever one of its models switches version.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import numpy as np
 import orjson
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from ..codec import InferRequest, InferResponse
 from ..config import Config, ModelConfig, PipelineConfig
 from ..engine import Engine, LoadedModel, ModelSource
-from ..errors import ApplianceError, ConfigError, ModelError, NotFound, NotReady
+from ..errors import (
+    ApplianceError,
+    ConfigError,
+    InferenceFailed,
+    InvalidInput,
+    ModelError,
+    NotFound,
+    NotReady,
+)
+from ..llm import Cancelled, EmbeddingResult, Emit, Generation, GenerationResult
 from ..manifest import Manifest, sha256_file
 from ..metrics import Metrics
 from ..registry import PIPELINE, PIPELINE_FILE
-from ..tensors import Signature
+from ..tensors import Signature, TensorSpec
 from .declaration import Declaration, bind, parse
 from .executor import Plan, Stats, execute
 
@@ -74,7 +85,8 @@ class Pipelines:
         self.engine = engine
         self.config = config
         self.metrics = metrics
-        self._entries: dict[str, Entry] = {}
+        #: By name; the router tests membership on this dict directly (the hot path).
+        self.entries: dict[str, Entry] = {}
         for name, table in config.pipelines.items():
             settings = config.pipeline_config(name)
             if not settings.file:
@@ -123,28 +135,28 @@ class Pipelines:
         self, source: ModelSource, settings: PipelineConfig, decl: Declaration | None
     ) -> Entry:
         name = source.manifest.name
-        if name in self._entries:
+        if name in self.entries:
             raise ConfigError(f"pipelines.{name}: a pipeline of this name is declared twice")
         facade = LoadedModel(source, ModelConfig(timeout_s=settings.timeout_s), status="loading")
         entry = Entry(name, settings, facade, decl)
-        self._entries[name] = entry
+        self.entries[name] = entry
         return entry
 
     # -- lookups -----------------------------------------------------------------------------
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return name in self.entries
 
     def names(self) -> list[str]:
-        return list(self._entries)
+        return list(self.entries)
 
     def models(self) -> list[LoadedModel]:
         """Every pipeline as a model, its state brought up to date."""
-        for entry in self._entries.values():
+        for entry in self.entries.values():
             self._refresh(entry)
-        return [e.facade for e in self._entries.values()]
+        return [e.facade for e in self.entries.values()]
 
     def _entry(self, name: str, version: str | None) -> Entry:
-        entry = self._entries.get(name)
+        entry = self.entries.get(name)
         if entry is None:
             raise NotFound(f"unknown model {name!r}")
         if version is not None and version != entry.version:
@@ -257,6 +269,20 @@ class Pipelines:
                 stats.total.observe(time.perf_counter() - t0)
         return InferResponse(name, entry.version, outputs, request.id)
 
+    # -- the OpenAI routes --------------------------------------------------------------------
+    def embedder(self, name: str) -> tuple[LoadedModel, Embedder]:
+        """A pipeline usable as an embedding model: one BYTES input (the texts, one per row)
+        and an FP32 output of shape [N, D] (the first such is the embedding)."""
+        facade = self.ready(name)
+        sig = facade.signature
+        vectors = [t for t in sig.outputs if t.datatype in ("FP32", "FP16") and len(t.shape) == 2]
+        if len(sig.inputs) != 1 or sig.inputs[0].datatype != "BYTES" or not vectors:
+            raise InvalidInput(
+                f"pipeline {name!r} is not an embedding pipeline: that takes one BYTES input "
+                "(the texts) and gives an FP32 output of shape [N, D]"
+            )
+        return facade, Embedder(self, name, sig.inputs[0], vectors[0].name)
+
     # -- metadata ----------------------------------------------------------------------------
     def describe(self, name: str, version: str | None = None) -> dict[str, Any]:
         """KServe v2 model metadata of a pipeline: its own inputs and outputs, platform
@@ -292,13 +318,60 @@ class Pipelines:
             "Failures of an optional node (its outputs were left out, the request went on)",
             labels=["pipeline", "node"],
         )
-        for entry in self._entries.values():
+        for entry in self.entries.values():
             for outcome, n in entry.stats.outcomes.items():
                 requests.add_metric([entry.name, entry.version, outcome], n)
             for node, n in entry.stats.optional_failed.items():
                 optional.add_metric([entry.name, node], n)
         yield requests
         yield optional
+
+
+class Embedder:
+    """A pipeline seen as an embedding model (appliance.llm.TextModel): `embed_async` on the
+    event loop; `embed` from another thread, through the loop."""
+
+    mode: Literal["chat", "embedding"] = "embedding"
+
+    def __init__(self, pipelines: Pipelines, name: str, text: TensorSpec, output: str) -> None:
+        self.pipelines = pipelines
+        self.name = name
+        self.text = text
+        self.output = output
+        self.loop = asyncio.get_running_loop()
+
+    async def embed_async(self, texts: list[str], priority: int | None = None) -> EmbeddingResult:
+        items = np.empty(len(texts), dtype=object)
+        items[:] = [t.encode() for t in texts]
+        shape = (len(texts),) + (1,) * (len(self.text.shape) - 1)
+        request = InferRequest(
+            {self.text.name: items.reshape(shape)},
+            outputs={self.output: False},
+            priority=priority,
+            datatypes={self.text.name: "BYTES"},
+        )
+        response = await self.pipelines.infer(self.name, None, request)
+        vectors = response.outputs.get(self.output)
+        if vectors is None or vectors.ndim != 2 or vectors.shape[0] != len(texts):
+            got = "nothing" if vectors is None else f"shape {list(vectors.shape)}"
+            raise InferenceFailed(
+                f"pipeline {self.name!r}: output {self.output!r} gave {got} for {len(texts)} texts"
+            )
+        # tokens are the pipeline's business: count the words, as a usage estimate
+        return EmbeddingResult(vectors.astype(np.float32), sum(len(t.split()) for t in texts))
+
+    def embed(self, texts: list[str]) -> EmbeddingResult:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            future = asyncio.run_coroutine_threadsafe(self.embed_async(texts), self.loop)
+            return future.result()
+        raise RuntimeError("Embedder.embed blocks: on the event loop, await embed_async")
+
+    def generate(
+        self, request: Generation, emit: Emit | None, cancelled: Cancelled
+    ) -> GenerationResult:
+        raise InvalidInput(f"pipeline {self.name!r} is an embedding pipeline, not a language model")
 
 
 def _describe_node(entry: Entry, name: str) -> dict[str, Any]:

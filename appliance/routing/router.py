@@ -178,6 +178,7 @@ class Router:
         self.tasks = {name: Task(name, config.task_config(name)) for name in config.tasks}
         #: Pipelines declared in the config; the server adds stored ones (`pipelines.add`).
         self.pipelines = Pipelines(engine, config, metrics)
+        self._pipelines = self.pipelines.entries
         #: Injectable for tests: the breakers' clock, and the draw of a variant.
         self.clock: Callable[[], float] = time.monotonic
         self.draw: Callable[[], float] = random.random
@@ -290,7 +291,7 @@ class Router:
         NotFound/NotReady otherwise."""
         task = self.tasks.get(name)
         if task is None:
-            if name in self.pipelines:
+            if name in self._pipelines:
                 if mode is not None:
                     raise InvalidInput(f"{name!r} is a pipeline, not a text model")
                 return self.pipelines.ready(name, version)
@@ -320,7 +321,12 @@ class Router:
         return self.engine.model(name, version)
 
     def text_model(self, name: str, mode: str) -> tuple[LoadedModel, TextModel]:
-        """The ready language ("chat") or embedding model `name`, or a task's first one."""
+        """The ready language ("chat") or embedding model `name`, or a task's first one; a
+        pipeline that takes texts and gives vectors serves as an embedding model."""
+        if name in self.pipelines and name not in self.tasks:
+            if mode != "embedding":
+                raise InvalidInput(f"{name!r} is a pipeline, not a language model")
+            return self.pipelines.embedder(name)
         model = self.resolve(name, None, mode)
         assert isinstance(model.backend, TextModel)
         return model, model.backend
@@ -494,7 +500,7 @@ class Router:
     ) -> InferResponse:
         """Run `request` on model, task or pipeline `name`; `key` is a task's sticky key."""
         if name not in self.tasks:
-            if name in self.pipelines:
+            if name in self._pipelines:
                 return await self.pipelines.infer(name, version, request)
             model = self.engine.ready_model(name, version)
             if not guarded(model.config):
@@ -588,6 +594,10 @@ class Router:
         priority: int | None = None,
     ) -> tuple[LoadedModel, EmbeddingResult]:
         served = served if served is not None else Served()
+        if name in self.pipelines and name not in self.tasks:
+            model, embedder = self.pipelines.embedder(name)
+            served.model, served.version = model.name, model.version
+            return model, await embedder.embed_async(texts, priority)
         if name not in self.tasks:
             model, _ = self.engine.text_model(name, "embedding")
             if not guarded(model.config):

@@ -18,6 +18,7 @@ TYPES = {
     "t_identity": "tests.support.pipeline_steps:Identity",
     "t_fail": "tests.support.pipeline_steps:Fail",
     "t_scale": "tests.support.pipeline_steps:Scale",
+    "t_embed": "tests.support.pipeline_steps:Embed",
 }
 
 
@@ -105,3 +106,32 @@ class Fail(Step):
         if self.how == "invalid":
             raise InvalidInput("this step refuses its input")
         raise RuntimeError("boom")
+
+
+class Embed(Step):
+    """Texts (BYTES [N]) -> FP32 [N, 4]: length, vowels, spaces, digits (a toy embedding)."""
+
+    type = "t_embed"
+    reads = ("text",)
+    writes = ("vec",)
+
+    @classmethod
+    def parse(cls, config: Mapping[str, Any], ctx: StepContext) -> Step:
+        unknown_keys(config, frozenset(), ctx)
+        return cls()
+
+    def specs(self, given: Mapping[str, TensorSpec]) -> dict[str, TensorSpec]:
+        return {"vec": TensorSpec("vec", "FP32", (-1, 4))}
+
+    def run(self, tensors: Mapping[str, Array], call: StepCall) -> Arrays:
+        rows = []
+        for item in tensors["text"].reshape(-1):
+            t = item.decode() if isinstance(item, bytes) else str(item)
+            rows.append([len(t), sum(c in "aeiou" for c in t), t.count(" "),
+                         sum(c.isdigit() for c in t)])  # fmt: skip
+        return {"vec": np.array(rows, dtype=np.float32).reshape(-1, 4)}
+
+
+def toy_embedding(text: str) -> list[float]:
+    return [len(text), sum(c in "aeiou" for c in text), text.count(" "),
+            sum(c.isdigit() for c in text)]  # fmt: skip
