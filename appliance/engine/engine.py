@@ -363,6 +363,10 @@ class Engine:
             )
         return model
 
+    def model_or_none(self, name: str) -> LoadedModel | None:
+        """The model that serves `name`, if any (a cheap check for who binds to it)."""
+        return self._models.get(name)
+
     def ready_model(self, name: str, version: str | None = None) -> LoadedModel:
         model = self.model(name, version)
         if model.status != "ready":

@@ -16,7 +16,7 @@ import copy
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -39,12 +39,35 @@ class Stats:
     """Counters of one pipeline (loop thread only)."""
 
     def __init__(self) -> None:
-        self.outcomes: dict[str, int] = {}
+        self.outcomes: dict[str, int] = {"success": 0}
         #: Failures of optional nodes, by node.
         self.optional_failed: dict[str, int] = {}
         #: Per node: seconds from start to end (model: queue + run; step: run).
         self.node_seconds: dict[str, Histogram] = {}
         self.total = Histogram()
+
+
+@dataclass(frozen=True, slots=True)
+class Fast:
+    """A model node with no condition, list source or rename left to decide per request: its
+    inputs and outputs as environment keys, worked out once."""
+
+    model: str
+    version: str | None
+    ins: tuple[tuple[str, str], ...]
+    outs: tuple[tuple[str, str], ...]
+    timer: Histogram
+
+
+def _fast(bound: BoundNode, timer: Histogram) -> Fast | None:
+    node = bound.node
+    if node.model is None or node.when is not None or node.optional or node.fan_out:
+        return None
+    if any(len(source) != 1 for source in node.inputs.values()):
+        return None
+    ins = tuple((key, str(source[0])) for key, source in node.inputs.items())
+    outs = tuple((own, f"{node.name}.{graph}") for graph, own in bound.produces.items())
+    return Fast(node.model, node.version, ins, outs, timer)
 
 
 class Plan:
@@ -81,6 +104,20 @@ class Plan:
         self.row_chain = {f: _is_chain(b) for f, b in self.rows.items()}
         #: Per row of a fan-out, the shape of a gathered tensor with no rows.
         self.specs = bound.specs
+        #: The nodes in order when the graph is a chain with no fan-out (the common case),
+        #: each with its fast form when it is a plain model node.
+        self.flat: list[tuple[BoundNode, Fast | None]] | None = None
+        #: All of `flat` when every node is a plain model node and every output one
+        #: reference: run by `execute` itself.
+        self.chain: list[tuple[BoundNode, Fast]] | None = None
+        self.out_keys = [(name, str(source[0])) for name, source in decl.outputs.items()]
+        if self.outer_chain and not self.rows:
+            self.flat = [
+                (bound.nodes[n], _fast(bound.nodes[n], self.timers[n])) for n in self.outer
+            ]
+            fasts = [(b, f) for b, f in self.flat if f is not None]
+            if len(fasts) == len(self.flat) and all(len(s) == 1 for s in decl.outputs.values()):
+                self.chain = fasts
 
 
 def _unit(decl: Any, node: str) -> str:
@@ -124,7 +161,6 @@ class Run:
         self.deadline = deadline
         self.max_fan_out = max_fan_out
         self.stats = stats
-        self.call = StepCall(request.parameters)
         #: Row environments of each fan-out once its rows ran.
         self.rows: dict[str, list[Env]] = {}
         self.counts: dict[str, int] = {}
@@ -133,7 +169,7 @@ class Run:
 
     async def run(self) -> dict[str, Array]:
         request = self.request
-        validate(self.plan.in_signature, replace(request, outputs=None), False)
+        _check_inputs(self.plan.in_signature, request)
         decl = self.bound.decl
         wanted = list(decl.outputs)
         if request.outputs is not None:
@@ -145,13 +181,54 @@ class Run:
                     )
             wanted = list(request.outputs)
         env: Env = {f"{REQUEST}.{k}": v for k, v in request.inputs.items()}
-        await self._units(self.plan.outer, self.plan.outer_chain, env, None)
+        flat = self.plan.flat
+        if flat is not None:  # a chain with no fan-out: plain awaits, no task per node
+            for node, fast in flat:
+                if fast is None:
+                    await self._node(node, env, None)
+                else:
+                    await self._fast(node, fast, env)
+        else:
+            await self._units(self.plan.outer, self.plan.outer_chain, env, None)
         out: dict[str, Array] = {}
         for name in wanted:
             value = self._value(decl.outputs[name], env, None)
             if value is not None:
                 out[name] = value
         return out
+
+    async def _fast(self, bound: BoundNode, fast: Fast, env: Env) -> None:
+        """`_node` for a plain model node: the same outcome, fewer steps (a 2-model pipeline
+        should cost little more than its two model calls)."""
+        t0 = time.perf_counter()
+        try:
+            inputs = {key: env[ref] for key, ref in fast.ins}
+        except KeyError:
+            return  # reads an absent tensor: skipped
+        engine = self.engine
+        request = self.request
+        model = None
+        try:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExceeded("the request's deadline passed before this node could run")
+            model = engine.ready_model(fast.model, fast.version)
+            response = await engine.infer_on(
+                model,
+                InferRequest(inputs, None, request.id, False, remaining, request.priority,
+                             request.parameters),
+            )  # fmt: skip
+        except ApplianceError as exc:
+            fast.timer.observe(time.perf_counter() - t0)
+            if model is not None:
+                self.called[bound.node.name] = model.version
+            raise self._named(bound, exc, None) from None
+        outputs = response.outputs
+        for own, key in fast.outs:
+            value = outputs.get(own)
+            if value is not None:
+                env[key] = value
+        fast.timer.observe(time.perf_counter() - t0)
 
     # -- scheduling ------------------------------------------------------------------------
     async def _units(
@@ -285,22 +362,23 @@ class Run:
             engine = self.engine
             model = engine.ready_model(node.model, node.version)
             self.called[node.name] = model.version
+            request = self.request
             req = InferRequest(
                 inputs,
-                id=self.request.id,
+                id=request.id,
                 timeout_s=remaining,
-                priority=self.request.priority,
-                parameters=self.request.parameters,
-                datatypes={k: datatype_of(v) for k, v in inputs.items()},
+                priority=request.priority,
+                parameters=request.parameters,
             )
             response = await engine.infer_on(model, req)
             return dict(response.outputs)
         step = bound.step
         assert step is not None
         where = f"pipeline {self.bound.decl.name!r} node {node.name!r}"
+        call = StepCall(self.request.parameters)
         if step.blocking:
-            return await asyncio.to_thread(run_step, step, inputs, self.call, where)
-        return run_step(step, inputs, self.call, where)
+            return await asyncio.to_thread(run_step, step, inputs, call, where)
+        return run_step(step, inputs, call, where)
 
     def _rows_of(self, bound: BoundNode, outputs: Mapping[str, Array]) -> None:
         counts = {k: (v.shape[0] if v.ndim else 1) for k, v in outputs.items()}
@@ -344,6 +422,26 @@ class Run:
         return None
 
 
+def _check_inputs(signature: Signature, request: InferRequest) -> None:
+    """The pipeline's own inputs: names, datatypes and shapes, each refused with a 400 naming
+    it (values are checked by the models that read them)."""
+    inputs = request.inputs
+    if len(inputs) != len(signature.inputs):
+        validate(signature, request, True)  # the precise message for a missing or unknown one
+    for spec in signature.inputs:
+        array = inputs.get(spec.name)
+        if array is None:
+            validate(signature, request, True)
+            return
+        declared = request.datatypes.get(spec.name) or datatype_of(array)
+        shape = array.shape
+        if declared != spec.datatype or len(shape) != len(spec.shape):
+            validate(signature, request, True)
+        for want, got in zip(spec.shape, shape, strict=True):
+            if want >= 0 and want != got:
+                validate(signature, request, True)
+
+
 def _empty_of(spec: TensorSpec) -> Array:
     rest = tuple(max(d, 0) for d in spec.shape[1:])
     dtype = DATATYPES.get(spec.datatype, np.dtype(np.float32))
@@ -358,4 +456,36 @@ async def execute(
     max_fan_out: int,
     stats: Stats,
 ) -> dict[str, Array]:
-    return await Run(plan, engine, request, deadline, max_fan_out, stats).run()
+    chain = plan.chain
+    if chain is None or request.outputs is not None:
+        return await Run(plan, engine, request, deadline, max_fan_out, stats).run()
+    # A chain of plain model nodes (most pipelines): the same steps as Run, written out.
+    _check_inputs(plan.in_signature, request)
+    env: Env = {f"{REQUEST}.{k}": v for k, v in request.inputs.items()}
+    rid, priority, parameters = request.id, request.priority, request.parameters
+    perf = time.perf_counter
+    for bound, fast in chain:
+        t0 = perf()
+        model = None
+        try:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExceeded("the request's deadline passed before this node could run")
+            model = engine.ready_model(fast.model, fast.version)
+            inputs = {key: env[ref] for key, ref in fast.ins}
+            response = await engine.infer_on(
+                model, InferRequest(inputs, None, rid, False, remaining, priority, parameters)
+            )
+        except ApplianceError as exc:
+            fast.timer.observe(perf() - t0)
+            run = Run(plan, engine, request, deadline, max_fan_out, stats)
+            if model is not None:
+                run.called[bound.node.name] = model.version
+            raise run._named(bound, exc, None) from None
+        outputs = response.outputs
+        for own, key in fast.outs:
+            value = outputs.get(own)
+            if value is not None:
+                env[key] = value
+        fast.timer.observe(perf() - t0)
+    return {name: env[key] for name, key in plan.out_keys if key in env}

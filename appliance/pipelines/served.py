@@ -74,6 +74,13 @@ class Entry:
     plan: Plan | None = None
     #: The engine's models the plan was bound to: (name, version, object id) per model.
     key: tuple[tuple[str, str, int], ...] | None = None
+    #: The models its nodes call, and the loaded versions the plan was bound to.
+    models: list[tuple[str, str | None]] = field(default_factory=list)
+    using: list[tuple[str, LoadedModel]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.decl is not None:
+            self.models = self.decl.models()
 
     @property
     def version(self) -> str:
@@ -194,9 +201,17 @@ class Pipelines:
         if decl is None:
             return None  # a declaration that does not parse stays failed
         engine = self.engine
+        if entry.plan is not None and entry.using:
+            # the hot path: the same model objects, still ready, as at binding
+            for model_name, bound_to in entry.using:
+                m = engine.model_or_none(model_name)
+                if m is not bound_to or m.status != "ready":
+                    break
+            else:
+                return entry.plan
         key = []
         waiting = []
-        for model_name, pin in decl.models():
+        for model_name, pin in entry.models:
             try:
                 m = engine.model(model_name)
             except NotFound:
@@ -227,6 +242,7 @@ class Pipelines:
             return None
         entry.plan = Plan(bound, lambda node: self.metrics.step(entry.name, node))
         entry.key = frozen
+        entry.using = [(name, engine.model(name)) for name, _ in entry.models]
         facade.source = replace(
             facade.source, manifest=replace(facade.source.manifest, signature=bound.signature)
         )
@@ -249,24 +265,22 @@ class Pipelines:
     async def infer(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
         entry = self._entry(name, version)
         t0 = time.perf_counter()
-        outcome = "success"
+        stats = entry.stats
         try:
             plan = self._ready(entry)
             limit = entry.config.timeout_s
-            if request.timeout_s is not None:
-                limit = min(limit, request.timeout_s)
+            if request.timeout_s is not None and request.timeout_s < limit:
+                limit = request.timeout_s
             outputs = await execute(
                 plan, self.engine, request, time.monotonic() + limit,
-                entry.config.max_fan_out, entry.stats,
+                entry.config.max_fan_out, stats,
             )  # fmt: skip
         except ApplianceError as exc:
             outcome = _OUTCOME.get(exc.status, "error")
-            raise
-        finally:
-            stats = entry.stats
             stats.outcomes[outcome] = stats.outcomes.get(outcome, 0) + 1
-            if outcome == "success":
-                stats.total.observe(time.perf_counter() - t0)
+            raise
+        stats.outcomes["success"] += 1
+        stats.total.observe(time.perf_counter() - t0)
         return InferResponse(name, entry.version, outputs, request.id)
 
     # -- the OpenAI routes --------------------------------------------------------------------
