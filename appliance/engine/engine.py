@@ -385,8 +385,12 @@ class Engine:
             metrics.outcomes["overloaded"] += 1
             raise
 
-    async def infer_on(self, model: LoadedModel, request: InferRequest) -> InferResponse:
-        """Run `request` on this loaded version (also one not yet switched to, for checks)."""
+    async def infer_on(
+        self, model: LoadedModel, request: InferRequest, inline: bool = True
+    ) -> InferResponse:
+        """Run `request` on this loaded version (also one not yet switched to, for checks).
+        `inline=False`: never on the event loop thread, so that requests sent together are
+        batched (see ModelRunner.run)."""
         runner, metrics = model.runner, model.stats
         assert runner is not None and metrics is not None
         t0 = time.perf_counter()
@@ -404,7 +408,9 @@ class Engine:
             timeout = model.config.timeout_s
             if request.timeout_s is not None:
                 timeout = min(timeout, request.timeout_s)
-            result, _timing = await runner.run(request.inputs, outputs, timeout, request.priority)
+            result, _timing = await runner.run(
+                request.inputs, outputs, timeout, request.priority, inline
+            )
             if pipeline is not None:
                 result = pipeline.finish(request, result, asked)
         except ApplianceError as exc:

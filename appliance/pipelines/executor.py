@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 
 from ..codec import InferRequest
-from ..engine import Engine
+from ..engine import Engine, LoadedModel
 from ..engine.validation import validate
-from ..errors import ApplianceError, DeadlineExceeded, InvalidInput
+from ..errors import ApplianceError, DeadlineExceeded, InferenceFailed, InvalidInput
 from ..metrics import Histogram
-from ..steps.base import Array, StepCall, run_step
+from ..steps.base import Array, Arrays, StepCall, run_step
 from ..tensors import DATATYPES, Signature, TensorSpec, datatype_of
 from .declaration import REQUEST, Bound, BoundNode, Source
 
@@ -164,6 +164,9 @@ class Run:
         #: Row environments of each fan-out once its rows ran.
         self.rows: dict[str, list[Env]] = {}
         self.counts: dict[str, int] = {}
+        #: Rows waiting to be sent to a model node together, and the merged calls running.
+        self.merging: dict[str, list[tuple[Arrays, asyncio.Future[Arrays]]]] = {}
+        self.tasks: set[asyncio.Future[None]] = set()
         #: The version each model node ran on (for error messages).
         self.called: dict[str, str] = {}
 
@@ -331,7 +334,7 @@ class Run:
             inputs[key] = value
         t0 = time.perf_counter()
         try:
-            outputs = await self._call(bound, inputs)
+            outputs = await self._call(bound, inputs, row)
             if node.fan_out:
                 self._rows_of(bound, outputs)
         except ApplianceError as exc:
@@ -353,7 +356,9 @@ class Run:
             if value is not None:
                 env[f"{node.name}.{graph}"] = value
 
-    async def _call(self, bound: BoundNode, inputs: dict[str, Array]) -> dict[str, Array]:
+    async def _call(
+        self, bound: BoundNode, inputs: dict[str, Array], row: int | None
+    ) -> dict[str, Array]:
         node = bound.node
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
@@ -370,7 +375,12 @@ class Run:
                 priority=request.priority,
                 parameters=request.parameters,
             )
-            response = await engine.infer_on(model, req)
+            alone = row is None or self.counts.get(node.scope or "") == 1
+            if not alone and _mergeable(model):
+                return await self._merged(bound, model, req)
+            # rows the model cannot take together go through its queue at once, for its
+            # batcher to merge what it can
+            response = await engine.infer_on(model, req, inline=alone)
             return dict(response.outputs)
         step = bound.step
         assert step is not None
@@ -379,6 +389,59 @@ class Run:
         if step.blocking:
             return await asyncio.to_thread(run_step, step, inputs, call, where)
         return run_step(step, inputs, call, where)
+
+    async def _merged(self, bound: BoundNode, model: LoadedModel, req: InferRequest) -> Arrays:
+        """One row's call to a model, merged with the other rows reaching the same node in
+        the same turn of the event loop into one request along dimension 0 (what the model's
+        dynamic batcher would do, without a queue entry per row)."""
+        loop = asyncio.get_running_loop()
+        name = bound.node.name
+        waiting = self.merging.get(name)
+        if waiting is None:
+            waiting = self.merging[name] = []
+            loop.call_soon(self._flush, name, model, req)
+        future: asyncio.Future[Arrays] = loop.create_future()
+        waiting.append((req.inputs, future))
+        return await future
+
+    def _flush(self, name: str, model: LoadedModel, first: InferRequest) -> None:
+        waiting = self.merging.pop(name)
+        task = asyncio.ensure_future(self._run_merged(model, first, waiting))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _run_merged(
+        self,
+        model: LoadedModel,
+        first: InferRequest,
+        waiting: list[tuple[Arrays, asyncio.Future[Arrays]]],
+    ) -> None:
+        try:
+            sizes = [next(iter(inputs.values())).shape[0] for inputs, _ in waiting]
+            keys = list(waiting[0][0])
+            merged = {k: np.concatenate([inputs[k] for inputs, _ in waiting]) for k in keys}
+            remaining = max(self.deadline - time.monotonic(), 1e-6)
+            req = InferRequest(merged, None, first.id, False, remaining, first.priority,
+                               first.parameters)  # fmt: skip
+            response = await self.engine.infer_on(model, req, inline=len(waiting) == 1)
+            total = sum(sizes)
+            for k, v in response.outputs.items():
+                if v.ndim == 0 or v.shape[0] != total:
+                    raise InferenceFailed(
+                        f"output {k!r} has shape {list(v.shape)} for {total} rows sent together"
+                    )
+            start = 0
+            for (_, future), n in zip(waiting, sizes, strict=True):
+                part = {k: v[start : start + n] for k, v in response.outputs.items()}
+                start += n
+                if not future.done():
+                    future.set_result(part)
+        except BaseException as exc:
+            for _, future in waiting:
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
 
     def _rows_of(self, bound: BoundNode, outputs: Mapping[str, Array]) -> None:
         counts = {k: (v.shape[0] if v.ndim else 1) for k, v in outputs.items()}
@@ -420,6 +483,14 @@ class Run:
             if model == name:
                 return version
         return None
+
+
+def _mergeable(model: LoadedModel) -> bool:
+    """Whether rows sent to `model` may be merged into one request: its batcher would merge
+    them too (every input and output has a dynamic first dimension), and it declares no
+    processing of its own that would see the merged request."""
+    runner = model.runner
+    return runner is not None and runner.batching is not None and model.pipeline is None
 
 
 def _check_inputs(signature: Signature, request: InferRequest) -> None:

@@ -161,7 +161,8 @@ def fanout(work: Path, requests: int, rounds: int, rows: int, concurrency: int) 
     decl = work / "fan.pipeline.json"
     decl.write_bytes(orjson.dumps(FAN))
     config = work / "fan.toml"
-    config.write_text(f'[pipelines.fan]\nfile = "{decl}"\n')
+    # every row of every request in the model's queue at once: 8 x 16 > the default 64
+    config.write_text(f'[pipelines.fan]\nfile = "{decl}"\n[models.sample]\nmax_queue = 1024\n')
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
     env["PYTHONPATH"] = str(ROOT)
