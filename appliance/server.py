@@ -134,7 +134,7 @@ def _add_sync(
 async def _reload_on_hangup(app: web.Application) -> AsyncIterator[None]:
     """SIGHUP (`systemctl reload appliance`): serve the store's active versions, switching
     each changed model with no gap (after `appliance models activate` or `rollback`)."""
-    from .api.http import ENGINE, LOADER, STORE
+    from .api.http import ENGINE, LOADER, ROUTER, STORE
 
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[None]] = set()
@@ -144,6 +144,7 @@ async def _reload_on_hangup(app: web.Application) -> AsyncIterator[None]:
         store = app[STORE]
         assert store is not None
         changed = await app[ENGINE].reload_store(store)
+        changed += app[ROUTER].pipelines.reload_store(store)
         log.info("reload: %s", ", ".join(changed) if changed else "nothing changed")
 
     def on_hangup() -> None:

@@ -20,7 +20,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from .. import __version__
 from ..codec import InferRequest, InferResponse, decode_request, encode_response
-from ..engine import Engine, LoadedModel
+from ..engine import Engine, LoadedModel, ModelSource
 from ..errors import (
     ApplianceError,
     InferenceFailed,
@@ -31,7 +31,7 @@ from ..errors import (
     Unauthorized,
 )
 from ..metrics import Metrics
-from ..registry import Registry, check_name
+from ..registry import PIPELINE, Registry, check_name
 from ..request import Request, RequestPath
 from ..routing import Router
 from .images import image_request, text_parameters
@@ -269,6 +269,13 @@ async def repository_load(request: web.Request) -> web.Response:
             check_name(version, "version")
     except ModelError as exc:
         raise InvalidInput(exc.message) from None
+    mv = store.get(name, version) if version is not None else store.active(name)
+    if mv.manifest.backend == PIPELINE:  # served by the pipelines layer, not loaded
+        model = request.app[ROUTER].pipelines.activate(ModelSource(mv.manifest, mv.file))
+        if version is not None:
+            store.activate(name, version)
+        state = "READY" if model.status == "ready" else model.status.upper()
+        return json_response({"name": model.name, "version": model.version, "state": state})
     model = await request.app[ENGINE].activate_stored(store, name, version)
     return json_response({"name": model.name, "version": model.version, "state": "READY"})
 

@@ -38,7 +38,7 @@ from ..errors import (
 from ..llm import Cancelled, EmbeddingResult, Emit, Generation, GenerationResult
 from ..manifest import Manifest, sha256_file
 from ..metrics import Metrics
-from ..registry import PIPELINE, PIPELINE_FILE
+from ..registry import PIPELINE, PIPELINE_FILE, Registry
 from ..tensors import Signature, TensorSpec
 from .declaration import Declaration, bind, parse
 from .executor import Plan, Stats, execute
@@ -137,6 +137,52 @@ class Pipelines:
         entry = self._add(source, settings, decl)
         if reason is not None:
             entry.facade.status, entry.facade.reason = "failed", reason
+
+    def activate(self, source: ModelSource) -> LoadedModel:
+        """Serve a stored version in place of the one serving, with no gap: the new
+        declaration is read and checked first (the old version serves on if it fails); the
+        switch is one assignment, so a request runs wholly on one version."""
+        name = source.manifest.name
+        if source.verify:
+            from ..manifest import verify_file
+
+            verify_file(source.path, source.manifest)
+        settings = self.config.pipeline_config(name)
+        decl = read_declaration(source.path, name, settings.max_nodes)
+        old = self.entries.pop(name, None)
+        try:
+            entry = self._add(source, settings, decl)
+        except BaseException:
+            if old is not None:
+                self.entries[name] = old
+            raise
+        if old is not None:
+            entry.stats = old.stats  # the counters of a name go on across versions
+        self._refresh(entry)
+        log.info("pipeline %s now served by version %s", name, entry.version)
+        return entry.facade
+
+    def reload_store(self, registry: Registry) -> list[str]:
+        """Serve the store's active version of every stored pipeline whose version changed."""
+        changed = []
+        for name in registry.names():
+            try:
+                mv = registry.active(name)
+            except ApplianceError:
+                continue
+            if mv.manifest.backend != BACKEND:
+                continue
+            serving = self.entries.get(name)
+            if serving is not None and serving.version == mv.manifest.version:
+                continue
+            try:
+                self.activate(ModelSource(mv.manifest, mv.file))
+            except ApplianceError as exc:
+                log.error("reload: pipeline %s version %s: %s", name, mv.manifest.version,
+                          exc.message)  # fmt: skip
+                continue
+            changed.append(f"{name}/{mv.manifest.version}")
+        return changed
 
     def _add(
         self, source: ModelSource, settings: PipelineConfig, decl: Declaration | None

@@ -104,3 +104,20 @@ def test_cli_models_add_pipeline(tmp_path: Path, pipeline_models: dict[str, Path
     assert result.returncode == 1
     assert "pipeline 'bad': node 's': step.type: unknown step type 'nope'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_a_new_stored_version_is_switched_to(serve, store: Registry, tmp_path: Path):
+    store.add_pipeline("chain", write(tmp_path / "v1.pipeline.json", CHAIN))
+    client = await serve()
+    x = np.ones((1, 4), dtype=np.float32)
+    v2 = {**CHAIN, "outputs": [{"name": "only_y", "source": "a.y"}]}
+    store.add_pipeline("chain", write(tmp_path / "v2.pipeline.json", v2), activate=False)
+    _, answer = await infer(client, "chain", body(x))
+    assert answer["model_version"] == "1" and sorted(outputs(answer)) == ["y", "z"]
+    r = await client.post("/v2/repository/models/chain/load", json={"parameters": {"version": "2"}})
+    assert r.status == 200, await r.text()
+    assert (await r.json())["version"] == "2"
+    status, answer = await infer(client, "chain", body(x))
+    assert status == 200 and answer["model_version"] == "2"
+    assert list(outputs(answer)) == ["only_y"]
+    assert store.active("chain").manifest.version == "2"
