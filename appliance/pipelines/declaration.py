@@ -28,6 +28,8 @@ from ..steps import get_step, parse_step
 from ..steps.base import Step, StepContext
 from ..tensors import DATATYPES, Signature, TensorSpec
 
+#: Datatypes a `when` condition can compare.
+NUMBERS = frozenset(DATATYPES) - {"BYTES"}
 #: The name that stands for the pipeline's own inputs in a reference.
 REQUEST = "request"
 _NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
@@ -487,7 +489,10 @@ def bind(decl: Declaration, lookup: Lookup, strict: bool = True) -> Bound:
             if spec is not None:
                 given[key] = TensorSpec(key, spec.datatype, spec.shape)
         if node.when is not None:
-            resolve(node.when.source, node.scope, where, "when.source")
+            spec = resolve(node.when.source, node.scope, where, "when.source")
+            if spec is not None and spec.datatype not in NUMBERS:
+                raise w.bad(where, "when.source", f"{show(node.when.source)} is "
+                            f"{spec.datatype}: a condition compares numbers")  # fmt: skip
         bound = BoundNode(node, given, {})
         outputs: dict[str, TensorSpec | None] = {}
         if node.model is not None:

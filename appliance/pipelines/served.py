@@ -277,8 +277,8 @@ class Pipelines:
             entry.plan = None
             return None
         frozen = tuple(key)
-        if entry.plan is not None and entry.key == frozen:
-            return entry.plan
+        if entry.key == frozen and (entry.plan is not None or facade.status == "failed"):
+            return entry.plan  # bound (or refused) against these very models already
         try:
             bound = bind(decl, self._lookup, strict=True)
         except ApplianceError as exc:

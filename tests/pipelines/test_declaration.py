@@ -200,3 +200,12 @@ def test_list_sources_must_agree():
         {"name": "c", "model": "counter", "inputs": {"x": "request.n"}},
     ], outputs=[{"name": "z", "source": ["a.y", "c.n"]}])  # fmt: skip
     refused(d, "output 'z'", "c.n is INT64 but a.y is FP32")
+
+
+def test_a_condition_compares_numbers():
+    d = doc(
+        inputs=[*BASE["inputs"], {"name": "t", "datatype": "BYTES", "shape": [1]}],
+        nodes=nodes({"name": "c", "model": "addone", "inputs": {"y": "b.z"},
+                     "when": {"source": "request.t", "op": ">", "value": 0}}),
+    )  # fmt: skip
+    refused(d, "node 'c'", "when.source", "request.t is BYTES")
