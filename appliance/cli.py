@@ -74,8 +74,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     reg = _registry(args)
     action = args.action
     if action == "add" and args.pipeline:
-        if args.file or args.preprocess or args.postprocess:
-            raise ConfigError("--pipeline FILE stores a declaration: give no model file")
+        if args.preprocess or args.postprocess:
+            raise ConfigError("--pipeline FILE: a pipeline declares its steps as nodes")
         mv = reg.add_pipeline(
             args.name, Path(args.pipeline), version=args.version, activate=not args.no_activate
         )
@@ -84,8 +84,6 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"added pipeline {m.name} version {m.version} (sha256 {m.sha256[:12]}…, {state})")
         print(f"  {describe(m.signature)}")
     elif action == "add":
-        if not args.file:
-            raise ConfigError("models add NAME FILE: the model file is missing")
         mv = reg.add(
             args.name,
             Path(args.file),
@@ -373,7 +371,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.command == "models" and args.action == "add":
+        if not args.file and not args.pipeline:
+            p.error("the following arguments are required: file (or --pipeline FILE)")
+        if args.file and args.pipeline:
+            p.error("models add: give a model file or --pipeline FILE, not both")
     try:
         result: int = args.func(args)
         return result
