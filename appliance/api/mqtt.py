@@ -58,7 +58,7 @@ from ..preprocess.image import check_content_type
 from ..request import Request, RequestPath
 from ..routing import Router
 from ..tensors import DATATYPES
-from .images import PARAMETERS, image_spec, images_request, text_parameters
+from .images import PARAMETERS, image_input, images_request, text_parameters
 
 log = logging.getLogger("appliance.mqtt")
 
@@ -152,9 +152,9 @@ def raw_request(
     model = router.resolve(route.model, route.version)
     if content_type is not None and content_type.lower().startswith("image/"):
         check_content_type(payload, content_type)
-        return images_request(image_spec(model), [payload])
+        return images_request(image_input(model), [payload])
     if model.pipeline is not None and model.pipeline.image is not None:
-        return images_request(model.pipeline.image, [payload])
+        return images_request(model.pipeline.image.input, [payload])
     inputs = model.signature.inputs
     if len(inputs) != 1:
         raise InvalidInput(

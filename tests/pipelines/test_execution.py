@@ -283,3 +283,23 @@ async def test_rows_to_a_model_that_does_not_batch_run_one_by_one(serve, tmp_pat
     assert double.stats is not None
     assert sum(double.stats.batch.counts) == 5
     assert double.stats.outcomes["success"] == 5
+
+
+async def test_an_image_body_goes_to_the_one_bytes_input(serve, tmp_path: Path):
+    from tests.support.images import encode, picture
+
+    doc = {
+        "kind": "pipeline",
+        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]}],
+        "nodes": [{"name": "n", "step": {"type": "t_size"}, "inputs": {"data": "request.image"}}],
+        "outputs": [{"name": "size", "source": "n.size"}],
+    }
+    client = await serve(declare(tmp_path, {"img": doc, "chain": CHAIN}))
+    png = encode(picture(20, 10, 1), "PNG")
+    r = await client.post("/v2/models/img/infer", data=png, headers={"Content-Type": "image/png"})
+    answer = await r.json()
+    assert r.status == 200, answer
+    assert answer["outputs"][0]["data"] == [len(png)]
+    r = await client.post("/v2/models/chain/infer", data=png, headers={"Content-Type": "image/png"})
+    assert r.status == 415
+    assert "takes no images" in (await r.json())["error"]

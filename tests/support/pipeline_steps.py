@@ -19,6 +19,7 @@ TYPES = {
     "t_fail": "tests.support.pipeline_steps:Fail",
     "t_scale": "tests.support.pipeline_steps:Scale",
     "t_embed": "tests.support.pipeline_steps:Embed",
+    "t_size": "tests.support.pipeline_steps:Size",
 }
 
 
@@ -135,3 +136,23 @@ class Embed(Step):
 def toy_embedding(text: str) -> list[float]:
     return [len(text), sum(c in "aeiou" for c in text), text.count(" "),
             sum(c.isdigit() for c in text)]  # fmt: skip
+
+
+class Size(Step):
+    """Encoded items (BYTES [N]) -> their sizes in bytes, INT64 [N] (a picture's stand-in)."""
+
+    type = "t_size"
+    reads = ("data",)
+    writes = ("size",)
+
+    @classmethod
+    def parse(cls, config: Mapping[str, Any], ctx: StepContext) -> Step:
+        unknown_keys(config, frozenset(), ctx)
+        return cls()
+
+    def specs(self, given: Mapping[str, TensorSpec]) -> dict[str, TensorSpec]:
+        return {"size": TensorSpec("size", "INT64", (-1,))}
+
+    def run(self, tensors: Mapping[str, Array], call: StepCall) -> Arrays:
+        data = tensors["data"].reshape(-1)
+        return {"size": np.array([len(item) for item in data], dtype=np.int64)}
