@@ -78,6 +78,9 @@ class Plan:
         decl = bound.decl
         self.name = decl.name
         self.in_signature = Signature(decl.inputs, ())
+        self.in_checks = [
+            (t.name, t.datatype, DATATYPES.get(t.datatype), t.shape) for t in decl.inputs
+        ]
         self.timers = {name: timer(name) for name in decl.nodes}
         #: Outer units: node names (scope None) and fan-out blocks ("*F"), with their deps.
         self.outer: dict[str, frozenset[str]] = {}
@@ -172,7 +175,7 @@ class Run:
 
     async def run(self) -> dict[str, Array]:
         request = self.request
-        _check_inputs(self.plan.in_signature, request)
+        _check_inputs(self.plan, request)
         decl = self.bound.decl
         wanted = list(decl.outputs)
         if request.outputs is not None:
@@ -493,23 +496,28 @@ def _mergeable(model: LoadedModel) -> bool:
     return runner is not None and runner.batching is not None and model.pipeline is None
 
 
-def _check_inputs(signature: Signature, request: InferRequest) -> None:
+def _check_inputs(plan: Plan, request: InferRequest) -> None:
     """The pipeline's own inputs: names, datatypes and shapes, each refused with a 400 naming
     it (values are checked by the models that read them)."""
     inputs = request.inputs
+    signature = plan.in_signature
     if len(inputs) != len(signature.inputs):
         validate(signature, request, True)  # the precise message for a missing or unknown one
-    for spec in signature.inputs:
-        array = inputs.get(spec.name)
+    declared = request.datatypes
+    for name, datatype, dtype, want in plan.in_checks:
+        array = inputs.get(name)
         if array is None:
             validate(signature, request, True)
             return
-        declared = request.datatypes.get(spec.name) or datatype_of(array)
         shape = array.shape
-        if declared != spec.datatype or len(shape) != len(spec.shape):
+        if (
+            (array.dtype != dtype and datatype_of(array) != datatype)
+            or declared.get(name, datatype) != datatype
+            or len(shape) != len(want)
+        ):
             validate(signature, request, True)
-        for want, got in zip(spec.shape, shape, strict=True):
-            if want >= 0 and want != got:
+        for w, g in zip(want, shape, strict=True):
+            if w >= 0 and w != g:
                 validate(signature, request, True)
 
 
@@ -531,7 +539,7 @@ async def execute(
     if chain is None or request.outputs is not None:
         return await Run(plan, engine, request, deadline, max_fan_out, stats).run()
     # A chain of plain model nodes (most pipelines): the same steps as Run, written out.
-    _check_inputs(plan.in_signature, request)
+    _check_inputs(plan, request)
     env: Env = {f"{REQUEST}.{k}": v for k, v in request.inputs.items()}
     rid, priority, parameters = request.id, request.priority, request.parameters
     perf = time.perf_counter

@@ -230,6 +230,14 @@ class Pipelines:
         self._ready(entry)
         return entry.facade
 
+    def _current(self, entry: Entry) -> bool:
+        """Whether the models the plan was bound to still serve, all ready (the hot path)."""
+        models = self.engine.model_or_none
+        for name, bound_to in entry.using:
+            if models(name) is not bound_to or bound_to.status != "ready":
+                return False
+        return True
+
     def _ready(self, entry: Entry) -> Plan:
         plan = self._refresh(entry)
         if plan is None:
@@ -247,14 +255,8 @@ class Pipelines:
         if decl is None:
             return None  # a declaration that does not parse stays failed
         engine = self.engine
-        if entry.plan is not None and entry.using:
-            # the hot path: the same model objects, still ready, as at binding
-            for model_name, bound_to in entry.using:
-                m = engine.model_or_none(model_name)
-                if m is not bound_to or m.status != "ready":
-                    break
-            else:
-                return entry.plan
+        if entry.plan is not None and self._current(entry):
+            return entry.plan
         key = []
         waiting = []
         for model_name, pin in entry.models:
@@ -309,11 +311,15 @@ class Pipelines:
 
     # -- requests ----------------------------------------------------------------------------
     async def infer(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
-        entry = self._entry(name, version)
         t0 = time.perf_counter()
+        entry = self.entries.get(name)
+        if entry is None or version is not None:
+            entry = self._entry(name, version)
         stats = entry.stats
         try:
-            plan = self._ready(entry)
+            plan = entry.plan
+            if plan is None or not self._current(entry):
+                plan = self._ready(entry)
             limit = entry.config.timeout_s
             if request.timeout_s is not None and request.timeout_s < limit:
                 limit = request.timeout_s
