@@ -54,6 +54,8 @@ class Fast:
     ins: tuple[tuple[str, str], ...]
     outs: tuple[tuple[str, str], ...]
     timer: Histogram
+    #: Inputs that are BYTES (a model decoding pictures itself looks at the declared type).
+    bytes_ins: tuple[str, ...] = ()
 
 
 def _fast(bound: BoundNode, timer: Histogram) -> Fast | None:
@@ -64,7 +66,8 @@ def _fast(bound: BoundNode, timer: Histogram) -> Fast | None:
         return None
     ins = tuple((key, str(source[0])) for key, source in node.inputs.items())
     outs = tuple((own, f"{node.name}.{graph}") for graph, own in bound.produces.items())
-    return Fast(node.model, node.version, ins, outs, timer)
+    texts = tuple(k for k, spec in bound.given.items() if spec.datatype == "BYTES")
+    return Fast(node.model, node.version, ins, outs, timer, texts)
 
 
 class Plan:
@@ -217,11 +220,11 @@ class Run:
             if remaining <= 0:
                 raise DeadlineExceeded("the request's deadline passed before this node could run")
             model = engine.ready_model(fast.model, fast.version)
-            response = await engine.infer_on(
-                model,
-                InferRequest(inputs, None, request.id, False, remaining, request.priority,
-                             request.parameters),
-            )  # fmt: skip
+            req = InferRequest(inputs, None, request.id, False, remaining, request.priority,
+                               request.parameters)  # fmt: skip
+            if fast.bytes_ins:
+                req.datatypes = dict.fromkeys(fast.bytes_ins, "BYTES")
+            response = await engine.infer_on(model, req)
         except ApplianceError as exc:
             fast.timer.observe(time.perf_counter() - t0)
             if model is not None:
@@ -375,6 +378,7 @@ class Run:
                 timeout_s=remaining,
                 priority=request.priority,
                 parameters=request.parameters,
+                datatypes={k: "BYTES" for k, v in inputs.items() if v.dtype.kind in "OSU"},
             )
             alone = row is None or self.counts.get(node.scope or "") == 1
             if not alone and _mergeable(model):
@@ -423,7 +427,7 @@ class Run:
             merged = {k: np.concatenate([inputs[k] for inputs, _ in waiting]) for k in keys}
             remaining = max(self.deadline - time.perf_counter(), 1e-6)
             req = InferRequest(merged, None, first.id, False, remaining, first.priority,
-                               first.parameters)  # fmt: skip
+                               first.parameters, dict(first.datatypes))  # fmt: skip
             response = await self.engine.infer_on(model, req, inline=len(waiting) == 1)
             total = sum(sizes)
             for k, v in response.outputs.items():
@@ -551,9 +555,10 @@ async def execute(
                 raise DeadlineExceeded("the request's deadline passed before this node could run")
             model = engine.ready_model(fast.model, fast.version)
             inputs = {key: env[ref] for key, ref in fast.ins}
-            response = await engine.infer_on(
-                model, InferRequest(inputs, None, rid, False, remaining, priority, parameters)
-            )
+            req = InferRequest(inputs, None, rid, False, remaining, priority, parameters)
+            if fast.bytes_ins:
+                req.datatypes = dict.fromkeys(fast.bytes_ins, "BYTES")
+            response = await engine.infer_on(model, req)
         except ApplianceError as exc:
             fast.timer.observe(perf() - t0)
             run = Run(plan, engine, request, deadline, max_fan_out, stats)

@@ -307,7 +307,15 @@ class Pipelines:
             m = self.engine.ready_model(name, pin)
         except ApplianceError:
             return None
-        return m.version, m.signature
+        sig = m.signature
+        image = m.pipeline.image if m.pipeline is not None else None
+        if image is not None:  # the model decodes pictures itself: its image input takes BYTES
+            inputs = tuple(
+                TensorSpec(t.name, "BYTES", (-1,)) if t.name == image.input else t
+                for t in sig.inputs
+            )
+            sig = Signature(inputs, sig.outputs)
+        return m.version, sig
 
     # -- requests ----------------------------------------------------------------------------
     async def infer(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
