@@ -63,8 +63,10 @@ def chain_doc(first: str, second: str, a_in: str, a_out: str, b_in: str, b_out: 
     }
 
 
-async def _chain(store: Path, decl: Path, first: str, second: str, a_in: str, a_out: str,
-                 b_in: str, width: int, requests: int, rounds: int) -> dict[str, float]:  # fmt: skip
+async def _chain(
+    store: Path, decl: Path, first: str, second: str, a_in: str, a_out: str, b_in: str,
+    width: int, requests: int, rounds: int,
+) -> dict[str, float]:  # fmt: skip
     config = load_config(None, {
         "store": {"path": str(store)},
         "model_defaults": {"probe_first_load": False},
