@@ -92,7 +92,17 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     reg = _registry(args)
     action = args.action
-    if action == "add":
+    if action == "add" and args.pipeline:
+        if args.preprocess or args.postprocess:
+            raise ConfigError("--pipeline FILE: a pipeline declares its steps as nodes")
+        mv = reg.add_pipeline(
+            args.name, Path(args.pipeline), version=args.version, activate=not args.no_activate
+        )
+        m = mv.manifest
+        state = "active" if not args.no_activate else "inactive"
+        print(f"added pipeline {m.name} version {m.version} (sha256 {m.sha256[:12]}…, {state})")
+        print(f"  {describe(m.signature)}")
+    elif action == "add":
         mv = reg.add(
             args.name,
             Path(args.file),
@@ -295,7 +305,10 @@ def parser() -> argparse.ArgumentParser:
     msub = m.add_subparsers(dest="action", required=True)
     a = msub.add_parser("add", help="copy a model file in as a new version")
     a.add_argument("name")
-    a.add_argument("file")
+    a.add_argument("file", nargs="?", help="the model file (none with --pipeline)")
+    a.add_argument(
+        "--pipeline", metavar="FILE", help="store a pipeline declaration (NAME.pipeline.json)"
+    )
     a.add_argument("--version", help="version name (default: the next integer)")
     a.add_argument("--no-activate", action="store_true", help="add without activating")
     a.add_argument(
@@ -422,7 +435,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.command == "models" and args.action == "add":
+        if not args.file and not args.pipeline:
+            p.error("the following arguments are required: file (or --pipeline FILE)")
+        if args.file and args.pipeline:
+            p.error("models add: give a model file or --pipeline FILE, not both")
     try:
         result: int = args.func(args)
         return result

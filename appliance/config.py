@@ -606,6 +606,25 @@ class TaskConfig:
 
 
 @dataclass
+class PipelineConfig:
+    """A pipeline (appliance/pipelines/): a DAG of models and steps served as a model.
+
+    [pipeline_defaults] holds the limits every pipeline gets; [pipelines.NAME] declares one from
+    a file (`file`) and may override them. A pipeline stored with `appliance models add NAME
+    --pipeline FILE` needs no table; its limits are the defaults or its table's."""
+
+    #: The declaration (NAME.pipeline.json), relative to the working directory; empty for a
+    #: pipeline from the model store.
+    file: str = ""
+    #: Most nodes in the declaration (checked at load).
+    max_nodes: int = field(default=64, metadata=between(1, 4096))
+    #: Most rows a fan-out node may produce for one request (past it: 400 naming the node).
+    max_fan_out: int = field(default=1024, metadata=between(1, 100_000))
+    #: Longest a request may take through the whole graph (a client's timeout may shorten it).
+    timeout_s: float = field(default=30.0, metadata=above(0))
+
+
+@dataclass
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
@@ -620,6 +639,9 @@ class Config:
     #: Guardrails (appliance/guards/config.py): the server-wide default; a [models.NAME.guards]
     #: or [tasks.NAME.guards] table overrides it for one model or task (`guards_for`).
     guards: GuardsConfig = field(default_factory=lambda: GuardsConfig())
+    pipeline_defaults: PipelineConfig = field(default_factory=PipelineConfig)
+    #: Raw pipeline tables, merged over pipeline_defaults by `pipeline_config`.
+    pipelines: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def task_config(self, name: str) -> TaskConfig:
         """The settings of one task, checked (names, weights, template fields)."""
@@ -642,6 +664,14 @@ class Config:
         if not isinstance(own, Mapping):
             raise ConfigError(f"{where}.{name}.guards = {own!r}: must be a table")
         return _build(GuardsConfig, _merge(_to_dict(self.guards), own), f"{where}.{name}.guards")
+
+    def pipeline_config(self, name: str) -> PipelineConfig:
+        """The settings of one pipeline: the defaults with its [pipelines.NAME] table on top."""
+        _check_table_name("pipelines", name, "pipeline name")
+        base = _to_dict(self.pipeline_defaults)
+        return _build(
+            PipelineConfig, _merge(base, self.pipelines.get(name, {})), f"pipelines.{name}"
+        )
 
     def token(self) -> str:
         if self.server.auth_token_file:
@@ -782,9 +812,9 @@ def _declared_type(parts: list[str]) -> Any:
         hint = typing.get_type_hints(tp).get(parts[i])
         if hint is None:
             return None
-        if tp is Config and parts[i] in ("models", "tasks"):
+        if tp is Config and parts[i] in ("models", "tasks", "pipelines"):
             i += 1  # models.NAME.key: NAME is a model, the rest a ModelConfig
-            hint = ModelConfig if parts[i - 1] == "models" else TaskConfig
+            hint = {"models": ModelConfig, "tasks": TaskConfig}.get(parts[i - 1], PipelineConfig)
         tp = hint
         i += 1
     return tp
@@ -840,6 +870,8 @@ def load_config(
     for name in config.tasks:
         config.task_config(name)
         config.guards_for(name)
+    for name in config.pipelines:
+        config.pipeline_config(name)
     return config
 
 

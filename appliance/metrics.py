@@ -137,7 +137,7 @@ class Metrics(Collector):
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self._models: dict[tuple[str, str], ModelStats] = {}
-        #: Time spent in each processing step: (model or pipeline name, step label).
+        #: appliance_step_seconds: (model or pipeline, step label or node) -> time spent in it.
         self._steps: dict[tuple[str, str], Histogram] = {}
         self._http: dict[tuple[str, int], int] = {}
         #: Set by the engine: the current state of every model.
@@ -155,8 +155,9 @@ class Metrics(Collector):
         return self._models.setdefault((name, version), ModelStats())
 
     def for_step(self, model: str, step: str) -> Histogram:
-        """The `appliance_step_seconds` histogram of one step of a model (or pipeline): its
-        declared name, else its type. Call it on the loop thread (at load), then observe."""
+        """The `appliance_step_seconds` histogram of one step of a model (its declared name,
+        else its type) or one node of a pipeline. Call it on the loop thread (at load), then
+        observe."""
         return self._steps.setdefault((model, step), Histogram())
 
     def model_snapshot(self) -> dict[str, dict[str, float]]:
@@ -290,7 +291,7 @@ class Metrics(Collector):
         if self._steps:
             steps = HistogramMetricFamily(
                 "appliance_step_seconds",
-                "Time one processing step took on one request (decoding, top-k, ...)",
+                "Time spent in one step of a model or one node of a pipeline",
                 labels=["model", "step"],
             )
             for (model, step), h in self._steps.items():

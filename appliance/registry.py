@@ -27,6 +27,9 @@ from .manifest import MANIFEST_NAME, Manifest, check_steps, is_plain_name, sha25
 from .tensors import Signature, TensorSpec
 
 ACTIVE_NAME = names.ACTIVE_FILE
+#: A stored pipeline's manifest backend and file (appliance/pipelines/served.py).
+PIPELINE = "pipeline"
+PIPELINE_FILE = "pipeline.json"
 _READ_ONLY = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
 _SEARCH = stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH
 
@@ -187,7 +190,8 @@ class Registry:
             if not extra_source.is_file():
                 raise ModelError(f"{extra_source}: no such file")
         backend_name = backend or detect_backend(source)
-        backend_cls = get_backend(backend_name)
+        pipeline = backend_name == PIPELINE
+        backend_cls = None if pipeline else get_backend(backend_name)
         if version is not None:
             check_name(version, "version")
         model_dir = self.model_dir(name)
@@ -205,6 +209,8 @@ class Registry:
         staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=f".{version}.", suffix=".partial"))
         try:
             file_name = f"model{source.suffix.lower()}" if source.suffix else "model"
+            if pipeline:
+                file_name = PIPELINE_FILE
             if file_name in extras:
                 raise ModelError(f"{file_name!r} is the model file's own name in the version")
             target = staging / file_name
@@ -216,7 +222,11 @@ class Registry:
                 extra_digest, extra_size = sha256_file(staging / extra_name)
                 files[extra_name] = {"sha256": extra_digest, "size": extra_size}
             try:
-                signature, params = backend_cls.inspect(target)
+                params: dict[str, Any] = {}
+                if backend_cls is None:
+                    signature = self._check_pipeline(name, target)
+                else:
+                    signature, params = backend_cls.inspect(target)
             except ModelError as exc:  # name the user's file, not the staging copy
                 raise ModelError(exc.message.replace(str(target), str(source))) from None
             except Exception as exc:  # a plugin's own bug: name the plugin
@@ -277,6 +287,48 @@ class Registry:
         if activate:
             self.activate(name, version)
         return ModelVersion(manifest, final)
+
+    def add_pipeline(
+        self, name: str, source: Path, version: str | None = None, activate: bool = True
+    ) -> ModelVersion:
+        """Store a pipeline declaration as a version, like a model (so the hub rolls it out):
+        checked first (its steps, its wiring, and its models' signatures where the store
+        has them), with the template files it names copied beside it."""
+        if not source.is_file():
+            raise ModelError(f"{source}: no such file")
+        try:
+            doc = orjson.loads(source.read_bytes())
+        except orjson.JSONDecodeError as exc:
+            raise ModelError(f"pipeline {name!r}: {source} is not valid JSON: {exc}") from None
+        templates = doc.get("templates") if isinstance(doc, dict) else None
+        extras: dict[str, Path] = {}
+        if isinstance(templates, dict):
+            for fmt, file_name in templates.items():
+                if not isinstance(file_name, str) or not is_plain_name(file_name):
+                    raise ModelError(
+                        f"pipeline {name!r}: templates.{fmt}: a file name beside the "
+                        f"declaration, got {file_name!r}"
+                    )
+                extras[file_name] = source.parent / file_name
+        return self.add(name, source, version, activate, backend=PIPELINE, extra_files=extras)
+
+    def _check_pipeline(self, name: str, path: Path) -> Signature:
+        """The declaration checked, and bound to the store's models where it has them."""
+        from .pipelines.declaration import bind
+        from .pipelines.served import read_declaration
+
+        decl = read_declaration(path, name)
+
+        def lookup(model: str, pin: str | None) -> tuple[str, Signature] | None:
+            try:
+                mv = self.get(model, pin) if pin is not None else self.active(model)
+            except (ModelError, NotFound):
+                return None
+            if mv.manifest.backend == PIPELINE or not mv.manifest.signature.inputs:
+                return None
+            return mv.manifest.version, mv.manifest.signature
+
+        return bind(decl, lookup, strict=False).signature
 
     def activate(self, name: str, version: str) -> None:
         self.get(name, version)  # must exist and have a readable manifest

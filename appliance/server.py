@@ -22,6 +22,7 @@ from .errors import ApplianceError, ConfigError, ModelError
 from .guards.policy import GuardBook
 from .manifest import Manifest, sha256_file
 from .metrics import Metrics
+from .pipelines import BACKEND as PIPELINE
 from .registry import Registry, check_name
 from .request import RequestPath
 from .routing import Router
@@ -76,10 +77,15 @@ def build(
     plugins.use_dirs(config.plugins.dirs)  # before any model loads: they may need a plugin
     metrics = Metrics()
     cache_dir = Path(config.store.path) / ".cache"
-    engine = Engine(config, metrics, sources, cache_dir)
-    paths = RequestPath(
-        Router(engine, config, metrics), metrics, config.server.access_log, GuardBook(config)
-    )
+    # Stored pipelines are versions like models, but the pipelines layer serves them.
+    models = [s for s in sources if s.manifest.backend != PIPELINE]
+    engine = Engine(config, metrics, models, cache_dir)
+    router = Router(engine, config, metrics)
+    for source in sources:
+        if source.manifest.backend == PIPELINE:
+            router.add_pipeline(source)
+    router.check_names([m.name for m in engine.models()])
+    paths = RequestPath(router, metrics, config.server.access_log, GuardBook(config))
     settings = HttpSettings(
         token=config.token(),
         max_body_bytes=config.server.max_body_bytes,
@@ -130,7 +136,7 @@ def _add_sync(
 async def _reload_on_hangup(app: web.Application) -> AsyncIterator[None]:
     """SIGHUP (`systemctl reload appliance`): serve the store's active versions, switching
     each changed model with no gap (after `appliance models activate` or `rollback`)."""
-    from .api.http import ENGINE, LOADER, STORE
+    from .api.http import ENGINE, LOADER, ROUTER, STORE
 
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[None]] = set()
@@ -140,6 +146,7 @@ async def _reload_on_hangup(app: web.Application) -> AsyncIterator[None]:
         store = app[STORE]
         assert store is not None
         changed = await app[ENGINE].reload_store(store)
+        changed += app[ROUTER].pipelines.reload_store(store)
         log.info("reload: %s", ", ".join(changed) if changed else "nothing changed")
 
     def on_hangup() -> None:

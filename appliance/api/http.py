@@ -20,7 +20,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from .. import __version__
 from ..codec import InferRequest, InferResponse, decode_request, encode_response
-from ..engine import Engine, LoadedModel
+from ..engine import Engine, LoadedModel, ModelSource
 from ..errors import (
     ApplianceError,
     InferenceFailed,
@@ -32,7 +32,7 @@ from ..errors import (
 )
 from ..formats import JSON
 from ..metrics import Metrics
-from ..registry import Registry, check_name
+from ..registry import PIPELINE, Registry, check_name
 from ..request import Request, RequestPath
 from ..routing import Router
 from .images import image_request, text_parameters
@@ -198,7 +198,7 @@ async def ready(request: web.Request) -> web.Response:
         raise NotReady("not ready: " + ("; ".join(waiting) or "starting"))
     models = {
         m.name: {"version": m.version, "status": m.status, "device": _device(m)}
-        for m in engine.models()
+        for m in request.app[ROUTER].models()
     }
     return json_response({"ready": True, "models": models})
 
@@ -211,24 +211,15 @@ async def server_metadata(request: web.Request) -> web.Response:
     return json_response({"name": "appliance", "version": __version__, "extensions": EXTENSIONS})
 
 
-def _model(request: web.Request) -> LoadedModel:
-    return request.app[ROUTER].model_of(
-        request.match_info["name"], request.match_info.get("version")
-    )
-
-
 async def model_metadata(request: web.Request) -> web.Response:
-    router, name = request.app[ROUTER], request.match_info["name"]
-    meta = request.app[ENGINE].describe(_model(request))
-    if router.is_task(name):  # a task: the signature of the first ready model it uses
-        meta["name"] = name
-        meta["parameters"]["task"] = router.task_parameters(name)
-    return json_response(meta)
+    name, version = request.match_info["name"], request.match_info.get("version")
+    return json_response(request.app[ROUTER].describe(name, version))
 
 
 async def model_ready(request: web.Request) -> web.Response:
-    model = _model(request)
-    request.app[ENGINE].ready_model(model.name, model.version)
+    model = request.app[ROUTER].resolve(
+        request.match_info["name"], request.match_info.get("version")
+    )
     return json_response(
         {"name": request.match_info["name"], "version": model.version, "ready": True,
          "device": _device(model)}
@@ -237,7 +228,7 @@ async def model_ready(request: web.Request) -> web.Response:
 
 async def repository_index(request: web.Request) -> web.Response:
     out = []
-    for m in request.app[ENGINE].models():
+    for m in request.app[ROUTER].models():
         entry = {"name": m.name, "version": m.version, "state": m.status.upper()}
         if m.reason:
             entry["reason"] = m.reason
@@ -280,6 +271,13 @@ async def repository_load(request: web.Request) -> web.Response:
             check_name(version, "version")
     except ModelError as exc:
         raise InvalidInput(exc.message) from None
+    mv = store.get(name, version) if version is not None else store.active(name)
+    if mv.manifest.backend == PIPELINE:  # served by the pipelines layer, not loaded
+        model = request.app[ROUTER].pipelines.activate(ModelSource(mv.manifest, mv.file))
+        if version is not None:
+            store.activate(name, version)
+        state = "READY" if model.status == "ready" else model.status.upper()
+        return json_response({"name": model.name, "version": model.version, "state": state})
     model = await request.app[ENGINE].activate_stored(store, name, version)
     return json_response({"name": model.name, "version": model.version, "state": "READY"})
 

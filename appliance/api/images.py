@@ -58,6 +58,20 @@ def text_parameters(pairs: Any) -> dict[str, Any]:
     return out
 
 
+def image_input(model: LoadedModel) -> str:
+    """The input an image body goes to: a model's declared image input, or a pipeline's one
+    BYTES input (its steps decode the pictures)."""
+    if model.platform == "pipeline":
+        inputs = model.signature.inputs
+        if len(inputs) == 1 and inputs[0].datatype == "BYTES":
+            return inputs[0].name
+        raise UnsupportedMediaType(
+            f"pipeline {model.name!r} takes no images (that needs one BYTES input): send a "
+            "KServe v2 request (application/json)"
+        )
+    return image_spec(model).input
+
+
 def image_spec(model: LoadedModel) -> ImageSpec:
     chain = model.chain
     if chain is None or chain.image is None:
@@ -69,14 +83,14 @@ def image_spec(model: LoadedModel) -> ImageSpec:
 
 
 def images_request(
-    spec: ImageSpec, images: list[bytes], parameters: dict[str, Any] | None = None
+    input_name: str, images: list[bytes], parameters: dict[str, Any] | None = None
 ) -> InferRequest:
     """A request whose image input is the BYTES tensor of these encoded images."""
     items = np.empty(len(images), dtype=object)
     for i, data in enumerate(images):
         items[i] = data
     return InferRequest(
-        {spec.input: items}, datatypes={spec.input: "BYTES"}, parameters=parameters or {}
+        {input_name: items}, datatypes={input_name: "BYTES"}, parameters=parameters or {}
     )
 
 
@@ -84,11 +98,11 @@ async def image_request(
     request: web.Request, model: LoadedModel, ctype: str, limit: int
 ) -> InferRequest:
     """An HTTP image or multipart body -> an InferRequest for `model`."""
-    spec = image_spec(model)
+    target = image_input(model)
     if ctype.startswith("image/"):
         body = await request.read()
         check_content_type(body, ctype)
-        return images_request(spec, [body])
+        return images_request(target, [body])
     images: list[bytes] = []
     params: dict[str, Any] = {}
     total = 0
@@ -130,4 +144,4 @@ async def image_request(
             )
     if not images:
         raise InvalidInput("the multipart body holds no image (send the picture as a file part)")
-    return images_request(spec, images, params)
+    return images_request(target, images, params)

@@ -59,7 +59,7 @@ from ..preprocess.image import check_content_type
 from ..request import Request, RequestPath
 from ..routing import Router
 from ..tensors import DATATYPES
-from .images import PARAMETERS, image_spec, images_request, text_parameters
+from .images import PARAMETERS, image_input, images_request, text_parameters
 
 log = logging.getLogger("appliance.mqtt")
 
@@ -157,9 +157,9 @@ def raw_request(
     model = router.resolve(route.model, route.version)
     if content_type is not None and content_type.lower().startswith("image/"):
         check_content_type(payload, content_type)
-        return images_request(image_spec(model), [payload])
+        return images_request(image_input(model), [payload])
     if model.chain is not None and model.chain.image is not None:
-        return images_request(model.chain.image, [payload])
+        return images_request(model.chain.image.input, [payload])
     inputs = model.signature.inputs
     if len(inputs) != 1:
         raise InvalidInput(
@@ -365,7 +365,7 @@ class MqttService:
         models = [
             {"name": m.name, "version": m.version, "status": m.status,
              "device": m.placement.device if m.placement else None}
-            for m in self.engine.models()
+            for m in self.paths.router.models()
         ]  # fmt: skip
         return orjson.dumps({
             "status": "online", "device_id": self.device, "version": __version__,

@@ -295,6 +295,8 @@ class Engine:
             except ApplianceError as exc:
                 log.warning("reload: skipping model %s: %s", name, exc.message)
                 continue
+            if mv.manifest.backend == "pipeline":
+                continue  # served by the pipelines layer, not loaded here
             serving = self._models.get(name)
             if serving is not None and serving.version == mv.manifest.version:
                 continue
@@ -374,6 +376,10 @@ class Engine:
             )
         return model
 
+    def model_or_none(self, name: str) -> LoadedModel | None:
+        """The model that serves `name`, if any (a cheap check for who binds to it)."""
+        return self._models.get(name)
+
     def ready_model(self, name: str, version: str | None = None) -> LoadedModel:
         model = self.model(name, version)
         if model.status != "ready":
@@ -392,8 +398,12 @@ class Engine:
             metrics.outcomes["overloaded"] += 1
             raise
 
-    async def infer_on(self, model: LoadedModel, request: InferRequest) -> InferResponse:
-        """Run `request` on this loaded version (also one not yet switched to, for checks)."""
+    async def infer_on(
+        self, model: LoadedModel, request: InferRequest, inline: bool = True
+    ) -> InferResponse:
+        """Run `request` on this loaded version (also one not yet switched to, for checks).
+        `inline=False`: never on the event loop thread, so that requests sent together are
+        batched (see ModelRunner.run)."""
         runner, metrics = model.runner, model.stats
         assert runner is not None and metrics is not None
         t0 = time.perf_counter()
@@ -411,7 +421,9 @@ class Engine:
             timeout = model.config.timeout_s
             if request.timeout_s is not None:
                 timeout = min(timeout, request.timeout_s)
-            result, _timing = await runner.run(request.inputs, outputs, timeout, request.priority)
+            result, _timing = await runner.run(
+                request.inputs, outputs, timeout, request.priority, inline
+            )
             if chain is not None:
                 result = await chain.finish(request, result, plan)
         except ApplianceError as exc:

@@ -252,9 +252,11 @@ class ModelRunner:
         outputs: list[str] | None,
         timeout_s: float,
         priority: int | None = None,
+        inline: bool = True,
     ) -> tuple[Arrays, Timing]:
         """Run one request; `priority` is Triton's (1 the highest; None, 0 or out of range the
-        model's default level)."""
+        model's default level). `inline=False`: always through the queue, for requests sent
+        together that the batcher should merge (a pipeline's fan-out rows)."""
         floor = self.floor_s(time.perf_counter())
         if timeout_s < floor:
             raise DeadlineExceeded(
@@ -264,7 +266,8 @@ class ModelRunner:
         est = self._estimate
         nbytes = sum(a.nbytes for a in inputs.values())
         if (
-            self._pending == 0
+            inline
+            and self._pending == 0
             and self._measured >= _LEARN_RUNS
             and est <= self._inline_budget
             and nbytes <= self._fast_nbytes

@@ -39,7 +39,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from ..codec import InferRequest, InferResponse
 from ..config import Config, ModelConfig, TaskConfig, template_fields
-from ..engine import Engine, LoadedModel
+from ..engine import Engine, LoadedModel, ModelSource
 from ..errors import (
     ApplianceError,
     ConfigError,
@@ -52,6 +52,7 @@ from ..errors import (
 )
 from ..llm import EmbeddingResult, Generation, GenerationResult, TextModel
 from ..metrics import Metrics
+from ..pipelines import Pipelines
 from . import cache as rc
 from .breaker import STATE_VALUE, Breaker, CircuitOpen, verdict
 
@@ -178,6 +179,9 @@ class Router:
     def __init__(self, engine: Engine, config: Config, metrics: Metrics) -> None:
         self.engine = engine
         self.tasks = {name: Task(name, config.task_config(name)) for name in config.tasks}
+        #: Pipelines declared in the config; the server adds stored ones (`pipelines.add`).
+        self.pipelines = Pipelines(engine, config, metrics)
+        self._pipelines = self.pipelines.entries
         #: Injectable for tests: the breakers' clock, and the draw of a variant.
         self.clock: Callable[[], float] = time.monotonic
         self.draw: Callable[[], float] = random.random
@@ -205,6 +209,13 @@ class Router:
         for name in models:
             if name in self.tasks:
                 raise ConfigError(f"tasks.{name}: a model is also called {name!r}; rename the task")
+            if name in self.pipelines:
+                raise ConfigError(
+                    f"pipelines.{name}: a model is also called {name!r}; rename the pipeline"
+                )
+        for name in self.pipelines.names():
+            if name in self.tasks:
+                raise ConfigError(f"tasks.{name}: a pipeline is also called {name!r}")
         for task in self.tasks.values():
             for model, _ in task.candidates():
                 if model in self.tasks:
@@ -234,6 +245,31 @@ class Router:
     def is_task(self, name: str) -> bool:
         return name in self.tasks
 
+    def is_pipeline(self, name: str) -> bool:
+        return name in self.pipelines
+
+    def add_pipeline(self, source: ModelSource) -> None:
+        """Serve a stored pipeline version (manifest backend "pipeline")."""
+        name = source.manifest.name
+        if name in self.tasks:
+            raise ConfigError(f"tasks.{name}: a pipeline is also called {name!r}")
+        self.pipelines.add(source)
+
+    def models(self) -> list[LoadedModel]:
+        """Every model and pipeline (as a model), for the repository index and status."""
+        return self.engine.models() + self.pipelines.models()
+
+    def describe(self, name: str, version: str | None = None) -> dict[str, Any]:
+        """KServe v2 model metadata of a model, a task (the model it would use now) or a
+        pipeline (its own inputs and outputs, platform "pipeline", its nodes)."""
+        if name in self.pipelines:
+            return self.pipelines.describe(name, version)
+        meta = self.engine.describe(self.model_of(name, version))
+        if name in self.tasks:  # a task: the signature of the first ready model it uses
+            meta["name"] = name
+            meta["parameters"]["task"] = self.task_parameters(name)
+        return meta
+
     def task_parameters(self, name: str) -> dict[str, Any]:
         """What model metadata says of a task: its variants, fallback and sticky key."""
         task = self.tasks[name].config
@@ -258,6 +294,10 @@ class Router:
         NotFound/NotReady otherwise."""
         task = self.tasks.get(name)
         if task is None:
+            if name in self._pipelines:
+                if mode is not None:
+                    raise InvalidInput(f"{name!r} is a pipeline, not a text model")
+                return self.pipelines.ready(name, version)
             if mode is None:
                 return self.engine.ready_model(name, version)
             return self.engine.text_model(name, mode)[0]
@@ -279,10 +319,17 @@ class Router:
         task would use now."""
         if name in self.tasks:
             return self.resolve(name, version)
+        if name in self.pipelines:
+            return self.pipelines.model(name, version)
         return self.engine.model(name, version)
 
     def text_model(self, name: str, mode: str) -> tuple[LoadedModel, TextModel]:
-        """The ready language ("chat") or embedding model `name`, or a task's first one."""
+        """The ready language ("chat") or embedding model `name`, or a task's first one; a
+        pipeline that takes texts and gives vectors serves as an embedding model."""
+        if name in self.pipelines and name not in self.tasks:
+            if mode != "embedding":
+                raise InvalidInput(f"{name!r} is a pipeline, not a language model")
+            return self.pipelines.embedder(name)
         model = self.resolve(name, None, mode)
         assert isinstance(model.backend, TextModel)
         return model, model.backend
@@ -459,16 +506,34 @@ class Router:
         key: str | None = None,
         check: Callable[[InferResponse, LoadedModel], None] | None = None,
     ) -> Awaitable[InferResponse]:
-        """Run `request` on model or task `name`; `key` is a task's sticky key, if any;
-        `check` vets each model's answer (OutputInvalid with `fallback`: the fallback answers).
+        """Run `request` on model, task or pipeline `name`; `key` is a task's sticky key, if
+        any; `check` vets each model's answer (OutputInvalid with `fallback`: the fallback
+        answers; a pipeline's answer is checked as a whole).
 
         A plain model (no task, cache, retries, breaker or check) is the engine's run itself,
         with no coroutine of the router's around it: the hot path of most edge requests."""
-        if name not in self.tasks and check is None:
-            model = self.engine.ready_model(name, version)
-            if not guarded(model.config):
-                return self.engine.infer_on(model, request)
+        if name not in self.tasks:
+            if name in self._pipelines:
+                if check is None:
+                    return self.pipelines.infer(name, version, request)
+                return self._checked_pipeline(name, version, request, check)
+            if check is None:
+                model = self.engine.ready_model(name, version)
+                if not guarded(model.config):
+                    return self.engine.infer_on(model, request)
         return self._infer(name, version, request, key, check)
+
+    async def _checked_pipeline(
+        self,
+        name: str,
+        version: str | None,
+        request: InferRequest,
+        check: Callable[[InferResponse, LoadedModel], None],
+    ) -> InferResponse:
+        pipeline = self.pipelines.ready(name, version)
+        response = await self.pipelines.infer(name, version, request)
+        check(response, pipeline)
+        return response
 
     async def _infer(
         self,
@@ -580,6 +645,10 @@ class Router:
         priority: int | None = None,
     ) -> tuple[LoadedModel, EmbeddingResult]:
         served = served if served is not None else Served()
+        if name in self.pipelines and name not in self.tasks:
+            model, embedder = self.pipelines.embedder(name)
+            served.model, served.version = model.name, model.version
+            return model, await embedder.embed_async(texts, priority)
         if name not in self.tasks:
             model, _ = self.engine.text_model(name, "embedding")
             if not guarded(model.config):
