@@ -510,13 +510,17 @@ def bind(decl: Declaration, lookup: Lookup, strict: bool = True) -> Bound:
             outputs = {t.name: t for t in sig.outputs}
         else:
             assert node.step is not None
-            ctx = StepContext(f"pipeline {decl.name!r} node {node.name!r}", given)
+            # what is known of its inputs, or nothing (a partial view would refuse a mapped
+            # optional input as an extra one)
+            ctx = StepContext(
+                f"pipeline {decl.name!r} node {node.name!r}", {} if unchecked else given
+            )
             try:
                 step = parse_step(node.step, ctx)
             except ApplianceError as exc:
                 raise ModelError(exc.message if ctx.where in exc.message
                                  else f"{ctx.where}: step: {exc.message}") from None  # fmt: skip
-            missing = [r for r in step.reads if r not in node.inputs]
+            missing = [r for r in step.reads if r not in node.inputs and r not in step.optional]
             if missing:
                 raise w.bad(where, f"inputs.{missing[0]}", f"the {node.step_type!r} step reads "
                             f"{missing[0]!r}: map it to a reference")  # fmt: skip
