@@ -1,0 +1,169 @@
+"""The Open Inference Protocol's generate extension: `POST /v2/models/{name}[/versions/{v}]/
+generate` and `/generate_stream` (server-sent events), for language models.
+
+The schema is KServe's `generate_rest.yaml` (tests/schemas/generate_rest.yaml): a request is
+`{"text_input": str, "parameters": {...}}`, an answer `{"model_name", "model_version",
+"text_output"}`. Like Triton, fields beside `text_input` are parameters too (TensorRT-LLM's
+examples send `{"text_input": ..., "max_tokens": 20}`); `parameters` wins over them. The
+sampling parameters this server knows are checked (a 400 names the field); any other scalar
+parameter is passed on (a task's sticky key may be one).
+
+Streaming: each event is `{"text_output": piece, "model_name", "model_version", "done":
+false}`, the last one `"done": true` with the `finish_reason`. An error before the first piece
+is a plain HTTP error (JSON, with its status); an error after it is one last event
+`{"error": "...", "status": N}` in a stream that already said 200 (Triton's convention: a
+client must check every event for `error`). Only protocol code lives here: the text runs
+through `RequestPath.generate`, which applies the guardrails (streamed text is masked too).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from ..errors import ApplianceError, InvalidInput, NotFound
+from ..llm import Generation, GenerationResult
+from ..request import Request, RequestPath
+from .openai import _n_ctx, _sampling, _text_model, stream_generation
+from .openai_structured import BadField
+
+#: The sampling parameters checked here (openai.py's rules); OIP allows up to 5 stop strings.
+_SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "seed", "repeat_penalty",
+             "presence_penalty", "frequency_penalty")  # fmt: skip
+MAX_STOP = 5
+
+
+def _request(raw: bytes) -> tuple[str, dict[str, Any]]:
+    """The prompt and the parameters (those beside `text_input`, then `parameters`)."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"malformed JSON in request: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidInput("request body must be a JSON object")
+    text = body.pop("text_input", None)
+    if not isinstance(text, str):
+        raise BadField("text_input", "a string is required")
+    given = body.pop("parameters", None)
+    if given is None:
+        given = {}
+    if not isinstance(given, dict):
+        raise BadField("parameters", "must be an object")
+    params: dict[str, Any] = {}
+    for where, source in (("", body), ("parameters.", given)):
+        for key, value in source.items():
+            if isinstance(value, list) and key == "stop":
+                pass
+            elif value is not None and not isinstance(value, (str, int, float, bool)):
+                raise BadField(where + key, "a parameter must be a string, number or boolean")
+            params[key] = value
+    return text, params
+
+
+def _stops(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value] if value else []
+    if (
+        isinstance(value, list)
+        and len(value) <= MAX_STOP
+        and all(isinstance(s, str) and s for s in value)
+    ):
+        return list(value)
+    raise BadField("parameters.stop", f"must be a string or up to {MAX_STOP} non-empty strings")
+
+
+def generation(raw: bytes, n_ctx: int) -> tuple[Generation, dict[str, Any]]:
+    """A generate request's body -> the completion to run, and its parameters."""
+    text, params = _request(raw)
+    stream = params.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise BadField("parameters.stream", "must be true or false")
+    best_of = params.get("best_of")
+    if best_of is not None and (isinstance(best_of, bool) or best_of not in (0, 1)):
+        raise BadField("parameters.best_of", "only 1 is supported")
+    known = {k: params[k] for k in _SAMPLING if k in params}
+    try:
+        sampling = _sampling(known, n_ctx)
+    except BadField as exc:
+        raise BadField(f"parameters.{exc.param}", exc.message.partition(": ")[2]) from None
+    sampling.stop = _stops(params.get("stop"))
+    return Generation("completion", prompt=text, sampling=sampling), params
+
+
+def _check_version(paths: RequestPath, name: str, version: str | None) -> None:
+    """A version in the URL must be the one serving (a language model serves one)."""
+    if version is None:
+        return
+    model, _ = _text_model(paths.router, name, "chat")
+    if paths.router.is_task(name):
+        raise NotFound(f"{name!r} is a task, not a model: it has no versions")
+    if model.version != version:
+        raise NotFound(
+            f"model {name!r} has no version {version!r} loaded (serving version {model.version!r})"
+        )
+
+
+async def _start(
+    request: web.Request, paths: RequestPath
+) -> tuple[str, Generation, dict[str, Any]]:
+    name, version = request.match_info["name"], request.match_info.get("version")
+    _, backend = _text_model(paths.router, name, "chat")
+    _check_version(paths, name, version)
+    gen, params = generation(await request.read(), _n_ctx(backend))
+    return name, gen, params
+
+
+def _finish(result: GenerationResult) -> str:
+    return "length" if result.finish_reason == "length" else "stop"
+
+
+async def generate(request: web.Request, paths: RequestPath, req: Request) -> web.Response:
+    name, gen, params = await _start(request, paths)
+    model, result = await paths.generate(req, name, gen, params)
+    out = {
+        "model_name": name,
+        "model_version": model.version,
+        "text_output": result.text,
+        "finish_reason": _finish(result),
+        "usage": {"prompt_tokens": result.prompt_tokens,
+                  "completion_tokens": result.completion_tokens},
+    }  # fmt: skip
+    return web.Response(
+        body=orjson.dumps(out), content_type="application/json", headers=req.served.headers()
+    )
+
+
+def error_event(exc: ApplianceError) -> dict[str, Any]:
+    """An error after the stream started (its status is already 200)."""
+    return {"error": exc.message, "status": exc.status}
+
+
+async def generate_stream(
+    request: web.Request, paths: RequestPath, req: Request
+) -> web.StreamResponse:
+    name, gen, params = await _start(request, paths)
+    served = req.served
+
+    def event(text: str, done: bool) -> dict[str, Any]:
+        return {"text_output": text, "model_name": name, "model_version": served.version,
+                "done": done}  # fmt: skip
+
+    def last(result: GenerationResult) -> dict[str, Any]:
+        return {**event("", True), "finish_reason": _finish(result)}
+
+    return await stream_generation(
+        request, paths, req, name, gen, params, False,
+        first=None,
+        piece=lambda text: [event(text, False)],
+        last=last,
+        usage_chunk=lambda usage: {},
+        error=error_event,
+        done=None,
+    )  # fmt: skip
+
+
+__all__ = ["error_event", "generate", "generate_stream", "generation"]
