@@ -39,7 +39,7 @@ def binary_request(rid: str, x: np.ndarray[Any, Any], binary_out: bool) -> bytes
                 "shape": list(x.shape),
                 "parameters": {"binary_data_size": x.nbytes},
             }
-        ],  # fmt: skip
+        ],
         "parameters": {"binary_data_output": binary_out},
     }
     raw = orjson.dumps(head)
