@@ -78,9 +78,7 @@ async def test_binary_frames_both_ways(serve):
         got = decode_response(msg.data[4:], n)
         assert got.id == "b1"
         for out in want["outputs"]:
-            np.testing.assert_allclose(
-                got.outputs[out["name"]].reshape(-1), out["data"], rtol=1e-6
-            )
+            np.testing.assert_allclose(got.outputs[out["name"]].reshape(-1), out["data"], rtol=1e-6)
         await ws.send_bytes(binary_request("b2", x, binary_out=False))
         text = await ws.receive_json()
         assert text["id"] == "b2" and text["outputs"] == want["outputs"]
