@@ -29,10 +29,13 @@ from ..request import Request, RequestPath
 from .openai import _n_ctx, _sampling, _text_model, stream_generation
 from .openai_structured import BadField
 
-#: The sampling parameters checked here (openai.py's rules); OIP allows up to 5 stop strings.
+#: The sampling parameters checked here (openai.py's rules, narrowed where the published
+#: schema is narrower: at most 512 new tokens, up to 5 stop strings as an array, a frequency
+#: penalty of at least 0).
 _SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "seed", "repeat_penalty",
              "presence_penalty", "frequency_penalty")  # fmt: skip
 MAX_STOP = 5
+MAX_TOKENS = 512
 
 
 def _request(raw: bytes) -> tuple[str, dict[str, Any]]:
@@ -65,15 +68,13 @@ def _request(raw: bytes) -> tuple[str, dict[str, Any]]:
 def _stops(value: Any) -> list[str]:
     if value is None:
         return []
-    if isinstance(value, str):
-        return [value] if value else []
     if (
         isinstance(value, list)
         and len(value) <= MAX_STOP
-        and all(isinstance(s, str) and s for s in value)
+        and all(isinstance(s, str) for s in value)
     ):
-        return list(value)
-    raise BadField("parameters.stop", f"must be a string or up to {MAX_STOP} non-empty strings")
+        return [s for s in value if s]  # an empty string stops nothing
+    raise BadField("parameters.stop", f"must be an array of up to {MAX_STOP} strings")
 
 
 def generation(raw: bytes, n_ctx: int) -> tuple[Generation, dict[str, Any]]:
@@ -86,8 +87,11 @@ def generation(raw: bytes, n_ctx: int) -> tuple[Generation, dict[str, Any]]:
     if best_of is not None and (isinstance(best_of, bool) or best_of not in (0, 1)):
         raise BadField("parameters.best_of", "only 1 is supported")
     known = {k: params[k] for k in _SAMPLING if k in params}
+    penalty = known.get("frequency_penalty")
+    if isinstance(penalty, (int, float)) and not isinstance(penalty, bool) and penalty < 0:
+        raise BadField("parameters.frequency_penalty", f"must be between 0 and 2, got {penalty}")
     try:
-        sampling = _sampling(known, n_ctx)
+        sampling = _sampling(known, min(n_ctx, MAX_TOKENS))
     except BadField as exc:
         raise BadField(f"parameters.{exc.param}", exc.message.partition(": ")[2]) from None
     sampling.stop = _stops(params.get("stop"))
