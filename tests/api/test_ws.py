@@ -232,7 +232,8 @@ async def test_a_flood_stays_bounded(serve, gated):
     async with client.ws_connect("/v2/models/gated/stream") as ws:
         for i in range(n):
             await ws.send_json(gated_request(f"f{i}"))
-        answered, dropped = [], []
+        answered: list[int] = []
+        dropped: list[str] = []
         while len(answered) + len(dropped) < n:
             msg = await ws.receive_json()
             if "dropped" in msg:
