@@ -1,5 +1,7 @@
 """The Open Inference Protocol's generate extension: `POST /v2/models/{name}[/versions/{v}]/
-generate` and `/generate_stream` (server-sent events), for language models.
+generate` and `/generate_stream` (server-sent events), for language models, and for tensor
+models that take one BYTES input and give a BYTES output (the prompt in, the first element of
+that output back: one event, then the end).
 
 The schema is KServe's `generate_rest.yaml` (tests/schemas/generate_rest.yaml): a request is
 `{"text_input": str, "parameters": {...}}`, an answer `{"model_name", "model_version",
@@ -18,15 +20,20 @@ through `RequestPath.generate`, which applies the guardrails (streamed text is m
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import orjson
 from aiohttp import web
 
-from ..errors import ApplianceError, InvalidInput, NotFound
-from ..llm import Generation, GenerationResult
+from ..codec import InferRequest
+from ..engine import LoadedModel
+from ..errors import ApplianceError, InvalidInput
+from ..llm import Generation, GenerationResult, TextModel
 from ..request import Request, RequestPath
-from .openai import _n_ctx, _sampling, _text_model, stream_generation
+from ..tensors import TensorSpec
+from .openai import _SSE_HEADERS, _n_ctx, _sampling, stream_generation
 from .openai_structured import BadField
 
 #: The sampling parameters checked here (openai.py's rules, narrowed where the published
@@ -98,36 +105,86 @@ def generation(raw: bytes, n_ctx: int) -> tuple[Generation, dict[str, Any]]:
     return Generation("completion", prompt=text, sampling=sampling), params
 
 
-def _check_version(paths: RequestPath, name: str, version: str | None) -> None:
-    """A version in the URL must be the one serving (a language model serves one)."""
-    if version is None:
-        return
-    model, _ = _text_model(paths.router, name, "chat")
-    if paths.router.is_task(name):
-        raise NotFound(f"{name!r} is a task, not a model: it has no versions")
-    if model.version != version:
-        raise NotFound(
-            f"model {name!r} has no version {version!r} loaded (serving version {model.version!r})"
+@dataclass
+class _Job:
+    name: str
+    version: str | None
+    gen: Generation
+    params: dict[str, Any]
+    #: For a tensor model: its BYTES input, and the BYTES output that is the text.
+    tensors: tuple[TensorSpec, str] | None
+
+
+def _text_tensors(model: LoadedModel, name: str) -> tuple[TensorSpec, str]:
+    """A tensor model generates text when it takes one BYTES input and gives a BYTES output."""
+    sig = model.signature
+    outs = [o.name for o in sig.outputs if o.datatype == "BYTES"]
+    if len(sig.inputs) != 1 or sig.inputs[0].datatype != "BYTES" or not outs:
+        raise InvalidInput(
+            f"model {name!r} is neither a language model nor a model with one BYTES input and "
+            "a BYTES output: it cannot generate text (use /infer)"
         )
+    return sig.inputs[0], outs[0]
 
 
-async def _start(
-    request: web.Request, paths: RequestPath
-) -> tuple[str, Generation, dict[str, Any]]:
+async def _start(request: web.Request, paths: RequestPath) -> _Job:
+    """404 for an unknown model or version (a task has none), 400 for one that makes no
+    text, then the body."""
     name, version = request.match_info["name"], request.match_info.get("version")
-    _, backend = _text_model(paths.router, name, "chat")
-    _check_version(paths, name, version)
-    gen, params = generation(await request.read(), _n_ctx(backend))
-    return name, gen, params
+    model = paths.router.resolve(name, version)
+    backend = model.backend
+    if isinstance(backend, TextModel):
+        if backend.mode != "chat":
+            raise InvalidInput(f"model {name!r} is an embedding model: it generates no text")
+        gen, params = generation(await request.read(), _n_ctx(backend))
+        return _Job(name, version, gen, params, None)
+    tensors = _text_tensors(model, name)
+    gen, params = generation(await request.read(), MAX_TOKENS)
+    return _Job(name, version, gen, params, tensors)
+
+
+async def _tensor_text(paths: RequestPath, req: Request, job: _Job) -> tuple[str, str]:
+    """Run the prompt through a text-in, text-out tensor model: (its version, the text). The
+    parameters beside the sampling ones go to the model as request parameters."""
+    assert job.tensors is not None
+    spec, output = job.tensors
+    array = np.empty((1,) * max(1, len(spec.shape)), dtype=object)
+    array.flat[0] = job.gen.prompt.encode("utf-8")
+    known = {*_SAMPLING, "stop", "stream", "best_of", "format"}
+    body = InferRequest(
+        {spec.name: array},
+        outputs={output: False},
+        parameters={k: v for k, v in job.params.items() if k not in known and v is not None},
+        datatypes={spec.name: "BYTES"},
+    )
+    result = await paths.infer(req, job.name, job.version, body)
+    if not req.served.model:
+        req.served.model, req.served.version = result.model_name, result.model_version
+    value = result.outputs[output].reshape(-1)
+    if not len(value):
+        return result.model_version, ""
+    item = value[0]
+    text = item.decode("utf-8", "replace") if isinstance(item, bytes) else str(item)
+    return result.model_version, text
 
 
 def _finish(result: GenerationResult) -> str:
     return "length" if result.finish_reason == "length" else "stop"
 
 
+def _json(out: dict[str, Any], req: Request) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(out), content_type="application/json", headers=req.served.headers()
+    )
+
+
 async def generate(request: web.Request, paths: RequestPath, req: Request) -> web.Response:
-    name, gen, params = await _start(request, paths)
-    model, result = await paths.generate(req, name, gen, params)
+    job = await _start(request, paths)
+    name = job.name
+    if job.tensors is not None:
+        version, text = await _tensor_text(paths, req, job)
+        return _json({"model_name": name, "model_version": version, "text_output": text}, req)
+    model, result = await paths.generate(req, name, job.gen, job.params)
     out = {
         "model_name": name,
         "model_version": model.version,
@@ -136,9 +193,7 @@ async def generate(request: web.Request, paths: RequestPath, req: Request) -> we
         "usage": {"prompt_tokens": result.prompt_tokens,
                   "completion_tokens": result.completion_tokens},
     }  # fmt: skip
-    return web.Response(
-        body=orjson.dumps(out), content_type="application/json", headers=req.served.headers()
-    )
+    return _json(out, req)
 
 
 def error_event(exc: ApplianceError) -> dict[str, Any]:
@@ -149,18 +204,27 @@ def error_event(exc: ApplianceError) -> dict[str, Any]:
 async def generate_stream(
     request: web.Request, paths: RequestPath, req: Request
 ) -> web.StreamResponse:
-    name, gen, params = await _start(request, paths)
-    served = req.served
+    job = await _start(request, paths)
+    name, served = job.name, req.served
 
     def event(text: str, done: bool) -> dict[str, Any]:
         return {"text_output": text, "model_name": name, "model_version": served.version,
                 "done": done}  # fmt: skip
 
+    if job.tensors is not None:  # the whole text at once: one event, then the end
+        served.version, text = await _tensor_text(paths, req, job)
+        response = web.StreamResponse(headers={**_SSE_HEADERS, **served.headers()})
+        await response.prepare(request)
+        for e in (event(text, False), event("", True)):
+            await response.write(b"data: " + orjson.dumps(e) + b"\n\n")
+        await response.write_eof()
+        return response
+
     def last(result: GenerationResult) -> dict[str, Any]:
         return {**event("", True), "finish_reason": _finish(result)}
 
     return await stream_generation(
-        request, paths, req, name, gen, params, False,
+        request, paths, req, name, job.gen, job.params, False,
         first=None,
         piece=lambda text: [event(text, False)],
         last=last,

@@ -151,9 +151,9 @@ async def test_not_json_unknown_model_and_version(client):
     assert r.status == 404
     r = await client.post("/v2/models/tiny/versions/7/generate", json={"text_input": "x"})
     assert r.status == 404 and "version" in (await r.json())["error"]
-    # a model that is no language model
+    # a tensor model that takes no text
     r = await client.post("/v2/models/sample/generate", json={"text_input": "x"})
-    assert r.status in (400, 404)
+    assert r.status == 400 and "BYTES" in (await r.json())["error"]
     # still serving
     r = await client.post(
         "/v2/models/tiny/generate", json={"text_input": PROMPT, "parameters": GREEDY}
@@ -198,3 +198,31 @@ async def test_guards_mask_streamed_text(serve, llm_store):
     )
     streamed = "".join(e.get("text_output", "") for e in events(await r.text()))
     assert word not in streamed and streamed == out["text_output"]
+
+
+async def test_a_text_in_text_out_tensor_model_generates_too(client):
+    """`strings` (ONNX, BYTES in, BYTES out: it echoes) through the generate routes."""
+    text = "ünïcode, 汉字 and more"
+    r = await client.post("/v2/models/strings/generate", json={"text_input": text})
+    assert r.status == 200, await r.text()
+    out = await r.json()
+    check_schema(out, "GenerateResponse")
+    assert out == {"model_name": "strings", "model_version": "1", "text_output": text}
+    assert r.headers["X-Model-Name"] == "strings"
+    r = await client.post(
+        "/v2/models/strings/versions/1/generate_stream", json={"text_input": text}
+    )
+    got = events(await r.text())
+    assert [e["done"] for e in got] == [False, True]
+    assert "".join(e["text_output"] for e in got) == text
+    r = await client.post(
+        "/v2/models/strings/generate", json={"text_input": text, "parameters": {"top_p": 7}}
+    )
+    assert r.status == 400 and "parameters.top_p" in (await r.json())["error"]
+
+
+async def test_an_embedding_model_generates_nothing(serve, llm_store, gguf_models):
+    llm_store.add("minilm", gguf_models / "minilm-q8_0.gguf")
+    client = await serve()
+    r = await client.post("/v2/models/minilm/generate", json={"text_input": "x"})
+    assert r.status == 400 and "embedding" in (await r.json())["error"]
