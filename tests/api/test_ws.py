@@ -52,8 +52,9 @@ async def metric(client: Any, name: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
-async def test_json_messages_answered_in_order_like_http(serve):
-    client = await serve()
+@pytest.mark.parametrize("fast_path", [True, False])
+async def test_json_messages_answered_in_order_like_http(serve, fast_path):
+    client = await serve({"server": {"fast_path": fast_path}})
     http = await (await client.post("/v2/models/sample/infer", json=v2("h"))).json()
     async with client.ws_connect("/v2/models/sample/stream") as ws:
         for i in range(5):
@@ -147,6 +148,7 @@ async def test_upgrade_needs_the_token_a_known_model_and_an_upgrade(serve):
     r = await client.get("/v2/models/sample/stream", headers=auth)
     assert r.status == 400 and "WebSocket" in (await r.json())["error"]
     async with client.ws_connect("/v2/models/sample/stream", headers=auth) as ws:
+        assert ws._response.headers["X-Request-Id"] == "conn-1"
         await ws.send_json(v2("a"))
         assert (await ws.receive_json())["id"] == "a"
 
