@@ -225,6 +225,23 @@ class ServerConfig:
 
 
 @dataclass
+class WebSocketConfig:
+    """WebSocket streams, GET /v2/models/NAME/stream (api/ws.py): limits per connection."""
+
+    #: A larger message closes the connection (WebSocket close code 1009).
+    max_message_bytes: int = field(default=16 * 1024 * 1024, metadata=at_least(1024))
+    #: Requests of one connection that run at once (answers still go out in order).
+    max_inflight: int = field(default=2, metadata=at_least(1))
+    #: Requests of one connection waiting to run, beyond those running.
+    queue: int = field(default=8, metadata=at_least(1))
+    #: When the queue is full: drop the oldest waiting request (its id is reported), or stop
+    #: reading the socket until there is room.
+    policy: Literal["drop_oldest", "backpressure"] = "drop_oldest"
+    #: Seconds between pings, so a dead peer is noticed; 0: none.
+    heartbeat_s: float = field(default=30.0, metadata=at_least(0))
+
+
+@dataclass
 class MqttConfig:
     """The MQTT interface (api/mqtt.py); off while `url` is empty."""
 
@@ -629,6 +646,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    websocket: WebSocketConfig = field(default_factory=WebSocketConfig)
     hub: HubConfig = field(default_factory=HubConfig)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
     model_defaults: ModelConfig = field(default_factory=ModelConfig)

@@ -145,6 +145,11 @@ class Metrics(Collector):
         #: MQTT requests by outcome, and whether the broker connection is up (None: no MQTT).
         self.mqtt_messages: dict[str, int] = {}
         self.mqtt_connected: int | None = None
+        #: WebSocket streams (api/ws.py): messages by outcome, received, dropped, open now.
+        self.ws_messages: dict[str, int] = {}
+        self.ws_received = 0
+        self.ws_dropped = 0
+        self.ws_connections = 0
         #: More families made at scrape time (the router's: tasks, cache, breakers, retries).
         self.collectors: list[Callable[[], Iterable[Metric]]] = []
         #: Set by the sync agent when the appliance syncs with a hub.
@@ -185,6 +190,29 @@ class Metrics(Collector):
         if not answered:
             outcome += "_unanswered"
         self.mqtt_messages[outcome] = self.mqtt_messages.get(outcome, 0) + 1
+
+    def ws_message(self, status: int) -> None:
+        outcome = "success" if status == 200 else _MQTT_OUTCOMES.get(status, "error")
+        self.ws_messages[outcome] = self.ws_messages.get(outcome, 0) + 1
+
+    def _ws_metrics(self) -> Iterator[Metric]:
+        answered = CounterMetricFamily(
+            "appliance_ws_messages", "WebSocket requests answered, by outcome", labels=["outcome"]
+        )
+        for outcome, n in self.ws_messages.items():
+            answered.add_metric([outcome], n)
+        yield answered
+        yield CounterMetricFamily(
+            "appliance_ws_received", "WebSocket messages received", value=self.ws_received
+        )
+        yield CounterMetricFamily(
+            "appliance_ws_dropped",
+            "WebSocket requests dropped unanswered (policy drop_oldest, queue full)",
+            value=self.ws_dropped,
+        )
+        yield GaugeMetricFamily(
+            "appliance_ws_connections", "WebSocket streams open", value=self.ws_connections
+        )
 
     def _priority_metrics(self, gauges: list[ModelGauges]) -> Iterator[Metric]:
         """Per model and priority level, for the models with more than one level."""
@@ -337,6 +365,8 @@ class Metrics(Collector):
         for (route, status), n in self._http.items():
             http.add_metric([route, str(status)], n)
         yield http
+        if self.ws_received or self.ws_connections:
+            yield from self._ws_metrics()
         if self.mqtt_connected is not None:
             mqtt = CounterMetricFamily(
                 "appliance_mqtt_requests", "MQTT requests by outcome", labels=["outcome"]

@@ -38,7 +38,7 @@ from .routing import Router, Served
 log = logging.getLogger("appliance.request")
 access = logging.getLogger("appliance.access")
 
-Protocol = Literal["http", "mqtt"]
+Protocol = Literal["http", "mqtt", "ws"]
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _TRACEPARENT_RE = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
@@ -390,6 +390,8 @@ class RequestPath:
         req.status = status
         if req.protocol == "http":
             self.metrics.http_response(req.route, status)
+        elif req.protocol == "ws":
+            self.metrics.ws_message(status)
         else:
             self.metrics.mqtt_message(status, answered)
         if self.access_log:

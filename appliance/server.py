@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import logging
 import signal
@@ -15,6 +16,7 @@ from aiohttp import web
 from . import plugins, systemd
 from .api.http import HttpSettings, build_app
 from .api.http_server import run as run_http
+from .api.ws import WsSettings
 from .backends import detect_backend
 from .config import Config
 from .engine import Engine, ModelSource
@@ -91,6 +93,7 @@ def build(
         max_body_bytes=config.server.max_body_bytes,
         access_log=config.server.access_log,
         fast_path=config.server.fast_path,
+        ws=WsSettings(**dataclasses.asdict(config.websocket)),
     )
     app = build_app(paths, metrics, settings, store)
     if store is not None:

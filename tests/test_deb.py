@@ -31,6 +31,7 @@ from appliance.config import (
     PluginsConfig,
     ServerConfig,
     StoreConfig,
+    WebSocketConfig,
     load_config,
 )
 
@@ -434,9 +435,10 @@ def test_default_config_shows_every_key_with_its_true_default(tmp_path: Path) ->
     def names(cls: Any, skip: tuple[str, ...] = ()) -> set[str]:
         return {f.name for f in dataclasses.fields(cls)} - set(skip)
 
-    assert set(data) == {"server", "store", "model_defaults", "mqtt", "hub", "plugins"}
+    assert set(data) == {"server", "store", "model_defaults", "mqtt", "websocket", "hub", "plugins"}
     assert set(data["plugins"]) == names(PluginsConfig)
     assert set(data["mqtt"]) == names(MqttConfig)
+    assert set(data["websocket"]) == names(WebSocketConfig)
     assert set(data["hub"]) == names(HubConfig)
     assert set(data["model_defaults"]["gguf"]) == names(GgufConfig)
     assert set(data["server"]) == names(ServerConfig)

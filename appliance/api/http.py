@@ -11,7 +11,7 @@ import contextlib
 import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -35,10 +35,13 @@ from ..metrics import Metrics
 from ..registry import PIPELINE, Registry, check_name
 from ..request import Request, RequestPath
 from ..routing import Router
+from . import generate as oip_generate
 from .images import image_request, text_parameters
 from .openai import add_routes as add_openai_routes
 from .openai import openai_error
 from .routes import KSERVE, PUBLIC
+from .ws import WsSettings
+from .ws import stream as ws_stream
 
 log = logging.getLogger("appliance.http")
 
@@ -50,6 +53,8 @@ class HttpSettings:
     access_log: bool
     #: The hot routes answered by api/http_server.py itself (else every request by aiohttp).
     fast_path: bool = True
+    #: WebSocket streams (api/ws.py).
+    ws: WsSettings = field(default_factory=WsSettings)
 
 
 ENGINE = web.AppKey("engine", Engine)
@@ -68,7 +73,7 @@ _JSON = "application/json"
 #: Status counted (never sent) for a request whose connection closed before it was answered:
 #: nginx's "client closed request".
 CLIENT_GONE = 499
-EXTENSIONS = ["binary_tensor_data", "model_repository"]
+EXTENSIONS = ["binary_tensor_data", "model_repository", "generate"]
 
 
 def json_response(
@@ -402,6 +407,47 @@ HANDLERS: dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]] = {
     "repository_unload": repository_unload,
     "metrics": metrics,
 }
+
+
+def _with_path(
+    handler: Callable[[web.Request, RequestPath, Request], Awaitable[web.StreamResponse]],
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """A handler of another module (which cannot import this one's keys) bound to them."""
+
+    async def route(request: web.Request) -> web.StreamResponse:
+        return await handler(request, request.app[PATH], request[REQUEST])
+
+    return route
+
+
+async def stream(request: web.Request) -> web.StreamResponse:
+    """A WebSocket whose messages are requests; each begins its lifecycle like an HTTP
+    request would, from the upgrade request's headers (api/ws.py)."""
+    paths, headers = request.app[PATH], request.headers
+    route = request.match_info.route.resource
+    label = route.canonical if route is not None else request.path
+
+    def begin_message(request_id: str | None) -> Request:
+        return paths.begin(
+            "ws", "WS", request.path, label,
+            request_id=request_id,
+            traceparent=headers.get("traceparent"),
+            remote=request.remote,
+            meta=headers,
+            priority=headers.get(PRIORITY_HEADER),
+            priority_name=PRIORITY_HEADER,
+            accept=None,
+        )  # fmt: skip
+
+    settings = request.app[SETTINGS].ws
+    return await ws_stream(request, paths, request[REQUEST], settings, begin_message)
+
+
+HANDLERS.update(
+    generate=_with_path(oip_generate.generate),
+    generate_stream=_with_path(oip_generate.generate_stream),
+    stream=stream,
+)
 
 
 def build_app(

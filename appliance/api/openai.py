@@ -426,12 +426,16 @@ async def _stream(
     piece: Callable[[str], list[dict[str, Any]]],
     last: Callable[[GenerationResult], dict[str, Any]],
     usage_chunk: Callable[[dict[str, int]], dict[str, Any]],
+    error: Callable[[ApplianceError], dict[str, Any]] = openai_error,
+    done: bytes | None = b"data: [DONE]\n\n",
 ) -> web.StreamResponse:
-    """Server-sent events, one per piece of text, ending with `data: [DONE]`.
+    """Server-sent events, one per piece of text, ending with `done` (OpenAI's `data: [DONE]`;
+    the OIP generate extension has none: its last event says `"done": true`).
 
     The response starts with the first piece (or the end), so a request refused at once (queue
-    full, bad prompt) still gets a plain HTTP error. A client that goes away stops the
-    generation: the worker polls `stop` between tokens."""
+    full, bad prompt) still gets a plain HTTP error; an error after that is an event `error`
+    makes. A client that goes away stops the generation: the worker polls `stop` between
+    tokens."""
     queue: asyncio.Queue[str | None] = asyncio.Queue()
     gone = threading.Event()
     served = req.served
@@ -456,12 +460,13 @@ async def _stream(
             _, result = task.result()
             end = last(result)
         except ApplianceError as exc:
-            await response.write(_sse(openai_error(exc)))
+            await response.write(_sse(error(exc)))
         else:
             await response.write(_sse(end))
             if include_usage:
                 await response.write(_sse(usage_chunk(_usage(result))))
-        await response.write(b"data: [DONE]\n\n")
+        if done is not None:
+            await response.write(done)
         await response.write_eof()
         return response
     except (ConnectionResetError, asyncio.CancelledError):
@@ -494,4 +499,7 @@ def add_routes(
     r.add_post("/v1/embeddings", bind(embeddings))
 
 
-__all__ = ["add_routes", "openai_error"]
+__all__ = ["add_routes", "openai_error", "stream_generation"]
+
+#: For the other fronts that stream text as server-sent events (api/generate.py).
+stream_generation = _stream

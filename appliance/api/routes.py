@@ -42,6 +42,9 @@ KSERVE: tuple[Route, ...] = (
             Route("GET", base, "model_metadata"),
             Route("GET", base + "/ready", "model_ready"),
             Route("POST", base + "/infer", "infer", hot=True),
+            Route("POST", base + "/generate", "generate"),
+            Route("POST", base + "/generate_stream", "generate_stream"),
+            Route("GET", base + "/stream", "stream"),
         )
     ),
     Route("POST", "/v2/repository/index", "repository_index"),

@@ -108,6 +108,16 @@ def openai() -> Document:
     return Document(spec, jsonschema.Draft202012Validator)
 
 
+@functools.lru_cache(maxsize=1)
+def generate() -> Document:
+    """The OIP generate extension (OpenAPI 3.1: JSON Schema 2020-12). Its `GenerateParameters`
+    says `allOf: {$ref: itself}`, which is no JSON Schema (allOf is an array) and would refer
+    to itself forever: left out, the rest is as published."""
+    spec = yaml.safe_load((HERE / "generate_rest.yaml").read_text(encoding="utf-8"))
+    del spec["components"]["schemas"]["GenerateParameters"]["allOf"]
+    return Document(spec, jsonschema.Draft202012Validator)
+
+
 _SCALARS: dict[str, st.SearchStrategy[Any]] = {
     "string": st.text(max_size=12),
     "integer": st.integers(-(2**31), 2**31),
