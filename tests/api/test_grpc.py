@@ -417,11 +417,11 @@ def _certificates(out: Path) -> dict[str, Path]:
 
 
 def test_config_is_checked():
-    with pytest.raises(ConfigError, match="grpc.key_file"):
+    with pytest.raises(ConfigError, match=r"grpc\.key_file"):
         load_config(None, {"grpc": {"port": 8001, "cert_file": "/x.crt"}}, {})
-    with pytest.raises(ConfigError, match="grpc.client_ca_file"):
+    with pytest.raises(ConfigError, match=r"grpc\.client_ca_file"):
         load_config(None, {"grpc": {"port": 8001, "client_ca_file": "/ca.crt"}}, {})
-    with pytest.raises(ConfigError, match="grpc.port"):
+    with pytest.raises(ConfigError, match=r"grpc\.port"):
         load_config(None, {"grpc": {"port": 70000}}, {})
     assert load_config(None, {}, {}).grpc.port == 0  # off unless set
 
