@@ -9,6 +9,7 @@ import datetime as dt
 import queue
 import socket
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -56,9 +57,9 @@ def client(grpc_url):
     c.close()
 
 
-def _multi_io(samples: Path):
+def _multi_io(samples: Path) -> tuple[list[Any], dict[str, Any]]:
     rng = np.random.default_rng(0)
-    feed = {
+    feed: dict[str, np.ndarray[Any, Any]] = {
         "x": rng.normal(size=(5, 3)).astype(np.float32),
         "y": rng.integers(-100, 100, size=(5, 3)).astype(np.int64),
         "pixels": rng.integers(0, 256, size=(5, 2, 2)).astype(np.uint8),
@@ -246,7 +247,7 @@ def _expect(infer, msg, code: grpc.StatusCode, words: str) -> None:
 
 # -- streaming ------------------------------------------------------------------------------------
 def test_stream_answers_in_order_and_goes_on_after_an_error(grpc_url):
-    results: queue.Queue[tuple[object, object]] = queue.Queue()
+    results: queue.Queue[tuple[Any, Any]] = queue.Queue()
     c = grpcclient.InferenceServerClient(grpc_url)
     c.start_stream(callback=lambda result, error: results.put((result, error)))
     try:
