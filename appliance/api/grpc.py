@@ -288,6 +288,12 @@ class GrpcService:
                 "this server serves model files named on its command line, not a model store: "
                 "there is nothing to load from"
             )
+        for key in msg.parameters:
+            if key != "version":  # Triton's `config` and `file:` overrides
+                raise InvalidInput(
+                    f"parameters[{key[:40]!r}]: only 'version' is taken; a model's files and "
+                    "settings come from the model store and the config"
+                )
         version = None
         if "version" in msg.parameters:
             param = msg.parameters["version"]

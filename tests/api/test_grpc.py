@@ -506,3 +506,29 @@ def test_fuzz_never_internal(grpc_channel, msg):
 def grpc_channel(grpc_url):
     with grpc.insecure_channel(grpc_url) as channel:
         yield channel
+
+
+# -- repository RPCs, metrics --------------------------------------------------------------------
+async def test_repository_load_unload_and_metrics(serve):
+    port = free_port()
+    http = await serve({"grpc": {"port": port}})
+    async with aioclient.InferenceServerClient(f"127.0.0.1:{port}") as c:
+        await c.unload_model("sample")
+        assert not await c.is_model_ready("sample")
+        with pytest.raises(InferenceServerException) as exc:
+            await c.infer("sample", [_sample_input()])
+        assert _code(exc) == "StatusCode.NOT_FOUND"
+        index = await c.get_model_repository_index()
+        assert "sample" not in {m.name for m in index.models}
+        await c.load_model("sample")
+        assert await c.is_model_ready("sample")
+        assert (await c.infer("sample", [_sample_input()])).as_numpy("label").shape == (1,)
+        with pytest.raises(InferenceServerException) as exc:
+            await c.load_model("sample", config='{"x": 1}')  # Triton's config override
+        assert _code(exc) == "StatusCode.INVALID_ARGUMENT"
+        with pytest.raises(InferenceServerException) as exc:
+            await c.load_model("nope")
+        assert _code(exc) in ("StatusCode.NOT_FOUND", "StatusCode.INVALID_ARGUMENT")
+    text = await (await http.get("/metrics")).text()
+    assert 'appliance_grpc_responses_total{method="ModelInfer",status="200"} 1.0' in text
+    assert 'appliance_grpc_responses_total{method="ModelInfer",status="404"} 1.0' in text
