@@ -28,8 +28,6 @@ from .routing import Router
 from .tensors import Signature
 
 log = logging.getLogger("appliance.server")
-#: The port gRPC listens on, once it does (api/grpc.py; absent while gRPC is off).
-GRPC_PORT = web.AppKey("grpc_port", int)
 
 
 def sources_from_store(root: Path) -> list[ModelSource]:
@@ -203,7 +201,6 @@ def _grpc_ctx(
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         server = await grpc_front.start(config, paths, store)
-        app[GRPC_PORT] = server.port
         yield
         await server.stop(config.server.shutdown_timeout_s)
 
