@@ -63,8 +63,8 @@ bench: $(STAMP) samples
 
 # The device binary (PyInstaller, built on this machine for this machine; see README "Binary").
 # BINARY_BACKENDS: the extras bundled; the default is everything a device can use (ONNX, TFLite,
-# images, text models, fleet sync); `make binary BINARY_BACKENDS=onnx` gives a lean ONNX-only one.
-BINARY_BACKENDS ?= onnx,tflite,image,text,sync
+# images, text models, fleet sync, gRPC); `make binary BINARY_BACKENDS=onnx` gives a lean ONNX-only one.
+BINARY_BACKENDS ?= onnx,tflite,image,text,sync,grpc
 binary:
 	$(PYTHON) build/build_binary.py --mode onedir --backends $(BINARY_BACKENDS)
 

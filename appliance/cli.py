@@ -294,6 +294,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     s.add_argument("--mqtt", metavar="URL", help="also serve MQTT: mqtt[s]://user:pass@host:port")
     s.add_argument(
+        "--grpc-port",
+        type=int,
+        metavar="PORT",
+        help="also serve KServe v2 gRPC on this port (Triton's is 8001; needs the grpc extra)",
+    )
+    s.add_argument(
         "--device-id", help="this appliance's id in MQTT topics and on the hub (default: host name)"
     )
     s.add_argument("--hub", metavar="URL", help="sync models and telemetry with this hub")

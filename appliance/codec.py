@@ -70,7 +70,7 @@ def _show(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _shape(value: Any, what: str) -> tuple[int, ...]:
+def check_shape(value: Any, what: str) -> tuple[int, ...]:
     if not isinstance(value, list):
         raise InvalidInput(f"{what}: 'shape' must be a list of integers, got {_show(value)}")
     if len(value) > MAX_DIMS:
@@ -205,7 +205,7 @@ def _float_item(item: Any) -> bool:
     return isinstance(item, (int, float)) and not isinstance(item, bool)
 
 
-def _bytes_from_binary(raw: bytes | memoryview, n: int, what: str) -> np.ndarray[Any, Any]:
+def bytes_from_binary(raw: bytes | memoryview, n: int, what: str) -> np.ndarray[Any, Any]:
     out = np.empty(n, dtype=object)
     view = memoryview(raw)
     pos = 0
@@ -245,7 +245,7 @@ def _decode_tensors(
             raise InvalidInput(
                 f"{what}: unknown datatype {_show(datatype)} (one of {', '.join(DATATYPES)})"
             )
-        shape = _shape(item.get("shape"), what)
+        shape = check_shape(item.get("shape"), what)
         params = _parameters(item, f"{what}: ")
         size = params.get("binary_data_size")
         if size is not None:
@@ -262,7 +262,7 @@ def _decode_tensors(
             offset += size
             n = _count(shape)
             if datatype == "BYTES":
-                array = _bytes_from_binary(chunk, n, what).reshape(shape)
+                array = bytes_from_binary(chunk, n, what).reshape(shape)
             else:
                 dtype = DATATYPES[datatype]
                 if size != n * dtype.itemsize:
@@ -297,6 +297,27 @@ def _split_body(body: bytes, header_length: int | None) -> tuple[bytes, memoryvi
         )
     view = memoryview(body)
     return bytes(view[:header_length]), view[header_length:]
+
+
+def request_options(params: dict[str, Any]) -> tuple[float | None, int | None]:
+    """Triton's `timeout` (microseconds, as seconds) and `priority` request parameters, checked
+    (every protocol's codec reads them here)."""
+    timeout_s = None
+    timeout = params.get("timeout")
+    if timeout is not None:
+        if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 0:
+            raise InvalidInput("parameters.timeout must be a non-negative integer (microseconds)")
+        if timeout > 0:
+            timeout_s = timeout / 1e6
+    priority = params.get("priority")
+    if priority is not None and (
+        isinstance(priority, bool) or not isinstance(priority, int) or priority < 0
+    ):
+        raise InvalidInput(
+            "parameters.priority must be a non-negative integer (1 is the highest level, 0 the "
+            f"model's default), got {_show(priority)}"
+        )
+    return timeout_s, priority
 
 
 def decode_request(body: bytes, header_length: int | None = None) -> InferRequest:
@@ -336,21 +357,7 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
             outputs[item["name"]] = _flag(out_params, "binary_data", binary_default, what)
         outputs = outputs or None  # an empty list asks for every output, as no list does
 
-    timeout_s = None
-    timeout = params.get("timeout")
-    if timeout is not None:
-        if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 0:
-            raise InvalidInput("parameters.timeout must be a non-negative integer (microseconds)")
-        if timeout > 0:
-            timeout_s = timeout / 1e6
-    priority = params.get("priority")
-    if priority is not None and (
-        isinstance(priority, bool) or not isinstance(priority, int) or priority < 0
-    ):
-        raise InvalidInput(
-            "parameters.priority must be a non-negative integer (1 is the highest level, 0 the "
-            f"model's default), got {_show(priority)}"
-        )
+    timeout_s, priority = request_options(params)
     return InferRequest(
         inputs=inputs,
         outputs=outputs,
@@ -363,7 +370,7 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
     )
 
 
-def _bytes_to_binary(array: np.ndarray[Any, Any]) -> bytes:
+def bytes_to_binary(array: np.ndarray[Any, Any]) -> bytes:
     parts = []
     for item in array.reshape(-1):
         b = item if isinstance(item, bytes) else str(item).encode("utf-8")
@@ -414,7 +421,7 @@ def _encode_tensors(
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         if binary(name):
             if datatype == "BYTES":
-                blob = _bytes_to_binary(array)
+                blob = bytes_to_binary(array)
             else:
                 dtype = DATATYPES[datatype].newbyteorder("<")
                 blob = np.ascontiguousarray(array, dtype=dtype).tobytes()

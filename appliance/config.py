@@ -274,6 +274,36 @@ class MqttConfig:
 
 
 @dataclass
+class GrpcConfig:
+    """KServe v2 / Open Inference Protocol over gRPC (api/grpc.py, the `grpc` extra): off while
+    `port` is 0. Same engine, auth token, limits and request path as HTTP."""
+
+    #: The port to serve gRPC on (Triton's is 8001); 0: no gRPC.
+    port: int = field(default=0, metadata=between(0, 65535))
+    #: The address to bind; empty: server.host (127.0.0.1 by default, like HTTP).
+    host: str = ""
+    #: Largest message either way, in bytes; a larger request is refused (RESOURCE_EXHAUSTED).
+    max_message_bytes: int = field(default=64 * 1024 * 1024, metadata=at_least(1024))
+    #: Requests of one ModelStreamInfer stream being worked on at once; beyond it the server
+    #: stops reading the stream until the oldest is answered (answers keep request order).
+    max_stream_inflight: int = field(default=64, metadata=at_least(1))
+    #: TLS: the server's certificate chain and key (PEM); both empty: plaintext.
+    cert_file: str = ""
+    key_file: str = ""
+    #: Mutual TLS: clients must present a certificate signed by this CA (PEM).
+    client_ca_file: str = ""
+
+    def check(self) -> None:
+        if bool(self.cert_file) != bool(self.key_file):
+            missing = "key_file" if self.cert_file else "cert_file"
+            raise Invalid(missing, "TLS needs both cert_file and key_file")
+        if self.client_ca_file and not self.cert_file:
+            raise Invalid(
+                "client_ca_file", "client certificates need TLS: set cert_file and key_file"
+            )
+
+
+@dataclass
 class HubConfig:
     """Fleet sync with a hub (appliance/sync/); off while `url` is empty."""
 
@@ -647,6 +677,7 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     websocket: WebSocketConfig = field(default_factory=WebSocketConfig)
+    grpc: GrpcConfig = field(default_factory=GrpcConfig)
     hub: HubConfig = field(default_factory=HubConfig)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
     model_defaults: ModelConfig = field(default_factory=ModelConfig)

@@ -27,6 +27,7 @@ class ConfigFlags:
     log_level: str | None = None
     device: str | None = None
     mqtt: str | None = None
+    grpc_port: int | None = None
     device_id: str | None = None
     hub: str | None = None
     hub_token_file: str | None = None
@@ -50,6 +51,9 @@ class ConfigFlags:
         mqtt = _given(url=self.mqtt, device_id=self.device_id)
         if mqtt:
             out["mqtt"] = mqtt
+        grpc = _given(port=self.grpc_port)
+        if grpc:
+            out["grpc"] = grpc
         hub = _given(
             url=self.hub,
             device_id=self.device_id if self.hub is not None else None,

@@ -140,6 +140,9 @@ class Metrics(Collector):
         #: appliance_step_seconds: (model or pipeline, step label or node) -> time spent in it.
         self._steps: dict[tuple[str, str], Histogram] = {}
         self._http: dict[tuple[str, int], int] = {}
+        #: gRPC answers by method and the HTTP status of their outcome (api/grpc.py maps it to
+        #: a gRPC code once); empty while gRPC is off.
+        self._grpc: dict[tuple[str, int], int] = {}
         #: Set by the engine: the current state of every model.
         self.gauge_source: Callable[[], list[ModelGauges]] = list
         #: MQTT requests by outcome, and whether the broker connection is up (None: no MQTT).
@@ -184,6 +187,14 @@ class Metrics(Collector):
     def http_response(self, route: str, status: int) -> None:
         key = (route, status)
         self._http[key] = self._http.get(key, 0) + 1
+
+    def grpc_response(self, method: str, status: int) -> None:
+        key = (method, status)
+        self._grpc[key] = self._grpc.get(key, 0) + 1
+
+    def stats_of(self, name: str, version: str) -> ModelStats | None:
+        """The counters of a model version, if it was ever asked for (gRPC ModelStatistics)."""
+        return self._models.get((name, version))
 
     def mqtt_message(self, status: int, answered: bool = True) -> None:
         outcome = "success" if status == 200 else _MQTT_OUTCOMES.get(status, "error")
@@ -367,6 +378,15 @@ class Metrics(Collector):
         yield http
         if self.ws_received or self.ws_connections:
             yield from self._ws_metrics()
+        if self._grpc:
+            grpc = CounterMetricFamily(
+                "appliance_grpc_responses",
+                "gRPC answers by method and status (the HTTP status of the outcome)",
+                labels=["method", "status"],
+            )
+            for (method, status), n in self._grpc.items():
+                grpc.add_metric([method, str(status)], n)
+            yield grpc
         if self.mqtt_connected is not None:
             mqtt = CounterMetricFamily(
                 "appliance_mqtt_requests", "MQTT requests by outcome", labels=["outcome"]

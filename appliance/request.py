@@ -38,7 +38,7 @@ from .routing import Router, Served
 log = logging.getLogger("appliance.request")
 access = logging.getLogger("appliance.access")
 
-Protocol = Literal["http", "mqtt", "ws"]
+Protocol = Literal["http", "mqtt", "ws", "grpc"]
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _TRACEPARENT_RE = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
@@ -85,11 +85,11 @@ class Request:
     """One request, whatever protocol it came on: who sent it, where it goes, how it ended."""
 
     protocol: Protocol
-    #: The HTTP method, or PUBLISH for MQTT (the access log).
+    #: The HTTP method, PUBLISH for MQTT, RPC for gRPC (the access log).
     method: str
-    #: The URL path or the MQTT topic (the access log).
+    #: The URL path, the MQTT topic, or the gRPC method and model (the access log).
     path: str
-    #: The route template, the label of the response counters.
+    #: The route template (the gRPC method), the label of the response counters.
     route: str
     id: str
     trace_id: str | None
@@ -392,6 +392,8 @@ class RequestPath:
             self.metrics.http_response(req.route, status)
         elif req.protocol == "ws":
             self.metrics.ws_message(status)
+        elif req.protocol == "grpc":
+            self.metrics.grpc_response(req.route, status)
         else:
             self.metrics.mqtt_message(status, answered)
         if self.access_log:

@@ -102,6 +102,8 @@ def build(
     systemd.install(app, systemd.format_address(config.server.host, config.server.port))
     if config.mqtt.url:
         app.cleanup_ctx.append(_mqtt_ctx(config, paths, metrics))
+    if config.grpc.port:
+        app.cleanup_ctx.append(_grpc_ctx(config, paths, store))
     if config.hub.url:
         if store is None:
             raise ConfigError("hub.url: fleet sync needs a model store, not --model FILE")
@@ -191,6 +193,26 @@ def _mqtt_ctx(
         yield
         task.cancel()
         await service.stop()
+
+    return ctx
+
+
+def _grpc_ctx(
+    config: Config, paths: RequestPath, store: Registry | None
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """gRPC runs beside HTTP on the same loop and engine; it stops before the engine does."""
+    try:
+        from .api import grpc as grpc_front
+    except ImportError as exc:  # grpcio is an extra: a lean device may leave it out
+        raise ConfigError(
+            f"grpc.port = {config.grpc.port}: gRPC needs the grpc extra "
+            f"(pip install 'appliance[grpc]'): {exc}"
+        ) from None
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        server = await grpc_front.start(config, paths, store)
+        yield
+        await server.stop(config.server.shutdown_timeout_s)
 
     return ctx
 

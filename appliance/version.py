@@ -55,6 +55,7 @@ FEATURES = (
     ("image", "PIL", "JPEG/PNG inputs (Pillow)"),
     ("text", "tokenizers", "text embedding models on ONNX (tokenizers)"),
     ("sync", "tuf", "fleet sync with a hub (python-tuf)"),
+    ("grpc", "grpc", "KServe v2 over gRPC (grpcio)"),
 )
 
 

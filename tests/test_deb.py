@@ -24,6 +24,7 @@ from appliance.config import (
     BreakerConfig,
     Config,
     GgufConfig,
+    GrpcConfig,
     HubConfig,
     ModelConfig,
     MqttConfig,
@@ -435,7 +436,10 @@ def test_default_config_shows_every_key_with_its_true_default(tmp_path: Path) ->
     def names(cls: Any, skip: tuple[str, ...] = ()) -> set[str]:
         return {f.name for f in dataclasses.fields(cls)} - set(skip)
 
-    assert set(data) == {"server", "store", "model_defaults", "mqtt", "websocket", "hub", "plugins"}
+    assert set(data) == {
+        "server", "store", "model_defaults", "mqtt", "websocket", "grpc", "hub", "plugins"
+    }  # fmt: skip
+    assert set(data["grpc"]) == names(GrpcConfig)
     assert set(data["plugins"]) == names(PluginsConfig)
     assert set(data["mqtt"]) == names(MqttConfig)
     assert set(data["websocket"]) == names(WebSocketConfig)

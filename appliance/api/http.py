@@ -102,11 +102,17 @@ def error_response(exc: ApplianceError, openai: bool = False) -> web.Response:
 def check_auth(settings: HttpSettings, path: str, authorization: str | None) -> None:
     """Bearer auth on every route but health."""
     if settings.token and path not in PUBLIC:
-        scheme, _, given = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            given.strip().encode(), settings.token.encode()
-        ):
-            raise Unauthorized("missing or wrong bearer token")
+        check_bearer(settings.token, authorization)
+
+
+def check_bearer(token: str, authorization: str | None) -> None:
+    """`Authorization: Bearer <token>` (an HTTP header, gRPC metadata), compared in constant
+    time."""
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        given.strip().encode(), token.encode()
+    ):
+        raise Unauthorized("missing or wrong bearer token")
 
 
 #: The client's timeout for one request, in milliseconds: a queued request that can no longer

@@ -86,6 +86,37 @@ def test_serves_a_model_from_the_command_line_to_tritonclient(
         assert stop_server_process(server) == 0
 
 
+def test_serves_grpc_to_tritonclient(tmp_path: Path, samples: Path) -> None:
+    """Where the binary bundles the grpc extra (the default): tritonclient.grpc, BYTES too."""
+    import socket
+
+    import tritonclient.grpc as grpcclient
+
+    assert BINARY
+    if "grpc: grpc " not in run("--version", cwd=tmp_path).stdout:
+        pytest.skip("this binary was built without the grpc extra")
+    model = tmp_path / "strings.onnx"
+    model.write_bytes((samples / "strings.onnx").read_bytes())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = start_server_process(
+        ["--model", str(model), "--grpc-port", str(port)],
+        command=[str(Path(BINARY).resolve())],
+        base_env=BARE_ENV,
+    )
+    try:
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+        assert client.is_model_ready("strings")
+        text = np.array([b"edge", b"", b"appliance"], dtype=object)
+        i = grpcclient.InferInput("text", [3], "BYTES")
+        i.set_data_from_numpy(text)
+        assert list(client.infer("strings", [i]).as_numpy("echo")) == list(text)
+        client.close()
+    finally:
+        assert stop_server_process(server) == 0
+
+
 def test_serves_a_tflite_classifier_a_picture(tmp_path: Path, tflite_models: Path) -> None:
     """Where the binary bundles the tflite and image extras (BINARY_BACKENDS=onnx,tflite,image):
     a TFLite model it has never seen, and a JPEG sent as it is."""
