@@ -43,7 +43,7 @@ from ..codec import InferRequest, decode_request, encode_response
 from ..errors import ApplianceError, InferenceFailed, InvalidInput
 from ..formats import JSON
 from ..request import Request, RequestPath
-from .images import image_spec, images_request
+from .images import image_input, images_request
 
 Policy = Literal["drop_oldest", "backpressure"]
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")
@@ -122,8 +122,8 @@ class _Session:
         error: ApplianceError | None = None
         try:
             if image:
-                spec = image_spec(self.paths.router.resolve(self.name, self.version))
-                body = images_request(spec, [raw])
+                model = self.paths.router.resolve(self.name, self.version)
+                body = images_request(image_input(model), [raw])
             elif length is not None and not 0 <= length <= len(raw):
                 raise InvalidInput(
                     "a binary message is a 4-byte little-endian header length, the JSON header, "
