@@ -152,6 +152,7 @@ def main() -> None:
         default="off",
         help="all: tracing off, on at 1/1000 and on at 1/1, side by side",
     )
+    ap.add_argument("--repeat", type=int, default=1, help="run the three settings this often")
     args = ap.parse_args()
     access = logging.getLogger("appliance.access")  # records made, not written
     access.addHandler(logging.NullHandler())
@@ -166,7 +167,7 @@ def main() -> None:
         pass
     kinds = ["none", "process"] if args.isolation == "both" else [args.isolation]
     ratios: list[float | None] = (
-        [None, 0.001, 1.0, 0.001, None] if args.tracing == "all" else [None]
+        [None, 0.001, 1.0] * args.repeat if args.tracing == "all" else [None]
     )
     for kind in kinds:
         for ratio in ratios:
