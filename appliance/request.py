@@ -133,6 +133,8 @@ class Request:
     tracestate: str | None = None
     #: The request's span while it is traced (appliance/tracing/), else None.
     span: Any = None
+    #: Whether it is traced, once that is decided (None: not yet).
+    sampled: bool | None = None
 
     def bound(self) -> _Bound:
         """The request and trace ids in the logging context while this request is worked on."""
@@ -416,20 +418,22 @@ class RequestPath:
             req.trace_id = trace_of(traceparent)
             req.tracestate = tracestate if isinstance(tracestate, str) else None
 
-    def trace(self, req: Request, name: str, version: str | None = None) -> None:
-        """Open the request's span (dated from `begin`) if it is to be traced; the routes of a
-        front that are not model requests are not traced."""
+    def trace(self, req: Request, name: str | None, version: str | None = None) -> None:
+        """Open the request's span (dated from `begin`) if it is to be traced: decided once,
+        when the model is known (its trace setting counts), or when the request fails before."""
         tracer = self.tracer
-        if tracer is None or req.span is not None:
+        if tracer is None or req.sampled is not None:
             return
         parent = req.traceparent if req.trace_id is not None else None
-        if not tracer.decide(name, parent):
+        req.sampled = tracer.decide(name, parent)
+        if not req.sampled:
             return
         attributes: dict[str, str | int | float | bool] = {
             "appliance.request_id": req.id,
             "appliance.protocol": req.protocol,
-            "appliance.model.requested": name,
         }
+        if name is not None:
+            attributes["appliance.model.requested"] = name
         if version is not None:
             attributes["appliance.model.requested_version"] = version
         if req.protocol == "mqtt":
@@ -456,7 +460,11 @@ class RequestPath:
 
     # -- the end -----------------------------------------------------------------------------
     def failed(self, req: Request, exc: ApplianceError) -> int:
-        """A request that ended in an error: logged if it is the server's fault; its status."""
+        """A request that ended in an error: logged if it is the server's fault; its status.
+        Traced as any request when tracing is on (the fronts call this before answering, so
+        the answer carries the trace context back)."""
+        if self.tracer is not None:
+            self.trace(req, None)
         if worth_logging(exc):
             with req.bound():
                 log.warning("%s %s: %s", req.method, req.path, exc.message)

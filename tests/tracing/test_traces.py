@@ -90,10 +90,12 @@ async def test_unsampled_and_unsent_traceparents_follow_the_ratio(serve, receive
     (request,) = await receiver.wait_for(1, "POST /v2/models/{name}/infer")
     assert request.parent == "" and request.trace_id != TRACE
     assert r.headers["traceparent"].split("-")[1] == request.trace_id
-    # a 404 is not a model request: no span; an error of the server would be marked
-    await client.post("/v2/models/nope/infer", data=body(SAMPLE))
-    await receiver.wait_for(1, "compute")
-    assert len([s for s in receiver.spans if s.kind == SERVER]) == 1
+    # a request refused before it runs is traced too, with its status
+    r = await client.post("/v2/models/nope/infer", data=body(SAMPLE))
+    assert r.status == 404
+    spans = await receiver.wait_for(2, "POST /v2/models/{name}/infer")
+    assert spans[1].attributes["http.response.status_code"] == 404
+    assert r.headers["traceparent"].split("-")[2] == spans[1].span_id
 
 
 async def test_queue_span_when_a_request_waits(serve, receiver):
@@ -120,6 +122,26 @@ async def test_mqtt5_user_properties_carry_the_context(mosquitto, serve, peers, 
     assert request.attributes["messaging.system"] == "mqtt"
     assert request.attributes["messaging.destination.name"] == topic
     assert reply.user["traceparent"] == f"00-{TRACE}-{request.span_id}-01"
+
+
+async def test_mqtt311_json_fields_carry_the_context(mosquitto, serve, peers, receiver):
+    await serve(traced(receiver, 0.0, **mqtt_settings(mosquitto, protocol="3.1.1")))
+    peer = peers(mosquitto, v5=False)
+    replies = await peer.ready()
+    request = {**SAMPLE, "id": "r-311", "reply_to": replies, "traceparent": SAMPLED}
+    peer.publish(f"appliance/{DEVICE}/infer/sample", body(request))
+    msgs = await peer.wait(lambda ms: any(m.topic == replies for m in ms))
+    reply = next(m for m in msgs if m.topic == replies).json()
+    (span,) = await receiver.wait_for(1, "PUBLISH infer")
+    assert (span.trace_id, span.parent) == (TRACE, PARENT)
+    assert reply["id"] == "r-311"
+    assert reply["parameters"]["traceparent"] == f"00-{TRACE}-{span.span_id}-01"
+    # an error answer carries it too
+    bad = {"id": "r-bad", "reply_to": replies, "traceparent": SAMPLED, "inputs": [{"name": "x"}]}
+    peer.publish(f"appliance/{DEVICE}/infer/sample", body(bad))
+    msgs = await peer.wait(lambda ms: len([m for m in ms if m.topic == replies]) >= 2)
+    err = [m for m in msgs if m.topic == replies][1].json()
+    assert err["status"] == 400 and err["traceparent"].split("-")[1] == TRACE
 
 
 async def test_trace_setting_api(serve, receiver):
