@@ -440,7 +440,7 @@ class RequestPath:
             attributes["messaging.system"] = "mqtt"
             attributes["messaging.operation.type"] = "process"
             attributes["messaging.destination.name"] = req.path
-        else:
+        elif req.protocol == "http":
             attributes["http.request.method"] = req.method
             attributes["http.route"] = req.route
             attributes["url.path"] = req.path

@@ -465,7 +465,14 @@ class Engine:
             raise
         cancelled = getattr(result, "finish_reason", None) == "cancelled"
         metrics.outcomes["cancelled" if cancelled else "success"] += 1
-        metrics.total.observe(time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        metrics.total.observe(t1 - t0)
+        if tracing.tracer is not None:  # a generation or embedding: its wait and run together
+            attributes = {
+                "appliance.model.name": model.name,
+                "appliance.model.version": model.version,
+            }
+            tracing.record("run", t0, t1, attributes)
         return result
 
     async def generate_on(

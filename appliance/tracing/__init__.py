@@ -11,7 +11,8 @@ Spans (names and attributes are the contract the tests check; README "Traces"):
   metadata, MQTT 5 user property, the JSON request's `traceparent` field over MQTT 3.1.1); the
   reply carries the request span's own `traceparent` back.
 - `queue` (time waiting for a worker) and `compute` (the runtime call; `appliance.batch_size`
-  requests shared it), children of the request, with `appliance.model.name` / `.version`;
+  requests shared it), children of the request, with `appliance.model.name` / `.version`; a
+  generation or an embedding has one `run` span instead (its wait and run together);
 - `step {label}` for each input and output step (appliance/steps/chain.py) and `node {name}`
   for each pipeline node (`record`);
 - `sync.poll`, `sync.download`, `sync.verify`, `sync.activate` of the hub sync agent, and the

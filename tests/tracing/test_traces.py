@@ -108,6 +108,25 @@ async def test_queue_span_when_a_request_waits(serve, receiver):
     assert queue.attributes["appliance.model.name"] == "sample"
 
 
+async def test_each_step_is_a_span(serve, receiver, image_store):
+    from appliance.server import sources_from_store
+    from tests.support.images import encode, picture
+
+    client = await serve(traced(receiver, 0.0), sources=sources_from_store(image_store.root))
+    data = encode(picture(64, 48, 1), "JPEG", quality=90)
+    headers = {"Content-Type": "image/jpeg", "traceparent": SAMPLED}
+    r = await client.post("/v2/models/classifier/infer?top_k=2", data=data, headers=headers)
+    assert r.status == 200
+    (request,) = await receiver.wait_for(1, "POST /v2/models/{name}/infer")
+    await receiver.wait_for(1, "compute")
+    steps = [s for s in receiver.spans if s.name.startswith("step ")]
+    assert len(steps) >= 2, [s.name for s in receiver.spans]
+    assert {s.attributes["appliance.step.type"] for s in steps} == {"image", "classification"}
+    for span in steps:
+        assert (span.trace_id, span.parent) == (TRACE, request.span_id)
+        assert request.start_ns <= span.start_ns <= span.end_ns <= request.end_ns
+
+
 async def test_mqtt5_user_properties_carry_the_context(mosquitto, serve, peers, receiver):
     await serve(traced(receiver, 0.0, **mqtt_settings(mosquitto)))
     peer = peers(mosquitto)
