@@ -691,6 +691,8 @@ class Config:
     pipeline_defaults: PipelineConfig = field(default_factory=PipelineConfig)
     #: Raw pipeline tables, merged over pipeline_defaults by `pipeline_config`.
     pipelines: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: OpenTelemetry traces (appliance/tracing/config.py); off by default.
+    tracing: TracingConfig = field(default_factory=lambda: TracingConfig())
 
     def task_config(self, name: str) -> TaskConfig:
         """The settings of one task, checked (names, weights, template fields)."""
@@ -807,8 +809,11 @@ def _check_value(tp: Any, value: Any, where: str) -> Any:
     if origin is dict or tp is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where} = {value!r}: must be a table")
+        strings = get_args(tp)[1:] == (str,)  # dict[str, str]: a table of strings
         for key, sub in value.items():
-            if not isinstance(sub, Mapping):
+            if strings and not isinstance(sub, str):
+                raise ConfigError(f"{where}.{key} = {sub!r}: must be a string")
+            if not strings and not isinstance(sub, Mapping):
                 raise ConfigError(f"{where}.{key} = {sub!r}: must be a table")
         return dict(value)
     if origin in (typing.Union, types.UnionType):  # pragma: no cover - not used yet
@@ -926,3 +931,4 @@ def load_config(
 
 # The guards' section lives beside their code and uses the constraint helpers above.
 from .guards.config import GuardsConfig  # noqa: E402
+from .tracing.config import TracingConfig  # noqa: E402

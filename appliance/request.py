@@ -9,6 +9,11 @@ errors to its statuses. Everything else is done here, once, in the same order fo
     begin (id, trace) -> admit -> deadline, priority, sticky key -> router -> finish (account)
 
 Accounting is one call, `finish`: the per-protocol response counters and the access log line.
+
+Traces (appliance/tracing/): when tracing is on, `infer`/`generate`/`embed` decide whether the
+request is traced (the client's traceparent, the sampling ratio, the model's trace setting) and
+open its span from `begin`'s time; `finish` ends it; `reply_traceparent` is what the front's
+answer carries back. A front gets its spans by passing `traceparent`/`tracestate` to `begin`.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+from . import tracing
 from .codec import InferRequest, InferResponse, shorten_deadline, timeout_ms
 from .engine import LoadedModel
 from .errors import ApplianceError, InvalidInput, Overloaded
@@ -34,6 +40,9 @@ from .llm import EmbeddingResult, Generation, GenerationResult
 from .logs import request_id, trace_id
 from .metrics import Metrics
 from .routing import Router, Served
+
+if TYPE_CHECKING:
+    from .tracing.otel import Tracer
 
 log = logging.getLogger("appliance.request")
 access = logging.getLogger("appliance.access")
@@ -119,6 +128,13 @@ class Request:
     #: Which model answered (filled in by the router).
     served: Served = field(default_factory=Served)
     status: int = 0
+    #: The W3C trace context as it arrived (checked: `trace_id` is None when it is malformed).
+    traceparent: str | None = None
+    tracestate: str | None = None
+    #: The request's span while it is traced (appliance/tracing/), else None.
+    span: Any = None
+    #: Whether it is traced, once that is decided (None: not yet).
+    sampled: bool | None = None
 
     def bound(self) -> _Bound:
         """The request and trace ids in the logging context while this request is worked on."""
@@ -128,16 +144,20 @@ class Request:
 class _Bound:
     """Request.bound's context manager (a class: a generator-based one costs 2 µs a request)."""
 
-    __slots__ = ("_req", "_rid", "_tid")
+    __slots__ = ("_req", "_rid", "_sid", "_tid")
 
     def __init__(self, req: Request) -> None:
         self._req = req
 
     def __enter__(self) -> None:
-        self._rid = request_id.set(self._req.id)
-        self._tid = trace_id.set(self._req.trace_id)
+        req = self._req
+        self._rid = request_id.set(req.id)
+        self._tid = trace_id.set(req.trace_id)
+        self._sid = tracing.current.set(req.span) if req.span is not None else None
 
     def __exit__(self, *exc: object) -> None:
+        if self._sid is not None:
+            tracing.current.reset(self._sid)
         trace_id.reset(self._tid)
         request_id.reset(self._rid)
 
@@ -157,6 +177,8 @@ class RequestPath:
         self.guards = guards
         if guards is not None:
             metrics.collectors.append(guards.counters.collect)
+        #: The process's tracer (appliance/tracing/) when tracing is on, else None.
+        self.tracer: Tracer | None = tracing.tracer
 
     def begin(
         self,
@@ -167,6 +189,7 @@ class RequestPath:
         *,
         request_id: str | None = None,
         traceparent: str | None = None,
+        tracestate: str | None = None,
         remote: str | None = None,
         meta: Mapping[str, str] | None = None,
         timeout_ms: str | None = None,
@@ -198,6 +221,11 @@ class RequestPath:
             accept,
             format,
             format_name,
+            JSON,
+            Served(),
+            0,
+            traceparent,
+            tracestate,
         )
 
     # -- stages ------------------------------------------------------------------------------
@@ -227,6 +255,8 @@ class RequestPath:
             shorten_deadline(body, timeout_ms(req.timeout_ms, req.timeout_name))
         if "format" in body.parameters or req.format_asked is not None or not is_plain(req.accept):
             self._format(req, name, version, body)
+        if self.tracer is not None:
+            self.trace(req, name, version)
         router = self.router
         if not body.priority and (req.priority is not None or router.tasks):
             body.priority = self._priority(req, name)
@@ -234,8 +264,12 @@ class RequestPath:
         guards = self.guards.get(name) if self.guards is not None else None
         with req.bound():
             if guards is None:
-                return await router.infer(name, version, body, key)
-            return await self._guarded_infer(guards, name, version, body, key)
+                response = await router.infer(name, version, body, key)
+            else:
+                response = await self._guarded_infer(guards, name, version, body, key)
+        if req.span is not None:
+            req.served.model, req.served.version = response.model_name, response.model_version
+        return response
 
     async def _guarded_infer(
         self, guards: Guards, name: str, version: str | None, body: InferRequest, key: str | None
@@ -306,6 +340,8 @@ class RequestPath:
         piece too) is checked and masked before it leaves."""
         gen.priority = self._priority(req, name)
         key = self._key(req, name, parameters)
+        if self.tracer is not None:
+            self.trace(req, name)
         guards = self.guards.get(name) if self.guards is not None else None
         with req.bound():
             if guards is None:
@@ -368,12 +404,67 @@ class RequestPath:
     ) -> tuple[LoadedModel, EmbeddingResult]:
         key = self._key(req, name, parameters)
         priority = self._priority(req, name)
+        if self.tracer is not None:
+            self.trace(req, name)
         with req.bound():
             return await self.router.embed(name, texts, key, req.served, priority)
 
+    # -- traces ------------------------------------------------------------------------------
+    def carry(self, req: Request, traceparent: Any, tracestate: Any = None) -> None:
+        """A trace context found in the body (the JSON fields of an MQTT 3.1.1 request) for a
+        request whose wire had none."""
+        if req.traceparent is None and isinstance(traceparent, str):
+            req.traceparent = traceparent
+            req.trace_id = trace_of(traceparent)
+            req.tracestate = tracestate if isinstance(tracestate, str) else None
+
+    def trace(self, req: Request, name: str | None, version: str | None = None) -> None:
+        """Open the request's span (dated from `begin`) if it is to be traced: decided once,
+        when the model is known (its trace setting counts), or when the request fails before."""
+        tracer = self.tracer
+        if tracer is None or req.sampled is not None:
+            return
+        parent = req.traceparent if req.trace_id is not None else None
+        req.sampled = tracer.decide(name, parent)
+        if not req.sampled:
+            return
+        attributes: dict[str, str | int | float | bool] = {
+            "appliance.request_id": req.id,
+            "appliance.protocol": req.protocol,
+        }
+        if name is not None:
+            attributes["appliance.model.requested"] = name
+        if version is not None:
+            attributes["appliance.model.requested_version"] = version
+        if req.protocol == "mqtt":
+            attributes["messaging.system"] = "mqtt"
+            attributes["messaging.operation.type"] = "process"
+            attributes["messaging.destination.name"] = req.path
+        elif req.protocol == "http":
+            attributes["http.request.method"] = req.method
+            attributes["http.route"] = req.route
+            attributes["url.path"] = req.path
+        if req.remote:
+            attributes["client.address"] = req.remote
+        # HTTP headers (the fast path's are lower-cased) and MQTT 5 user properties
+        state = req.tracestate if req.tracestate is not None else req.meta.get("tracestate")
+        req.span = tracer.server(f"{req.method} {req.route}", req.start, parent, state, attributes)
+        if req.trace_id is None:  # the logs name the trace the request started
+            req.trace_id = tracer.trace_id(req.span)
+
+    def reply_traceparent(self, req: Request) -> str | None:
+        """The traceparent a traced request's answer carries back (its own span), else None."""
+        if req.span is None or self.tracer is None:
+            return None
+        return self.tracer.traceparent(req.span)
+
     # -- the end -----------------------------------------------------------------------------
     def failed(self, req: Request, exc: ApplianceError) -> int:
-        """A request that ended in an error: logged if it is the server's fault; its status."""
+        """A request that ended in an error: logged if it is the server's fault; its status.
+        Traced as any request when tracing is on (the fronts call this before answering, so
+        the answer carries the trace context back)."""
+        if self.tracer is not None:
+            self.trace(req, None)
         if worth_logging(exc):
             with req.bound():
                 log.warning("%s %s: %s", req.method, req.path, exc.message)
@@ -398,6 +489,21 @@ class RequestPath:
             self.metrics.mqtt_message(status, answered)
         if self.access_log:
             asyncio.get_running_loop().call_soon(log_access, req, time.perf_counter() - req.start)
+        if req.span is not None and self.tracer is not None:
+            self._end_span(self.tracer, req, status)
+
+    def _end_span(self, tracer: Tracer, req: Request, status: int) -> None:
+        attributes: dict[str, str | int | float | bool] = {"appliance.status": status}
+        if req.protocol == "http":
+            attributes["http.response.status_code"] = status
+        served = req.served
+        if served.model:
+            attributes["appliance.model.name"] = served.model
+            attributes["appliance.model.version"] = served.version
+        if served.task is not None:
+            attributes["appliance.task"] = served.task
+        tracer.finish(req.span, status, time.perf_counter(), attributes)
+        req.span = None
 
 
 def _texts(array: Any) -> list[str]:

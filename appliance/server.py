@@ -10,10 +10,11 @@ import signal
 import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from . import plugins, systemd
+from . import plugins, systemd, tracing
 from .api.http import HttpSettings, build_app
 from .api.http_server import run as run_http
 from .api.ws import WsSettings
@@ -29,6 +30,9 @@ from .registry import Registry, check_name
 from .request import RequestPath
 from .routing import Router
 from .tensors import Signature
+
+if TYPE_CHECKING:
+    from .tracing.otel import Tracer
 
 log = logging.getLogger("appliance.server")
 
@@ -78,6 +82,7 @@ def build(
     """The app; with `store`, it can switch versions at run time (repository API, SIGHUP)."""
     plugins.use_dirs(config.plugins.dirs)  # before any model loads: they may need a plugin
     metrics = Metrics()
+    tracer = start_tracing(config)
     cache_dir = Path(config.store.path) / ".cache"
     # Stored pipelines are versions like models, but the pipelines layer serves them.
     models = [s for s in sources if s.manifest.backend != PIPELINE]
@@ -96,6 +101,8 @@ def build(
         ws=WsSettings(**dataclasses.asdict(config.websocket)),
     )
     app = build_app(paths, metrics, settings, store)
+    if tracer is not None:
+        app.cleanup_ctx.append(_tracing_ctx)
     if store is not None:
         app.cleanup_ctx.append(_reload_on_hangup)
     # After build_app: readiness waits on the loader that build_app's engine context starts.
@@ -109,6 +116,29 @@ def build(
             raise ConfigError("hub.url: fleet sync needs a model store, not --model FILE")
         _add_sync(app, config, engine, metrics, store)
     return app
+
+
+def start_tracing(config: Config) -> Tracer | None:
+    """The process's tracer when [tracing] is on (the `otel` extra, imported only then)."""
+    if not config.tracing.enabled:
+        return None
+    try:
+        from .tracing.otel import Tracer
+    except ImportError as exc:
+        raise ConfigError(
+            f"tracing.enabled needs the otel extra (pip install 'appliance[otel]'): {exc}"
+        ) from None
+    tracer = Tracer(config.tracing, config.mqtt.device_id or config.hub.device_id)
+    tracing.use(tracer)
+    return tracer
+
+
+async def _tracing_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Spans still queued are exported at shutdown (bounded by the export timeout)."""
+    yield
+    tracer = tracing.use(None)
+    if tracer is not None:
+        await asyncio.to_thread(tracer.shutdown)
 
 
 def _add_sync(

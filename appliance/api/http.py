@@ -36,6 +36,7 @@ from ..registry import PIPELINE, Registry, check_name
 from ..request import Request, RequestPath
 from ..routing import Router
 from . import generate as oip_generate
+from . import trace_settings
 from .images import image_request, text_parameters
 from .openai import add_routes as add_openai_routes
 from .openai import openai_error
@@ -184,6 +185,8 @@ async def middleware(
             paths.crashed(req)
             response = error_response(InferenceFailed("internal server error"), openai)
     response.headers["X-Request-Id"] = req.id
+    if req.span is not None:
+        response.headers["traceparent"] = paths.reply_traceparent(req) or ""
     paths.finish(req, response.status)
     done = getattr(request.transport, "request_done", None)
     if done is not None:  # handed over by api/http_server.py: tell it when the answer is out
@@ -401,6 +404,11 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     await engine.stop()
 
 
+async def trace_setting(request: web.Request) -> web.Response:
+    """Triton's trace setting API (api/trace_settings.py)."""
+    return json_response(await trace_settings.trace_setting(request, request.app[PATH]))
+
+
 HANDLERS: dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]] = {
     "live": live,
     "ready": ready,
@@ -412,6 +420,7 @@ HANDLERS: dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]] = {
     "repository_load": repository_load,
     "repository_unload": repository_unload,
     "metrics": metrics,
+    "trace_setting": trace_setting,
 }
 
 

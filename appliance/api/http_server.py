@@ -448,6 +448,8 @@ class Connection(asyncio.Protocol):
             paths.crashed(req)
             self._error(head, req, InferenceFailed("internal server error"))
         else:
+            if req.span is not None:
+                extra["traceparent"] = paths.reply_traceparent(req) or ""
             self._write(200, payload, ctype.encode(), extra, req.id, head.close)
             paths.finish(req, 200)
         self._finished(head.close)
@@ -455,6 +457,8 @@ class Connection(asyncio.Protocol):
     def _error(self, head: _Head, req: Request, exc: ApplianceError) -> None:
         status = self.server.paths.failed(req, exc)
         body, extra = error_parts(exc)
+        if req.span is not None:
+            extra = {**(extra or {}), "traceparent": self.server.paths.reply_traceparent(req) or ""}
         self._write(status, body, _JSON, extra, req.id, head.close or status == 413)
         self.server.paths.finish(req, status)
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import random
@@ -470,7 +471,13 @@ class MqttService:
                 raw = route.raw or m.content_type == RAW or _is_image(m.content_type)
                 if not raw and not m.response_topic:
                     with contextlib.suppress(orjson.JSONDecodeError):
-                        address = self._reply_address(m, orjson.loads(m.payload))
+                        envelope = orjson.loads(m.payload)
+                        address = self._reply_address(m, envelope)
+                        if isinstance(envelope, dict) and paths.tracer is not None:
+                            # MQTT 3.1.1: the trace context is a field of the JSON request
+                            paths.carry(
+                                req, envelope.get("traceparent"), envelope.get("tracestate")
+                            )
                 if raw:
                     request = raw_request(paths.router, route, m.payload, m.content_type)
                     # Other user properties (trace ids...) are the client's own business.
@@ -486,12 +493,20 @@ class MqttService:
                 if request.outputs is not None:
                     request.outputs = dict.fromkeys(request.outputs, False)
                 response = await paths.infer(req, route.model, route.version, request)
+                if req.span is not None and not self.v5:  # no user properties to carry it
+                    response = dataclasses.replace(
+                        response,
+                        parameters={
+                            **(response.parameters or {}),
+                            "traceparent": paths.reply_traceparent(req),
+                        },
+                    )
                 content_type = JSON
                 if req.format == JSON_FORMAT:
                     body, _ = encode_response(response, request)
                 else:
                     body, content_type = await paths.encode(req, response, request)
-                self._publish(address, body, m.correlation, 200, req.id, content_type)
+                self._publish(address, body, m.correlation, 200, req, content_type)
             except ApplianceError as exc:
                 status = paths.failed(req, exc)
                 self._reply_error(m, req, address, exc)
@@ -522,10 +537,12 @@ class MqttService:
         body: dict[str, Any] = {"error": exc.message, "status": exc.status}
         if address[1] is not None:
             body["id"] = address[1]
-        self._publish(address, orjson.dumps(body), m.correlation, exc.status, req.id)
+        if req.span is not None and not self.v5:
+            body["traceparent"] = self.paths.reply_traceparent(req)
+        self._publish(address, orjson.dumps(body), m.correlation, exc.status, req)
 
     def _publish(self, address: tuple[str | None, str | None], body: bytes,
-                 correlation: bytes | None, status: int, rid: str,
+                 correlation: bytes | None, status: int, req: Request,
                  content_type: str = JSON) -> None:  # fmt: skip
         topic, _ = address
         if not topic:
@@ -539,7 +556,10 @@ class MqttService:
             props.ContentType = content_type
             # the request id: the client's own (a `request-id` user property) or a new one,
             # as HTTP's X-Request-Id; it names the request in the appliance's logs
-            props.UserProperty = [("status", str(status)), (REQUEST_ID_PROPERTY, rid)]
+            user = [("status", str(status)), (REQUEST_ID_PROPERTY, req.id)]
+            if req.span is not None:  # the request's span, for the client's trace
+                user.append(("traceparent", self.paths.reply_traceparent(req) or ""))
+            props.UserProperty = user
             if correlation is not None:
                 props.CorrelationData = correlation
         try:

@@ -51,6 +51,12 @@ KSERVE: tuple[Route, ...] = (
     Route("POST", "/v2/repository/models/{name}/load", "repository_load"),
     Route("POST", "/v2/repository/models/{name}/unload", "repository_unload"),
     Route("GET", "/metrics", "metrics"),
+    # Triton's trace setting API (api/trace_settings.py)
+    *(
+        Route(method, path, "trace_setting")
+        for path in ("/v2/trace/setting", _MODEL + "/trace/setting")
+        for method in ("GET", "POST")
+    ),
 )
 
 #: Routes that need no bearer token (health checks of orchestrators and load balancers).

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from .. import tracing
 from ..backends.base import Backend, LoadContext
 from ..codec import InferRequest, InferResponse
 from ..config import Config, ModelConfig
@@ -30,7 +31,7 @@ from ..registry import Registry
 from ..steps.chain import Chain, build_chain
 from ..tensors import Signature
 from .batching import policy_for
-from .scheduler import ModelRunner, lower_priority
+from .scheduler import ModelRunner, Timing, lower_priority
 from .validation import validate
 
 log = logging.getLogger("appliance.engine")
@@ -421,9 +422,11 @@ class Engine:
             timeout = model.config.timeout_s
             if request.timeout_s is not None:
                 timeout = min(timeout, request.timeout_s)
-            result, _timing = await runner.run(
+            result, timing = await runner.run(
                 request.inputs, outputs, timeout, request.priority, inline
             )
+            if tracing.tracer is not None:
+                _trace_run(model, timing)
             if chain is not None:
                 result = await chain.finish(request, result, plan)
         except ApplianceError as exc:
@@ -474,7 +477,14 @@ class Engine:
             raise
         cancelled = getattr(result, "finish_reason", None) == "cancelled"
         metrics.outcomes["cancelled" if cancelled else "success"] += 1
-        metrics.total.observe(time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        metrics.total.observe(t1 - t0)
+        if tracing.tracer is not None:  # a generation or embedding: its wait and run together
+            attributes = {
+                "appliance.model.name": model.name,
+                "appliance.model.version": model.version,
+            }
+            tracing.record("run", t0, t1, attributes)
         return result
 
     async def generate_on(
@@ -531,3 +541,19 @@ class Engine:
         params["formats"] = formats_available(model.templates)
         meta["parameters"] = params
         return meta
+
+
+def _trace_run(model: LoadedModel, timing: Timing) -> None:
+    """The `queue` and `compute` spans of a traced request (nothing for one that is not)."""
+    if tracing.current.get() is None:
+        return
+    attributes = {"appliance.model.name": model.name, "appliance.model.version": model.version}
+    started = timing.start + timing.queue_s
+    if not timing.inline:
+        tracing.record("queue", timing.start, started, attributes)
+    tracing.record(
+        "compute",
+        started,
+        started + timing.compute_s,
+        {**attributes, "appliance.batch_size": timing.batch, "appliance.inline": timing.inline},
+    )

@@ -65,6 +65,8 @@ class Timing:
     inline: bool = False
     #: Requests that shared the runtime call.
     batch: int = 1
+    #: When it was queued (time.perf_counter): the queue wait and the run follow (traces).
+    start: float = 0.0
 
 
 class _Job:
@@ -280,7 +282,7 @@ class ModelRunner:
         job = self._submit(inputs, outputs, timeout_s, nbytes, None, priority)
         result: Arrays = await job.future
         return result, Timing(
-            job.started - job.enqueued, job.finished - job.started, False, job.batch
+            job.started - job.enqueued, job.finished - job.started, False, job.batch, job.enqueued
         )
 
     async def call(
@@ -356,7 +358,7 @@ class ModelRunner:
             elapsed = time.perf_counter() - start
             stats.compute.observe(elapsed)
             self._learn(elapsed, nbytes)
-        return result, Timing(0.0, elapsed, inline=True)
+        return result, Timing(0.0, elapsed, True, 1, start)
 
     def _expire(self, job: _Job, timeout_s: float) -> None:
         job.cancelled = True

@@ -171,8 +171,39 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"appliance hub: listening on {args.host} over plain HTTP: put TLS in front",
             file=sys.stderr,
         )
-    serve(hub, args.host, args.port, args.refresh_interval)
+    tracer = _tracer(args)
+    try:
+        serve(hub, args.host, args.port, args.refresh_interval)
+    finally:
+        if tracer is not None:
+            tracer.shutdown()
     return 0
+
+
+def _tracer(args: argparse.Namespace) -> Any:
+    """With --trace-endpoint: a span per hub request (under the device's sync spans, whose
+    traceparent it sends), exported like the appliance's own ([tracing], the otel extra)."""
+    if not args.trace_endpoint:
+        return None
+    from .. import tracing
+    from ..config import _build
+    from ..tracing.config import TracingConfig
+
+    config = _build(
+        TracingConfig,
+        {"enabled": True, "endpoint": args.trace_endpoint, "sampling_ratio": args.trace_ratio,
+         "service_name": "appliance-hub"},
+        "hub serve: trace",
+    )  # fmt: skip
+    try:
+        from ..tracing.otel import Tracer
+    except ImportError as exc:
+        raise ConfigError(
+            f"--trace-endpoint needs the otel extra (pip install 'appliance[otel]'): {exc}"
+        ) from None
+    tracer = Tracer(config)
+    tracing.use(tracer)
+    return tracer
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
@@ -428,6 +459,16 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     p.add_argument("--refresh-interval", type=float, help="seconds between metadata expiry checks")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--trace-endpoint",
+        help="OTLP/HTTP traces endpoint: a span per request (default: no tracing)",
+    )
+    p.add_argument(
+        "--trace-ratio",
+        type=float,
+        default=0.001,
+        help="share of requests traced that carry no sampled traceparent (default 0.001)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = hsub.add_parser("enroll", help="enrol a device; prints its token once")

@@ -27,6 +27,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from .. import tracing
 from ..errors import ApplianceError, InvalidInput, NotFound, PayloadTooLarge, Unauthorized
 from .errors import Forbidden
 from .repository import utcnow
@@ -93,6 +94,21 @@ async def _authorize(request: web.Request) -> None:
 
 @web.middleware
 async def middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    if tracing.tracer is None:
+        return await _answer(request, handler)
+    # a span per hub request while a tracer runs in this process, under the device's poll
+    route = request.match_info.route.resource
+    name = f"{request.method} {route.canonical if route is not None else 'unmatched'}"
+    with tracing.server(name, request.headers, {"url.path": request.path}) as span:
+        response = await _answer(request, handler)
+        if span is not None:
+            span.set_attribute("http.response.status_code", response.status)
+        return response
+
+
+async def _answer(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     try:

@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .. import tracing
 from ..backends.base import Quantization
 from ..codec import InferRequest
 from ..config import ModelConfig
@@ -70,8 +71,7 @@ class Bound:
         try:
             return await asyncio.to_thread(run_step, self.step, tensors, call, self.where)
         finally:
-            if self.hist is not None:
-                self.hist.observe(time.perf_counter() - t0)
+            self._timed(t0)
 
     def run_here(self, tensors: Mapping[str, Array], call: StepCall) -> Arrays:
         """Run a step that does not block, on this thread, timed."""
@@ -79,8 +79,16 @@ class Bound:
         try:
             return run_step(self.step, tensors, call, self.where)
         finally:
-            if self.hist is not None:
-                self.hist.observe(time.perf_counter() - t0)
+            self._timed(t0)
+
+    def _timed(self, t0: float) -> None:
+        """Into the step's histogram, and a `step {label}` span when the request is traced."""
+        t1 = time.perf_counter()
+        if self.hist is not None:
+            self.hist.observe(t1 - t0)
+        if tracing.tracer is not None:
+            attributes = {"appliance.step.type": self.step.type, "appliance.step.where": self.where}
+            tracing.record(f"step {self.label}", t0, t1, attributes)
 
     def describe(self) -> dict[str, Any]:
         out = self.step.describe()

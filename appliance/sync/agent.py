@@ -33,6 +33,7 @@ import orjson
 from tuf.api._payload import TargetFile  # what tuf.api.metadata re-exports
 from tuf.ngclient.updater import Updater
 
+from .. import tracing
 from ..codec import InferRequest, decode_request
 from ..config import Config
 from ..engine import Engine, LoadedModel, ModelSource
@@ -253,7 +254,12 @@ class SyncAgent:
             await asyncio.sleep(self.hub.poll_interval_s * random.uniform(1 - jitter, 1 + jitter))  # noqa: S311
 
     async def cycle(self) -> None:
-        """One poll: fetch assignments, bring every assigned model to its version."""
+        """One poll: fetch assignments, bring every assigned model to its version (a
+        `sync.poll` span when tracing is on; the hub's spans join it)."""
+        with tracing.span("sync.poll", {"appliance.hub.url": self.config.hub.url}):
+            await self._cycle()
+
+    async def _cycle(self) -> None:
         self.last_check = time.time()
         await self._check_watches()
         try:
@@ -276,7 +282,8 @@ class SyncAgent:
             return
         self.state = "checking"
         try:
-            updater = await asyncio.to_thread(self.tuf.refresh)
+            with tracing.span("sync.verify", {"appliance.sync.what": "metadata"}):
+                updater = await asyncio.to_thread(self.tuf.refresh)
         except Expired as exc:
             self.state = "expired"
             if self.tuf_state != "expired":
@@ -385,7 +392,8 @@ class SyncAgent:
             if done >= total:
                 self.state = "verifying"
 
-        path = await asyncio.to_thread(self.tuf.download, info, on_progress)
+        with tracing.span("sync.download", _attributes(a)):
+            path = await asyncio.to_thread(self.tuf.download, info, on_progress)
         self.state = "storing"
         manifest = custom["manifest"]
         backend = custom.get("backend")
@@ -432,7 +440,8 @@ class SyncAgent:
             await self._acceptance(model, acceptance)
 
         try:
-            await self.engine.activate(source, check)
+            with tracing.span("sync.activate", _attributes(a)):
+                await self.engine.activate(source, check)
         except (ApplianceError, AcceptanceFailed) as exc:
             reason = exc.message if isinstance(exc, ApplianceError) else str(exc)
             await self._version_failed(a, sha, stage, reason, previous)
@@ -673,6 +682,10 @@ class SyncAgent:
         for p in directory.iterdir():
             if p.name.split(".", 1)[0] not in wanted:
                 p.unlink(missing_ok=True)
+
+
+def _attributes(a: Assignment) -> dict[str, str]:
+    return {"appliance.model.name": a.name, "appliance.model.version": a.version}
 
 
 def _remove_tree(path: Path) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from .. import tracing
 from ..errors import ModelError
 from ..registry import check_name
 from .tuf_client import Refused, Unreachable
@@ -68,6 +69,7 @@ class HubClient:
         """The current assignments and whether they changed since the last call (a 304 costs
         the hub one ETag comparison and sends no body)."""
         headers = {"If-None-Match": self._etag} if self._etag else {}
+        tracing.inject(headers)  # the hub's span joins the poll's trace
         url = f"{self.base_url}/api/v1/device/assignments"
         try:
             async with self._client().get(url, headers=headers) as r:
@@ -97,7 +99,7 @@ class HubClient:
             async with self._client().post(
                 url,
                 data=orjson.dumps({"events": events}),
-                headers={"Content-Type": "application/json"},
+                headers=tracing.injected({"Content-Type": "application/json"}),
             ) as r:
                 body = await r.read()
                 if r.status != 200:

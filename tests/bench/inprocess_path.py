@@ -1,7 +1,7 @@
 """CPU per request of the HTTP fast path, in-process, without sockets or a load generator.
 
     PYTHONPATH=. .venv/bin/python tests/bench/inprocess_path.py [--requests 3000] [--rounds 7]
-        [--isolation none|process|both]
+        [--isolation none|process|both] [--tracing off|all]
 
 Feeds a plain KServe v2 infer request for build/samples/sample.onnx to the front protocol's
 connection object (api/http_server.py) over a transport that discards what is written, and
@@ -10,6 +10,10 @@ request path, the codec, the engine and the runtime call, the access log record.
 client and no kernel in the loop it is steady enough to compare two trees side by side (run it
 alternately with PYTHONPATH set to each): differences of a few microseconds show, where HTTP
 round trips on a shared 2-core machine vary by tens.
+
+`--tracing all` runs the same loop with tracing off, on at a sampling ratio of 1/1000 and on at
+1/1, side by side (spans go to a minimal OTLP/HTTP endpoint in another process; the exporter's
+thread is not the loop's: the loop's cost of making the spans is what is measured).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import asyncio
 import logging
 import socket
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +39,23 @@ RAW = (
     b"POST /v2/models/sample/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
     b"Content-Length: %d\r\n\r\n" % len(BODY)
 ) + BODY
+
+
+_SINK = """
+import http.server
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *a):
+        pass
+s = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+print(s.server_address[1], flush=True)
+s.serve_forever()
+"""
 
 
 class NullTransport(asyncio.Transport):
@@ -60,13 +83,25 @@ class NullTransport(asyncio.Transport):
 
 
 async def measure(
-    model: Path, requests: int, rounds: int, isolation: str = "none"
+    model: Path, requests: int, rounds: int, isolation: str = "none", ratio: float | None = None
 ) -> tuple[float, float]:
-    """(event loop CPU, wall time) per request, in microseconds (medians of the rounds)."""
-    overrides = {
+    """(event loop CPU, wall time) per request, in microseconds (medians of the rounds);
+    `ratio`: tracing on at this sampling ratio (None: off)."""
+    overrides: dict[str, Any] = {
         "server": {"port": 0, "access_log": True},
         "model_defaults": {"isolation": isolation},
     }
+    sink = None
+    if ratio is not None:
+        # an OTLP endpoint in another process that answers every export with 200
+        sink = subprocess.Popen([sys.executable, "-c", _SINK], stdout=subprocess.PIPE, text=True)
+        assert sink.stdout is not None
+        port = int(sink.stdout.readline())
+        overrides["tracing"] = {
+            "enabled": True,
+            "sampling_ratio": ratio,
+            "endpoint": f"http://127.0.0.1:{port}/v1/traces",
+        }
     config = load_config(None, overrides, environ={})
     app = build(config, [source_from_file(model, "sample")])
     running = await open_server(app, socket.create_server(("127.0.0.1", 0)))
@@ -94,6 +129,9 @@ async def measure(
         return statistics.median(cpu), statistics.median(wall)
     finally:
         await running.close()
+        if sink is not None:
+            sink.kill()
+            sink.wait()
 
 
 def main() -> None:
@@ -108,6 +146,13 @@ def main() -> None:
         help="the model in-process, in a worker process, or both side by side (wall time per "
         "request then tells what isolation adds at c=1: the worker's CPU is not the loop's)",
     )
+    ap.add_argument(
+        "--tracing",
+        choices=["off", "all"],
+        default="off",
+        help="all: tracing off, on at 1/1000 and on at 1/1, side by side",
+    )
+    ap.add_argument("--repeat", type=int, default=1, help="run the three settings this often")
     args = ap.parse_args()
     access = logging.getLogger("appliance.access")  # records made, not written
     access.addHandler(logging.NullHandler())
@@ -121,9 +166,17 @@ def main() -> None:
     except ImportError:
         pass
     kinds = ["none", "process"] if args.isolation == "both" else [args.isolation]
+    ratios: list[float | None] = (
+        [None, 0.001, 1.0] * args.repeat if args.tracing == "all" else [None]
+    )
     for kind in kinds:
-        cpu, wall = asyncio.run(measure(args.model, args.requests, args.rounds, kind))
-        print(f"isolation {kind}: event loop CPU per request: {cpu:.1f} µs, wall {wall:.1f} µs")
+        for ratio in ratios:
+            cpu, wall = asyncio.run(measure(args.model, args.requests, args.rounds, kind, ratio))
+            what = "off" if ratio is None else f"on at {ratio:g}"
+            print(
+                f"isolation {kind}, tracing {what}: event loop CPU per request: {cpu:.1f} µs, "
+                f"wall {wall:.1f} µs"
+            )
 
 
 if __name__ == "__main__":

@@ -75,6 +75,8 @@ class Hub:
         self.proc: subprocess.Popen[str] | None = None
         self.port = 0
         self.lines: list[str] = []
+        #: More `hub serve` flags (tests/tracing: --trace-endpoint).
+        self.serve_args: list[str] = []
         self.cli("init")
         self.admin_token = (data / "admin.token").read_text().strip()
         self.root_file = data / "1.root.json"
@@ -99,7 +101,17 @@ class Hub:
     def start(self) -> None:
         """Serve (again on the same port after a stop, so devices find it where it was)."""
         self.proc = subprocess.Popen(
-            [*PY, "hub", "serve", "--data", str(self.data), "--port", str(self.port), *self.expiry],
+            [
+                *PY,
+                "hub",
+                "serve",
+                "--data",
+                str(self.data),
+                "--port",
+                str(self.port),
+                *self.expiry,
+                *self.serve_args,
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -245,7 +257,15 @@ class Proxy:
             k: v
             for k, v in request.headers.items()
             if k.lower()
-            in ("authorization", "range", "if-none-match", "content-type", "x-device-id")
+            in (
+                "authorization",
+                "range",
+                "if-none-match",
+                "content-type",
+                "x-device-id",
+                "traceparent",
+                "tracestate",
+            )
         }
         if any(re.search(p, request.path) for p in self.rewrite):
             headers.pop("If-None-Match", None)  # a rewritten body must not come back as a 304
