@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import tracing
 from ..codec import InferRequest
 from ..engine import Engine, LoadedModel
 from ..engine.validation import validate
@@ -235,7 +236,10 @@ class Run:
             value = outputs.get(own)
             if value is not None:
                 env[key] = value
-        fast.timer.observe(time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        fast.timer.observe(t1 - t0)
+        if tracing.tracer is not None:
+            _span(self.plan, bound, t0, t1)
 
     # -- scheduling ------------------------------------------------------------------------
     async def _units(
@@ -351,7 +355,10 @@ class Run:
                 return
             raise err from None
         finally:
-            self.plan.timers[node.name].observe(time.perf_counter() - t0)
+            t1 = time.perf_counter()
+            self.plan.timers[node.name].observe(t1 - t0)
+            if tracing.tracer is not None:
+                _span(self.plan, bound, t0, t1, row)
         for own, graph_name in node.renames.items():
             if own in outputs:
                 outputs[graph_name] = outputs.pop(own)
@@ -490,6 +497,16 @@ class Run:
         return None
 
 
+def _span(plan: Plan, bound: BoundNode, t0: float, t1: float, row: int | None = None) -> None:
+    """A pipeline node's span in the request's trace (only when traced)."""
+    attrs: dict[str, Any] = {"appliance.pipeline": plan.name, "appliance.node": bound.node.name}
+    if bound.node.model is not None:
+        attrs["appliance.model"] = bound.node.model
+    if row is not None:
+        attrs["appliance.row"] = row
+    tracing.record(f"node {bound.node.name}", t0, t1, attrs)
+
+
 def _mergeable(model: LoadedModel) -> bool:
     """Whether rows sent to `model` may be merged into one request: its batcher would merge
     them too (every input and output has a dynamic first dimension), and it declares no
@@ -572,5 +589,7 @@ async def execute(
                 env[key] = value
         t1 = perf()
         fast.timer.observe(t1 - t0)
+        if tracing.tracer is not None:
+            _span(plan, bound, t0, t1)
         t0 = t1
     return {name: env[key] for name, key in plan.out_keys if key in env}
