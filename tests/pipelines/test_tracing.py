@@ -32,7 +32,7 @@ async def test_each_node_is_a_span_of_the_request(serve, receiver, tmp_path: Pat
             f"/v2/models/{name}/infer", json=body(x), headers={"traceparent": SAMPLED}
         )
         assert r.status == 200, await r.text()
-    (request, _) = await receiver.wait_for(2, "POST /v2/models/{name}/infer")
+    await receiver.wait_for(2, "POST /v2/models/{name}/infer")
     chain = [s for s in receiver.spans if s.attributes.get("appliance.pipeline") == "chain"]
     assert sorted(s.name for s in chain) == ["node a", "node b"]
     assert {s.attributes["appliance.model"] for s in chain} == {"double", "addone"}
