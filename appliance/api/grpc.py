@@ -66,6 +66,16 @@ _DATA_TYPES = {
 M = TypeVar("M", bound=Message)
 
 
+def _trailer(paths: RequestPath, req: Request) -> list[tuple[str, str]]:
+    """What an answer's trailing metadata carries back: the request id, and a traced
+    request's traceparent (its own span)."""
+    out = [("x-request-id", req.id)]
+    parent = paths.reply_traceparent(req)
+    if parent is not None:
+        out.append(("traceparent", parent))
+    return out
+
+
 def code_of(status: int) -> grpc.StatusCode:
     """The one status mapping of this front: an error's HTTP status as a gRPC code."""
     code = _CODES.get(status)
@@ -146,6 +156,7 @@ class GrpcService:
             "grpc", "RPC", rpc, rpc,
             request_id=meta.get("x-request-id"),
             traceparent=meta.get("traceparent"),
+            tracestate=meta.get("tracestate"),
             remote=context.peer(),
             meta=meta,
             timeout_ms=meta.get(_TIMEOUT),
@@ -184,11 +195,11 @@ class GrpcService:
                 paths.crashed(req)
                 error = InferenceFailed("internal server error")
             else:
-                context.set_trailing_metadata((("x-request-id", req.id),))
+                context.set_trailing_metadata(_trailer(paths, req))
                 paths.finish(req, 200)
                 return out
             paths.finish(req, error.status)
-            trailer = [("x-request-id", req.id)]
+            trailer = _trailer(paths, req)
             if error.retry_after is not None:
                 trailer.append(("retry-after", str(max(1, round(error.retry_after)))))
             await context.abort(code_of(error.status), error.message, tuple(trailer))
