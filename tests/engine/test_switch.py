@@ -163,6 +163,9 @@ def test_sighup_serves_the_stores_active_versions(tmp_path, samples):
             time.sleep(0.05)
         assert _served_version(server.url) == "2"
         assert server.proc.poll() is None
-        assert any("reload: sample/2" in line for line in server.lines)
+        # the log line comes once the reload is done, and is read by another thread
+        while not any("reload: sample/2" in line for line in server.lines):
+            assert time.monotonic() < deadline, server.lines[-20:]
+            time.sleep(0.05)
     finally:
         assert stop_server_process(server) == 0
