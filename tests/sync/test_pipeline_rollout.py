@@ -1,0 +1,120 @@
+"""A pipeline published on a real hub is rolled out like a model: TUF-verified, stored as a
+version, bound to the models the device serves, switched to with no gap; one that does not
+bind (a model the device does not serve) is refused and the serving version goes on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tests.sync.conftest import (
+    SAMPLE_INPUT,
+    Fleet,
+    http_json,
+    kinds,
+    sync_status,
+    wait_for,
+)
+
+LABELS = ["setosa", "versicolor", "virginica"]
+
+
+def _declaration(model: str, label: bool = False) -> dict[str, Any]:
+    nodes: list[dict[str, Any]] = [
+        {"name": "m", "model": model, "inputs": {"input": "request.x"}},
+    ]
+    outputs = [{"name": "probabilities", "source": "m.probabilities"}]
+    if label:
+        nodes.append({
+            "name": "best",
+            "step": {"type": "argmax_label", "labels": LABELS},
+            "inputs": {"logits": "m.probabilities"},
+        })  # fmt: skip
+        outputs.append({"name": "species", "source": "best.label"})
+    return {
+        "kind": "pipeline",
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
+        "nodes": nodes,
+        "outputs": outputs,
+    }
+
+
+def _write(tmp: Path, name: str, doc: dict[str, Any]) -> Path:
+    path = tmp / f"{name}.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def _infer(url: str) -> dict[str, Any]:
+    body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
+                        "data": SAMPLE_INPUT[0]}]}  # fmt: skip
+    return dict(http_json(f"http://{url}/v2/models/iris/infer", "POST", body))
+
+
+def _version(url: str) -> str | None:
+    meta = http_json(f"http://{url}/v2/models/iris")
+    ready = meta["parameters"]["status"] == "ready"
+    return str(meta["versions"][0]) if ready else None
+
+
+def test_a_pipeline_is_rolled_out_served_and_a_broken_one_refused(fleet: Fleet) -> None:
+    device = fleet.start_device("dev1", fleet.store("dev1"))
+    tmp = fleet.tmp
+
+    fleet.hub.publish("iris", _write(tmp, "v1", _declaration("sample")), "1")
+    fleet.hub.rollout("iris", "1", "dev1")
+    wait_for("pipeline version 1 serving", lambda: _version(device.url) == "1")
+    answer = _infer(device.url)
+    assert answer["model_name"] == "iris" and answer["model_version"] == "1"
+    assert [o["name"] for o in answer["outputs"]] == ["probabilities"]
+    wait_for(
+        "the hub to show the pipeline",
+        lambda: fleet.hub.device("dev1")["active"] == {"sample": "1", "iris": "1"},
+    )
+    stored = tmp / "store-dev1" / "iris"
+    assert (stored / "1" / "pipeline.json").is_file()
+    assert json.loads((stored / "1" / "manifest.json").read_text())["backend"] == "pipeline"
+
+    # A version naming a model this device does not serve: refused at bind, 1 serves on.
+    fleet.hub.publish("iris", _write(tmp, "v2", _declaration("nosuch")), "2")
+    fleet.hub.rollout("iris", "2", "dev1")
+    wait_for("version 2 refused", lambda: "iris/2" in sync_status(device)["rejected"])
+    assert _version(device.url) == "1"
+    assert _infer(device.url)["model_version"] == "1"
+    assert "nosuch" in sync_status(device)["rejected"]["iris/2"]
+    events = wait_for(
+        "the failure events", lambda: kinds(fleet.hub.events("dev1"), "update_failed")
+    )
+    assert events[0]["data"]["model"] == "iris" and events[0]["data"]["stage"] == "bind"
+    rolled = kinds(fleet.hub.events("dev1"), "rolled_back")
+    assert rolled and rolled[0]["data"]["to"] == "1"
+    assert (stored / "ACTIVE").read_text().split()[0] == "1"
+
+    # A good version 3 replaces 1: the new output is served.
+    fleet.hub.publish("iris", _write(tmp, "v3", _declaration("sample", label=True)), "3")
+    fleet.hub.rollout("iris", "3", "dev1")
+    wait_for("pipeline version 3 serving", lambda: _version(device.url) == "3")
+    answer = _infer(device.url)
+    out = {o["name"]: o["data"] for o in answer["outputs"]}
+    best = max(range(3), key=lambda i: out["probabilities"][i])
+    assert out["species"] == [LABELS[best]]
+
+    def activated() -> list[dict[str, Any]]:
+        events = kinds(fleet.hub.events("dev1"), "activated")
+        return [e for e in events if e["data"]["model"] == "iris"]
+
+    assert [e["data"]["version"] for e in wait_for("the activations", activated)] == ["1", "3"]
+    assert (stored / "ACTIVE").read_text().split() == ["3", "1"]
+
+
+def test_the_hub_refuses_a_broken_declaration(fleet: Fleet) -> None:
+    bad = _declaration("sample")
+    bad["nodes"] = [{"name": "m", "step": {"type": "no_such_step"}, "inputs": {"x": "request.x"}}]
+    path = _write(fleet.tmp, "bad", bad)
+    try:
+        fleet.hub.publish("iris", path, "1")
+    except AssertionError as exc:
+        assert "no_such_step" in str(exc)
+    else:
+        raise AssertionError("a broken declaration was published")
