@@ -68,6 +68,7 @@ def test_a_pipeline_is_rolled_out_served_and_a_broken_one_refused(fleet: Fleet) 
     answer = _infer(device.url)
     assert answer["model_name"] == "iris" and answer["model_version"] == "1"
     assert [o["name"] for o in answer["outputs"]] == ["probabilities"]
+    probabilities = answer["outputs"][0]["data"]
     wait_for(
         "the hub to show the pipeline",
         lambda: fleet.hub.device("dev1")["active"] == {"sample": "1", "iris": "1"},
@@ -91,10 +92,36 @@ def test_a_pipeline_is_rolled_out_served_and_a_broken_one_refused(fleet: Fleet) 
     assert rolled and rolled[0]["data"]["to"] == "1"
     assert (stored / "ACTIVE").read_text().split()[0] == "1"
 
-    # A good version 3 replaces 1: the new output is served.
-    fleet.hub.publish("iris", _write(tmp, "v3", _declaration("sample", label=True)), "3")
+    # Version 3 binds but answers its signed acceptance input wrongly: refused, 1 serves on.
+    def acceptance(name: str, expected: list[float]) -> str:
+        case = {
+            "inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
+                        "data": SAMPLE_INPUT[0]}],
+            "outputs": [{"name": "probabilities", "shape": [1, 3], "data": expected}],
+        }  # fmt: skip
+        path = tmp / f"{name}.acceptance.json"
+        path.write_text(json.dumps([case]))
+        return str(path)
+
+    wrong = [p + 0.5 for p in probabilities]
+    v3 = _write(tmp, "v3", _declaration("sample", label=True))
+    fleet.hub.publish("iris", v3, "3", "--acceptance", acceptance("wrong", wrong))
     fleet.hub.rollout("iris", "3", "dev1")
-    wait_for("pipeline version 3 serving", lambda: _version(device.url) == "3")
+    wait_for("version 3 refused", lambda: "iris/3" in sync_status(device)["rejected"])
+    assert "differs from the expected values" in sync_status(device)["rejected"]["iris/3"]
+    assert _version(device.url) == "1"
+    failed = wait_for(
+        "the acceptance failure",
+        lambda: [e for e in kinds(fleet.hub.events("dev1"), "update_failed")
+                 if e["data"]["version"] == "3"],
+    )  # fmt: skip
+    assert failed[0]["data"]["stage"] == "acceptance"
+
+    # Version 4 passes its acceptance input and replaces 1: the new output is served.
+    v4 = _write(tmp, "v4", _declaration("sample", label=True))
+    fleet.hub.publish("iris", v4, "4", "--acceptance", acceptance("right", probabilities))
+    fleet.hub.rollout("iris", "4", "dev1")
+    wait_for("pipeline version 4 serving", lambda: _version(device.url) == "4")
     answer = _infer(device.url)
     out = {o["name"]: o["data"] for o in answer["outputs"]}
     best = max(range(3), key=lambda i: out["probabilities"][i])
@@ -104,8 +131,8 @@ def test_a_pipeline_is_rolled_out_served_and_a_broken_one_refused(fleet: Fleet) 
         events = kinds(fleet.hub.events("dev1"), "activated")
         return [e for e in events if e["data"]["model"] == "iris"]
 
-    assert [e["data"]["version"] for e in wait_for("the activations", activated)] == ["1", "3"]
-    assert (stored / "ACTIVE").read_text().split() == ["3", "1"]
+    assert [e["data"]["version"] for e in wait_for("the activations", activated)] == ["1", "4"]
+    assert (stored / "ACTIVE").read_text().split() == ["4", "1"]
 
 
 def test_the_hub_refuses_a_broken_declaration(fleet: Fleet) -> None:
