@@ -497,6 +497,8 @@ class SyncAgent:
                     raise LoadFailed("this device serves no pipelines")
                 stage = "bind"
                 await self.pipelines.activate_checked(source, check_pipeline)
+            elif self.pipelines is not None and a.name in self.pipelines:
+                raise LoadFailed(f"a pipeline is called {a.name!r} on this device")
             else:
                 await self.engine.activate(source, check)
         except (ApplianceError, AcceptanceFailed, LoadFailed) as exc:
