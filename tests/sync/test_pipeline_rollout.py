@@ -5,6 +5,7 @@ bind (a model the device does not serve) is refused and the serving version goes
 from __future__ import annotations
 
 import json
+import urllib.error
 from pathlib import Path
 from typing import Any
 
@@ -145,3 +146,51 @@ def test_the_hub_refuses_a_broken_declaration(fleet: Fleet) -> None:
         assert "no_such_step" in str(exc)
     else:
         raise AssertionError("a broken declaration was published")
+
+
+def _picker(on_error: str) -> dict[str, Any]:
+    """The sample model on x, and field "q" of the JSON text t (a failure on a text that is
+    not JSON with "fail", no rows with "empty")."""
+    return {
+        "kind": "pipeline",
+        "inputs": [
+            {"name": "x", "datatype": "FP32", "shape": [-1, 4]},
+            {"name": "t", "datatype": "BYTES", "shape": [1]},
+        ],
+        "nodes": [
+            {"name": "m", "model": "sample", "inputs": {"input": "request.x"}},
+            {"name": "j", "step": {"type": "json_field", "path": "q", "on_error": on_error},
+             "inputs": {"text": "request.t"}},
+        ],
+        "outputs": [{"name": "p", "source": "m.probabilities"}, {"name": "q", "source": "j.value"}],
+    }  # fmt: skip
+
+
+def test_a_pipeline_version_that_fails_in_service_is_rolled_back(fleet: Fleet) -> None:
+    env = {"APPLIANCE_HUB__MIN_REQUESTS": "4", "APPLIANCE_HUB__ERROR_WINDOW_S": "120"}
+    device = fleet.start_device("dev1", fleet.store("dev1"), env)
+    fleet.hub.publish("iris", _write(fleet.tmp, "p1", _picker("empty")), "1")
+    fleet.hub.rollout("iris", "1", "dev1")
+    wait_for("pipeline version 1 serving", lambda: _version(device.url) == "1")
+    fleet.hub.publish("iris", _write(fleet.tmp, "p2", _picker("fail")), "2")
+    fleet.hub.rollout("iris", "2", "dev1")
+    wait_for("pipeline version 2 serving", lambda: _version(device.url) == "2")
+    body = {"inputs": [
+        {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": SAMPLE_INPUT[0]},
+        {"name": "t", "shape": [1], "datatype": "BYTES", "data": ["not json"]},
+    ]}  # fmt: skip
+    url = f"http://{device.url}/v2/models/iris/infer"
+    for _ in range(6):  # version 2 fails on these; version 1 answers with no q
+        try:
+            http_json(url, "POST", body)
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 500
+    wait_for("the rollback to version 1", lambda: _version(device.url) == "1")
+    answer = http_json(url, "POST", body)
+    assert answer["model_version"] == "1"
+    assert {o["name"]: o["shape"] for o in answer["outputs"]}["q"][0] == 0
+    status = sync_status(device)
+    assert "error rate" in status["rejected"]["iris/2"]
+    rolled = wait_for("the rollback event", lambda: kinds(fleet.hub.events("dev1"), "rolled_back"))
+    assert rolled[0]["data"]["from"] == "2" and rolled[0]["data"]["to"] == "1"
+    assert (fleet.tmp / "store-dev1" / "iris" / "ACTIVE").read_text().split()[0] == "1"
