@@ -114,7 +114,7 @@ def build(
     if config.hub.url:
         if store is None:
             raise ConfigError("hub.url: fleet sync needs a model store, not --model FILE")
-        _add_sync(app, config, engine, metrics, store)
+        _add_sync(app, config, engine, metrics, store, router)
     return app
 
 
@@ -142,7 +142,12 @@ async def _tracing_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def _add_sync(
-    app: web.Application, config: Config, engine: Engine, metrics: Metrics, store: Registry
+    app: web.Application,
+    config: Config,
+    engine: Engine,
+    metrics: Metrics,
+    store: Registry,
+    router: Router,
 ) -> None:
     """The hub sync agent runs beside serving; GET /v2/sync reports what it is doing."""
     from .api.http import LOADER, json_response
@@ -154,7 +159,8 @@ def _add_sync(
             f"hub.url needs the sync extra (pip install 'appliance[sync]'): {exc}"
         ) from None
 
-    agent = SyncAgent(config, engine, store, metrics)  # checks the token and root files now
+    # checks the token and root files now; stored pipelines are activated by their layer
+    agent = SyncAgent(config, engine, store, metrics, router.pipelines)
 
     async def status(request: web.Request) -> web.Response:
         return json_response(agent.status())

@@ -258,7 +258,9 @@ def _model_entry(model: LoadedModel) -> dict[str, Any]:
 
 
 def _text_models(router: Router) -> list[LoadedModel]:
-    return [m for m in router.engine.models() if isinstance(m.backend, TextModel)]
+    """Language and embedding models, and the pipelines that serve as one."""
+    models = [m for m in router.engine.models() if isinstance(m.backend, TextModel)]
+    return models + router.pipelines.text_models()
 
 
 def _text_tasks(router: Router) -> list[dict[str, Any]]:

@@ -237,12 +237,12 @@ def cmd_publish(args: argparse.Namespace) -> int:
         manifest = read_json_file(file.parent / "manifest.json", "manifest")
     backend = args.backend
     if backend is None:
-        from ..backends import detect_backend
+        from .service import detect
 
-        backend = detect_backend(file)
+        backend = detect(file)
     remote = _remote(args)
     if remote:
-        if manifest is None:
+        if manifest is None and backend != "pipeline":  # the hub checks a pipeline itself
             from .service import _inspect
 
             manifest = _inspect(file, backend)
@@ -483,7 +483,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("name")
     p.add_argument("file")
     p.add_argument("--version", required=True)
-    p.add_argument("--backend", choices=["onnx", "gguf", "tflite"], help="default: detected")
+    p.add_argument(
+        "--backend",
+        choices=["onnx", "gguf", "tflite", "pipeline"],
+        help="default: detected (a .json file is a pipeline declaration)",
+    )
     p.add_argument("--acceptance", help="JSON file: acceptance cases the device runs")
     p.add_argument(
         "--manifest", help="JSON file with inputs/outputs/parameters/pre/postprocess/steps"

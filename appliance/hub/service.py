@@ -42,7 +42,9 @@ log = logging.getLogger("appliance.hub")
 
 KIND_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-SUFFIXES = {"onnx": ".onnx", "gguf": ".gguf", "tflite": ".tflite"}
+SUFFIXES = {"onnx": ".onnx", "gguf": ".gguf", "tflite": ".tflite", "pipeline": ".json"}
+#: A pipeline version is its declaration (appliance/pipelines): target name/version/pipeline.json.
+PIPELINE, PIPELINE_FILE = "pipeline", "pipeline.json"
 MANIFEST_KEYS = ("inputs", "outputs", "parameters", "preprocess", "postprocess", "steps")
 ROLLOUT_STATES = ("active", "halted", "rolled_back")
 __all__ = ["Hub", "HubConfig", "decode_custom", "encode_custom", "init_hub"]
@@ -206,13 +208,9 @@ class Hub:
         the artifact store instead of copying it (an upload already spooled to a temp file)."""
         check_name(name, "model name")
         check_name(version, "version")
-        from ..backends import detect_backend
         from ..manifest import sha256_file
 
-        try:
-            backend = backend or detect_backend(source)
-        except ApplianceError as exc:
-            raise InvalidInput(exc.message) from None
+        backend = backend or detect(source)
         if backend not in SUFFIXES:
             raise InvalidInput(f"unknown backend {backend!r}: one of {', '.join(SUFFIXES)}")
         digest, length = sha256_file(source)
@@ -229,13 +227,15 @@ class Hub:
                 f"model {name!r} version {version!r} is already published with sha256 "
                 f"{existing.sha256[:12]}…; versions never change: publish a new version"
             )
-        if manifest is None:
+        if backend == PIPELINE:  # the declaration is checked here, whatever a client sent
+            manifest = inspect_pipeline(source, name)
+        elif manifest is None:
             manifest = _inspect(source, backend)
         if not isinstance(manifest, dict):
             raise InvalidInput("the manifest must be a JSON object")
         manifest = {k: manifest[k] for k in MANIFEST_KEYS if manifest.get(k) is not None}
         checked = check_acceptance(acceptance or [])
-        filename = "model" + SUFFIXES[backend]
+        filename = PIPELINE_FILE if backend == PIPELINE else "model" + SUFFIXES[backend]
         path = f"{name}/{version}/{filename}"
         key = f"{name}/{version}/{digest}.{filename}"
         custom = encode_custom(name, version, backend, manifest, checked)
@@ -549,6 +549,40 @@ def check_acceptance(cases: Any) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def detect(path: Path) -> str:
+    """The backend of a file to publish: a .json file is a pipeline declaration."""
+    if path.suffix.lower() == ".json":
+        return PIPELINE
+    from ..backends import detect_backend
+
+    try:
+        return detect_backend(path)
+    except ApplianceError as exc:
+        raise InvalidInput(exc.message) from None
+
+
+def inspect_pipeline(path: Path, name: str) -> dict[str, Any]:
+    """A pipeline declaration checked on its own (JSON, steps, wiring: a 400 naming the node
+    and key), its inputs as the manifest's. Which models it binds to is the device's check
+    (it binds against what the device serves). A version is one file: a declaration naming
+    template files is refused (they would not travel with it)."""
+    from ..pipelines.declaration import parse
+
+    try:
+        doc = orjson.loads(path.read_bytes())
+        decl = parse(doc, name)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"pipeline {name!r}: not valid JSON: {exc}") from None
+    except ApplianceError as exc:
+        raise InvalidInput(exc.message) from None
+    if decl.templates:
+        raise InvalidInput(
+            f"pipeline {name!r}: templates: a published pipeline is one file; template "
+            "files are not rolled out (declare the templates on the device)"
+        )
+    return {"inputs": [t.to_json() for t in decl.inputs]}
 
 
 def _inspect(path: Path, backend: str) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -161,6 +161,42 @@ class Pipelines:
         self._refresh(entry)
         log.info("pipeline %s now served by version %s", name, entry.version)
         return entry.facade
+
+    async def activate_checked(
+        self, source: ModelSource, check: Check | None = None
+    ) -> LoadedModel:
+        """Serve a stored version only once it is known to work (the hub's rollouts): read,
+        bound to the models serving now (strict: a model it names must serve, with the
+        signatures it wires), then `check` runs on it (acceptance inputs through `run`) while
+        the old version still serves; the switch is one assignment. Any failure leaves the old
+        version serving and raises (ModelError for a declaration that does not bind)."""
+        name = source.manifest.name
+        if self.engine.model_or_none(name) is not None:
+            raise ModelError(f"pipeline {name!r}: a model is also called {name!r}")
+        if source.verify:
+            from ..manifest import verify_file
+
+            verify_file(source.path, source.manifest)
+        settings = self.config.pipeline_config(name)
+        decl = read_declaration(source.path, name, settings.max_nodes)
+        facade = LoadedModel(source, ModelConfig(timeout_s=settings.timeout_s), status="loading")
+        entry = Entry(name, settings, facade, decl)
+        if self._refresh(entry) is None:
+            raise ModelError(
+                f"pipeline {name!r} version {source.manifest.version}: {facade.reason}"
+            )
+        if check is not None:
+            await check(facade, lambda request: self._run(entry, request))
+        old = self.entries.get(name)
+        if old is not None:
+            entry.stats = old.stats  # the counters of a name go on across versions
+        self.entries[name] = entry
+        log.info("pipeline %s now served by version %s", name, entry.version)
+        return facade
+
+    def outcomes(self, name: str) -> dict[str, int]:
+        """The request counters of pipeline `name` by outcome (across its versions)."""
+        return dict(self._entry(name, None).stats.outcomes)
 
     def reload_store(self, registry: Registry) -> list[str]:
         """Serve the store's active version of every stored pipeline whose version changed."""
@@ -319,10 +355,13 @@ class Pipelines:
 
     # -- requests ----------------------------------------------------------------------------
     async def infer(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
-        t0 = time.perf_counter()
         entry = self.entries.get(name)
         if entry is None or version is not None:
             entry = self._entry(name, version)
+        return await self._run(entry, request)
+
+    async def _run(self, entry: Entry, request: InferRequest) -> InferResponse:
+        t0 = time.perf_counter()
         stats = entry.stats
         try:
             plan = entry.plan
@@ -340,7 +379,7 @@ class Pipelines:
             stats.outcomes[outcome] = stats.outcomes.get(outcome, 0) + 1
             raise
         stats.outcomes["success"] += 1
-        return InferResponse(name, entry.version, outputs, request.id)
+        return InferResponse(entry.name, entry.version, outputs, request.id)
 
     # -- the OpenAI routes --------------------------------------------------------------------
     def embedder(self, name: str) -> tuple[LoadedModel, Embedder]:
@@ -349,12 +388,35 @@ class Pipelines:
         facade = self.ready(name)
         sig = facade.signature
         vectors = [t for t in sig.outputs if t.datatype in ("FP32", "FP16") and len(t.shape) == 2]
-        if len(sig.inputs) != 1 or sig.inputs[0].datatype != "BYTES" or not vectors:
+        if not _is_embedding(sig):
             raise InvalidInput(
                 f"pipeline {name!r} is not an embedding pipeline: that takes one BYTES input "
                 "(the texts) and gives an FP32 output of shape [N, D]"
             )
         return facade, Embedder(self, name, sig.inputs[0], vectors[0].name)
+
+    def generator(self, name: str) -> tuple[LoadedModel, Generator]:
+        """A pipeline usable as a text model on /v1/completions and /v1/chat/completions:
+        one BYTES input (the prompt) and one BYTES output (the answer)."""
+        facade = self.ready(name)
+        sig = facade.signature
+        if not _is_text(sig):
+            raise InvalidInput(
+                f"pipeline {name!r} is not a text pipeline: that takes one BYTES input (the "
+                "prompt) and gives one BYTES output (the text)"
+            )
+        return facade, Generator(self, name, sig.inputs[0], sig.outputs[0].name)
+
+    def text_models(self) -> list[LoadedModel]:
+        """The ready pipelines the OpenAI routes serve: text ones and embedding ones."""
+        out = []
+        for facade in self.models():
+            if facade.status != "ready":
+                continue
+            sig = facade.signature
+            if _is_text(sig) or _is_embedding(sig):
+                out.append(facade)
+        return out
 
     # -- metadata ----------------------------------------------------------------------------
     def describe(self, name: str, version: str | None = None) -> dict[str, Any]:
@@ -445,6 +507,89 @@ class Embedder:
         self, request: Generation, emit: Emit | None, cancelled: Cancelled
     ) -> GenerationResult:
         raise InvalidInput(f"pipeline {self.name!r} is an embedding pipeline, not a language model")
+
+
+class Generator:
+    """A text pipeline (prompt -> text) seen as a language model (appliance.llm.TextModel):
+    `generate_async` on the event loop. The answer comes whole: a pipeline does not stream
+    tokens, so a streaming client gets it as one piece. Sampling settings do not apply."""
+
+    mode: Literal["chat", "embedding"] = "chat"
+    #: What `_sampling` checks max_tokens against: a pipeline has no context window.
+    n_ctx = 1 << 20
+
+    def __init__(self, pipelines: Pipelines, name: str, text: TensorSpec, output: str) -> None:
+        self.pipelines = pipelines
+        self.name = name
+        self.text = text
+        self.output = output
+
+    def prompt_of(self, request: Generation) -> str:
+        """The prompt: a completion's own, or a chat's last user message (a pipeline keeps
+        no conversation)."""
+        if request.schema is not None or request.tools:
+            raise InvalidInput(
+                f"pipeline {self.name!r} gives plain text: response_format and tools do not apply"
+            )
+        if request.kind == "completion":
+            return request.prompt
+        for message in reversed(request.messages):
+            if message.get("role") == "user":
+                content = message.get("content")
+                if isinstance(content, list):  # parts: the text ones, in order
+                    return "".join(
+                        str(p.get("text", "")) for p in content
+                        if isinstance(p, dict) and p.get("type") == "text"
+                    )  # fmt: skip
+                return content if isinstance(content, str) else ""
+        raise InvalidInput(f"pipeline {self.name!r} needs a user message (the prompt)")
+
+    async def generate_async(self, request: Generation) -> GenerationResult:
+        prompt = self.prompt_of(request)
+        items = np.empty(1, dtype=object)
+        items[0] = prompt.encode()
+        shape = (1,) * max(1, len(self.text.shape))
+        infer = InferRequest(
+            {self.text.name: items.reshape(shape)},
+            outputs={self.output: False},
+            priority=request.priority,
+            datatypes={self.text.name: "BYTES"},
+        )
+        response = await self.pipelines.infer(self.name, None, infer)
+        out = response.outputs.get(self.output)
+        if out is None or out.size < 1:
+            raise InferenceFailed(f"pipeline {self.name!r}: output {self.output!r} gave no text")
+        first = out.reshape(-1)[0]
+        text = first.decode("utf-8", "replace") if isinstance(first, bytes) else str(first)
+        # tokens are the pipeline's business: count the words, as a usage estimate
+        return GenerationResult(text, "stop", len(prompt.split()), len(text.split()))
+
+    def generate(
+        self, request: Generation, emit: Emit | None, cancelled: Cancelled
+    ) -> GenerationResult:
+        raise RuntimeError("Generator.generate blocks: on the event loop, await generate_async")
+
+    def embed(self, texts: list[str]) -> EmbeddingResult:
+        raise InvalidInput(f"pipeline {self.name!r} is a text pipeline, not an embedding model")
+
+
+#: A check run on a pipeline version before it serves: (the version as a model, a function
+#: that runs a request on it).
+Check = Callable[[LoadedModel, Callable[[InferRequest], Awaitable[InferResponse]]], Awaitable[None]]
+
+
+def _is_text(sig: Signature) -> bool:
+    return (
+        len(sig.inputs) == 1 and sig.inputs[0].datatype == "BYTES"
+        and len(sig.outputs) == 1 and sig.outputs[0].datatype == "BYTES"
+    )  # fmt: skip
+
+
+def _is_embedding(sig: Signature) -> bool:
+    return (
+        len(sig.inputs) == 1 and sig.inputs[0].datatype == "BYTES"
+        and any(t.datatype in ("FP32", "FP16") and len(t.shape) == 2 for t in sig.outputs)
+    )  # fmt: skip
 
 
 def _describe_node(entry: Entry, name: str) -> dict[str, Any]:

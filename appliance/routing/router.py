@@ -328,7 +328,7 @@ class Router:
         pipeline that takes texts and gives vectors serves as an embedding model."""
         if name in self.pipelines and name not in self.tasks:
             if mode != "embedding":
-                raise InvalidInput(f"{name!r} is a pipeline, not a language model")
+                return self.pipelines.generator(name)
             return self.pipelines.embedder(name)
         model = self.resolve(name, None, mode)
         assert isinstance(model.backend, TextModel)
@@ -591,6 +591,16 @@ class Router:
         the event loop thread; `served` is told which model answers, before its first piece;
         `check` vets each model's answer (see `infer`)."""
         served = served if served is not None else Served()
+        if name in self.pipelines and name not in self.tasks:
+            # A text pipeline answers whole: a streaming client gets the text as one piece.
+            model, generator = self.pipelines.generator(name)
+            served.model, served.version = model.name, model.version
+            result = await generator.generate_async(request)
+            if check is not None:
+                check(result, model)
+            if emit is not None and result.text:
+                emit(result.text)
+            return model, result
         if name not in self.tasks:
             model, _ = self.engine.text_model(name, "chat")
             if not guarded(model.config):

@@ -7,7 +7,10 @@ download it with resumption, verify length and sha256, add it to the store as a 
 version, load it beside the serving version, run the acceptance inputs (or a smoke inference),
 switch, and make it the store's active version. After the switch the new version's error rate
 is watched for `error_window_s`; past `error_rate_threshold` the previous version is activated
-again. Every outcome is an event in the telemetry outbox; nothing here ever stops serving:
+again. A pipeline version (backend "pipeline": its declaration) takes the same path, but the
+pipelines layer (handed in by server.py) activates it: bound to the models serving here, its
+acceptance inputs (or a run on zeros where its inputs are numeric) run on it before the switch.
+Every outcome is an event in the telemetry outbox; nothing here ever stops serving:
 blocking work (TUF, downloads, hashing, SQLite) runs in worker threads and every failure
 becomes a status and an event.
 """
@@ -23,10 +26,10 @@ import shutil
 import socket
 import stat
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import orjson
@@ -34,13 +37,13 @@ from tuf.api._payload import TargetFile  # what tuf.api.metadata re-exports
 from tuf.ngclient.updater import Updater
 
 from .. import tracing
-from ..codec import InferRequest, decode_request
+from ..codec import InferRequest, InferResponse, decode_request
 from ..config import Config
 from ..engine import Engine, LoadedModel, ModelSource
 from ..errors import ApplianceError, ConfigError, NotFound
 from ..llm import Generation, Sampling, TextModel
 from ..metrics import Metrics, SyncGauges
-from ..registry import ACTIVE_NAME, Registry, atomic_write
+from ..registry import ACTIVE_NAME, PIPELINE, Registry, atomic_write
 from ..tensors import DATATYPES, FLOAT_TYPES
 from .client import Assignment, HubClient
 from .outbox import Outbox
@@ -48,9 +51,35 @@ from .tuf_client import Expired, Refused, SyncError, TufClient, Unreachable
 
 log = logging.getLogger("appliance.sync")
 
+#: The file name of a pipeline version's target on the hub (name/version/pipeline.json).
+PIPELINE_TARGET = "pipeline.json"
+
 #: Outcomes that count against a new version (a client's invalid input does not).
 _FAILED = ("error", "timeout")
 _COUNTED = ("success", "error", "timeout")
+
+
+#: Runs a request on a version that is loaded but not serving yet.
+Infer = Callable[[InferRequest], Awaitable[InferResponse]]
+
+
+class PipelineHost(Protocol):
+    """What the agent needs of the pipelines layer (server.py hands it the router's): a
+    stored pipeline version is activated there, not by the engine."""
+
+    def __contains__(self, name: object) -> bool: ...
+
+    def models(self) -> list[LoadedModel]: ...
+
+    def model(self, name: str, version: str | None = None) -> LoadedModel: ...
+
+    def outcomes(self, name: str) -> dict[str, int]: ...
+
+    async def activate_checked(
+        self,
+        source: ModelSource,
+        check: Callable[[LoadedModel, Infer], Awaitable[None]] | None = None,
+    ) -> LoadedModel: ...
 
 
 class AcceptanceFailed(Exception):
@@ -86,7 +115,14 @@ def read_secret(path: str, what: str) -> str:
 class SyncAgent:
     """Runs beside serving (server.py starts it in the app's cleanup context)."""
 
-    def __init__(self, config: Config, engine: Engine, registry: Registry, metrics: Metrics):
+    def __init__(
+        self,
+        config: Config,
+        engine: Engine,
+        registry: Registry,
+        metrics: Metrics,
+        pipelines: PipelineHost | None = None,
+    ):
         hub = config.hub
         if not hub.token_file:
             raise ConfigError("hub.token_file is required with hub.url (the device token)")
@@ -98,6 +134,7 @@ class SyncAgent:
         self.config = config
         self.hub = hub
         self.engine = engine
+        self.pipelines = pipelines
         self.registry = registry
         self.device_id = hub.device_id or config.mqtt.device_id or socket.gethostname()
         self.sync_dir = registry.root / ".sync"
@@ -169,7 +206,21 @@ class SyncAgent:
         )
 
     def _active(self) -> dict[str, str]:
-        return {m.name: m.version for m in self.engine.models() if m.status == "ready"}
+        models = self.engine.models()
+        if self.pipelines is not None:
+            models += self.pipelines.models()
+        return {m.name: m.version for m in models if m.status == "ready"}
+
+    def _serving(self, name: str) -> LoadedModel | None:
+        """The model or pipeline serving under `name`, in whatever state."""
+        if self.pipelines is not None and name in self.pipelines:
+            return self.pipelines.model(name)
+        return self.engine.model_or_none(name)
+
+    def _counts(self, model: LoadedModel) -> dict[str, int]:
+        if self.pipelines is not None and model.platform == PIPELINE:
+            return self.pipelines.outcomes(model.name)
+        return _counts(model)
 
     def _pending(self) -> dict[str, str]:
         active = self._active()
@@ -307,6 +358,8 @@ class SyncAgent:
             self._fail(exc.reason)
             return
         self.tuf_state = "ok"
+        # Pipelines after models: one bound to a model rolled out with it sees the new model.
+        work.sort(key=lambda a: a.target.endswith("/" + PIPELINE_TARGET))
         for a in work:
             await self._update(updater, a)
         self.state = "idle"
@@ -319,9 +372,8 @@ class SyncAgent:
         retry = self.retry.get(key)
         if retry is not None and now < retry[0]:
             return False
-        try:
-            serving = self.engine.model(a.name)
-        except NotFound:
+        serving = self._serving(a.name)
+        if serving is None:
             return True
         return serving.version != a.version or serving.status != "ready"
 
@@ -433,29 +485,46 @@ class SyncAgent:
         previous = self._serving_version(a.name)
         acceptance: list[Any] = custom["acceptance"]
         stage = "load"
+        pipeline = source.manifest.backend == PIPELINE
 
         async def check(model: LoadedModel) -> None:
             nonlocal stage
             stage = "acceptance"
-            await self._acceptance(model, acceptance)
+            await self._acceptance(
+                model, acceptance, functools.partial(self.engine.infer_on, model)
+            )
+
+        async def check_pipeline(model: LoadedModel, infer: Infer) -> None:
+            nonlocal stage
+            stage = "acceptance"
+            await self._acceptance(model, acceptance, infer)
 
         try:
             with tracing.span("sync.activate", _attributes(a)):
-                await self.engine.activate(source, check)
-        except (ApplianceError, AcceptanceFailed) as exc:
+                if pipeline:
+                    if self.pipelines is None:
+                        raise LoadFailed("this device serves no pipelines")
+                    stage = "bind"
+                    await self.pipelines.activate_checked(source, check_pipeline)
+                elif self.pipelines is not None and a.name in self.pipelines:
+                    raise LoadFailed(f"a pipeline is called {a.name!r} on this device")
+                else:
+                    await self.engine.activate(source, check)
+        except (ApplianceError, AcceptanceFailed, LoadFailed) as exc:
             reason = exc.message if isinstance(exc, ApplianceError) else str(exc)
             await self._version_failed(a, sha, stage, reason, previous)
             return
         await asyncio.to_thread(self.registry.activate, a.name, a.version)
         self.updates["activated"] += 1
-        model = self.engine.model(a.name)
+        model = self._serving(a.name)
+        assert model is not None
         self.watches[a.name] = Watch(
             a.name,
             a.version,
             previous,
             sha,
             time.monotonic() + self.hub.error_window_s,
-            _counts(model),
+            self._counts(model),
         )
         if self.last_error and self.last_error.startswith(f"{a.name} "):
             self.last_error = None
@@ -479,23 +548,28 @@ class SyncAgent:
         )
 
     def _serving_version(self, name: str) -> str | None:
-        try:
-            return self.engine.model(name).version
-        except NotFound:
-            return None
+        model = self._serving(name)
+        return model.version if model is not None else None
 
-    async def _acceptance(self, model: LoadedModel, cases: list[Any]) -> None:
+    async def _acceptance(self, model: LoadedModel, cases: list[Any], infer: Infer) -> None:
         """Run the signed acceptance inputs on the loaded, not yet serving version; without
-        any, one smoke inference must answer."""
+        any, one smoke inference must answer (for a pipeline: one on zeros where its inputs
+        are all numeric; that it bound to the serving models is its check otherwise)."""
         if not cases:
-            await self._smoke(model)
+            if model.platform != PIPELINE:
+                await self._smoke(model)
+            elif all(t.datatype != "BYTES" for t in model.signature.inputs):
+                try:
+                    await infer(_zeros(model))
+                except ApplianceError as exc:
+                    raise AcceptanceFailed(f"run on zeros failed: {exc.message}") from None
             return
         for i, case in enumerate(cases):
             if not isinstance(case, dict):
                 raise AcceptanceFailed(f"acceptance case {i} is not an object")
             try:
                 request = decode_request(orjson.dumps({"inputs": case.get("inputs", [])}))
-                response = await self.engine.infer_on(model, request)
+                response = await infer(request)
             except ApplianceError as exc:
                 raise AcceptanceFailed(f"acceptance case {i}: {exc.message}") from None
             rtol = float(case.get("rtol", 1e-4))
@@ -569,17 +643,13 @@ class SyncAgent:
     async def _check_watches(self) -> None:
         now = time.monotonic()
         for name, w in list(self.watches.items()):
-            try:
-                model = self.engine.model(name)
-            except NotFound:
+            model = self._serving(name)
+            if model is None or model.version != w.version:
                 del self.watches[name]
                 continue
-            if model.version != w.version:
-                del self.watches[name]
-                continue
-            counts = _counts(model)
-            total = sum(counts[k] - w.base.get(k, 0) for k in _COUNTED)
-            failed = sum(counts[k] - w.base.get(k, 0) for k in _FAILED)
+            counts = self._counts(model)
+            total = sum(counts.get(k, 0) - w.base.get(k, 0) for k in _COUNTED)
+            failed = sum(counts.get(k, 0) - w.base.get(k, 0) for k in _FAILED)
             if total >= max(1, self.hub.min_requests) and failed / total > (
                 self.hub.error_rate_threshold
             ):
@@ -600,7 +670,11 @@ class SyncAgent:
             return
         try:
             mv = self.registry.get(w.name, w.previous)
-            await self.engine.activate(ModelSource(mv.manifest, mv.file))
+            source = ModelSource(mv.manifest, mv.file)
+            if mv.manifest.backend == PIPELINE and self.pipelines is not None:
+                await self.pipelines.activate_checked(source)
+            else:
+                await self.engine.activate(source)
             await asyncio.to_thread(self.registry.activate, w.name, w.previous)
         except ApplianceError as exc:
             self._fail(f"rollback of {w.name} to {w.previous} failed: {exc.message}")

@@ -100,6 +100,38 @@ async def test_publish_conflicts_names_and_limits(hub_factory: Any, samples: Pat
     assert not [p for p in env.hub.config.tmp_dir.iterdir()]
 
 
+async def test_a_pipeline_is_published_checked(env: HubEnv, tmp_path: Path) -> None:
+    """A declaration is published as name/version/pipeline.json, its inputs signed as the
+    manifest (whatever manifest the client sent); a broken one is a 400 naming what is wrong."""
+    decl = {
+        "kind": "pipeline",
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
+        "nodes": [{"name": "m", "model": "sample", "inputs": {"input": "request.x"}}],
+        "outputs": [{"name": "p", "source": "m.probabilities"}],
+    }
+    path = tmp_path / "iris.pipeline.json"
+    path.write_text(json.dumps(decl))
+    status, body = await env.publish("iris", "1", path, manifest='{"steps": {"x": 1}}')
+    assert status == 201, body
+    (target,) = env.hub.store.targets()
+    assert target.path == "iris/1/pipeline.json"
+    custom = target.custom["appliance"]
+    assert custom["backend"] == "pipeline"
+    assert json.loads(custom["manifest"]) == {"inputs": decl["inputs"]}
+    bad = {**decl, "nodes": [{"name": "m", "step": {"type": "no_such_step"},
+                              "inputs": {"x": "request.x"}}]}  # fmt: skip
+    path.write_text(json.dumps(bad))
+    status, body = await env.publish("iris", "2", path)
+    assert status == 400 and "no_such_step" in body["error"], body
+    path.write_text(json.dumps({**decl, "templates": {"md": "report.md.j2"}}))
+    status, body = await env.publish("iris", "3", path)
+    assert status == 400 and "templates" in body["error"], body
+    path.write_text("{not json")
+    status, body = await env.publish("iris", "4", path)
+    assert status == 400 and "not valid JSON" in body["error"], body
+    assert [t.path for t in env.hub.store.targets()] == ["iris/1/pipeline.json"]
+
+
 # -- targets and ranges ----------------------------------------------------------------------
 async def test_targets_are_served_with_ranges(env: HubEnv, samples: Path) -> None:
     token = await env.enroll("dev1")
