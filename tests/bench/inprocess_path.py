@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import json
 import logging
 import socket
 import statistics
@@ -83,10 +85,16 @@ class NullTransport(asyncio.Transport):
 
 
 async def measure(
-    model: Path, requests: int, rounds: int, isolation: str = "none", ratio: float | None = None
+    model: Path,
+    requests: int,
+    rounds: int,
+    isolation: str = "none",
+    ratio: float | None = None,
+    steps: dict[str, Any] | None = None,
 ) -> tuple[float, float]:
     """(event loop CPU, wall time) per request, in microseconds (medians of the rounds);
-    `ratio`: tracing on at this sampling ratio (None: off)."""
+    `ratio`: tracing on at this sampling ratio (None: off); `steps`: the model's manifest
+    declares these steps."""
     overrides: dict[str, Any] = {"server": {"port": 0, "access_log": True}}
     if isolation != "none":  # (a tree from before isolation knows no such key)
         overrides["model_defaults"] = {"isolation": isolation}
@@ -102,7 +110,11 @@ async def measure(
             "endpoint": f"http://127.0.0.1:{port}/v1/traces",
         }
     config = load_config(None, overrides, environ={})
-    app = build(config, [source_from_file(model, "sample")])
+    source = source_from_file(model, "sample")
+    if steps is not None:
+        manifest = dataclasses.replace(source.manifest, steps=steps)
+        source = dataclasses.replace(source, manifest=manifest)
+    app = build(config, [source])
     running = await open_server(app, socket.create_server(("127.0.0.1", 0)))
     try:
         await app[LOADER]
@@ -152,6 +164,12 @@ def main() -> None:
         help="all: tracing off, on at 1/1000 and on at 1/1, side by side",
     )
     ap.add_argument("--repeat", type=int, default=1, help="run the three settings this often")
+    ap.add_argument(
+        "--steps",
+        metavar="JSON",
+        help="also with these steps declared, side by side (a pass-through on the sample model: "
+        '\'{"input": [{"type": "cast", "datatype": "FP32"}]}\')',
+    )
     args = ap.parse_args()
     access = logging.getLogger("appliance.access")  # records made, not written
     access.addHandler(logging.NullHandler())
@@ -168,14 +186,21 @@ def main() -> None:
     ratios: list[float | None] = (
         [None, 0.001, 1.0] * args.repeat if args.tracing == "all" else [None]
     )
+    declared: list[dict[str, Any] | None] = [None]
+    if args.steps:
+        declared = [None, json.loads(args.steps)] * args.repeat
     for kind in kinds:
         for ratio in ratios:
-            cpu, wall = asyncio.run(measure(args.model, args.requests, args.rounds, kind, ratio))
-            what = "off" if ratio is None else f"on at {ratio:g}"
-            print(
-                f"isolation {kind}, tracing {what}: event loop CPU per request: {cpu:.1f} µs, "
-                f"wall {wall:.1f} µs"
-            )
+            for steps in declared:
+                cpu, wall = asyncio.run(
+                    measure(args.model, args.requests, args.rounds, kind, ratio, steps)
+                )
+                what = "off" if ratio is None else f"on at {ratio:g}"
+                with_steps = "" if steps is None else ", with the steps"
+                print(
+                    f"isolation {kind}, tracing {what}{with_steps}: event loop CPU per request: "
+                    f"{cpu:.1f} µs, wall {wall:.1f} µs"
+                )
 
 
 if __name__ == "__main__":
