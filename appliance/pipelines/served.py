@@ -41,14 +41,13 @@ from ..metrics import Metrics
 from ..registry import PIPELINE, PIPELINE_FILE, Registry
 from ..tensors import Signature, TensorSpec
 from .declaration import Declaration, bind, parse
-from .executor import Plan, Stats, execute
+from .executor import OUTCOME, Plan, Stats, execute
 
 log = logging.getLogger("appliance.pipelines")
 
 #: The manifest `backend` of a stored pipeline (the engine does not load these), and the file
 #: a stored pipeline version keeps its declaration in.
 BACKEND, FILE_NAME = PIPELINE, PIPELINE_FILE
-_OUTCOME = {400: "invalid", 404: "not_found", 503: "unavailable", 504: "timeout"}
 
 
 def read_declaration(path: Path, name: str, max_nodes: int = 64) -> Declaration:
@@ -354,32 +353,36 @@ class Pipelines:
         return m.version, sig
 
     # -- requests ----------------------------------------------------------------------------
-    async def infer(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
+    def infer(
+        self, name: str, version: str | None, request: InferRequest
+    ) -> Awaitable[InferResponse]:
+        """Run `request` on pipeline `name` (the run's coroutine itself: no frame of its own
+        on the hot path)."""
         entry = self.entries.get(name)
         if entry is None or version is not None:
             entry = self._entry(name, version)
-        return await self._run(entry, request)
+        return self._run(entry, request)
 
-    async def _run(self, entry: Entry, request: InferRequest) -> InferResponse:
+    def _run(self, entry: Entry, request: InferRequest) -> Awaitable[InferResponse]:
+        """The run's coroutine (executor.execute: it accounts for the request); what fails
+        before it starts is counted here."""
         t0 = time.perf_counter()
-        stats = entry.stats
         try:
             plan = entry.plan
             if plan is None or not self._current(entry):
                 plan = self._ready(entry)
-            limit = entry.config.timeout_s
-            if request.timeout_s is not None and request.timeout_s < limit:
-                limit = request.timeout_s
-            outputs = await execute(
-                plan, self.engine, request, t0 + limit,
-                entry.config.max_fan_out, stats,
-            )  # fmt: skip
         except ApplianceError as exc:
-            outcome = _OUTCOME.get(exc.status, "error")
-            stats.outcomes[outcome] = stats.outcomes.get(outcome, 0) + 1
+            outcomes = entry.stats.outcomes
+            outcome = OUTCOME.get(exc.status, "error")
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
             raise
-        stats.outcomes["success"] += 1
-        return InferResponse(entry.name, entry.version, outputs, request.id)
+        limit = entry.config.timeout_s
+        if request.timeout_s is not None and request.timeout_s < limit:
+            limit = request.timeout_s
+        return execute(
+            plan, self.engine, request, t0 + limit,
+            entry.config.max_fan_out, entry.stats, entry.name, entry.version,
+        )  # fmt: skip
 
     # -- the OpenAI routes --------------------------------------------------------------------
     def embedder(self, name: str) -> tuple[LoadedModel, Embedder]:
