@@ -320,15 +320,22 @@ def request_options(params: dict[str, Any]) -> tuple[float | None, int | None]:
     return timeout_s, priority
 
 
-def decode_request(body: bytes, header_length: int | None = None) -> InferRequest:
-    """Decode a KServe v2 infer body; `header_length` is Inference-Header-Content-Length."""
-    header, binary = _split_body(body, header_length)
+def json_object(raw: bytes) -> dict[str, Any]:
+    """A request body that must be a JSON object (the KServe, generate and OpenAI routes):
+    malformed JSON or another JSON value is a 400 saying which."""
     try:
-        obj = orjson.loads(header)
+        obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise InvalidInput(f"malformed JSON in request: {exc}") from None
     if not isinstance(obj, dict):
         raise InvalidInput("request body must be a JSON object")
+    return obj
+
+
+def decode_request(body: bytes, header_length: int | None = None) -> InferRequest:
+    """Decode a KServe v2 infer body; `header_length` is Inference-Header-Content-Length."""
+    header, binary = _split_body(body, header_length)
+    obj = json_object(header)
     raw_inputs = obj.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise InvalidInput("request needs a non-empty 'inputs' list")

@@ -27,7 +27,7 @@ import numpy as np
 import orjson
 from aiohttp import web
 
-from ..codec import InferRequest
+from ..codec import InferRequest, json_object
 from ..engine import LoadedModel
 from ..errors import ApplianceError, InvalidInput
 from ..llm import Generation, GenerationResult, TextModel
@@ -47,12 +47,7 @@ MAX_TOKENS = 512
 
 def _request(raw: bytes) -> tuple[str, dict[str, Any]]:
     """The prompt and the parameters (those beside `text_input`, then `parameters`)."""
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"malformed JSON in request: {exc}") from None
-    if not isinstance(body, dict):
-        raise InvalidInput("request body must be a JSON object")
+    body = json_object(raw)
     text = body.pop("text_input", None)
     if not isinstance(text, str):
         raise BadField("text_input", "a string is required")

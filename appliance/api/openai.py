@@ -20,6 +20,7 @@ import orjson
 from aiohttp import web
 
 from .. import __version__
+from ..codec import json_object
 from ..engine import LoadedModel
 from ..errors import ApplianceError, InvalidInput, NotFound
 from ..llm import Generation, GenerationResult, Sampling, TextModel
@@ -67,13 +68,7 @@ def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) ->
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"malformed JSON in request: {exc}") from None
-    if not isinstance(body, dict):
-        raise InvalidInput("request body must be a JSON object")
+    body = json_object(await request.read())
     _check_ignored(body)
     return body
 
