@@ -20,7 +20,7 @@ import importlib.metadata
 import os
 import stat
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +28,19 @@ from .errors import ConfigError
 
 #: The plugin directories in use in this process, resolved, in config order.
 _ACTIVE: list[str] = []
+
+
+def entries(group: str, builtin: Collection[str]) -> dict[str, tuple[str, str]]:
+    """What installed packages add to an entry-point group (`appliance.steps`,
+    `appliance.backends`): name -> ("module:Class", distribution name). A built-in name cannot
+    be taken over; of two plugins with one name, the first found wins."""
+    found: dict[str, tuple[str, str]] = {}
+    for ep in importlib.metadata.entry_points(group=group):
+        if ep.name in builtin or ep.name in found:
+            continue
+        dist = ep.dist.name if ep.dist is not None else ep.value.partition(":")[0]
+        found[ep.name] = (ep.value, dist)
+    return found
 
 
 def use_dirs(dirs: Sequence[str], key: str = "plugins.dirs") -> list[str]:

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..errors import ApplianceError, ModelError
 from ..manifest import Manifest
+from ..plugins import entries
 from .base import Backend, LoadContext
 
 #: name -> "module:Class"
@@ -51,13 +52,7 @@ def plugins() -> dict[str, str]:
 
 def _plugin_entries() -> dict[str, tuple[str, str]]:
     """name -> ("module:Class", distribution name)."""
-    found: dict[str, tuple[str, str]] = {}
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name in _BACKENDS or ep.name in found:
-            continue
-        dist = ep.dist.name if ep.dist is not None else ep.value.partition(":")[0]
-        found[ep.name] = (ep.value, dist)
-    return found
+    return entries(ENTRY_POINT_GROUP, _BACKENDS)
 
 
 def names() -> list[str]:

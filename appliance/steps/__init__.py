@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import ModelError
+from ..plugins import entries
 from .base import PLUGIN_OF, Step, StepContext
 
 #: type -> "module:Class"
@@ -47,13 +48,7 @@ ENTRY_POINT_GROUP = "appliance.steps"
 
 def plugins() -> dict[str, tuple[str, str]]:
     """Steps installed packages add: type -> ("module:Class", distribution name)."""
-    found: dict[str, tuple[str, str]] = {}
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name in _STEPS:
-            continue
-        dist = ep.dist.name if ep.dist is not None else ep.value.partition(":")[0]
-        found[ep.name] = (ep.value, dist)
-    return found
+    return entries(ENTRY_POINT_GROUP, _STEPS)
 
 
 def types() -> list[str]:
