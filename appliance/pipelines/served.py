@@ -76,6 +76,9 @@ class Entry:
     #: The models its nodes call, and the loaded versions the plan was bound to.
     models: list[tuple[str, str | None]] = field(default_factory=list)
     using: list[tuple[str, LoadedModel]] = field(default_factory=list)
+    #: The model of the plan's first node when it is a plain model node with no version pin:
+    #: current whenever `using` is (`_current`), so a run need not look it up again.
+    first: LoadedModel | None = None
 
     def __post_init__(self) -> None:
         if self.decl is not None:
@@ -326,6 +329,11 @@ class Pipelines:
         entry.plan = Plan(bound, lambda node: self.metrics.for_step(entry.name, node))
         entry.key = frozen
         entry.using = [(name, engine.model(name)) for name, _ in entry.models]
+        chain = entry.plan.chain
+        head = chain[0][1] if chain else None
+        entry.first = (
+            dict(entry.using).get(head.model) if head is not None and head.version is None else None
+        )
         facade.source = replace(
             facade.source, manifest=replace(facade.source.manifest, signature=bound.signature)
         )
@@ -381,7 +389,7 @@ class Pipelines:
             limit = request.timeout_s
         return execute(
             plan, self.engine, request, t0 + limit,
-            entry.config.max_fan_out, entry.stats, entry.name, entry.version,
+            entry.config.max_fan_out, entry.stats, entry.name, entry.version, entry.first,
         )  # fmt: skip
 
     # -- the OpenAI routes --------------------------------------------------------------------
