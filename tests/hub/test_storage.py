@@ -188,3 +188,15 @@ def test_local_artifacts_are_atomic_ranged_and_confined(tmp_path: Path) -> None:
             store.put_file(bad, src)
     store.delete(key)
     assert store.size(key) is None
+
+
+def test_maintenance_expires_telemetry_past_the_retention(open_hub_store: OpenStore) -> None:
+    store = open_hub_store()
+    now = dt.datetime.now(dt.timezone.utc)
+    received = now.isoformat(timespec="seconds").replace("+00:00", "Z")
+    assert len(store.add_events([Event("d", s, "t", "k", {}, received) for s in (1, 2)])) == 2
+    assert store.is_leader()
+    store.maintain(now)
+    assert store.count_events() == 2
+    store.maintain(now + dt.timedelta(days=31))  # the default retention is 30 days
+    assert store.count_events() == 0
