@@ -7,8 +7,8 @@ when `--database postgresql://...` is given (the device and an SQLite hub never 
   (key "hub") is serialised across every replica and CLI, while telemetry locks only its device
   ("device/<id>"), so devices do not queue behind each other.
 - Events are range-partitioned by the day received (migrations.py): `maintain()` creates the
-  next days' partitions and drops those older than the retention; an insert that finds no
-  partition creates it in its own transaction and retries.
+  next days' partitions and drops those older than the retention; an insert for a day this
+  process has not seen a partition for creates it first.
 - `is_leader()` holds `pg_try_advisory_lock` on a dedicated connection: one replica at a time
   runs the metadata refresher and maintenance; when it dies its session ends, the lock is
   released and the next replica to ask takes over.
@@ -20,12 +20,13 @@ import datetime as dt
 import logging
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from typing import Any
 
 import orjson
 import psycopg
 from psycopg import errors as pgerrors
+from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolTimeout
 
@@ -154,6 +155,8 @@ class PostgresStore:
         self._local = threading.local()
         self._leader: psycopg.Connection[Any] | None = None
         self._leader_lock = threading.Lock()
+        #: Days whose partition exists (only days past the retention are ever dropped).
+        self._days: set[dt.date] = set()
         self.ensure_partitions(dt.datetime.now(dt.timezone.utc).date() - dt.timedelta(days=1))
 
     def close(self) -> None:
@@ -182,11 +185,22 @@ class PostgresStore:
                 self._local.keys.add(key)
             yield
             return
-        with self._pool.connection() as conn, conn.transaction():
-            conn.execute(_LOCK, (key,))
+        with self._pool.connection() as conn:
+            # BEGIN and the lock in one round trip (no parameters: the simple query protocol).
+            conn.execute(
+                sql.SQL("BEGIN; SELECT pg_advisory_xact_lock(hashtextextended({}, 0))").format(
+                    sql.Literal(key)
+                )
+            )
             self._local.conn, self._local.keys = conn, {key}
             try:
                 yield
+            except BaseException:
+                with suppress(psycopg.Error):  # a broken connection: the pool discards it
+                    conn.execute("ROLLBACK")
+                raise
+            else:
+                conn.execute("COMMIT")
             finally:
                 self._local.conn = None
 
@@ -243,6 +257,7 @@ class PostgresStore:
                     f" FOR VALUES FROM ('{day.isoformat()}') TO"
                     f" ('{(day + dt.timedelta(days=1)).isoformat()}')".encode()
                 )
+                self._days.add(day)
 
     def event_partitions(self) -> list[dt.date]:
         rows = self._rows(
@@ -262,6 +277,7 @@ class PostgresStore:
                 if day < cutoff:
                     with self.transaction("partitions"):
                         self._exec(f"DROP TABLE IF EXISTS {_partition(day)}")
+                    self._days.discard(day)
                     dropped += 1
         if dropped:
             log.info("dropped %d day(s) of telemetry past the retention", dropped)
@@ -419,14 +435,14 @@ class PostgresStore:
         with ExitStack() as stack:
             for device_id in sorted({e.device_id for e in events}):  # one lock order
                 stack.enter_context(self.transaction(f"device/{device_id}"))
+            for day in sorted(set(days) - self._days):  # days are created ahead: rare
+                self.ensure_partitions(day, 1)
             conn = stack.enter_context(self._conn())
             try:
-                with conn.transaction():
-                    rows = conn.execute(self._ADD_EVENTS.encode(), args).fetchall()
-            except pgerrors.CheckViolation:  # no partition for a day: create it, try again
-                for day in sorted(set(days)):
-                    self.ensure_partitions(day, 1)
                 rows = conn.execute(self._ADD_EVENTS.encode(), args).fetchall()
+            except pgerrors.CheckViolation:  # dropped by another replica: recreated next time
+                self._days.difference_update(days)
+                raise
         new = {(r[0], int(r[1])) for r in rows}
         return [e for e in events if (e.device_id, e.seq) in new]
 
