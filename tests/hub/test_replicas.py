@@ -1,5 +1,6 @@
-"""Two `hub serve` replicas on one PostgreSQL behind the real nginx, with the packaged config
-(packaging/nginx/hub-replicas.conf, ports filled in). The leader is killed with SIGKILL during a
+"""Two `hub serve` replicas on one PostgreSQL behind the real nginx, then the real haproxy, with
+the packaged configs (packaging/nginx/hub-replicas.conf, packaging/haproxy/hub-replicas.cfg,
+ports filled in). The leader is killed with SIGKILL during a
 staged rollout while devices (the sync agent's own HubClient and Outbox) poll and upload: no
 device sees more than one failed call in a row, every event arrives exactly once, the other
 replica takes the lead, and the rollout completes."""
@@ -28,10 +29,12 @@ from appliance.sync.tuf_client import Unreachable
 from tests.support.postgres import PostgresServer, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-TEMPLATE = ROOT / "packaging" / "nginx" / "hub-replicas.conf"
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
-
-pytestmark = pytest.mark.skipif(not Path(NGINX).exists(), reason="nginx is not installed")
+NGINX_TEMPLATE = ROOT / "packaging" / "nginx" / "hub-replicas.conf"
+HAPROXY_TEMPLATE = ROOT / "packaging" / "haproxy" / "hub-replicas.cfg"
+BALANCERS = {
+    "nginx": shutil.which("nginx") or "/usr/sbin/nginx",
+    "haproxy": shutil.which("haproxy") or "/usr/sbin/haproxy",
+}
 
 
 class Replica:
@@ -73,9 +76,9 @@ class Replica:
             self.proc.wait(timeout=30)
 
 
-def nginx_config(tmp: Path, listen: int, ports: list[int]) -> Path:
-    """The packaged server block with these ports, inside a minimal nginx.conf."""
-    site = TEMPLATE.read_text()
+def nginx_config(tmp: Path, listen: int, ports: list[int]) -> list[str]:
+    """The packaged server block with these ports, inside a minimal nginx.conf; the command."""
+    site = NGINX_TEMPLATE.read_text()
     servers = "".join(f"    server 127.0.0.1:{p} max_fails=1 fail_timeout=5s;\n" for p in ports)
     site, n = re.subn(r"(?m)^\s*server 127\.0\.0\.1:\d+ .*;\n", "", site)
     assert n == 2, "the packaged upstream lists two example replicas"
@@ -93,34 +96,47 @@ def nginx_config(tmp: Path, listen: int, ports: list[int]) -> Path:
         f"error_log {tmp / 'error.log'} warn;\nevents {{ worker_connections 1024; }}\n"
         f"http {{\n  access_log off;\n{temp}\n  include {tmp / 'hub-replicas.conf'};\n}}\n"
     )
-    return conf
+    return [BALANCERS["nginx"], "-p", str(tmp), "-c", str(conf)]
 
 
-@pytest.fixture
-def nginx_dir(tmp_path: Path) -> Path:
-    d = tmp_path / "nginx"
-    d.mkdir()
-    return d
+def haproxy_config(tmp: Path, listen: int, ports: list[int]) -> list[str]:
+    """The packaged haproxy.cfg with these ports; the command (foreground)."""
+    cfg = HAPROXY_TEMPLATE.read_text()
+    for i, port in enumerate(ports, 1):
+        cfg, n = re.subn(rf"(server replica{i} 127\.0\.0\.1:)\d+", rf"\g<1>{port}", cfg)
+        assert n == 2, "the packaged backends list two example replicas"
+    cfg, n = re.subn(r"bind 127\.0\.0\.1:\d+", f"bind 127.0.0.1:{listen}", cfg)
+    assert n == 1
+    (tmp / "haproxy.cfg").write_text(cfg)
+    return [BALANCERS["haproxy"], "-db", "-f", str(tmp / "haproxy.cfg")]
 
 
-@pytest.fixture
+CONFIGS = {"nginx": nginx_config, "haproxy": haproxy_config}
+
+
+@pytest.fixture(params=sorted(BALANCERS))
 def fleet(
-    tmp_path: Path, nginx_dir: Path, postgres_server: PostgresServer
+    request: pytest.FixtureRequest, tmp_path: Path, postgres_server: PostgresServer
 ) -> Iterator[tuple[str, list[Replica], str]]:
+    """Two replicas on one fresh database behind the load balancer, initialised by init_hub."""
+    balancer = request.param
+    if not Path(BALANCERS[balancer]).exists():
+        pytest.skip(f"{balancer} is not installed")
     database = postgres_server.new_database()
     data = tmp_path / "data"
     token, _ = init_hub(HubConfig(data_dir=data, database=database))
     replicas = [Replica(data, database, tmp_path / f"replica{i}.log") for i in range(2)]
     listen = free_port()
-    conf = nginx_config(nginx_dir, listen, [r.port for r in replicas])
-    nginx = subprocess.Popen(
-        [NGINX, "-p", str(nginx_dir), "-c", str(conf)], stderr=subprocess.PIPE, text=True
-    )
+    lb_dir = tmp_path / balancer
+    lb_dir.mkdir()
+    command = CONFIGS[balancer](lb_dir, listen, [r.port for r in replicas])
+    with (lb_dir / "stderr.log").open("wb") as err:
+        lb = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err)
     try:
         yield f"http://127.0.0.1:{listen}", replicas, token
     finally:
-        nginx.send_signal(signal.SIGQUIT)
-        nginx.wait(timeout=30)
+        lb.send_signal(signal.SIGQUIT if balancer == "nginx" else signal.SIGTERM)
+        lb.wait(timeout=30)
         for r in replicas:
             r.stop()
 
