@@ -11,13 +11,15 @@ when `--database postgresql://...` is given (the device and an SQLite hub never 
   process has not seen a partition for creates it first.
 - `is_leader()` holds `pg_try_advisory_lock` on a dedicated connection: one replica at a time
   runs the metadata refresher and maintenance; when it dies its session ends, the lock is
-  released and the next replica to ask takes over.
+  released and the next replica to ask takes over. (A replica whose machine vanishes without
+  closing its socket holds the lock until PostgreSQL's `tcp_keepalives_*` settings drop it.)
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager, suppress
@@ -42,6 +44,8 @@ MIGRATE_KEY = "appliance-hub/migrate"
 LEADER_KEY = "appliance-hub/leader"
 #: Days of event partitions created ahead of today.
 PARTITIONS_AHEAD = 3
+#: As many connections as asyncio.to_thread has threads (the server's blocking calls).
+POOL_SIZE = min(32, (os.cpu_count() or 1) + 4)
 
 
 def describe(url: str) -> str:
@@ -125,7 +129,7 @@ class PostgresStore:
         *,
         apply_migrations: bool = False,
         retention_days: float | None = 30.0,
-        pool_size: int = 8,
+        pool_size: int = POOL_SIZE,
     ) -> None:
         self.url = url
         self.retention_days = retention_days
