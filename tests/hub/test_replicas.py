@@ -3,7 +3,8 @@ the packaged configs (packaging/nginx/hub-replicas.conf, packaging/haproxy/hub-r
 ports filled in). The leader is killed with SIGKILL during a
 staged rollout while devices (the sync agent's own HubClient and Outbox) poll and upload: no
 device sees more than one failed call in a row, every event arrives exactly once, the other
-replica takes the lead, and the rollout completes."""
+replica takes the lead, the rollout completes, and a TUF client downloads and verifies the new
+version through the balancer."""
 
 from __future__ import annotations
 
@@ -21,11 +22,13 @@ from typing import Any
 
 import aiohttp
 import pytest
+from tuf.ngclient import Updater
 
 from appliance.hub.service import HubConfig, init_hub
 from appliance.sync.client import HubClient
 from appliance.sync.outbox import Outbox
 from appliance.sync.tuf_client import Unreachable
+from tests.hub.conftest import TokenFetcher
 from tests.support.postgres import PostgresServer, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -258,3 +261,22 @@ async def test_a_replica_killed_mid_rollout_loses_nothing(
             assert sent > 10
             assert [e["seq"] for e in rows] == list(range(1, sent + 1)), f"dev{i}"
             outboxes[i].close()
+    # The surviving replica serves TUF through the balancer: a device verifies and downloads v2.
+    device = tmp_path / "tuf"
+    (device / "metadata").mkdir(parents=True)
+    (device / "targets").mkdir()
+    (device / "metadata" / "root.json").write_bytes(
+        (tmp_path / "data" / "1.root.json").read_bytes()
+    )
+    updater = Updater(
+        metadata_dir=str(device / "metadata"),
+        metadata_base_url=url + "/tuf/metadata/",
+        target_dir=str(device / "targets"),
+        target_base_url=url + "/tuf/targets/",
+        fetcher=TokenFetcher(tokens[0]),
+        bootstrap=None,
+    )
+    info = await asyncio.to_thread(updater.get_targetinfo, "m/2/model.onnx")
+    assert info is not None
+    path = await asyncio.to_thread(updater.download_target, info)
+    assert Path(path).read_bytes() == (samples / "fp16.onnx").read_bytes()
