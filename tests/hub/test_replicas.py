@@ -262,16 +262,16 @@ async def test_a_replica_killed_mid_rollout_loses_nothing(
             assert [e["seq"] for e in rows] == list(range(1, sent + 1)), f"dev{i}"
             outboxes[i].close()
     # The surviving replica serves TUF through the balancer: a device verifies and downloads v2.
-    device = tmp_path / "tuf"
-    (device / "metadata").mkdir(parents=True)
-    (device / "targets").mkdir()
-    (device / "metadata" / "root.json").write_bytes(
+    tuf_dir = tmp_path / "tuf"
+    (tuf_dir / "metadata").mkdir(parents=True)
+    (tuf_dir / "targets").mkdir()
+    (tuf_dir / "metadata" / "root.json").write_bytes(
         (tmp_path / "data" / "1.root.json").read_bytes()
     )
     updater = Updater(
-        metadata_dir=str(device / "metadata"),
+        metadata_dir=str(tuf_dir / "metadata"),
         metadata_base_url=url + "/tuf/metadata/",
-        target_dir=str(device / "targets"),
+        target_dir=str(tuf_dir / "targets"),
         target_base_url=url + "/tuf/targets/",
         fetcher=TokenFetcher(tokens[0]),
         bootstrap=None,
