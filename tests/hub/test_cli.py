@@ -1,4 +1,6 @@
-"""`appliance hub ...` as an operator runs it: a real hub process, the CLI in other processes."""
+"""`appliance hub ...` as an operator runs it: a real hub process, the CLI in other processes.
+
+On both stores: for PostgreSQL every command finds the database in $APPLIANCE_HUB_DATABASE."""
 
 from __future__ import annotations
 
@@ -32,7 +34,9 @@ def hub(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture
-def data(tmp_path: Path) -> Path:
+def data(tmp_path: Path, hub_database: str | None, monkeypatch: pytest.MonkeyPatch) -> Path:
+    if hub_database is not None:
+        monkeypatch.setenv("APPLIANCE_HUB_DATABASE", hub_database)
     d = tmp_path / "hub"
     hub("init", "--data", str(d))
     return d
@@ -68,6 +72,8 @@ def test_init_keeps_the_root_key_out_of_the_data_dir(data: Path, tmp_path: Path)
     assert json.loads((data / "1.root.json").read_bytes())["signed"]["version"] == 1
     again = hub("init", "--data", str(data), check=False)
     assert again.returncode != 0 and "already" in again.stderr
+    migrated = hub("migrate", "--data", str(data)).stdout
+    assert ("up to date" if os.environ.get("APPLIANCE_HUB_DATABASE") else "nothing") in migrated
     inside = hub(
         "init",
         "--data",
