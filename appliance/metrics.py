@@ -125,7 +125,7 @@ class SyncGauges:
     outbox_dropped: int
     uploads: dict[str, int]
     updates: dict[str, int]
-    #: (mirror, "metadata" | "target", "ok" | "failed" | "refused") -> fetches.
+    #: (mirror, "metadata" | "target", "ok" | "failed" | "refused" | "behind") -> fetches.
     mirror_fetches: dict[tuple[str, str, str], int] = field(default_factory=dict)
 
 

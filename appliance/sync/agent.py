@@ -338,7 +338,7 @@ class SyncAgent:
         self.state = "checking"
         try:
             with tracing.span("sync.verify", {"appliance.sync.what": "metadata"}):
-                updater = await asyncio.to_thread(self.tuf.refresh)
+                updater = await asyncio.to_thread(self.tuf.refresh, [a.target for a in work])
         except Expired as exc:
             self.state = "expired"
             if self.tuf_state != "expired":

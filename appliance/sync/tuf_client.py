@@ -174,9 +174,13 @@ class TufClient:
         self.gained = 0
 
     # -- metadata ----------------------------------------------------------------------------
-    def refresh(self) -> Updater:
+    def refresh(self, wanted: Sequence[str] = ()) -> Updater:
         """Fetch and verify root (rotations), timestamp, snapshot and targets, from the first
-        source that gives metadata that verifies.
+        source that gives metadata that verifies and lists every `wanted` target path.
+
+        A mirror whose metadata verifies but lacks a wanted target is behind (a LAN cache not
+        yet synced): the next one is asked, and when none has it, the first verified metadata
+        is used (the agent then refuses the unlisted target and retries later).
 
         An Updater refreshes once in its life, so each call builds a new one over the same
         metadata directory: what it trusted last time (the newest root, the last timestamp and
@@ -184,7 +188,8 @@ class TufClient:
         way left only files that verified."""
         self.metadata_dir.mkdir(parents=True, exist_ok=True)
         failures: list[tuple[Source, SyncError]] = []
-        for src in self.sources:
+        behind: tuple[Source, Updater] | None = None
+        for i, src in enumerate(self.sources):
             try:
                 updater = self._refresh_from(src)
             except SyncError as exc:
@@ -193,15 +198,28 @@ class TufClient:
                 if len(self.sources) > 1:
                     log.warning("TUF metadata from %s failed: %s", src.base, exc.reason)
                 continue
-            self._count(src, "metadata", None)
-            if self.served_by.get("metadata") != src.base or failures:
-                log.info("TUF metadata verified from %s", src.base)
-            self.served_by["metadata"] = src.base
-            return updater
+            missing = [p for p in wanted if updater.get_targetinfo(p) is None]
+            if missing and i + 1 < len(self.sources):
+                self._count(src, "metadata", None, "behind")
+                log.warning("mirror %s does not list %s yet: asking the next", src.base, missing)
+                behind = behind or (src, updater)
+                continue
+            return self._served(src, updater, "ok", bool(failures))
+        if behind is not None:
+            return self._served(*behind, None, True)
         raise _combined(failures)
 
-    def _count(self, src: Source, what: str, exc: SyncError | None) -> None:
-        result = "ok" if exc is None else "refused" if isinstance(exc, Refused) else "failed"
+    def _served(self, src: Source, updater: Updater, result: str | None, say: bool) -> Updater:
+        if result is not None:
+            self._count(src, "metadata", None, result)
+        if self.served_by.get("metadata") != src.base or say:
+            log.info("TUF metadata verified from %s", src.base)
+        self.served_by["metadata"] = src.base
+        return updater
+
+    def _count(self, src: Source, what: str, exc: SyncError | None, result: str = "ok") -> None:
+        if exc is not None:
+            result = "refused" if isinstance(exc, Refused) else "failed"
         key = (src.base, what, result)
         self.fetches[key] = self.fetches.get(key, 0) + 1
 

@@ -195,6 +195,35 @@ def test_client_falls_through_tampered_and_dead_mirrors_and_resumes_with_range(
     assert all(line.split(" ", 6)[6].startswith('"-" ') for line in nginx.requests()), "token"
 
 
+def test_a_mirror_behind_the_hub_is_passed_over_for_one_that_lists_the_target(
+    hub: Hub, nginx: Nginx, mirror_dirs: list[Path], samples: Path, tmp_path: Path
+) -> None:
+    """A LAN cache not yet synced serves valid but older metadata: the device asks the next
+    mirror for the version it was assigned; once it trusts newer metadata, the old mirror's
+    is a rollback and refused."""
+    current = mirror_dirs[1]
+    mirrors = [nginx.url(0), nginx.url(1)]
+    hub.publish("sample", "1", samples / "sample.onnx")
+    for d in mirror_dirs:
+        export_static(hub.store, hub.artifacts, d)
+    hub.publish("sample", "2", samples / "sample.onnx")
+    export_static(hub.store, hub.artifacts, current)
+
+    client = _client(hub, tmp_path, mirrors)
+    updater = client.refresh(["sample/2/model.onnx"])
+    assert updater.get_targetinfo("sample/2/model.onnx") is not None
+    assert client.served_by["metadata"] == mirrors[1]
+    assert client.fetches == {
+        (mirrors[0], "metadata", "behind"): 1,
+        (mirrors[1], "metadata", "ok"): 1,
+    }
+    # Nobody lists this one: the last mirror's verified metadata is used all the same.
+    updater = client.refresh(["sample/9/model.onnx"])
+    assert updater.get_targetinfo("sample/9/model.onnx") is None
+    assert client.fetches[(mirrors[0], "metadata", "refused")] == 1  # older than trusted now
+    assert client.served_by["metadata"] == mirrors[1]
+
+
 def _metric(device_url: str, labels: str) -> float:
     with urllib.request.urlopen(f"http://{device_url}/metrics") as r:
         text = r.read().decode()
