@@ -164,6 +164,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..logs import setup_logging
     from .server import serve
 
+    if not args.static_interval > 0:
+        raise InvalidInput("--static-interval must be greater than 0")
     setup_logging(args.log_level)
     hub = _hub(args)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
