@@ -157,13 +157,14 @@ class TufClient:
         headers = {"Authorization": f"Bearer {token}", "User-Agent": "appliance-sync"}
         if device_id:
             headers["X-Device-Id"] = device_id
+        self.mirrored = bool(mirrors)
         if mirrors:  # untrusted: no token, no device id
             plain = urllib3.PoolManager(headers={"User-Agent": "appliance-sync"}, retries=False)
             self.sources = [Source(m.rstrip("/"), plain) for m in mirrors]
         else:
             hub = urllib3.PoolManager(headers=headers, retries=False)
             self.sources = [Source(f"{self.base_url}/tuf", hub)]
-        #: (source, "metadata" | "target", "ok" | "failed" | "refused") -> count, for /metrics.
+        #: (source, "metadata" | "target", "ok" | "failed" | "refused" | "behind") -> count.
         self.fetches: dict[tuple[str, str, str], int] = {}
         #: The source that served the last verified metadata and the last verified target.
         self.served_by: dict[str, str] = {}
@@ -179,8 +180,8 @@ class TufClient:
         source that gives metadata that verifies and lists every `wanted` target path.
 
         A mirror whose metadata verifies but lacks a wanted target is behind (a LAN cache not
-        yet synced): the next one is asked, and when none has it, the first verified metadata
-        is used (the agent then refuses the unlisted target and retries later).
+        yet synced): the next one is asked, and when none lists it, the last metadata that
+        verified is used (the agent then refuses the unlisted target and retries later).
 
         An Updater refreshes once in its life, so each call builds a new one over the same
         metadata directory: what it trusted last time (the newest root, the last timestamp and
@@ -202,7 +203,7 @@ class TufClient:
             if missing and i + 1 < len(self.sources):
                 self._count(src, "metadata", None, "behind")
                 log.warning("mirror %s does not list %s yet: asking the next", src.base, missing)
-                behind = behind or (src, updater)
+                behind = (src, updater)
                 continue
             return self._served(src, updater, "ok", bool(failures))
         if behind is not None:
@@ -252,7 +253,8 @@ class TufClient:
             why = f"{exc}" + (f": {cause}" if cause is not None else "")
             raise Unreachable(f"TUF metadata download failed: {why}") from None
         except urllib3.exceptions.HTTPError as exc:
-            raise Unreachable(f"hub unreachable: {exc}") from None
+            where = "mirror" if self.mirrored else "hub"
+            raise Unreachable(f"{where} unreachable: {exc}") from None
         return updater
 
     # -- targets -----------------------------------------------------------------------------
