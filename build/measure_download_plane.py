@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -132,6 +133,8 @@ def main() -> int:
         nginx.stop()
         proc.terminate()
         proc.wait(10)
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(static, ignore_errors=True)
     print(json.dumps({"size_mb": args.size_mb, "clients": args.clients, "rounds": args.rounds,
                       "cores": os.cpu_count(), "results": rows}, indent=1))  # fmt: skip
     hub_row, nginx_row = rows

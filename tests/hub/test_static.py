@@ -57,6 +57,8 @@ def test_export_is_the_consistent_snapshot_layout_and_only_writes_what_changed(
     assert first.written[-1] == "metadata/timestamp.json", "timestamp is written last"
     assert (out / target).read_bytes() == model.read_bytes()
     assert (out / "metadata/1.root.json").read_bytes() == hub.repo.root_bytes(1)
+    root = Metadata.from_bytes((out / "metadata/1.root.json").read_bytes())
+    assert root.signed.consistent_snapshot is True, "the layout clients expect from this root"
     for f in _files(out) - {".export.lock"}:
         assert (out / f).stat().st_mode & 0o777 == 0o644, f  # an unprivileged server reads it
 
