@@ -138,11 +138,13 @@ def main() -> int:
     print(json.dumps({"size_mb": args.size_mb, "clients": args.clients, "rounds": args.rounds,
                       "cores": os.cpu_count(), "results": rows}, indent=1))  # fmt: skip
     hub_row, nginx_row = rows
-    print(
-        f"nginx / hub: {nginx_row['mb_per_s'] / hub_row['mb_per_s']:.1f}x the throughput, "
-        f"{hub_row['server_cpu_s_per_gb'] / max(nginx_row['server_cpu_s_per_gb'], 1e-3):.1f}x "
-        "less server CPU per GB"
-    )
+    line = f"nginx / hub: {nginx_row['mb_per_s'] / hub_row['mb_per_s']:.1f}x the throughput"
+    if nginx_row["server_cpu_s_per_gb"] * served / 1e9 >= 5 / TICK:  # enough clock ticks
+        ratio = hub_row["server_cpu_s_per_gb"] / nginx_row["server_cpu_s_per_gb"]
+        line += f", {ratio:.1f}x less server CPU per GB"
+    else:
+        line += "; too little served to compare CPU (raise --size-mb or --rounds)"
+    print(line)
     return 0
 
 
