@@ -303,12 +303,22 @@ class GrpcConfig:
             )
 
 
+def _http_urls(value: list[str]) -> str | None:
+    for i, item in enumerate(value):
+        if not item.startswith(("http://", "https://")):
+            return f"[{i}] {item!r} must start with http:// or https://"
+    return None
+
+
 @dataclass
 class HubConfig:
     """Fleet sync with a hub (appliance/sync/); off while `url` is empty."""
 
     #: The hub's base URL, e.g. https://hub.example:8443; empty = no sync (offline only).
     url: str = field(default="", metadata=url_scheme("http://", "https://"))
+    #: Static TUF mirrors (hub serve --static-dir) for metadata and models, tried in order;
+    #: empty = the hub's own /tuf/. Untrusted: everything is verified, no token is sent.
+    mirrors: list[str] = field(default_factory=list, metadata=constraint(_http_urls))
     #: This device's id as enrolled on the hub; empty means the host name.
     device_id: str = field(default="", metadata=device_name("a device id"))
     #: File holding the device token printed by `appliance hub enroll`.

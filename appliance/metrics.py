@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -125,6 +125,8 @@ class SyncGauges:
     outbox_dropped: int
     uploads: dict[str, int]
     updates: dict[str, int]
+    #: (mirror, "metadata" | "target", "ok" | "failed" | "refused" | "behind") -> fetches.
+    mirror_fetches: dict[tuple[str, str, str], int] = field(default_factory=dict)
 
 
 SYNC_STATES = ("starting", "idle", "offline", "checking", "downloading", "verifying", "storing",
@@ -445,3 +447,11 @@ def _sync_metrics(g: SyncGauges) -> Iterator[Metric]:
     for outcome, n in g.updates.items():
         updates.add_metric([outcome], n)
     yield updates
+    fetches = CounterMetricFamily(
+        "appliance_sync_mirror_fetches",
+        "TUF metadata refreshes and model downloads by source (the hub's /tuf or a mirror)",
+        labels=["mirror", "what", "result"],
+    )
+    for (mirror, what, result), n in sorted(g.mirror_fetches.items()):
+        fetches.add_metric([mirror, what, result], n)
+    yield fetches

@@ -179,6 +179,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..logs import setup_logging
     from .server import serve
 
+    if not args.static_interval > 0:
+        raise InvalidInput("--static-interval must be greater than 0")
     setup_logging(args.log_level)
     hub = _hub(args)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
@@ -188,7 +190,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     tracer = _tracer(args)
     try:
-        serve(hub, args.host, args.port, args.refresh_interval)
+        static = Path(args.static_dir) if args.static_dir else None
+        serve(hub, args.host, args.port, args.refresh_interval, static, args.static_interval)
     finally:
         if tracer is not None:
             tracer.shutdown()
@@ -404,6 +407,19 @@ def cmd_export_root(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_static(args: argparse.Namespace) -> int:
+    from .static import export_static
+
+    hub = _hub(args)
+    out = export_static(hub.store, hub.artifacts, Path(args.directory))
+    print(
+        f"static TUF mirror in {args.directory}: timestamp {out.timestamp_version}, snapshot "
+        f"{out.snapshot_version}, targets {out.targets_version}, root {out.root_version}; "
+        f"{len(out.written)} files written, {len(out.removed)} removed"
+    )
+    return 0
+
+
 def cmd_rotate_key(args: argparse.Namespace) -> int:
     from .service import default_root_key_dir
 
@@ -499,6 +515,17 @@ def add_parser(sub: Any) -> None:
         default=0.001,
         help="share of requests traced that carry no sampled traceparent (default 0.001)",
     )
+    p.add_argument(
+        "--static-dir",
+        help="keep a static TUF mirror (metadata/, targets/) in this directory for any HTTP "
+        "server to serve (default: none)",
+    )
+    p.add_argument(
+        "--static-interval",
+        type=float,
+        default=1.0,
+        help="seconds between checks for new metadata to write to --static-dir (default 1)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = hsub.add_parser("enroll", help="enrol a device; prints its token once")
@@ -575,6 +602,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--root-version", type=int, help="a given version (default: the latest)")
     p.add_argument("--out", help="write to this file")
     p.set_defaults(func=cmd_export_root)
+
+    p = hsub.add_parser(
+        "export-static", help="write the TUF metadata and targets as a static mirror directory"
+    )
+    common(p, remote=False)
+    p.add_argument("directory", help="metadata/ and targets/ go here (updated in place)")
+    p.set_defaults(func=cmd_export_static)
 
     p = hsub.add_parser("rotate-key", help="replace a role's key (needs the offline root key)")
     common(p, remote=False)

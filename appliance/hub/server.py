@@ -39,6 +39,7 @@ log = logging.getLogger("appliance.hub.http")
 HUB = web.AppKey("hub", Hub)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
 REFRESH_S = web.AppKey("refresh_s", float)
+STATIC = web.AppKey("static", tuple)
 DEVICE = web.RequestKey("device", Device)
 
 _METADATA_RE = re.compile(r"^(?:([1-9][0-9]{0,17})\.(root|targets|snapshot)|timestamp)\.json$")
@@ -508,10 +509,61 @@ def _refresher(app: web.Application) -> AsyncIterator[None]:
     return gen()
 
 
-def build_app(hub: Hub, refresh_s: float | None = None, resign: bool = True) -> web.Application:
+def _static_writer(app: web.Application) -> AsyncIterator[None]:
+    """Keep the static mirror directory (hub/static.py) at the store's metadata: exported at
+    start, then whenever timestamp or root has a new version, whoever signed it (this process,
+    a CLI publish beside it, another replica)."""
+
+    async def gen() -> AsyncIterator[None]:
+        from .static import export_static
+
+        hub = app[HUB]
+        directory, every = app[STATIC]
+
+        def versions() -> tuple[int, int]:
+            ts, root = hub.store.latest_metadata("timestamp"), hub.store.latest_metadata("root")
+            return (ts[0] if ts else 0, root[0] if root else 0)
+
+        async def loop() -> None:
+            done: tuple[int, int] | None = None
+            while True:
+                try:
+                    now = await asyncio.to_thread(versions)
+                    if now != done:
+                        out = await asyncio.to_thread(
+                            export_static, hub.store, hub.artifacts, directory
+                        )
+                        done = now
+                        log.info(
+                            "static mirror %s at timestamp %d (%d files written)",
+                            directory,
+                            out.timestamp_version,
+                            len(out.written),
+                        )
+                except Exception:  # keep trying: a mirror left behind is refused as stale
+                    log.exception("writing the static mirror %s failed", directory)
+                await asyncio.sleep(every)
+
+        task = asyncio.ensure_future(loop())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return gen()
+
+
+def build_app(
+    hub: Hub,
+    refresh_s: float | None = None,
+    resign: bool = True,
+    static_dir: Path | None = None,
+    static_interval_s: float = 1.0,
+) -> web.Application:
     """`refresh_s`: how often to check metadata expiry (default: a tenth of timestamp's life,
     at most an hour), and how soon a replica takes the lead from a dead one; `resign=False`
-    leaves expiring metadata alone (tests of expiry)."""
+    leaves expiring metadata alone (tests of expiry); `static_dir`: keep a static TUF mirror
+    there (checked every `static_interval_s`)."""
     app = web.Application(middlewares=[middleware], client_max_size=hub.config.max_telemetry_bytes)
     app[HUB] = hub
     registry = CollectorRegistry()
@@ -520,6 +572,9 @@ def build_app(hub: Hub, refresh_s: float | None = None, resign: bool = True) -> 
     app[REFRESH_S] = refresh_s or min(3600.0, hub.config.expiry.timestamp / 10)
     if resign:
         app.cleanup_ctx.append(_refresher)
+    if static_dir is not None:
+        app[STATIC] = (static_dir, static_interval_s)
+        app.cleanup_ctx.append(_static_writer)
     r = app.router
     r.add_get("/healthz", healthz)
     r.add_get("/metrics", metrics)
@@ -539,8 +594,15 @@ def build_app(hub: Hub, refresh_s: float | None = None, resign: bool = True) -> 
     return app
 
 
-def serve(hub: Hub, host: str, port: int, refresh_s: float | None = None) -> None:
-    app = build_app(hub, refresh_s)
+def serve(
+    hub: Hub,
+    host: str,
+    port: int,
+    refresh_s: float | None = None,
+    static_dir: Path | None = None,
+    static_interval_s: float = 1.0,
+) -> None:
+    app = build_app(hub, refresh_s, static_dir=static_dir, static_interval_s=static_interval_s)
     sock = socket.create_server(
         (host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET, reuse_port=False
     )

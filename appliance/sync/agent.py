@@ -151,6 +151,7 @@ class SyncAgent:
             self.sync_dir / "downloads",
             hub.request_timeout_s,
             hub.max_download_bytes,
+            hub.mirrors,
         )
         self.state = "starting"
         self.tuf_state = "unknown"
@@ -203,6 +204,7 @@ class SyncAgent:
             outbox_dropped=self.outbox.dropped,
             uploads=dict(self.uploads),
             updates=dict(self.updates),
+            mirror_fetches=dict(self.tuf.fetches),
         )
 
     def _active(self) -> dict[str, str]:
@@ -234,6 +236,8 @@ class SyncAgent:
         """What GET /v2/sync answers: enough to tell why a device is not on its version."""
         return {
             "hub": self.hub.url,
+            "mirrors": list(self.hub.mirrors),
+            "served_by": dict(self.tuf.served_by),
             "device_id": self.device_id,
             "state": self.state,
             "tuf": self.tuf_state,
@@ -334,7 +338,7 @@ class SyncAgent:
         self.state = "checking"
         try:
             with tracing.span("sync.verify", {"appliance.sync.what": "metadata"}):
-                updater = await asyncio.to_thread(self.tuf.refresh)
+                updater = await asyncio.to_thread(self.tuf.refresh, [a.target for a in work])
         except Expired as exc:
             self.state = "expired"
             if self.tuf_state != "expired":

@@ -1,11 +1,17 @@
 """TUF on the device: python-tuf's ngclient proves each metadata file and each model file.
 
 Signatures, thresholds, expiry (freeze attacks), version monotonicity (rollback attacks) and
-consistent snapshots are ngclient's (`Updater.refresh`). The model file is downloaded here rather
-than by `Updater.download_target`, so that a dropped connection resumes with an HTTP Range request
-into a partial file instead of starting over; it is bounded by the signed length and checked with
-the library's `TargetFile.verify_length_and_hashes` before anything uses it. Every call blocks
-(ngclient is synchronous): the agent runs them in a worker thread.
+consistent snapshots are ngclient's (`Updater.refresh`). Metadata and targets come from the
+hub's /tuf/ routes (with the device token) or, when `[hub] mirrors` lists any, from those static
+mirrors (hub/static.py's layout), tried in order: a mirror that is down, answers 5xx, times out
+or serves anything that fails verification is passed over for the next one, and what is finally
+used is verified all the same (TUF makes mirrors untrusted; they never see the token).
+
+The model file is downloaded here rather than by `Updater.download_target`, so that a dropped
+connection resumes with an HTTP Range request (from any source) into a partial file instead of
+starting over; it is bounded by the signed length and checked with the library's
+`TargetFile.verify_length_and_hashes` before anything uses it. Every call blocks (ngclient is
+synchronous): the agent runs them in a worker thread.
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import urllib3
@@ -96,6 +103,36 @@ def _discard(response: urllib3.BaseHTTPResponse) -> None:
     response.release_conn()
 
 
+@dataclass(frozen=True)
+class Source:
+    """One place the TUF files come from: `base` holds metadata/ and targets/."""
+
+    base: str
+    http: urllib3.PoolManager
+
+    @property
+    def metadata_url(self) -> str:
+        return f"{self.base}/metadata/"
+
+    @property
+    def targets_url(self) -> str:
+        return f"{self.base}/targets/"
+
+
+def _combined(failures: list[tuple[Source, SyncError]]) -> SyncError:
+    """One error for every source failing: a refusal (an attack, or a broken repository)
+    outranks a source being unreachable; all of them expired is an expiry."""
+    if len(failures) == 1:
+        return failures[0][1]
+    reason = "; ".join(f"{src.base}: {exc.reason}" for src, exc in failures)
+    errors = [exc for _, exc in failures]
+    if all(isinstance(e, Expired) for e in errors):
+        return Expired(reason)
+    if any(isinstance(e, Refused) for e in errors):
+        return Refused(reason)
+    return Unreachable(reason)
+
+
 class TufClient:
     """The device's view of the hub's TUF repository, kept under `metadata_dir`."""
 
@@ -109,6 +146,7 @@ class TufClient:
         download_dir: Path,
         timeout_s: float,
         max_download_bytes: int,
+        mirrors: Sequence[str] = (),
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.root_file = root_file
@@ -119,7 +157,17 @@ class TufClient:
         headers = {"Authorization": f"Bearer {token}", "User-Agent": "appliance-sync"}
         if device_id:
             headers["X-Device-Id"] = device_id
-        self._http = urllib3.PoolManager(headers=headers, retries=False)
+        self.mirrored = bool(mirrors)
+        if mirrors:  # untrusted: no token, no device id
+            plain = urllib3.PoolManager(headers={"User-Agent": "appliance-sync"}, retries=False)
+            self.sources = [Source(m.rstrip("/"), plain) for m in mirrors]
+        else:
+            hub = urllib3.PoolManager(headers=headers, retries=False)
+            self.sources = [Source(f"{self.base_url}/tuf", hub)]
+        #: (source, "metadata" | "target", "ok" | "failed" | "refused" | "behind") -> count.
+        self.fetches: dict[tuple[str, str, str], int] = {}
+        #: The source that served the last verified metadata and the last verified target.
+        self.served_by: dict[str, str] = {}
         #: Set on shutdown: a download in a worker thread stops at its next chunk (the partial
         #: file stays for the next start) instead of holding the process up.
         self.stopping = threading.Event()
@@ -127,13 +175,56 @@ class TufClient:
         self.gained = 0
 
     # -- metadata ----------------------------------------------------------------------------
-    def refresh(self) -> Updater:
-        """Fetch and verify root (rotations), timestamp, snapshot and targets.
+    def refresh(self, wanted: Sequence[str] = ()) -> Updater:
+        """Fetch and verify root (rotations), timestamp, snapshot and targets, from the first
+        source that gives metadata that verifies and lists every `wanted` target path.
+
+        A mirror whose metadata verifies but lacks a wanted target is behind (a LAN cache not
+        yet synced): the next one is asked, and when none lists it, the last metadata that
+        verified is used (the agent then refuses the unlisted target and retries later).
 
         An Updater refreshes once in its life, so each call builds a new one over the same
         metadata directory: what it trusted last time (the newest root, the last timestamp and
-        snapshot versions) is what it checks the new files against."""
+        snapshot versions) is what it checks the new files against; a source that failed half
+        way left only files that verified."""
         self.metadata_dir.mkdir(parents=True, exist_ok=True)
+        failures: list[tuple[Source, SyncError]] = []
+        behind: tuple[Source, Updater] | None = None
+        for i, src in enumerate(self.sources):
+            try:
+                updater = self._refresh_from(src)
+            except SyncError as exc:
+                self._count(src, "metadata", exc)
+                failures.append((src, exc))
+                if len(self.sources) > 1:
+                    log.warning("TUF metadata from %s failed: %s", src.base, exc.reason)
+                continue
+            missing = [p for p in wanted if updater.get_targetinfo(p) is None]
+            if missing and i + 1 < len(self.sources):
+                self._count(src, "metadata", None, "behind")
+                log.warning("mirror %s does not list %s yet: asking the next", src.base, missing)
+                behind = (src, updater)
+                continue
+            return self._served(src, updater, "ok", bool(failures))
+        if behind is not None:
+            return self._served(*behind, None, True)
+        raise _combined(failures)
+
+    def _served(self, src: Source, updater: Updater, result: str | None, say: bool) -> Updater:
+        if result is not None:
+            self._count(src, "metadata", None, result)
+        if self.served_by.get("metadata") != src.base or say:
+            log.info("TUF metadata verified from %s", src.base)
+        self.served_by["metadata"] = src.base
+        return updater
+
+    def _count(self, src: Source, what: str, exc: SyncError | None, result: str = "ok") -> None:
+        if exc is not None:
+            result = "refused" if isinstance(exc, Refused) else "failed"
+        key = (src.base, what, result)
+        self.fetches[key] = self.fetches.get(key, 0) + 1
+
+    def _refresh_from(self, src: Source) -> Updater:
         bootstrap = None
         if not (self.metadata_dir / "root.json").exists():
             try:
@@ -145,10 +236,10 @@ class TufClient:
         try:
             updater = Updater(
                 str(self.metadata_dir),
-                f"{self.base_url}/tuf/metadata/",
+                src.metadata_url,
                 None,
-                f"{self.base_url}/tuf/targets/",
-                fetcher=_TokenFetcher(self._http, self.timeout_s),
+                src.targets_url,
+                fetcher=_TokenFetcher(src.http, self.timeout_s),
                 config=UpdaterConfig(app_user_agent="appliance-sync"),
                 bootstrap=bootstrap,
             )
@@ -162,7 +253,8 @@ class TufClient:
             why = f"{exc}" + (f": {cause}" if cause is not None else "")
             raise Unreachable(f"TUF metadata download failed: {why}") from None
         except urllib3.exceptions.HTTPError as exc:
-            raise Unreachable(f"hub unreachable: {exc}") from None
+            where = "mirror" if self.mirrored else "hub"
+            raise Unreachable(f"{where} unreachable: {exc}") from None
         return updater
 
     # -- targets -----------------------------------------------------------------------------
@@ -200,15 +292,38 @@ class TufClient:
                 return final
             except tuf_errors.LengthOrHashMismatchError:
                 final.unlink()
+        self.gained = 0
+        failures: list[tuple[Source, SyncError]] = []
+        for src in self.sources:
+            try:
+                path = self._download_from(src, info, final, progress)
+            except SyncError as exc:
+                self._count(src, "target", exc)
+                failures.append((src, exc))
+                if self.stopping.is_set():
+                    raise
+                if len(self.sources) > 1:
+                    log.warning("download of %s from %s failed: %s", info.path, src.base, exc)
+                continue
+            self._count(src, "target", None)
+            self.served_by["target"] = src.base
+            log.info("downloaded and verified %s from %s", info.path, src.base)
+            return path
+        raise _combined(failures)
+
+    def _download_from(
+        self, src: Source, info: TargetFile, final: Path, progress: Callable[[int, int], None]
+    ) -> Path:
+        """Download (or resume what an earlier try left, whoever served it) from one source."""
+        length = info.length
         part = self.partial_path(info)
         have = part.stat().st_size if part.exists() else 0
         if have > length:
             part.unlink()
             have = 0
-        self.gained = 0
         if have < length:
             try:
-                have = self._fetch_into(info, part, have, progress)
+                have = self._fetch_into(src, info, part, have, progress)
             except Refused:
                 part.unlink(missing_ok=True)
                 raise
@@ -223,16 +338,21 @@ class TufClient:
         return final
 
     def _fetch_into(
-        self, info: TargetFile, part: Path, have: int, progress: Callable[[int, int], None]
+        self,
+        src: Source,
+        info: TargetFile,
+        part: Path,
+        have: int,
+        progress: Callable[[int, int], None],
     ) -> int:
         length = info.length
         directory, _, basename = info.path.rpartition("/")
-        url = f"{self.base_url}/tuf/targets/{directory}/{info.hashes['sha256']}.{basename}"
-        headers = dict(self._http.headers)  # request(headers=) replaces the pool's headers
+        url = f"{src.targets_url}{directory}/{info.hashes['sha256']}.{basename}"
+        headers = dict(src.http.headers)  # request(headers=) replaces the pool's headers
         if have:
             headers["Range"] = f"bytes={have}-"
         try:
-            response = self._http.request(
+            response = src.http.request(
                 "GET",
                 url,
                 headers=headers,

@@ -359,10 +359,17 @@ def variants(samples: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
 class Fleet:
     """One hub, a proxy in front of it, and devices started against the proxy."""
 
-    def __init__(self, tmp: Path, samples: Path, expiry: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        samples: Path,
+        expiry: list[str] | None = None,
+        serve_args: list[str] | None = None,
+    ) -> None:
         self.tmp = tmp
         self.samples = samples
         self.hub = Hub(tmp / "hub", expiry)
+        self.hub.serve_args = serve_args or []
         self.hub.start()
         self.proxy = Proxy(lambda: self.hub.url)
         self.devices: list[ServerProcess] = []

@@ -21,6 +21,7 @@ from tests.conftest import ROOT
         ("upload_batch", 501, "between 1 and 500"),
         ("error_rate_threshold", 2.0, "between 0 and 1"),
         ("outbox_max_bytes", 1000, "at least 65536"),
+        ("mirrors", ["http://a", "file:///srv/m"], r"\[1\] 'file:///srv/m' must start with http"),
     ],
 )
 def test_bad_values_name_the_key(key: str, value: object, message: str) -> None:
@@ -31,6 +32,9 @@ def test_bad_values_name_the_key(key: str, value: object, message: str) -> None:
 def test_environment_overrides() -> None:
     config = load_config(None, None, {"APPLIANCE_HUB__POLL_INTERVAL_S": "5"})
     assert config.hub.poll_interval_s == 5.0
+    mirrors = '["http://cdn.example/fleet", "http://10.0.0.2:8780"]'
+    config = load_config(None, None, {"APPLIANCE_HUB__MIRRORS": mirrors})
+    assert config.hub.mirrors == ["http://cdn.example/fleet", "http://10.0.0.2:8780"]
 
 
 def test_serve_with_a_hub_needs_the_token_and_the_root(tmp_path: Path) -> None:
