@@ -10,7 +10,9 @@ turn, alternating round by round; the median round is reported. The client is wr
 keep-alive, KServe v2 JSON bodies to /v2/models/sample/infer, which the fast path answers):
 each connection pays its handshake once, so the figures are the steady cost of encrypting
 requests and answers (TLS 1.3, AES-GCM), not of handshakes. The result is the ratio of
-requests per second and of the latencies, HTTPS over HTTP.
+requests per second, of the latencies and of the server's CPU time per request (user + system
+from /proc, all threads: the figure that other load on a busy machine disturbs least), HTTPS
+over HTTP.
 """
 
 from __future__ import annotations
@@ -50,6 +52,13 @@ def _wait_ready(url: str, ctx: ssl.SSLContext | None, proc: subprocess.Popen[byt
     raise RuntimeError(f"{url} was not ready in time")
 
 
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) a process has used: the cost per request,
+    which other load on the machine disturbs far less than requests per second."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     from appliance.bench.client import free_port
 
@@ -83,7 +92,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 for i in range(args.rounds):
                     for name in ("http", "https") if i % 2 == 0 else ("https", "http"):
                         url = f"{name}://127.0.0.1:{ports[name]}/v2/models/sample/infer"
+                        cpu = _cpu_s(procs[name].pid)
                         got = run_wrk(url, BODY, c, args.seconds, others)
+                        served = got["rps"] * args.seconds
+                        got["cpu_us_per_req"] = (_cpu_s(procs[name].pid) - cpu) / served * 1e6
                         runs[name].append(got)
                         print(f"c={c} {name} round {i + 1}: {got['rps']:,.0f} req/s",
                               file=sys.stderr, flush=True)  # fmt: skip
@@ -104,7 +116,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "ratio_https_over_http": {
             c: {
                 key: round(results["https"][c][key] / results["http"][c][key], 3)
-                for key in ("rps", "p50_us", "p99_us")
+                for key in ("rps", "p50_us", "p99_us", "cpu_us_per_req")
             }
             for c in levels
         },
@@ -128,12 +140,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     before, after = figures["load_average_before"], figures["load_average_after"]
     print(f"servers on CPUs {args.server_cpus}; load average {before} before, {after} after")
-    print(f"{'concurrency':>11} {'scheme':>7} {'req/s':>9} {'p50 µs':>9} {'p99 µs':>9}")
+    print(f"{'concurrency':>11} {'scheme':>7} {'req/s':>9} {'p50 µs':>9} {'p99 µs':>9} "
+          f"{'CPU µs/req':>10}")  # fmt: skip
     for c, ratio in figures["ratio_https_over_http"].items():
         for name in ("http", "https"):
             r = figures["results"][name][c]
-            print(f"{c:>11} {name:>7} {r['rps']:>9,.0f} {r['p50_us']:>9,.1f} {r['p99_us']:>9,.1f}")
-        print(f"{'':>11} {'ratio':>7} {ratio['rps']:>9} {ratio['p50_us']:>9} {ratio['p99_us']:>9}")
+            print(f"{c:>11} {name:>7} {r['rps']:>9,.0f} {r['p50_us']:>9,.1f} {r['p99_us']:>9,.1f} "
+                  f"{r['cpu_us_per_req']:>10,.1f}")  # fmt: skip
+        print(f"{'':>11} {'ratio':>7} {ratio['rps']:>9} {ratio['p50_us']:>9} {ratio['p99_us']:>9} "
+              f"{ratio['cpu_us_per_req']:>10}")  # fmt: skip
     return 0
 
 
