@@ -20,6 +20,7 @@ from .api import tls
 from .api.auth import Auth
 from .api.http import SETTINGS, HttpSettings, build_app
 from .api.http_server import run as run_http
+from .api.routes import SYNC
 from .api.ws import WsSettings
 from .backends import detect_backend
 from .config import Config
@@ -173,7 +174,8 @@ def _add_sync(
         yield
         await agent.stop()
 
-    app.router.add_get("/v2/sync", status)
+    (route,) = SYNC  # its scope is declared in api/routes.py
+    app.router.add_route(route.method, route.path, status)
     app.cleanup_ctx.append(ctx)
 
 

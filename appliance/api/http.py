@@ -39,7 +39,7 @@ from .auth import Auth
 from .images import image_request, text_parameters
 from .openai import add_routes as add_openai_routes
 from .openai import openai_error
-from .routes import KSERVE, OPENAI, UNDECLARED, UNMATCHED, Scope, scopes
+from .routes import KSERVE, OPENAI, SYNC, UNDECLARED, UNMATCHED, Scope, scopes
 from .ws import WsSettings
 from .ws import stream as ws_stream
 
@@ -101,7 +101,7 @@ def error_response(exc: ApplianceError, openai: bool = False) -> web.Response:
 
 
 #: The scope each route pattern needs (api/routes.py declares them).
-SCOPES = scopes(KSERVE, OPENAI)
+SCOPES = scopes(KSERVE, OPENAI, SYNC)
 
 
 def route_scope(request: web.Request) -> Scope:

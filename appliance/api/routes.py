@@ -75,6 +75,9 @@ OPENAI: tuple[Route, ...] = (
     Route("POST", "/v1/embeddings", "embeddings"),
 )
 
+#: The fleet sync agent's status (added by appliance/server.py when a hub is configured).
+SYNC: tuple[Route, ...] = (Route("GET", "/v2/sync", "sync_status", scope="admin"),)
+
 #: Routes that need no bearer token (health checks of orchestrators and load balancers).
 PUBLIC = frozenset(r.path for r in KSERVE if r.scope == "public")
 #: A request no route matched (404, 405) needs a token, but any: it learns nothing more.

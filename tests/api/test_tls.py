@@ -328,9 +328,9 @@ def test_mtls_refuses_clients_without_a_trusted_certificate(mtls_server, pki):
             assert got.startswith(b"HTTP/1.1 200") == answered, (pair, got)
             assert answered or got == b""
     # gRPC takes the same certificates: a client certificate from the CA, or no connection
-    tls = {"ssl": True, "root_certificates": ca}
+    secure: dict[str, Any] = {"ssl": True, "root_certificates": ca}
     c = grpcclient.InferenceServerClient(
-        f"localhost:{grpc_port}", **tls, private_key=str(pki["client.key"]),
+        f"localhost:{grpc_port}", **secure, private_key=str(pki["client.key"]),
         certificate_chain=str(pki["client.crt"]),
     )  # fmt: skip
     try:
@@ -339,7 +339,7 @@ def test_mtls_refuses_clients_without_a_trusted_certificate(mtls_server, pki):
         c.close()
     for extra in ({}, {"private_key": str(pki["stranger.key"]),
                        "certificate_chain": str(pki["stranger.crt"])}):  # fmt: skip
-        c = grpcclient.InferenceServerClient(f"localhost:{grpc_port}", **tls, **extra)
+        c = grpcclient.InferenceServerClient(f"localhost:{grpc_port}", **secure, **extra)
         try:
             with pytest.raises(InferenceServerException) as info:
                 c.is_server_live(client_timeout=10)
