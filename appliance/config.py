@@ -232,6 +232,22 @@ class TokenConfig:
                 raise Invalid(f"scopes[{i}]", 'must be "infer" or "admin"', scope)
 
 
+def load_tokens_file(path: str) -> list[TokenConfig]:
+    """The [[tokens]] tables of `server.tokens_file`, each checked like [[server.tokens]]."""
+    where = f"server.tokens_file = {path!r}"
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{where}: invalid TOML: {exc}") from None
+    extra = set(data) - {"tokens"}
+    if extra:
+        raise ConfigError(f"{where}: unknown key {sorted(extra)[0]!r} (expected [[tokens]] tables)")
+    tables = _check_value(list[TokenConfig], data.get("tokens", []), f"{path}: tokens")
+    return typing.cast(list[TokenConfig], tables)
+
+
 @dataclass
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -243,6 +259,9 @@ class ServerConfig:
     auth_token_file: str = ""
     #: Several tokens, each with its scopes ([[server.tokens]], api/auth.py).
     tokens: list[TokenConfig] = field(default_factory=list)
+    #: A TOML file of [[tokens]] tables (the same keys), added to `tokens`: the list can be
+    #: managed apart from this file, readable by fewer users.
+    tokens_file: str = ""
     #: Failed authentication attempts per client address per minute; then 429 until the
     #: minute has passed.
     auth_failures_per_minute: int = field(default=10, metadata=at_least(1))

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import Config
+from ..config import Config, load_tokens_file
 from ..errors import ConfigError, Forbidden, TooManyAttempts, Unauthorized
 from .routes import Scope
 
@@ -152,13 +152,21 @@ def client_address(peer: str | None) -> str | None:
 
 
 def from_config(config: Config) -> Auth:
-    """The server's tokens: `[[server.tokens]]` plus the single `auth_token` (an admin token)."""
+    """The server's tokens: `[[server.tokens]]`, those of `tokens_file`, and the single
+    `auth_token` (an admin token)."""
     server = config.server
     tokens = []
     legacy = config.token()
     if legacy:
         tokens.append(Token.of(LEGACY_NAME, legacy, ["admin"]))
-    for entry in server.tokens:
+    entries = list(server.tokens)
+    if server.tokens_file:
+        entries += load_tokens_file(server.tokens_file)
+    names = [e.name for e in entries] + ([LEGACY_NAME] if legacy else [])
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(f"server.tokens: the name {name!r} is used twice")
+    for entry in entries:
         where = f"server.tokens[{entry.name!r}]"
         if entry.token_sha256:
             digest = bytes.fromhex(entry.token_sha256)

@@ -127,6 +127,30 @@ def test_tokens_config(tmp_path: Path):
     assert load_config(None, {}, {}).server.auth_failures_per_minute == 10
 
 
+def test_tokens_file(tmp_path: Path):
+    path = tmp_path / "tokens.toml"
+    path.write_text(
+        f'[[tokens]]\nname = "ops"\ntoken_sha256 = "{_sha(ADMIN)}"\nscopes = ["admin"]\n'
+    )
+    inline = [{"name": "camera", "token_sha256": _sha(INFER)}]
+    server = {"tokens": inline, "tokens_file": str(path)}
+    auth = from_config(load_config(None, {"server": server}, {}))
+    assert [t.name for t in auth.tokens] == ["camera", "ops"]
+    assert auth.check(f"Bearer {ADMIN}", "admin", "a") == "ops"
+    path.write_text('[[tokens]]\nname = "camera"\ntoken_file = "/x"\n')
+    with pytest.raises(ConfigError, match="'camera' is used twice"):
+        from_config(load_config(None, {"server": server}, {}))
+    path.write_text('[[tokens]]\nname = "x"\ntoken_sha256 = "00"\n')
+    with pytest.raises(ConfigError, match=r"tokens\[0\]\.token_sha256 = '00': must be 64"):
+        from_config(load_config(None, {"server": server}, {}))
+    path.write_text('token = "x"\n')
+    with pytest.raises(ConfigError, match="unknown key 'token'"):
+        from_config(load_config(None, {"server": server}, {}))
+    path.unlink()
+    with pytest.raises(ConfigError, match=r"tokens_file = .*cannot read"):
+        from_config(load_config(None, {"server": server}, {}))
+
+
 @pytest.mark.parametrize(
     ("entry", "message"),
     [
