@@ -212,27 +212,30 @@ def test_websocket_over_tls(tls_server, pki):
     asyncio.run(run())
 
 
-def _handshake(server: ServerProcess, pki: dict[str, Path], version: ssl.TLSVersion,
+def _handshake(port: int, pki: dict[str, Path], version: ssl.TLSVersion,
                ciphers: str | None = None) -> str:  # fmt: skip
     """Connect with exactly one TLS version (and these TLS 1.2 suites): the version agreed."""
     ctx = ssl.create_default_context(cafile=str(pki["ca.crt"]))
     ctx.minimum_version = ctx.maximum_version = version
     # lower the client's own floor, so a refusal comes from the server, not from this client
     ctx.set_ciphers((ciphers or "DEFAULT") + ":@SECLEVEL=0")
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
     with (
-        socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw,
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
         ctx.wrap_socket(raw, server_hostname="localhost") as tls,
     ):
         return str(tls.version())
 
 
 @pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")
-def test_tls_1_2_or_later_with_aead_suites_only(tls_server, pki):
-    server, _ = tls_server
-    assert _handshake(server, pki, ssl.TLSVersion.TLSv1_3) == "TLSv1.3"
-    assert _handshake(server, pki, ssl.TLSVersion.TLSv1_2) == "TLSv1.2"
+@pytest.mark.parametrize("front", ["http", "grpc"])
+def test_tls_1_2_or_later_with_aead_suites_only(tls_server, pki, front):
+    server, grpc_port = tls_server
+    port = server.port if front == "http" else grpc_port
+    assert _handshake(port, pki, ssl.TLSVersion.TLSv1_3) == "TLSv1.3"
+    assert _handshake(port, pki, ssl.TLSVersion.TLSv1_2) == "TLSv1.2"
     gcm = "ECDHE-ECDSA-AES128-GCM-SHA256"
-    assert _handshake(server, pki, ssl.TLSVersion.TLSv1_2, gcm) == "TLSv1.2"
+    assert _handshake(port, pki, ssl.TLSVersion.TLSv1_2, gcm) == "TLSv1.2"
     for version, ciphers in (
         (ssl.TLSVersion.TLSv1_1, None),
         (ssl.TLSVersion.TLSv1, None),
@@ -240,9 +243,9 @@ def test_tls_1_2_or_later_with_aead_suites_only(tls_server, pki):
         (ssl.TLSVersion.TLSv1_2, "ECDHE-ECDSA-AES256-SHA384"),  # CBC
     ):
         with pytest.raises(ssl.SSLError):  # an alert, or the connection closed mid-handshake
-            _handshake(server, pki, version, ciphers)
-    # plain HTTP to the TLS port gets no answer
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+            _handshake(port, pki, version, ciphers)
+    # plain text to the TLS port gets no answer
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
         raw.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
         assert b'"live"' not in raw.recv(4096)
 
