@@ -164,11 +164,12 @@ class GrpcService:
 
     def _check(
         self, rpc: str, meta: _Metadata, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> None:
-        """The bearer token in the `authorization` metadata grants this RPC's scope."""
-        if self.auth.enabled:
-            peer = client_address(context.peer())
-            self.auth.check(meta.get("authorization"), rpc_scope(rpc), peer)
+    ) -> str | None:
+        """The bearer token in the `authorization` metadata grants this RPC's scope: its name."""
+        if not self.auth.enabled:
+            return None
+        peer = client_address(context.peer())
+        return self.auth.check(meta.get("authorization"), rpc_scope(rpc), peer)
 
     def _begin(self, rpc: str, meta: _Metadata, context: grpc.aio.ServicerContext[Any, Any]
                ) -> Request:  # fmt: skip
@@ -199,7 +200,7 @@ class GrpcService:
             req = self._begin(rpc, meta, context)
             error: ApplianceError
             try:
-                self._check(rpc, meta, context)
+                req.token_name = self._check(rpc, meta, context)
                 msg = _parse(kind, raw)
                 model = _model_of(msg)
                 if model:
@@ -373,8 +374,9 @@ class GrpcService:
         max_stream_inflight requests are worked on at once; beyond that the stream is not read
         (HTTP/2 flow control holds the client back)."""
         meta = _Metadata(context.invocation_metadata() or ())
+        token: str | None = None
         try:
-            self._check("ModelStreamInfer", meta, context)
+            token = self._check("ModelStreamInfer", meta, context)
         except ApplianceError as exc:
             await context.abort(code_of(exc.status), exc.message)
         pending: asyncio.Queue[asyncio.Future[pb.ModelStreamInferResponse] | None]
@@ -383,7 +385,9 @@ class GrpcService:
         async def read() -> None:
             with contextlib.suppress(Exception):  # the client went away: answer what came
                 async for raw in requests:
-                    await pending.put(asyncio.ensure_future(self._stream_one(raw, meta, context)))
+                    await pending.put(
+                        asyncio.ensure_future(self._stream_one(raw, meta, context, token))
+                    )
             await pending.put(None)
 
         reader = asyncio.ensure_future(read())
@@ -398,10 +402,15 @@ class GrpcService:
                     left.cancel()
 
     async def _stream_one(
-        self, raw: bytes, meta: _Metadata, context: grpc.aio.ServicerContext[Any, Any]
+        self,
+        raw: bytes,
+        meta: _Metadata,
+        context: grpc.aio.ServicerContext[Any, Any],
+        token: str | None,
     ) -> pb.ModelStreamInferResponse:
         paths = self.paths
         req = self._begin("ModelStreamInfer", meta, context)
+        req.token_name = token
         msg: pb.ModelInferRequest | None = None
         try:
             msg = _parse(pb.ModelInferRequest, raw)

@@ -154,7 +154,7 @@ async def middleware(
     response: web.StreamResponse
     with req.bound():
         try:
-            settings.auth.check(
+            req.token_name = settings.auth.check(
                 request.headers.get("Authorization"), route_scope(request), request.remote
             )
             response = await handler(request)

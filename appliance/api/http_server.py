@@ -413,7 +413,7 @@ class Connection(asyncio.Protocol):
         assert m is not None
         try:
             assert head.route is not None
-            server.settings.auth.check(
+            req.token_name = server.settings.auth.check(
                 _get(head.headers, "authorization"), head.route.scope, self.peer
             )
             server.paths.admit(req, m.group("name"), m.groupdict().get("version"))
