@@ -291,6 +291,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, help="port (default 8080; 0 picks a free one)")
     s.add_argument("--device", choices=["auto", "cuda", "cpu"], help="device for every model")
     s.add_argument("--token-file", help="file holding the bearer token clients must send")
+    s.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS (and gRPC over TLS): certificate")
+    s.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    s.add_argument(
+        "--tls-client-ca", metavar="PEM", help="require client certificates signed by this CA"
+    )
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     s.add_argument("--mqtt", metavar="URL", help="also serve MQTT: mqtt[s]://user:pass@host:port")
     s.add_argument(

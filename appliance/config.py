@@ -206,13 +206,71 @@ def template_fields(template: str) -> list[str]:
 
 
 @dataclass
+class TokenConfig:
+    """One bearer token of [[server.tokens]] (api/auth.py): its secret in a file, or only the
+    secret's SHA-256 in the config; `scopes` says what it may call."""
+
+    #: Named in logs and errors (the token itself never is).
+    name: str = field(default="", metadata=not_empty("must not be empty"))
+    #: File holding the token.
+    token_file: str = ""
+    #: The token's SHA-256, hex (`printf %s TOKEN | sha256sum`): no secret in the config.
+    token_sha256: str = field(
+        default="", metadata=matches(r"[0-9a-fA-F]{64}", "must be 64 hexadecimal digits")
+    )
+    #: "infer" (inference, metadata) and/or "admin" (repository, activation, trace settings;
+    #: admin implies infer).
+    scopes: list[str] = field(default_factory=lambda: ["infer"])
+
+    def check(self) -> None:
+        if bool(self.token_file) == bool(self.token_sha256):
+            raise Invalid("token_file", "give exactly one of token_file and token_sha256")
+        if not self.scopes:
+            raise Invalid("scopes", 'must name at least one scope ("infer" or "admin")')
+        for i, scope in enumerate(self.scopes):
+            if scope not in ("infer", "admin"):
+                raise Invalid(f"scopes[{i}]", 'must be "infer" or "admin"', scope)
+
+
+def load_tokens_file(path: str) -> list[TokenConfig]:
+    """The [[tokens]] tables of `server.tokens_file`, each checked like [[server.tokens]]."""
+    where = f"server.tokens_file = {path!r}"
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{where}: invalid TOML: {exc}") from None
+    extra = set(data) - {"tokens"}
+    if extra:
+        raise ConfigError(f"{where}: unknown key {sorted(extra)[0]!r} (expected [[tokens]] tables)")
+    tables = _check_value(list[TokenConfig], data.get("tokens", []), f"{path}: tokens")
+    return typing.cast(list[TokenConfig], tables)
+
+
+@dataclass
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = field(default=8080, metadata=between(0, 65535))
-    #: Bearer token required on every route but health; empty disables auth.
+    #: Bearer token required on every route but health; empty disables auth. An admin token
+    #: (named "auth_token") beside those of `tokens`.
     auth_token: str = ""
     #: File holding the token (keeps it out of the config and the process list).
     auth_token_file: str = ""
+    #: Several tokens, each with its scopes ([[server.tokens]], api/auth.py).
+    tokens: list[TokenConfig] = field(default_factory=list)
+    #: A TOML file of [[tokens]] tables (the same keys), added to `tokens`: the list can be
+    #: managed apart from this file, readable by fewer users.
+    tokens_file: str = ""
+    #: Failed authentication attempts per client address per minute; then 429 until the
+    #: minute has passed.
+    auth_failures_per_minute: int = field(default=10, metadata=at_least(1))
+    #: TLS for HTTP (and gRPC, unless grpc.cert_file is set): certificate chain and key (PEM);
+    #: both empty: plain HTTP.
+    tls_cert: str = ""
+    tls_key: str = ""
+    #: Mutual TLS: clients must present a certificate signed by this CA (PEM).
+    tls_client_ca: str = ""
     max_body_bytes: int = field(default=64 * 1024 * 1024, metadata=at_least(1024))
     #: One JSON log line per request.
     access_log: bool = True
@@ -222,6 +280,20 @@ class ServerConfig:
     shutdown_timeout_s: float = 10.0
     #: Infer and liveness answered by api/http_server.py's own protocol; false: all by aiohttp.
     fast_path: bool = True
+
+    def check(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise Invalid(
+                "tls_key" if self.tls_cert else "tls_cert", "TLS needs both tls_cert and tls_key"
+            )
+        if self.tls_client_ca and not self.tls_cert:
+            raise Invalid("tls_client_ca", "client certificates need TLS: set tls_cert and tls_key")
+        names = [t.name for t in self.tokens]
+        for i, name in enumerate(names):
+            if name in names[:i] or (
+                name == "auth_token" and (self.auth_token or self.auth_token_file)
+            ):
+                raise Invalid(f"tokens[{i}].name", "is used twice", name)
 
 
 @dataclass

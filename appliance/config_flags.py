@@ -24,6 +24,9 @@ class ConfigFlags:
     host: str | None = None
     port: int | None = None
     token_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
     log_level: str | None = None
     device: str | None = None
     mqtt: str | None = None
@@ -40,6 +43,9 @@ class ConfigFlags:
             host=self.host,
             port=self.port,
             auth_token_file=self.token_file,
+            tls_cert=self.tls_cert,
+            tls_key=self.tls_key,
+            tls_client_ca=self.tls_client_ca,
             log_level=self.log_level,
         )
         if server:

@@ -29,6 +29,23 @@ class Unauthorized(ApplianceError):
     status = 401
 
 
+class Forbidden(ApplianceError):
+    """A valid token without the scope the route needs (an infer token on an admin route)."""
+
+    status = 403
+
+
+class TooManyAttempts(ApplianceError):
+    """Too many failed authentication attempts from one client address: refused unchecked
+    until the window has passed (Retry-After)."""
+
+    status = 429
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class NotFound(ApplianceError):
     """Unknown model, version or route."""
 

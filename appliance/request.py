@@ -135,6 +135,8 @@ class Request:
     span: Any = None
     #: Whether it is traced, once that is decided (None: not yet).
     sampled: bool | None = None
+    #: The name of the bearer token it came with (api/auth.py; the access log), if any.
+    token_name: str | None = None
 
     def bound(self) -> _Bound:
         """The request and trace ids in the logging context while this request is worked on."""
@@ -548,6 +550,8 @@ def log_access(req: Request, seconds: float) -> None:
     }
     if req.protocol != "http":
         fields["protocol"] = req.protocol
+    if req.token_name is not None:
+        fields["token_name"] = req.token_name  # its name: who called, never the secret
     access.info(
         "%s %s %d",
         req.method,

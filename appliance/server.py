@@ -15,8 +15,12 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from . import plugins, systemd, tracing
-from .api.http import HttpSettings, build_app
+from .api import auth as auth_config
+from .api import tls
+from .api.auth import Auth
+from .api.http import SETTINGS, HttpSettings, build_app
 from .api.http_server import run as run_http
+from .api.routes import SYNC
 from .api.ws import WsSettings
 from .backends import detect_backend
 from .config import Config
@@ -94,7 +98,7 @@ def build(
     router.check_names([m.name for m in engine.models()])
     paths = RequestPath(router, metrics, config.server.access_log, GuardBook(config))
     settings = HttpSettings(
-        token=config.token(),
+        auth=auth_config.from_config(config),
         max_body_bytes=config.server.max_body_bytes,
         access_log=config.server.access_log,
         fast_path=config.server.fast_path,
@@ -110,7 +114,7 @@ def build(
     if config.mqtt.url:
         app.cleanup_ctx.append(_mqtt_ctx(config, paths, metrics))
     if config.grpc.port:
-        app.cleanup_ctx.append(_grpc_ctx(config, paths, store))
+        app.cleanup_ctx.append(_grpc_ctx(config, paths, store, settings.auth))
     if config.hub.url:
         if store is None:
             raise ConfigError("hub.url: fleet sync needs a model store, not --model FILE")
@@ -170,7 +174,8 @@ def _add_sync(
         yield
         await agent.stop()
 
-    app.router.add_get("/v2/sync", status)
+    (route,) = SYNC  # its scope is declared in api/routes.py
+    app.router.add_route(route.method, route.path, status)
     app.cleanup_ctx.append(ctx)
 
 
@@ -234,7 +239,7 @@ def _mqtt_ctx(
 
 
 def _grpc_ctx(
-    config: Config, paths: RequestPath, store: Registry | None
+    config: Config, paths: RequestPath, store: Registry | None, auth: Auth
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     """gRPC runs beside HTTP on the same loop and engine; it stops before the engine does."""
     try:
@@ -246,7 +251,7 @@ def _grpc_ctx(
         ) from None
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        server = await grpc_front.start(config, paths, store)
+        server = await grpc_front.start(config, paths, store, auth)
         yield
         await server.stop(config.server.shutdown_timeout_s)
 
@@ -264,9 +269,10 @@ def install_uvloop() -> bool:
 
 def serve(config: Config, sources: list[ModelSource], store: Registry | None = None) -> None:
     app = build(config, sources, store)
+    context = tls.from_config(config)  # a bad certificate stops the start, before binding
     fast = install_uvloop()
     host, port = config.server.host, config.server.port
-    if config.token() == "" and host not in ("127.0.0.1", "localhost", "::1"):
+    if not app[SETTINGS].auth.enabled and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning(
             "listening on %s without a bearer token: anyone on the network can call it", host
         )
@@ -276,11 +282,12 @@ def serve(config: Config, sources: list[ModelSource], store: Registry | None = N
     bound = sock.getsockname()[1]
     app[systemd.ADDRESS] = systemd.format_address(host, bound)  # the real port when --port 0
     log.info(
-        "serving %d model(s) on http://%s:%d%s",
+        "serving %d model(s) on %s://%s:%d%s",
         len(sources),
+        "https" if context is not None else "http",
         host,
         bound,
         " (uvloop)" if fast else "",
         extra={"fields": {"port": bound}},
     )
-    run_http(app, sock, config.server.shutdown_timeout_s)
+    run_http(app, sock, config.server.shutdown_timeout_s, context)

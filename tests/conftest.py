@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import ssl
 import subprocess
 import sys
 import threading
@@ -207,11 +208,12 @@ def start_server_process(
     env: dict[str, str] | None = None,
     command: list[str] | None = None,
     base_env: dict[str, str] | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> ServerProcess:
     """Run `appliance serve ... --port 0` until ready; the bound port is read from its log.
 
     `command` replaces `python -m appliance` (e.g. a frozen binary); `base_env` replaces the
-    inherited environment."""
+    inherited environment; `ssl_context`: the server speaks HTTPS (--tls-cert)."""
     proc = subprocess.Popen(
         [*(command or [sys.executable, "-m", "appliance"]), "serve", "--port", "0", *args],
         stdout=subprocess.DEVNULL,
@@ -242,7 +244,9 @@ def start_server_process(
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"http://{server.url}/v2/health/ready", timeout=5) as r:
+            scheme = "http" if ssl_context is None else "https"
+            ready = f"{scheme}://{server.url}/v2/health/ready"
+            with urllib.request.urlopen(ready, timeout=5, context=ssl_context) as r:
                 if r.status == 200:
                     return server
         except OSError:

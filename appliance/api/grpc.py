@@ -32,26 +32,39 @@ from ..formats import JSON
 from ..metrics import ModelStats
 from ..registry import Registry, check_name
 from ..request import Request, RequestPath
+from . import auth as auth_mod
+from .auth import Auth, client_address
 from .grpc_codec import decode_infer, encode_infer
-from .http import PRIORITY_HEADER, TIMEOUT_HEADER, check_bearer
+from .http import PRIORITY_HEADER, TIMEOUT_HEADER
 from .oip import grpc_service_pb2 as pb
 from .oip import model_config_pb2 as mc
+from .routes import Scope
 
 log = logging.getLogger("appliance.grpc")
 
 SERVICE = "inference.GRPCInferenceService"
 #: RPCs that need no bearer token (health checks), like HTTP's /v2/health routes.
 PUBLIC = frozenset({"ServerLive", "ServerReady"})
+#: RPCs that need the admin scope, like HTTP's repository routes; the others need infer.
+ADMIN = frozenset({"RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"})
+
+
+def rpc_scope(rpc: str) -> Scope:
+    return "public" if rpc in PUBLIC else "admin" if rpc in ADMIN else "infer"
+
+
 EXTENSIONS = ["model_repository", "statistics"]
 #: Counted (never sent) for an RPC whose client went away or whose deadline passed first.
 CLIENT_GONE = 499
 _CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
     404: grpc.StatusCode.NOT_FOUND,
     406: grpc.StatusCode.INVALID_ARGUMENT,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
     415: grpc.StatusCode.INVALID_ARGUMENT,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
     503: grpc.StatusCode.UNAVAILABLE,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
@@ -113,12 +126,12 @@ class GrpcService:
     """The RPCs of inference.GRPCInferenceService over the request path."""
 
     def __init__(
-        self, paths: RequestPath, token: str, store: Registry | None, max_stream_inflight: int
+        self, paths: RequestPath, auth: Auth, store: Registry | None, max_stream_inflight: int
     ) -> None:
         self.paths = paths
         self.router = paths.router
         self.engine = paths.engine
-        self.token = token
+        self.auth = auth
         self.store = store
         self.max_stream_inflight = max_stream_inflight
 
@@ -149,6 +162,15 @@ class GrpcService:
         )
         return grpc.method_handlers_generic_handler(SERVICE, methods)
 
+    def _check(
+        self, rpc: str, meta: _Metadata, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> str | None:
+        """The bearer token in the `authorization` metadata grants this RPC's scope: its name."""
+        if not self.auth.enabled:
+            return None
+        peer = client_address(context.peer())
+        return self.auth.check(meta.get("authorization"), rpc_scope(rpc), peer)
+
     def _begin(self, rpc: str, meta: _Metadata, context: grpc.aio.ServicerContext[Any, Any]
                ) -> Request:  # fmt: skip
         remaining = context.time_remaining()
@@ -178,8 +200,7 @@ class GrpcService:
             req = self._begin(rpc, meta, context)
             error: ApplianceError
             try:
-                if rpc not in PUBLIC and self.token:
-                    check_bearer(self.token, meta.get("authorization"))
+                req.token_name = self._check(rpc, meta, context)
                 msg = _parse(kind, raw)
                 model = _model_of(msg)
                 if model:
@@ -353,18 +374,20 @@ class GrpcService:
         max_stream_inflight requests are worked on at once; beyond that the stream is not read
         (HTTP/2 flow control holds the client back)."""
         meta = _Metadata(context.invocation_metadata() or ())
-        if self.token:
-            try:
-                check_bearer(self.token, meta.get("authorization"))
-            except ApplianceError as exc:
-                await context.abort(code_of(exc.status), exc.message)
+        token: str | None = None
+        try:
+            token = self._check("ModelStreamInfer", meta, context)
+        except ApplianceError as exc:
+            await context.abort(code_of(exc.status), exc.message)
         pending: asyncio.Queue[asyncio.Future[pb.ModelStreamInferResponse] | None]
         pending = asyncio.Queue(self.max_stream_inflight)
 
         async def read() -> None:
             with contextlib.suppress(Exception):  # the client went away: answer what came
                 async for raw in requests:
-                    await pending.put(asyncio.ensure_future(self._stream_one(raw, meta, context)))
+                    await pending.put(
+                        asyncio.ensure_future(self._stream_one(raw, meta, context, token))
+                    )
             await pending.put(None)
 
         reader = asyncio.ensure_future(read())
@@ -379,10 +402,15 @@ class GrpcService:
                     left.cancel()
 
     async def _stream_one(
-        self, raw: bytes, meta: _Metadata, context: grpc.aio.ServicerContext[Any, Any]
+        self,
+        raw: bytes,
+        meta: _Metadata,
+        context: grpc.aio.ServicerContext[Any, Any],
+        token: str | None,
     ) -> pb.ModelStreamInferResponse:
         paths = self.paths
         req = self._begin("ModelStreamInfer", meta, context)
+        req.token_name = token
         msg: pb.ModelInferRequest | None = None
         try:
             msg = _parse(pb.ModelInferRequest, raw)
@@ -430,15 +458,27 @@ def _read(path: str, key: str) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as exc:
-        raise ConfigError(f"grpc.{key} = {path!r}: cannot read: {exc.strerror}") from None
+        raise ConfigError(f"{key} = {path!r}: cannot read: {exc.strerror}") from None
 
 
 def _credentials(config: Config) -> grpc.ServerCredentials | None:
-    cfg = config.grpc
-    if not cfg.cert_file:
+    """grpc.cert_file's TLS, else server.tls_cert's (`serve --tls-cert` covers both fronts);
+    with a client CA, client certificates are required (mTLS)."""
+    cfg, server = config.grpc, config.server
+    if cfg.cert_file:
+        files = {"cert_file": cfg.cert_file, "key_file": cfg.key_file,
+                 "client_ca_file": cfg.client_ca_file}  # fmt: skip
+        section = "grpc"
+    elif server.tls_cert:
+        files = {"tls_cert": server.tls_cert, "tls_key": server.tls_key,
+                 "tls_client_ca": server.tls_client_ca}  # fmt: skip
+        section = "server"
+    else:
         return None
-    pair = (_read(cfg.key_file, "key_file"), _read(cfg.cert_file, "cert_file"))
-    ca = _read(cfg.client_ca_file, "client_ca_file") if cfg.client_ca_file else None
+    cert, key, client_ca = (files[k] for k in files)
+    keys = list(files)
+    pair = (_read(key, f"{section}.{keys[1]}"), _read(cert, f"{section}.{keys[0]}"))
+    ca = _read(client_ca, f"{section}.{keys[2]}") if client_ca else None
     return grpc.ssl_server_credentials([pair], root_certificates=ca,
                                        require_client_auth=ca is not None)  # fmt: skip
 
@@ -454,8 +494,11 @@ class GrpcServer:
         await self.server.stop(grace_s)
 
 
-async def start(config: Config, paths: RequestPath, store: Registry | None) -> GrpcServer:
-    """Serve gRPC on config.grpc's address, on the running event loop."""
+async def start(
+    config: Config, paths: RequestPath, store: Registry | None, auth: Auth | None = None
+) -> GrpcServer:
+    """Serve gRPC on config.grpc's address, on the running event loop; `auth`: the HTTP
+    fronts' (one failed-attempt count per client for every front)."""
     cfg = config.grpc
     limit = cfg.max_message_bytes
     options: Iterable[tuple[str, Any]] = [
@@ -464,7 +507,8 @@ async def start(config: Config, paths: RequestPath, store: Registry | None) -> G
         ("grpc.so_reuseport", 0),  # a port in use is an error, not shared
     ]
     server = grpc.aio.server(options=list(options))
-    service = GrpcService(paths, config.token(), store, cfg.max_stream_inflight)
+    auth = auth or auth_mod.from_config(config)
+    service = GrpcService(paths, auth, store, cfg.max_stream_inflight)
     server.add_generic_rpc_handlers((service.handler(),))
     host = cfg.host or config.server.host
     address = f"[{host}]:{cfg.port}" if ":" in host else f"{host}:{cfg.port}"
@@ -477,7 +521,7 @@ async def start(config: Config, paths: RequestPath, store: Registry | None) -> G
     except RuntimeError as exc:
         raise ConfigError(f"grpc.port = {cfg.port}: cannot listen on {address}: {exc}") from None
     await server.start()
-    if host not in ("127.0.0.1", "localhost", "::1") and not config.token():
+    if host not in ("127.0.0.1", "localhost", "::1") and not auth.enabled:
         log.warning("gRPC on %s without a bearer token: anyone on the network can call it", host)
     log.info(
         "serving gRPC on %s%s",

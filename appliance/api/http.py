@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -28,7 +27,6 @@ from ..errors import (
     ModelError,
     NotReady,
     PayloadTooLarge,
-    Unauthorized,
 )
 from ..formats import JSON
 from ..metrics import Metrics
@@ -37,10 +35,11 @@ from ..request import Request, RequestPath
 from ..routing import Router
 from . import generate as oip_generate
 from . import trace_settings
+from .auth import Auth
 from .images import image_request, text_parameters
 from .openai import add_routes as add_openai_routes
 from .openai import openai_error
-from .routes import KSERVE, PUBLIC
+from .routes import KSERVE, OPENAI, SYNC, UNDECLARED, UNMATCHED, Scope, scopes
 from .ws import WsSettings
 from .ws import stream as ws_stream
 
@@ -49,7 +48,8 @@ log = logging.getLogger("appliance.http")
 
 @dataclass(frozen=True)
 class HttpSettings:
-    token: str
+    #: Bearer tokens and their scopes (api/auth.py); none: no auth.
+    auth: Auth
     max_body_bytes: int
     access_log: bool
     #: The hot routes answered by api/http_server.py itself (else every request by aiohttp).
@@ -100,20 +100,17 @@ def error_response(exc: ApplianceError, openai: bool = False) -> web.Response:
     return web.Response(body=body, status=exc.status, content_type=_JSON, headers=headers)
 
 
-def check_auth(settings: HttpSettings, path: str, authorization: str | None) -> None:
-    """Bearer auth on every route but health."""
-    if settings.token and path not in PUBLIC:
-        check_bearer(settings.token, authorization)
+#: The scope each route pattern needs (api/routes.py declares them).
+SCOPES = scopes(KSERVE, OPENAI, SYNC)
 
 
-def check_bearer(token: str, authorization: str | None) -> None:
-    """`Authorization: Bearer <token>` (an HTTP header, gRPC metadata), compared in constant
-    time."""
-    scheme, _, given = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        given.strip().encode(), token.encode()
-    ):
-        raise Unauthorized("missing or wrong bearer token")
+def route_scope(request: web.Request) -> Scope:
+    """The scope of the route `request` matched: unmatched (404/405) needs any token, a route
+    added without declaring one (outside api/routes.py's tables) the admin scope."""
+    resource = request.match_info.route.resource
+    if resource is None or request.match_info.http_exception is not None:
+        return UNMATCHED
+    return SCOPES.get(resource.canonical, UNDECLARED)
 
 
 #: The client's timeout for one request, in milliseconds: a queued request that can no longer
@@ -157,7 +154,9 @@ async def middleware(
     response: web.StreamResponse
     with req.bound():
         try:
-            check_auth(settings, request.path, request.headers.get("Authorization"))
+            req.token_name = settings.auth.check(
+                request.headers.get("Authorization"), route_scope(request), request.remote
+            )
             response = await handler(request)
         except ApplianceError as exc:
             paths.failed(req, exc)

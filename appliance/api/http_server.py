@@ -25,6 +25,7 @@ import logging
 import re
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,7 +46,6 @@ from .http import (
     SETTINGS,
     TIMEOUT_HEADER,
     HttpSettings,
-    check_auth,
     check_length,
     encode_answer,
     encode_formatted,
@@ -59,6 +59,8 @@ log = logging.getLogger("appliance.http")
 
 #: A head (request line and headers) longer than this goes to aiohttp, which refuses it.
 MAX_HEAD_BYTES = 8190
+#: Seconds a client has to finish its TLS handshake.
+TLS_HANDSHAKE_TIMEOUT_S = 10.0
 #: Unanswered bytes buffered per connection before reading pauses (a pipelining client).
 MAX_BUFFERED_BYTES = 1 << 20
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -410,7 +412,10 @@ class Connection(asyncio.Protocol):
         m = head.match
         assert m is not None
         try:
-            check_auth(server.settings, head.path, _get(head.headers, "authorization"))
+            assert head.route is not None
+            req.token_name = server.settings.auth.check(
+                _get(head.headers, "authorization"), head.route.scope, self.peer
+            )
             server.paths.admit(req, m.group("name"), m.groupdict().get("version"))
             check_length(head.length, server.settings.max_body_bytes)
         except ApplianceError as exc:
@@ -624,9 +629,14 @@ class RunningServer:
 
 
 async def open_server(
-    app: web.Application, sock: socket.socket, keepalive_timeout_s: float = 75.0
+    app: web.Application,
+    sock: socket.socket,
+    keepalive_timeout_s: float = 75.0,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> RunningServer:
-    """Start the app (its startup and cleanup contexts) and serve it on `sock`."""
+    """Start the app (its startup and cleanup contexts) and serve it on `sock`; with
+    `ssl_context`, over TLS (api/tls.py): the event loop's TLS transport hands this protocol
+    decrypted bytes and encrypts its writes, so the fast path and aiohttp work unchanged."""
     loop = asyncio.get_running_loop()
     runner = web.AppRunner(
         app, handle_signals=False, access_log=None, keepalive_timeout=keepalive_timeout_s
@@ -635,7 +645,10 @@ async def open_server(
     factory = runner.server
     assert factory is not None
     http = HttpServer(app, factory, loop, keepalive_timeout_s)
-    server = await loop.create_server(http.protocol, sock=sock, backlog=1024)
+    tls: dict[str, Any] = {}
+    if ssl_context is not None:  # a client that stalls its handshake is dropped
+        tls = {"ssl": ssl_context, "ssl_handshake_timeout": TLS_HANDSHAKE_TIMEOUT_S}
+    server = await loop.create_server(http.protocol, sock=sock, backlog=1024, **tls)
 
     async def sweep() -> None:
         while True:
@@ -645,11 +658,16 @@ async def open_server(
     return RunningServer(runner, http, server, loop.create_task(sweep()))
 
 
-def run(app: web.Application, sock: socket.socket, shutdown_timeout_s: float) -> None:
+def run(
+    app: web.Application,
+    sock: socket.socket,
+    shutdown_timeout_s: float,
+    ssl_context: ssl.SSLContext | None = None,
+) -> None:
     """Serve until SIGTERM or SIGINT, then shut down gracefully (what `web.run_app` does)."""
 
     async def main() -> None:
-        running = await open_server(app, sock)
+        running = await open_server(app, sock, ssl_context=ssl_context)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -27,6 +27,7 @@ from ..llm import Generation, GenerationResult, Sampling, TextModel
 from ..request import Request, RequestPath
 from ..routing import Router
 from .openai_structured import BadField, Streamer, Structure, message_fields
+from .routes import OPENAI
 
 MAX_EMBEDDING_INPUTS = 2048
 _FINGERPRINT = f"appliance-{__version__}"
@@ -47,8 +48,9 @@ _SERVICE_TIERS = (None, "auto", "default", "flex", "scale", "priority", "fast")
 
 
 def openai_error(exc: ApplianceError) -> dict[str, Any]:
-    kind = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-            413: "invalid_request_error", 503: "server_error", 504: "timeout"}  # fmt: skip
+    kind = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+            404: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+            503: "server_error", 504: "timeout"}  # fmt: skip
     code = {401: "invalid_api_key", 404: "model_not_found", 413: "request_too_large",
             503: "overloaded", 504: "timeout"}  # fmt: skip
     return {
@@ -488,12 +490,15 @@ def add_routes(
 
         return route
 
-    r = app.router
-    r.add_get("/v1/models", bind(list_models))
-    r.add_get("/v1/models/{model}", bind(get_model))
-    r.add_post("/v1/chat/completions", bind(chat_completions))
-    r.add_post("/v1/completions", bind(completions))
-    r.add_post("/v1/embeddings", bind(embeddings))
+    handlers = {
+        "list_models": list_models,
+        "get_model": get_model,
+        "chat_completions": chat_completions,
+        "completions": completions,
+        "embeddings": embeddings,
+    }
+    for route in OPENAI:  # declared with their scope in api/routes.py
+        app.router.add_route(route.method, route.path, bind(handlers[route.handler]))
 
 
 __all__ = ["add_routes", "openai_error", "stream_generation"]

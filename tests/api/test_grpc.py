@@ -5,7 +5,6 @@ process, or in the test's loop where a test needs a gated model or a token)."""
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import queue
 import socket
 from pathlib import Path
@@ -25,6 +24,7 @@ from appliance.api.oip import grpc_service_pb2 as pb
 from appliance.config import load_config
 from appliance.errors import ConfigError
 from tests.conftest import SAMPLE_NAMES, start_server_process, stop_server_process
+from tests.support.certs import make_pki
 
 TOKEN = "grpc-test-token"
 
@@ -347,7 +347,7 @@ async def test_deadline_is_the_request_timeout(serve, gated):
 
 
 async def test_tls_with_client_certificates(serve, tmp_path):
-    files = _certificates(tmp_path)
+    files = make_pki(tmp_path)
     port = free_port()
     await serve({"grpc": {"port": port, "cert_file": str(files["server.crt"]),
                           "key_file": str(files["server.key"]),
@@ -366,55 +366,6 @@ async def test_tls_with_client_certificates(serve, tmp_path):
     async with aioclient.InferenceServerClient(url) as c:  # plaintext
         with pytest.raises(InferenceServerException):
             await c.is_server_live()
-
-
-def _certificates(out: Path) -> dict[str, Path]:
-    """A CA, a server certificate for localhost and a client certificate, signed by the CA."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = dt.datetime.now(dt.timezone.utc)
-
-    def cert(name, key, issuer, issuer_key, ca=False, san=None):
-        b = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-            .issuer_name(issuer)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        )
-        if san:
-            b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
-        return b.sign(issuer_key, hashes.SHA256())
-
-    files: dict[str, Path] = {}
-
-    def write(stem, key, certificate):
-        files[f"{stem}.key"] = out / f"{stem}.key"
-        files[f"{stem}.key"].write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-        files[f"{stem}.crt"] = out / f"{stem}.crt"
-        files[f"{stem}.crt"].write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test ca")])
-    write("ca", ca_key, cert("test ca", ca_key, ca_name, ca_key, ca=True))
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    san = [x509.DNSName("localhost")]
-    write("server", server_key, cert("localhost", server_key, ca_name, ca_key, san=san))
-    client_key = ec.generate_private_key(ec.SECP256R1())
-    write("client", client_key, cert("client", client_key, ca_name, ca_key))
-    return files
 
 
 def test_config_is_checked():
