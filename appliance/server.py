@@ -151,6 +151,7 @@ def _add_sync(
 ) -> None:
     """The hub sync agent runs beside serving; GET /v2/sync reports what it is doing."""
     from .api.http import LOADER, json_response
+    from .api.status import SYNC_STATUS
 
     try:
         from .sync.agent import SyncAgent
@@ -171,6 +172,7 @@ def _add_sync(
         await agent.stop()
 
     app.router.add_get("/v2/sync", status)
+    app[SYNC_STATUS] = agent.status  # the status page's summary (api/status.py)
     app.cleanup_ctx.append(ctx)
 
 

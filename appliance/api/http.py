@@ -40,7 +40,8 @@ from . import trace_settings
 from .images import image_request, text_parameters
 from .openai import add_routes as add_openai_routes
 from .openai import openai_error
-from .routes import KSERVE, PUBLIC
+from .status import add_routes as add_status_routes
+from .routes import KSERVE, PUBLIC, PUBLIC_PREFIX
 from .ws import WsSettings
 from .ws import stream as ws_stream
 
@@ -101,8 +102,8 @@ def error_response(exc: ApplianceError, openai: bool = False) -> web.Response:
 
 
 def check_auth(settings: HttpSettings, path: str, authorization: str | None) -> None:
-    """Bearer auth on every route but health."""
-    if settings.token and path not in PUBLIC:
+    """Bearer auth on every route but health and the status page's static files."""
+    if settings.token and path not in PUBLIC and not path.startswith(PUBLIC_PREFIX):
         check_bearer(settings.token, authorization)
 
 
@@ -482,5 +483,6 @@ def build_app(
     for route in KSERVE:
         app.router.add_route(route.method, route.path, HANDLERS[route.handler])
     add_openai_routes(app, PATH, REQUEST)
+    add_status_routes(app)
     app.cleanup_ctx.append(_engine_ctx)
     return app

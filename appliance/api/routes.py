@@ -59,8 +59,11 @@ KSERVE: tuple[Route, ...] = (
     ),
 )
 
-#: Routes that need no bearer token (health checks of orchestrators and load balancers).
-PUBLIC = frozenset({"/v2/health/live", "/v2/health/ready"})
+#: Routes that need no bearer token (health checks of orchestrators and load balancers; the
+#: status page itself, whose JSON calls send the token).
+PUBLIC = frozenset({"/v2/health/live", "/v2/health/ready", "/"})
+#: Paths under it need no token either: the status page's static files (api/ui.py).
+PUBLIC_PREFIX = "/ui/"
 
 
 def hot_routes() -> list[tuple[str, Route, re.Pattern[str]]]:
