@@ -275,8 +275,7 @@ class RequestPath:
                 response = await router.infer(name, version, body, key)
             else:
                 response = await self._guarded_infer(guards, name, version, body, key)
-        if req.span is not None:
-            req.served.model, req.served.version = response.model_name, response.model_version
+        req.served.model, req.served.version = response.model_name, response.model_version
         return response
 
     async def _guarded_infer(
@@ -493,8 +492,12 @@ class RequestPath:
         its log line)."""
         req.status = status
         seconds = time.perf_counter() - req.start
-        if req.target is not None and status != 404:  # 404: a name nobody serves
-            self.series.record(req.target, status, seconds)
+        target = req.target
+        if target is not None and status != 404:  # 404: a name nobody serves
+            self.series.record(target, status, seconds)
+            model = req.served.model
+            if model and model != target:  # through a task: the model's series counts it too
+                self.series.record(model, status, seconds)
         if req.protocol == "http":
             self.metrics.http_response(req.route, status)
         elif req.protocol == "ws":

@@ -209,11 +209,12 @@ function stepsGraph(meta) {
   }
   const chain = [{ id: "inputs", kind: "io", sub: meta.inputs.map((i) => i.name).join(", ") }];
   const stepList = (side) => ((p.steps || {})[side] || []).map((s, i) => ({ id: s.name || `${side} ${i + 1}`, kind: "step", sub: s.type }));
-  if (p.preprocess) chain.push({ id: "preprocess", kind: "step", sub: p.preprocess.type || "image" });
+  // `steps` lists every step; `preprocess`/`postprocess` are summaries of some of them
+  if (!p.steps && p.preprocess) chain.push({ id: "preprocess", kind: "step", sub: p.preprocess.type || "image" });
   chain.push(...stepList("input"));
   chain.push({ id: meta.name, sub: meta.platform });
   chain.push(...stepList("output"));
-  if (p.postprocess) chain.push({ id: "postprocess", kind: "step", sub: p.postprocess.type || "" });
+  if (!p.steps && p.postprocess) chain.push({ id: "postprocess", kind: "step", sub: p.postprocess.type || "" });
   chain.push({ id: "outputs", kind: "io", sub: meta.outputs.map((o) => o.name).join(", ") });
   const edges = chain.slice(1).map((n, i) => [chain[i].id, n.id]);
   return graph(chain, edges, { label: `processing steps of ${meta.name}` });
@@ -261,9 +262,9 @@ function versionsCard(name, stored, refresh) {
     h("p", { class: "muted" }, "Switching loads and checks the new version while the old one serves (no gap)."));
 }
 
-function tryCard(meta) {
+function tryCard(meta, backend) {
   const p = meta.parameters || {};
-  const answer = h("pre", { id: "try-answer", class: "answer", "aria-live": "polite" });
+  const answer = h("pre", { id: "try-answer", class: "answer", "aria-live": "polite", tabindex: 0 });
   const show = (data) => { answer.textContent = typeof data === "string" ? data : JSON.stringify(data, null, 1); };
   const run = (work) => async (ev) => {
     ev.preventDefault();
@@ -277,7 +278,7 @@ function tryCard(meta) {
   };
   const base = `v2/models/${encodeURIComponent(meta.name)}`;
   const forms = [];
-  const textual = meta.platform === "gguf" || meta.platform === "llama.cpp";
+  const textual = backend === "gguf"; // a text model: the generate extension
   if (textual) {
     const prompt = h("textarea", { id: "try-prompt" }, "Hello");
     forms.push(h("form", { onsubmit: run(() => call(`${base}/generate`, { method: "POST", body: { text_input: prompt.value, parameters: { max_tokens: 32 } } })) },
@@ -329,8 +330,8 @@ async function modelPage(name) {
       h("section", { class: "card", "aria-labelledby": "out-h" }, h("h2", { id: "out-h" }, "Outputs"), tensorTable(meta.outputs))),
     h("section", { class: "card", "aria-labelledby": "steps-h" }, h("h2", { id: "steps-h" }, p.nodes ? "Pipeline graph" : "Steps"), stepsGraph(meta)),
     versionsCard(name, stored, () => modelPage(name)),
-    tryCard(meta),
-    stored ? h("section", { class: "card", "aria-labelledby": "manifest-h" }, h("h2", { id: "manifest-h" }, "Manifest"), h("pre", { id: "manifest" }, JSON.stringify(stored.manifest, null, 1))) : "",
+    tryCard(meta, m ? m.backend : meta.platform),
+    stored ? h("section", { class: "card", "aria-labelledby": "manifest-h" }, h("h2", { id: "manifest-h" }, "Manifest"), h("pre", { id: "manifest", tabindex: 0 }, JSON.stringify(stored.manifest, null, 1))) : "",
   ]);
   view.dataset.loaded = String(status.time);
 }
