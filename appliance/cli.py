@@ -271,7 +271,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             raise ConfigError(f"--token-file {args.token_file}: {exc.strerror}") from None
     if url is None or not args.token_file:
         config = _config(args)
-        host = config.server.host if config.server.host not in ("0.0.0.0", "::") else "127.0.0.1"
+        host = config.server.host
+        if host in ("0.0.0.0", "::"):  # noqa: S104 (served on every address: ask loopback)
+            host = "127.0.0.1"
         url = url or f"http://{f'[{host}]' if ':' in host else host}:{config.server.port}"
         token = token or config.token()
     summary = fetch(url, token)
@@ -306,7 +308,9 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="appliance", description="Edge inference appliance")
     ap.add_argument("--version", action=_VersionAction)
     sub = ap.add_subparsers(
-        dest="command", required=True, metavar="{serve,status,models,plugins,selftest,bench,build,hub}"
+        dest="command",
+        required=True,
+        metavar="{serve,status,models,plugins,selftest,bench,build,hub}",
     )
 
     s = sub.add_parser("serve", help="serve the model store (or one file) over HTTP")

@@ -477,7 +477,8 @@ class RequestPath:
         if worth_logging(exc):
             with req.bound():
                 log.warning("%s %s: %s", req.method, req.path, exc.message)
-        self.errors.add(exc.status, req.target, req.path, exc.message, req.id)
+        if req.target is not None:  # a model's, task's or pipeline's (not auth, not health)
+            self.errors.add(exc.status, req.target, req.path, exc.message, req.id)
         return exc.status
 
     def crashed(self, req: Request) -> None:

@@ -8,17 +8,20 @@ import json
 import urllib.error
 import urllib.request
 from typing import Any
+from urllib.parse import urlsplit
 
 from .errors import ApplianceError
 
 
 def fetch(url: str, token: str = "", timeout_s: float = 10.0) -> dict[str, Any]:
     """The summary from the appliance at `url` (its base URL); an ApplianceError saying why not."""
-    request = urllib.request.Request(url.rstrip("/") + "/api/status")
+    if urlsplit(url).scheme not in ("http", "https"):
+        raise ApplianceError(f"--url {url!r}: expected http://HOST:PORT or https://HOST:PORT")
+    request = urllib.request.Request(url.rstrip("/") + "/api/status")  # noqa: S310 (checked)
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310
             data = json.loads(response.read())
     except urllib.error.HTTPError as exc:
         if exc.code == 401:
@@ -61,8 +64,8 @@ def render(s: dict[str, Any]) -> str:
     a = s["appliance"]
     minutes = round(s.get("window_s", 300) / 60)
     lines = [
-        f"appliance {a['version']} ({a['revision']}) on {a['hostname']}, up {_uptime(a['uptime_s'])}"
-        f", {'ready' if a['ready'] else 'NOT READY'}",
+        f"appliance {a['version']} ({a['revision']}) on {a['hostname']}, "
+        f"up {_uptime(a['uptime_s'])}, {'ready' if a['ready'] else 'NOT READY'}",
     ]
     d = s["device"]
     lines.append(

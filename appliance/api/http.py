@@ -40,8 +40,8 @@ from . import trace_settings
 from .images import image_request, text_parameters
 from .openai import add_routes as add_openai_routes
 from .openai import openai_error
-from .status import add_routes as add_status_routes
 from .routes import KSERVE, PUBLIC, PUBLIC_PREFIX
+from .status import add_routes as add_status_routes
 from .ws import WsSettings
 from .ws import stream as ws_stream
 

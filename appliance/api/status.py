@@ -42,7 +42,7 @@ def status(app: web.Application, points: int = 0) -> dict[str, Any]:
     paths, engine, store = app[PATH], app[ENGINE], app[STORE]
     router = paths.router
     gauges = {g.name: g for g in app[METRICS].gauge_source()}
-    now = time.time()
+    now, started = time.time(), app[STARTED]
     models = []
     for model in router.models():
         entry = _model(paths, engine, model, gauges.get(model.name), store, points)
@@ -73,8 +73,8 @@ def status(app: web.Application, points: int = 0) -> dict[str, Any]:
             "platform": f"{platform.system()} {platform.machine()}",
             "hostname": platform.node(),
             "pid": os.getpid(),
-            "started_at": round(app[STARTED], 3),
-            "uptime_s": round(now - app[STARTED], 1),
+            "started_at": round(started, 3),
+            "uptime_s": round(now - started, 1),
             "ready": engine.ready,
         },
         "device": {

@@ -19,7 +19,12 @@ from .routes import PUBLIC_PREFIX
 
 #: Paths under it are public static files (api/http.py's auth skips them).
 PREFIX = PUBLIC_PREFIX
-_TYPES = {".js": "text/javascript", ".css": "text/css", ".html": "text/html", ".svg": "image/svg+xml"}
+_TYPES = {
+    ".js": "text/javascript",
+    ".css": "text/css",
+    ".html": "text/html",
+    ".svg": "image/svg+xml",
+}
 #: What an ingress prefix may hold (it goes into the page: nothing that could close the tag).
 _INGRESS_RE = re.compile(r"^/[A-Za-z0-9._~/-]{0,200}$")
 

@@ -86,12 +86,13 @@ def device(
     store = Registry(root / "models")
     store.add("sample", samples / "sample.onnx")
     store.add("sample", samples / "sample.onnx", version="2", activate=False)
-    store.add(
-        "color_classifier",
+    store.add(  # the pipeline's classifier, with the steps that make it take a picture
+        "colors_image",
         built / "color_classifier.onnx",
         preprocess=IMAGE_STEP,
         postprocess={"type": "classification", "softmax": True, "labels": LABELS},
     )
+    store.add("color_classifier", built / "color_classifier.onnx")
     store.add("squares_detector", built / "squares_detector.onnx")
     store.add_pipeline("detect_classify", built / "detect_classify.pipeline.json")
     store.add("tiny", gguf_models / "tiny-llama-q8_0.gguf")
@@ -99,7 +100,7 @@ def device(
     (root / "config.toml").write_text(
         f'[server]\nauth_token_file = "{root / "token"}"\n'
         f'[store]\npath = "{store.root}"\n'
-        '[tasks.colors]\nvariants = [{model = "color_classifier"}]\n'
+        '[tasks.colors]\nvariants = [{model = "colors_image"}]\n'
     )
     server = start_server_process(["--config", str(root / "config.toml")])
     picture = (built / "pictures" / "picture-01.png").read_bytes()
@@ -116,7 +117,9 @@ def device(
         stop_server_process(server)
 
 
-def _open(browser: Any, server: ServerProcess, fragment: str = "", token: str | None = TOKEN) -> Any:
+def _open(
+    browser: Any, server: ServerProcess, fragment: str = "", token: str | None = TOKEN
+) -> Any:
     # bypass_csp: the page's CSP (script-src 'self') would refuse the injected axe-core
     watched = page_for(browser, viewport={"width": 1400, "height": 900}, bypass_csp=True)
     if token:
@@ -140,13 +143,15 @@ def test_without_the_token_the_page_asks_for_it_and_shows_no_data(
     screenshot(page, "device-token-prompt")
     page.fill("#token-input", "wrong")
     page.click("#auth button[type=submit]")
-    page.wait_for_function("document.querySelector('#auth-message').textContent.includes('refused')")
+    page.wait_for_function(
+        "document.querySelector('#auth-message').textContent.includes('refused')"
+    )
     assert page.locator("tr[data-model]").count() == 0
     assert all(REFUSED in e for e in watched.errors), watched.errors
     page.fill("#token-input", TOKEN)
     page.click("#auth button[type=submit]")
     _loaded(page)
-    assert page.locator("tr[data-model]").count() == 5
+    assert page.locator("tr[data-model]").count() == 6
     page.context.close()
 
 
@@ -157,20 +162,24 @@ def test_overview_shows_what_the_api_says(browser: Any, device: ServerProcess) -
     status = call(device, "/api/status")
     for m in status["models"]:
         row = page.locator(f'tr[data-model="{m["name"]}"]')
-        cell = lambda field: row.locator(f'[data-field="{field}"]').inner_text().strip()  # noqa: E731
+
+        def cell(field: str, row: Any = row) -> str:
+            return str(row.locator(f'[data-field="{field}"]').inner_text()).strip()
+
         assert cell("version") == m["version"]
         assert cell("backend") == m["backend"]
         assert cell("status") == m["status"]
         assert cell("queue_depth") == str(m["queue_depth"])
         assert cell("requests") == str(m["last_5m"]["requests"]), m["name"]
-        assert cell("device").startswith(m["device"] or "–")
+        assert cell("device").startswith(m["device"] or "\u2013")  # an en dash: none
     by_name = {m["name"]: m for m in status["models"]}
     assert by_name["sample"]["last_5m"]["requests"] == 6
-    assert by_name["color_classifier"]["last_5m"]["requests"] == 3
+    assert by_name["colors_image"]["last_5m"]["requests"] == 3
+    assert by_name["detect_classify"]["status"] == "ready"
     assert by_name["tiny"]["backend"] == "gguf" and by_name["tiny"]["last_5m"]["requests"] == 1
     task = page.locator('tr[data-task="colors"]')
     assert task.locator('[data-field="requests"]').inner_text() == "3"
-    assert task.locator('[data-field="serving"]').inner_text() == "color_classifier/1"
+    assert task.locator('[data-field="serving"]').inner_text() == "colors_image/1"
     assert page.locator('tr[data-model="sample"] + tr svg.spark').count() == 3
     assert "/v2/models/sample/infer" in page.inner_text("#errors")
     assert page.inner_text("#device-runs-on") == "CPU only"
@@ -207,7 +216,7 @@ def test_activate_rollback_and_try_it_on_a_models_page(browser: Any, device: Ser
 def test_picture_upload_pipeline_graph_and_generation(
     browser: Any, device: ServerProcess, built: Path
 ) -> None:
-    watched = _open(browser, device, "#/models/color_classifier")
+    watched = _open(browser, device, "#/models/colors_image")
     page = watched.page
     _loaded(page)
     assert page.locator("svg.graph g.node").count() == 5  # inputs, image, model, classify, outputs
@@ -215,9 +224,9 @@ def test_picture_upload_pipeline_graph_and_generation(
     page.click("#try-file + button")
     page.wait_for_function("document.querySelector('#try-answer').textContent.includes('outputs')")
     answer = json.loads(page.inner_text("#try-answer"))
-    assert answer["model_name"] == "color_classifier"
+    assert answer["model_name"] == "colors_image"
     picture = (built / "pictures" / "picture-01.png").read_bytes()
-    direct = call(device, "/v2/models/color_classifier/infer", raw=picture, ctype="image/png")
+    direct = call(device, "/v2/models/colors_image/infer", raw=picture, ctype="image/png")
     assert answer["outputs"] == direct["outputs"]
     screenshot(page, "device-model-image")
 
