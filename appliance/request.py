@@ -492,13 +492,14 @@ class RequestPath:
         series, and the access log (formatted after this step: the client does not wait for
         its log line)."""
         req.status = status
-        seconds = time.perf_counter() - req.start
+        now = time.perf_counter()
+        seconds = now - req.start
         target = req.target
         if target is not None and status != 404:  # 404: a name nobody serves
-            self.series.record(target, status, seconds)
+            self.series.record(target, status, seconds, now)
             model = req.served.model
             if model and model != target:  # through a task: the model's series counts it too
-                self.series.record(model, status, seconds)
+                self.series.record(model, status, seconds, now)
         if req.protocol == "http":
             self.metrics.http_response(req.route, status)
         elif req.protocol == "ws":

@@ -7,13 +7,12 @@ three increments; everything else (rates, percentiles) is worked out when someon
 
 Buckets are `bucket_s` seconds of the monotonic clock (a wall-clock jump neither loses nor
 duplicates a bucket); each holds the request count, the 4xx and 5xx counts and a latency
-histogram with log-spaced bounds (about ±12 % on a percentile), allocated when first used.
+histogram with log-spaced bounds (about ±12 % on a percentile), made when first used.
 """
 
 from __future__ import annotations
 
 import time
-from array import array
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
@@ -27,18 +26,20 @@ MAX_NAMES = 256
 
 
 class _Bucket:
-    __slots__ = ("at", "client_errors", "count", "errors", "latency")
+    __slots__ = ("at", "client_errors", "count", "end", "errors", "latency")
 
-    def __init__(self, at: int) -> None:
+    def __init__(self, at: int, bucket_s: float) -> None:
         self.at = at
+        #: Where the next bucket starts, on the clock (a request before it lands here).
+        self.end = (at + 1) * bucket_s
         self.count = 0
         self.errors = 0
         self.client_errors = 0
-        self.latency = array("I", bytes(4 * (len(BOUNDS) + 1)))
+        self.latency = [0] * (len(BOUNDS) + 1)
 
 
 class _Ring:
-    """The buckets of one name; `current` saves the modulo and lookup on most requests."""
+    """The buckets of one name; `current` spares most requests the modulo and the lookup."""
 
     __slots__ = ("buckets", "current")
 
@@ -48,34 +49,34 @@ class _Ring:
 
 
 class RequestSeries:
-    """Per name, the last `buckets * bucket_s` seconds of requests (see the module docstring)."""
+    """Per name, the last `buckets * bucket_s` seconds of requests (see the module docstring).
+
+    `clock` is monotonic; RequestPath passes the time.perf_counter() it read anyway (also
+    monotonic), so recording reads no clock of its own."""
 
     def __init__(
         self,
         bucket_s: float = 10.0,
         buckets: int = 360,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.bucket_s = bucket_s
         self.size = buckets
         self.clock = clock
         self._rings: dict[str, _Ring] = {}
 
-    def record(self, name: str, status: int, seconds: float) -> None:
-        """One answered request (the hot path: keep it short)."""
+    def record(self, name: str, status: int, seconds: float, now: float | None = None) -> None:
+        """One answered request at `now` on the clock (the hot path: keep it short)."""
         ring = self._rings.get(name)
         if ring is None:
             if len(self._rings) >= MAX_NAMES:
                 return
             ring = self._rings[name] = _Ring(self.size)
-        at = int(self.clock() // self.bucket_s)
+        if now is None:
+            now = self.clock()
         bucket = ring.current
-        if bucket is None or bucket.at != at:
-            slot = at % self.size
-            bucket = ring.buckets[slot]
-            if bucket is None or bucket.at != at:
-                bucket = ring.buckets[slot] = _Bucket(at)
-            ring.current = bucket
+        if bucket is None or now >= bucket.end:
+            bucket = self._turn(ring, now)
         bucket.count += 1
         if status >= 400:
             if status >= 500:
@@ -83,6 +84,16 @@ class RequestSeries:
             else:
                 bucket.client_errors += 1
         bucket.latency[bisect_left(BOUNDS, seconds)] += 1
+
+    def _turn(self, ring: _Ring, now: float) -> _Bucket:
+        """The bucket `now` falls in: found in the ring, or new in the slot of a lap ago."""
+        at = int(now // self.bucket_s)
+        slot = at % self.size
+        bucket = ring.buckets[slot]
+        if bucket is None or bucket.at != at:
+            bucket = ring.buckets[slot] = _Bucket(at, self.bucket_s)
+        ring.current = bucket
+        return bucket
 
     def names(self) -> list[str]:
         return sorted(self._rings)
@@ -129,7 +140,7 @@ class RequestSeries:
         points = max(1, round(seconds / self.bucket_s))
         now = int(self.clock() // self.bucket_s)
         ring = self._rings.get(name)
-        merged = array("I", bytes(4 * (len(BOUNDS) + 1)))
+        merged = [0] * (len(BOUNDS) + 1)
         count = errors = client_errors = 0
         if ring is not None:
             for at in range(now - points + 1, now + 1):
@@ -155,7 +166,7 @@ class RequestSeries:
         }
 
 
-def percentile(counts: array[int] | list[int], q: float) -> float | None:
+def percentile(counts: list[int], q: float) -> float | None:
     """The q-quantile of a histogram over BOUNDS (the geometric middle of its bucket), in
     seconds; None when it is empty."""
     total = sum(counts)
