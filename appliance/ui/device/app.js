@@ -153,7 +153,7 @@ function syncCard(s) {
     const progress = Object.entries(y.progress || {}).map(([k, p]) => {
       const done = typeof p === "object" && p ? p.bytes ?? p.done : p;
       const total = typeof p === "object" && p ? p.total ?? p.size : null;
-      return h("div", {}, `${k}: `, total ? h("progress", { max: total, value: done, "aria-label": `download of ${k}` }) : "", ` ${fmt(done)}${total ? " / " + total : ""}`);
+      return h("div", {}, `${k}${p && p.version ? " " + p.version : ""}: `, total ? h("progress", { max: total, value: done, "aria-label": `download of ${k}` }) : "", ` ${fmt(done)}${total ? " / " + total : ""}`);
     });
     const pairs = (o) => Object.entries(o || {}).map(([k, v]) => `${k} → ${typeof v === "object" ? JSON.stringify(v) : v}`).join("; ") || "none";
     body = h("dl", {},
