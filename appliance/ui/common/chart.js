@@ -60,7 +60,7 @@ export function graph(nodes, edges, { label = "graph" } = {}) {
   }
   const columns = [];
   for (const n of nodes) (columns[depth.get(n.id)] ||= []).push(n);
-  const bw = 130, bh = 40, gx = 40, gy = 14;
+  const bw = 130, bh = 40, gx = 40, gy = 18;
   const rows = Math.max(1, ...columns.map((c) => (c ? c.length : 0)));
   const width = columns.length * (bw + gx);
   const height = rows * (bh + gy) + gy;
@@ -75,7 +75,12 @@ export function graph(nodes, edges, { label = "graph" } = {}) {
   for (const [a, b] of edges) {
     const p = at.get(a), q = at.get(b);
     if (!p || !q) continue;
-    root.append(svg("path", { d: `M${p.x + bw},${p.y + bh / 2} L${q.x},${q.y + bh / 2}`, class: "edge" }));
+    const x1 = p.x + bw, y1 = p.y + bh / 2, x2 = q.x, y2 = q.y + bh / 2;
+    // an edge that skips a column arches over the boxes between instead of running behind them
+    const d = x2 - x1 > gx + 1
+      ? `M${x1},${y1} C${x1 + 30},${p.y - 14} ${x2 - 30},${q.y - 14} ${x2},${y2}`
+      : `M${x1},${y1} L${x2},${y2}`;
+    root.append(svg("path", { d, class: "edge" }));
   }
   for (const n of nodes) {
     const p = at.get(n.id);

@@ -292,7 +292,7 @@ function tryCard(meta, backend) {
       return call(`${base}/infer`, { method: "POST", body: f, type: f.type || "image/png" });
     }) }, h("label", { for: "try-file" }, "Picture"), file, h("button", { type: "submit" }, "Send picture")));
   }
-  if (!textual) {
+  if (!textual && !p.preprocess) { // an image model takes the picture, not its tensor
     const body = h("textarea", { id: "try-body", spellcheck: "false" }, example(meta));
     forms.push(h("form", { onsubmit: run(() => {
       let parsed;
