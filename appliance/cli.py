@@ -258,6 +258,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run(options)
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """The running appliance's /api/status (appliance/status_view.py); its URL and token from
+    the flags, else from the config (the port it serves on, its token file)."""
+    from .status_view import fetch, render
+
+    url, token = args.url, ""
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"--token-file {args.token_file}: {exc.strerror}") from None
+    if url is None or not args.token_file:
+        config = _config(args)
+        host = config.server.host
+        if host in ("0.0.0.0", "::"):  # noqa: S104 (served on every address: ask loopback)
+            host = "127.0.0.1"
+        url = url or f"http://{f'[{host}]' if ':' in host else host}:{config.server.port}"
+        token = token or config.token()
+    summary = fetch(url, token)
+    if args.json:
+        import orjson
+
+        print(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(render(summary))
+    return 0
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from .build.command import run
 
@@ -280,7 +308,9 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="appliance", description="Edge inference appliance")
     ap.add_argument("--version", action=_VersionAction)
     sub = ap.add_subparsers(
-        dest="command", required=True, metavar="{serve,models,plugins,selftest,bench,build,hub}"
+        dest="command",
+        required=True,
+        metavar="{serve,status,models,plugins,selftest,bench,build,hub}",
     )
 
     s = sub.add_parser("serve", help="serve the model store (or one file) over HTTP")
@@ -311,6 +341,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--hub-token-file", help="file holding the device token from `hub enroll`")
     s.add_argument("--hub-root", metavar="ROOT_JSON", help="the hub's trusted root.json")
     s.set_defaults(func=cmd_serve)
+
+    st = sub.add_parser("status", help="the running appliance's status summary (/api/status)")
+    _common(st, store=False)
+    st.add_argument("--url", help="its base URL (default: the config's host and port)")
+    st.add_argument("--token-file", help="file holding its bearer token (default: the config's)")
+    st.add_argument("--json", action="store_true", help="the JSON summary as it is")
+    st.set_defaults(func=cmd_status)
 
     m = sub.add_parser("models", help="manage the model store")
     msub = m.add_subparsers(dest="action", required=True)

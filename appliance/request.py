@@ -40,6 +40,7 @@ from .llm import EmbeddingResult, Generation, GenerationResult
 from .logs import request_id, trace_id
 from .metrics import Metrics
 from .routing import Router, Served
+from .timeseries import RecentErrors, RequestSeries
 
 if TYPE_CHECKING:
     from .tracing.otel import Tracer
@@ -137,6 +138,8 @@ class Request:
     sampled: bool | None = None
     #: The name of the bearer token it came with (api/auth.py; the access log), if any.
     token_name: str | None = None
+    #: The model, task or pipeline it asked for, once known (its series on the status page).
+    target: str | None = None
 
     def bound(self) -> _Bound:
         """The request and trace ids in the logging context while this request is worked on."""
@@ -181,6 +184,9 @@ class RequestPath:
             metrics.collectors.append(guards.counters.collect)
         #: The process's tracer (appliance/tracing/) when tracing is on, else None.
         self.tracer: Tracer | None = tracing.tracer
+        #: The last hour of requests per name and the last failures (the status page's).
+        self.series = RequestSeries()
+        self.errors = RecentErrors()
 
     def begin(
         self,
@@ -235,6 +241,7 @@ class RequestPath:
         """404 for an unknown model, 503 for a full queue: before a body is read or decoded.
         The level is the wire's (a header) when it gives one: under a flood of background
         work, a request marked so in its header is refused without reading its body."""
+        req.target = name
         return self.router.admit(name, version, priority_of(req.priority, req.priority_name))
 
     def _key(self, req: Request, name: str, parameters: Mapping[str, Any]) -> str | None:
@@ -251,6 +258,7 @@ class RequestPath:
     ) -> InferResponse:
         """Run a decoded KServe v2 request on model or task `name` (the hot path: its stages
         are written out here rather than called)."""
+        req.target = name
         if req.expiry_s:
             shorten_deadline(body, req.expiry_s)
         if req.timeout_ms is not None:
@@ -269,8 +277,7 @@ class RequestPath:
                 response = await router.infer(name, version, body, key)
             else:
                 response = await self._guarded_infer(guards, name, version, body, key)
-        if req.span is not None:
-            req.served.model, req.served.version = response.model_name, response.model_version
+        req.served.model, req.served.version = response.model_name, response.model_version
         return response
 
     async def _guarded_infer(
@@ -340,6 +347,7 @@ class RequestPath:
         """Run a chat or completion; `parameters` is where a sticky key may be (the body).
         With guards, the prompt passes the input rules first, and the text (each streamed
         piece too) is checked and masked before it leaves."""
+        req.target = name
         gen.priority = self._priority(req, name)
         key = self._key(req, name, parameters)
         if self.tracer is not None:
@@ -404,6 +412,7 @@ class RequestPath:
     async def embed(
         self, req: Request, name: str, texts: list[str], parameters: Mapping[str, Any]
     ) -> tuple[LoadedModel, EmbeddingResult]:
+        req.target = name
         key = self._key(req, name, parameters)
         priority = self._priority(req, name)
         if self.tracer is not None:
@@ -470,17 +479,29 @@ class RequestPath:
         if worth_logging(exc):
             with req.bound():
                 log.warning("%s %s: %s", req.method, req.path, exc.message)
+        if req.target is not None:  # a model's, task's or pipeline's (not auth, not health)
+            self.errors.add(exc.status, req.target, req.path, exc.message, req.id)
         return exc.status
 
     def crashed(self, req: Request) -> None:
         """A bug: logged with its traceback (the front answers 500)."""
         with req.bound():
             log.exception("unhandled error on %s %s", req.method, req.path)
+        self.errors.add(500, req.target, req.path, "internal server error", req.id)
 
     def finish(self, req: Request, status: int, answered: bool = True) -> None:
-        """Account for a request once it is answered: response counters and the access log
-        (formatted after this step: the client does not wait for its log line)."""
+        """Account for a request once it is answered: response counters, the status page's
+        series, and the access log (formatted after this step: the client does not wait for
+        its log line)."""
         req.status = status
+        now = time.perf_counter()
+        seconds = now - req.start
+        target = req.target
+        if target is not None and status != 404:  # 404: a name nobody serves
+            self.series.record(target, status, seconds, now)
+            model = req.served.model
+            if model and model != target:  # through a task: the model's series counts it too
+                self.series.record(model, status, seconds, now)
         if req.protocol == "http":
             self.metrics.http_response(req.route, status)
         elif req.protocol == "ws":
@@ -490,7 +511,7 @@ class RequestPath:
         else:
             self.metrics.mqtt_message(status, answered)
         if self.access_log:
-            asyncio.get_running_loop().call_soon(log_access, req, time.perf_counter() - req.start)
+            asyncio.get_running_loop().call_soon(log_access, req, seconds)
         if req.span is not None and self.tracer is not None:
             self._end_span(self.tracer, req, status)
 

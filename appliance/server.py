@@ -155,6 +155,7 @@ def _add_sync(
 ) -> None:
     """The hub sync agent runs beside serving; GET /v2/sync reports what it is doing."""
     from .api.http import LOADER, json_response
+    from .api.status import SYNC_STATUS
 
     try:
         from .sync.agent import SyncAgent
@@ -176,6 +177,7 @@ def _add_sync(
 
     (route,) = SYNC  # its scope is declared in api/routes.py
     app.router.add_route(route.method, route.path, status)
+    app[SYNC_STATUS] = agent.status  # the status page's summary (api/status.py)
     app.cleanup_ctx.append(ctx)
 
 

@@ -39,7 +39,8 @@ from .auth import Auth
 from .images import image_request, text_parameters
 from .openai import add_routes as add_openai_routes
 from .openai import openai_error
-from .routes import KSERVE, OPENAI, SYNC, UNDECLARED, UNMATCHED, Scope, scopes
+from .routes import KSERVE, OPENAI, STATUS, SYNC, UNDECLARED, UNMATCHED, Scope, scopes
+from .status import add_routes as add_status_routes
 from .ws import WsSettings
 from .ws import stream as ws_stream
 
@@ -101,7 +102,7 @@ def error_response(exc: ApplianceError, openai: bool = False) -> web.Response:
 
 
 #: The scope each route pattern needs (api/routes.py declares them).
-SCOPES = scopes(KSERVE, OPENAI, SYNC)
+SCOPES = scopes(KSERVE, OPENAI, SYNC, STATUS)
 
 
 def route_scope(request: web.Request) -> Scope:
@@ -481,5 +482,6 @@ def build_app(
     for route in KSERVE:
         app.router.add_route(route.method, route.path, HANDLERS[route.handler])
     add_openai_routes(app, PATH, REQUEST)
+    add_status_routes(app)
     app.cleanup_ctx.append(_engine_ctx)
     return app

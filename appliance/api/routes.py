@@ -78,6 +78,19 @@ OPENAI: tuple[Route, ...] = (
 #: The fleet sync agent's status (added by appliance/server.py when a hub is configured).
 SYNC: tuple[Route, ...] = (Route("GET", "/v2/sync", "sync_status", scope="admin"),)
 
+#: The status page (api/ui.py, api/status.py). Its static files are public (the JSON calls send
+#: the token); what it reads is for admins (other clients' errors, the fleet setup), like
+#: /v2/sync, and so is switching versions.
+PUBLIC_PREFIX = "/ui/"
+STATUS: tuple[Route, ...] = (
+    Route("GET", "/", "page", scope="public"),
+    Route("GET", PUBLIC_PREFIX + "{path:.+}", "static", scope="public"),
+    Route("GET", "/api/status", "status", scope="admin"),
+    Route("GET", "/api/models/{name}", "model", scope="admin"),
+    Route("POST", "/api/models/{name}/activate", "activate", scope="admin"),
+    Route("POST", "/api/models/{name}/rollback", "rollback", scope="admin"),
+)
+
 #: Routes that need no bearer token (health checks of orchestrators and load balancers).
 PUBLIC = frozenset(r.path for r in KSERVE if r.scope == "public")
 #: A request no route matched (404, 405) needs a token, but any: it learns nothing more.
@@ -92,9 +105,13 @@ def scopes(*tables: tuple[Route, ...]) -> dict[str, Scope]:
     out: dict[str, Scope] = {}
     for table in tables:
         for route in table:
-            if out.setdefault(route.path, route.scope) != route.scope:
+            canonical = _PATTERN_PART.sub(r"{\1}", route.path)  # "{path:.+}" -> "{path}"
+            if out.setdefault(canonical, route.scope) != route.scope:
                 raise ValueError(f"{route.path}: routes of one path must share a scope")
     return out
+
+
+_PATTERN_PART = re.compile(r"\{(\w+):[^}]*\}")
 
 
 def hot_routes() -> list[tuple[str, Route, re.Pattern[str]]]:

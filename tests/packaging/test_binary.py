@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +83,9 @@ def test_serves_a_model_from_the_command_line_to_tritonclient(
         for name, want in zip(names, session.run(None, feed), strict=True):
             assert np.array_equal(result.as_numpy(name), want), name
         client.close()
+        # the status page's files are bundled (appliance/ui/, api/ui.py reads them at start)
+        with urllib.request.urlopen(f"http://{server.url}/ui/device/app.js", timeout=10) as r:
+            assert r.status == 200 and b"api/status" in r.read()
     finally:
         assert stop_server_process(server) == 0
 
