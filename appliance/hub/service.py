@@ -424,11 +424,14 @@ class Hub:
             elif e.kind == "rolled_back" and isinstance(d.get("model"), str):
                 active[d["model"]] = d.get("to")
                 state["active"] = active
+                _note_failure(state, d["model"], d.get("from"), e.kind)
                 state["last_error"] = (
                     f"{d['model']}: rolled back from {d.get('from')} to {d.get('to')}: "
                     f"{d.get('reason')}"
                 )
             elif e.kind in ("update_failed", "verification_failed"):
+                if isinstance(d.get("model"), str):
+                    _note_failure(state, d["model"], d.get("version"), e.kind)
                 stage = f" ({d['stage']})" if "stage" in d else ""
                 state["last_error"] = (
                     f"{e.kind}{stage}: {d.get('model')} {d.get('version')}: {d.get('reason')}"
@@ -469,6 +472,14 @@ class Hub:
                 }
             )
         return out
+
+
+def _note_failure(state: dict[str, Any], model: str, version: Any, kind: str) -> None:
+    """The last version of each model that failed or was rolled back on the device, kept
+    structured (the dashboard counts them per rollout; `last_error` is only text)."""
+    failures = dict(state.get("failures") or {})
+    failures[model] = {"version": version, "kind": kind}
+    state["failures"] = failures
 
 
 def require_device(hub: Hub, token: str, claimed_id: str | None) -> Device:
