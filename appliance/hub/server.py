@@ -31,6 +31,7 @@ from .. import tracing
 from ..errors import ApplianceError, InvalidInput, NotFound, PayloadTooLarge, Unauthorized
 from . import fleet
 from .errors import Forbidden
+from .protocol import decode_custom
 from .repository import utcnow
 from .service import ROLLOUT_STATES, Hub, check_device_id, require_device
 from .storage import Device
@@ -524,6 +525,7 @@ async def list_models(request: web.Request) -> web.Response:
                 "length": t.length,
                 "created_at": t.created_at,
                 "backend": (t.custom.get("appliance") or {}).get("backend"),
+                "acceptance_cases": len(decode_custom(t.custom)["acceptance"]),
             }
             for t in targets
         ]

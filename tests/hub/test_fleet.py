@@ -4,6 +4,7 @@ cases) and its static files, on a hub served over loopback HTTP."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,9 @@ async def test_rollout_progress_counts_each_device_once_per_group(
     resp = await env.client.get("/api/v1/admin/models/iris/9", headers=env.admin())
     assert resp.status == 404 and "not published" in (await resp.json())["error"]
     resp = await env.client.get("/api/v1/admin/models", headers=env.admin())
-    assert {m["backend"] for m in await resp.json()} == {"onnx"}
+    listed = {m["version"]: m for m in await resp.json()}
+    assert listed["1"]["backend"] == "onnx" and listed["1"]["acceptance_cases"] == 1
+    assert listed["2"]["acceptance_cases"] == 0
 
 
 async def test_metadata_expiry_flags_a_role_close_to_its_end(hub_factory: Any) -> None:
@@ -118,3 +121,9 @@ async def test_dashboard_files_are_served_without_token_and_only_those(env: HubE
     # The data stays behind the token.
     resp = await env.client.get("/api/v1/admin/devices")
     assert resp.status == 401
+
+
+def test_the_dashboard_weighs_under_150_kb_compressed() -> None:
+    total = sum(len(gzip.compress(p.read_bytes(), 9)) for p in UI_FILES.values())
+    assert set(UI_FILES) >= {"index.html", "app.js", "api.js", "dom.js", "style.css"}
+    assert total <= 150 * 1024, total

@@ -210,7 +210,8 @@ function renderModels() {
   $("#models tbody").replaceChildren(...state.models.map((m) => h("tr",
     { "data-model": `${m.name}/${m.version}` },
     h("td", {}, m.name), h("td", {}, m.version), h("td", {}, m.backend || "–"),
-    h("td", {}, bytes(m.length)), h("td", {}, h("code", { title: m.sha256 }, m.sha256.slice(0, 12))),
+    h("td", {}, bytes(m.length)), h("td", { "data-field": "acceptance" }, m.acceptance_cases),
+    h("td", {}, h("code", { title: m.sha256 }, m.sha256.slice(0, 12))),
     h("td", {}, m.created_at),
     h("td", {}, h("button", { type: "button", onclick: () => openModel(m.name, m.version) },
       `Show ${m.name} ${m.version}`)))));
