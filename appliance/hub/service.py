@@ -453,10 +453,12 @@ class Hub:
         out = []
         for d in self.store.devices():
             active = d.state.get("active") or {}
+            failures = d.state.get("failures") or {}
             pending = {
                 r.model: r.version
                 for r in self.assigned(d, rollouts)
                 if active.get(r.model) != r.version
+                and not _refused_for_good(failures.get(r.model), r.version)
             }
             out.append(
                 {
@@ -478,8 +480,21 @@ def _note_failure(state: dict[str, Any], model: str, version: Any, kind: str) ->
     """The last version of each model that failed or was rolled back on the device, kept
     structured (the dashboard counts them per rollout; `last_error` is only text)."""
     failures = dict(state.get("failures") or {})
+    before = failures.get(model) or {}
+    if kind == "rolled_back" and before.get("version") == version:
+        return  # the agent follows a failed update with a rollback: it failed, first of all
     failures[model] = {"version": version, "kind": kind}
     state["failures"] = failures
+
+
+def _refused_for_good(failure: Any, version: str) -> bool:
+    """The agent never retries a version that failed to load or pass acceptance, or that it
+    rolled back; a failed verification (expired metadata, an unreachable file) it retries."""
+    return (
+        isinstance(failure, dict)
+        and failure.get("version") == version
+        and failure.get("kind") in ("update_failed", "rolled_back")
+    )
 
 
 def require_device(hub: Hub, token: str, claimed_id: str | None) -> Device:

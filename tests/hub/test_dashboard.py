@@ -89,7 +89,9 @@ def fleet(tmp_path: Path, samples: Path) -> Iterator[Fleet]:
         f.report("s1", "activated", model="iris", version="2")
         f.report("s2", "status", active={"iris": "1"}, pending={"iris": "2"}, tuf="ok")
         f.report("s3", "rolled_back", model="iris", **{"from": "2", "to": "1"}, reason="errors")
+        # What an agent sends when a version fails to load: a failed update, then a rollback.
         f.report("n3", "update_failed", model="iris", version="2", stage="load", reason="no")
+        f.report("n3", "rolled_back", model="iris", **{"from": "2", "to": "1"}, reason="no")
         yield f
     finally:
         hub.stop()

@@ -43,7 +43,9 @@ async def test_rollout_progress_counts_each_device_once_per_group(
                                         "data": {"model": "iris", "version": "2"}}])  # fmt: skip
     await _status(env, tokens["d1"], 2, active={"iris": "1"}, pending={"iris": "2"})
     await env.telemetry(tokens["d2"], [{"seq": 2, "kind": "update_failed", "time": "t",
-        "data": {"model": "iris", "version": "2", "stage": "load", "reason": "bad"}}])  # fmt: skip
+        "data": {"model": "iris", "version": "2", "stage": "load", "reason": "bad"}},
+        {"seq": 3, "kind": "rolled_back", "time": "t",
+         "data": {"model": "iris", "from": "2", "to": "1", "reason": "bad"}}])  # fmt: skip
     await env.telemetry(tokens["d3"], [{"seq": 2, "kind": "rolled_back", "time": "t",
         "data": {"model": "iris", "from": "2", "to": "1", "reason": "errors"}}])  # fmt: skip
     # d4 has not polled since: waiting
@@ -58,6 +60,11 @@ async def test_rollout_progress_counts_each_device_once_per_group(
     assert groups["south"] == {"group": "south", "devices": 2, "waiting": 1, "downloading": 0,
         "active": 0, "failed": 0, "rolled_back": 1, "error_rate": 0.5}  # fmt: skip
     assert r["total"]["devices"] == 5 and r["total"]["error_rate"] == 0.4
+
+    # Refused for good (failed, or rolled back) is not pending; being worked on is.
+    resp = await env.client.get("/api/v1/admin/devices", headers=env.admin())
+    pending = {d["device_id"]: d["pending"] for d in await resp.json()}
+    assert pending == {"d0": {}, "d1": {"iris": "2"}, "d2": {}, "d3": {}, "d4": {"iris": "2"}}
 
     # A halt keeps counting the devices that run it; a device token cannot read this.
     await env.client.post(f"/api/v1/admin/rollouts/{rid}/halt", headers=env.admin())
