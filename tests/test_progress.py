@@ -84,7 +84,7 @@ def test_models_add_of_a_large_file_reports_its_copy(big_model: Path, tmp_path: 
     assert "added big version 1" in proc.stdout
 
 
-def test_hub_publish_reports_its_upload(big_model: Path, tmp_path: Path) -> None:
+def test_hub_publish_reports_its_upload_and_its_copy(big_model: Path, tmp_path: Path) -> None:
     hub = Hub(tmp_path / "hub")
     hub.start()
     try:
@@ -99,3 +99,11 @@ def test_hub_publish_reports_its_upload(big_model: Path, tmp_path: Path) -> None
     percents = _percents(proc.stderr, "uploading big.onnx")
     assert percents and percents[-1] == 100, proc.stderr
     assert "published: big/1/model.onnx" in proc.stdout
+    # On the data directory (no --url): the copy into the artifact store.
+    proc = subprocess.run(
+        [sys.executable, "-m", "appliance", "hub", "publish", "big", str(big_model),
+         "--version", "2", "--data", str(hub.data)],
+        capture_output=True, text=True, cwd=ROOT, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert _percents(proc.stderr, "copying big.onnx")[-1] == 100, proc.stderr

@@ -261,9 +261,12 @@ def cmd_publish(args: argparse.Namespace) -> int:
         out = remote.publish(fields, file)
         path, new = out["target"], out["new"]
     else:
-        target, new = _hub(args).publish(
-            args.name, args.version, file, backend, manifest, acceptance
-        )
+        from ..progress import Progress
+
+        with Progress(f"copying {file.name}", file.stat().st_size) as progress:
+            target, new = _hub(args).publish(
+                args.name, args.version, file, backend, manifest, acceptance, progress=progress
+            )
         path = target.path
     print(f"{'published' if new else 'already published'}: {path}")
     return 0

@@ -24,6 +24,7 @@ import os
 import re
 import secrets
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,8 +201,11 @@ class Hub:
         manifest: dict[str, Any] | None = None,
         acceptance: list[Any] | None = None,
         consume: bool = False,
+        progress: Callable[[int], None] | None = None,
     ) -> tuple[Target, bool]:
         """Publish a model file as TUF target "name/version/model.<ext>".
+
+        `progress` is told the bytes copied into the artifact store so far (a big local file).
 
         Returns the target and whether it is new (publishing identical bytes again is a no-op;
         different bytes under a published version are a 409). `consume`: move `source` into
@@ -252,8 +256,12 @@ class Hub:
             self.config.tmp_dir.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.config.tmp_dir, suffix=".copy")
             with os.fdopen(fd, "wb") as out, source.open("rb") as src:
+                done = 0
                 while block := src.read(1 << 20):
                     out.write(block)
+                    done += len(block)
+                    if progress is not None:
+                        progress(done)
             self.artifacts.put_file(key, Path(tmp))
         target = Target(name, version, path, digest, length, custom, now_iso())
         try:
