@@ -142,6 +142,7 @@ def test_the_dashboard_shows_the_fleet_and_drives_rollouts(browser: Any, fleet: 
     page = watched.page
     page.wait_for_selector("#login:not([hidden])")
     assert page.locator("#devices tbody tr").count() == 0
+    assert axe_violations(page) == []
     watched.assert_clean()
     # A wrong token: refused, the prompt says so.
     page.fill("#token", "not-the-token")
@@ -258,3 +259,27 @@ def test_the_dashboard_shows_the_fleet_and_drives_rollouts(browser: Any, fleet: 
     watched.assert_clean()
     assert re.fullmatch(r"Updated .+", page.inner_text("#updated"))
     page.context.close()
+
+
+def test_the_dashboard_warns_of_expiring_metadata(browser: Any, tmp_path: Path) -> None:
+    # Timestamp signed for 3.6 s and not re-signed for an hour: it soon runs out.
+    hub = Hub(tmp_path / "hub", ["--timestamp-expiry-hours", "0.001"])
+    hub.serve_args = ["--refresh-interval", "3600"]
+    hub.start()
+    try:
+        watched = _open(browser, hub.url, hub.admin_token)
+        page = watched.page
+        page.wait_for_selector("#warnings p", timeout=20000)
+        warning = page.inner_text("#warnings p")
+        assert warning.startswith("Warning: timestamp metadata "), warning
+        assert hub.admin("GET", "/api/v1/admin/metadata")["roles"]["timestamp"]["warning"]
+        page.click("nav a[data-view=metadata]")
+        state = page.inner_text("#metadata tr[data-role=timestamp] td:last-child")
+        assert state in ("expiring soon", "expired")
+        assert page.inner_text("#metadata tr[data-role=root] td:last-child") == "ok"
+        assert axe_violations(page) == []
+        screenshot(page, "hub-dashboard-metadata-warning")
+        watched.assert_clean()
+        page.context.close()
+    finally:
+        hub.stop()

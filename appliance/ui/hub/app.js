@@ -16,7 +16,7 @@ const STAGES = [
 ];
 
 const $ = (sel) => document.querySelector(sel);
-const state = { devices: [], selected: null, models: [], timer: null };
+const state = { devices: [], selected: null, events: [], models: [], timer: null };
 
 // -- auth ---------------------------------------------------------------------------------------
 function askToken(reason) {
@@ -94,18 +94,25 @@ function renderDevices() {
 
 async function openDevice(id) {
   state.selected = id;
+  state.events = [];
   await loadEvents();
   $("#timeline").hidden = false;
   $("#timeline-title").focus();
 }
 
+// The selected device's events: only those after the last one seen are fetched at each refresh.
+const KEEP_EVENTS = 100;
+
 async function loadEvents() {
   if (!state.selected) return;
   const id = state.selected;
-  const events = await get(`devices/${encodeURIComponent(id)}/events?limit=10000`);
-  $("#timeline-title").textContent = `Events of ${id} (${events.length}, newest first)`;
+  const after = state.events.length ? state.events[state.events.length - 1].seq : 0;
+  const fresh = await get(`devices/${encodeURIComponent(id)}/events?after=${after}&limit=1000`);
+  if (id !== state.selected) return;
+  state.events = state.events.concat(fresh).slice(-KEEP_EVENTS);
+  $("#timeline-title").textContent = `Events of ${id} (last ${state.events.length}, newest first)`;
   $("#timeline-title").setAttribute("tabindex", "-1");
-  $("#events").replaceChildren(...events.slice(-100).reverse().map((e) => h("li",
+  $("#events").replaceChildren(...state.events.slice().reverse().map((e) => h("li",
     { class: `ev ev-${e.kind}` },
     h("time", { datetime: e.time }, e.time), " ",
     h("strong", {}, e.kind), ` #${e.seq} `,
@@ -231,11 +238,17 @@ async function openModel(name, version) {
 }
 
 // -- metadata -----------------------------------------------------------------------------------
+const HINTS = {
+  root: ": renew it with the offline root key (appliance hub rotate-key root)",
+  targets: ": publishing re-signs it; the hub re-signs it itself at half its life",
+  snapshot: ": the running hub re-signs it; check the hub's log",
+  timestamp: ": the running hub re-signs it; check the hub's log",
+};
 function renderMetadata(meta) {
   const warnings = [];
   $("#metadata tbody").replaceChildren(...Object.entries(meta.roles).map(([role, m]) => {
     const level = m.expired ? "expired" : m.warning ? "expiring soon" : "ok";
-    if (level !== "ok") warnings.push(`${role} metadata ${level === "expired" ? "has expired" : `expires in ${duration(m.seconds_left)}`} (${m.expires})${role === "root" ? ": rotate with the offline root key" : ""}`);
+    if (level !== "ok") warnings.push(`${role} metadata ${level === "expired" ? "has expired" : `expires in ${duration(m.seconds_left)}`} (${m.expires})${HINTS[role]}`);
     return h("tr", { "data-role": role },
       h("th", { scope: "row" }, role), h("td", {}, m.expires),
       h("td", {}, duration(m.seconds_left)),
