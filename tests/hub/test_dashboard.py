@@ -201,6 +201,9 @@ def test_the_dashboard_shows_the_fleet_and_drives_rollouts(browser: Any, fleet: 
     # Grow it to 100 %: all of north selected (n3 already failed version 2).
     card = page.locator("article[data-rollout='r2']")
     card.locator("input[type=number]").fill("100")
+    _reload_data(page)  # a refresh while the operator types keeps what they typed, and focus
+    assert card.locator("input[type=number]").input_value() == "100"
+    assert page.evaluate("document.activeElement.id") == "pct-r2"
     card.locator("[data-action=percent]").click()
     page.wait_for_function(
         "document.querySelector(\"article[data-rollout='r2'] [data-field=percent]\")"

@@ -16,7 +16,7 @@ const STAGES = [
 ];
 
 const $ = (sel) => document.querySelector(sel);
-const state = { devices: [], selected: null, events: [], models: [], timer: null };
+const state = { devices: [], selected: null, events: [], models: [], edits: {}, timer: null };
 
 // -- auth ---------------------------------------------------------------------------------------
 function askToken(reason) {
@@ -163,15 +163,20 @@ function renderRollout(r) {
   const active = r.state === "active";
   const actions = h("div", { class: "actions" },
     h("label", { for: id }, "Percent"),
-    h("input", { id, type: "number", min: 0, max: 100, value: r.percent, disabled: !active }),
+    h("input", { id, type: "number", min: 0, max: 100, value: state.edits[id] ?? r.percent,
+      disabled: !active, oninput: (ev) => { state.edits[id] = ev.target.value; } }),
     h("button", { type: "button", disabled: !active, "data-action": "percent",
-      onclick: () => act(r, "percent", { percent: Number($(`#${id}`).value) }) }, "Set percentage"),
-    h("button", { type: "button", disabled: !active, "data-action": "halt",
+      id: `percent-${r.rollout}`,
+      onclick: () => {
+        delete state.edits[id];
+        act(r, "percent", { percent: Number($(`#${id}`).value) });
+      } }, "Set percentage"),
+    h("button", { type: "button", disabled: !active, "data-action": "halt", id: `halt-${r.rollout}`,
       onclick: async () => {
         if (await confirmAction(`Halt rollout ${r.rollout} (${r.model} ${r.version})? Devices that run it keep it; no others get it.`, "Halt")) act(r, "halt");
       } }, "Halt"),
     h("button", { type: "button", class: "danger", disabled: r.state === "rolled_back",
-      "data-action": "rollback",
+      "data-action": "rollback", id: `rollback-${r.rollout}`,
       onclick: async () => {
         if (await confirmAction(`Roll back rollout ${r.rollout}? Every device it reached returns to the version of the previous rollout (${r.model} ${r.version} is withdrawn).`, "Roll back")) act(r, "rollback");
       } }, "Roll back"));
@@ -266,8 +271,14 @@ async function refresh() {
     state.devices = devices;
     state.models = models;
     renderDevices();
+    // Re-rendered in place: a half-typed percentage and the keyboard focus survive it.
+    const focused = document.activeElement && document.activeElement.id;
     $("#rollouts").replaceChildren(...(progress.length ? progress.map(renderRollout)
       : [h("p", {}, "No rollouts yet.")]));
+    if (focused && document.activeElement === document.body) {
+      const again = document.getElementById(focused);
+      if (again) again.focus();
+    }
     renderModels();
     renderMetadata(meta);
     await loadEvents();
