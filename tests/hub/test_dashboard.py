@@ -226,10 +226,13 @@ def test_the_dashboard_shows_the_fleet_and_drives_rollouts(browser: Any, fleet: 
     page.wait_for_selector("article[data-rollout='r2'].state-halted")
     assert hub.admin("GET", "/api/v1/admin/rollouts")[-1]["state"] == "halted"
     # Roll back r1: cancelled first (nothing happens), then confirmed.
-    page.locator("article[data-rollout='r1'] [data-action=rollback]").click()
+    # By keyboard: Enter on the button opens the dialog, Escape cancels it.
+    page.focus("#rollback-r1")
+    page.keyboard.press("Enter")
     page.wait_for_selector("#confirm[open]")
     assert "Roll back rollout r1" in page.inner_text("#confirm-text")
-    page.click("#confirm button[value=cancel]")
+    page.keyboard.press("Escape")
+    page.wait_for_selector("#confirm:not([open])", state="hidden")
     assert hub.admin("GET", "/api/v1/admin/rollouts")[0]["state"] == "active"
     page.locator("article[data-rollout='r1'] [data-action=rollback]").click()
     page.click("#confirm-ok")
