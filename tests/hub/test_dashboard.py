@@ -13,7 +13,14 @@ from typing import Any
 
 import pytest
 
-from tests.support.browser import CHROMIUM, FLAGS, axe_violations, page_for, screenshot
+from tests.support.browser import (
+    CHROMIUM,
+    FLAGS,
+    axe_violations,
+    chromium_available,
+    page_for,
+    screenshot,
+)
 from tests.sync.conftest import Hub, http_json
 
 GROUPS = {"n1": "north", "n2": "north", "n3": "north", "s1": "south", "s2": "south", "s3": "south"}
@@ -27,7 +34,10 @@ NONE = "\N{EN DASH}"  # what the page shows for an empty field
 def browser() -> Iterator[Any]:
     """Chromium for this module only: a sync Playwright left running for the session keeps an
     event loop on the main thread, and the async hub tests collected after it then fail
-    ("Runner.run() cannot be called from a running event loop")."""
+    ("Runner.run() cannot be called from a running event loop"). Main's shared fixture is
+    module-scoped now too: this one can go once both meet."""
+    if not chromium_available():
+        pytest.fail(f"Chromium not found at {CHROMIUM} (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
