@@ -103,17 +103,23 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"added pipeline {m.name} version {m.version} (sha256 {m.sha256[:12]}…, {state})")
         print(f"  {describe(m.signature)}")
     elif action == "add":
-        mv = reg.add(
-            args.name,
-            Path(args.file),
-            version=args.version,
-            activate=not args.no_activate,
-            backend=args.backend,
-            preprocess=_json_object(args.preprocess, "--preprocess"),
-            postprocess=_json_object(args.postprocess, "--postprocess"),
-            steps=_json_object(args.steps, "--steps", typed=False),
-            templates=_templates(args.template),
-        )
+        from .progress import Progress
+
+        source = Path(args.file)
+        size = source.stat().st_size if source.is_file() else None
+        with Progress(f"copying {source.name}", size) as progress:
+            mv = reg.add(
+                args.name,
+                source,
+                version=args.version,
+                activate=not args.no_activate,
+                backend=args.backend,
+                preprocess=_json_object(args.preprocess, "--preprocess"),
+                postprocess=_json_object(args.postprocess, "--postprocess"),
+                steps=_json_object(args.steps, "--steps", typed=False),
+                templates=_templates(args.template),
+                progress=progress,
+            )
         m = mv.manifest
         state = "active" if not args.no_activate else "inactive"
         print(

@@ -13,7 +13,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,8 +159,11 @@ class Registry:
         parameters: dict[str, Any] | None = None,
         steps: dict[str, Any] | None = None,
         templates: Mapping[str, Path] | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> ModelVersion:
         """Copy a model file in as a new immutable version and (by default) activate it.
+
+        `progress` is told the bytes of the model file copied so far (`models add` of big files).
 
         `extra_files` (name in the version -> source file: a tokenizer, a report) are copied
         beside it and hashed into the manifest's `files`; `parameters` go over the backend's.
@@ -214,7 +217,12 @@ class Registry:
             if file_name in extras:
                 raise ModelError(f"{file_name!r} is the model file's own name in the version")
             target = staging / file_name
-            shutil.copyfile(source, target)
+            if progress is None:
+                shutil.copyfile(source, target)
+            else:
+                from .progress import copy_file
+
+                copy_file(source, target, progress)
             digest, size = sha256_file(target)
             files: dict[str, dict[str, Any]] = {}
             for extra_name, extra_source in sorted(extras.items()):

@@ -117,14 +117,19 @@ class _Remote:
             f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
             f'filename="{file.name}"\r\nContent-Type: {ctype}\r\n\r\n'
         ).encode()
+        from ..progress import Progress
+
         tail = f"\r\n--{boundary}--\r\n".encode()
         size = file.stat().st_size
 
         def body() -> Iterator[bytes]:
             yield head
-            with file.open("rb") as f:
+            done = 0
+            with file.open("rb") as f, Progress(f"uploading {file.name}", size) as progress:
                 while block := f.read(1 << 20):
                     yield block
+                    done += len(block)
+                    progress(done)
             yield tail
 
         return self.call(
@@ -274,9 +279,12 @@ def cmd_publish(args: argparse.Namespace) -> int:
         out = remote.publish(fields, file)
         path, new = out["target"], out["new"]
     else:
-        target, new = _hub(args).publish(
-            args.name, args.version, file, backend, manifest, acceptance
-        )
+        from ..progress import Progress
+
+        with Progress(f"copying {file.name}", file.stat().st_size) as progress:
+            target, new = _hub(args).publish(
+                args.name, args.version, file, backend, manifest, acceptance, progress=progress
+            )
         path = target.path
     print(f"{'published' if new else 'already published'}: {path}")
     return 0

@@ -29,7 +29,9 @@ from prometheus_client.registry import Collector
 
 from .. import tracing
 from ..errors import ApplianceError, InvalidInput, NotFound, PayloadTooLarge, Unauthorized
+from . import fleet
 from .errors import Forbidden
+from .protocol import decode_custom
 from .repository import utcnow
 from .service import ROLLOUT_STATES, Hub, check_device_id, require_device
 from .storage import Device
@@ -46,6 +48,16 @@ _METADATA_RE = re.compile(r"^(?:([1-9][0-9]{0,17})\.(root|targets|snapshot)|time
 _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
 _SUFFIX_RE = re.compile(r"^\.[a-z0-9]{1,8}$")
 _JSON = "application/json"
+#: The fleet dashboard's static files (no build step), served at / and /ui/<file>.
+UI_DIR = Path(__file__).resolve().parent.parent / "ui" / "hub"
+_UI_TYPES = {
+    ".html": "text/html",
+    ".js": "text/javascript",
+    ".css": "text/css",
+    ".svg": "image/svg+xml",
+}
+UI_FILES = {p.name: p for p in sorted(UI_DIR.glob("*")) if p.is_file() and p.suffix in _UI_TYPES}
+UI_PATHS = {"/"} | {f"/ui/{name}" for name in UI_FILES}
 
 
 def json_response(
@@ -67,8 +79,8 @@ def _bearer(request: web.Request) -> str:
 async def _authorize(request: web.Request) -> None:
     hub = request.app[HUB]
     path = request.path
-    if path == "/healthz":
-        return
+    if path == "/healthz" or path in UI_PATHS:
+        return  # the dashboard's files hold no data: what it shows comes with the admin token
     token = _bearer(request)
     if path.startswith("/api/v1/device/"):
         if token and hub.is_admin(token):
@@ -203,6 +215,43 @@ class HubCollector(Collector):
         for role, when in self.hub.repo.expires().items():
             exp.add_metric([role], (when - now).total_seconds())
         yield exp
+
+
+# -- dashboard -------------------------------------------------------------------------------
+async def ui_file(request: web.Request) -> web.Response:
+    """A file of the dashboard from the package (a fixed set: no path from the request)."""
+    name = request.match_info.get("name", "index.html")
+    path = UI_FILES.get(name)
+    if path is None:
+        raise NotFound(f"no dashboard file {name!r}")
+    body = await asyncio.to_thread(path.read_bytes)
+    return web.Response(
+        body=body,
+        content_type=_UI_TYPES[path.suffix],
+        charset="utf-8",
+        headers={
+            "Cache-Control": "no-cache",
+            "X-Content-Type-Options": "nosniff",
+            # Everything comes from the hub itself; the token never leaves for another origin.
+            "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
+            "frame-ancestors 'none'",
+        },
+    )
+
+
+async def fleet_rollouts(request: web.Request) -> web.Response:
+    return json_response(await asyncio.to_thread(fleet.rollout_progress, request.app[HUB]))
+
+
+async def fleet_metadata(request: web.Request) -> web.Response:
+    return json_response(await asyncio.to_thread(fleet.metadata_expiry, request.app[HUB]))
+
+
+async def model_version(request: web.Request) -> web.Response:
+    m = request.match_info
+    return json_response(
+        await asyncio.to_thread(fleet.model_detail, request.app[HUB], m["name"], m["version"])
+    )
 
 
 # -- TUF -------------------------------------------------------------------------------------
@@ -476,6 +525,8 @@ async def list_models(request: web.Request) -> web.Response:
                 "sha256": t.sha256,
                 "length": t.length,
                 "created_at": t.created_at,
+                "backend": (t.custom.get("appliance") or {}).get("backend"),
+                "acceptance_cases": len(decode_custom(t.custom)["acceptance"]),
             }
             for t in targets
         ]
@@ -591,6 +642,11 @@ def build_app(
     r.add_get("/api/v1/admin/rollouts", list_rollouts)
     r.add_post("/api/v1/admin/rollouts/{id}/{action}", rollout_action)
     r.add_get("/api/v1/admin/root.json", export_root)
+    r.add_get("/api/v1/admin/rollouts/progress", fleet_rollouts)
+    r.add_get("/api/v1/admin/metadata", fleet_metadata)
+    r.add_get("/api/v1/admin/models/{name}/{version}", model_version)
+    r.add_get("/", ui_file)
+    r.add_get("/ui/{name}", ui_file)
     return app
 
 

@@ -24,6 +24,7 @@ import os
 import re
 import secrets
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,8 +219,11 @@ class Hub:
         manifest: dict[str, Any] | None = None,
         acceptance: list[Any] | None = None,
         consume: bool = False,
+        progress: Callable[[int], None] | None = None,
     ) -> tuple[Target, bool]:
         """Publish a model file as TUF target "name/version/model.<ext>".
+
+        `progress` is told the bytes copied into the artifact store so far (a big local file).
 
         Returns the target and whether it is new (publishing identical bytes again is a no-op;
         different bytes under a published version are a 409). `consume`: move `source` into
@@ -270,8 +274,12 @@ class Hub:
             self.config.tmp_dir.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.config.tmp_dir, suffix=".copy")
             with os.fdopen(fd, "wb") as out, source.open("rb") as src:
+                done = 0
                 while block := src.read(1 << 20):
                     out.write(block)
+                    done += len(block)
+                    if progress is not None:
+                        progress(done)
             self.artifacts.put_file(key, Path(tmp))
         target = Target(name, version, path, digest, length, custom, now_iso())
         try:
@@ -443,11 +451,14 @@ class Hub:
             elif e.kind == "rolled_back" and isinstance(d.get("model"), str):
                 active[d["model"]] = d.get("to")
                 state["active"] = active
+                _note_failure(state, d["model"], d.get("from"), e.kind)
                 state["last_error"] = (
                     f"{d['model']}: rolled back from {d.get('from')} to {d.get('to')}: "
                     f"{d.get('reason')}"
                 )
             elif e.kind in ("update_failed", "verification_failed"):
+                if isinstance(d.get("model"), str):
+                    _note_failure(state, d["model"], d.get("version"), e.kind)
                 stage = f" ({d['stage']})" if "stage" in d else ""
                 state["last_error"] = (
                     f"{e.kind}{stage}: {d.get('model')} {d.get('version')}: {d.get('reason')}"
@@ -480,10 +491,12 @@ class Hub:
         out = []
         for d in self.store.devices():
             active = d.state.get("active") or {}
+            failures = d.state.get("failures") or {}
             pending = {
                 r.model: r.version
                 for r in self.assigned(d, rollouts)
                 if active.get(r.model) != r.version
+                and not _refused_for_good(failures.get(r.model), r.version)
             }
             out.append(
                 {
@@ -499,6 +512,27 @@ class Hub:
                 }
             )
         return out
+
+
+def _note_failure(state: dict[str, Any], model: str, version: Any, kind: str) -> None:
+    """The last version of each model that failed or was rolled back on the device, kept
+    structured (the dashboard counts them per rollout; `last_error` is only text)."""
+    failures = dict(state.get("failures") or {})
+    before = failures.get(model) or {}
+    if kind == "rolled_back" and before.get("version") == version:
+        return  # the agent follows a failed update with a rollback: it failed, first of all
+    failures[model] = {"version": version, "kind": kind}
+    state["failures"] = failures
+
+
+def _refused_for_good(failure: Any, version: str) -> bool:
+    """The agent never retries a version that failed to load or pass acceptance, or that it
+    rolled back; a failed verification (expired metadata, an unreachable file) it retries."""
+    return (
+        isinstance(failure, dict)
+        and failure.get("version") == version
+        and failure.get("kind") in ("update_failed", "rolled_back")
+    )
 
 
 def require_device(hub: Hub, token: str, claimed_id: str | None) -> Device:

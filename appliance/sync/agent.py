@@ -43,6 +43,7 @@ from ..engine import Engine, LoadedModel, ModelSource
 from ..errors import ApplianceError, ConfigError, NotFound
 from ..llm import Generation, Sampling, TextModel
 from ..metrics import Metrics, SyncGauges
+from ..progress import Throttle, describe
 from ..registry import ACTIVE_NAME, PIPELINE, Registry, atomic_write
 from ..tensors import DATATYPES, FLOAT_TYPES
 from .client import Assignment, HubClient
@@ -442,9 +443,17 @@ class SyncAgent:
             return ModelSource(mv.manifest, mv.file)
         self.state = "downloading"
         progress = self.progress.setdefault(a.name, {"version": a.version})
+        throttle = Throttle(info.length)
+        what = f"download {a.name} {a.version}"
 
         def on_progress(done: int, total: int) -> None:  # called from the download thread
             progress.update(bytes=done, total=total)
+            if throttle.due(done):  # every 10 % (at most once a second) or 5 s, and the end
+                log.info(
+                    "%s", describe(what, done, total, throttle.elapsed),
+                    extra={"fields": {"model": a.name, "version": a.version, "bytes": done,
+                                      "total": total}},
+                )  # fmt: skip
             if done >= total:
                 self.state = "verifying"
 
