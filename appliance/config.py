@@ -222,6 +222,13 @@ class ServerConfig:
     shutdown_timeout_s: float = 10.0
     #: Infer and liveness answered by api/http_server.py's own protocol; false: all by aiohttp.
     fast_path: bool = True
+    #: Client connections at most (api/limits.py); also capped below RLIMIT_NOFILE.
+    max_connections: int = field(default=1024, metadata=at_least(1))
+    #: Seconds a request's head may take to arrive, and its body (slowloris); then 408.
+    header_timeout_s: float = field(default=10.0, metadata=finite_above(0))
+    body_timeout_s: float = field(default=60.0, metadata=finite_above(0))
+    #: Seconds an idle keep-alive connection stays open.
+    keepalive_timeout_s: float = field(default=75.0, metadata=finite_above(0))
 
 
 @dataclass

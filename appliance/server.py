@@ -17,6 +17,7 @@ from aiohttp import web
 from . import plugins, systemd, tracing
 from .api.http import HttpSettings, build_app
 from .api.http_server import run as run_http
+from .api.limits import ConnectionLimits
 from .api.ws import WsSettings
 from .backends import detect_backend
 from .config import Config
@@ -99,6 +100,12 @@ def build(
         access_log=config.server.access_log,
         fast_path=config.server.fast_path,
         ws=WsSettings(**dataclasses.asdict(config.websocket)),
+        limits=ConnectionLimits(
+            max_connections=config.server.max_connections,
+            header_timeout_s=config.server.header_timeout_s,
+            body_timeout_s=config.server.body_timeout_s,
+            keepalive_timeout_s=config.server.keepalive_timeout_s,
+        ),
     )
     app = build_app(paths, metrics, settings, store)
     if tracer is not None:
