@@ -54,6 +54,7 @@ _CODES = {
     415: grpc.StatusCode.INVALID_ARGUMENT,
     503: grpc.StatusCode.UNAVAILABLE,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
+    507: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 _TIMEOUT = TIMEOUT_HEADER.lower()
 _PRIORITY = PRIORITY_HEADER.lower()

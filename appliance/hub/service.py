@@ -251,10 +251,13 @@ class Hub:
         else:
             self.config.tmp_dir.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.config.tmp_dir, suffix=".copy")
-            with os.fdopen(fd, "wb") as out, source.open("rb") as src:
-                while block := src.read(1 << 20):
-                    out.write(block)
-            self.artifacts.put_file(key, Path(tmp))
+            try:
+                with os.fdopen(fd, "wb") as out, source.open("rb") as src:
+                    while block := src.read(1 << 20):
+                        out.write(block)
+                self.artifacts.put_file(key, Path(tmp))
+            finally:  # moved into the store, or half-written (a full disk): gone either way
+                Path(tmp).unlink(missing_ok=True)
         target = Target(name, version, path, digest, length, custom, now_iso())
         try:
             self.repo.add_target(
