@@ -609,6 +609,9 @@ class ModelConfig:
     #: Load a model file the first time (per sha256) in a throwaway child process before the
     #: server loads it, so a runtime crashing on a malformed file kills the child only.
     probe_first_load: bool = True
+    #: Address space (RLIMIT_AS) in MiB of the model's worker process and of its first-load
+    #: probe; a model that does not fit fails to load, saying so, and the others serve. 0: none.
+    max_memory_mb: int = 0
     process: ProcessConfig = field(default_factory=ProcessConfig)
     onnx: OnnxConfig = field(default_factory=OnnxConfig)
     gguf: GgufConfig = field(default_factory=GgufConfig)
@@ -620,6 +623,11 @@ class ModelConfig:
     def check(self) -> None:
         if self.retry_backoff_max_s < self.retry_backoff_s:
             raise Invalid("retry_backoff_max_s", "must not be below retry_backoff_s")
+        if self.max_memory_mb and self.isolation == "none" and not self.probe_first_load:
+            raise Invalid(
+                "max_memory_mb",
+                'limits a child process: needs isolation = "process" or probe_first_load = true',
+            )
 
 
 @dataclass
