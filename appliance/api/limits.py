@@ -18,13 +18,14 @@ log = logging.getLogger("appliance.http")
 #: File descriptors kept free for everything else (model files, worker pipes, SQLite, MQTT,
 #: gRPC) when `max_connections` is capped by RLIMIT_NOFILE.
 FD_RESERVE = 64
+DEFAULT_MAX_CONNECTIONS = 1024
 
 
 @dataclass(frozen=True)
 class ConnectionLimits:
     #: Open client connections at most; at the limit a new one closes the longest-idle one,
     #: or, with none idle, is answered 503 and closed.
-    max_connections: int = 1024
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
     #: Seconds from a request's first byte until its whole head (request line, headers) is in.
     header_timeout_s: float = 10.0
     #: Seconds from the end of a head until the whole body is in.
@@ -42,7 +43,12 @@ def connection_cap(limits: ConnectionLimits) -> int:
     reserve = FD_RESERVE if soft >= 2 * FD_RESERVE else soft // 2
     cap = max(1, soft - reserve)
     if cap < limits.max_connections:
-        log.warning(
+        # Said louder when the value was chosen rather than left at its default.
+        level = (
+            logging.INFO if limits.max_connections == DEFAULT_MAX_CONNECTIONS else logging.WARNING
+        )
+        log.log(
+            level,
             "server.max_connections = %d is above what RLIMIT_NOFILE (%d) allows: %d connections "
             "at most (raise LimitNOFILE= in the unit, or lower max_connections)",
             limits.max_connections,
