@@ -60,6 +60,8 @@ log = logging.getLogger("appliance.http")
 
 #: A head (request line and headers) longer than this goes to aiohttp, which refuses it.
 MAX_HEAD_BYTES = 8190
+#: How long a timed-out connection drops what its client still sends before it closes.
+LINGER_S = 1.0
 #: Unanswered bytes buffered per connection before reading pauses (a pipelining client).
 MAX_BUFFERED_BYTES = 1 << 20
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -258,6 +260,8 @@ class Connection(asyncio.Protocol):
         self.body_since = 0.0
         #: aiohttp is answering a request of this connection (set by its middleware).
         self.aio_active = False
+        #: Timed out: the 408 is out, what the client still sends is dropped until the close.
+        self.lingering = False
 
     # -- asyncio callbacks -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -298,6 +302,8 @@ class Connection(asyncio.Protocol):
             self._process()
 
     def data_received(self, data: bytes) -> None:
+        if self.lingering:
+            return
         self.idle_since = now = time.monotonic()
         if self.handed_over:
             if not self.aio_active and not self.head_since:
@@ -548,15 +554,23 @@ class Connection(asyncio.Protocol):
             extra={"fields": {"remote": self.peer, "timeout": what}},
         )
         transport = self.transport
+        self.server.connections.discard(self)
         # Not while an answer may be on its way; aiohttp reading a body has written nothing.
         if (
             transport is not None
             and not transport.is_closing()
             and (self._forward or not self.busy)
+            and transport.can_write_eof()
         ):
             body = b'{"error":"request ' + what.encode() + b' not received in time"}'
             self._write(408, body, _JSON, None, "-", True)
-        self.server.connections.discard(self)
+            # A lingering close: closing with the client's bytes unread would send a reset
+            # that can overtake the 408; read and drop them for a moment first.
+            self.lingering = True
+            self._buf.clear()
+            transport.write_eof()
+            self.server.loop.call_later(LINGER_S, self._close_now)
+            return
         self._close_now()
 
     # -- aiohttp -----------------------------------------------------------------------------
