@@ -12,7 +12,7 @@ CONVERT_STAMP := $(CONVERT_VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8080
 
-.PHONY: run test lint typecheck unit samples convert-venv bench binary binary-onefile binary-test deb measure-binary clean
+.PHONY: run test lint typecheck unit samples convert-venv bench soak binary binary-onefile binary-test deb measure-binary clean
 .PHONY: binary-arm64 binary-arm64-test binary-arm64-gguf deb-arm64 binary-jetson
 
 $(STAMP): pyproject.toml build/gguf_requirements.txt
@@ -60,6 +60,12 @@ test: lint typecheck unit
 
 bench: $(STAMP) samples
 	$(BIN)/appliance bench build/samples/sample.onnx
+
+# Mixed load on one serve process with rollouts and broker/hub restarts; RSS, fds, threads and
+# open files sampled into build/soak/soak.{json,csv,svg}. SOAK_SECONDS=180 for a 3-minute run.
+SOAK_SECONDS ?= 1800
+soak: $(STAMP) samples
+	PYTHONPATH=. $(BIN)/python -m tests.soak.soak --seconds $(SOAK_SECONDS) --out build/soak
 
 # The device binary (PyInstaller, built on this machine for this machine; see README "Binary").
 # BINARY_BACKENDS: the extras bundled; the default is everything a device can use (ONNX, TFLite,

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import ApplianceError, ConfigError
+from .errors import ApplianceError, ConfigError, is_disk_full
 
 
 def _config(args: argparse.Namespace) -> Any:
@@ -504,6 +504,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ApplianceError as exc:
         print(f"appliance: {exc.message}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        print(f"appliance: no space left on the device: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -280,6 +280,13 @@ class ServerConfig:
     shutdown_timeout_s: float = 10.0
     #: Infer and liveness answered by api/http_server.py's own protocol; false: all by aiohttp.
     fast_path: bool = True
+    #: Client connections at most (api/limits.py); also capped below RLIMIT_NOFILE.
+    max_connections: int = field(default=1024, metadata=at_least(1))
+    #: Seconds a request's head may take to arrive, and its body (slowloris); then 408.
+    header_timeout_s: float = field(default=10.0, metadata=finite_above(0))
+    body_timeout_s: float = field(default=60.0, metadata=finite_above(0))
+    #: Seconds an idle keep-alive connection stays open.
+    keepalive_timeout_s: float = field(default=75.0, metadata=finite_above(0))
 
     def check(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -684,6 +691,9 @@ class ModelConfig:
     #: Load a model file the first time (per sha256) in a throwaway child process before the
     #: server loads it, so a runtime crashing on a malformed file kills the child only.
     probe_first_load: bool = True
+    #: Address space (RLIMIT_AS) in MiB of the model's worker process and of its first-load
+    #: probe; a model that does not fit fails to load, saying so, and the others serve. 0: none.
+    max_memory_mb: int = 0
     process: ProcessConfig = field(default_factory=ProcessConfig)
     onnx: OnnxConfig = field(default_factory=OnnxConfig)
     gguf: GgufConfig = field(default_factory=GgufConfig)
@@ -695,6 +705,11 @@ class ModelConfig:
     def check(self) -> None:
         if self.retry_backoff_max_s < self.retry_backoff_s:
             raise Invalid("retry_backoff_max_s", "must not be below retry_backoff_s")
+        if self.max_memory_mb and self.isolation == "none" and not self.probe_first_load:
+            raise Invalid(
+                "max_memory_mb",
+                'limits a child process: needs isolation = "process" or probe_first_load = true',
+            )
 
 
 @dataclass

@@ -6,6 +6,8 @@ body, MQTT error reply), so every protocol reports the same failure the same way
 
 from __future__ import annotations
 
+import errno
+
 
 class ApplianceError(Exception):
     """Base error: `status` is the HTTP status code that best describes it."""
@@ -123,6 +125,27 @@ class ModelError(ApplianceError):
     """A model could not be added, verified or loaded (store or backend problem)."""
 
     status = 500
+
+
+class StoreFull(ModelError):
+    """The disk under the model store has no room: what was being written is discarded, what
+    was active stays active (HTTP 507 Insufficient Storage)."""
+
+    status = 507
+
+
+#: SQLITE_FULL, SQLite's "database or disk is full" (sqlite3.SQLITE_FULL from Python 3.11).
+_SQLITE_FULL = 13
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether an error means the filesystem has no room (or the user's quota is used): an OS
+    error, or SQLite's word for it (checked without importing sqlite3)."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return type(exc).__module__ == "sqlite3" and (
+        getattr(exc, "sqlite_errorcode", None) == _SQLITE_FULL or "disk is full" in str(exc)
+    )
 
 
 class ConfigError(ApplianceError):

@@ -22,7 +22,7 @@ import orjson
 
 from . import names
 from .backends import PLUGIN_OF, detect_backend, get_backend
-from .errors import ModelError, NotFound
+from .errors import ModelError, NotFound, StoreFull, is_disk_full
 from .manifest import MANIFEST_NAME, Manifest, check_steps, is_plain_name, sha256_file
 from .tensors import Signature, TensorSpec
 
@@ -47,6 +47,14 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def store_full(exc: OSError, root: Path, what: str) -> StoreFull:
+    """The error for a full disk under the store (the caller has already undone its part)."""
+    return StoreFull(
+        f"model store {root}: no space left on the device while {what}; nothing was changed "
+        f"(free some space and try again): {exc.strerror or exc}"
+    )
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -284,13 +292,15 @@ class Registry:
             staging.chmod(_READ_ONLY | _SEARCH)  # mkdtemp's 0700 -> r-x for all, like the files
             staging.rename(final)
             _fsync_dir(model_dir)
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(OSError):
                 staging.chmod(stat.S_IRWXU)
             shutil.rmtree(staging, ignore_errors=True)
             if created:  # a failed first add leaves no empty model behind
                 with contextlib.suppress(OSError):
                     model_dir.rmdir()
+            if isinstance(exc, OSError) and is_disk_full(exc):
+                raise store_full(exc, self.root, f"adding {name} version {version}") from exc
             raise
         if activate:
             self.activate(name, version)
@@ -344,9 +354,15 @@ class Registry:
         if lines and lines[0] == version:
             return
         history = [v for v in lines if v != version]
-        atomic_write(
-            self.model_dir(name) / ACTIVE_NAME, ("\n".join([version, *history]) + "\n").encode()
-        )
+        try:
+            atomic_write(
+                self.model_dir(name) / ACTIVE_NAME,
+                ("\n".join([version, *history]) + "\n").encode(),
+            )
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise store_full(exc, self.root, f"activating {name} version {version}") from exc
+            raise
 
     def rollback(self, name: str) -> str:
         """Re-activate the version that was active before the current one."""
@@ -357,7 +373,12 @@ class Registry:
         previous = [v for v in lines[1:] if v in existing]
         if not previous:
             raise ModelError(f"model {name!r}: no earlier version to roll back to")
-        atomic_write(self.model_dir(name) / ACTIVE_NAME, ("\n".join(previous) + "\n").encode())
+        try:
+            atomic_write(self.model_dir(name) / ACTIVE_NAME, ("\n".join(previous) + "\n").encode())
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise store_full(exc, self.root, f"rolling {name} back") from exc
+            raise
         return previous[0]
 
     def remove(self, name: str, version: str) -> None:

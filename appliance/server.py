@@ -20,6 +20,7 @@ from .api import tls
 from .api.auth import Auth
 from .api.http import SETTINGS, HttpSettings, build_app
 from .api.http_server import run as run_http
+from .api.limits import ConnectionLimits
 from .api.routes import SYNC
 from .api.ws import WsSettings
 from .backends import detect_backend
@@ -103,6 +104,12 @@ def build(
         access_log=config.server.access_log,
         fast_path=config.server.fast_path,
         ws=WsSettings(**dataclasses.asdict(config.websocket)),
+        limits=ConnectionLimits(
+            max_connections=config.server.max_connections,
+            header_timeout_s=config.server.header_timeout_s,
+            body_timeout_s=config.server.body_timeout_s,
+            keepalive_timeout_s=config.server.keepalive_timeout_s,
+        ),
     )
     app = build_app(paths, metrics, settings, store)
     if tracer is not None:

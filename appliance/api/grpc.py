@@ -67,6 +67,7 @@ _CODES = {
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
     503: grpc.StatusCode.UNAVAILABLE,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
+    507: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 _TIMEOUT = TIMEOUT_HEADER.lower()
 _PRIORITY = PRIORITY_HEADER.lower()

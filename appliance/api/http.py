@@ -37,6 +37,7 @@ from . import generate as oip_generate
 from . import trace_settings
 from .auth import Auth
 from .images import image_request, text_parameters
+from .limits import ConnectionLimits
 from .openai import add_routes as add_openai_routes
 from .openai import openai_error
 from .routes import KSERVE, OPENAI, STATUS, SYNC, UNDECLARED, UNMATCHED, Scope, scopes
@@ -57,6 +58,8 @@ class HttpSettings:
     fast_path: bool = True
     #: WebSocket streams (api/ws.py).
     ws: WsSettings = field(default_factory=WsSettings)
+    #: Connections, header/body read and keep-alive timeouts (api/http_server.py).
+    limits: ConnectionLimits = field(default_factory=ConnectionLimits)
 
 
 ENGINE = web.AppKey("engine", Engine)
@@ -151,6 +154,9 @@ async def middleware(
     route = resource.canonical if resource is not None else "unmatched"
     req = begin(paths, request.method, request.path, route, request.headers, request.remote)
     request[REQUEST] = req
+    started = getattr(request.transport, "request_started", None)
+    if started is not None:  # api/http_server.py: the head is in, its read timer stops
+        started()
     openai = request.path.startswith("/v1/")
     response: web.StreamResponse
     with req.bound():

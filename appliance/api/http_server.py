@@ -53,6 +53,7 @@ from .http import (
     tensor_request,
 )
 from .images import text_parameters
+from .limits import ConnectionLimits, connection_cap
 from .routes import Route, hot_routes
 
 log = logging.getLogger("appliance.http")
@@ -61,6 +62,8 @@ log = logging.getLogger("appliance.http")
 MAX_HEAD_BYTES = 8190
 #: Seconds a client has to finish its TLS handshake.
 TLS_HANDSHAKE_TIMEOUT_S = 10.0
+#: How long a timed-out connection drops what its client still sends before it closes.
+LINGER_S = 1.0
 #: Unanswered bytes buffered per connection before reading pauses (a pipelining client).
 MAX_BUFFERED_BYTES = 1 << 20
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -69,6 +72,7 @@ _HOT: dict[str, list[tuple[Route, re.Pattern[str]]]] = {}
 for _method, _route, _pattern in hot_routes():
     _HOT.setdefault(_method, []).append((_route, _pattern))
 _LIVE_BODY = b'{"live":true}'
+_FULL_BODY = b'{"error":"too many connections"}'
 _JSON = b"application/json"
 #: Headers that may appear once only; a repeat sends the connection to aiohttp's parser.
 _SINGLE = frozenset({"content-length", "content-type", "authorization", "host"})
@@ -178,8 +182,14 @@ class _ToAiohttp(asyncio.Transport):
         assert transport is not None
         return transport
 
+    def request_started(self) -> None:
+        """Called by api/http.py's middleware once aiohttp has parsed a head."""
+        self._conn.head_since = 0.0
+        self._conn.aio_active = True
+
     def request_done(self, keep_alive: bool | None) -> None:
         """Called by api/http.py's middleware once the answer is written."""
+        self._conn.aio_active = False
         if not self._closed:
             self._conn.delegated_done(keep_alive is not False)
 
@@ -246,6 +256,14 @@ class Connection(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         #: The client's address (the access log).
         self.peer: str | None = None
+        #: When the head being read began and when its body began (0: not reading one); the
+        #: sweep closes a connection that takes longer than the limits (slowloris).
+        self.head_since = 0.0
+        self.body_since = 0.0
+        #: aiohttp is answering a request of this connection (set by its middleware).
+        self.aio_active = False
+        #: Timed out: the 408 is out, what the client still sends is dropped until the close.
+        self.lingering = False
 
     # -- asyncio callbacks -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -256,8 +274,14 @@ class Connection(asyncio.Protocol):
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.server.connections.add(self)
-        if not self.server.settings.fast_path:
+        server = self.server
+        if len(server.connections) >= server.max_connections and not server.make_room():
+            # Every connection is busy: refuse this one plainly rather than let it wait.
+            self._write(503, _FULL_BODY, _JSON, None, "-", True)
+            transport.close()
+            return
+        server.connections.add(self)
+        if not server.settings.fast_path:
             self._hand_over()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -280,8 +304,12 @@ class Connection(asyncio.Protocol):
             self._process()
 
     def data_received(self, data: bytes) -> None:
-        self.idle_since = time.monotonic()
+        if self.lingering:
+            return
+        self.idle_since = now = time.monotonic()
         if self.handed_over:
+            if not self.aio_active and not self.head_since:
+                self.head_since = now
             assert self.aio is not None
             self.aio.data_received(data)
             return
@@ -291,10 +319,14 @@ class Connection(asyncio.Protocol):
             assert self.aio is not None
             self.aio.data_received(data[:n])
             data = data[n:]
+            if not self._forward:
+                self.body_since = 0.0
         if self._skip:
             n = min(len(data), self._skip)
             self._skip -= n
             data = data[n:]
+            if not self._skip:
+                self.body_since = 0.0
         if data:
             self._buf += data
             if len(self._buf) > MAX_BUFFERED_BYTES and self.busy:
@@ -340,7 +372,10 @@ class Connection(asyncio.Protocol):
                 if end < 0:
                     if len(buf) > MAX_HEAD_BYTES:
                         self._hand_over()
+                    elif not self.head_since:
+                        self.head_since = time.monotonic()
                     return
+                self.head_since = 0.0
                 raw = bytes(buf[: end + 4])
                 head = parse_head(raw[:-4])
                 if head is None:
@@ -354,7 +389,10 @@ class Connection(asyncio.Protocol):
                     continue
                 self._head = head
             if len(buf) < head.length:
+                if not self.body_since:
+                    self.body_since = time.monotonic()
                 return  # the body is still coming
+            self.body_since = 0.0
             body = bytes(buf[: head.length])
             del buf[: head.length]
             self._head = None
@@ -427,6 +465,8 @@ class Connection(asyncio.Protocol):
             available = min(len(self._buf), head.length)
             del self._buf[:available]
             self._skip = head.length - available
+            if self._skip:
+                self.body_since = time.monotonic()
             return True
         return False
 
@@ -510,6 +550,34 @@ class Connection(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
+    def timed_out(self, what: str) -> None:
+        """The client took too long to send a request: 408, and the connection closes."""
+        log.info(
+            "closing a connection from %s: its request %s took longer than the limit",
+            self.peer,
+            what,
+            extra={"fields": {"remote": self.peer, "timeout": what}},
+        )
+        transport = self.transport
+        self.server.connections.discard(self)
+        # Not while an answer may be on its way; aiohttp reading a body has written nothing.
+        if (
+            transport is not None
+            and not transport.is_closing()
+            and (self._forward or not self.busy)
+            and transport.can_write_eof()
+        ):
+            body = b'{"error":"request ' + what.encode() + b' not received in time"}'
+            self._write(408, body, _JSON, None, "-", True)
+            # A lingering close: closing with the client's bytes unread would send a reset
+            # that can overtake the 408; read and drop them for a moment first.
+            self.lingering = True
+            self._buf.clear()
+            transport.write_eof()
+            self.server.loop.call_later(LINGER_S, self._close_now)
+            return
+        self._close_now()
+
     # -- aiohttp -----------------------------------------------------------------------------
     def _aiohttp(self) -> RequestHandler:
         if self.aio is None:
@@ -527,6 +595,8 @@ class Connection(asyncio.Protocol):
         chunk = raw_head + bytes(buf[:n])
         del buf[:n]
         self._forward = head.length - n
+        if self._forward:
+            self.body_since = time.monotonic()
         self._aiohttp().data_received(chunk)
 
     def _hand_over(self) -> None:
@@ -561,11 +631,12 @@ class HttpServer:
     app: web.Application
     handler_factory: Callable[[], RequestHandler]
     loop: asyncio.AbstractEventLoop
-    keepalive_timeout_s: float = 75.0
 
     def __post_init__(self) -> None:
         self.paths: RequestPath = self.app[PATH]
         self.settings: HttpSettings = self.app[SETTINGS]
+        self.limits: ConnectionLimits = self.settings.limits
+        self.max_connections = connection_cap(self.limits)
         self.date = _DateCache()
         self.connections: set[Connection] = set()
         self.closing = False
@@ -573,18 +644,51 @@ class HttpServer:
     def protocol(self) -> Connection:
         return Connection(self)
 
+    @property
+    def sweep_interval_s(self) -> float:
+        """How often `sweep` runs: fine enough for the shortest limit, at most once a second."""
+        lim = self.limits
+        shortest = min(lim.header_timeout_s, lim.body_timeout_s, lim.keepalive_timeout_s)
+        return max(0.05, min(1.0, shortest / 4))
+
     def sweep(self) -> None:
-        """Close connections idle for longer than the keep-alive timeout (aiohttp times out
-        those handed to it, which may be streaming an answer while the client is silent)."""
-        limit = time.monotonic() - self.keepalive_timeout_s
+        """Close connections whose head or body takes longer than its limit (408), and those
+        idle for longer than the keep-alive timeout (aiohttp times out the idle ones handed to
+        it, which may be streaming an answer while the client is silent)."""
+        lim = self.limits
+        now = time.monotonic()
+        idle_limit = now - lim.keepalive_timeout_s
         for conn in list(self.connections):
+            if conn.transport is None:
+                continue
+            if conn.head_since and now - conn.head_since > lim.header_timeout_s:
+                conn.timed_out("head")
+            elif conn.body_since and now - conn.body_since > lim.body_timeout_s:
+                conn.timed_out("body")
+            elif not conn.busy and not conn.handed_over and conn.idle_since < idle_limit:
+                conn.transport.close()
+
+    def make_room(self) -> bool:
+        """At the connection limit: close the connection idle the longest (between requests,
+        nothing of a next one read), so that a new client (a health check) is served while
+        idle keep-alive connections pile up. False when none is idle."""
+        oldest: Connection | None = None
+        for conn in self.connections:
             if (
                 not conn.busy
-                and not conn.handed_over
-                and conn.idle_since < limit
+                and not conn.aio_active
+                and not conn.head_since
+                and not conn.body_since
+                and not conn._buf
                 and conn.transport is not None
+                and (oldest is None or conn.idle_since < oldest.idle_since)
             ):
-                conn.transport.close()
+                oldest = conn
+        if oldest is None:
+            return False
+        self.connections.discard(oldest)
+        oldest._close_now()
+        return True
 
     async def drain(self, timeout_s: float) -> None:
         """Stop taking requests; wait for those being answered, then close every connection."""
@@ -629,22 +733,20 @@ class RunningServer:
 
 
 async def open_server(
-    app: web.Application,
-    sock: socket.socket,
-    keepalive_timeout_s: float = 75.0,
-    ssl_context: ssl.SSLContext | None = None,
+    app: web.Application, sock: socket.socket, ssl_context: ssl.SSLContext | None = None
 ) -> RunningServer:
     """Start the app (its startup and cleanup contexts) and serve it on `sock`; with
     `ssl_context`, over TLS (api/tls.py): the event loop's TLS transport hands this protocol
     decrypted bytes and encrypts its writes, so the fast path and aiohttp work unchanged."""
     loop = asyncio.get_running_loop()
+    keepalive_s = app[SETTINGS].limits.keepalive_timeout_s
     runner = web.AppRunner(
-        app, handle_signals=False, access_log=None, keepalive_timeout=keepalive_timeout_s
+        app, handle_signals=False, access_log=None, keepalive_timeout=keepalive_s
     )
     await runner.setup()
     factory = runner.server
     assert factory is not None
-    http = HttpServer(app, factory, loop, keepalive_timeout_s)
+    http = HttpServer(app, factory, loop)
     tls: dict[str, Any] = {}
     if ssl_context is not None:  # a client that stalls its handshake is dropped
         tls = {"ssl": ssl_context, "ssl_handshake_timeout": TLS_HANDSHAKE_TIMEOUT_S}
@@ -652,7 +754,7 @@ async def open_server(
 
     async def sweep() -> None:
         while True:
-            await asyncio.sleep(min(5.0, keepalive_timeout_s))
+            await asyncio.sleep(http.sweep_interval_s)
             http.sweep()
 
     return RunningServer(runner, http, server, loop.create_task(sweep()))

@@ -28,7 +28,14 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from .. import tracing
-from ..errors import ApplianceError, InvalidInput, NotFound, PayloadTooLarge, Unauthorized
+from ..errors import (
+    ApplianceError,
+    InvalidInput,
+    NotFound,
+    PayloadTooLarge,
+    Unauthorized,
+    is_disk_full,
+)
 from . import fleet
 from .errors import Forbidden
 from .protocol import decode_custom
@@ -144,7 +151,10 @@ async def _answer(
             if key.lower() not in ("content-type", "content-length"):
                 response.headers[key] = value
         return response
-    except Exception:
+    except Exception as exc:
+        if is_disk_full(exc):  # every write is staged or transactional: nothing half-done
+            log.error("%s %s: the disk is full: %s", request.method, request.path, exc)
+            return _error(507, "the hub has no space left on its disk; nothing was changed")
         log.exception("unhandled error on %s %s", request.method, request.path)
         return _error(500, "internal server error")
 

@@ -273,14 +273,17 @@ class Hub:
         else:
             self.config.tmp_dir.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.config.tmp_dir, suffix=".copy")
-            with os.fdopen(fd, "wb") as out, source.open("rb") as src:
-                done = 0
-                while block := src.read(1 << 20):
-                    out.write(block)
-                    done += len(block)
-                    if progress is not None:
-                        progress(done)
-            self.artifacts.put_file(key, Path(tmp))
+            try:
+                with os.fdopen(fd, "wb") as out, source.open("rb") as src:
+                    done = 0
+                    while block := src.read(1 << 20):
+                        out.write(block)
+                        done += len(block)
+                        if progress is not None:
+                            progress(done)
+                self.artifacts.put_file(key, Path(tmp))
+            finally:  # moved into the store, or half-written (a full disk): gone either way
+                Path(tmp).unlink(missing_ok=True)
         target = Target(name, version, path, digest, length, custom, now_iso())
         try:
             self.repo.add_target(

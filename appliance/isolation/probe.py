@@ -69,9 +69,14 @@ def probe(manifest: Manifest, path: Path, context: LoadContext) -> None:
     except ModelError:
         rc = worker.returncode
         if rc is not None and rc < 0:
+            limited = (
+                f" (its memory limited to {cfg.max_memory_mb} MiB by max_memory_mb)"
+                if cfg.max_memory_mb
+                else ""
+            )
             raise ModelError(
                 f"{what}: the {manifest.backend} runtime {describe_exit(rc)} while loading "
-                f"{path.name} in a test process; refusing to load it into the server"
+                f"{path.name} in a test process{limited}; refusing to load it into the server"
             ) from None
         raise
     finally:

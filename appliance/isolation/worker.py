@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -46,11 +47,12 @@ def main(fd: int) -> int:
     try:
         backend = load(doc)
     except ApplianceError as exc:
-        first.send(REPLY, {"error": error_json(exc)}, {}, 0)
+        first.send(REPLY, {"error": error_json(_memory_hint(exc, doc))}, {}, 0)
         return 1
     except Exception as exc:
         log.exception("loading failed")
-        first.send(REPLY, {"error": error_json(ModelError(f"{type(exc).__name__}: {exc}"))}, {}, 0)
+        error = _memory_hint(ModelError(f"{type(exc).__name__}: {exc}"), doc)
+        first.send(REPLY, {"error": error_json(error)}, {}, 0)
         return 1
     first.send(REPLY, {"report": report(backend)}, {}, 0)
     channels += [Channel(sock, Segment.empty()) for sock in receive_channels(first.sock)]
@@ -78,9 +80,28 @@ def load(doc: dict[str, Any]) -> Backend:
         if nice > os.getpriority(os.PRIO_PROCESS, 0):
             os.setpriority(os.PRIO_PROCESS, 0, nice)
     config: ModelConfig = Config(models={manifest.name: doc["config"]}).model_config(manifest.name)
+    if config.max_memory_mb:  # before the runtime is imported: it counts too
+        limit = config.max_memory_mb << 20
+        _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
     context = LoadContext(config, Path(doc["cache_dir"]))
     plugins.use_dirs(doc.get("plugin_dirs", []))  # the server's, already checked there
     return backends.load(manifest, Path(doc["path"]), context)
+
+
+_OUT_OF_MEMORY = ("MemoryError", "bad_alloc", "bad allocation", "out of memory", "Cannot allocate")
+
+
+def _memory_hint(exc: ApplianceError, doc: dict[str, Any]) -> ApplianceError:
+    """A load that ran out of the memory `max_memory_mb` allows says so, and names the key."""
+    limit = int(doc.get("config", {}).get("max_memory_mb") or 0)
+    if not limit or not any(word in exc.message for word in _OUT_OF_MEMORY):
+        return exc
+    name = doc.get("manifest", {}).get("name", "?")
+    return ModelError(
+        f"does not fit in the memory its process may use (models.{name}.max_memory_mb = "
+        f"{limit} MiB): {exc.message}"
+    )
 
 
 def _tag_logs(label: str) -> None:

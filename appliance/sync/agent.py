@@ -24,6 +24,7 @@ import logging
 import random
 import shutil
 import socket
+import sqlite3
 import stat
 import time
 from collections.abc import Awaitable, Callable
@@ -40,14 +41,14 @@ from .. import tracing
 from ..codec import InferRequest, InferResponse, decode_request
 from ..config import Config
 from ..engine import Engine, LoadedModel, ModelSource
-from ..errors import ApplianceError, ConfigError, NotFound
+from ..errors import ApplianceError, ConfigError, NotFound, StoreFull
 from ..llm import Generation, Sampling, TextModel
 from ..metrics import Metrics, SyncGauges
 from ..progress import Throttle, describe
 from ..registry import ACTIVE_NAME, PIPELINE, Registry, atomic_write
 from ..tensors import DATATYPES, FLOAT_TYPES
 from .client import Assignment, HubClient
-from .outbox import Outbox
+from .outbox import Outbox, disk_full
 from .tuf_client import Expired, Refused, SyncError, TufClient, Unreachable
 
 log = logging.getLogger("appliance.sync")
@@ -167,6 +168,8 @@ class SyncAgent:
         #: (name, version) -> (monotonic time of the next try, tries, last reason).
         self.retry: dict[tuple[str, str], tuple[float, int, str]] = {}
         self.watches: dict[str, Watch] = {}
+        #: name -> version serving but not yet written to ACTIVE (the disk was full).
+        self.unrecorded: dict[str, str] = {}
         self.uploads = {"ok": 0, "failed": 0}
         self.updates = {"activated": 0, "failed": 0, "refused": 0, "rolled_back": 0}
         self._wake = asyncio.Event()
@@ -317,6 +320,7 @@ class SyncAgent:
 
     async def _cycle(self) -> None:
         self.last_check = time.time()
+        await self._record_active()
         await self._check_watches()
         try:
             self.assignments, _changed = await self.client.assignments()
@@ -362,6 +366,12 @@ class SyncAgent:
             self.state = "offline"
             self._fail(exc.reason)
             return
+        except OSError as exc:
+            if not disk_full(exc):
+                raise
+            self.state = "error"  # python-tuf writes each file aside first: nothing half-kept
+            self._fail(f"no room on disk for the TUF metadata: {exc}")
+            return
         self.tuf_state = "ok"
         # Pipelines after models: one bound to a model rolled out with it sees the new model.
         work.sort(key=lambda a: a.target.endswith("/" + PIPELINE_TARGET))
@@ -369,6 +379,18 @@ class SyncAgent:
             await self._update(updater, a)
         self.state = "idle"
         await asyncio.to_thread(self._clean_downloads, updater)
+
+    async def _record_active(self) -> None:
+        """Write ACTIVE for versions activated while the disk was full (a restart would
+        serve the older version until then)."""
+        for name, version in list(self.unrecorded.items()):
+            serving = self._serving_version(name)
+            try:
+                if serving == version:
+                    await asyncio.to_thread(self.registry.activate, name, version)
+            except StoreFull:
+                continue
+            del self.unrecorded[name]
 
     def _needs(self, a: Assignment, now: float) -> bool:
         key = (a.name, a.version)
@@ -406,6 +428,16 @@ class SyncAgent:
         except LoadFailed as exc:
             sha = info.hashes.get("sha256", "") if info is not None else ""
             await self._version_failed(a, sha, "load", str(exc), self._serving_version(a.name))
+        except (OSError, StoreFull) as exc:
+            if isinstance(exc, OSError) and not disk_full(exc):
+                raise
+            # Nothing half-written is kept (the store stages, downloads resume): retry later.
+            reason = f"{a.name} version {a.version}: no room on disk for the update: {exc}"
+            self._schedule_retry(a, reason)
+            self.state = "error"
+            self._fail(reason)
+            failed = {"model": a.name, "version": a.version, "stage": "disk", "reason": reason}
+            await self.event("update_failed", failed)
         finally:
             self.progress.pop(a.name, None)
 
@@ -476,6 +508,9 @@ class SyncAgent:
                     steps=_object(manifest.get("steps")),
                 )
             )
+        except StoreFull:
+            path.unlink(missing_ok=True)  # the space it holds is needed; it downloads again
+            raise
         except ApplianceError as exc:
             path.unlink(missing_ok=True)  # verified, but no runtime here can open it
             raise LoadFailed(exc.message) from None
@@ -527,7 +562,11 @@ class SyncAgent:
             reason = exc.message if isinstance(exc, ApplianceError) else str(exc)
             await self._version_failed(a, sha, stage, reason, previous)
             return
-        await asyncio.to_thread(self.registry.activate, a.name, a.version)
+        try:
+            await asyncio.to_thread(self.registry.activate, a.name, a.version)
+        except StoreFull as exc:  # it serves; ACTIVE is written once there is room
+            self.unrecorded[a.name] = a.version
+            self._fail(f"{a.name} version {a.version} serves, but is not recorded yet: {exc}")
         self.updates["activated"] += 1
         model = self._serving(a.name)
         assert model is not None
@@ -723,7 +762,13 @@ class SyncAgent:
                 continue
             self.uploads["ok"] += 1
             delay = 0.0
-            await asyncio.to_thread(self.outbox.acknowledge, events[-1].seq)
+            try:
+                await asyncio.to_thread(self.outbox.acknowledge, events[-1].seq)
+            except (sqlite3.Error, OSError) as exc:  # the hub dedups what is sent again
+                if not disk_full(exc):
+                    raise
+                log.warning("telemetry: cannot forget uploaded events, the disk is full: %s", exc)
+                delay = cap
 
     async def _metrics_loop(self) -> None:
         watch = asyncio.ensure_future(self._watch_loop())

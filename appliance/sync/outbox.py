@@ -8,12 +8,16 @@ at least once and the hub's unique key makes it exactly once.
 
 Disk use is capped by a running total of the stored rows' sizes: when an append would pass the
 cap, the oldest rows are deleted and a "dropped" event (count, first and last seq) is appended,
-so a loss is always reported, never silent. Calls block on fsync: the agent runs them in a thread.
+so a loss is always reported, never silent. A full disk (SQLITE_FULL, or the OS saying so) is
+the same kind of loss: `append` does not raise, it counts the event as dropped, and once a write
+succeeds again (space returned) a "dropped" event with `reason: "disk_full"` reports how many
+were lost. Calls block on fsync: the agent runs them in a thread.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import sqlite3
 import threading
 from dataclasses import dataclass
@@ -22,10 +26,15 @@ from typing import Any
 
 import orjson
 
+from ..errors import is_disk_full
+
 #: Bytes counted per row beside its JSON (key, time, kind, b-tree overhead).
 ROW_OVERHEAD = 64
 _SIZE = f"length(data) + length(kind) + {ROW_OVERHEAD}"
 _TOTALS = f"SELECT COUNT(*), COALESCE(SUM({_SIZE}), 0) FROM events"  # noqa: S608 (constants)
+log = logging.getLogger("appliance.sync")
+#: Whether an error means a full disk (OS or SQLite).
+disk_full = is_disk_full
 
 
 @dataclass(frozen=True)
@@ -67,24 +76,58 @@ class Outbox:
         row = self._db.execute(_TOTALS).fetchone()
         self._depth, self._bytes = int(row[0]), int(row[1])
         self._dropped = self.counter("dropped")
+        #: Events lost to a full disk since the last successful write (reported by the next).
+        self._unwritten = 0
 
     # -- writing -----------------------------------------------------------------------------
     def append(self, kind: str, data: dict[str, Any], time: str | None = None) -> int:
-        """Store one event durably; returns its sequence number."""
+        """Store one event durably; returns its sequence number, or 0 when the disk is full
+        (the event is then counted as dropped and reported once a write succeeds)."""
         body = orjson.dumps(data).decode()
         size = len(body) + len(kind) + ROW_OVERHEAD
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                if self._bytes + size > self.max_bytes:
-                    self._drop_oldest(size)
-                seq = self._insert(kind, body, time or utc_now())
-                self._db.execute("COMMIT")
-            except BaseException:
+                return self._append(kind, body, size, time)
+            except (sqlite3.Error, OSError) as exc:
+                if not disk_full(exc):
+                    raise
+                if not self._unwritten:
+                    log.warning("outbox %s: disk full, events are dropped: %s", self.path, exc)
+                self._unwritten += 1
+                self._dropped += 1
+                return 0
+
+    def _append(self, kind: str, body: str, size: int, time: str | None) -> int:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            if self._unwritten:  # the loss first, so that it is reported in its place
+                lost = orjson.dumps({"count": self._unwritten, "reason": "disk_full"}).decode()
+                if self._bytes + len(lost) + ROW_OVERHEAD > self.max_bytes:
+                    self._drop_oldest(len(lost) + ROW_OVERHEAD)
+                self._insert("dropped", lost, utc_now())
+                self._count("dropped", self._unwritten)
+            if self._bytes + size > self.max_bytes:
+                self._drop_oldest(size)
+            seq = self._insert(kind, body, time or utc_now())
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
-                self._reload_totals()
-                raise
-            return seq
+            self._reload_totals()
+            raise
+        if self._unwritten:
+            log.warning(
+                "outbox %s: writing again; %d events were dropped", self.path, self._unwritten
+            )
+            self._unwritten = 0
+        return seq
+
+    def _count(self, name: str, n: int) -> None:
+        self._db.execute(
+            "INSERT INTO counters (name, value) VALUES (?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+            (name, n),
+        )
 
     def _insert(self, kind: str, body: str, time: str) -> int:
         cur = self._db.execute(
@@ -125,16 +168,12 @@ class Outbox:
         for (raw,) in earlier:
             folded = orjson.loads(raw)
             lost += int(folded["count"])
-            first = min(first, int(folded["first_seq"]))
+            first = min(first, int(folded.get("first_seq", first)))  # none: lost to a full disk
         self._db.execute("DELETE FROM events WHERE seq <= ?", (last,))
         self._depth -= count
         self._bytes -= freed
         self._dropped += new_losses
-        self._db.execute(
-            "INSERT INTO counters (name, value) VALUES ('dropped', ?) "
-            "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
-            (new_losses,),
-        )
+        self._count("dropped", new_losses)
         body = orjson.dumps({"count": lost, "first_seq": first, "last_seq": last}).decode()
         self._insert("dropped", body, utc_now())
 
@@ -164,7 +203,8 @@ class Outbox:
                 )
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
             finally:
                 self._reload_totals()

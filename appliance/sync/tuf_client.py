@@ -31,6 +31,8 @@ from tuf.ngclient.config import UpdaterConfig
 from tuf.ngclient.fetcher import FetcherInterface
 from tuf.ngclient.updater import Updater
 
+from ..errors import is_disk_full
+
 log = logging.getLogger("appliance.sync.tuf")
 
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
@@ -327,6 +329,10 @@ class TufClient:
             except Refused:
                 part.unlink(missing_ok=True)
                 raise
+            except OSError as exc:
+                if is_disk_full(exc):  # the partial file would keep the disk full for everyone
+                    part.unlink(missing_ok=True)
+                raise
         progress(have, length)
         try:
             with part.open("rb") as f:
@@ -383,6 +389,8 @@ class TufClient:
                                 f"length of {length} bytes"
                             )
                 except (urllib3.exceptions.HTTPError, OSError) as exc:
+                    if is_disk_full(exc):
+                        raise  # not the line: the caller frees the space and retries later
                     raise Unreachable(
                         f"download of {info.path} interrupted at {have} of {length} bytes: {exc}"
                     ) from None

@@ -301,10 +301,11 @@ async def test_metrics_count_hot_path_responses_by_route(connect):
 
 
 async def test_idle_connections_are_closed_after_the_keepalive_timeout(store):
-    config = load_config(None, {"store": {"path": str(store.root)}}, {})
+    overrides = {"store": {"path": str(store.root)}, "server": {"keepalive_timeout_s": 0.3}}
+    config = load_config(None, overrides, {})
     app = build(config, sources_from_store(store.root), store)
     sock = socket.create_server(("127.0.0.1", 0))
-    running = await open_server(app, sock, keepalive_timeout_s=0.3)
+    running = await open_server(app, sock)
     try:
         await app[LOADER]
         conn = Conn(*await asyncio.open_connection("127.0.0.1", running.port))
@@ -331,7 +332,8 @@ async def test_fast_path_off_sends_everything_to_aiohttp(connect):
 async def test_requests_aiohttp_answers_outlive_the_sweep_and_a_graceful_close(store):
     """A connection handed to aiohttp may be silent while its answer is made (a slow route, a
     streamed chat): neither the keep-alive sweep nor shutdown cuts it off."""
-    config = load_config(None, {"store": {"path": str(store.root)}}, {})
+    overrides = {"store": {"path": str(store.root)}, "server": {"keepalive_timeout_s": 0.2}}
+    config = load_config(None, overrides, {})
     app = build(config, sources_from_store(store.root), store)
 
     async def slow(_request: web.Request) -> web.Response:
@@ -340,7 +342,7 @@ async def test_requests_aiohttp_answers_outlive_the_sweep_and_a_graceful_close(s
 
     app.router.add_get("/slow", slow)
     sock = socket.create_server(("127.0.0.1", 0))
-    running = await open_server(app, sock, keepalive_timeout_s=0.2)
+    running = await open_server(app, sock)
     try:
         await app[LOADER]
         handed = b"GET /slow HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"  # HTTP/1.0: aiohttp's
