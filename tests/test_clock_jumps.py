@@ -29,8 +29,10 @@ DAY = 86400.0
 WALL_CLOCK_USES = {
     "appliance/api/http_server.py": 1,  # the Date header
     "appliance/api/openai.py": 2,  # `created` of a completion
+    "appliance/api/status.py": 2,  # `time` and `started_at` of /api/status (uptime: monotonic)
     "appliance/engine/engine.py": 1,  # a model's loaded_at (OpenAI's `created`)
     "appliance/sync/agent.py": 2,  # last_check, last_success (status, a metric)
+    "appliance/timeseries.py": 1,  # when each of the last errors happened (the status page)
 }
 
 

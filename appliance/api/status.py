@@ -27,7 +27,9 @@ from ..request import RequestPath
 
 #: What `GET /v2/sync` answers, when the device syncs with a hub (set by appliance/server.py).
 SYNC_STATUS: web.AppKey[Callable[[], dict[str, Any]]] = web.AppKey("sync_status")
-STARTED = web.AppKey("started", float)
+#: When the app was built: (wall clock, monotonic clock); uptime is measured on the second, so
+#: a clock step (NTP after boot without an RTC) does not change it.
+STARTED = web.AppKey("started", tuple[float, float])
 #: Points per series at most in one answer (an hour of 10 s buckets).
 MAX_POINTS = 360
 #: The window of the summary's numbers (rate, p50/p99, error rate).
@@ -42,7 +44,7 @@ def status(app: web.Application, points: int = 0) -> dict[str, Any]:
     paths, engine, store = app[PATH], app[ENGINE], app[STORE]
     router = paths.router
     gauges = {g.name: g for g in app[METRICS].gauge_source()}
-    now, started = time.time(), app[STARTED]
+    now, (started, started_mono) = time.time(), app[STARTED]
     models = []
     for model in router.models():
         entry = _model(paths, engine, model, gauges.get(model.name), store, points)
@@ -74,7 +76,7 @@ def status(app: web.Application, points: int = 0) -> dict[str, Any]:
             "hostname": platform.node(),
             "pid": os.getpid(),
             "started_at": round(started, 3),
-            "uptime_s": round(now - started, 1),
+            "uptime_s": round(time.monotonic() - started_mono, 1),
             "ready": engine.ready,
         },
         "device": {
@@ -338,7 +340,7 @@ def add_routes(app: web.Application) -> None:
     """The summary, the admin routes and the page's static files (api/ui.py)."""
     from . import ui
 
-    app[STARTED] = time.time()
+    app[STARTED] = (time.time(), time.monotonic())
     ui.add_routes(app)
     app.router.add_get("/api/status", get_status)
     app.router.add_get("/api/models/{name}", get_model)
