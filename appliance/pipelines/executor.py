@@ -577,7 +577,10 @@ async def execute(
             # A chain of plain model nodes (most pipelines): Run's steps, written out.
             _check_inputs(plan, request)
             given = request.inputs
-            env: Env = {key: given[name] for name, key in plan.in_keys}
+            # plain loops, not comprehensions: each of those is a call of its own before 3.12
+            env: Env = {}
+            for tensor, key in plan.in_keys:
+                env[key] = given[tensor]
             rid, priority, parameters = request.id, request.priority, request.parameters
             perf = time.perf_counter
             t0 = perf()
@@ -591,7 +594,9 @@ async def execute(
                         )
                     if model is None:
                         model = engine.ready_model(fast.model, fast.version)
-                    inputs = {key: env[ref] for key, ref in fast.ins}
+                    inputs: Arrays = {}
+                    for key, ref in fast.ins:
+                        inputs[key] = env[ref]
                     req = InferRequest(inputs, None, rid, False, remaining, priority, parameters)
                     if fast.bytes_ins:
                         req.datatypes = dict.fromkeys(fast.bytes_ins, "BYTES")
@@ -612,7 +617,10 @@ async def execute(
                 if tracing.tracer is not None:
                     _span(plan, bound, t0, t1)
                 t0 = t1
-            outputs = {name: env[key] for name, key in plan.out_keys if key in env}
+            outputs = {}
+            for tensor, key in plan.out_keys:
+                if key in env:
+                    outputs[tensor] = env[key]
     except ApplianceError as exc:
         outcome = OUTCOME.get(exc.status, "error")
         stats.outcomes[outcome] = stats.outcomes.get(outcome, 0) + 1

@@ -51,9 +51,11 @@ class Watched:
         assert not self.errors, "browser errors:\n" + "\n".join(self.errors)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """One Chromium for the session (each test opens its own context)."""
+    """One Chromium per test module (each test opens its own context). Not per session: sync
+    Playwright keeps an event loop running while it is open, and pytest-asyncio's tests after
+    it would fail with "Runner.run() cannot be called from a running event loop"."""
     if not chromium_available():
         pytest.fail(f"Chromium not found at {CHROMIUM} (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
