@@ -14,10 +14,8 @@ from typing import Any
 import pytest
 
 from tests.support.browser import (
-    CHROMIUM,
-    FLAGS,
     axe_violations,
-    chromium_available,
+    browser_fixture,  # noqa: F401 (the fixture `browser`)
     page_for,
     screenshot,
 )
@@ -28,24 +26,6 @@ INPUT = {"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5
 CASES = [{"inputs": [INPUT], "outputs": [{"name": "label", "shape": [1], "datatype": "INT64",
                                           "data": [0]}]}]  # fmt: skip
 NONE = "\N{EN DASH}"  # what the page shows for an empty field
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    """Chromium for this module only: a sync Playwright left running for the session keeps an
-    event loop on the main thread, and the async hub tests collected after it then fail
-    ("Runner.run() cannot be called from a running event loop"). Main's shared fixture is
-    module-scoped now too: this one can go once both meet."""
-    if not chromium_available():
-        pytest.fail(f"Chromium not found at {CHROMIUM} (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        instance = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
-        try:
-            yield instance
-        finally:
-            instance.close()
 
 
 class Fleet:

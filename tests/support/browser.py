@@ -1,8 +1,9 @@
 """Headless Chromium from Debian, driven by Playwright (no browser download), for the UI tests.
 
-`page_for(browser)` opens a page that records console errors and failed requests; `axe_violations`
-runs the vendored axe-core (tests/support/vendor, MPL-2.0) on it; `screenshot` saves a PNG under
-the artifacts folder (`APPLIANCE_ARTIFACTS`, default `build/test-artifacts`) so CI keeps them.
+The fixture `browser` (a test module imports `browser_fixture`); `page_for(browser)` opens a
+page that records console errors and failed requests; `axe_violations` runs the vendored
+axe-core (tests/support/vendor, MPL-2.0) on it; `screenshot` saves a PNG under the artifacts
+folder (`APPLIANCE_ARTIFACTS`, default `build/test-artifacts`) so CI keeps them.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ class Watched:
         assert not self.errors, "browser errors:\n" + "\n".join(self.errors)
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
+@pytest.fixture(scope="module", name="browser")
+def browser_fixture() -> Iterator[Any]:
     """One Chromium per test module (each test opens its own context). Not per session: sync
     Playwright keeps an event loop running while it is open, and pytest-asyncio's tests after
     it would fail with "Runner.run() cannot be called from a running event loop"."""

@@ -21,10 +21,8 @@ import pytest
 from appliance.registry import Registry
 from tests.conftest import ROOT, ServerProcess, start_server_process, stop_server_process
 from tests.support.browser import (
-    CHROMIUM,
-    FLAGS,
     axe_violations,
-    chromium_available,
+    browser_fixture,  # noqa: F401 (the fixture `browser`)
     page_for,
     screenshot,
 )
@@ -48,23 +46,6 @@ def call(server: ServerProcess, path: str, body: Any = None, token: str | None =
         request.add_header("Authorization", f"Bearer {token}")
     with urllib.request.urlopen(request, timeout=60) as r:
         return json.loads(r.read())
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    """Chromium for this module only: while sync Playwright is open it keeps an event loop
-    running in this thread, so pytest-asyncio's tests after it (session scope) fail to start
-    theirs with "Runner.run() cannot be called from a running event loop"."""
-    if not chromium_available():
-        pytest.fail(f"Chromium not found at {CHROMIUM} (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        instance = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
-        try:
-            yield instance
-        finally:
-            instance.close()
 
 
 @pytest.fixture(scope="module")
