@@ -40,6 +40,7 @@ from . import trace_settings
 from .images import image_request, text_parameters
 from .openai import add_routes as add_openai_routes
 from .openai import openai_error
+from .openapi import route_handler as openapi_route
 from .routes import KSERVE, PUBLIC
 from .ws import WsSettings
 from .ws import stream as ws_stream
@@ -241,8 +242,22 @@ async def model_ready(request: web.Request) -> web.Response:
 
 
 async def repository_index(request: web.Request) -> web.Response:
+    """The models and their state; `{"ready": true}` lists only those that serve (KServe's
+    repository extension)."""
+    body = await request.read()
+    ready = False
+    if body.strip():
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidInput(f"request body is not valid JSON: {exc}") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("ready", False), bool):
+            raise InvalidInput('expected {"ready": true or false} or no body')
+        ready = obj.get("ready", False)
     out = []
     for m in request.app[ROUTER].models():
+        if ready and m.status != "ready":
+            continue
         entry = {"name": m.name, "version": m.version, "state": m.status.upper()}
         if m.reason:
             entry["reason"] = m.reason
@@ -479,8 +494,9 @@ def build_app(
     app[METRICS] = metrics_registry
     app[SETTINGS] = settings
     app[STORE] = store
+    handlers = {**HANDLERS, "openapi": openapi_route(bool(settings.token))}
     for route in KSERVE:
-        app.router.add_route(route.method, route.path, HANDLERS[route.handler])
+        app.router.add_route(route.method, route.path, handlers[route.handler])
     add_openai_routes(app, PATH, REQUEST)
     app.cleanup_ctx.append(_engine_ctx)
     return app

@@ -57,10 +57,13 @@ KSERVE: tuple[Route, ...] = (
         for path in ("/v2/trace/setting", _MODEL + "/trace/setting")
         for method in ("GET", "POST")
     ),
+    # this server's OpenAPI document (api/openapi.py)
+    Route("GET", "/openapi.json", "openapi"),
 )
 
-#: Routes that need no bearer token (health checks of orchestrators and load balancers).
-PUBLIC = frozenset({"/v2/health/live", "/v2/health/ready"})
+#: Routes that need no bearer token (health checks of orchestrators and load balancers; the
+#: OpenAPI document, which names no model or setting: api/openapi.py).
+PUBLIC = frozenset({"/v2/health/live", "/v2/health/ready", "/openapi.json"})
 
 
 def hot_routes() -> list[tuple[str, Route, re.Pattern[str]]]:

@@ -1,7 +1,7 @@
 """The hub's HTTP service (aiohttp): TUF repository, device API, admin API, /metrics.
 
 Auth lives in the middleware, by path: /api/v1/admin/* and /metrics take the admin token,
-/api/v1/device/* a device token, /tuf/* either; /healthz is public. Errors become
+/api/v1/device/* a device token, /tuf/* either; /healthz and /openapi.json are public. Errors become
 `{"error": "..."}` there too. Service calls block (SQLite, hashing, signing), so handlers run
 them in threads; a background task re-signs timestamp and snapshot before they expire.
 """
@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 from .. import tracing
 from ..errors import ApplianceError, InvalidInput, NotFound, PayloadTooLarge, Unauthorized
 from .errors import Forbidden
+from .openapi import route_handler as openapi_route
 from .repository import utcnow
 from .service import ROLLOUT_STATES, Hub, check_device_id, require_device
 from .storage import Device
@@ -45,6 +46,8 @@ _METADATA_RE = re.compile(r"^(?:([1-9][0-9]{0,17})\.(root|targets|snapshot)|time
 _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
 _SUFFIX_RE = re.compile(r"^\.[a-z0-9]{1,8}$")
 _JSON = "application/json"
+#: Answered without a token (hub/openapi.py says why the document is public).
+PUBLIC = frozenset({"/healthz", "/openapi.json"})
 
 
 def json_response(
@@ -66,7 +69,7 @@ def _bearer(request: web.Request) -> str:
 async def _authorize(request: web.Request) -> None:
     hub = request.app[HUB]
     path = request.path
-    if path == "/healthz":
+    if path in PUBLIC:
         return
     token = _bearer(request)
     if path.startswith("/api/v1/device/"):
@@ -521,6 +524,7 @@ def build_app(hub: Hub, refresh_s: float | None = None, resign: bool = True) -> 
         app.cleanup_ctx.append(_refresher)
     r = app.router
     r.add_get("/healthz", healthz)
+    r.add_get("/openapi.json", openapi_route())
     r.add_get("/metrics", metrics)
     r.add_get("/tuf/metadata/{name}", tuf_metadata)
     r.add_get("/tuf/targets/{path:.+}", tuf_target)
