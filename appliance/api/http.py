@@ -246,7 +246,7 @@ async def repository_index(request: web.Request) -> web.Response:
     repository extension)."""
     body = await request.read()
     ready = False
-    if body.strip():
+    if body:  # only no body at all counts as none: whitespace is no JSON
         try:
             obj = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
@@ -281,7 +281,7 @@ async def repository_load(request: web.Request) -> web.Response:
     store = _store(request)
     version = None
     body = await request.read()
-    if body.strip():
+    if body:  # only no body at all counts as none: whitespace is no JSON
         try:
             obj = orjson.loads(body)
         except orjson.JSONDecodeError as exc:

@@ -29,6 +29,7 @@ from prometheus_client.registry import Collector
 
 from .. import tracing
 from ..errors import ApplianceError, InvalidInput, NotFound, PayloadTooLarge, Unauthorized
+from ..multipart import malformed_is_400
 from .errors import Forbidden
 from .openapi import route_handler as openapi_route
 from .repository import utcnow
@@ -331,8 +332,8 @@ async def device_events(request: web.Request) -> web.Response:
         limit = int(request.query.get("limit", "1000"))
     except ValueError:
         raise InvalidInput("'after' and 'limit' must be integers") from None
-    if limit < 1:
-        raise InvalidInput("'limit' must be at least 1")
+    if limit < 1 or after < 0:
+        raise InvalidInput("'limit' must be at least 1 and 'after' at least 0")
     return json_response(await asyncio.to_thread(hub.events, device_id, after, limit))
 
 
@@ -346,36 +347,39 @@ async def publish(request: web.Request) -> web.Response:
     limit = hub.config.max_upload_bytes
     hub.config.tmp_dir.mkdir(parents=True, exist_ok=True)
     try:
-        reader = await request.multipart()
-        while (part := await reader.next()) is not None:
-            if not isinstance(part, BodyPartReader) or part.name is None:
-                raise InvalidInput("unexpected nested multipart part")
-            if part.name == "file":
-                if spool is not None:
-                    raise InvalidInput("more than one 'file' part")
-                # The suffix helps detect the format; only a plain short one is kept.
-                suffix = Path(part.filename or "").suffix.lower()
-                suffix = suffix if _SUFFIX_RE.match(suffix) else ""
-                fd, tmp = tempfile.mkstemp(dir=hub.config.tmp_dir, prefix="upload.", suffix=suffix)
-                spool = Path(tmp)
-                size = 0
-                with os.fdopen(fd, "wb") as out:
-                    while chunk := await part.read_chunk(1 << 20):
-                        size += len(chunk)
-                        if size > limit:
-                            raise PayloadTooLarge(
-                                f"model file is over the upload limit of {limit} bytes"
-                            )
-                        await asyncio.to_thread(out.write, chunk)
-            elif part.name in ("name", "version", "acceptance", "manifest", "backend"):
-                value = bytearray()
-                while chunk := await part.read_chunk(64 << 10):
-                    value += chunk
-                    if len(value) > 1 << 20:
-                        raise PayloadTooLarge(f"field {part.name!r} is over 1 MiB")
-                fields[part.name] = value.decode("utf-8", errors="replace")
-            else:
-                raise InvalidInput(f"unknown field {part.name!r}")
+        with malformed_is_400():  # a 400 for a body aiohttp cannot split into parts
+            reader = await request.multipart()
+            while (part := await reader.next()) is not None:
+                if not isinstance(part, BodyPartReader) or part.name is None:
+                    raise InvalidInput("unexpected nested multipart part")
+                if part.name == "file":
+                    if spool is not None:
+                        raise InvalidInput("more than one 'file' part")
+                    # The suffix helps detect the format; only a plain short one is kept.
+                    suffix = Path(part.filename or "").suffix.lower()
+                    suffix = suffix if _SUFFIX_RE.match(suffix) else ""
+                    fd, tmp = tempfile.mkstemp(
+                        dir=hub.config.tmp_dir, prefix="upload.", suffix=suffix
+                    )
+                    spool = Path(tmp)
+                    size = 0
+                    with os.fdopen(fd, "wb") as out:
+                        while chunk := await part.read_chunk(1 << 20):
+                            size += len(chunk)
+                            if size > limit:
+                                raise PayloadTooLarge(
+                                    f"model file is over the upload limit of {limit} bytes"
+                                )
+                            await asyncio.to_thread(out.write, chunk)
+                elif part.name in ("name", "version", "acceptance", "manifest", "backend"):
+                    value = bytearray()
+                    while chunk := await part.read_chunk(64 << 10):
+                        value += chunk
+                        if len(value) > 1 << 20:
+                            raise PayloadTooLarge(f"field {part.name!r} is over 1 MiB")
+                    fields[part.name] = value.decode("utf-8", errors="replace")
+                else:
+                    raise InvalidInput(f"unknown field {part.name!r}")
         if spool is None or "name" not in fields or "version" not in fields:
             raise InvalidInput("publish needs the fields name, version and file")
         acceptance = _json_field(fields, "acceptance", [])

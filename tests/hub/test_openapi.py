@@ -31,3 +31,23 @@ async def test_every_route_is_declared_and_the_document_is_served(env: HubEnv) -
     assert public == {"/healthz", "/openapi.json"}
     assert "/tuf/targets/{path}" in doc["paths"]
     assert (await env.client.get("/api/v1/admin/devices")).status == 401
+
+
+async def test_malformed_publish_bodies_and_negative_after_are_400s(env: HubEnv) -> None:
+    """Regressions found by schemathesis: aiohttp's multipart reader raising ValueError or
+    InvalidHeader was a 500; `after=-1` was taken."""
+    for ctype, body in [
+        ("multipart/form-data; boundary=b", b"--b\r\n[]--b--\r\n"),
+        ("multipart/form-data; boundary=b", b"garbage"),
+        ("multipart/form-data", b"--b\r\n\r\n--b--\r\n"),
+    ]:
+        r = await env.client.post(
+            "/api/v1/admin/models", data=body, headers={**env.admin(), "Content-Type": ctype}
+        )
+        assert r.status == 400, await r.text()
+        assert "malformed multipart body" in (await r.json())["error"]
+    await env.enroll("dev-1")
+    r = await env.client.get("/api/v1/admin/devices/dev-1/events?after=-1", headers=env.admin())
+    assert r.status == 400 and "'after'" in (await r.json())["error"]
+    r = await env.client.get("/api/v1/admin/devices/dev-1/events?after=0", headers=env.admin())
+    assert r.status == 200
