@@ -33,7 +33,7 @@ from ..multipart import malformed_is_400
 from .errors import Forbidden
 from .openapi import route_handler as openapi_route
 from .repository import utcnow
-from .service import ROLLOUT_STATES, Hub, check_device_id, require_device
+from .service import MAX_SEQ, ROLLOUT_STATES, Hub, check_device_id, require_device
 from .storage import Device
 
 log = logging.getLogger("appliance.hub.http")
@@ -334,6 +334,7 @@ async def device_events(request: web.Request) -> web.Response:
         raise InvalidInput("'after' and 'limit' must be integers") from None
     if limit < 1 or after < 0:
         raise InvalidInput("'limit' must be at least 1 and 'after' at least 0")
+    after = min(after, MAX_SEQ)  # no seq is past it; a database's integers may end there
     return json_response(await asyncio.to_thread(hub.events, device_id, after, limit))
 
 

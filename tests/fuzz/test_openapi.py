@@ -15,7 +15,6 @@ Examples: APPLIANCE_FUZZ_EXAMPLES (conftest.py) per test; `make fuzz-long` runs 
 from __future__ import annotations
 
 import functools
-import os
 import re
 import subprocess
 import sys
@@ -43,7 +42,7 @@ from schemathesis.specs.openapi.checks import (
 
 from tests.conftest import ROOT, ServerProcess, start_server_process, stop_server_process
 
-from .conftest import QUIET
+from .conftest import EXAMPLES, QUIET
 from .fronts import assert_clean_log
 from .test_kserve_http import GOOD
 
@@ -57,7 +56,7 @@ CHECKS = [
 TOKEN = "fuzz-token-0123456789"
 #: Examples per test: a quarter of the fuzz profile's (each example is one HTTP request and a
 #: good one after it; the hub's publishes hash and sign).
-EXAMPLES = max(10, int(os.environ.get("APPLIANCE_FUZZ_EXAMPLES", "200")) // 4)
+PER_TEST = max(10, EXAMPLES // 4)
 
 
 @dataclass
@@ -188,7 +187,7 @@ def _run(target: Target) -> None:
     with requests.Session() as session:
 
         @settings(
-            max_examples=EXAMPLES,
+            max_examples=PER_TEST,
             deadline=None,
             suppress_health_check=list(HealthCheck),
             database=None,
