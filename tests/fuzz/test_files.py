@@ -2,7 +2,7 @@
 counts made huge. Model files (ONNX, TFLite, GGUF) go through the real first load in a child
 process (appliance/isolation/probe.py), where a runtime that crashes on them is contained;
 manifest.json through the store, config.toml through the config loader, acceptance cases
-through the hub's check. Each is loaded, or refused with the appliance's own error and a
+through the hub's check, a device's TUF root through its sync client. Each is loaded, or refused with the appliance's own error and a
 message (never a traceback, another exception type, or a crash of this process)."""
 
 from __future__ import annotations
@@ -206,3 +206,36 @@ def test_mutated_acceptance_cases_are_refused_with_a_message(data: st.DataObject
     except ApplianceError as exc:
         event("refused")
         assert exc.status == 400 and exc.message
+
+
+# -- TUF root metadata (a device's trust anchor, hub.root_file) ------------------------------------
+@pytest.fixture(scope="module")
+def hub_root(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    from appliance.hub.service import HubConfig, init_hub
+
+    data = tmp_path_factory.mktemp("tuf-hub") / "data"
+    init_hub(HubConfig(data_dir=data))
+    return (data / "1.root.json").read_bytes()
+
+
+@settings(max_examples=PARSES)
+@given(data=st.data())
+def test_mutated_root_metadata_is_refused(
+    tmp_path_factory: pytest.TempPathFactory, hub_root: bytes, data: st.DataObject
+) -> None:
+    """The sync agent's TUF client on a mutated root.json (bytes, or one JSON value): Refused
+    with python-tuf's reason, or, for a root that still verifies, Unreachable (no hub here)."""
+    from appliance.sync.tuf_client import Refused, SyncError, TufClient, Unreachable
+
+    if data.draw(st.booleans(), label="as bytes"):
+        body = data.draw(mutated(hub_root), label="bytes")
+    else:
+        body = dumps(data.draw(_json_mutations(orjson.loads(hub_root)), label="json"))
+    work = tmp_path_factory.mktemp("tuf-device")
+    (work / "root.json").write_bytes(body)
+    client = TufClient("http://127.0.0.1:9", "token", "dev", work / "root.json",
+                       work / "metadata", work / "downloads", 2.0, 1 << 20)  # fmt: skip
+    with pytest.raises(SyncError) as err:
+        client.refresh()
+    event(type(err.value).__name__)
+    assert isinstance(err.value, (Refused, Unreachable)) and err.value.reason
