@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -109,13 +109,20 @@ def registered(app: web.Application) -> list[tuple[str, str]]:
     return [(m, p) for m, p in dict.fromkeys(out) if m != "HEAD" or ("GET", p) not in out]
 
 
-def document(app: web.Application, api: Api, schemas: Mapping[str, Schema]) -> dict[str, Any]:
+#: Values of path parameters by name (the models served), given as their schemas' `examples`
+#: so that a client or a fuzzer reaches real ones.
+Examples = Mapping[str, list[str]]
+
+
+def document(
+    app: web.Application, api: Api, schemas: Mapping[str, Schema], examples: Examples | None = None
+) -> dict[str, Any]:
     """The OpenAPI 3.1 document of `app`'s routes as registered now."""
     paths: dict[str, dict[str, Any]] = {}
     for method, path in sorted(registered(app), key=lambda r: (r[1], r[0])):
         declared = api.operations.get((method, path))
         paths.setdefault(_openapi_path(path), {})[method.lower()] = _operation(
-            method, path, declared, api.token
+            method, path, declared, api.token, examples or {}
         )
     doc: dict[str, Any] = {
         "openapi": "3.1.0",
@@ -139,7 +146,9 @@ def _content(media: Mapping[str, Schema]) -> dict[str, Any]:
     return {kind: {"schema": schema} for kind, schema in media.items()}
 
 
-def _operation(method: str, path: str, op: Operation | None, token: bool) -> dict[str, Any]:
+def _operation(
+    method: str, path: str, op: Operation | None, token: bool, examples: Examples
+) -> dict[str, Any]:
     if op is None:  # a route nobody declared: listed, and marked so (tests name it)
         op = Operation(summary=f"{method} {path}", tag="undeclared")
         undeclared = True
@@ -170,7 +179,7 @@ def _operation(method: str, path: str, op: Operation | None, token: bool) -> dic
         out["description"] = op.description
     params = [
         {"name": name, "in": "path", "required": True,
-         "schema": op.path.get(name, {"type": "string"})}
+         "schema": _with_examples(op.path.get(name, {"type": "string"}), examples.get(name))}
         for name in _PARAM.findall(path)
     ] + [
         {"name": name, "in": "query", "required": False, "schema": schema}
@@ -187,19 +196,29 @@ def _operation(method: str, path: str, op: Operation | None, token: bool) -> dic
     return out
 
 
+def _with_examples(schema: Schema, values: list[str] | None) -> Schema:
+    return {**schema, "examples": values} if values else schema
+
+
 def _operation_id(method: str, path: str) -> str:
     words = re.sub(r"[^A-Za-z0-9]+", "_", _PARAM.sub(lambda m: "by_" + m.group(1), path))
     return f"{method.lower()}{words}".rstrip("_")
 
 
-def handler(api: Api, schemas: Mapping[str, Schema]) -> Any:
+def handler(
+    api: Api,
+    schemas: Mapping[str, Schema],
+    examples: Callable[[web.Application], Examples] | None = None,
+) -> Any:
     """A GET handler serving `api`'s document, made at the first request (every route is
-    registered by then) and kept: make one handler per application."""
-    made: list[bytes] = []
+    registered by then) and kept while `examples` says the same: one handler per application."""
+    made: dict[str, Any] = {}
 
     async def openapi(request: web.Request) -> web.Response:
-        if not made:
-            made.append(orjson.dumps(document(request.app, api, schemas)))
-        return web.Response(body=made[0], content_type="application/json")
+        now = examples(request.app) if examples is not None else {}
+        if made.get("examples") != now:
+            made["body"] = orjson.dumps(document(request.app, api, schemas, now))
+            made["examples"] = now
+        return web.Response(body=made["body"], content_type="application/json")
 
     return openapi

@@ -287,7 +287,7 @@ async def repository_load(request: web.Request) -> web.Response:
         except orjson.JSONDecodeError as exc:
             raise InvalidInput(f"request body is not valid JSON: {exc}") from None
         params = obj.get("parameters") if isinstance(obj, dict) else None
-        if not isinstance(obj, dict) or not isinstance(params or {}, dict):
+        if not isinstance(obj, dict) or not isinstance({} if params is None else params, dict):
             raise InvalidInput('expected {"parameters": {"version": "<version>"}} or no body')
         raw = (params or {}).get("version")
         if raw is not None and not isinstance(raw, (str, int)):
@@ -494,7 +494,7 @@ def build_app(
     app[METRICS] = metrics_registry
     app[SETTINGS] = settings
     app[STORE] = store
-    handlers = {**HANDLERS, "openapi": openapi_route(bool(settings.token))}
+    handlers = {**HANDLERS, "openapi": openapi_route(bool(settings.token), paths.router)}
     for route in KSERVE:
         app.router.add_route(route.method, route.path, handlers[route.handler])
     add_openai_routes(app, PATH, REQUEST)

@@ -18,7 +18,8 @@ from typing import Any
 
 from .. import __version__
 from ..formats import CONTENT_TYPES
-from ..openapi import Api, Operation, Schema, handler, published_components, ref
+from ..openapi import Api, Examples, Operation, Schema, handler, published_components, ref
+from ..routing import Router
 from .routes import KSERVE, PUBLIC
 
 _JSON = "application/json"
@@ -33,6 +34,19 @@ _BUSY = {
     "504": ("the request's deadline passed before it ran", {_JSON: ref("Error")}),
 }
 _OPENAI_BUSY = {code: (text, {_JSON: ref("OpenAIError")}) for code, (text, _) in _BUSY.items()}
+
+
+def _events(data: Schema | None = None) -> Schema:
+    """Server-sent events, each as schemathesis and OpenAPI 3.2 read them: an object whose
+    `data` is text (JSON of `data`'s schema, or OpenAI's final `[DONE]`)."""
+    text: Schema = {"type": "string"}
+    if data is not None:
+        text = {**text, "contentMediaType": "application/json", "contentSchema": data}
+    return {
+        "type": "object",
+        "properties": {"data": text, "event": _TEXT, "id": _TEXT, "retry": {"type": "integer"}},
+    }
+
 
 SCHEMAS: dict[str, Schema] = {
     "Live": {"type": "object", "required": ["live"], "properties": {"live": {"type": "boolean"}}},
@@ -80,7 +94,7 @@ SCHEMAS: dict[str, Schema] = {
         "type": "object",
         "properties": {
             "parameters": {
-                "type": "object",
+                "type": ["object", "null"],
                 "properties": {
                     "version": {
                         "anyOf": [_NAME, {"type": "integer", "minimum": 0}, {"type": "null"}]
@@ -144,7 +158,9 @@ def _kserve() -> dict[str, Operation]:
         ),
         "generate_stream": Operation(
             "generate text, streamed as server-sent events", kserve,
-            body={_JSON: ref("GenerateRequest")}, answer={"text/event-stream": _TEXT},
+            body={_JSON: ref("GenerateRequest")},
+            answer={"text/event-stream": _events(
+                {"anyOf": [ref("GenerateStreamResponse"), ref("Error")]})},
             more=_BUSY,
         ),
         "stream": Operation(
@@ -190,12 +206,13 @@ def _openai() -> dict[tuple[str, str], Operation]:
                                                  openai=True),
         ("POST", "/v1/chat/completions"): Operation(
             "chat", tag, body={_JSON: ref("CreateChatCompletionRequest")},
-            answer={_JSON: ref("CreateChatCompletionResponse"), "text/event-stream": _TEXT},
+            answer={_JSON: ref("CreateChatCompletionResponse"),
+                    "text/event-stream": _events(ref("CreateChatCompletionStreamResponse"))},
             more=busy, openai=True,
         ),
         ("POST", "/v1/completions"): Operation(
             "complete a prompt", tag, body={_JSON: ref("CreateCompletionRequest")},
-            answer={_JSON: ref("CreateCompletionResponse"), "text/event-stream": _TEXT},
+            answer={_JSON: ref("CreateCompletionResponse"), "text/event-stream": _events()},
             more=busy, openai=True,
         ),
         ("POST", "/v1/embeddings"): Operation(
@@ -245,10 +262,18 @@ def _with_names(op: Operation, path: str) -> Operation:
     return replace(op, path=names) if names else op
 
 
-def route_handler(token: bool) -> Any:
+def served(router: Router) -> Examples:
+    """The names and versions served now: examples of the path parameters."""
+    models = router.models()
+    names = sorted({m.name for m in models} | set(router.tasks))
+    versions = sorted({m.version for m in models})
+    return {"name": names, "model": names, "version": versions}
+
+
+def route_handler(token: bool, router: Router) -> Any:
     """The GET /openapi.json handler of one application."""
     components = published_components()["schemas"]
-    return handler(api(token), {**components, **SCHEMAS})
+    return handler(api(token), {**components, **SCHEMAS}, lambda app: served(router))
 
 
 __all__ = ["SCHEMAS", "api", "operations", "route_handler"]

@@ -107,5 +107,24 @@ async def test_served_without_a_token_and_others_are_not(serve: Any) -> None:
     doc = await r.json()
     assert doc["openapi"].startswith("3.1") and "/v2/models/{name}/infer" in doc["paths"]
     assert doc["security"] == [{"bearer": []}]
+    # the models served are examples of the path parameters, so that fuzzers reach them
+    (name,) = doc["paths"]["/v2/models/{name}/infer"]["post"]["parameters"][:1]
+    assert "multi_io" in name["schema"]["examples"], name
     assert (await client.post("/v2/repository/index")).status == 401
     assert (await client.get("/v2")).status == 401
+
+
+async def test_repository_bodies_the_document_refuses_are_400s(serve: Any) -> None:
+    """Found by schemathesis: these bodies were taken as no body."""
+    client = await serve()
+    for route, body in [
+        ("/v2/repository/index", b'{"ready": 1}'),
+        ("/v2/repository/index", b"  \r\n"),
+        ("/v2/repository/index", b"[]"),
+        ("/v2/repository/models/sample/load", b'{"parameters": false}'),
+        ("/v2/repository/models/sample/load", b"\r\n"),
+    ]:
+        r = await client.post(route, data=body, headers={"Content-Type": "application/json"})
+        assert r.status == 400, (route, body, await r.text())
+    r = await client.post("/v2/repository/index", json={"ready": True})
+    assert r.status == 200 and {m["state"] for m in await r.json()} == {"READY"}
