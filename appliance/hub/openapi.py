@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from .. import __version__
-from ..openapi import Api, Operation, Schema, handler, ref
+from ..openapi import Api, Examples, Operation, Schema, handler, ref
+from .service import Hub
 
 _JSON = "application/json"
 _TEXT = {"type": "string"}
@@ -237,7 +238,19 @@ def operations() -> dict[tuple[str, str], Operation]:
     }  # fmt: skip
 
 
-def route_handler() -> Any:
+def served(hub: Hub) -> Examples:
+    """What exists now (devices, rollouts, targets, metadata): examples of the path
+    parameters, so that a client or a fuzzer reaches real ones."""
+    store = hub.store
+    return {
+        "device_id": sorted(d.device_id for d in store.devices())[:20],
+        "id": sorted(r.public_id for r in store.rollouts())[:20],
+        "path": sorted(t.path for t in store.targets())[:20],
+        "name": ["timestamp.json", "1.root.json", "1.targets.json", "1.snapshot.json"],
+    }
+
+
+def route_handler(hub: Hub) -> Any:
     """The GET /openapi.json handler of one hub application."""
     api = Api(
         title="appliance hub",
@@ -247,4 +260,4 @@ def route_handler() -> Any:
         operations=operations(),
         token=True,
     )
-    return handler(api, SCHEMAS)
+    return handler(api, SCHEMAS, lambda app: served(hub))

@@ -529,7 +529,7 @@ def build_app(hub: Hub, refresh_s: float | None = None, resign: bool = True) -> 
         app.cleanup_ctx.append(_refresher)
     r = app.router
     r.add_get("/healthz", healthz)
-    r.add_get("/openapi.json", openapi_route())
+    r.add_get("/openapi.json", openapi_route(hub))
     r.add_get("/metrics", metrics)
     r.add_get("/tuf/metadata/{name}", tuf_metadata)
     r.add_get("/tuf/targets/{path:.+}", tuf_target)
