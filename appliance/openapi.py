@@ -11,7 +11,6 @@ route is left out (the same test names it).
 from __future__ import annotations
 
 import asyncio
-import functools
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -91,10 +90,10 @@ OPENAI_ERROR = {
 }
 
 
-@functools.cache
 def published_components() -> dict[str, Any]:
     """The component schemas of the published KServe OIP (REST, generate) and OpenAI documents
-    (appliance/data/openapi_components.json, written by build/make_openapi_components.py)."""
+    (appliance/data/openapi_components.json, written by build/make_openapi_components.py):
+    read when a document is made, not kept (about 270 kB as Python objects)."""
     data = resources.files("appliance") / "data" / "openapi_components.json"
     out: dict[str, Any] = orjson.loads(data.read_bytes())
     return out
@@ -208,18 +207,19 @@ def _operation_id(method: str, path: str) -> str:
 
 def handler(
     api: Api,
-    schemas: Mapping[str, Schema],
+    schemas: Callable[[], Mapping[str, Schema]],
     examples: Callable[[web.Application], Examples] | None = None,
 ) -> Any:
     """A GET handler serving `api`'s document, made at the first request (every route is
-    registered by then) and kept while `examples` says the same: one handler per application."""
+    registered by then; `schemas` are read only then) and kept as bytes while `examples` says
+    the same: one handler per application."""
     made: dict[str, Any] = {}
 
     async def openapi(request: web.Request) -> web.Response:
         # in a thread: the hub's come from its database
         now = await asyncio.to_thread(examples, request.app) if examples is not None else {}
         if made.get("examples") != now:
-            made["body"] = orjson.dumps(document(request.app, api, schemas, now))
+            made["body"] = orjson.dumps(document(request.app, api, schemas(), now))
             made["examples"] = now
         return web.Response(body=made["body"], content_type="application/json")
 

@@ -272,8 +272,12 @@ def served(router: Router) -> Examples:
 
 def route_handler(token: bool, router: Router) -> Any:
     """The GET /openapi.json handler of one application."""
-    components = published_components()["schemas"]
-    return handler(api(token), {**components, **SCHEMAS}, lambda app: served(router))
+    return handler(api(token), schemas, lambda app: served(router))
+
+
+def schemas() -> dict[str, Schema]:
+    """The component schemas the device's document refers to."""
+    return {**published_components()["schemas"], **SCHEMAS}
 
 
 __all__ = ["SCHEMAS", "api", "operations", "route_handler"]

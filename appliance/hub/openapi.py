@@ -260,4 +260,4 @@ def route_handler(hub: Hub) -> Any:
         operations=operations(),
         token=True,
     )
-    return handler(api, SCHEMAS, lambda app: served(hub))
+    return handler(api, lambda: SCHEMAS, lambda app: served(hub))
