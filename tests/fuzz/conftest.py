@@ -49,13 +49,16 @@ DEVICE = "fuzz"
 def kserve_store(
     tmp_path_factory: pytest.TempPathFactory, samples: Path, tflite_models: Path
 ) -> Path:
-    """The sample models (every datatype between them) and the TFLite image classifier."""
+    """The sample models (every datatype between them), the TFLite image classifier, and a
+    spare copy of `sample` that the repository routes may unload."""
     from tests.support.images import CLASSIFIER_POST, CLASSIFIER_PRE
 
     root = tmp_path_factory.mktemp("fuzz-store")
     registry = Registry(root)
     for name in SAMPLE_NAMES:
         registry.add(name, samples / f"{name}.onnx")
+    # for the repository routes to load and unload (tests/fuzz/test_openapi.py)
+    registry.add("spare", samples / "sample.onnx")
     registry.add(
         "classifier",
         tflite_models / "tfl_classifier.tflite",

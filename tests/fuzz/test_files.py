@@ -2,8 +2,9 @@
 counts made huge. Model files (ONNX, TFLite, GGUF) go through the real first load in a child
 process (appliance/isolation/probe.py), where a runtime that crashes on them is contained;
 manifest.json through the store, config.toml through the config loader, acceptance cases
-through the hub's check, a device's TUF root through its sync client. Each is loaded, or refused with the appliance's own error and a
-message (never a traceback, another exception type, or a crash of this process)."""
+through the hub's check, a device's TUF root through its sync client. Each is loaded, or
+refused with the appliance's own error and a message (never a traceback, another exception
+type, or a crash of this process)."""
 
 from __future__ import annotations
 

@@ -157,7 +157,8 @@ def hub(tmp_path_factory: pytest.TempPathFactory, samples: Path) -> Iterator[Tar
 
     def good(session: requests.Session) -> None:
         r = session.get(url + "/api/v1/device/assignments", headers=headers("/api/v1/device/"))
-        assert r.status_code == 200 and r.json()["models"][0]["name"] == "sample", r.text
+        # (the fuzzer may have halted or rolled back the rollout: real ids are examples)
+        assert r.status_code == 200 and isinstance(r.json()["models"], list), r.text
 
     def log(since: int) -> int:
         assert proc.poll() is None, "the hub exited:\n" + "".join(lines[-30:])
@@ -174,7 +175,9 @@ def _fuzz(target: Target, data: st.DataObject, session: requests.Session) -> Non
     operations = target.operations
     mode = data.draw(st.sampled_from([GenerationMode.POSITIVE, GenerationMode.NEGATIVE]))
     op = data.draw(st.sampled_from(operations), label="operation")
-    case = data.draw(op.as_strategy(generation_mode=mode), label="case")
+    # load/unload only the spare model: the others serve the good requests and other tests
+    pinned = {"name": "spare"} if op.path.startswith("/v2/repository/models/") else None
+    case = data.draw(op.as_strategy(generation_mode=mode, path_parameters=pinned), label="case")
     checks = list(CHECKS)
     if mode == GenerationMode.NEGATIVE and not PUBLISHED_BODY.search(op.path):
         checks.append(negative_data_rejection)
