@@ -159,6 +159,7 @@ SCHEMAS: dict[str, Schema] = {
     },
     "Percent": {
         "type": "object",
+        "required": ["percent"],
         "properties": {"percent": {"type": "integer", "minimum": 0, "maximum": 100}},
     },
 }
@@ -226,10 +227,15 @@ def operations() -> dict[tuple[str, str], Operation]:
         ("GET", "/api/v1/admin/rollouts"): Operation(
             "every rollout", _ADMIN, answer={j: {"type": "array", "items": ref("Rollout")}},
         ),
-        ("POST", "/api/v1/admin/rollouts/{id}/{action}"): Operation(
-            "halt, roll back, or change the percent of a rollout", _ADMIN,
-            body={j: ref("Percent")}, body_required=False, answer={j: ref("Rollout")},
-            path={"action": {"type": "string", "enum": ["halt", "rollback", "percent"]}},
+        ("POST", "/api/v1/admin/rollouts/{id}/halt"): Operation(
+            "halt a rollout (devices keep what they run)", _ADMIN, answer={j: ref("Rollout")},
+        ),
+        ("POST", "/api/v1/admin/rollouts/{id}/rollback"): Operation(
+            "roll a rollout back", _ADMIN, answer={j: ref("Rollout")},
+        ),
+        ("POST", "/api/v1/admin/rollouts/{id}/percent"): Operation(
+            "change the share of devices a rollout reaches", _ADMIN,
+            body={j: ref("Percent")}, answer={j: ref("Rollout")},
         ),
         ("GET", "/api/v1/admin/root.json"): Operation(
             "the TUF root a device is provisioned with", _ADMIN,

@@ -456,8 +456,10 @@ async def list_rollouts(request: web.Request) -> web.Response:
 
 
 async def rollout_action(request: web.Request) -> web.Response:
+    """POST .../rollouts/{id}/halt, /rollback (no body) or /percent ({"percent": N}): one route
+    each, so that /openapi.json says which takes a body."""
     hub = request.app[HUB]
-    rid, action = request.match_info["id"], request.match_info["action"]
+    rid, action = request.match_info["id"], request.path.rsplit("/", 1)[-1]
     if action == "halt":
         r = await asyncio.to_thread(hub.halt, rid)
     elif action == "rollback":
@@ -542,7 +544,8 @@ def build_app(hub: Hub, refresh_s: float | None = None, resign: bool = True) -> 
     r.add_get("/api/v1/admin/models", list_models)
     r.add_post("/api/v1/admin/rollouts", create_rollout)
     r.add_get("/api/v1/admin/rollouts", list_rollouts)
-    r.add_post("/api/v1/admin/rollouts/{id}/{action}", rollout_action)
+    for action in ("halt", "rollback", "percent"):
+        r.add_post(f"/api/v1/admin/rollouts/{{id}}/{action}", rollout_action)
     r.add_get("/api/v1/admin/root.json", export_root)
     return app
 
