@@ -12,7 +12,7 @@ CONVERT_STAMP := $(CONVERT_VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8080
 
-.PHONY: run test lint typecheck unit samples convert-venv bench soak binary binary-onefile binary-test deb measure-binary clean
+.PHONY: fuzz-long run test lint typecheck unit samples convert-venv bench soak binary binary-onefile binary-test deb measure-binary clean
 .PHONY: binary-arm64 binary-arm64-test binary-arm64-gguf deb-arm64 binary-jetson
 
 $(STAMP): pyproject.toml build/gguf_requirements.txt
@@ -57,6 +57,11 @@ unit: $(STAMP) $(CONVERT_STAMP) samples
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 test: lint typecheck unit
+
+# The fuzz tests (tests/fuzz: schemas, /openapi.json, parsers) with many examples each.
+FUZZ_EXAMPLES ?= 4000
+fuzz-long: $(STAMP) samples
+	APPLIANCE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -q tests/fuzz $(PYTEST_ARGS)
 
 bench: $(STAMP) samples
 	$(BIN)/appliance bench build/samples/sample.onnx

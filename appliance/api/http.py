@@ -40,6 +40,7 @@ from .images import image_request, text_parameters
 from .limits import ConnectionLimits
 from .openai import add_routes as add_openai_routes
 from .openai import openai_error
+from .openapi import route_handler as openapi_route
 from .routes import KSERVE, OPENAI, STATUS, SYNC, UNDECLARED, UNMATCHED, Scope, scopes
 from .status import add_routes as add_status_routes
 from .ws import WsSettings
@@ -247,8 +248,22 @@ async def model_ready(request: web.Request) -> web.Response:
 
 
 async def repository_index(request: web.Request) -> web.Response:
+    """The models and their state; `{"ready": true}` lists only those that serve (KServe's
+    repository extension)."""
+    body = await request.read()
+    ready = False
+    if body:  # only no body at all counts as none: whitespace is no JSON
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidInput(f"request body is not valid JSON: {exc}") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("ready", False), bool):
+            raise InvalidInput('expected {"ready": true or false} or no body')
+        ready = obj.get("ready", False)
     out = []
     for m in request.app[ROUTER].models():
+        if ready and m.status != "ready":
+            continue
         entry = {"name": m.name, "version": m.version, "state": m.status.upper()}
         if m.reason:
             entry["reason"] = m.reason
@@ -272,13 +287,13 @@ async def repository_load(request: web.Request) -> web.Response:
     store = _store(request)
     version = None
     body = await request.read()
-    if body.strip():
+    if body:  # only no body at all counts as none: whitespace is no JSON
         try:
             obj = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
             raise InvalidInput(f"request body is not valid JSON: {exc}") from None
         params = obj.get("parameters") if isinstance(obj, dict) else None
-        if not isinstance(obj, dict) or not isinstance(params or {}, dict):
+        if not isinstance(obj, dict) or not isinstance({} if params is None else params, dict):
             raise InvalidInput('expected {"parameters": {"version": "<version>"}} or no body')
         raw = (params or {}).get("version")
         if raw is not None and not isinstance(raw, (str, int)):
@@ -485,8 +500,9 @@ def build_app(
     app[METRICS] = metrics_registry
     app[SETTINGS] = settings
     app[STORE] = store
+    handlers = {**HANDLERS, "openapi": openapi_route(settings.auth.enabled, paths.router)}
     for route in KSERVE:
-        app.router.add_route(route.method, route.path, HANDLERS[route.handler])
+        app.router.add_route(route.method, route.path, handlers[route.handler])
     add_openai_routes(app, PATH, REQUEST)
     add_status_routes(app)
     app.cleanup_ctx.append(_engine_ctx)

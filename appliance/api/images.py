@@ -19,6 +19,7 @@ from aiohttp import BodyPartReader, web
 from ..codec import InferRequest
 from ..engine import LoadedModel
 from ..errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from ..multipart import malformed_is_400
 from ..preprocess.image import ImageSpec, check_content_type
 
 #: Request parameters a URL query, a multipart field or an MQTT user property may carry.
@@ -106,42 +107,45 @@ async def image_request(
     images: list[bytes] = []
     params: dict[str, Any] = {}
     total = 0
-    reader = await request.multipart()
-    while (part := await reader.next()) is not None:
-        if not isinstance(part, BodyPartReader):
-            raise InvalidInput("nested multipart bodies are not supported")
-        data = bytearray()
-        while chunk := await part.read_chunk(1 << 16):
-            total += len(chunk)
-            if total > limit:
-                raise PayloadTooLarge(f"multipart body is larger than the limit of {limit} bytes")
-            data.extend(chunk)
-        ptype = (part.headers.get("Content-Type") or "").partition(";")[0].strip().lower()
-        if part.filename is not None or ptype.startswith("image/"):
-            if ptype.startswith("image/"):
-                check_content_type(bytes(data), ptype)
-            images.append(bytes(data))
-            continue
-        name = part.name or ""
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise InvalidInput(f"multipart field {name!r} is not UTF-8 text") from None
-        if name == "parameters":
+    with malformed_is_400():  # a 400 for a body aiohttp cannot split into parts
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                raise InvalidInput("nested multipart bodies are not supported")
+            data = bytearray()
+            while chunk := await part.read_chunk(1 << 16):
+                total += len(chunk)
+                if total > limit:
+                    raise PayloadTooLarge(
+                        f"multipart body is larger than the limit of {limit} bytes"
+                    )
+                data.extend(chunk)
+            ptype = (part.headers.get("Content-Type") or "").partition(";")[0].strip().lower()
+            if part.filename is not None or ptype.startswith("image/"):
+                if ptype.startswith("image/"):
+                    check_content_type(bytes(data), ptype)
+                images.append(bytes(data))
+                continue
+            name = part.name or ""
             try:
-                obj = orjson.loads(text)
-            except orjson.JSONDecodeError as exc:
-                raise InvalidInput(f"multipart field 'parameters': not JSON: {exc}") from None
-            if not isinstance(obj, dict):
-                raise InvalidInput("multipart field 'parameters' must be a JSON object")
-            params.update(obj)
-        elif name in PARAMETERS:
-            params.update(text_parameters([(name, text)]))
-        else:
-            raise InvalidInput(
-                f"multipart field {name!r} is neither an image (a file part) nor a parameter "
-                f"({', '.join([*PARAMETERS, 'parameters'])})"
-            )
+                text = data.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidInput(f"multipart field {name!r} is not UTF-8 text") from None
+            if name == "parameters":
+                try:
+                    obj = orjson.loads(text)
+                except orjson.JSONDecodeError as exc:
+                    raise InvalidInput(f"multipart field 'parameters': not JSON: {exc}") from None
+                if not isinstance(obj, dict):
+                    raise InvalidInput("multipart field 'parameters' must be a JSON object")
+                params.update(obj)
+            elif name in PARAMETERS:
+                params.update(text_parameters([(name, text)]))
+            else:
+                raise InvalidInput(
+                    f"multipart field {name!r} is neither an image (a file part) nor a parameter "
+                    f"({', '.join([*PARAMETERS, 'parameters'])})"
+                )
     if not images:
         raise InvalidInput("the multipart body holds no image (send the picture as a file part)")
     return images_request(target, images, params)

@@ -64,6 +64,8 @@ KSERVE: tuple[Route, ...] = (
         for path in ("/v2/trace/setting", _MODEL + "/trace/setting")
         for method in ("GET", "POST")
     ),
+    # this server's OpenAPI document (api/openapi.py)
+    Route("GET", "/openapi.json", "openapi", scope="public"),
 )
 
 #: The OpenAI-compatible routes (handlers in api/openai.py's HANDLERS).

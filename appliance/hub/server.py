@@ -1,7 +1,7 @@
 """The hub's HTTP service (aiohttp): TUF repository, device API, admin API, /metrics.
 
 Auth lives in the middleware, by path: /api/v1/admin/* and /metrics take the admin token,
-/api/v1/device/* a device token, /tuf/* either; /healthz is public. Errors become
+/api/v1/device/* a device token, /tuf/* either; /healthz and /openapi.json are public. Errors become
 `{"error": "..."}` there too. Service calls block (SQLite, hashing, signing), so handlers run
 them in threads; a background task re-signs timestamp and snapshot before they expire.
 """
@@ -36,11 +36,13 @@ from ..errors import (
     Unauthorized,
     is_disk_full,
 )
+from ..multipart import malformed_is_400
 from . import fleet
 from .errors import Forbidden
+from .openapi import route_handler as openapi_route
 from .protocol import decode_custom
 from .repository import utcnow
-from .service import ROLLOUT_STATES, Hub, check_device_id, require_device
+from .service import MAX_SEQ, ROLLOUT_STATES, Hub, check_device_id, require_device
 from .storage import Device
 
 log = logging.getLogger("appliance.hub.http")
@@ -65,6 +67,8 @@ _UI_TYPES = {
 }
 UI_FILES = {p.name: p for p in sorted(UI_DIR.glob("*")) if p.is_file() and p.suffix in _UI_TYPES}
 UI_PATHS = {"/"} | {f"/ui/{name}" for name in UI_FILES}
+#: Answered without a token (hub/openapi.py says why the document is public).
+PUBLIC = frozenset({"/healthz", "/openapi.json"}) | UI_PATHS
 
 
 def json_response(
@@ -86,8 +90,8 @@ def _bearer(request: web.Request) -> str:
 async def _authorize(request: web.Request) -> None:
     hub = request.app[HUB]
     path = request.path
-    if path == "/healthz" or path in UI_PATHS:
-        return  # the dashboard's files hold no data: what it shows comes with the admin token
+    if path in PUBLIC:
+        return  # health, the document, the dashboard's files (what it shows needs the token)
     token = _bearer(request)
     if path.startswith("/api/v1/device/"):
         if token and hub.is_admin(token):
@@ -388,8 +392,9 @@ async def device_events(request: web.Request) -> web.Response:
         limit = int(request.query.get("limit", "1000"))
     except ValueError:
         raise InvalidInput("'after' and 'limit' must be integers") from None
-    if limit < 1:
-        raise InvalidInput("'limit' must be at least 1")
+    if limit < 1 or after < 0:
+        raise InvalidInput("'limit' must be at least 1 and 'after' at least 0")
+    after = min(after, MAX_SEQ)  # no seq is past it; a database's integers may end there
     return json_response(await asyncio.to_thread(hub.events, device_id, after, limit))
 
 
@@ -403,36 +408,39 @@ async def publish(request: web.Request) -> web.Response:
     limit = hub.config.max_upload_bytes
     hub.config.tmp_dir.mkdir(parents=True, exist_ok=True)
     try:
-        reader = await request.multipart()
-        while (part := await reader.next()) is not None:
-            if not isinstance(part, BodyPartReader) or part.name is None:
-                raise InvalidInput("unexpected nested multipart part")
-            if part.name == "file":
-                if spool is not None:
-                    raise InvalidInput("more than one 'file' part")
-                # The suffix helps detect the format; only a plain short one is kept.
-                suffix = Path(part.filename or "").suffix.lower()
-                suffix = suffix if _SUFFIX_RE.match(suffix) else ""
-                fd, tmp = tempfile.mkstemp(dir=hub.config.tmp_dir, prefix="upload.", suffix=suffix)
-                spool = Path(tmp)
-                size = 0
-                with os.fdopen(fd, "wb") as out:
-                    while chunk := await part.read_chunk(1 << 20):
-                        size += len(chunk)
-                        if size > limit:
-                            raise PayloadTooLarge(
-                                f"model file is over the upload limit of {limit} bytes"
-                            )
-                        await asyncio.to_thread(out.write, chunk)
-            elif part.name in ("name", "version", "acceptance", "manifest", "backend"):
-                value = bytearray()
-                while chunk := await part.read_chunk(64 << 10):
-                    value += chunk
-                    if len(value) > 1 << 20:
-                        raise PayloadTooLarge(f"field {part.name!r} is over 1 MiB")
-                fields[part.name] = value.decode("utf-8", errors="replace")
-            else:
-                raise InvalidInput(f"unknown field {part.name!r}")
+        with malformed_is_400():  # a 400 for a body aiohttp cannot split into parts
+            reader = await request.multipart()
+            while (part := await reader.next()) is not None:
+                if not isinstance(part, BodyPartReader) or part.name is None:
+                    raise InvalidInput("unexpected nested multipart part")
+                if part.name == "file":
+                    if spool is not None:
+                        raise InvalidInput("more than one 'file' part")
+                    # The suffix helps detect the format; only a plain short one is kept.
+                    suffix = Path(part.filename or "").suffix.lower()
+                    suffix = suffix if _SUFFIX_RE.match(suffix) else ""
+                    fd, tmp = tempfile.mkstemp(
+                        dir=hub.config.tmp_dir, prefix="upload.", suffix=suffix
+                    )
+                    spool = Path(tmp)
+                    size = 0
+                    with os.fdopen(fd, "wb") as out:
+                        while chunk := await part.read_chunk(1 << 20):
+                            size += len(chunk)
+                            if size > limit:
+                                raise PayloadTooLarge(
+                                    f"model file is over the upload limit of {limit} bytes"
+                                )
+                            await asyncio.to_thread(out.write, chunk)
+                elif part.name in ("name", "version", "acceptance", "manifest", "backend"):
+                    value = bytearray()
+                    while chunk := await part.read_chunk(64 << 10):
+                        value += chunk
+                        if len(value) > 1 << 20:
+                            raise PayloadTooLarge(f"field {part.name!r} is over 1 MiB")
+                    fields[part.name] = value.decode("utf-8", errors="replace")
+                else:
+                    raise InvalidInput(f"unknown field {part.name!r}")
         if spool is None or "name" not in fields or "version" not in fields:
             raise InvalidInput("publish needs the fields name, version and file")
         acceptance = _json_field(fields, "acceptance", [])
@@ -508,8 +516,10 @@ async def list_rollouts(request: web.Request) -> web.Response:
 
 
 async def rollout_action(request: web.Request) -> web.Response:
+    """POST .../rollouts/{id}/halt, /rollback (no body) or /percent ({"percent": N}): one route
+    each, so that /openapi.json says which takes a body."""
     hub = request.app[HUB]
-    rid, action = request.match_info["id"], request.match_info["action"]
+    rid, action = request.match_info["id"], request.path.rsplit("/", 1)[-1]
     if action == "halt":
         r = await asyncio.to_thread(hub.halt, rid)
     elif action == "rollback":
@@ -638,6 +648,7 @@ def build_app(
         app.cleanup_ctx.append(_static_writer)
     r = app.router
     r.add_get("/healthz", healthz)
+    r.add_get("/openapi.json", openapi_route(hub))
     r.add_get("/metrics", metrics)
     r.add_get("/tuf/metadata/{name}", tuf_metadata)
     r.add_get("/tuf/targets/{path:.+}", tuf_target)
@@ -650,7 +661,8 @@ def build_app(
     r.add_get("/api/v1/admin/models", list_models)
     r.add_post("/api/v1/admin/rollouts", create_rollout)
     r.add_get("/api/v1/admin/rollouts", list_rollouts)
-    r.add_post("/api/v1/admin/rollouts/{id}/{action}", rollout_action)
+    for action in ("halt", "rollback", "percent"):
+        r.add_post(f"/api/v1/admin/rollouts/{{id}}/{action}", rollout_action)
     r.add_get("/api/v1/admin/root.json", export_root)
     r.add_get("/api/v1/admin/rollouts/progress", fleet_rollouts)
     r.add_get("/api/v1/admin/metadata", fleet_metadata)

@@ -41,6 +41,8 @@ from .storage import Device, Event, HubStore, Rollout, Target, is_database_url, 
 
 log = logging.getLogger("appliance.hub")
 
+#: Event sequence numbers stay below it (SQLite's and PostgreSQL's 64-bit integers hold it).
+MAX_SEQ = 2**62
 KIND_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 SUFFIXES = {"onnx": ".onnx", "gguf": ".gguf", "tflite": ".tflite", "pipeline": ".json"}
@@ -577,7 +579,7 @@ def _check_event(device_id: str, e: Any, i: int, received: str) -> Event:
     if not isinstance(e, dict):
         raise InvalidInput(f"{where} must be an object")
     seq = e.get("seq")
-    if not isinstance(seq, int) or isinstance(seq, bool) or not 1 <= seq < 2**62:
+    if not isinstance(seq, int) or isinstance(seq, bool) or not 1 <= seq < MAX_SEQ:
         raise InvalidInput(f"{where}.seq must be a positive integer, got {seq!r}")
     kind = e.get("kind")
     if not isinstance(kind, str) or not KIND_RE.match(kind):

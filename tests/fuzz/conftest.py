@@ -8,6 +8,7 @@ in .hypothesis/ and replays them first next time.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,11 @@ from tests.support.mosquitto import Mosquitto
 
 from .fronts import Http
 
+#: Examples per test (a test that costs more per example takes a share of it).
+EXAMPLES = int(os.environ.get("APPLIANCE_FUZZ_EXAMPLES", "200"))
 settings.register_profile(
     "appliance-fuzz",
-    max_examples=int(os.environ.get("APPLIANCE_FUZZ_EXAMPLES", "200")),
+    max_examples=EXAMPLES,
     # Real servers answer these: a slow example on a busy machine is not a failure.
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
@@ -46,13 +49,16 @@ DEVICE = "fuzz"
 def kserve_store(
     tmp_path_factory: pytest.TempPathFactory, samples: Path, tflite_models: Path
 ) -> Path:
-    """The sample models (every datatype between them) and the TFLite image classifier."""
+    """The sample models (every datatype between them), the TFLite image classifier, and a
+    spare copy of `sample` that the repository routes may unload."""
     from tests.support.images import CLASSIFIER_POST, CLASSIFIER_PRE
 
     root = tmp_path_factory.mktemp("fuzz-store")
     registry = Registry(root)
     for name in SAMPLE_NAMES:
         registry.add(name, samples / f"{name}.onnx")
+    # for the repository routes to load and unload (tests/fuzz/test_openapi.py)
+    registry.add("spare", samples / "sample.onnx")
     registry.add(
         "classifier",
         tflite_models / "tfl_classifier.tflite",
@@ -72,10 +78,17 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
 
 @pytest.fixture(scope="package")
 def fast_server(kserve_store: Path, broker: Mosquitto) -> Iterator[ServerProcess]:
-    """`appliance serve` with its own HTTP front (the fast path) and MQTT."""
+    """`appliance serve` with its own HTTP front (the fast path), MQTT and gRPC (on
+    `server.grpc_port`)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        grpc_port = s.getsockname()[1]
     server = start_server_process(
-        ["--models", str(kserve_store), "--mqtt", broker.url, "--device-id", DEVICE], env=QUIET
-    )
+        ["--models", str(kserve_store), "--mqtt", broker.url, "--device-id", DEVICE,
+         "--grpc-port", str(grpc_port)],
+        env=QUIET,
+    )  # fmt: skip
+    server.grpc_port = grpc_port  # type: ignore[attr-defined]
     yield server
     stop_server_process(server)
 

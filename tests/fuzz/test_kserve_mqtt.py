@@ -54,13 +54,13 @@ class Requester:
 
     def send(
         self, route: str, payload: bytes, content_type: str | None = None,
-        user: list[tuple[str, str]] | None = None,
+        user: list[tuple[str, str]] | None = None, qos: int = 1,
     ) -> tuple[int, Any]:  # fmt: skip
         corr = next_correlation()
         since = self.peer.mark()
         self.peer.publish(
             f"appliance/{DEVICE}/infer/{route}", payload, response_topic=self.replies,
-            correlation=corr, content_type=content_type, user=user,
+            correlation=corr, content_type=content_type, user=user, qos=qos,
         )  # fmt: skip
 
         def mine(ms: list[Msg]) -> bool:
@@ -165,4 +165,94 @@ def test_raw_payloads(mqtt: Any, data: st.DataObject) -> None:
 def test_bytes_that_are_not_json_over_mqtt(mqtt: Any, payload: bytes) -> None:
     status, reply = mqtt.send("sample", payload)
     assert status == 400, (payload, status, reply)
+    mqtt.check()
+
+
+#: Topic levels after `infer/` that name no model, or name one oddly.
+ODD_ROUTES = [
+    "", "/", "sample/", "sample/versions", "sample/versions/", "sample/versions/..",
+    "sample/versions/ACTIVE", "sample/versions/999", "ACTIVE", "..", "sample/raw/raw",
+    "sample//raw", "x" * 300, "sample/versions/1/extra", "\u00e9t\u00e9", " sample",
+]  # fmt: skip
+
+
+@given(
+    route=st.sampled_from(ODD_ROUTES) | st.lists(MQTT_TEXT, min_size=1, max_size=4).map("/".join)
+)
+def test_odd_topics_get_error_replies(mqtt: Any, route: str) -> None:
+    """Any topic under the subscribed prefix: a reply (4xx, or 200 for one that names a model
+    after all), never silence and never a 5xx."""
+    if "+" in route or "#" in route or "\x00" in route:
+        route = route.replace("+", "p").replace("#", "h").replace("\x00", "")
+    status, reply = mqtt.send(route, GOOD)
+    event(f"status {status}")
+    assert status == 200 or 400 <= status < 500, (route, status, reply)
+    if status != 200:
+        assert reply["error"], reply
+    mqtt.check()
+
+
+@pytest.mark.parametrize("qos", [0, 1, 2])
+def test_every_qos_gets_its_reply(mqtt: Any, qos: int) -> None:
+    assert mqtt.send("sample", GOOD, qos=qos)[0] == 200
+    status, reply = mqtt.send("sample", b'{"inputs": 7}', qos=qos)
+    assert status == 400 and "inputs" in reply["error"], reply
+    mqtt.check()
+
+
+@pytest.mark.parametrize(
+    ("payload", "status"),
+    [
+        (b"[" * 200_000 + b"]" * 200_000, 400),
+        (b'{"inputs": ' + b"[" * 10_000 + b"]" * 10_000 + b"}", 400),
+        (GOOD.replace(b"[1,2,3,4]", b"[NaN,2,3,4]"), 400),
+        (GOOD.replace(b"[1,2,3,4]", b"[1e999,2,3,4]"), 400),
+        (b'{"id": "\\ud800", "inputs": []}', 400),
+        (b" " * (16 * 1024 * 1024 + 1), 413),  # past [mqtt] max_payload_bytes (16 MiB)
+    ],
+    ids=["deep", "deep-field", "nan", "1e999", "surrogate", "oversized"],
+)  # fmt: skip
+def test_deep_odd_and_oversized_json(mqtt: Any, payload: bytes, status: int) -> None:
+    got, reply = mqtt.send("sample", payload)
+    assert got == status, (got, reply)
+    mqtt.check()
+
+
+@pytest.fixture(scope="module")
+def mqtt311(fast_server: ServerProcess, broker: Mosquitto) -> Iterator[Peer]:
+    peer = Peer(broker, v5=False).start()
+    peer.subscribe("fuzz/replies311")
+    yield peer
+    peer.client.disconnect()
+    peer.client.loop_stop()
+
+
+@given(data=st.data())
+def test_mqtt_311_requests(
+    mqtt311: Peer, mqtt: Any, signatures: dict[str, Any], data: st.DataObject
+) -> None:
+    """MQTT 3.1.1 (no properties): the reply address is `reply_to` in the JSON. A request
+    broken in one place, with its reply_to and id kept: a reply, never a 5xx. Bytes that are
+    no JSON have no reply address: no reply, and the server goes on."""
+    model = data.draw(st.sampled_from(MODELS), label="model")
+    request = data.draw(valid_requests(signatures[model], binary_inputs=False), label="request")
+    mutation: Mutation = data.draw(mutations(request.body), label="mutation")
+    rid = next_correlation().decode()
+    topic = f"appliance/{DEVICE}/infer/{model}"
+    try:
+        body = orjson.loads(mutation.wire())
+    except orjson.JSONDecodeError:
+        body = None
+    since = mqtt311.mark()
+    if isinstance(body, dict):
+        body.update(reply_to="fuzz/replies311", id=rid)
+        mqtt311.publish(topic, dumps(body), qos=data.draw(st.sampled_from([0, 1, 2])))
+        got = mqtt311.wait_for(
+            lambda ms: any(m.json().get("id") == rid for m in ms), TIMEOUT, since
+        )
+        reply = next(m.json() for m in got if m.json().get("id") == rid)
+        event(f"status {reply.get('status', 200)}")
+        assert reply.get("status", 200) < 500, reply
+    else:
+        mqtt311.publish(topic, mutation.wire())
     mqtt.check()
