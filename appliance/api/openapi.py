@@ -202,7 +202,7 @@ STATUS_SCHEMAS: dict[str, Schema] = {
         "type": "object",
         "required": ["version"],
         "properties": {"version": {"anyOf": [
-            {"type": "string", "pattern": r"^[A-Za-z0-9._-]{1,64}$"},
+            {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"},
             {"type": "integer", "minimum": 0}]}},
     },
     "Switched": _all(
