@@ -106,7 +106,14 @@ def _device(server: ServerProcess, token: str = "") -> Target:
 @pytest.fixture(scope="module")
 def token_server(kserve_store: Path) -> Iterator[ServerProcess]:
     server = start_server_process(
-        ["--models", str(kserve_store)], env={**QUIET, "APPLIANCE_SERVER__AUTH_TOKEN": TOKEN}
+        ["--models", str(kserve_store)],
+        env={
+            **QUIET,
+            "APPLIANCE_SERVER__AUTH_TOKEN": TOKEN,
+            # every request without the token is a failed attempt: past the limit they would
+            # be 429s, not the 401 each route is checked for (tests/api/test_auth.py tests it)
+            "APPLIANCE_SERVER__AUTH_FAILURES_PER_MINUTE": "1000000",
+        },
     )
     yield server
     stop_server_process(server)
