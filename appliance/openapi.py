@@ -197,7 +197,9 @@ def _operation(
 
 
 def _with_examples(schema: Schema, values: list[str] | None) -> Schema:
-    return {**schema, "examples": values} if values else schema
+    """`values` as examples, but where the schema lists the only values itself (a parameter's
+    name is shared by routes that take different things: the hub's `name`)."""
+    return {**schema, "examples": values} if values and "enum" not in schema else schema
 
 
 def _operation_id(method: str, path: str) -> str:

@@ -12,6 +12,7 @@ holds a token.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -20,9 +21,12 @@ from .. import __version__
 from ..formats import CONTENT_TYPES
 from ..openapi import Api, Examples, Operation, Schema, handler, published_components, ref
 from ..routing import Router
-from .routes import KSERVE, PUBLIC
+from .routes import KSERVE, PUBLIC, STATUS
+from .status import MAX_POINTS
+from .ui import read_files
 
 _JSON = "application/json"
+_PATTERN = re.compile(r"\{(\w+):[^}]*\}")
 #: The store's name rule (appliance/names.py) without its look-aheads (which JSON Schema
 #: generators do not all take): names this pattern allows and the store refuses are a 4xx.
 _NAME = {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"}
@@ -113,6 +117,133 @@ SCHEMAS: dict[str, Schema] = {
         "additionalProperties": {"type": ["string", "array", "null"]},
     },
 }
+
+
+_NUMBER = {"type": "number"}
+_COUNT = {"type": "integer", "minimum": 0}
+_MAYBE_TEXT = {"type": ["string", "null"]}
+_MAYBE_NUMBER = {"type": ["number", "null"]}
+_NAMES = {"type": "array", "items": _TEXT}
+
+
+def _props(required: list[str], **props: Schema) -> Schema:
+    """An object with `props`, those named in `required` present."""
+    return {"type": "object", "required": required, "properties": props}
+
+
+def _all(**props: Schema) -> Schema:
+    return _props(list(props), **props)
+
+
+#: api/status.py's answers (README: "Status page and /api/status"); every key it writes is
+#: required, so a key dropped there fails the fuzz tests' response check.
+STATUS_SCHEMAS: dict[str, Schema] = {
+    "Window": _all(
+        seconds=_NUMBER, requests=_COUNT, errors=_COUNT, client_errors=_COUNT, rate=_NUMBER,
+        error_rate=_NUMBER, p50_ms=_MAYBE_NUMBER, p99_ms=_MAYBE_NUMBER,
+    ),
+    "Series": _all(
+        bucket_s=_NUMBER, requests=_COUNT, errors=_COUNT, client_errors=_COUNT,
+        rate={"type": "array", "items": _NUMBER},
+        error_rate={"type": "array", "items": _MAYBE_NUMBER},
+        p50_ms={"type": "array", "items": _MAYBE_NUMBER},
+        p99_ms={"type": "array", "items": _MAYBE_NUMBER},
+    ),
+    "Stored": _all(active=_MAYBE_TEXT, history=_NAMES, versions=_NAMES),
+    "StatusModel": _props(
+        ["name", "kind", "version", "backend", "platform", "status", "reason", "device",
+         "runtime_detail", "fallback_reason", "queue_depth", "inflight", "load_seconds",
+         "batch", "last_5m"],
+        name=_TEXT, kind={"enum": ["model", "pipeline"]}, version=_TEXT, backend=_TEXT,
+        platform=_MAYBE_TEXT, status=_TEXT, reason=_MAYBE_TEXT, device=_MAYBE_TEXT,
+        runtime_detail=_MAYBE_TEXT, fallback_reason=_MAYBE_TEXT, queue_depth=_COUNT,
+        inflight=_COUNT, load_seconds=_NUMBER,
+        batch={"anyOf": [{"type": "null"}, _all(
+            calls=_COUNT, mean=_MAYBE_NUMBER,
+            sizes={"type": "object", "additionalProperties": _COUNT})]},
+        last_5m=ref("Window"), series=ref("Series"), stored=ref("Stored"),
+    ),
+    "StatusTask": _props(
+        ["name", "variants", "fallback", "serving", "last_5m"],
+        name=_TEXT,
+        variants={"type": "array", "items": _all(
+            model=_TEXT, version=_MAYBE_TEXT, weight=_NUMBER)},
+        fallback=_MAYBE_TEXT, serving=_MAYBE_TEXT, last_5m=ref("Window"), series=ref("Series"),
+    ),
+    "Status": _all(
+        appliance=_all(
+            version=_TEXT, revision=_TEXT, python=_TEXT, platform=_TEXT, hostname=_TEXT,
+            pid=_COUNT, started_at=_NUMBER, uptime_s=_NUMBER, ready={"type": "boolean"},
+        ),
+        device=_all(
+            accelerated={"type": "boolean"}, models_on_accelerator=_NAMES,
+            fallbacks={"type": "array", "items": _all(model=_TEXT, reason=_TEXT)},
+        ),
+        models={"type": "array", "items": ref("StatusModel")},
+        tasks={"type": "array", "items": ref("StatusTask")},
+        errors={"type": "array", "items": _all(
+            time=_NUMBER, status={"type": "integer"}, name=_MAYBE_TEXT, path=_TEXT,
+            message=_TEXT, request_id=_MAYBE_TEXT)},
+        mqtt={"anyOf": [
+            {"type": "object", "required": ["enabled"],
+             "properties": {"enabled": {"const": False}}},
+            _all(enabled={"const": True}, broker=_TEXT, connected={"type": "boolean"},
+                 protocol=_TEXT, subscriptions=_NAMES, status_topic=_TEXT,
+                 messages={"type": "object", "additionalProperties": _COUNT}),
+        ]},
+        sync={"type": ["object", "null"], "description": "GET /v2/sync's answer"},
+        window_s=_NUMBER, bucket_s=_NUMBER, time=_NUMBER,
+    ),
+    "StoredModel": _all(
+        name=_TEXT, active=_MAYBE_TEXT, history=_NAMES, versions=_NAMES,
+        manifest={"type": "object", "description": "the active version's manifest"},
+    ),
+    "Activate": {
+        "type": "object",
+        "required": ["version"],
+        "properties": {"version": {"anyOf": [
+            {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"},
+            {"type": "integer", "minimum": 0}]}},
+    },
+    "Switched": _all(
+        name=_TEXT, version=_TEXT, status=_TEXT, active=_MAYBE_TEXT, history=_NAMES,
+    ),
+}  # fmt: skip
+SCHEMAS.update(STATUS_SCHEMAS)
+
+#: The status page's files (api/ui.py), by content type.
+_PAGE_TYPES = ("text/html", "text/javascript", "text/css", "image/svg+xml")
+
+
+def _status() -> dict[str, Operation]:
+    """Declarations of api/routes.py's STATUS table (api/status.py, api/ui.py)."""
+    tag, admin = "status page", "needs the admin scope"
+    files = sorted(p.removeprefix("/ui/") for p in read_files())
+    missing = {"404": ("no such model, or version not stored", {_JSON: ref("Error")})}
+    return {
+        "page": Operation("the status page", tag, answer={"text/html": _TEXT},
+                          description="Behind Home Assistant's ingress, `X-Ingress-Path` "
+                          "becomes the page's `<base>`."),
+        "static": Operation("a file of the status page", tag,
+                            answer={kind: _TEXT for kind in _PAGE_TYPES},
+                            path={"path": {"type": "string", "enum": files}}),
+        "status": Operation(
+            "the device's summary", tag, answer={_JSON: ref("Status")}, description=admin,
+            query={"series": {"type": "integer", "minimum": 0, "description":
+                              f"adds each name's last N 10 s buckets (at most {MAX_POINTS})"}},
+        ),
+        "model": Operation("a stored model's manifest and versions", tag, description=admin,
+                           answer={_JSON: ref("StoredModel")}, more=missing),
+        "activate": Operation(
+            "serve a stored version (loaded and checked first), then make it active", tag,
+            body={_JSON: ref("Activate")}, answer={_JSON: ref("Switched")}, more=missing,
+            description=admin,
+        ),
+        "rollback": Operation(
+            "serve the version active before the current one, then record the rollback", tag,
+            answer={_JSON: ref("Switched")}, more=missing, description=admin,
+        ),
+    }  # fmt: skip
 
 
 def _kserve() -> dict[str, Operation]:
@@ -233,6 +364,10 @@ def operations() -> dict[tuple[str, str], Operation]:
         if op is not None:  # public exactly when the server lets it through without a token
             out[(route.method, route.path)] = replace(op, public=route.path in PUBLIC)
     out.update(_openai())
+    status = _status()
+    for route in STATUS:
+        path = _PATTERN.sub(r"{\1}", route.path)  # as aiohttp spells it: "{path:.+}" -> "{path}"
+        out[(route.method, path)] = replace(status[route.handler], public=route.scope == "public")
     out[("GET", "/v2/sync")] = Operation(
         "what the hub sync agent is doing (with [hub] url only)", "sync",
         answer={_JSON: _OBJECT},

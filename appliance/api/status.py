@@ -231,7 +231,10 @@ async def get_status(request: web.Request) -> web.Response:
     raw = request.query.get("series", "0")
     if not raw.isdigit() or not raw.isascii():
         raise InvalidInput(f"series must be a number of points (0 to {MAX_POINTS}), got {raw!r}")
-    return json_response(status(request.app, min(int(raw), MAX_POINTS)))
+    # (more digits than any count needs: int() refuses over 4300, and it is capped anyway)
+    digits = raw.lstrip("0")
+    points = MAX_POINTS if len(digits) > len(str(MAX_POINTS)) else int(digits or "0")
+    return json_response(status(request.app, min(points, MAX_POINTS)))
 
 
 def _name(request: web.Request) -> str:
@@ -294,6 +297,10 @@ async def activate(request: web.Request) -> web.Response:
     version = str(raw)
     if not _VERSION_RE.match(version):
         raise InvalidInput(f"version {version[:40]!r} is not a valid version name")
+    try:  # the store's own rule too ("-1", "..."): its refusal is a ModelError, a 500
+        check_name(version, "version")
+    except ModelError as exc:
+        raise InvalidInput(exc.message) from None
     return json_response(await _switch(request, store, name, version))
 
 

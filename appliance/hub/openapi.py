@@ -12,6 +12,7 @@ from typing import Any
 
 from .. import __version__
 from ..openapi import Api, Examples, Operation, Schema, handler, ref
+from .fleet import STAGES
 from .service import Hub
 
 _JSON = "application/json"
@@ -111,6 +112,8 @@ SCHEMAS: dict[str, Schema] = {
             "sha256": _TEXT,
             "length": _INT,
             "created_at": _TEXT,
+            "backend": {"type": ["string", "null"]},
+            "acceptance_cases": _INT,
         },
     },
     "NewRollout": {
@@ -164,14 +167,90 @@ SCHEMAS: dict[str, Schema] = {
     },
 }
 
+_COUNT = {"type": "integer", "minimum": 0}
+_COUNTS: Schema = {
+    "type": "object",
+    "required": ["devices", *STAGES, "error_rate"],
+    "properties": {
+        **{k: _COUNT for k in ("devices", *STAGES)},
+        "error_rate": {"type": "number", "minimum": 0, "maximum": 1},
+    },
+}
+#: hub/fleet.py's answers (README: "Dashboard"); every key it writes is required.
+FLEET_SCHEMAS: dict[str, Schema] = {
+    "RolloutProgress": {
+        "type": "object",
+        "required": ["rollout", "model", "version", "target", "percent", "state",
+                     "created_at", "updated_at", "groups", "total"],
+        "properties": {
+            "rollout": _TEXT, "model": _TEXT, "version": _TEXT, "target": {"type": "object"},
+            "percent": _INT, "state": _TEXT, "created_at": _TEXT, "updated_at": _TEXT,
+            "groups": {"type": "array", "items": {
+                "allOf": [_COUNTS, {"required": ["group"], "properties": {"group": _TEXT}}]}},
+            "total": _COUNTS,
+        },
+    },
+    "MetadataExpiry": {
+        "type": "object",
+        "required": ["now", "roles"],
+        "properties": {
+            "now": _TEXT,
+            "roles": {"type": "object", "additionalProperties": {
+                "type": "object",
+                "required": ["expires", "seconds_left", "lifetime_s", "warning", "expired"],
+                "properties": {
+                    "expires": _TEXT, "seconds_left": {"type": "number"},
+                    "lifetime_s": {"type": "number"}, "warning": {"type": "boolean"},
+                    "expired": {"type": "boolean"},
+                },
+            }},
+        },
+    },
+    "ModelVersion": {
+        "type": "object",
+        "required": ["name", "version", "target", "sha256", "length", "created_at", "backend",
+                     "manifest", "acceptance"],
+        "properties": {
+            "name": _TEXT, "version": _TEXT, "target": _TEXT, "sha256": _TEXT, "length": _INT,
+            "created_at": _TEXT, "backend": {"type": ["string", "null"]},
+            "manifest": {"type": "object"}, "acceptance": {"type": "array"},
+        },
+    },
+}  # fmt: skip
+SCHEMAS.update(FLEET_SCHEMAS)
+#: The dashboard's files' content types (hub/server.py's _UI_TYPES).
+_UI_MEDIA = ("text/html", "text/javascript", "text/css", "image/svg+xml")
+
 _DEVICE = "device API (a device token and X-Device-Id)"
 _ADMIN = "admin API (the admin token)"
 _TUF = "TUF repository (a device token or the admin token)"
 
 
 def operations() -> dict[tuple[str, str], Operation]:
+    from .server import UI_FILES  # (server.py imports this module)
+
     j = _JSON
+    missing = {"404": ("not published", {j: ref("Error")})}
     return {
+        ("GET", "/"): Operation("the fleet dashboard", "dashboard",
+                                answer={"text/html": _TEXT}, public=True),
+        ("GET", "/ui/{name}"): Operation(
+            "a file of the dashboard (only these names: any other needs the admin token)",
+            "dashboard", answer={kind: _TEXT for kind in _UI_MEDIA}, public=True,
+            path={"name": {"type": "string", "enum": sorted(UI_FILES)}},
+        ),
+        ("GET", "/api/v1/admin/rollouts/progress"): Operation(
+            "every rollout (newest first): where its devices stand, per group", _ADMIN,
+            answer={j: {"type": "array", "items": ref("RolloutProgress")}},
+        ),
+        ("GET", "/api/v1/admin/metadata"): Operation(
+            "each TUF role's expiry", _ADMIN, answer={j: ref("MetadataExpiry")},
+        ),
+        ("GET", "/api/v1/admin/models/{name}/{version}"): Operation(
+            "a published version: backend, manifest, acceptance cases", _ADMIN,
+            answer={j: ref("ModelVersion")}, more=missing,
+            path={"name": _NAME, "version": _NAME},
+        ),
         ("GET", "/healthz"): Operation("the hub answers", "health", answer={j: ref("Health")},
                                        public=True),
         ("GET", "/openapi.json"): Operation("this document", "meta",
@@ -244,15 +323,21 @@ def operations() -> dict[tuple[str, str], Operation]:
     }  # fmt: skip
 
 
+_METADATA_NAMES = ("timestamp.json", "1.root.json", "1.targets.json", "1.snapshot.json")
+
+
 def served(hub: Hub) -> Examples:
     """What exists now (devices, rollouts, targets, metadata): examples of the path
     parameters, so that a client or a fuzzer reaches real ones."""
     store = hub.store
+    targets = store.targets()
     return {
         "device_id": sorted(d.device_id for d in store.devices())[:20],
         "id": sorted(r.public_id for r in store.rollouts())[:20],
-        "path": sorted(t.path for t in store.targets())[:20],
-        "name": ["timestamp.json", "1.root.json", "1.targets.json", "1.snapshot.json"],
+        "path": sorted(t.path for t in targets)[:20],
+        # TUF metadata's names, and the published models' (the dashboard's model route)
+        "name": [*_METADATA_NAMES, *sorted({t.name for t in targets})[:20]],
+        "version": sorted({t.version for t in targets})[:20],
     }
 
 

@@ -106,7 +106,14 @@ def _device(server: ServerProcess, token: str = "") -> Target:
 @pytest.fixture(scope="module")
 def token_server(kserve_store: Path) -> Iterator[ServerProcess]:
     server = start_server_process(
-        ["--models", str(kserve_store)], env={**QUIET, "APPLIANCE_SERVER__AUTH_TOKEN": TOKEN}
+        ["--models", str(kserve_store)],
+        env={
+            **QUIET,
+            "APPLIANCE_SERVER__AUTH_TOKEN": TOKEN,
+            # every request without the token is a failed attempt: past the limit they would
+            # be 429s, not the 401 each route is checked for (tests/api/test_auth.py tests it)
+            "APPLIANCE_SERVER__AUTH_FAILURES_PER_MINUTE": "1000000",
+        },
     )
     yield server
     stop_server_process(server)
@@ -176,7 +183,9 @@ def _fuzz(target: Target, data: st.DataObject, session: requests.Session) -> Non
     mode = data.draw(st.sampled_from([GenerationMode.POSITIVE, GenerationMode.NEGATIVE]))
     op = data.draw(st.sampled_from(operations), label="operation")
     # load/unload only the spare model: the others serve the good requests and other tests
-    pinned = {"name": "spare"} if op.path.startswith("/v2/repository/models/") else None
+    # (and switch only its versions: api/status.py's activate and rollback)
+    switches = op.path.startswith("/api/models/{name}/")
+    pinned = {"name": "spare"} if op.path.startswith("/v2/repository/models/") or switches else None
     case = data.draw(op.as_strategy(generation_mode=mode, path_parameters=pinned), label="case")
     checks = list(CHECKS)
     if mode == GenerationMode.NEGATIVE and not PUBLISHED_BODY.search(op.path):
@@ -231,15 +240,25 @@ def test_hub_api(hub: Target) -> None:
 def test_every_route_of_the_document_refuses_a_request_without_its_token(
     token_server: ServerProcess, hub: Target
 ) -> None:
-    """No route but health and the document answers without a token (each path parameter
-    filled with something plausible)."""
+    """No route but the public ones (health, the document, the pages and their files) answers
+    without a token (each path parameter filled with something plausible)."""
     for url in (f"http://{token_server.url}", hub.url):
         doc = requests.get(url + "/openapi.json", timeout=10).json()
         for path, ops in doc["paths"].items():
-            filled = re.sub(r"\{[^}]+\}", "sample", path)
             for method, op in ops.items():
+                filled = re.sub(r"\{([^}]+)\}", functools.partial(_plausible, op), path)
                 r = requests.request(method.upper(), url + filled, timeout=10)
                 if op.get("security") == []:
                     assert r.status_code < 400, (method, path, r.status_code)
                 else:
                     assert r.status_code == 401, (method, path, r.status_code, r.text)
+
+
+def _plausible(op: dict[str, Any], match: re.Match[str]) -> str:
+    """A value of the path parameter `match` names: the first it allows (a page's file), else
+    "sample"."""
+    name = match.group(1)
+    for param in op.get("parameters", []):
+        if param["name"] == name and param["in"] == "path" and "enum" in param["schema"]:
+            return str(param["schema"]["enum"][0])
+    return "sample"

@@ -128,6 +128,26 @@ async def test_activate_refuses_malformed_requests_naming_the_field(serve: Any) 
     assert (await _json(client, "/v2/models/sample"))["versions"] == ["1"]
 
 
+async def test_versions_the_store_refuses_are_400s_naming_the_field(serve: Any) -> None:
+    """Found probing the declared body by hand: names the store's rule refuses were a 500."""
+    client = await serve()
+    for body in (b'{"version": -1}', b'{"version": "..."}', b'{"version": "-"}'):
+        r = await client.post("/api/models/sample/activate", data=body)
+        assert r.status == 400, (body, await r.text())
+        assert "invalid version" in (await r.json())["error"], body
+
+
+async def test_a_series_count_of_many_digits_is_capped_not_a_500(serve: Any) -> None:
+    """Found probing the declared query by hand: int() refuses over 4300 digits (a 500)."""
+    client = await serve()
+    for raw in ("9" * 5000, "0" * 5000 + "2", "0" * 5000):
+        s = await _json(client, f"/api/status?series={raw}")
+        want = {"9": 360, "2": 2}.get(raw[-1])
+        assert [len(m.get("series", {}).get("rate", [])) for m in s["models"]] == [want or 0] * len(
+            s["models"]
+        ), raw[-3:]
+
+
 async def test_ingress_path_becomes_the_pages_base(serve: Any) -> None:
     client = await serve()
     r = await client.get("/", headers={"X-Ingress-Path": "/api/hassio_ingress/abc123"})
