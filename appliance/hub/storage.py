@@ -5,7 +5,8 @@ targets, rollouts, telemetry events (unique per device and sequence number) and 
 metadata itself, so that a fleet moving to PostgreSQL moves the repository with it. Writers that
 must not interleave (a publish and the background re-signing) run inside `transaction()`, which
 is an SQLite write lock across processes here and an advisory lock on PostgreSQL (pgstore.py,
-selected by `open_store` from a postgresql:// URL).
+selected by `open_store` from a postgresql:// URL). The queries both engines share live once in
+sqlstore.py; the records themselves in records.py (re-exported here).
 """
 
 from __future__ import annotations
