@@ -18,6 +18,7 @@ when `--database postgresql://...` is given (the device and an SQLite hub never 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import os
 import threading
@@ -35,7 +36,8 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from ..errors import ConfigError
 from .errors import Conflict
 from .migrations import LATEST, MIGRATIONS
-from .storage import Device, Event, Rollout, Target
+from .records import Event, Rollout
+from .sqlstore import SqlStore
 
 log = logging.getLogger("appliance.hub.pg")
 
@@ -115,11 +117,18 @@ def _day_of(received_at: str) -> dt.date:
         return dt.datetime.now(dt.timezone.utc).date()
 
 
+@functools.lru_cache(maxsize=256)
+def _pg(query: str) -> bytes:
+    """A query of sqlstore.py (`?` placeholders) in psycopg's `%s` style, as bytes (psycopg
+    takes a query as `LiteralString` or bytes; these are built from constants, never input)."""
+    return query.replace("?", "%s").encode()
+
+
 def _partition(day: dt.date) -> str:
     return f"events_{day:%Y%m%d}"
 
 
-class PostgresStore:
+class PostgresStore(SqlStore):
     """The hub's tables on PostgreSQL; every method is blocking (the server runs them in
     threads), and a thread inside `transaction()` uses that transaction's connection."""
 
@@ -210,18 +219,18 @@ class PostgresStore:
 
     def _rows(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self._conn() as conn:
-            return conn.execute(sql.encode(), args).fetchall()
+            return conn.execute(_pg(sql), args).fetchall()
 
     def _exec(self, sql: str, args: Sequence[Any] = ()) -> int:
         with self._conn() as conn:
-            return conn.execute(sql.encode(), args).rowcount
+            return conn.execute(_pg(sql), args).rowcount
 
     def _insert(self, sql: str, args: Sequence[Any], conflict: str) -> None:
         """An insert that may hit a unique key: a savepoint keeps a surrounding transaction
         usable, the violation becomes a 409."""
         try:
             with self._conn() as conn, conn.transaction():
-                conn.execute(sql.encode(), args)
+                conn.execute(_pg(sql), args)
         except pgerrors.UniqueViolation:
             raise Conflict(conflict) from None
 
@@ -287,130 +296,16 @@ class PostgresStore:
             log.info("dropped %d day(s) of telemetry past the retention", dropped)
         return {"partitions_dropped": dropped}
 
-    # -- devices -----------------------------------------------------------------------------
-    _DEVICE_COLS = "device_id, grp, token_hash, enrolled_at, last_seen, state, state_seq"
-
-    @staticmethod
-    def _device(row: tuple[Any, ...]) -> Device:
-        return Device(row[0], row[1], row[2], row[3], row[4], orjson.loads(row[5]), int(row[6]))
-
-    def add_device(self, device: Device) -> None:
-        self._insert(
-            f"INSERT INTO devices ({self._DEVICE_COLS}) VALUES (%s, %s, %s, %s, %s, %s, %s)",  # noqa: S608
-            (
-                device.device_id,
-                device.group,
-                device.token_hash,
-                device.enrolled_at,
-                device.last_seen,
-                orjson.dumps(device.state).decode(),
-                device.state_seq,
-            ),
-            f"device {device.device_id!r} is already enrolled",
-        )
-
-    def device(self, device_id: str) -> Device | None:
-        rows = self._rows(
-            f"SELECT {self._DEVICE_COLS} FROM devices WHERE device_id = %s",  # noqa: S608
-            (device_id,),
-        )
-        return self._device(rows[0]) if rows else None
-
-    def device_by_token_hash(self, token_hash: str) -> Device | None:
-        rows = self._rows(
-            f"SELECT {self._DEVICE_COLS} FROM devices WHERE token_hash = %s",  # noqa: S608
-            (token_hash,),
-        )
-        return self._device(rows[0]) if rows else None
-
-    def devices(self) -> list[Device]:
-        rows = self._rows(f"SELECT {self._DEVICE_COLS} FROM devices ORDER BY device_id")  # noqa: S608
-        return [self._device(r) for r in rows]
-
-    def touch_device(self, device_id: str, when: str) -> None:
-        self._exec("UPDATE devices SET last_seen = %s WHERE device_id = %s", (when, device_id))
-
-    def set_device_state(self, device_id: str, state: dict[str, Any], state_seq: int) -> None:
-        self._exec(
-            "UPDATE devices SET state = %s, state_seq = %s WHERE device_id = %s",
-            (orjson.dumps(state).decode(), state_seq, device_id),
-        )
-
-    # -- targets -----------------------------------------------------------------------------
-    _TARGET_COLS = "name, version, path, sha256, length, custom, created_at"
-
-    @staticmethod
-    def _target(row: tuple[Any, ...]) -> Target:
-        return Target(row[0], row[1], row[2], row[3], int(row[4]), orjson.loads(row[5]), row[6])
-
-    def add_target(self, target: Target) -> None:
-        self._insert(
-            f"INSERT INTO targets ({self._TARGET_COLS}) VALUES (%s, %s, %s, %s, %s, %s, %s)",  # noqa: S608
-            (
-                target.name,
-                target.version,
-                target.path,
-                target.sha256,
-                target.length,
-                orjson.dumps(target.custom).decode(),
-                target.created_at,
-            ),
-            f"model {target.name!r} version {target.version!r} is already published",
-        )
-
-    def target(self, name: str, version: str) -> Target | None:
-        rows = self._rows(
-            f"SELECT {self._TARGET_COLS} FROM targets WHERE name = %s AND version = %s",  # noqa: S608
-            (name, version),
-        )
-        return self._target(rows[0]) if rows else None
-
-    def targets(self) -> list[Target]:
-        rows = self._rows(f"SELECT {self._TARGET_COLS} FROM targets ORDER BY name, created_at")  # noqa: S608
-        return [self._target(r) for r in rows]
-
-    # -- rollouts ----------------------------------------------------------------------------
-    _ROLLOUT_COLS = "id, model, version, target, percent, state, created_at, updated_at"
-
-    @staticmethod
-    def _rollout(row: tuple[Any, ...]) -> Rollout:
-        return Rollout(
-            int(row[0]), row[1], row[2], orjson.loads(row[3]), row[4], row[5], row[6], row[7]
-        )
-
+    # -- rollouts and telemetry: the writes that differ from SQLite ------------------------
     def add_rollout(
         self, model: str, version: str, target: dict[str, Any], percent: int, when: str
     ) -> Rollout:
         rows = self._rows(
-            "INSERT INTO rollouts (model, version, target, percent, state, created_at,"  # noqa: S608
-            " updated_at) VALUES (%s, %s, %s, %s, 'active', %s, %s)"
-            f" RETURNING {self._ROLLOUT_COLS}",
-            (model, version, orjson.dumps(target).decode(), percent, when, when),
+            f"{self._ADD_ROLLOUT} RETURNING {self._ROLLOUT_COLS}",
+            self._rollout_args(model, version, target, percent, when),
         )
         return self._rollout(rows[0])
 
-    def rollout(self, rollout_id: int) -> Rollout | None:
-        rows = self._rows(
-            f"SELECT {self._ROLLOUT_COLS} FROM rollouts WHERE id = %s",  # noqa: S608
-            (rollout_id,),
-        )
-        return self._rollout(rows[0]) if rows else None
-
-    def rollouts(self) -> list[Rollout]:
-        rows = self._rows(f"SELECT {self._ROLLOUT_COLS} FROM rollouts ORDER BY id")  # noqa: S608
-        return [self._rollout(r) for r in rows]
-
-    def update_rollout(self, rollout_id: int, when: str, **changes: Any) -> None:
-        allowed = {"state", "percent"}
-        if not changes or set(changes) - allowed:
-            raise ValueError(f"update_rollout takes only {sorted(allowed)}")
-        sets = ", ".join(f"{k} = %s" for k in changes)
-        self._exec(
-            f"UPDATE rollouts SET {sets}, updated_at = %s WHERE id = %s",  # noqa: S608
-            (*changes.values(), when, rollout_id),
-        )
-
-    # -- telemetry ---------------------------------------------------------------------------
     _ADD_EVENTS = (
         "INSERT INTO events (device_id, seq, time, kind, data, received_at, day)"
         " SELECT u.* FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::text[], %s::text[],"
@@ -449,44 +344,3 @@ class PostgresStore:
                 raise
         new = {(r[0], int(r[1])) for r in rows}
         return [e for e in events if (e.device_id, e.seq) in new]
-
-    def events(self, device_id: str, after: int, limit: int) -> list[Event]:
-        rows = self._rows(
-            "SELECT device_id, seq, time, kind, data, received_at FROM events"
-            " WHERE device_id = %s AND seq > %s ORDER BY seq LIMIT %s",
-            (device_id, after, limit),
-        )
-        return [Event(r[0], int(r[1]), r[2], r[3], orjson.loads(r[4]), r[5]) for r in rows]
-
-    def max_seq(self, device_id: str) -> int:
-        rows = self._rows("SELECT MAX(seq) FROM events WHERE device_id = %s", (device_id,))
-        return int(rows[0][0] or 0)
-
-    def count_events(self) -> int:
-        return int(self._rows("SELECT COUNT(*) FROM events")[0][0])
-
-    # -- TUF metadata ------------------------------------------------------------------------
-    def put_metadata(self, role: str, version: int, body: bytes) -> None:
-        self._insert(
-            "INSERT INTO metadata (role, version, body) VALUES (%s, %s, %s)",
-            (role, version, body),
-            f"{role} metadata version {version} already exists",
-        )
-
-    def metadata(self, role: str, version: int) -> bytes | None:
-        rows = self._rows(
-            "SELECT body FROM metadata WHERE role = %s AND version = %s", (role, version)
-        )
-        return bytes(rows[0][0]) if rows else None
-
-    def latest_metadata(self, role: str) -> tuple[int, bytes] | None:
-        rows = self._rows(
-            "SELECT version, body FROM metadata WHERE role = %s ORDER BY version DESC LIMIT 1",
-            (role,),
-        )
-        return (int(rows[0][0]), bytes(rows[0][1])) if rows else None
-
-    def prune_metadata(self, role: str, below: int) -> None:
-        if role == "root":
-            raise ValueError("root metadata versions are a chain: never pruned")
-        self._exec("DELETE FROM metadata WHERE role = %s AND version < %s", (role, below))

@@ -5,7 +5,8 @@ targets, rollouts, telemetry events (unique per device and sequence number) and 
 metadata itself, so that a fleet moving to PostgreSQL moves the repository with it. Writers that
 must not interleave (a publish and the background re-signing) run inside `transaction()`, which
 is an SQLite write lock across processes here and an advisory lock on PostgreSQL (pgstore.py,
-selected by `open_store` from a postgresql:// URL).
+selected by `open_store` from a postgresql:// URL). The queries both engines share live once in
+sqlstore.py; the records themselves in records.py (re-exported here).
 """
 
 from __future__ import annotations
@@ -15,72 +16,25 @@ import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
 
 from .errors import Conflict
+from .records import Device, Event, Rollout, Target
+from .sqlstore import SqlStore
 
-
-@dataclass(frozen=True)
-class Device:
-    device_id: str
-    group: str
-    token_hash: str
-    enrolled_at: str
-    last_seen: str | None
-    #: What the device last reported: active, pending, last_error, tuf (see service.py).
-    state: dict[str, Any] = field(default_factory=dict)
-    #: The highest event sequence number already applied to `state`.
-    state_seq: int = 0
-
-
-@dataclass(frozen=True)
-class Target:
-    name: str
-    version: str
-    path: str  # the TUF target path, "name/version/file"
-    sha256: str
-    length: int
-    custom: dict[str, Any]
-    created_at: str
-
-
-@dataclass(frozen=True)
-class Rollout:
-    id: int
-    model: str
-    version: str
-    target: dict[str, Any]  # {"all": true} | {"group": G} | {"devices": [..]}
-    percent: int
-    state: str  # "active" | "halted" | "rolled_back"
-    created_at: str
-    updated_at: str
-
-    @property
-    def public_id(self) -> str:
-        return f"r{self.id}"
-
-
-@dataclass(frozen=True)
-class Event:
-    device_id: str
-    seq: int
-    time: str
-    kind: str
-    data: dict[str, Any]
-    received_at: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "seq": self.seq,
-            "time": self.time,
-            "kind": self.kind,
-            "data": self.data,
-            "received_at": self.received_at,
-        }
+__all__ = [
+    "Device",
+    "Event",
+    "HubStore",
+    "Rollout",
+    "SQLiteStore",
+    "Target",
+    "is_database_url",
+    "open_store",
+]
 
 
 class HubStore(Protocol):
@@ -184,7 +138,7 @@ CREATE TABLE IF NOT EXISTS metadata (
 """
 
 
-class SQLiteStore:
+class SQLiteStore(SqlStore):
     """SQLite in WAL mode: the server and a CLI on the same data directory can both write.
 
     One connection per store, guarded by a lock (aiohttp handlers hand their calls to threads);
@@ -253,109 +207,18 @@ class SQLiteStore:
         with self._lock:
             return self._conn.execute(sql, args).rowcount
 
-    # -- devices -----------------------------------------------------------------------------
-    @staticmethod
-    def _device(row: tuple[Any, ...]) -> Device:
-        return Device(row[0], row[1], row[2], row[3], row[4], orjson.loads(row[5]), row[6])
-
-    _DEVICE_COLS = "device_id, grp, token_hash, enrolled_at, last_seen, state, state_seq"
-
-    def add_device(self, device: Device) -> None:
+    def _insert(self, sql: str, args: Sequence[Any], conflict: str) -> None:
         try:
-            self._exec(
-                f"INSERT INTO devices ({self._DEVICE_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
-                (
-                    device.device_id,
-                    device.group,
-                    device.token_hash,
-                    device.enrolled_at,
-                    device.last_seen,
-                    orjson.dumps(device.state).decode(),
-                    device.state_seq,
-                ),
-            )
+            self._exec(sql, args)
         except sqlite3.IntegrityError:
-            raise Conflict(f"device {device.device_id!r} is already enrolled") from None
-
-    def device(self, device_id: str) -> Device | None:
-        rows = self._rows(
-            f"SELECT {self._DEVICE_COLS} FROM devices WHERE device_id = ?",  # noqa: S608
-            (device_id,),
-        )
-        return self._device(rows[0]) if rows else None
-
-    def device_by_token_hash(self, token_hash: str) -> Device | None:
-        rows = self._rows(
-            f"SELECT {self._DEVICE_COLS} FROM devices WHERE token_hash = ?",  # noqa: S608
-            (token_hash,),
-        )
-        return self._device(rows[0]) if rows else None
-
-    def devices(self) -> list[Device]:
-        rows = self._rows(f"SELECT {self._DEVICE_COLS} FROM devices ORDER BY device_id")  # noqa: S608
-        return [self._device(r) for r in rows]
-
-    def touch_device(self, device_id: str, when: str) -> None:
-        self._exec("UPDATE devices SET last_seen = ? WHERE device_id = ?", (when, device_id))
-
-    def set_device_state(self, device_id: str, state: dict[str, Any], state_seq: int) -> None:
-        self._exec(
-            "UPDATE devices SET state = ?, state_seq = ? WHERE device_id = ?",
-            (orjson.dumps(state).decode(), state_seq, device_id),
-        )
-
-    # -- targets -----------------------------------------------------------------------------
-    _TARGET_COLS = "name, version, path, sha256, length, custom, created_at"
-
-    @staticmethod
-    def _target(row: tuple[Any, ...]) -> Target:
-        return Target(row[0], row[1], row[2], row[3], row[4], orjson.loads(row[5]), row[6])
-
-    def add_target(self, target: Target) -> None:
-        try:
-            self._exec(
-                f"INSERT INTO targets ({self._TARGET_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
-                (
-                    target.name,
-                    target.version,
-                    target.path,
-                    target.sha256,
-                    target.length,
-                    orjson.dumps(target.custom).decode(),
-                    target.created_at,
-                ),
-            )
-        except sqlite3.IntegrityError:
-            raise Conflict(
-                f"model {target.name!r} version {target.version!r} is already published"
-            ) from None
-
-    def target(self, name: str, version: str) -> Target | None:
-        rows = self._rows(
-            f"SELECT {self._TARGET_COLS} FROM targets WHERE name = ? AND version = ?",  # noqa: S608
-            (name, version),
-        )
-        return self._target(rows[0]) if rows else None
-
-    def targets(self) -> list[Target]:
-        rows = self._rows(f"SELECT {self._TARGET_COLS} FROM targets ORDER BY name, created_at")  # noqa: S608
-        return [self._target(r) for r in rows]
-
-    # -- rollouts ----------------------------------------------------------------------------
-    _ROLLOUT_COLS = "id, model, version, target, percent, state, created_at, updated_at"
-
-    @staticmethod
-    def _rollout(row: tuple[Any, ...]) -> Rollout:
-        return Rollout(row[0], row[1], row[2], orjson.loads(row[3]), row[4], row[5], row[6], row[7])
+            raise Conflict(conflict) from None
 
     def add_rollout(
         self, model: str, version: str, target: dict[str, Any], percent: int, when: str
     ) -> Rollout:
         with self._lock:
             cur = self._conn.execute(
-                "INSERT INTO rollouts (model, version, target, percent, state, created_at,"
-                " updated_at) VALUES (?, ?, ?, ?, 'active', ?, ?)",
-                (model, version, orjson.dumps(target).decode(), percent, when, when),
+                self._ADD_ROLLOUT, self._rollout_args(model, version, target, percent, when)
             )
             rollout_id = cur.lastrowid
         assert rollout_id is not None
@@ -363,28 +226,6 @@ class SQLiteStore:
         assert rollout is not None
         return rollout
 
-    def rollout(self, rollout_id: int) -> Rollout | None:
-        rows = self._rows(
-            f"SELECT {self._ROLLOUT_COLS} FROM rollouts WHERE id = ?",  # noqa: S608
-            (rollout_id,),
-        )
-        return self._rollout(rows[0]) if rows else None
-
-    def rollouts(self) -> list[Rollout]:
-        rows = self._rows(f"SELECT {self._ROLLOUT_COLS} FROM rollouts ORDER BY id")  # noqa: S608
-        return [self._rollout(r) for r in rows]
-
-    def update_rollout(self, rollout_id: int, when: str, **changes: Any) -> None:
-        allowed = {"state", "percent"}
-        if not changes or set(changes) - allowed:
-            raise ValueError(f"update_rollout takes only {sorted(allowed)}")
-        sets = ", ".join(f"{k} = ?" for k in changes)
-        self._exec(
-            f"UPDATE rollouts SET {sets}, updated_at = ? WHERE id = ?",  # noqa: S608
-            (*changes.values(), when, rollout_id),
-        )
-
-    # -- telemetry ---------------------------------------------------------------------------
     def add_events(self, events: Sequence[Event]) -> list[Event]:
         new = []
         with self.transaction():
@@ -397,49 +238,6 @@ class SQLiteStore:
                 if n == 1:
                     new.append(e)
         return new
-
-    def events(self, device_id: str, after: int, limit: int) -> list[Event]:
-        rows = self._rows(
-            "SELECT device_id, seq, time, kind, data, received_at FROM events"
-            " WHERE device_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-            (device_id, after, limit),
-        )
-        return [Event(r[0], r[1], r[2], r[3], orjson.loads(r[4]), r[5]) for r in rows]
-
-    def max_seq(self, device_id: str) -> int:
-        rows = self._rows("SELECT MAX(seq) FROM events WHERE device_id = ?", (device_id,))
-        return int(rows[0][0] or 0)
-
-    def count_events(self) -> int:
-        return int(self._rows("SELECT COUNT(*) FROM events")[0][0])
-
-    # -- TUF metadata ------------------------------------------------------------------------
-    def put_metadata(self, role: str, version: int, body: bytes) -> None:
-        try:
-            self._exec(
-                "INSERT INTO metadata (role, version, body) VALUES (?, ?, ?)",
-                (role, version, body),
-            )
-        except sqlite3.IntegrityError:
-            raise Conflict(f"{role} metadata version {version} already exists") from None
-
-    def metadata(self, role: str, version: int) -> bytes | None:
-        rows = self._rows(
-            "SELECT body FROM metadata WHERE role = ? AND version = ?", (role, version)
-        )
-        return bytes(rows[0][0]) if rows else None
-
-    def latest_metadata(self, role: str) -> tuple[int, bytes] | None:
-        rows = self._rows(
-            "SELECT version, body FROM metadata WHERE role = ? ORDER BY version DESC LIMIT 1",
-            (role,),
-        )
-        return (int(rows[0][0]), bytes(rows[0][1])) if rows else None
-
-    def prune_metadata(self, role: str, below: int) -> None:
-        if role == "root":
-            raise ValueError("root metadata versions are a chain: never pruned")
-        self._exec("DELETE FROM metadata WHERE role = ? AND version < ?", (role, below))
 
 
 def is_database_url(database: str) -> bool:
