@@ -15,7 +15,7 @@ from tritonclient.utils import InferenceServerException
 
 from appliance.api.auth import Auth, FailureLimit, Token, client_address, from_config
 from appliance.api.http import SCOPES
-from appliance.api.routes import KSERVE, OPENAI, SYNC
+from appliance.api.routes import KSERVE, OPENAI, STATUS, SYNC
 from appliance.api.tls import server_context
 from appliance.config import load_config
 from appliance.errors import ConfigError, Forbidden, TooManyAttempts, Unauthorized
@@ -197,17 +197,24 @@ async def test_every_route_declares_its_scope(serve):
     client = await serve()
     paths = {r.resource.canonical for r in client.app.router.routes() if r.resource is not None}
     assert paths == set(SCOPES) - {"/v2/sync"}  # added with a hub only
-    assert {r.path for r in (*KSERVE, *OPENAI, *SYNC) if r.scope == "admin"} == {
+    assert {r.path for r in (*KSERVE, *OPENAI, *SYNC, *STATUS) if r.scope == "admin"} == {
         "/v2/sync",
+        "/api/status",
+        "/api/models/{name}",
+        "/api/models/{name}/activate",
+        "/api/models/{name}/rollback",
         "/v2/repository/index",
         "/v2/repository/models/{name}/load",
         "/v2/repository/models/{name}/unload",
         "/v2/trace/setting",
         "/v2/models/{name}/trace/setting",
     }
-    assert {r.path for r in KSERVE if r.scope == "public"} == {
+    assert {r.path for r in (*KSERVE, *STATUS) if r.scope == "public"} == {
         "/v2/health/live",
         "/v2/health/ready",
+        "/openapi.json",  # names no model or setting (api/openapi.py)
+        "/",  # the status page and its files: what they show comes with a token
+        "/ui/{path:.+}",
     }
 
 
