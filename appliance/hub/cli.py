@@ -51,6 +51,8 @@ def _config(args: argparse.Namespace) -> Any:
         max_custom_bytes=int(args.max_acceptance_kb * 1024),
         poll_interval_s=args.poll_interval,
         expiry=expiry,
+        database=args.database or os.environ.get("APPLIANCE_HUB_DATABASE") or None,
+        event_retention_days=args.event_retention_days or None,
     )
 
 
@@ -157,6 +159,19 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(f"  ROOT KEY: {root_key_dir / 'root.pem'}: move it offline; it is needed only to")
     print("  rotate keys (`appliance hub rotate-key`) and before root metadata expires")
     print(f"  trust anchor for devices: {config.data_dir / '1.root.json'}")
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if not config.on_postgres:
+        print("SQLite: the schema is created when the hub opens it; nothing to migrate")
+        return 0
+    from .pgstore import describe, migrate
+
+    applied = migrate(config.database)
+    done = ", ".join(map(str, applied)) if applied else "none (up to date)"
+    print(f"{describe(config.database)}: migrations applied: {done}")
     return 0
 
 
@@ -431,6 +446,11 @@ def add_parser(sub: Any) -> None:
             p.add_argument(
                 "--admin-token-file", help="admin token for --url (default: DATA/admin.token)"
             )
+        p.add_argument(
+            "--database",
+            help="postgresql://user@host/db, or an SQLite file (default: "
+            "$APPLIANCE_HUB_DATABASE or DATA/hub.db); keys and artifacts stay in DATA",
+        )
         g = p.add_argument_group("hub settings")
         g.add_argument("--max-upload-mb", type=float, default=8192.0, help="largest model upload")
         g.add_argument(
@@ -444,6 +464,12 @@ def add_parser(sub: Any) -> None:
         g.add_argument("--targets-expiry-days", type=float, default=90.0)
         g.add_argument("--snapshot-expiry-days", type=float, default=7.0)
         g.add_argument("--timestamp-expiry-hours", type=float, default=24.0)
+        g.add_argument(
+            "--event-retention-days",
+            type=float,
+            default=30.0,
+            help="telemetry kept this long (0: forever)",
+        )
 
     p = hsub.add_parser("init", help="create the data dir, TUF keys and metadata, admin token")
     common(p, remote=False)
@@ -452,6 +478,10 @@ def add_parser(sub: Any) -> None:
         help="where the offline root key goes (default: DATA-root-key beside DATA)",
     )
     p.set_defaults(func=cmd_init)
+
+    p = hsub.add_parser("migrate", help="apply pending PostgreSQL schema migrations")
+    common(p, remote=False)
+    p.set_defaults(func=cmd_migrate)
 
     p = hsub.add_parser("serve", help="run the hub's HTTP service")
     common(p, remote=False)

@@ -493,8 +493,8 @@ def _refresher(app: web.Application) -> AsyncIterator[None]:
 
         async def loop() -> None:
             while True:
-                try:
-                    await asyncio.to_thread(hub.repo.refresh)
+                try:  # on the leader only (one replica at a time on PostgreSQL)
+                    await asyncio.to_thread(hub.periodic)
                 except Exception:  # keep trying: an expired timestamp stops every device
                     log.exception("re-signing TUF metadata failed")
                 await asyncio.sleep(every)
@@ -510,7 +510,8 @@ def _refresher(app: web.Application) -> AsyncIterator[None]:
 
 def build_app(hub: Hub, refresh_s: float | None = None, resign: bool = True) -> web.Application:
     """`refresh_s`: how often to check metadata expiry (default: a tenth of timestamp's life,
-    at most an hour); `resign=False` leaves expiring metadata alone (tests of expiry)."""
+    at most an hour), and how soon a replica takes the lead from a dead one; `resign=False`
+    leaves expiring metadata alone (tests of expiry)."""
     app = web.Application(middlewares=[middleware], client_max_size=hub.config.max_telemetry_bytes)
     app[HUB] = hub
     registry = CollectorRegistry()

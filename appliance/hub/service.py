@@ -36,7 +36,7 @@ from .artifacts import ArtifactStore, LocalArtifacts
 from .errors import Conflict, Forbidden
 from .protocol import decode_custom, encode_custom
 from .repository import Expiry, TufRepository, init_repository, write_private
-from .storage import Device, Event, HubStore, Rollout, SQLiteStore, Target
+from .storage import Device, Event, HubStore, Rollout, Target, is_database_url, open_store
 
 log = logging.getLogger("appliance.hub")
 
@@ -89,10 +89,26 @@ class HubConfig:
     max_custom_bytes: int = 64 << 10
     poll_interval_s: int = 60
     expiry: Expiry = field(default_factory=Expiry)
+    #: A postgresql:// URL, or an SQLite file (default: DATA/hub.db). Keys, admin token and
+    #: artifacts stay in the data directory either way (replicas share it).
+    database: str | None = None
+    #: Telemetry older than this is dropped by the leader's maintenance (None: kept forever).
+    event_retention_days: float | None = 30.0
 
     @property
     def db_path(self) -> Path:
         return self.data_dir / "hub.db"
+
+    @property
+    def on_postgres(self) -> bool:
+        return self.database is not None and is_database_url(self.database)
+
+    def open_store(self, migrate: bool = False) -> HubStore:
+        return open_store(
+            self.database or self.db_path,
+            migrate=migrate,
+            retention_days=self.event_retention_days,
+        )
 
     @property
     def key_dir(self) -> Path:
@@ -121,12 +137,14 @@ def init_hub(config: HubConfig, root_key_dir: Path | None = None) -> tuple[str, 
     root_key_dir = root_key_dir or default_root_key_dir(data)
     if root_key_dir.resolve().is_relative_to(data.resolve()):
         raise InvalidInput("the root key directory must not lie inside the data directory")
-    if config.db_path.exists():
+    if not config.on_postgres and config.db_path.exists():
         raise Conflict(f"{data} already holds a hub (hub.db exists)")
     data.mkdir(parents=True, exist_ok=True)
     os.chmod(data, 0o700)  # noqa: PTH101
-    store = SQLiteStore(config.db_path)
+    store = config.open_store(migrate=True)
     try:
+        if store.latest_metadata("root") is not None:
+            raise Conflict("this database already holds a hub (it has TUF metadata)")
         root = init_repository(store, config.key_dir, root_key_dir, config.expiry)
     finally:
         store.close()
@@ -147,15 +165,15 @@ class Hub:
         artifacts: ArtifactStore | None = None,
     ) -> None:
         self.config = config
-        if store is None and not config.db_path.exists():
+        if store is None and not config.on_postgres and not config.db_path.exists():
             raise NotFound(
                 f"no hub in {config.data_dir}: run `appliance hub init --data {config.data_dir}`"
             )
-        self.store: HubStore = store or SQLiteStore(config.db_path)
+        self.store: HubStore = store or config.open_store()
         self.artifacts: ArtifactStore = artifacts or LocalArtifacts(config.data_dir / "artifacts")
         self.repo = TufRepository(self.store, config.key_dir, config.expiry)
         self._admin_hash = self._read_admin_hash()
-        #: Since this process started (the stored totals come from the store).
+        #: Since this process started (the stored totals come from the store): per replica.
         self.duplicates = 0
 
     def close(self) -> None:
@@ -387,7 +405,8 @@ class Hub:
             if events[-1].seq in seen:
                 raise InvalidInput(f"events[{i}]: seq {events[-1].seq} appears twice in the batch")
             seen.add(events[-1].seq)
-        with self.store.transaction():  # concurrent batches of one device fold in turn
+        # Concurrent batches of one device (on any replica) fold in turn.
+        with self.store.transaction(f"device/{device.device_id}"):
             new = self.store.add_events(events)
             fresh = self.store.device(device.device_id) or device
             self._apply(fresh, sorted(new, key=lambda e: e.seq))
@@ -438,6 +457,17 @@ class Hub:
             state["last_event"] = {"seq": e.seq, "kind": e.kind, "time": e.time}
         if seq != device.state_seq:
             self.store.set_device_state(device.device_id, state, seq)
+
+    def periodic(self) -> list[str]:
+        """The leader's work (one replica at a time): re-sign expiring metadata, expire old
+        telemetry. Returns the roles re-signed; [] also when another replica leads."""
+        if not self.store.is_leader():
+            return []
+        from .repository import utcnow
+
+        resigned = self.repo.refresh()
+        self.store.maintain(utcnow())
+        return resigned
 
     def events(self, device_id: str, after: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
         if self.store.device(device_id) is None:

@@ -4,11 +4,13 @@ Everything the hub knows lives here: devices (a hash of each token, never the to
 targets, rollouts, telemetry events (unique per device and sequence number) and the signed TUF
 metadata itself, so that a fleet moving to PostgreSQL moves the repository with it. Writers that
 must not interleave (a publish and the background re-signing) run inside `transaction()`, which
-is an SQLite write lock across processes here and would be an advisory lock on PostgreSQL.
+is an SQLite write lock across processes here and an advisory lock on PostgreSQL (pgstore.py,
+selected by `open_store` from a postgresql:// URL).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -84,8 +86,16 @@ class Event:
 class HubStore(Protocol):
     """What the hub needs from a database; small enough to reimplement on PostgreSQL."""
 
-    def transaction(self) -> Any:
-        """A context manager that serialises writers (re-entrant in one thread)."""
+    def transaction(self, key: str = "hub") -> Any:
+        """A context manager that serialises writers (re-entrant in one thread). Writers with
+        the same `key` never interleave; a store may serialise more (SQLite: every writer)."""
+
+    def is_leader(self) -> bool:
+        """Whether this process runs the periodic work (re-signing, maintenance): one replica
+        at a time on a shared database; always the one process on SQLite."""
+
+    def maintain(self, now: dt.datetime) -> dict[str, int]:
+        """Periodic upkeep by the leader: expire telemetry past the retention."""
 
     # devices
     def add_device(self, device: Device) -> None: ...
@@ -182,8 +192,9 @@ class SQLiteStore:
     signing metadata queue up instead of failing half-way.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, retention_days: float | None = 30.0) -> None:
         self.path = path
+        self.retention_days = retention_days
         self._conn = sqlite3.connect(
             str(path), isolation_level=None, check_same_thread=False, timeout=30.0
         )
@@ -199,8 +210,21 @@ class SQLiteStore:
         with self._lock:
             self._conn.close()
 
+    def is_leader(self) -> bool:
+        return True
+
+    def maintain(self, now: dt.datetime) -> dict[str, int]:
+        if not self.retention_days:
+            return {"events_deleted": 0}
+        cutoff = (now - dt.timedelta(days=self.retention_days)).astimezone(dt.timezone.utc)
+        n = self._exec(
+            "DELETE FROM events WHERE received_at < ?",
+            (cutoff.isoformat(timespec="seconds").replace("+00:00", "Z"),),
+        )
+        return {"events_deleted": n}
+
     @contextmanager
-    def transaction(self) -> Iterator[None]:
+    def transaction(self, key: str = "hub") -> Iterator[None]:
         with self._lock:
             if self._depth:
                 self._depth += 1
@@ -416,3 +440,25 @@ class SQLiteStore:
         if role == "root":
             raise ValueError("root metadata versions are a chain: never pruned")
         self._exec("DELETE FROM metadata WHERE role = ? AND version < ?", (role, below))
+
+
+def is_database_url(database: str) -> bool:
+    return database.startswith(("postgresql://", "postgres://"))
+
+
+def open_store(
+    database: str | Path, *, migrate: bool = False, retention_days: float | None = 30.0
+) -> HubStore:
+    """A postgresql:// URL opens `PostgresStore` (psycopg imported only then; `migrate` applies
+    pending schema migrations first); anything else is the path of an SQLite file."""
+    if isinstance(database, str) and is_database_url(database):
+        try:
+            from .pgstore import PostgresStore
+        except ModuleNotFoundError as exc:
+            from ..errors import ConfigError
+
+            raise ConfigError(
+                f"a PostgreSQL hub needs {exc.name}: pip install 'appliance[hub]'"
+            ) from None
+        return PostgresStore(database, apply_migrations=migrate, retention_days=retention_days)
+    return SQLiteStore(Path(database), retention_days=retention_days)

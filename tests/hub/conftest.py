@@ -1,4 +1,8 @@
-"""Hub fixtures: a hub initialised in a temp dir, served by aiohttp over real loopback HTTP."""
+"""Hub fixtures: a hub initialised in a temp dir, served by aiohttp over real loopback HTTP.
+
+Every test built on `hub_factory`/`env` runs twice: on SQLite (the data dir's hub.db) and on a
+fresh database of the session's real PostgreSQL server (tests/support/postgres.py).
+"""
 
 from __future__ import annotations
 
@@ -18,6 +22,9 @@ from tuf.ngclient.fetcher import FetcherInterface
 from appliance.hub.repository import Expiry
 from appliance.hub.server import build_app
 from appliance.hub.service import Hub, HubConfig, init_hub
+from tests.support.postgres import PostgresServer, postgres_server
+
+STORES = ("sqlite", "postgresql")
 
 
 class TokenFetcher(FetcherInterface):
@@ -117,14 +124,26 @@ def make_config(data: Path, **kwargs: Any) -> HubConfig:
     return HubConfig(data_dir=data, **kwargs)
 
 
+@pytest.fixture(params=STORES)
+def hub_database(request: pytest.FixtureRequest) -> str | None:
+    """None: SQLite in the data dir; else the URL of a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return None
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    return server.new_database()
+
+
 @pytest.fixture
-async def hub_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
-    """Start hubs on one data dir (initialised once per test) with given settings; every
-    server started is stopped at the end."""
+async def hub_factory(
+    tmp_path: Path, hub_database: str | None
+) -> AsyncIterator[Callable[..., Any]]:
+    """Start hubs on one data dir and database (initialised once per test) with given
+    settings; every server started is stopped at the end."""
     started: list[HubEnv] = []
     state: dict[str, Any] = {}
 
     async def start(resign: bool = True, refresh_s: float | None = None, **kwargs: Any) -> HubEnv:
+        kwargs.setdefault("database", hub_database)
         config = make_config(tmp_path / "data", **kwargs)
         if "token" not in state:
             state["token"], state["root_dir"] = init_hub(config)
@@ -150,4 +169,4 @@ async def env(hub_factory: Callable[..., Any]) -> HubEnv:
     return e
 
 
-__all__ = ["Expiry", "HubEnv", "TokenFetcher"]
+__all__ = ["Expiry", "HubEnv", "TokenFetcher", "postgres_server"]

@@ -53,7 +53,14 @@ async def test_routes_need_the_right_credential(env: HubEnv) -> None:
     stored = env.hub.store.device("dev1")
     assert stored is not None
     assert stored.token_hash == hashlib.sha256(dev1.encode()).hexdigest()
-    assert dev1 not in (env.hub.config.db_path.read_bytes().decode("latin-1"))
+    if env.hub.config.on_postgres:
+        import psycopg
+
+        with psycopg.connect(env.hub.config.database or "") as conn:
+            rows = conn.execute("SELECT devices::text FROM devices").fetchall()
+        assert rows and not [r for r in rows if dev1 in r[0]]
+    else:
+        assert dev1 not in (env.hub.config.db_path.read_bytes().decode("latin-1"))
 
 
 async def test_enrolment_is_validated(env: HubEnv) -> None:
