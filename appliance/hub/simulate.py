@@ -608,8 +608,10 @@ class Simulation:
                 continue
             a_cpu, b_cpu = marks.get(a, {}), marks.get(b, {})
             hub_cores = sum(b_cpu[p] - a_cpu[p] for p in b_cpu if p in a_cpu) / (b - a)
-            polls = sorted(self.polls.window(a, b))
-            ups = sorted(self.uploads.window(a, b))
+            # the last phase also holds the turns that finished after the schedule ended
+            upto = float("inf") if b == finished else b
+            polls = sorted(self.polls.window(a, upto))
+            ups = sorted(self.uploads.window(a, upto))
             out_phases[name] = {
                 "seconds": round(b - a, 2),
                 "polls": len(polls),
@@ -621,6 +623,12 @@ class Simulation:
                 "upload_p50_ms": _ms(_percentile(ups, 0.5)),
                 "upload_p99_ms": _ms(_percentile(ups, 0.99)),
                 "hub_cpu_cores": round(hub_cores, 3) if cfg.hub_pids else None,
+                # CPU the hub spent per request: comparable even on a machine busy with others
+                "hub_cpu_ms_per_request": round(
+                    hub_cores * (b - a) / (len(polls) + len(ups)) * 1000, 3
+                )
+                if cfg.hub_pids and polls
+                else None,
             }
         # CPU per 1,000 devices from the steady phase (no rollout traffic) when there is one
         basis = out_phases.get("steady") or out_phases.get("rollout") or {}
@@ -861,13 +869,14 @@ def table(result: dict[str, Any]) -> str:
         f"(target {cfg['target_poll_rps']} req/s), {cfg['telemetry_per_poll']} event(s)/poll, "
         f"{len(cfg['hubs'])} hub process(es), {cfg['sources']} source address(es)",
         f"{'phase':<8} {'s':>7} {'polls':>8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'max ms':>8} {'tel p50':>8} {'tel p99':>8} {'hub CPU':>8}",
+        f"{'max ms':>8} {'tel p50':>8} {'tel p99':>8} {'hub CPU':>8} {'ms/req':>8}",
     ]
     for name, p in result["phases"].items():
         lines.append(
             f"{name:<8} {p['seconds']:>7} {p['polls']:>8} {p['poll_rps']:>8} "
             f"{_f(p['poll_p50_ms'])} {_f(p['poll_p99_ms'])} {_f(p['poll_max_ms'])} "
-            f"{_f(p['upload_p50_ms'])} {_f(p['upload_p99_ms'])} {_f(p['hub_cpu_cores'])}"
+            f"{_f(p['upload_p50_ms'])} {_f(p['upload_p99_ms'])} {_f(p['hub_cpu_cores'])} "
+            f"{_f(p['hub_cpu_ms_per_request'])}"
         )
     t = result["telemetry"]
     lines.append(
