@@ -595,8 +595,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--hub", action="append", metavar="URL", help="hub replica(s) (default: spawn)")
     p.add_argument("--admin-token-file", help="admin token for --hub (enrols through the API)")
     p.add_argument("--hub-pid", type=int, action="append", help="hub process(es) for CPU figures")
+    p.add_argument(
+        "--db-pid", type=int, help="database server process (CPU of it and its children)"
+    )
     p.add_argument("--spawn-replicas", type=int, default=1, help="hub processes to spawn")
     p.add_argument("--serve-arg", action="append", help="extra argument for spawned `hub serve`")
+    p.add_argument("--database", help="spawn on this empty PostgreSQL database (postgresql://)")
     p.add_argument("--sources", default="127.0.0.1", help="source addresses, 127.0.0.1-127.0.0.50")
     p.add_argument("--connections", type=int, default=1024, help="keep-alive connections in all")
     p.add_argument("--timeout", type=float, default=30.0, help="request timeout (s)")

@@ -75,6 +75,9 @@ class SimConfig:
     model_bytes: int = 4096
     prefix: str = "sim"
     hub_pids: tuple[int, ...] = ()
+    #: A database server's main process (PostgreSQL's postmaster): its CPU and its backends'
+    #: is reported beside the hub's.
+    db_pid: int | None = None
 
     def check(self) -> None:
         if not 1 <= self.devices <= MAX_DEVICES:
@@ -179,6 +182,29 @@ def cpu_seconds(pid: int) -> float:
     raw = Path(f"/proc/{pid}/stat").read_text(encoding="ascii")
     fields = raw[raw.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process, its live descendants and its reaped children (a database
+    server: the postmaster and its backends)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                raw = (entry / "stat").read_text(encoding="ascii")
+                ppid = int(raw[raw.rindex(")") + 2 :].split()[1])
+                parents.setdefault(ppid, []).append(int(entry.name))
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        with contextlib.suppress(OSError):
+            total += cpu_seconds(p)
+            if p == pid:  # children already reaped (backends that ended)
+                raw = Path(f"/proc/{p}/stat").read_text(encoding="ascii")
+                f = raw[raw.rindex(")") + 2 :].split()
+                total += (int(f[13]) + int(f[14])) / _TICK
+        todo.extend(parents.get(p, []))
+    return total
 
 
 def _own_cpu() -> float:
@@ -506,10 +532,13 @@ class Simulation:
         )
 
     def _cpu(self) -> dict[int, float]:
+        """CPU seconds by hub pid; the database server's (tree) under key -1."""
         out = {}
         for pid in self.config.hub_pids:
             with contextlib.suppress(OSError):
                 out[pid] = cpu_seconds(pid)
+        if self.config.db_pid:
+            out[-1] = tree_cpu_seconds(self.config.db_pid)
         return out
 
     async def _rollout(self, admin: aiohttp.ClientSession, at: float) -> None:
@@ -607,7 +636,8 @@ class Simulation:
             if b - a <= 0:
                 continue
             a_cpu, b_cpu = marks.get(a, {}), marks.get(b, {})
-            hub_cores = sum(b_cpu[p] - a_cpu[p] for p in b_cpu if p in a_cpu) / (b - a)
+            hub_cores = sum(b_cpu[p] - a_cpu[p] for p in b_cpu if p in a_cpu and p >= 0) / (b - a)
+            db_cores = (b_cpu[-1] - a_cpu[-1]) / (b - a) if -1 in a_cpu and -1 in b_cpu else None
             # the last phase also holds the turns that finished after the schedule ended
             upto = float("inf") if b == finished else b
             polls = sorted(self.polls.window(a, upto))
@@ -623,6 +653,7 @@ class Simulation:
                 "upload_p50_ms": _ms(_percentile(ups, 0.5)),
                 "upload_p99_ms": _ms(_percentile(ups, 0.99)),
                 "hub_cpu_cores": round(hub_cores, 3) if cfg.hub_pids else None,
+                "db_cpu_cores": None if db_cores is None else round(db_cores, 3),
                 # CPU the hub spent per request: comparable even on a machine busy with others
                 "hub_cpu_ms_per_request": round(
                     hub_cores * (b - a) / (len(polls) + len(ups)) * 1000, 3
@@ -633,7 +664,7 @@ class Simulation:
         # CPU per 1,000 devices from the steady phase (no rollout traffic) when there is one
         basis = out_phases.get("steady") or out_phases.get("rollout") or {}
         steady_cores = basis.get("hub_cpu_cores") or 0.0
-        hub_total = sum(cpu[2].get(p, 0.0) - cpu[0].get(p, 0.0) for p in cpu[2])
+        hub_total = sum(cpu[2].get(p, 0.0) - cpu[0].get(p, 0.0) for p in cpu[2] if p >= 0)
         stored_delta = (
             stored[1] - stored[0] if stored[0] is not None and stored[1] is not None else None
         )
@@ -748,19 +779,24 @@ def _free_port() -> int:
 def spawn_hub(
     replicas: int,
     poll_interval_s: float,
-    seed: Callable[[Path], None],
+    seed: Callable[[Any], None],
     serve_args: Sequence[str] = (),
+    database: str | None = None,
 ) -> Iterator[Spawned]:
-    """`hub init` in a temporary directory, `seed(data_dir)`, then `replicas` `hub serve`
-    processes on free loopback ports; all stopped and removed afterwards."""
+    """`hub init` in a temporary directory (on `database` when given: an empty PostgreSQL
+    database), `seed(config)`, then `replicas` `hub serve` processes on free loopback ports;
+    all stopped and removed afterwards."""
     from .service import HubConfig, init_hub
 
     tmp = Path(tempfile.mkdtemp(prefix="appliance-sim-hub."))
     data = tmp / "hub"
     procs: list[subprocess.Popen[bytes]] = []
+    config = HubConfig(data_dir=data, database=database)
+    if database:
+        serve_args = ["--database", database, *serve_args]
     try:
-        token, _ = init_hub(HubConfig(data_dir=data), tmp / "root-key")
-        seed(data)
+        token, _ = init_hub(config, tmp / "root-key")
+        seed(config)
         urls = []
         for _ in range(replicas):
             port = _free_port()
@@ -814,10 +850,9 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 60
     raise InvalidInput(f"hub at {url} did not answer /healthz within {timeout_s:.0f} s")
 
 
-def seed_sqlite(data: Path, ids: Sequence[str]) -> list[str]:
-    from .storage import SQLiteStore
-
-    store = SQLiteStore(data / "hub.db")
+def seed_config(config: Any, ids: Sequence[str]) -> list[str]:
+    """Seed the store a `HubConfig` names (SQLite file or PostgreSQL)."""
+    store = config.open_store()
     try:
         return seed_devices(store, ids)
     finally:
@@ -841,15 +876,21 @@ async def simulate(config: SimConfig, tokens: Sequence[str] | None = None) -> di
         await admin.close()
 
 
-def run_spawned(config: SimConfig, replicas: int = 1, serve_args: Sequence[str] = ()) -> Any:
-    """Start a hub (SQLite; `replicas` processes on the one database), seed, simulate."""
+def run_spawned(
+    config: SimConfig,
+    replicas: int = 1,
+    serve_args: Sequence[str] = (),
+    database: str | None = None,
+) -> Any:
+    """Start a hub (`replicas` processes on one database: SQLite, or `database`), seed it,
+    simulate."""
     ids = device_ids(config.prefix, config.devices)
     holder: dict[str, list[str]] = {}
 
-    def seed(data: Path) -> None:
-        holder["tokens"] = seed_sqlite(data, ids)
+    def seed(hub_config: Any) -> None:
+        holder["tokens"] = seed_config(hub_config, ids)
 
-    with spawn_hub(replicas, config.poll_interval_s, seed, serve_args) as hub:
+    with spawn_hub(replicas, config.poll_interval_s, seed, serve_args, database) as hub:
         cfg = SimConfig(
             **{
                 **config.__dict__,
@@ -929,6 +970,7 @@ def main(args: Any) -> int:
         model_bytes=args.model_bytes,
         prefix=args.prefix,
         hub_pids=tuple(args.hub_pid or ()),
+        db_pid=args.db_pid,
     )
     base.check()
     if args.hub:
@@ -941,7 +983,7 @@ def main(args: Any) -> int:
             ) from None
         result = asyncio.run(simulate(SimConfig(**{**base.__dict__, "admin_token": token})))
     else:
-        result = run_spawned(base, args.spawn_replicas, args.serve_arg or ())
+        result = run_spawned(base, args.spawn_replicas, args.serve_arg or (), args.database)
     text = orjson.dumps(result, option=orjson.OPT_INDENT_2).decode()
     if args.json:
         Path(args.json).write_text(text + "\n", encoding="utf-8")
