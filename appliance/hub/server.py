@@ -138,6 +138,9 @@ async def _answer(
             if key.lower() not in ("content-type", "content-length"):
                 response.headers[key] = value
         return response
+    except ConnectionResetError:  # the client left mid-body (a timeout): no one reads this
+        log.debug("%s %s: the client closed the connection", request.method, request.path)
+        return _error(400, "connection lost before the request body was read")
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return _error(500, "internal server error")
