@@ -63,15 +63,6 @@ def _bearer(request: web.Request) -> str:
     return given.strip() if scheme.lower() == "bearer" else ""
 
 
-async def _read(hub: Hub, fn: Callable[..., Any], *args: Any) -> Any:
-    """A read on the device API's hot path: inline where the store says its reads never wait
-    (SQLite's WAL readers, microseconds), else in a thread. A thread hop costs more CPU than
-    the query it carries."""
-    if getattr(hub.store, "reads_inline", False):
-        return fn(*args)
-    return await asyncio.to_thread(fn, *args)
-
-
 async def _authorize(request: web.Request) -> None:
     hub = request.app[HUB]
     path = request.path
@@ -81,7 +72,9 @@ async def _authorize(request: web.Request) -> None:
     if path.startswith("/api/v1/device/"):
         if token and hub.is_admin(token):
             raise Forbidden("the device API takes a device token, not the admin token")
-        device = await _read(hub, require_device, hub, token, request.headers.get("X-Device-Id"))
+        device = await asyncio.to_thread(
+            require_device, hub, token, request.headers.get("X-Device-Id")
+        )
         request[DEVICE] = device
         return
     if path.startswith("/tuf/"):
@@ -391,7 +384,7 @@ async def assignments(request: web.Request) -> web.Response:
     device: Device = request[DEVICE]
 
     request.app[WRITER].touch(device)
-    answer = await _read(hub, hub.assignments, device)
+    answer = await asyncio.to_thread(hub.assignments, device)
     body = orjson.dumps(answer, option=orjson.OPT_SORT_KEYS)
     etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
     headers = {"ETag": etag, "Cache-Control": "no-cache"}

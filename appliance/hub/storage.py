@@ -194,10 +194,6 @@ class SQLiteStore:
     writer, so a poll is not held up behind a telemetry commit's fsync.
     """
 
-    #: Reads never wait for a writer (WAL, a reader per thread): the server runs the device
-    #: API's reads on its event loop instead of paying a thread hop for each.
-    reads_inline = True
-
     def __init__(self, path: Path, retention_days: float | None = 30.0) -> None:
         self.path = path
         self.retention_days = retention_days
