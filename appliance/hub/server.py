@@ -31,8 +31,8 @@ from .. import tracing
 from ..errors import ApplianceError, InvalidInput, NotFound, PayloadTooLarge, Unauthorized
 from .errors import Forbidden
 from .repository import utcnow
-from .service import ROLLOUT_STATES, Hub, check_device_id, now_iso, require_device
-from .storage import Device, Event
+from .service import ROLLOUT_STATES, Hub, check_device_id, require_device
+from .storage import Device
 
 log = logging.getLogger("appliance.hub.http")
 
@@ -149,100 +149,6 @@ async def _json_body(request: web.Request, limit: int) -> Any:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise InvalidInput(f"request body is not valid JSON: {exc}") from None
-
-
-class Writer:
-    """Group commit for the device API's writes: telemetry batches that arrive while the last
-    commit runs are stored together in the next one, with the last-seen times of the devices
-    that polled meanwhile. One fsync (SQLite) or commit (PostgreSQL) then serves many requests,
-    instead of each request waiting its turn behind the others' fsyncs.
-
-    A telemetry request still answers only once its events are committed (a device deletes
-    what the hub acknowledged); a poll does not wait for its last-seen time to be written."""
-
-    def __init__(self, hub: Hub, max_batches: int = 512) -> None:
-        self.hub = hub
-        self.max_batches = max_batches
-        self._batches: list[tuple[Device, list[Event], asyncio.Future[dict[str, int]]]] = []
-        self._seen: dict[str, str] = {}
-        self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    def touch(self, device: Device) -> None:
-        self._seen[device.device_id] = now_iso()
-        self._idle.clear()
-        self._wake.set()
-
-    async def telemetry(self, device: Device, events: list[Event]) -> dict[str, int]:
-        future: asyncio.Future[dict[str, int]] = asyncio.get_running_loop().create_future()
-        self._batches.append((device, events, future))
-        self._idle.clear()
-        self._wake.set()
-        return await future
-
-    async def drain(self) -> None:
-        """Wait until everything handed over so far is committed (the fleet view, shutdown)."""
-        await self._idle.wait()
-
-    async def run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            await self._commit_once()
-
-    async def _commit_once(self) -> None:
-        batches = self._batches[: self.max_batches]
-        del self._batches[: len(batches)]
-        seen, self._seen = self._seen, {}
-        if self._batches:
-            self._wake.set()
-
-        def work() -> list[dict[str, int] | Exception]:
-            results = self.hub.store_telemetry([(d, e) for d, e, _ in batches])
-            try:
-                self.hub.touch_many(seen)
-            except Exception:  # last-seen times are advisory; telemetry is what matters
-                log.exception("recording %d last-seen times failed", len(seen))
-            return results
-
-        try:
-            results = await asyncio.to_thread(work)
-        except Exception as exc:
-            for _, _, future in batches:
-                if not future.done():
-                    future.set_exception(exc)
-        else:
-            for (_, _, future), result in zip(batches, results, strict=True):
-                if future.done():
-                    continue
-                if isinstance(result, Exception):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
-        if not self._batches and not self._seen:
-            self._idle.set()
-
-    async def close(self) -> None:
-        while self._batches or self._seen:
-            await self._commit_once()
-
-
-WRITER = web.AppKey("writer", Writer)
-
-
-def _writer(app: web.Application) -> AsyncIterator[None]:
-    async def gen() -> AsyncIterator[None]:
-        writer = Writer(app[HUB])
-        app[WRITER] = writer
-        task = asyncio.ensure_future(writer.run())
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await writer.close()
-
-    return gen()
 
 
 # -- health and metrics ----------------------------------------------------------------------
@@ -383,9 +289,11 @@ async def assignments(request: web.Request) -> web.Response:
     hub = request.app[HUB]
     device: Device = request[DEVICE]
 
-    request.app[WRITER].touch(device)
-    answer = await asyncio.to_thread(hub.assignments, device)
-    body = orjson.dumps(answer, option=orjson.OPT_SORT_KEYS)
+    def work() -> dict[str, Any]:
+        hub.touch(device)
+        return hub.assignments(device)
+
+    body = orjson.dumps(await asyncio.to_thread(work), option=orjson.OPT_SORT_KEYS)
     etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
     if etag in [t.strip() for t in request.headers.get("If-None-Match", "").split(",")]:
@@ -396,9 +304,7 @@ async def assignments(request: web.Request) -> web.Response:
 async def telemetry(request: web.Request) -> web.Response:
     hub = request.app[HUB]
     body = await _json_body(request, hub.config.max_telemetry_bytes)
-    device = request[DEVICE]
-    events = hub.check_telemetry(device, body)  # a 4xx before anything waits for the store
-    return json_response(await request.app[WRITER].telemetry(device, events))
+    return json_response(await asyncio.to_thread(hub.telemetry, request[DEVICE], body))
 
 
 # -- admin API -------------------------------------------------------------------------------
@@ -414,7 +320,6 @@ async def enroll(request: web.Request) -> web.Response:
 
 
 async def list_devices(request: web.Request) -> web.Response:
-    await request.app[WRITER].drain()  # last-seen times of polls just answered
     return json_response(await asyncio.to_thread(request.app[HUB].devices))
 
 
@@ -616,7 +521,6 @@ def build_app(hub: Hub, refresh_s: float | None = None, resign: bool = True) -> 
     registry.register(HubCollector(hub))
     app[REGISTRY] = registry
     app[REFRESH_S] = refresh_s or min(3600.0, hub.config.expiry.timestamp / 10)
-    app.cleanup_ctx.append(_writer)
     if resign:
         app.cleanup_ctx.append(_refresher)
     r = app.router

@@ -24,7 +24,6 @@ import os
 import re
 import secrets
 import tempfile
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -391,13 +390,6 @@ class Hub:
 
     def telemetry(self, device: Device, body: Any) -> dict[str, int]:
         """Store a batch at least once delivered; each (device, seq) is kept exactly once."""
-        result = self.store_telemetry([(device, self.check_telemetry(device, body))])[0]
-        if isinstance(result, BaseException):
-            raise result
-        return result
-
-    def check_telemetry(self, device: Device, body: Any) -> list[Event]:
-        """A batch's events, validated (a 4xx naming the event otherwise); nothing stored."""
         if not isinstance(body, dict) or not isinstance(body.get("events"), list):
             raise InvalidInput('telemetry body must be {"events": [...]}')
         raw = body["events"]
@@ -413,64 +405,19 @@ class Hub:
             if events[-1].seq in seen:
                 raise InvalidInput(f"events[{i}]: seq {events[-1].seq} appears twice in the batch")
             seen.add(events[-1].seq)
-        return events
-
-    def store_telemetry(
-        self, batches: Sequence[tuple[Device, list[Event]]]
-    ) -> list[dict[str, int] | Exception]:
-        """Store several devices' batches in one transaction (group commit: one fsync on
-        SQLite, one commit on PostgreSQL, however many requests arrived together). Devices are
-        locked in id order, so two replicas committing groups never deadlock. Should the group
-        fail, each batch is tried alone: one bad batch does not fail the others."""
-        if not batches:
-            return []
-        order = sorted(range(len(batches)), key=lambda i: batches[i][0].device_id)
-        try:
-            with self.store.transaction(f"device/{batches[order[0]][0].device_id}"):
-                done = {i: self._store_batch(*batches[i]) for i in order}
-        except Exception:
-            if len(batches) == 1:
-                raise
-            log.warning("a group of %d telemetry batches failed: storing each alone", len(batches))
-            out: list[dict[str, int] | Exception] = []
-            for device, events in batches:
-                try:
-                    out.append(self.store_telemetry([(device, events)])[0])
-                except Exception as exc:  # handed to that batch's request
-                    out.append(exc)
-            return out
-        results: list[dict[str, int] | Exception] = []
-        for i, (device, events) in enumerate(batches):
-            new = done[i]
-            self.duplicates += len(events) - new
-            results.append(
-                {
-                    "stored": new,
-                    "duplicates": len(events) - new,
-                    "max_seq": self.store.max_seq(device.device_id),
-                }
-            )
-        return results
-
-    def _store_batch(self, device: Device, events: list[Event]) -> int:
-        """Inside a transaction: one device's events; returns how many were new."""
         # Concurrent batches of one device (on any replica) fold in turn.
         with self.store.transaction(f"device/{device.device_id}"):
             new = self.store.add_events(events)
             fresh = self.store.device(device.device_id) or device
             self._apply(fresh, sorted(new, key=lambda e: e.seq))
-            received = events[0].received_at if events else now_iso()
             self.store.touch_device(device.device_id, received)
-        return len(new)
-
-    def touch_many(self, seen: dict[str, str]) -> None:
-        """Record when devices last polled, in one transaction, in id order (see above)."""
-        if not seen:
-            return
-        ids = sorted(seen)
-        with self.store.transaction(f"device/{ids[0]}"):
-            for device_id in ids:
-                self.store.touch_device(device_id, seen[device_id])
+        duplicates = len(events) - len(new)
+        self.duplicates += duplicates
+        return {
+            "stored": len(new),
+            "duplicates": duplicates,
+            "max_seq": self.store.max_seq(device.device_id),
+        }
 
     def _apply(self, device: Device, events: list[Event]) -> None:
         """Fold new events into the device's state; late (older) events do not overwrite it."""

@@ -187,11 +187,9 @@ CREATE TABLE IF NOT EXISTS metadata (
 class SQLiteStore:
     """SQLite in WAL mode: the server and a CLI on the same data directory can both write.
 
-    One writing connection per store, guarded by a lock (aiohttp handlers hand their calls to
-    threads); `transaction()` takes SQLite's write lock up front (BEGIN IMMEDIATE) so two
-    processes signing metadata queue up instead of failing half-way. Reads outside a
-    transaction go through a read-only connection per thread: WAL readers never wait for a
-    writer, so a poll is not held up behind a telemetry commit's fsync.
+    One connection per store, guarded by a lock (aiohttp handlers hand their calls to threads);
+    `transaction()` takes SQLite's write lock up front (BEGIN IMMEDIATE) so two processes
+    signing metadata queue up instead of failing half-way.
     """
 
     def __init__(self, path: Path, retention_days: float | None = 30.0) -> None:
@@ -202,9 +200,6 @@ class SQLiteStore:
         )
         self._lock = threading.RLock()
         self._depth = 0
-        self._owner: int | None = None  # the thread inside transaction()
-        self._local = threading.local()
-        self._readers: list[sqlite3.Connection] = []
         with self._lock:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
@@ -214,21 +209,6 @@ class SQLiteStore:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
-            for reader in self._readers:
-                reader.close()
-            self._readers.clear()
-
-    def _reader(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(
-                str(self.path), isolation_level=None, check_same_thread=False, timeout=30.0
-            )
-            conn.execute("PRAGMA query_only=ON")
-            self._local.conn = conn
-            with self._lock:
-                self._readers.append(conn)
-        return conn
 
     def is_leader(self) -> bool:
         return True
@@ -255,7 +235,6 @@ class SQLiteStore:
                 return
             self._conn.execute("BEGIN IMMEDIATE")
             self._depth = 1
-            self._owner = threading.get_ident()
             try:
                 yield
             except BaseException:
@@ -265,11 +244,8 @@ class SQLiteStore:
                 self._conn.execute("COMMIT")
             finally:
                 self._depth = 0
-                self._owner = None
 
     def _rows(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        if self._owner != threading.get_ident():  # not inside this thread's transaction
-            return list(self._reader().execute(sql, args).fetchall())
         with self._lock:
             return list(self._conn.execute(sql, args).fetchall())
 
