@@ -627,3 +627,34 @@ def add_parser(sub: Any) -> None:
     p = hsub.add_parser("status", help="TUF metadata expiry and fleet size")
     common(p, remote=False)
     p.set_defaults(func=cmd_status)
+
+    # `hub simulate`: a test/ops tool (hub/simulate.py), imported only when run
+    p = hsub.add_parser("simulate", help="simulated devices against a hub: load figures")
+    p.add_argument("--devices", type=int, required=True, help="how many devices")
+    p.add_argument("--poll-interval", type=float, default=60.0, help="seconds between polls")
+    p.add_argument("--duration", type=float, default=180.0, help="seconds to run")
+    p.add_argument("--telemetry-per-poll", type=int, default=1, help="events uploaded per poll")
+    p.add_argument("--hub", action="append", metavar="URL", help="hub replica(s) (default: spawn)")
+    p.add_argument("--admin-token-file", help="admin token for --hub (enrols through the API)")
+    p.add_argument("--hub-pid", type=int, action="append", help="hub process(es) for CPU figures")
+    p.add_argument(
+        "--db-pid", type=int, help="database server process (CPU of it and its children)"
+    )
+    p.add_argument("--spawn-replicas", type=int, default=1, help="hub processes to spawn")
+    p.add_argument("--serve-arg", action="append", help="extra argument for spawned `hub serve`")
+    p.add_argument("--database", help="spawn on this empty PostgreSQL database (postgresql://)")
+    p.add_argument("--sources", default="127.0.0.1", help="source addresses, 127.0.0.1-127.0.0.50")
+    p.add_argument("--connections", type=int, default=1024, help="keep-alive connections in all")
+    p.add_argument("--timeout", type=float, default=30.0, help="request timeout (s)")
+    p.add_argument("--rollout-at", type=float, help="create a 100%% rollout this many s in")
+    p.add_argument("--full-tuf", type=int, default=3, help="devices running the device's TUF")
+    p.add_argument("--model-bytes", type=int, default=4096, help="size of the rolled-out file")
+    p.add_argument("--prefix", default="sim", help="device id prefix")
+    p.add_argument("--json", help="write the figures as JSON here (default: stdout)")
+    p.set_defaults(func=cmd_simulate)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from .simulate import main
+
+    return main(args)

@@ -155,6 +155,9 @@ async def _answer(
             if key.lower() not in ("content-type", "content-length"):
                 response.headers[key] = value
         return response
+    except ConnectionResetError:  # the client left mid-body (a timeout): no one reads this
+        log.debug("%s %s: the client closed the connection", request.method, request.path)
+        return _error(400, "connection lost before the request body was read")
     except Exception as exc:
         if is_disk_full(exc):  # every write is staged or transactional: nothing half-done
             log.error("%s %s: the disk is full: %s", request.method, request.path, exc)
