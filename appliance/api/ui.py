@@ -25,8 +25,9 @@ _TYPES = {
     ".html": "text/html",
     ".svg": "image/svg+xml",
 }
-#: What an ingress prefix may hold (it goes into the page: nothing that could close the tag).
-_INGRESS_RE = re.compile(r"^/[A-Za-z0-9._~/-]{0,200}$")
+#: What an ingress prefix may hold (it goes into the page: nothing that could close the tag, and
+#: a path on this host only: no "//" that would make it another host, no "..").
+_INGRESS_RE = re.compile(r"^(?!.*//)(?!.*\.\.)/[A-Za-z0-9._~/-]{0,200}$")
 
 
 def ui_root() -> Path:
