@@ -203,7 +203,8 @@ def test_a_sync_download_on_a_full_disk_keeps_serving_and_resumes(
             assert not [p for p in (store / ".sync" / "downloads").glob("*") if p.is_file()]
             devfs.free()
             wait_for("version 2 once space returned", lambda: serving_version(device) == "2")
-            assert Registry(store).entry("sample").active == "2"
+            # ACTIVE is written just after the switch: wait for it, not only for the answer
+            wait_for("ACTIVE naming 2", lambda: Registry(store).entry("sample").active == "2")
 
             def reported() -> list[object]:
                 events = kinds(fleet.hub.events("dev1"), "dropped")
