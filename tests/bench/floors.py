@@ -36,7 +36,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.bench.triton_compare import run_wrk  # noqa: E402
+from tests.bench.triton_compare import _stop, run_wrk  # noqa: E402
 
 _FLOOR_BODY = json.dumps(
     {
@@ -171,16 +171,6 @@ def _wait_http(port: int, path: str, timeout_s: float = 60.0) -> None:
             pass
         time.sleep(0.1)
     raise RuntimeError(f"nothing ready on port {port} within {timeout_s:g} s")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _rss_mib(pid: int) -> float:
