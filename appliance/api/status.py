@@ -24,6 +24,7 @@ from ..engine import Engine, LoadedModel, ModelSource
 from ..errors import ApplianceError, InvalidInput, ModelError
 from ..registry import PIPELINE, Registry, check_name
 from ..request import RequestPath
+from .routes import STATUS
 
 #: What `GET /v2/sync` answers, when the device syncs with a hub (set by appliance/server.py).
 SYNC_STATUS: web.AppKey[Callable[[], dict[str, Any]]] = web.AppKey("sync_status")
@@ -348,8 +349,12 @@ def add_routes(app: web.Application) -> None:
     from . import ui
 
     app[STARTED] = (time.time(), time.monotonic())
-    ui.add_routes(app)
-    app.router.add_get("/api/status", get_status)
-    app.router.add_get("/api/models/{name}", get_model)
-    app.router.add_post("/api/models/{name}/activate", activate)
-    app.router.add_post("/api/models/{name}/rollback", rollback)
+    handlers = {
+        **ui.handlers(),
+        "status": get_status,
+        "model": get_model,
+        "activate": activate,
+        "rollback": rollback,
+    }
+    for route in STATUS:  # declared once, with their scopes
+        app.router.add_route(route.method, route.path, handlers[route.handler])

@@ -10,12 +10,15 @@ from __future__ import annotations
 import html
 import mimetypes
 import re
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from pathlib import Path
 
 from aiohttp import web
 
 from .routes import PUBLIC_PREFIX
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 #: Paths under it are public static files (api/http.py's auth skips them).
 PREFIX = PUBLIC_PREFIX
@@ -55,7 +58,8 @@ def with_base(index: bytes, ingress: str | None) -> bytes:
     return index.replace(b"<head>", f'<head><base href="{base}">'.encode(), 1)
 
 
-def add_routes(app: web.Application) -> None:
+def handlers() -> dict[str, Handler]:
+    """The page and its files, by their names in api/routes.py's STATUS table."""
     files = read_files()
     index = files[PREFIX + "device/index.html"][0]
 
@@ -69,8 +73,7 @@ def add_routes(app: web.Application) -> None:
             raise web.HTTPNotFound()
         return _send(request, *found)
 
-    app.router.add_get("/", page)
-    app.router.add_get(PREFIX + "{path:.+}", static)
+    return {"page": page, "static": static}
 
 
 def _send(request: web.Request, body: bytes, content_type: str) -> web.Response:
