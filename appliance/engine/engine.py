@@ -102,6 +102,9 @@ class Engine:
         self.metrics = metrics
         self.cache_dir = cache_dir
         self._models: dict[str, LoadedModel] = {}
+        #: The model that serves a name, if any: the dict's own `get` (no Python frame: the
+        #: pipelines check their bound models with it on every request).
+        self.model_or_none: Callable[[str], LoadedModel | None] = self._models.get
         for src in sources:
             name = src.manifest.name
             if name in self._models:
@@ -376,10 +379,6 @@ class Engine:
                 f"{model.version!r})"
             )
         return model
-
-    def model_or_none(self, name: str) -> LoadedModel | None:
-        """The model that serves `name`, if any (a cheap check for who binds to it)."""
-        return self._models.get(name)
 
     def ready_model(self, name: str, version: str | None = None) -> LoadedModel:
         model = self.model(name, version)

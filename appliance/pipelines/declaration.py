@@ -402,6 +402,8 @@ class BoundNode:
     #: Graph name of each output -> the node's own output name.
     produces: dict[str, str]
     step: Step | None = None
+    #: A model node's input specs as its model declares them (empty when it publishes none).
+    wanted: Mapping[str, TensorSpec] = field(default_factory=dict)
 
 
 @dataclass
@@ -507,6 +509,7 @@ def bind(decl: Declaration, lookup: Lookup, strict: bool = True) -> Bound:
             version, sig = found
             versions.append((node.model, version))
             _check_model_inputs(node, sig, given, w, where, unchecked)
+            bound.wanted = sig.input_by_name
             outputs = {t.name: t for t in sig.outputs}
         else:
             assert node.step is not None

@@ -334,6 +334,9 @@ class Pipelines:
         entry.first = (
             dict(entry.using).get(head.model) if head is not None and head.version is None else None
         )
+        if entry.first is None or entry.first.chain is not None:
+            # its own steps see the inputs before its checks do: the pipeline checks them
+            entry.plan.first_checks = False
         facade.source = replace(
             facade.source, manifest=replace(facade.source.manifest, signature=bound.signature)
         )

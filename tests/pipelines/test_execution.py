@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from appliance.api.http import ENGINE
+from appliance.api.http import ENGINE, ROUTER
 from tests.pipelines.conftest import declare
 
 INPUT = [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]
@@ -106,6 +106,41 @@ async def test_a_chain_of_two_models(serve, tmp_path: Path):
         )
         == 2
     )
+
+
+BAD_INPUTS = [
+    [{"name": "x", "datatype": "INT64", "shape": [1, 4], "data": [1, 2, 3, 4]}],
+    [{"name": "x", "datatype": "FP64", "shape": [1, 4], "data": [1, 2, 3, 4]}],
+    [{"name": "x", "datatype": "FP32", "shape": [1, 5], "data": [1, 2, 3, 4, 5]}],
+    [{"name": "x", "datatype": "FP32", "shape": [4], "data": [1, 2, 3, 4]}],
+    [{"name": "q", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}],
+    [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]},
+     {"name": "q", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}],
+    [{"name": "x", "datatype": "BYTES", "shape": [1], "data": ["abcd"]}],
+    [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, "NaN", 4]}],
+    [],
+]  # fmt: skip
+
+
+async def test_a_chain_checks_its_inputs_once_with_the_same_messages(serve, tmp_path: Path):
+    """A chain whose first model checks the pipeline's inputs skips its own check; every
+    malformed request still gets the answer a chain that checks first gives (the first node
+    pinned to a version: looked up per request, so the pipeline checks)."""
+    pinned = {**CHAIN, "nodes": [{**CHAIN["nodes"][0], "version": "1"}, CHAIN["nodes"][1]]}
+    client = await serve(declare(tmp_path, {"chain": CHAIN, "pinned": pinned}))
+    served = client.server.app[ROUTER].pipelines
+    plans = {name: served.entries[name].plan for name in ("chain", "pinned")}
+    assert all(plan is None for plan in plans.values())  # bound on the first request
+    ok = body(np.ones((1, 4), dtype=np.float32))
+    assert (await infer(client, "chain", ok))[0] == 200
+    assert (await infer(client, "pinned", ok))[0] == 200
+    assert served.entries["chain"].plan.first_checks
+    assert not served.entries["pinned"].plan.first_checks
+    for inputs in BAD_INPUTS:
+        skipped = await infer(client, "chain", {"inputs": inputs})
+        checked = await infer(client, "pinned", {"inputs": inputs})
+        assert skipped[0] == checked[0] == 400, (inputs, skipped, checked)
+        assert skipped[1]["error"] == checked[1]["error"].replace("pinned", "chain"), inputs
 
 
 @pytest.mark.parametrize("rows", [0, 1, 5])
