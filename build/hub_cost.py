@@ -61,21 +61,36 @@ print(json.dumps({"admin": admin, "ids": ids, "tokens": tokens}))
 
 _LUA = r"""
 local tokens, etags, ids = {}, {}, {}
-local mode, seq_base = "poll200", 0
-local i, seqs = 0, {}
+local mode, seq_base, pause = "poll200", 0, 0
+local i, seqs, turn = 0, {}, 0
 function init(args)
   mode = args[2]
   seq_base = tonumber(args[3])
+  pause = tonumber(args[4])
   for line in io.lines(args[1]) do
     local t, e = line:match("^(%S+) (%S+)$")
     tokens[#tokens + 1] = t
     etags[#etags + 1] = e
   end
 end
+function delay()
+  return pause
+end
 function request()
-  i = i % #tokens + 1
+  local kind = mode
+  if mode == "mixed" then  -- each device polls (304), then uploads one event
+    turn = turn + 1
+    if turn % 2 == 1 then
+      i = i % #tokens + 1
+      kind = "poll304"
+    else
+      kind = "telemetry"
+    end
+  else
+    i = i % #tokens + 1
+  end
   local h = {["Authorization"] = "Bearer " .. tokens[i]}
-  if mode == "telemetry" then
+  if kind == "telemetry" then
     local s = (seqs[i] or seq_base) + 1
     seqs[i] = s
     h["Content-Type"] = "application/json"
@@ -83,7 +98,7 @@ function request()
       '"kind":"sim","data":{"n":' .. s .. '}}]}'
     return wrk.format("POST", "/api/v1/device/telemetry", h, body)
   end
-  if mode == "poll304" then h["If-None-Match"] = etags[i] end
+  if kind == "poll304" then h["If-None-Match"] = etags[i] end
   return wrk.format("GET", "/api/v1/device/assignments", h)
 end
 function done(summary, latency, requests)
@@ -169,20 +184,36 @@ class Hub:
             self.proc.wait()
 
 
-def run_wrk(hub: Hub, mode: str, seconds: float, connections: int, lua: Path) -> dict[str, Any]:
+def run_wrk(
+    hub: Hub, mode: str, seconds: float, connections: int, lua: Path, rate: float
+) -> dict[str, Any]:
+    # --rate: each connection waits connections/rate between requests (an open-ish loop)
+    pause = round(1000 * connections / rate) if rate else 0
     before = cpu_seconds(hub.proc.pid)
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{round(seconds)}s", "-s", str(lua), hub.url, "--",
-         str(hub.tokens), mode, str(hub.seq_base)],
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{round(seconds)}s",
+            "-s",
+            str(lua),
+            hub.url,
+            "--",
+            str(hub.tokens),
+            mode,
+            str(hub.seq_base),
+            str(pause),
+        ],
         check=True,
         capture_output=True,
         text=True,
-    )  # fmt: skip
+    )
     cpu = cpu_seconds(hub.proc.pid) - before
     line = next(s for s in out.stdout.splitlines() if s.startswith("JSON "))
     got: dict[str, Any] = json.loads(line[5:])
-    if mode == "telemetry":
-        hub.telemetry_ok += got["requests"] - got["non2xx"]
+    if mode in ("telemetry", "mixed"):
+        hub.telemetry_ok += (got["requests"] - got["non2xx"]) // (2 if mode == "mixed" else 1)
         hub.seq_base += 10_000_000  # each device's next round starts above every seq sent
     got["cpu_ms_per_req"] = 1000 * cpu / max(1, got["requests"])
     got["req_s"] = got["requests"] / seconds
@@ -196,7 +227,17 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--connections", type=int, default=32)
-    ap.add_argument("--modes", default="poll304,poll200,telemetry")
+    ap.add_argument(
+        "--modes",
+        default="poll304,poll200,telemetry",
+        help="poll304, poll200, telemetry, mixed (each device a 304 poll then an upload)",
+    )
+    ap.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="about this many req/s in all (each connection pauses); 0: as fast as it goes",
+    )
     ap.add_argument("--postgres", action="store_true", help="the hubs on a throw-away PostgreSQL")
     args = ap.parse_args()
     if shutil.which("wrk") is None:
@@ -221,25 +262,34 @@ def main() -> int:
         for r in range(args.rounds):
             for mode in modes:
                 for hub in hubs if r % 2 == 0 else hubs[::-1]:
-                    got = run_wrk(hub, mode, args.seconds, args.connections, lua)
+                    got = run_wrk(hub, mode, args.seconds, args.connections, lua, args.rate)
                     results.setdefault((mode, hub.name), []).append(got)
         time.sleep(2)  # batched writes (last seen, telemetry) reach the store
-        print(f"{args.devices} devices, {args.connections} connections, {args.rounds} rounds "
-              f"of {args.seconds:g} s, store: {'postgresql' if pg else 'sqlite'}")  # fmt: skip
-        print(f"{'mode':<10} {'tree':<8} {'cpu ms/req':>10} {'req/s':>8} {'p50 ms':>8} "
-              f"{'p99 ms':>8} {'non-2xx':>8}")  # fmt: skip
+        rate = f"about {args.rate:g} req/s" if args.rate else "as fast as it goes"
+        print(
+            f"{args.devices} devices, {args.connections} connections, {rate}, {args.rounds} "
+            f"rounds of {args.seconds:g} s, store: {'postgresql' if pg else 'sqlite'}"
+        )
+        print(
+            f"{'mode':<10} {'tree':<8} {'cpu ms/req':>10} {'req/s':>8} {'p50 ms':>8} "
+            f"{'p99 ms':>8} {'non-2xx':>8}"
+        )
         for (mode, name), runs in results.items():
             med = {k: statistics.median(x[k] for x in runs) for k in runs[0]}
-            print(f"{mode:<10} {name:<8} {med['cpu_ms_per_req']:>10.3f} {med['req_s']:>8.0f} "
-                  f"{med['p50_ms']:>8.2f} {med['p99_ms']:>8.2f} "
-                  f"{sum(x['non2xx'] + x['errors'] for x in runs):>8}")  # fmt: skip
-        if "telemetry" in modes:
+            print(
+                f"{mode:<10} {name:<8} {med['cpu_ms_per_req']:>10.3f} {med['req_s']:>8.0f} "
+                f"{med['p50_ms']:>8.2f} {med['p99_ms']:>8.2f} "
+                f"{sum(x['non2xx'] + x['errors'] for x in runs):>8}"
+            )
+        if "telemetry" in modes or "mixed" in modes:
             for hub in hubs:
                 stored = hub.stored()
                 # wrk stops with uploads in flight: stored but not counted as answered
                 verdict = "ok" if stored >= hub.telemetry_ok else "LOST EVENTS"
-                print(f"telemetry {hub.name}: {hub.telemetry_ok} uploads answered 200, "
-                      f"{stored} events stored ({verdict})")  # fmt: skip
+                print(
+                    f"telemetry {hub.name}: {hub.telemetry_ok} uploads answered 200, "
+                    f"{stored} events stored ({verdict})"
+                )
     finally:
         for hub in hubs:
             hub.stop()

@@ -122,8 +122,11 @@ async def _authorize(request: web.Request) -> None:
 
 
 async def _device(hub: Hub, request: web.Request, token: str) -> Device:
+    return await device_for(hub, token, request.headers.get("X-Device-Id"))
+
+
+async def device_for(hub: Hub, token: str, claimed: str | None) -> Device:
     """The device of the token: from memory when known, else from the store in a thread."""
-    claimed = request.headers.get("X-Device-Id")
     known = hub.cached_device(token) if token else None
     if known is not None:
         return require_device(hub, token, claimed, known)
@@ -152,10 +155,9 @@ async def _answer(
     try:
         await _authorize(request)
         return await handler(request)
-    except ApplianceError as exc:
-        if exc.status >= 500:
-            log.warning("%s %s: %s", request.method, request.path, exc.message)
-        return _error(exc.status, exc.message)
+    except (ApplianceError, ConnectionResetError) as exc:
+        status, body, headers = error_answer(exc, request.method, request.path)
+        return web.Response(body=body, status=status, content_type=_JSON, headers=headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -169,15 +171,28 @@ async def _answer(
             if key.lower() not in ("content-type", "content-length"):
                 response.headers[key] = value
         return response
-    except ConnectionResetError:  # the client left mid-body (a timeout): no one reads this
-        log.debug("%s %s: the client closed the connection", request.method, request.path)
-        return _error(400, "connection lost before the request body was read")
     except Exception as exc:
-        if is_disk_full(exc):  # every write is staged or transactional: nothing half-done
-            log.error("%s %s: the disk is full: %s", request.method, request.path, exc)
-            return _error(507, "the hub has no space left on its disk; nothing was changed")
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return _error(500, "internal server error")
+        status, body, headers = error_answer(exc, request.method, request.path)
+        return web.Response(body=body, status=status, content_type=_JSON, headers=headers)
+
+
+def error_answer(exc: Exception, method: str, path: str) -> tuple[int, bytes, dict[str, str]]:
+    """Status, JSON body and headers of an error (shared with front.py); logs what needs it."""
+    if isinstance(exc, ApplianceError):
+        if exc.status >= 500:
+            log.warning("%s %s: %s", method, path, exc.message)
+        status, message = exc.status, exc.message
+    elif isinstance(exc, ConnectionResetError):  # the client left mid-body: no one reads this
+        log.debug("%s %s: the client closed the connection", method, path)
+        status, message = 400, "connection lost before the request body was read"
+    elif is_disk_full(exc):  # every write is staged or transactional: nothing half-done
+        log.error("%s %s: the disk is full: %s", method, path, exc)
+        status, message = 507, "the hub has no space left on its disk; nothing was changed"
+    else:
+        log.error("unhandled error on %s %s", method, path, exc_info=exc)
+        status, message = 500, "internal server error"
+    headers = {"WWW-Authenticate": 'Bearer realm="appliance-hub"'} if status == 401 else {}
+    return status, orjson.dumps({"error": message}), headers
 
 
 async def _json_body(request: web.Request, limit: int) -> Any:
@@ -363,9 +378,8 @@ async def tuf_target(request: web.Request) -> web.StreamResponse:
 
 
 # -- device API ------------------------------------------------------------------------------
-async def assignments(request: web.Request) -> web.Response:
-    hub = request.app[HUB]
-    device: Device = request[DEVICE]
+async def poll(hub: Hub, device: Device, if_none_match: str) -> tuple[int, bytes, str]:
+    """Status (200 or 304), body and ETag of a poll; shared with front.py's lean path."""
     hub.touch(device)
     view = hub.fleet_view()
     if view is None:  # changed since the last poll: read once (later polls share it)
@@ -376,19 +390,42 @@ async def assignments(request: web.Request) -> web.Response:
         doc = await asyncio.to_thread(hub.assignments, device)
     body = orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
     etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+    if if_none_match and etag in [t.strip() for t in if_none_match.split(",")]:
+        return 304, b"", etag
+    return 200, body, etag
+
+
+async def upload(hub: Hub, writer: TelemetryWriter, device: Device, body: bytes) -> bytes:
+    """Check and store an upload's events; the answer's body (shared with front.py)."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"request body is not valid JSON: {exc}") from None
+    answer = await writer.submit(device, hub.check_telemetry(device, doc))
+    hub.touch(device)
+    return orjson.dumps(answer)
+
+
+async def assignments(request: web.Request) -> web.Response:
+    status, body, etag = await poll(
+        request.app[HUB], request[DEVICE], request.headers.get("If-None-Match", "")
+    )
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
-    if etag in [t.strip() for t in request.headers.get("If-None-Match", "").split(",")]:
+    if status == 304:
         return web.Response(status=304, headers=headers)
     return web.Response(body=body, content_type=_JSON, headers=headers)
 
 
 async def telemetry(request: web.Request) -> web.Response:
     hub = request.app[HUB]
-    device: Device = request[DEVICE]
-    events = hub.check_telemetry(device, await _json_body(request, hub.config.max_telemetry_bytes))
-    answer = await request.app[WRITER].submit(device, events)
-    hub.touch(device)
-    return json_response(answer)
+    limit = hub.config.max_telemetry_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+    body = await request.content.read(limit + 1)
+    if len(body) > limit:
+        raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+    answer = await upload(hub, request.app[WRITER], request[DEVICE], body)
+    return web.Response(body=answer, content_type=_JSON)
 
 
 # -- admin API -------------------------------------------------------------------------------
@@ -759,4 +796,29 @@ def serve(
         extra={"fields": {"port": bound}},
     )
     print(f"hub listening on http://{host}:{bound}", flush=True)
-    web.run_app(app, sock=sock, access_log=None, print=None)
+
+    async def main() -> None:
+        runner, server, front = await open_front(app, sock)
+        try:
+            await asyncio.Event().wait()  # until SIGTERM/SIGINT (GracefulExit)
+        finally:
+            server.close()
+            front.close()
+            await runner.cleanup()
+
+    with contextlib.suppress(web.GracefulExit, KeyboardInterrupt):
+        asyncio.run(main())
+
+
+async def open_front(
+    app: web.Application, sock: socket.socket, handle_signals: bool = True
+) -> tuple[web.AppRunner, asyncio.Server, Any]:
+    """Serve `app` on `sock` behind front.py's lean device path; returns what to close."""
+    from .front import Front
+
+    runner = web.AppRunner(app, handle_signals=handle_signals, access_log=None)
+    await runner.setup()
+    assert runner.server is not None
+    front = Front(app[HUB], app[WRITER], runner.server)
+    server = await asyncio.get_running_loop().create_server(front.protocol, sock=sock)
+    return runner, server, front
