@@ -47,6 +47,9 @@ MAX_HEAD_BYTES = 8190
 KEEPALIVE_S = 75.0
 #: A request's head and body must arrive within this.
 REQUEST_TIMEOUT_S = 30.0
+#: After refusing a body as too large: how long what the client still sends is dropped before
+#: the close (closing with its bytes unread sends a reset that can overtake the answer).
+LINGER_S = 1.0
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _SINGLE = frozenset({"content-length", "content-type", "authorization", "host"})
 _HAND_OVER = frozenset({"transfer-encoding", "expect", "upgrade", "content-encoding"})
@@ -153,6 +156,7 @@ class DeviceConnection(asyncio.Protocol):
         #: When the request now arriving began (0: none is arriving).
         self.since = 0.0
         self.task: asyncio.Task[None] | None = None
+        self.lingering = False
 
     # -- asyncio callbacks -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -168,6 +172,8 @@ class DeviceConnection(asyncio.Protocol):
         self.transport = None
 
     def data_received(self, data: bytes) -> None:
+        if self.lingering:
+            return
         self._buf += data
         self.last = time.monotonic()
         if not self.since:
@@ -213,7 +219,7 @@ class DeviceConnection(asyncio.Protocol):
             limit = self.front.hub.config.max_telemetry_bytes
             if head.length > limit:
                 exc = PayloadTooLarge(f"request body is over the limit of {limit} bytes")
-                self._error(head, exc, close=True)
+                self._error(head, exc, close=True, linger=True)
                 return
             self._head = head
         if len(buf) < head.length:
@@ -251,11 +257,13 @@ class DeviceConnection(asyncio.Protocol):
             return
         self._next()
 
-    def _error(self, head: _Head, exc: Exception, close: bool) -> None:
+    def _error(self, head: _Head, exc: Exception, close: bool, linger: bool = False) -> None:
         status, payload, headers = error_answer(exc, head.method, head.path)
         extra = b"".join(f"{k}: {v}\r\n".encode() for k, v in headers.items())
         self._write(status, payload, extra, close)
-        if close:
+        if linger:
+            self._linger()
+        elif close:
             self.close()
 
     def _write(self, status: int, body: bytes, extra: bytes, close: bool) -> None:
@@ -270,6 +278,17 @@ class DeviceConnection(asyncio.Protocol):
             parts.append(b"Connection: close\r\n")
         parts += (b"\r\n", body)
         transport.write(b"".join(parts))
+
+    def _linger(self) -> None:
+        """Answered before the body was read: half-close, drop what comes, then close."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        self.lingering = True
+        self._buf.clear()
+        if transport.can_write_eof():
+            transport.write_eof()
+        asyncio.get_running_loop().call_later(LINGER_S, self.close)
 
     def _hand_over(self) -> None:
         """aiohttp takes the rest of this connection, starting with the bytes buffered."""

@@ -798,27 +798,32 @@ def serve(
     print(f"hub listening on http://{host}:{bound}", flush=True)
 
     async def main() -> None:
-        runner, server, front = await open_front(app, sock)
+        runner = web.AppRunner(app, handle_signals=True, access_log=None)
+        await runner.setup()
         try:
+            await FrontSite(runner, sock).start()
             await asyncio.Event().wait()  # until SIGTERM/SIGINT (GracefulExit)
         finally:
-            server.close()
-            front.close()
             await runner.cleanup()
 
     with contextlib.suppress(web.GracefulExit, KeyboardInterrupt):
         asyncio.run(main())
 
 
-async def open_front(
-    app: web.Application, sock: socket.socket, handle_signals: bool = True
-) -> tuple[web.AppRunner, asyncio.Server, Any]:
-    """Serve `app` on `sock` behind front.py's lean device path; returns what to close."""
-    from .front import Front
+class FrontSite(web.SockSite):
+    """A site whose connections start on front.py's lean device path (aiohttp takes the rest)."""
 
-    runner = web.AppRunner(app, handle_signals=handle_signals, access_log=None)
-    await runner.setup()
-    assert runner.server is not None
-    front = Front(app[HUB], app[WRITER], runner.server)
-    server = await asyncio.get_running_loop().create_server(front.protocol, sock=sock)
-    return runner, server, front
+    async def start(self) -> None:
+        from .front import Front
+
+        await web.BaseSite.start(self)
+        runner = self._runner
+        assert isinstance(runner, web.AppRunner) and runner.server is not None
+        self.front = Front(runner.app[HUB], runner.app[WRITER], runner.server)
+        self._server = await asyncio.get_running_loop().create_server(
+            self.front.protocol, sock=self._sock
+        )
+
+    async def stop(self) -> None:
+        await super().stop()
+        self.front.close()
