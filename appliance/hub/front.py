@@ -157,6 +157,7 @@ class DeviceConnection(asyncio.Protocol):
         self.since = 0.0
         self.task: asyncio.Task[None] | None = None
         self.lingering = False
+        self.paused = False
 
     # -- asyncio callbacks -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -180,6 +181,13 @@ class DeviceConnection(asyncio.Protocol):
             self.since = self.last
         if not self.busy:
             self._next()
+        elif len(self._buf) > self.front.hub.config.max_telemetry_bytes + MAX_HEAD_BYTES:
+            self._pause()  # a client pipelining ahead: read on once its answers are out
+
+    def _pause(self) -> None:
+        if self.transport is not None and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
 
     def check(self, now: float) -> None:
         """The sweep: close what idles too long or sends a request too slowly."""
@@ -200,6 +208,9 @@ class DeviceConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
+        if self.paused:
+            self.paused = False
+            transport.resume_reading()
         head = self._head
         buf = self._buf
         if head is None:
