@@ -26,7 +26,6 @@ import secrets
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -509,9 +508,8 @@ class Hub:
         keys = sorted({f"device/{d.device_id}" for d, _ in uploads})
         results: dict[int, dict[str, int]] = {}
         try:
-            with ExitStack() as stack:
-                for key in keys:  # concurrent batches of one device (on any replica) queue
-                    stack.enter_context(self.store.transaction(key))
+            # Concurrent batches of one device (on any replica) queue on its key.
+            with self.store.transaction(*keys):
                 for i in order:
                     results[i] = self._store_events(*uploads[i])
         except Exception as exc:

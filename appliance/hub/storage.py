@@ -40,9 +40,10 @@ __all__ = [
 class HubStore(Protocol):
     """What the hub needs from a database; small enough to reimplement on PostgreSQL."""
 
-    def transaction(self, key: str = "hub") -> Any:
+    def transaction(self, key: str = "hub", *more: str) -> Any:
         """A context manager that serialises writers (re-entrant in one thread). Writers with
-        the same `key` never interleave; a store may serialise more (SQLite: every writer)."""
+        the same `key` (or one of `more`: several keys, taken in sorted order) never
+        interleave; a store may serialise more (SQLite: every writer)."""
 
     def is_leader(self) -> bool:
         """Whether this process runs the periodic work (re-signing, maintenance): one replica
@@ -190,7 +191,7 @@ class SQLiteStore(SqlStore):
         return {"events_deleted": n}
 
     @contextmanager
-    def transaction(self, key: str = "hub") -> Iterator[None]:
+    def transaction(self, key: str = "hub", *more: str) -> Iterator[None]:
         with self._lock:
             if self._depth:
                 self._depth += 1
