@@ -56,7 +56,8 @@ model.write_text('{"steps": []}')
 hub.publish("m", "1", model, backend="onnx", manifest={})
 hub.create_rollout("m", "1", {"all": True}, 100)
 hub.close()
-print(json.dumps({"admin": admin, "ids": ids, "tokens": tokens}))
+import appliance
+print(json.dumps({"admin": admin, "ids": ids, "tokens": tokens, "file": appliance.__file__}))
 """
 
 _LUA = r"""
@@ -128,20 +129,24 @@ class Hub:
         self.env = {**os.environ, "PYTHONPATH": str(tree)}
         data = work / name / "hub"
         data.parent.mkdir(parents=True)
+        # In the tree's root: `python -m`/`-c` put the working directory first on sys.path.
         out = subprocess.run(
             [sys.executable, "-c", _SETUP, str(data), str(devices), database],
+            cwd=tree,
             env=self.env,
             check=True,
             capture_output=True,
             text=True,
         )
         info = json.loads(out.stdout.strip().splitlines()[-1])
+        if not Path(info["file"]).resolve().is_relative_to(tree):
+            raise SystemExit(f"{name}: imported {info['file']}, not the tree's appliance")
         self.port = free_port()
         cmd = [sys.executable, "-m", "appliance", "hub", "serve", "--data", str(data)]
         if database:
             cmd += ["--database", database]
         cmd += ["--port", str(self.port), "--log-level", "warning"]
-        self.proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(cmd, cwd=tree, env=self.env, stdout=subprocess.DEVNULL)
         self.url = f"http://127.0.0.1:{self.port}"
         self.admin = info["admin"]
         deadline = time.monotonic() + 60
