@@ -31,6 +31,8 @@ WALL_CLOCK_USES = {
     "appliance/api/openai.py": 2,  # `created` of a completion
     "appliance/api/status.py": 2,  # `time` and `started_at` of /api/status (uptime: monotonic)
     "appliance/engine/engine.py": 1,  # a model's loaded_at (OpenAI's `created`)
+    "appliance/hub/front.py": 1,  # the Date header of the device front
+    "appliance/hub/polls.py": 1,  # devices' last-seen stamps
     "appliance/hub/simulate.py": 1,  # the version name of the simulation's rollout
     "appliance/sync/agent.py": 2,  # last_check, last_success (status, a metric)
     "appliance/timeseries.py": 1,  # when each of the last errors happened (the status page)

@@ -41,7 +41,10 @@ from .sqlstore import SqlStore
 
 log = logging.getLogger("appliance.hub.pg")
 
-_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))"
+_LOCK = (
+    "SELECT count(pg_advisory_xact_lock(hashtextextended(k, 0)))"
+    " FROM unnest(%s::text[]) WITH ORDINALITY AS u(k, n)"
+)
 MIGRATE_KEY = "appliance-hub/migrate"
 LEADER_KEY = "appliance-hub/leader"
 #: Days of event partitions created ahead of today.
@@ -190,22 +193,28 @@ class PostgresStore(SqlStore):
             yield pooled
 
     @contextmanager
-    def transaction(self, key: str = "hub") -> Iterator[None]:
+    def transaction(self, key: str = "hub", *more: str) -> Iterator[None]:
+        """`more`: further keys locked in the same round trip, all in sorted order (so that
+        two transactions taking overlapping sets never deadlock)."""
+        keys = sorted({key, *more})
         conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
-        if conn is not None:  # nested: the same transaction, one more lock
-            if key not in self._local.keys:
-                conn.execute(_LOCK, (key,))
-                self._local.keys.add(key)
+        if conn is not None:  # nested: the same transaction, more locks
+            new = [k for k in keys if k not in self._local.keys]
+            if new:
+                conn.execute(_LOCK, (new,))
+                self._local.keys.update(new)
             yield
             return
         with self._pool.connection() as conn:
-            # BEGIN and the lock in one round trip (no parameters: the simple query protocol).
-            conn.execute(
-                sql.SQL("BEGIN; SELECT pg_advisory_xact_lock(hashtextextended({}, 0))").format(
-                    sql.Literal(key)
+            # BEGIN and the locks in one round trip (no parameters: the simple query protocol).
+            locks = sql.SQL("; ").join(
+                sql.SQL("SELECT pg_advisory_xact_lock(hashtextextended({}, 0))").format(
+                    sql.Literal(k)
                 )
+                for k in keys
             )
-            self._local.conn, self._local.keys = conn, {key}
+            conn.execute(sql.SQL("BEGIN; {}").format(locks))
+            self._local.conn, self._local.keys = conn, set(keys)
             try:
                 yield
             except BaseException:
@@ -224,6 +233,10 @@ class PostgresStore(SqlStore):
     def _exec(self, sql: str, args: Sequence[Any] = ()) -> int:
         with self._conn() as conn:
             return conn.execute(_pg(sql), args).rowcount
+
+    def _exec_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        with self._conn() as conn, conn.cursor() as cur:
+            cur.executemany(_pg(sql), rows)
 
     def _insert(self, sql: str, args: Sequence[Any], conflict: str) -> None:
         """An insert that may hit a unique key: a savepoint keeps a surrounding transaction
@@ -300,10 +313,12 @@ class PostgresStore(SqlStore):
     def add_rollout(
         self, model: str, version: str, target: dict[str, Any], percent: int, when: str
     ) -> Rollout:
-        rows = self._rows(
-            f"{self._ADD_ROLLOUT} RETURNING {self._ROLLOUT_COLS}",
-            self._rollout_args(model, version, target, percent, when),
-        )
+        with self.transaction("fleet"):
+            rows = self._rows(
+                f"{self._ADD_ROLLOUT} RETURNING {self._ROLLOUT_COLS}",
+                self._rollout_args(model, version, target, percent, when),
+            )
+            self.bump_generation()
         return self._rollout(rows[0])
 
     _ADD_EVENTS = (

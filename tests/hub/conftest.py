@@ -6,6 +6,7 @@ fresh database of the session's real PostgreSQL server (tests/support/postgres.p
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,18 +14,36 @@ from typing import Any
 
 import pytest
 import urllib3
-from aiohttp import FormData
+from aiohttp import FormData, web
 from aiohttp.test_utils import TestClient, TestServer
 from tuf.api.exceptions import DownloadHTTPError
 from tuf.ngclient import Updater
 from tuf.ngclient.fetcher import FetcherInterface
+from yarl import URL
 
 from appliance.hub.repository import Expiry
-from appliance.hub.server import build_app
+from appliance.hub.server import FrontSite, build_app
 from appliance.hub.service import Hub, HubConfig, init_hub
 from tests.support.postgres import PostgresServer, postgres_server
 
 STORES = ("sqlite", "postgresql")
+
+
+class FrontServer(TestServer):
+    """The test server behind the hub's lean device front (hub/front.py), as `hub serve`
+    runs it: device polls and uploads take the front, everything else aiohttp."""
+
+    async def start_server(self, loop: Any = None, **kwargs: Any) -> None:
+        if self.runner:
+            return
+        self.runner = runner = await self._make_runner(handler_cancellation=True, **kwargs)
+        await runner.setup()
+        sock = self.socket_factory(self.host, self.port or 0, socket.AF_INET)
+        self.host, self.port = sock.getsockname()[:2]
+        assert isinstance(runner, web.AppRunner)
+        await FrontSite(runner, sock).start()
+        self.scheme = "http"
+        self._root = URL(f"http://{self.host}:{self.port}")
 
 
 class TokenFetcher(FetcherInterface):
@@ -149,7 +168,7 @@ async def hub_factory(
             state["token"], state["root_dir"] = init_hub(config)
         hub = Hub(config)
         client: TestClient[Any, Any] = TestClient(
-            TestServer(build_app(hub, refresh_s=refresh_s, resign=resign))
+            FrontServer(build_app(hub, refresh_s=refresh_s, resign=resign))
         )
         await client.start_server()
         root = (tmp_path / "data" / "1.root.json").read_bytes()
