@@ -620,6 +620,10 @@ class PriorityConfig:
     default_level: int = 0
     #: Policies of the levels that have one ([[models.NAME.priority.queues]] tables).
     queues: list[PriorityQueueConfig] = field(default_factory=list)
+    #: Worker threads beside max_concurrency that take only requests above the lowest level,
+    #: at the event loop's CPU priority: an urgent request never waits for a background batch
+    #: to finish (engine/priority.py). 0: none; ignored with one level.
+    urgent_workers: int = field(default=1, metadata=between(0, 8))
 
     def check(self) -> None:
         if self.default_level > self.levels:

@@ -11,10 +11,11 @@ after the other on the same server, for `--priority-seconds` each:
 1. alone: level-1 requests at a steady `--high-share` (5 %) of that capacity, open loop (each
    of a few connections sends on its own schedule);
 2. flood: the same level-1 stream, plus level-2 requests at `--flood-factor` (10x) the
-   capacity, open loop over `--flood-connections` connections from an asyncio client in a
-   process of its own (`--flood-nice` lowers its CPU priority: on a small machine the flood's
-   client competes for the CPU with the server it floods, which a flood from the network
-   does not).
+   capacity, open loop over up to `--flood-connections` connections at once, from a lean
+   asyncio client (bench/flood.py) in a process of its own (`--flood-nice` lowers its CPU
+   priority: on a small machine the flood's client competes for the CPU with the server it
+   floods, which a flood from the network does not). Requests that find every connection
+   busy wait in the client and are timed from when they were due; the figures count them.
 
 The figures are the level-1 stream's latency in both phases and their ratio (the goal: p99
 under the flood within 2x of its p99 alone), its refusals (the goal: none), and what the flood
@@ -32,8 +33,9 @@ import time
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
-from .client import build_request, error_text, free_port, header, metrics_text
+from .client import build_request, error_text, free_port, metrics_text
 from .errors import BenchError
+from .flood import flood
 from .inputs import infer_request, make_inputs
 from .model import Target, load_backend
 from .options import parse_cpus
@@ -87,50 +89,6 @@ def level_request(
     return build_request("POST", f"/v2/models/{model}/infer", *address, body, headers)
 
 
-async def _flood_async(
-    address: tuple[str, int],
-    request: bytes,
-    rate: float,
-    start: float,
-    stop_at: float,
-    connections: int,
-    timeout_s: float,
-) -> tuple[list[Answer], list[str]]:
-    """`open_loop` on one thread with asyncio: hundreds of connections without hundreds of
-    threads taking turns at the GIL (which would time the client, not the server)."""
-    interval = connections / rate
-    answers: list[Answer] = []
-    errors: list[str] = []
-    clock = time.monotonic
-
-    async def client(index: int) -> None:
-        due = start + index * interval / connections
-        writer: asyncio.StreamWriter | None = None
-        try:
-            reader, writer = await asyncio.open_connection(*address)
-            while due < stop_at and clock() < stop_at:
-                wait = due - clock()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                t0 = time.perf_counter_ns()
-                writer.write(request)
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout_s)
-                length = header(head, b"Content-Length")
-                if length:
-                    await reader.readexactly(int(length))
-                took = time.perf_counter_ns() - t0
-                answers.append((int(head[9:12]), took, header(head, b"Retry-After") is not None))
-                due += interval
-        except Exception as exc:
-            errors.append(repr(exc))
-        finally:
-            if writer is not None:
-                writer.close()
-
-    await asyncio.gather(*(client(i) for i in range(connections)))
-    return answers, errors
-
-
 def _flood_main(
     conn: Connection,
     address: tuple[str, int],
@@ -145,9 +103,7 @@ def _flood_main(
     """The flood's own process (spawned), `nice` steps below the bench's CPU priority: its
     answers go back through `conn`."""
     os.nice(nice)
-    conn.send(
-        asyncio.run(_flood_async(address, request, rate, start, stop_at, connections, timeout_s))
-    )
+    conn.send(asyncio.run(flood(address, request, rate, start, stop_at, connections, timeout_s)))
     conn.close()
 
 
@@ -225,10 +181,11 @@ def phase(
         if not pipe.poll(timeout_s + 30.0):
             process.kill()
             raise BenchError("the flood's process never reported")
-        flood, flood_errors = pipe.recv()
+        flood, flood_errors, flood_stats = pipe.recv()
         process.join()
         out["low"] = _summary(flood, seconds + 0.2)
         out["low"]["connections"] = flood_connections
+        out["low"]["client"] = flood_stats
         errors += flood_errors
     out["client_errors"] = errors[:3]
     return out

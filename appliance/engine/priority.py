@@ -20,8 +20,12 @@ level (the lowest level first, the newest first) is evicted with a 503 and Retry
 arrival takes its place: urgent work is never refused because background work filled the
 queue. An arrival with nothing below it (the lowest level, say) is refused at once, as before.
 
-Running requests are never preempted, so an urgent request may wait for the run in progress;
-a level's `max_batch_size` bounds that wait (a background level's small batches cost it some
+Running requests are never preempted. So that an urgent request need not wait for the run in
+progress, a model with levels has `urgent_workers` (1 by default) beside its usual workers:
+threads that take only requests above the lowest level, at the event loop's CPU priority (the
+usual workers run below it), so a background batch that is running, however large and however
+starved of CPU by a flood, is never in an urgent request's way. With none, a level's
+`max_batch_size` bounds that wait (a background level's small batches cost it some
 throughput). Batches hold requests of one level: a higher level's request never waits for
 lower-level rows to be computed in its own run (on a CPU a batch's run time grows with its
 rows), and it is never held back by a lower level's batch that is still forming.
@@ -81,6 +85,8 @@ class Levels(Generic[J]):
         self._size = 0
         #: Workers waiting for more requests to join their batch (they need every put).
         self._gathering = 0
+        #: Workers waiting that take only some levels (urgent workers: they need every put).
+        self._picky = 0
         self._closed = False
 
     def level_of(self, priority: int | None) -> int:
@@ -110,7 +116,7 @@ class Levels(Generic[J]):
         with self._cond:
             self._waiting[job.level - 1].append(job)
             self._size += 1
-            if self._gathering:
+            if self._gathering or self._picky:
                 self._cond.notify_all()
             else:
                 self._cond.notify()
@@ -162,9 +168,28 @@ class Levels(Generic[J]):
             self._cond.notify_all()
 
     # -- worker threads --------------------------------------------------------------------
-    def take(self) -> J | None:
+    def take(self, upto: int = 0) -> J | None:
         """The next request (the highest level's oldest), waiting for one; None once closed
-        and empty."""
+        and empty. `upto`: only from levels 1..upto (an urgent worker's), 0: any level."""
+        if not upto or upto >= self.count:
+            return self._take_any()
+        waiting, delayed = self._waiting[:upto], self._delayed[:upto]
+        with self._cond:
+            while True:
+                for w, d in zip(waiting, delayed, strict=True):
+                    q = w or d
+                    if q:
+                        self._size -= 1
+                        return q.popleft()
+                if self._closed:
+                    return None
+                self._picky += 1
+                try:
+                    self._cond.wait()
+                finally:
+                    self._picky -= 1
+
+    def _take_any(self) -> J | None:
         with self._cond:
             while not self._size:
                 if self._closed:
@@ -220,4 +245,7 @@ class Levels(Generic[J]):
         with self._cond:
             self._waiting[level - 1].extendleft(reversed(jobs))
             self._size += len(jobs)
-            self._cond.notify(len(jobs))
+            if self._picky:
+                self._cond.notify_all()
+            else:
+                self._cond.notify(len(jobs))

@@ -191,10 +191,13 @@ class ModelRunner:
         #: Queues by priority level; None with one level (the SimpleQueue serves it).
         self._levels: Levels[_Job] | None = None
         work: Callable[[], None] = self._work
+        urgent = 0
         if priority is not None and priority.levels > 1:
             levels = self._levels = Levels(priority)
             if len(stats.levels) != levels.count:
                 stats.levels = [LevelStats() for _ in range(levels.count)]
+            if backend.thread_safe:
+                urgent = priority.urgent_workers
 
             def work() -> None:
                 self._work_levels(levels)
@@ -203,6 +206,17 @@ class ModelRunner:
             threading.Thread(target=work, name=f"infer-{label}-{i}", daemon=True)
             for i in range(self.concurrency)
         ]
+        if urgent:
+            assert self._levels is not None
+            self._threads += [
+                threading.Thread(
+                    target=self._work_levels,
+                    args=(self._levels, self._levels.count - 1),
+                    name=f"urgent-{label}-{i}",
+                    daemon=True,
+                )
+                for i in range(urgent)
+            ]
         for t in self._threads:
             t.start()
 
@@ -503,13 +517,15 @@ class ModelRunner:
             stats.queue.observe(job.started - job.enqueued)
             stats.total.observe(job.finished - job.enqueued)
 
-    def _work_levels(self, levels: Levels[_Job]) -> None:
+    def _work_levels(self, levels: Levels[_Job], upto: int = 0) -> None:
         """A worker of a model with priority levels: the highest level's requests first, a
-        batch from one level (see engine/priority.py)."""
-        lower_priority(self.nice)
+        batch from one level (see engine/priority.py). An urgent worker (`upto`: the levels it
+        takes, 1..upto) stays at the event loop's CPU priority."""
+        if not upto:
+            lower_priority(self.nice)
         call = self._loop.call_soon_threadsafe
         while True:
-            first = levels.take()
+            first = levels.take(upto)
             if first is None:
                 return
             jobs = [first]

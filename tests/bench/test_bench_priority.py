@@ -42,6 +42,7 @@ def test_priority_bench_smoke(samples: Path, binary: bool, by: str) -> None:
     low = f["flood"]["low"]
     assert low["sent"] > 0 and set(low["statuses"]) <= {"200", "503"}
     assert low["all_503_have_retry_after"]
+    assert low["client"]["sent"] == low["sent"]  # every flood request was answered
     assert "evicted_level2" in f["server_counters"]
 
 
@@ -106,3 +107,43 @@ def test_bucket_quantile_reads_the_requests_between_two_scrapes() -> None:
     assert bucket_quantile(before, after, 0.5) == 0.01
     assert bucket_quantile(before, after, 0.99) == float("inf")
     assert bucket_quantile(before, before, 0.5) is None
+
+
+async def test_the_flood_times_every_answer_from_its_due_time() -> None:
+    """A real server that answers 503 + Retry-After in two writes: the flood reads heads and
+    bodies across reads, keeps one request per connection, and backlogs what finds none."""
+    import asyncio
+    import time
+
+    from appliance.bench.flood import flood
+
+    request = b"POST /x HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc"
+    answer = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\nRetry-After: 1\r\n\r\nbusy"
+    seen = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal seen
+        try:
+            while True:
+                await reader.readexactly(len(request))
+                seen += 1
+                writer.write(answer[:20])
+                await writer.drain()
+                await asyncio.sleep(0.002)  # every connection busy a while: a backlog forms
+                writer.write(answer[20:])
+        except asyncio.IncompleteReadError:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    start = time.monotonic() + 0.05
+    answers, errors, stats = await flood(
+        ("127.0.0.1", port), request, 2000.0, start, start + 0.25, 2, 10.0
+    )
+    server.close()
+    await server.wait_closed()
+    assert not errors
+    assert stats["sent"] == len(answers) == seen >= 400
+    assert stats["backlogged"] > 0 and stats["max_backlog"] > 0
+    assert all(status == 503 and retry for status, _, retry in answers)
+    assert min(ns for _, ns, _ in answers) >= 2_000_000  # from its due time: the 2 ms wait

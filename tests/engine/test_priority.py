@@ -51,16 +51,17 @@ def _post(client: Any, req: dict[str, Any], model: str = "sample") -> asyncio.Fu
 
 
 def _levels(levels: int = 3, default: int = 0, **model: Any) -> dict[str, Any]:
+    """The sample model with priority levels. No urgent worker unless asked for: the tests of
+    the queue's order hold its one usual worker and watch what it takes next."""
     queues = model.pop("queues", [])
+    priority = {
+        "levels": levels,
+        "default_level": default,
+        "queues": queues,
+        "urgent_workers": model.pop("urgent_workers", 0),
+    }
     return {
-        "models": {
-            "sample": {
-                "max_concurrency": 1,
-                "max_queue": 8,
-                "priority": {"levels": levels, "default_level": default, "queues": queues},
-                **model,
-            }
-        }
+        "models": {"sample": {"max_concurrency": 1, "max_queue": 8, "priority": priority, **model}}
     }
 
 
@@ -505,6 +506,74 @@ def test_a_batch_wait_ends_when_a_higher_level_arrives() -> None:
     t.join()
     taken = levels.take()
     assert taken is not None and taken.level == 1
+
+
+# -- urgent workers: what runs beside a background batch ------------------------------------------
+async def test_an_urgent_worker_runs_upper_levels_beside_a_running_background_job(serve):
+    client = await serve(_levels(urgent_workers=1))
+    runner, release, hold = await _hold(client, "sample")  # level 3 (the default) is running
+    calls = _record(client)
+    low = _post(client, _req(30, priority=3))
+    await _queued(runner, 2)
+    # levels 1 and 2 are answered while the level-3 job still holds the usual worker
+    for marker, level in ((10.0, 1), (20.0, 2)):
+        r = await _post(client, _req(marker, priority=level))
+        assert r.status == 200, await r.text()
+    assert not hold.done() and not low.done()
+    assert await _metric(client, "appliance_priority_queued", level="3") == 1
+    assert calls == [[10.0], [20.0]]  # the queued level-3 request was not taken by it
+    release.set()
+    await hold
+    assert (await low).status == 200
+    assert calls == [[10.0], [20.0], [30.0]]
+
+
+async def test_without_thread_safety_there_is_no_urgent_worker(serve):
+    client = await serve(_levels(urgent_workers=2))
+    runner = client.server.app[ENGINE].ready_model("sample").runner
+    assert sum(t.name.startswith("urgent-") for t in runner._threads) == 2
+    type(runner.backend).thread_safe = False
+    try:
+        other = await serve(_levels(urgent_workers=2))
+        runner = other.server.app[ENGINE].ready_model("sample").runner
+        assert not any(t.name.startswith("urgent-") for t in runner._threads)
+    finally:
+        del type(runner.backend).thread_safe  # back to the base class's
+
+
+def test_a_worker_limited_to_upper_levels_is_woken_by_their_requests_only() -> None:
+    class Job:
+        def __init__(self, level: int) -> None:
+            self.level = level
+
+    levels: Levels[Job] = Levels(PriorityConfig(levels=3))
+    taken: list[int] = []
+    got = threading.Semaphore(0)
+
+    def worker(upto: int) -> None:
+        while (job := levels.take(upto)) is not None:
+            taken.append(job.level)
+            got.release()
+
+    urgent = threading.Thread(target=worker, args=(2,))
+    urgent.start()
+    levels.put(Job(3))  # the lowest level: only a usual worker takes it
+    levels.put(Job(2))
+    assert got.acquire(timeout=TIMEOUT)
+    assert taken == [2] and levels.queued(3) == 1
+    usual = threading.Thread(target=worker, args=(0,))  # and the two wait side by side
+    usual.start()
+    assert got.acquire(timeout=TIMEOUT)
+    assert taken == [2, 3]
+    levels.put(Job(3))  # one notify could wake the urgent worker only: every put wakes both
+    assert got.acquire(timeout=TIMEOUT)
+    levels.put(Job(1))
+    assert got.acquire(timeout=TIMEOUT)
+    assert sorted(taken) == [1, 2, 3, 3]
+    levels.close()
+    urgent.join(TIMEOUT)
+    usual.join(TIMEOUT)
+    assert not urgent.is_alive() and not usual.is_alive()
 
 
 # -- the priority from the request path: header, user property, a task's default ------------------
