@@ -435,7 +435,7 @@ def sse_template(chunk: dict[str, Any]) -> Callable[[str], bytes]:
     orjson call and a join, not a whole chunk (ids, model, choices) encoded again."""
     encoded = _sse(chunk)
     head, mark, tail = encoded.partition(orjson.dumps(PIECE))
-    if not mark or PIECE.encode() in tail:
+    if not mark or mark in tail:
         raise ValueError("a chunk template holds the piece exactly once")
     dumps, join = orjson.dumps, b"".join
     return lambda text: join((head, dumps(text), tail))
