@@ -57,7 +57,7 @@ def test_worker_pieces_arrive_in_order_with_fewer_wake_ups() -> None:
         wake_ups[0] += 1
         return schedule(*args, **kwargs)
 
-    loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+    loop.call_soon_threadsafe = counting  # type: ignore[method-assign,assignment]
     got: list[str] = []
     n = 3000
 

@@ -20,7 +20,6 @@ import importlib
 import json
 import shlex
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -154,4 +153,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
