@@ -473,7 +473,7 @@ class GgufConfig:
     mode: Literal["auto", "chat", "embedding"] = "auto"
     #: Context window in tokens; 0 uses the model's own.
     n_ctx: int = 2048
-    #: Threads for generation; 0 means one per CPU core.
+    #: Threads for generation; 0 means one per CPU core (the README's "n_threads" says why).
     n_threads: int = 0
     n_batch: int = field(default=512, metadata=at_least(1))
     #: Layers offloaded to the GPU when the device is cuda (999 = all of them).

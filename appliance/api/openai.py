@@ -13,7 +13,7 @@ import base64
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -310,10 +310,21 @@ async def chat_completions(
 
     if stream:
         out: Streamer = structure.streamer()
+        if out.parser is None:  # plain text: one content delta per piece, from a template
+            keep, content = out.text.append, sse_template(chunk({"content": PIECE}, None))
+
+            def piece(text: str) -> bytes:
+                keep(text)
+                return content(text)
+        else:
+
+            def piece(text: str) -> bytes:
+                return b"".join(_sse(chunk(delta, None)) for delta in out.deltas(text))
+
         return await _stream(
             request, paths, req, name, gen, body, include_usage,
             first=chunk({"role": "assistant", "content": ""}, None),
-            piece=lambda text: [chunk(delta, None) for delta in out.deltas(text)],
+            piece=piece,
             last=lambda result: chunk({}, out.finish(result)),
             usage_chunk=lambda usage: {**chunk({}, None), "choices": [], "usage": usage},
         )  # fmt: skip
@@ -360,7 +371,7 @@ async def completions(request: web.Request, paths: RequestPath, req: Request) ->
         return await _stream(
             request, paths, req, name, gen, body, include_usage,
             first=None,
-            piece=lambda text: [chunk(text, None)],
+            piece=sse_template(chunk(PIECE, None)),
             last=lambda result: chunk("", _finish(result.finish_reason)),
             usage_chunk=lambda usage: {**chunk("", None), "choices": [], "usage": usage},
         )  # fmt: skip
@@ -413,7 +424,117 @@ def _sse(obj: Any) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
+#: Where the piece of text goes in a chunk template (`sse_template`); no generated text can
+#: hold it, since the template is filled with the JSON string of the text, never searched.
+PIECE = "\x00piece\x00"
+
+
+def sse_template(chunk: dict[str, Any]) -> Callable[[str], bytes]:
+    """The event of `chunk` (which holds `PIECE` once) as a function of the piece of text:
+    everything but the piece is encoded once per stream, so each token costs one small
+    orjson call and a join, not a whole chunk (ids, model, choices) encoded again."""
+    encoded = _sse(chunk)
+    head, mark, tail = encoded.partition(orjson.dumps(PIECE))
+    if not mark or mark in tail:
+        raise ValueError("a chunk template holds the piece exactly once")
+    dumps, join = orjson.dumps, b"".join
+    return lambda text: join((head, dumps(text), tail))
+
+
 async def _stream(
+    request: web.Request,
+    paths: RequestPath,
+    req: Request,
+    name: str,
+    gen: Generation,
+    body: dict[str, Any],
+    include_usage: bool,
+    first: dict[str, Any] | None,
+    piece: Callable[[str], bytes],
+    last: Callable[[GenerationResult], dict[str, Any]],
+    usage_chunk: Callable[[dict[str, int]], dict[str, Any]],
+    error: Callable[[ApplianceError], dict[str, Any]] = openai_error,
+    done: bytes | None = b"data: [DONE]\n\n",
+) -> web.StreamResponse:
+    """Server-sent events, one per piece of text (`piece` encodes its events: none, one or
+    more), ending with `done` (OpenAI's `data: [DONE]`; the OIP generate extension has none:
+    its last event says `"done": true`).
+
+    The response starts with the first piece (or the end), so a request refused at once (queue
+    full, bad prompt) still gets a plain HTTP error; an error after that is an event `error`
+    makes. A client that goes away stops the generation: the worker polls `stop` between
+    tokens.
+
+    Each piece is written as soon as the loop has it: no timer holds one back. Pieces that
+    arrived while the previous write ran (a slow client, a busy loop) leave together in one
+    write; the response head goes with the first piece, and the last events with the end of
+    the body, so a stream of n tokens costs n writes at most."""
+    loop = asyncio.get_running_loop()
+    ready: list[str] = []
+    waiting: list[asyncio.Future[None]] = []  # the writer's wait for the next piece, if any
+
+    def wake() -> None:
+        if waiting:
+            future = waiting.pop()
+            if not future.done():
+                future.set_result(None)
+
+    def deliver(text: str) -> None:  # on the loop's thread
+        ready.append(text)
+        if waiting:
+            wake()
+
+    async def take() -> list[str] | None:
+        """The pieces ready now (waiting for one if none is), or None at the end."""
+        while not ready:
+            if task.done():
+                return None
+            future = loop.create_future()
+            waiting.append(future)
+            await future
+        out = ready[:]
+        ready.clear()
+        return out
+
+    gone = threading.Event()
+    served = req.served
+    task = asyncio.ensure_future(paths.generate(req, name, gen, body, deliver, gone.is_set))
+    task.add_done_callback(lambda _t: wake())
+    response: web.StreamResponse | None = None
+    try:
+        pieces = await take()
+        if pieces is None and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]  # refused before any text: plain error
+        response = web.StreamResponse(headers={**_SSE_HEADERS, **served.headers()})
+        await response.prepare(request)
+        data = _sse(first) if first is not None else b""
+        while pieces is not None:
+            data += b"".join(map(piece, pieces)) if len(pieces) > 1 else piece(pieces[0])
+            if data:
+                await response.write(data)  # the head goes with the first one
+                data = b""
+            pieces = await take()
+        try:
+            _, result = task.result()
+            end = _sse(last(result))
+        except ApplianceError as exc:
+            end = _sse(error(exc))
+        else:
+            if include_usage:
+                end += _sse(usage_chunk(_usage(result)))
+        if done is not None:
+            end += done
+        await response.write_eof(data + end)
+        return response
+    except (ConnectionResetError, asyncio.CancelledError):
+        gone.set()
+        raise
+    finally:
+        if not task.done():
+            gone.set()
+
+
+def stream_generation(
     request: web.Request,
     paths: RequestPath,
     req: Request,
@@ -427,53 +548,15 @@ async def _stream(
     usage_chunk: Callable[[dict[str, int]], dict[str, Any]],
     error: Callable[[ApplianceError], dict[str, Any]] = openai_error,
     done: bytes | None = b"data: [DONE]\n\n",
-) -> web.StreamResponse:
-    """Server-sent events, one per piece of text, ending with `done` (OpenAI's `data: [DONE]`;
-    the OIP generate extension has none: its last event says `"done": true`).
+) -> Awaitable[web.StreamResponse]:
+    """For the other fronts that stream text as server-sent events (api/generate.py): `piece`
+    gives each piece's events as objects."""
 
-    The response starts with the first piece (or the end), so a request refused at once (queue
-    full, bad prompt) still gets a plain HTTP error; an error after that is an event `error`
-    makes. A client that goes away stops the generation: the worker polls `stop` between
-    tokens."""
-    queue: asyncio.Queue[str | None] = asyncio.Queue()
-    gone = threading.Event()
-    served = req.served
-    task = asyncio.ensure_future(
-        paths.generate(req, name, gen, body, queue.put_nowait, gone.is_set)
-    )
-    task.add_done_callback(lambda _t: queue.put_nowait(None))
-    response: web.StreamResponse | None = None
-    try:
-        item = await queue.get()
-        if item is None and task.exception() is not None:
-            raise task.exception()  # type: ignore[misc]  # refused before any text: plain error
-        response = web.StreamResponse(headers={**_SSE_HEADERS, **served.headers()})
-        await response.prepare(request)
-        if first is not None:
-            await response.write(_sse(first))
-        while item is not None:
-            for event in piece(item):
-                await response.write(_sse(event))
-            item = await queue.get()
-        try:
-            _, result = task.result()
-            end = last(result)
-        except ApplianceError as exc:
-            await response.write(_sse(error(exc)))
-        else:
-            await response.write(_sse(end))
-            if include_usage:
-                await response.write(_sse(usage_chunk(_usage(result))))
-        if done is not None:
-            await response.write(done)
-        await response.write_eof()
-        return response
-    except (ConnectionResetError, asyncio.CancelledError):
-        gone.set()
-        raise
-    finally:
-        if not task.done():
-            gone.set()
+    def events(text: str) -> bytes:
+        return b"".join(map(_sse, piece(text)))
+
+    return _stream(request, paths, req, name, gen, body, include_usage, first, events, last,
+                   usage_chunk, error, done)  # fmt: skip
 
 
 def add_routes(
@@ -501,7 +584,4 @@ def add_routes(
         app.router.add_route(route.method, route.path, bind(handlers[route.handler]))
 
 
-__all__ = ["add_routes", "openai_error", "stream_generation"]
-
-#: For the other fronts that stream text as server-sent events (api/generate.py).
-stream_generation = _stream
+__all__ = ["add_routes", "openai_error", "sse_template", "stream_generation"]

@@ -2,7 +2,9 @@
 
 Time to first token and decode tokens/s of llama-cpp-python's own
 `create_chat_completion(stream=True)`, against the same greedy request streamed from
-/v1/chat/completions (server-sent events timed as they arrive).
+/v1/chat/completions (server-sent events timed as they arrive) by two clients: a cheap one on
+raw sockets, and the official `openai` client. The three run in turn, round by round, in one
+process, so load elsewhere on the machine touches every side alike.
 """
 
 from __future__ import annotations
@@ -282,6 +284,54 @@ def http_stream(conn: HttpConnection, request: bytes) -> StreamRun:
     return StreamRun(first - t0, last - first, len(pieces), "".join(pieces), finish)
 
 
+def openai_stream(client: Any, model: str, max_tokens: int, seed: int) -> StreamRun:
+    """One streamed chat completion through the official `openai` client (its own HTTP stack,
+    SSE decoder and typed chunks: what most applications run), timed as chunks come out."""
+    clock = time.perf_counter_ns
+    pieces: list[str] = []
+    first = last = 0
+    finish: str | None = None
+    t0 = clock()
+    try:
+        stream = client.chat.completions.create(
+            model=model, messages=LLM_MESSAGES, stream=True, max_tokens=max_tokens,
+            temperature=0, seed=seed,
+        )  # fmt: skip
+        with stream:
+            for chunk in stream:
+                if not chunk.choices:
+                    continue
+                choice = chunk.choices[0]
+                text = choice.delta.content if choice.delta is not None else None
+                if text:
+                    last = clock()
+                    if not pieces:
+                        first = last
+                    pieces.append(text)
+                if choice.finish_reason:
+                    finish = choice.finish_reason
+    except Exception as exc:  # the openai client's own errors (APIError, connection errors)
+        if isinstance(exc, BenchError):
+            raise
+        raise BenchError(f"the openai client failed: {exc}") from None
+    if not pieces:
+        raise BenchError("the server streamed no text to the openai client")
+    return StreamRun(first - t0, last - first, len(pieces), "".join(pieces), finish)
+
+
+def _openai_client(address: tuple[str, int], token: str, timeout_s: float) -> Any:
+    """The official client on the server, or None where the `openai` package is missing."""
+    try:
+        import openai
+    except ImportError:
+        return None
+    host, port = address
+    return openai.OpenAI(
+        base_url=f"http://{host}:{port}/v1", api_key=token or "none", max_retries=0,
+        timeout=timeout_s,
+    )  # fmt: skip
+
+
 def _median(values: Sequence[float]) -> float:
     """The median of the finite values; NaN when there are none."""
     import statistics
@@ -290,75 +340,148 @@ def _median(values: Sequence[float]) -> float:
     return float(statistics.median(finite)) if finite else math.nan
 
 
+def thread_cpu_ns(pid: int, tid: int | None = None) -> int | None:
+    """CPU time of one thread (the main thread by default) in nanoseconds, or None."""
+    try:
+        return int(Path(f"/proc/{pid}/task/{tid or pid}/schedstat").read_bytes().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def process_cpu_ns(pid: int) -> int | None:
+    """CPU time of every thread of a process in nanoseconds (/proc/PID/task/*/schedstat: finer
+    than /proc/PID/stat's 10 ms ticks); None where /proc does not have it."""
+    total = 0
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return None
+    for task in tasks:
+        try:
+            total += int((task / "schedstat").read_bytes().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that ended meanwhile
+    return total
+
+
+#: The sides of one round, in this order in the first round; each round starts one later, so
+#: no side always runs first (after an idle moment) or last.
+SIDES = ("raw", "http", "openai")
+
+
+@dataclass
+class _Side:
+    """The runs of one side, with the CPU time they took (the server's, or the raw process's)."""
+
+    runs: list[StreamRun]
+    cpu_ns: int = 0
+    loop_ns: int = 0  # the server's main thread: its event loop (HTTP sides only)
+    cpu_known: bool = True
+
+
 def run_llm(
     options: BenchOptions, config: Config, target: Target, cfg: GgufConfig
 ) -> dict[str, Any]:
-    """Streamed chat completions: raw llama-cpp-python, then through a real server."""
+    """Streamed chat completions, interleaved round by round: raw llama-cpp-python in this
+    process, the server with a cheap client (raw sockets, parsed after the stream), and the
+    server with the official `openai` client. llama.cpp's threads take every core, so any client
+    competes with them: interleaving keeps other load on the machine from favouring one side."""
     quiet = options.quiet
     runs, max_tokens = options.runs, options.max_tokens
     model_cfg = config.model_config(target.name)
-
-    # 1. Raw llama-cpp-python, in-process; closed before the server starts.
-    say(quiet, f"loading {target.file} in-process ...")
-    llm, placement = open_llama(target, config, cfg)
-    try:
-        say(quiet, f"timing raw streamed chat completions ({LLM_WARMUP_RUNS} + {runs}) ...")
-        for _ in range(LLM_WARMUP_RUNS):
-            raw_stream(llm, max_tokens, SEED)
-        with no_gc():
-            raw = [raw_stream(llm, max_tokens, SEED) for _ in range(runs)]
-    finally:
-        llm.close()
-        del llm
-    gc.collect()
-
     token = config.token()
     headers = {"Content-Type": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
     timeout_s = model_cfg.timeout_s + 30.0
     body = chat_request_body(target.name, max_tokens, SEED)
+    load_before = [round(x, 2) for x in os.getloadavg()]
 
-    # 2. The same request through the server.
+    say(quiet, f"loading {target.file} in-process ...")
+    llm, placement = open_llama(target, config, cfg)
     server = server_for(options, config, target, token)
     conn: HttpConnection | None = None
+    client: Any = None
+    sides: dict[str, _Side] = {}
     try:
         conn, address, idle_rss = open_server(server, target.name, timeout_s, quiet)
         request = build_request("POST", "/v1/chat/completions", *address, body, headers)
-        say(quiet, f"timing streamed chat completions over HTTP ({LLM_WARMUP_RUNS} + {runs}) ...")
+        client = _openai_client(address, token, timeout_s)
+        active = [s for s in SIDES if s != "openai" or client is not None]
+        assert conn is not None
+        http_conn = conn
+
+        def one(side: str) -> StreamRun:
+            if side == "raw":
+                return raw_stream(llm, max_tokens, SEED)
+            if side == "http":
+                return http_stream(http_conn, request)
+            return openai_stream(client, target.name, max_tokens, SEED)
+
+        say(quiet, f"timing streamed chat completions, {', '.join(active)} in turn "
+                   f"({LLM_WARMUP_RUNS} + {runs} rounds) ...")  # fmt: skip
         for _ in range(LLM_WARMUP_RUNS):
-            http_stream(conn, request)
+            for side in active:
+                one(side)
+        sides = {s: _Side([]) for s in active}
         with no_gc():
-            http = [http_stream(conn, request) for _ in range(runs)]
+            for i in range(runs):
+                for k in range(len(active)):
+                    side = active[(i + k) % len(active)]
+                    pid = None if side == "raw" else server.pid
+                    before = time.process_time_ns() if pid is None else process_cpu_ns(pid)
+                    loop_before = thread_cpu_ns(server.pid)
+                    sides[side].runs.append(one(side))
+                    after = time.process_time_ns() if pid is None else process_cpu_ns(pid)
+                    loop_after = thread_cpu_ns(server.pid)
+                    if before is None or after is None or loop_before is None or not loop_after:
+                        sides[side].cpu_known = False
+                    else:
+                        sides[side].cpu_ns += after - before
+                        sides[side].loop_ns += loop_after - loop_before
         server.alive_or_raise()
         after_rss, peak_rss = rss_and_peak(server.pid)
     finally:
+        if client is not None:
+            client.close()
         if conn is not None:
             conn.close()
         server.stop(config.server.shutdown_timeout_s + STOP_GRACE_S)
+        llm.close()
+    gc.collect()
 
-    # 3. Same work on both sides, or the figures compare nothing.
-    for i, (a, b) in enumerate(zip(raw, http, strict=True)):
-        if b.text != a.text:
-            raise BenchError(
-                f"run {i + 1}: the server generated {b.text[:80]!r}, llama-cpp-python "
-                f"{a.text[:80]!r} for the same greedy request"
-            )
-        if b.tokens != a.tokens:
-            raise BenchError(
-                f"run {i + 1}: the server streamed {b.tokens} tokens, llama-cpp-python {a.tokens}"
-            )
+    # Same work on every side, or the figures compare nothing.
+    raw = sides["raw"].runs
+    for side in active[1:]:
+        for i, (a, b) in enumerate(zip(raw, sides[side].runs, strict=True)):
+            if b.text != a.text:
+                raise BenchError(
+                    f"run {i + 1}: the server generated {b.text[:80]!r} ({side} client), "
+                    f"llama-cpp-python {a.text[:80]!r} for the same greedy request"
+                )
+            if b.tokens != a.tokens:
+                raise BenchError(
+                    f"run {i + 1}: the server streamed {b.tokens} tokens ({side} client), "
+                    f"llama-cpp-python {a.tokens}"
+                )
 
     def r(x: float | None, digits: int = 2) -> float | None:
         return None if x is None or not math.isfinite(x) else round(x, digits)
 
-    raw_ttft = [x.ttft_ns / 1e6 for x in raw]
-    http_ttft = [x.ttft_ns / 1e6 for x in http]
-    raw_tps = [x.tokens_per_s for x in raw]
-    http_tps = [x.tokens_per_s for x in http]
-    raw_ttft_ms, http_ttft_ms = _median(raw_ttft), _median(http_ttft)
-    raw_tokens_per_s, http_tokens_per_s = _median(raw_tps), _median(http_tps)
-    return {
+    def figures(side: str) -> dict[str, Any]:
+        got = sides.get(side)
+        if got is None:
+            return {}
+        ttft = [x.ttft_ns / 1e6 for x in got.runs]
+        tps = [x.tokens_per_s for x in got.runs]
+        tokens = sum(x.tokens for x in got.runs)
+        cpu = got.cpu_ns / 1e6 / tokens if got.cpu_known and tokens else None
+        loop = got.loop_ns / 1e3 / tokens if got.cpu_known and tokens else None
+        return {"ttft": _median(ttft), "tps": _median(tps), "ttft_runs": ttft, "tps_runs": tps,
+                "cpu": cpu, "loop": loop}  # fmt: skip
+
+    fr, fh, fo = figures("raw"), figures("http"), figures("openai")
+    out: dict[str, Any] = {
         "kind": "llm",
         "model": target.name,
         "model_file": str(target.file),
@@ -366,26 +489,50 @@ def run_llm(
         "device": placement.device,
         "runtime_detail": placement.detail,
         "cpu_count": os.cpu_count(),
+        "load_average_before": load_before,
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "runs": runs,
         "warmup_runs": LLM_WARMUP_RUNS,
+        "clients": active[1:],
         "max_tokens": max_tokens,
         "seed": SEED,
         "messages": LLM_MESSAGES,
         "tokens": raw[0].tokens,
         "finish_reason": raw[0].finish,
         "request_bytes": len(body),
-        "raw_ttft_ms": r(raw_ttft_ms, 3),
-        "http_ttft_ms": r(http_ttft_ms, 3),
-        "added_ttft_ms": r(http_ttft_ms - raw_ttft_ms, 3),
-        "raw_tokens_per_s": r(raw_tokens_per_s),
-        "http_tokens_per_s": r(http_tokens_per_s),
-        "tokens_per_s_ratio": r(http_tokens_per_s / raw_tokens_per_s, 4),
-        "tokens_per_s_note": None if math.isfinite(http_tokens_per_s) else _ONE_READ,
-        "raw_ttft_ms_runs": [r(x, 3) for x in raw_ttft],
-        "http_ttft_ms_runs": [r(x, 3) for x in http_ttft],
-        "raw_tokens_per_s_runs": [r(x) for x in raw_tps],
-        "http_tokens_per_s_runs": [r(x) for x in http_tps],
+        "raw_ttft_ms": r(fr["ttft"], 3),
+        "raw_tokens_per_s": r(fr["tps"]),
+        "raw_cpu_ms_per_token": r(fr["cpu"], 4),
+        "raw_ttft_ms_runs": [r(x, 3) for x in fr["ttft_runs"]],
+        "raw_tokens_per_s_runs": [r(x) for x in fr["tps_runs"]],
+        "openai_note": None if "openai" in active else "the openai package is not installed",
+    }
+    for prefix, f in (("http", fh), ("openai", fo)):
+        if not f:
+            continue
+        out |= {
+            f"{prefix}_ttft_ms": r(f["ttft"], 3),
+            f"{prefix}_tokens_per_s": r(f["tps"]),
+            f"{prefix}_server_cpu_ms_per_token": r(f["cpu"], 4),
+            # the event loop's share: what serving adds per token, least touched by other load
+            f"{prefix}_server_loop_cpu_us_per_token": r(f["loop"], 1),
+            f"{prefix}_ttft_ms_runs": [r(x, 3) for x in f["ttft_runs"]],
+            f"{prefix}_tokens_per_s_runs": [r(x) for x in f["tps_runs"]],
+        }
+    # The cheap client's figures keep their first names (added_ttft_ms, tokens_per_s_ratio).
+    for prefix, name, f in (("", "http", fh), ("openai_", "openai", fo)):
+        if not f:
+            continue
+        out |= {
+            f"{prefix}added_ttft_ms": r(f["ttft"] - fr["ttft"], 3),
+            f"{prefix}tokens_per_s_ratio": r(f["tps"] / fr["tps"], 4),
+            f"{prefix}tokens_per_s_note": None if math.isfinite(f["tps"]) else _ONE_READ,
+        }
+        if f["cpu"] is not None and fr["cpu"] is not None:
+            out[f"{name}_server_cpu_over_raw_ms_per_token"] = r(f["cpu"] - fr["cpu"], 4)
+    out |= {
         "server_idle_rss_mib": r(idle_rss, 1),
         "server_after_rss_mib": r(after_rss, 1),
         "server_peak_rss_mib": r(peak_rss, 1),
     }
+    return out

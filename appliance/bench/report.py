@@ -78,24 +78,40 @@ def format_llm_table(f: dict[str, Any]) -> str:
     def num(x: Any, fmt: str = ",.2f") -> str:
         return "n/a" if x is None else format(x, fmt)
 
-    added, ratio = f["added_ttft_ms"], f["tokens_per_s_ratio"]
+    clients = [("http", "", "HTTP stream"), ("openai", "openai_", "openai client")]
+    clients = [c for c in clients if c[0] in f.get("clients", ["http"])]
     lines = [
         f"model    {f['model']} ({f['model_file']}), {f['backend']} on {f['device']} "
         f"({f['runtime_detail']})",
         f"request  streamed chat completion, max_tokens {f['max_tokens']}, temperature 0, "
         f"seed {f['seed']}: {f['tokens']} tokens (finish: {f['finish_reason']})",
-        f"machine  {f['cpu_count']} CPUs; medians of {f['runs']} runs after "
-        f"{f['warmup_runs']} warm-up",
+        f"machine  {f['cpu_count']} CPUs, load average {f.get('load_average_before')} before, "
+        f"{f.get('load_average_after')} after; medians of {f['runs']} rounds (the sides in "
+        f"turn) after {f['warmup_runs']} warm-up",
         "",
-        f"{'':<26}{'raw llama.cpp':>15}{'HTTP stream':>15}{'HTTP vs raw':>15}",
-        f"{'time to first token (ms)':<26}{num(f['raw_ttft_ms'], ',.3f'):>15}"
-        f"{num(f['http_ttft_ms'], ',.3f'):>15}"
-        f"{'n/a' if added is None else format(added, '+,.3f'):>15}",
-        f"{'decode (tokens/s)':<26}{num(f['raw_tokens_per_s']):>15}"
-        f"{num(f['http_tokens_per_s']):>15}{'n/a' if ratio is None else f'{ratio:.4f} x':>15}",
-    ]
-    if f.get("tokens_per_s_note"):
-        lines.append(f"note     HTTP decode speed n/a: {f['tokens_per_s_note']}")
+        f"{'':<26}{'raw llama.cpp':>15}" + "".join(f"{title:>15}{'vs raw':>10}"
+                                                  for _, _, title in clients),
+    ]  # fmt: skip
+    ttft = f"{'time to first token (ms)':<26}{num(f['raw_ttft_ms'], ',.3f'):>15}"
+    tps = f"{'decode (tokens/s)':<26}{num(f['raw_tokens_per_s']):>15}"
+    cpu = f"{'CPU ms per token':<26}{num(f.get('raw_cpu_ms_per_token'), ',.3f'):>15}"
+    loop = f"{'event loop CPU µs/token':<26}{'':>15}"
+    for side, prefix, _ in clients:
+        added, ratio = f[f"{prefix}added_ttft_ms"], f[f"{prefix}tokens_per_s_ratio"]
+        over = f.get(f"{side}_server_cpu_over_raw_ms_per_token")
+        ttft += f"{num(f[f'{side}_ttft_ms'], ',.3f'):>15}"
+        ttft += f"{'n/a' if added is None else format(added, '+,.3f'):>10}"
+        tps += f"{num(f[f'{side}_tokens_per_s']):>15}"
+        tps += f"{'n/a' if ratio is None else f'{ratio:.4f} x':>10}"
+        cpu += f"{num(f.get(f'{side}_server_cpu_ms_per_token'), ',.3f'):>15}"
+        cpu += f"{'n/a' if over is None else format(over, '+,.3f'):>10}"
+        loop += f"{num(f.get(f'{side}_server_loop_cpu_us_per_token'), ',.1f'):>15}{'':>10}"
+    lines += [ttft, tps, cpu + "  (the server's: all threads)", loop + "  (the server's)"]
+    for _, prefix, title in clients:
+        if f.get(f"{prefix}tokens_per_s_note"):
+            lines.append(f"note     {title} decode speed n/a: {f[f'{prefix}tokens_per_s_note']}")
+    if f.get("openai_note"):
+        lines.append(f"note     no openai client run: {f['openai_note']}")
     lines += [
         "",
         f"server RSS: idle {num(f['server_idle_rss_mib'], ',.1f')} MiB, after the run "

@@ -6,6 +6,7 @@ nothing of them and never calls back up."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import threading
@@ -494,13 +495,7 @@ class Engine:
         stop: Callable[[], bool] | None = None,
     ) -> GenerationResult:
         """Run a generation on this loaded version (at its priority level)."""
-        loop = asyncio.get_running_loop()
-        from_worker = None
-        if emit is not None:
-            deliver = emit
-
-            def from_worker(text: str) -> None:
-                loop.call_soon_threadsafe(deliver, text)
+        from_worker = None if emit is None else worker_to_loop(emit)
 
         return await self._call(
             model,
@@ -540,6 +535,30 @@ class Engine:
         params["formats"] = formats_available(model.templates)
         meta["parameters"] = params
         return meta
+
+
+def worker_to_loop(deliver: Callable[[str], None]) -> Callable[[str], None]:
+    """`deliver` (which runs on the event loop) for a worker thread's pieces of text.
+
+    One wake-up of the loop takes every piece queued so far: a piece finding a wake-up already
+    on its way is only queued, so a loop that lags behind the generator catches up in one
+    turn instead of one turn per piece, and no piece waits for anything but the loop."""
+    loop = asyncio.get_running_loop()
+    pending: collections.deque[str] = collections.deque()
+    scheduled = [False]
+
+    def drain() -> None:
+        scheduled[0] = False  # first: a piece queued from now on schedules another turn
+        while pending:
+            deliver(pending.popleft())
+
+    def from_worker(text: str) -> None:
+        pending.append(text)
+        if not scheduled[0]:
+            scheduled[0] = True
+            loop.call_soon_threadsafe(drain)
+
+    return from_worker
 
 
 def _trace_run(model: LoadedModel, timing: Timing) -> None:

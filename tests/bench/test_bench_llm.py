@@ -51,13 +51,25 @@ def test_bench_llm_json(gguf_models: Path) -> None:
     for key in ("server_idle_rss_mib", "server_after_rss_mib", "server_peak_rss_mib"):
         if Path("/proc/self/status").exists():
             assert positive(f[key]), (key, f)
+    # the official openai client ran in the same rounds, on the same text
+    assert f["clients"] == ["http", "openai"] and f["openai_note"] is None, f
+    assert positive(f["openai_ttft_ms"]) and math.isfinite(f["openai_added_ttft_ms"]), f
+    assert len(f["openai_ttft_ms_runs"]) == 2, f
+    if f["openai_tokens_per_s"] is not None:
+        assert positive(f["openai_tokens_per_s_ratio"]), f
+    if Path("/proc/self/task").exists():  # CPU time per token: the server's, all threads and loop
+        for key in ("raw_cpu_ms_per_token", "http_server_cpu_ms_per_token",
+                    "openai_server_cpu_ms_per_token", "http_server_loop_cpu_us_per_token",
+                    "openai_server_loop_cpu_us_per_token"):  # fmt: skip
+            assert positive(f[key]), (key, f)
+        assert f["openai_server_loop_cpu_us_per_token"] * 1e-3 < f["openai_server_cpu_ms_per_token"]
 
 
 def test_bench_llm_table(gguf_models: Path) -> None:
     proc = appliance("bench", str(gguf_models / TINY), "--runs", "1", "--max-tokens", "8")
     assert proc.returncode == 0, proc.stderr
     for text in ("time to first token (ms)", "decode (tokens/s)", "raw llama.cpp",
-                 "HTTP stream", "server RSS"):  # fmt: skip
+                 "HTTP stream", "openai client", "event loop CPU", "server RSS"):  # fmt: skip
         assert text in proc.stdout
 
 

@@ -1,0 +1,165 @@
+"""Token streaming's fast path: chunk templates, the worker-to-loop hand-off, and pieces that
+arrive faster than the loop writes them (they leave in fewer writes, still one event each)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from appliance.api.openai import PIECE, _sse, sse_template
+from appliance.engine.engine import worker_to_loop
+from tests.support.gated import TickingTextBackend
+
+TRICKY = ["", "x", ' "quoted" ', "back\\slash", "line\nbreak\r\n", "\x00", PIECE, "data: x\n\n",
+          "é中文🙂", "\ud7ff", "</script>", "\u2028"]  # fmt: skip
+
+
+def _chunk(content: Any) -> dict[str, Any]:
+    return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
+            "model": 'm"o\\del', "system_fingerprint": "appliance-x",
+            "choices": [{"index": 0, "delta": {"content": content},
+                         "finish_reason": None}]}  # fmt: skip
+
+
+@pytest.mark.parametrize("text", TRICKY)
+def test_template_encodes_as_the_whole_chunk(text: str) -> None:
+    assert sse_template(_chunk(PIECE))(text) == _sse(_chunk(text))
+
+
+@given(st.text())
+def test_template_any_text(text: str) -> None:
+    assert sse_template(_chunk(PIECE))(text) == _sse(_chunk(text))
+
+
+def test_template_needs_the_piece_once() -> None:
+    with pytest.raises(ValueError, match="exactly once"):
+        sse_template(_chunk("no piece"))
+    with pytest.raises(ValueError, match="exactly once"):
+        sse_template({"a": PIECE, "b": PIECE})
+
+
+# -- the worker-to-loop hand-off --------------------------------------------------------------
+def test_worker_pieces_arrive_in_order_with_fewer_wake_ups() -> None:
+    """A worker emitting while the loop is busy: every piece arrives, in order, and the loop is
+    woken once per batch, not once per piece."""
+    loop = asyncio.new_event_loop()
+    wake_ups = [0]
+    schedule = loop.call_soon_threadsafe
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        wake_ups[0] += 1
+        return schedule(*args, **kwargs)
+
+    loop.call_soon_threadsafe = counting  # type: ignore[method-assign,assignment]
+    got: list[str] = []
+    n = 3000
+
+    async def main() -> None:
+        emit = worker_to_loop(got.append)
+        started = threading.Event()
+
+        def worker() -> None:
+            started.set()
+            for i in range(n):
+                emit(str(i))
+                if i % 500 == 0:
+                    time.sleep(0.002)  # let the loop catch up now and then
+
+        thread = threading.Thread(target=worker)
+        thread.start()
+        started.wait()
+        time.sleep(0.01)  # the loop is busy: pieces queue up behind one wake-up
+        while thread.is_alive() or len(got) < n:
+            await asyncio.sleep(0.001)
+        thread.join()
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert got == [str(i) for i in range(n)]
+    assert 1 <= wake_ups[0] < n // 10, wake_ups
+
+
+# -- a model faster than the loop: a burst of pieces through the server -----------------------
+class BurstTextBackend(TickingTextBackend):
+    """Emits its pieces back to back (no pause): they reach the loop faster than it writes."""
+
+    name = "burst"
+    platform = "test_burst"
+    pieces = [f"{i}{TRICKY[i % len(TRICKY)]}" for i in range(400)]
+
+    def generate(self, request: Any, emit: Any, cancelled: Any) -> Any:
+        from appliance.llm import GenerationResult
+
+        for text in self.pieces:
+            if emit is not None:
+                emit(text)
+        return GenerationResult("".join(self.pieces), "length", 3, len(self.pieces))
+
+
+@pytest.fixture
+async def burst(serve, monkeypatch, tmp_path):
+    from appliance import backends
+    from appliance.engine import ModelSource
+    from appliance.manifest import Manifest
+    from tests.support.gated import SIGNATURE
+
+    monkeypatch.setitem(
+        backends._BACKENDS, "burst", "tests.api.test_openai_stream:BurstTextBackend"
+    )
+    BurstTextBackend.gate.set()
+    f = tmp_path / "burst.bin"
+    f.write_bytes(b"")
+    manifest = Manifest("burst", "1", "burst", f.name, "", 0, SIGNATURE, "", "test")
+    return await serve({}, [ModelSource(manifest, f, verify=False)])
+
+
+def _events(body: bytes) -> list[bytes]:
+    events = body.split(b"\n\n")
+    assert events[-1] == b""
+    assert all(e.startswith(b"data: ") and b"\n" not in e for e in events[:-1])
+    return [e[6:] for e in events[:-1]]
+
+
+async def test_chat_burst_one_event_per_piece(burst) -> None:
+    body = {"model": "burst", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    r = await burst.post("/v1/chat/completions", json=body)
+    assert r.status == 200
+    events = _events(await r.read())
+    assert events[-1] == b"[DONE]"
+    chunks = [orjson.loads(e) for e in events[:-1]]
+    first, pieces, last, usage = chunks[0], chunks[1:-2], chunks[-2], chunks[-1]
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert [c["choices"][0]["delta"] for c in pieces] == [
+        {"content": p} for p in BurstTextBackend.pieces
+    ]
+    ids = {c["id"] for c in chunks}
+    assert len(ids) == 1 and next(iter(ids)).startswith("chatcmpl-")
+    for c in chunks:
+        assert c["object"] == "chat.completion.chunk" and c["model"] == "burst"
+        assert set(c) >= {"id", "object", "created", "model", "system_fingerprint", "choices"}
+    for c in pieces:
+        assert c["choices"][0]["index"] == 0 and c["choices"][0]["finish_reason"] is None
+    assert last["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "length"}
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 400
+
+
+async def test_completion_burst_one_event_per_piece(burst) -> None:
+    r = await burst.post("/v1/completions", json={"model": "burst", "prompt": "hi", "stream": True})
+    assert r.status == 200
+    events = _events(await r.read())
+    assert events[-1] == b"[DONE]"
+    chunks = [orjson.loads(e) for e in events[:-1]]
+    assert [c["choices"][0]["text"] for c in chunks[:-1]] == BurstTextBackend.pieces
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+    assert all(c["object"] == "text_completion" for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
