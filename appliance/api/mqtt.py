@@ -70,9 +70,10 @@ JSON = "application/json"
 RAW = "application/octet-stream"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Incoming:
-    """What the loop needs of a received message (paho's object stays in its thread)."""
+    """What a request needs of a received message (read-only; not frozen: a frozen
+    dataclass's __init__ costs several times a plain one's, on every message)."""
 
     topic: str
     payload: bytes
@@ -247,6 +248,9 @@ def _no_socket_callback(client: Any, userdata: Any, sock: Any) -> None:
     pass
 
 
+#: Topics whose parsed route is remembered (a model's answer may differ by topic: a model that
+#: was not there may be loaded since, so only the parse is kept, never the model).
+ROUTE_CACHE = 256
 #: Seconds between two keepalive checks (paho's loop_misc: a PINGREQ when due, and a connection
 #: whose PINGRESP is overdue is dropped).
 KEEPALIVE_TICK_S = 1.0
@@ -290,6 +294,10 @@ class MqttService:
         self._writer = False
         self._flush_soon = False
         self._keepalive: asyncio.TimerHandle | None = None
+        self._routes: dict[str, Route] = {}
+        # often enough for paho to ping within a keepalive (the broker allows 1.5 of them)
+        keepalive = cfg.keepalive_s
+        self._tick_s = min(KEEPALIVE_TICK_S, keepalive / 4) if keepalive > 0 else KEEPALIVE_TICK_S
         self.client = self._make_client()
 
     # -- paho, driven by the loop ------------------------------------------------------------
@@ -394,7 +402,7 @@ class MqttService:
         self._fd = sock.fileno()
         self._tls_sock = sock if isinstance(sock, ssl.SSLSocket) else None
         loop.add_reader(self._fd, self._readable)
-        self._keepalive = loop.call_later(KEEPALIVE_TICK_S, self._tick)
+        self._keepalive = loop.call_later(self._tick_s, self._tick)
         self._flush()
 
     def _detach(self) -> None:
@@ -467,7 +475,7 @@ class MqttService:
             return
         self.client.loop_misc()  # may close the connection (no PINGRESP in time)
         if self._fd is not None and self._loop is not None:
-            self._keepalive = self._loop.call_later(KEEPALIVE_TICK_S, self._tick)
+            self._keepalive = self._loop.call_later(self._tick_s, self._tick)
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
@@ -493,18 +501,22 @@ class MqttService:
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         props = getattr(msg, "properties", None)
-        incoming = Incoming(
-            topic=msg.topic,
-            payload=bytes(msg.payload),
-            qos=msg.qos,
-            mid=msg.mid,
-            response_topic=getattr(props, "ResponseTopic", None) if props else None,
-            correlation=getattr(props, "CorrelationData", None) if props else None,
-            content_type=getattr(props, "ContentType", None) if props else None,
-            user_properties=tuple(getattr(props, "UserProperty", None) or ()) if props else (),
-            expiry_s=getattr(props, "MessageExpiryInterval", None) if props else None,
+        # paho's Properties keeps the properties present as instance attributes: one dict
+        # lookup each (getattr with a default raises and catches for each one absent)
+        got: dict[str, Any] = vars(props) if props is not None else {}
+        self._dispatch(
+            Incoming(
+                msg.topic,
+                bytes(msg.payload),
+                msg.qos,
+                msg.mid,
+                got.get("ResponseTopic"),
+                got.get("CorrelationData"),
+                got.get("ContentType"),
+                tuple(got.get("UserProperty") or ()),
+                got.get("MessageExpiryInterval"),
+            )
         )
-        self._dispatch(incoming)
 
     def _online(self) -> bytes:
         models = [
@@ -598,6 +610,14 @@ class MqttService:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _route(self, topic: str) -> Route:
+        """parse_topic, remembered for the topics seen (a device's clients use a few)."""
+        route = parse_topic(topic, self.prefixes)
+        if len(self._routes) >= ROUTE_CACHE:  # a client inventing topics: start again
+            self._routes.clear()
+        self._routes[topic] = route
+        return route
+
     def _reply_address(self, m: Incoming, body: Any) -> tuple[str | None, str | None]:
         """(reply topic, request id): MQTT 5 properties, else the JSON request's fields."""
         if m.response_topic:
@@ -623,7 +643,7 @@ class MqttService:
                         f"payload of {len(m.payload)} bytes is larger than the limit of "
                         f"{self.cfg.max_payload_bytes} bytes"
                     )
-                route = parse_topic(m.topic, self.prefixes)
+                route = self._routes.get(m.topic) or self._route(m.topic)
                 raw = route.raw or m.content_type == RAW or _is_image(m.content_type)
                 if not raw and not m.response_topic:
                     with contextlib.suppress(orjson.JSONDecodeError):
