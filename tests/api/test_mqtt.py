@@ -899,3 +899,58 @@ async def test_large_replies_under_load(mosquitto_factory, serve, peers, tmp_pat
     for m in replies_to(replies, msgs):
         assert m.status == 200
         assert len(m.payload) > len(payload)
+
+
+# -- the event loop drives paho -----------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("content_type", "correlation", "user"),
+    [
+        ("application/json", b"7", [("status", "200"), ("request-id", "0" * 32)]),
+        ("text/csv; charset=utf-8", None, [("status", "404"), ("request-id", "r-1")]),
+        # a length past 127 bytes takes two bytes; text beyond ASCII counts in UTF-8 bytes
+        ("application/json", bytes(range(256)) * 3, [("status", "200"), ("request-id", "ü" * 60),
+         ("traceparent", "00-" + "a" * 32 + "-" + "b" * 16 + "-01")]),
+    ],
+)  # fmt: skip
+def test_reply_properties_are_what_paho_would_send(content_type, correlation, user):
+    """The replies' properties, encoded by the appliance, byte for byte as paho's Properties
+    would encode them, and read back by paho as set."""
+    from appliance.api.mqtt import reply_properties
+
+    props = Properties(PacketTypes.PUBLISH)
+    props.ContentType = content_type
+    if correlation is not None:
+        props.CorrelationData = correlation
+    props.UserProperty = user
+    packed = reply_properties(content_type, correlation, user)
+    assert packed == props.pack()
+    back = Properties(PacketTypes.PUBLISH)
+    back.unpack(packed)
+    assert getattr(back, "ContentType", None) == content_type
+    assert getattr(back, "UserProperty", None) == user
+    assert getattr(back, "CorrelationData", None) == correlation
+
+
+async def test_keepalive_pings_from_the_event_loop(mosquitto_factory, serve, peers, caplog):
+    """paho's keepalive pings come from a timer on the event loop: an idle connection pings
+    the broker once a keepalive and stays up."""
+    caplog.set_level(logging.INFO, logger="appliance.mqtt")
+    broker: Mosquitto = mosquitto_factory(debug=True)
+    await serve(mqtt_settings(broker, keepalive_s=1))
+    peer = peers(broker)
+    replies = await peer.ready()
+    mark = peer.mark()
+
+    def pings() -> int:
+        return broker.log_text().count(f"Received PINGREQ from {DEVICE}")
+
+    async def two_pings() -> None:
+        while pings() < 2:  # mosquitto writes its log as it goes
+            await asyncio.sleep(0.1)
+
+    await asyncio.wait_for(two_pings(), TIMEOUT)
+    peer.publish(f"appliance/{DEVICE}/infer/sample", body(SAMPLE), response_topic=replies,
+                 correlation=b"after")  # fmt: skip
+    assert (await peer.reply(replies, b"after", since=mark)).status == 200
+    assert not offline(DEVICE)(peer.messages[mark:])
+    assert not any("lost the MQTT broker" in r.getMessage() for r in caplog.records)

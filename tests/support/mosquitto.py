@@ -102,6 +102,7 @@ class Mosquitto:
         root: Path,
         users: dict[str, str] | None = None,
         tls: Certificates | None = None,
+        debug: bool = False,
     ) -> None:
         self.binary = require_tool("mosquitto")
         self.root = root
@@ -110,6 +111,7 @@ class Mosquitto:
         self.tls = tls
         self.tls_port = free_port() if tls else None
         self.users = users
+        self.debug = debug  # the log names every packet (PINGREQs too)
         self.conf = root / "mosquitto.conf"
         self.log = root / "mosquitto.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -161,6 +163,7 @@ class Mosquitto:
             "log_type warning",
             "log_type notice",
             "log_type information",
+            *(["log_type debug"] if self.debug else []),
             "connection_messages true",
             "log_timestamp_format %H:%M:%S",
         ]
@@ -232,15 +235,17 @@ MosquittoFactory = Callable[..., Mosquitto]
 
 @pytest.fixture(name="mosquitto_factory")
 def mosquitto_factory_fixture(tmp_path: Path) -> Iterator[MosquittoFactory]:
-    """make(users=None, tls=None, start=True) -> a Mosquitto; all are stopped at teardown."""
+    """make(users=None, tls=None, start=True, debug=False) -> a Mosquitto; all are stopped at
+    teardown."""
     brokers: list[Mosquitto] = []
 
     def make(
         users: dict[str, str] | None = None,
         tls: Certificates | None = None,
         start: bool = True,
+        debug: bool = False,
     ) -> Mosquitto:
-        broker = Mosquitto(tmp_path / f"mosquitto{len(brokers)}", users=users, tls=tls)
+        broker = Mosquitto(tmp_path / f"mosquitto{len(brokers)}", users=users, tls=tls, debug=debug)
         brokers.append(broker)
         if start:
             broker.start()
