@@ -298,8 +298,6 @@ def _rollout_line(r: dict[str, Any]) -> str:
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
-    from .server import rollout_json
-
     if args.all:
         target: dict[str, Any] = {"all": True}
     elif args.group:
@@ -319,16 +317,12 @@ def cmd_rollout(args: argparse.Namespace) -> int:
             },
         )
     else:
-        out = rollout_json(
-            _hub(args).create_rollout(args.model, args.version, target, args.percent)
-        )
+        out = _hub(args).create_rollout(args.model, args.version, target, args.percent).to_json()
     print(_rollout_line(out))
     return 0
 
 
 def cmd_rollout_action(args: argparse.Namespace) -> int:
-    from .server import rollout_json
-
     action = args.hub_command
     remote = _remote(args)
     if remote:
@@ -342,19 +336,17 @@ def cmd_rollout_action(args: argparse.Namespace) -> int:
             r = hub.rollback(args.rollout)
         else:
             r = hub.set_percent(args.rollout, args.percent)
-        out = rollout_json(r)
+        out = r.to_json()
     print(_rollout_line(out))
     return 0
 
 
 def cmd_rollouts(args: argparse.Namespace) -> int:
-    from .server import rollout_json
-
     remote = _remote(args)
     rows = (
         remote.json("GET", "/api/v1/admin/rollouts")
         if remote
-        else [rollout_json(r) for r in _hub(args).store.rollouts()]
+        else [r.to_json() for r in _hub(args).store.rollouts()]
     )
     if args.json:
         _print_json(rows)

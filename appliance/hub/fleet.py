@@ -59,14 +59,7 @@ def rollout_progress(hub: Hub) -> list[dict[str, Any]]:
             counts[stage(r, d, deciding[d.device_id].get(r.model))] += 1
         out.append(
             {
-                "rollout": r.public_id,
-                "model": r.model,
-                "version": r.version,
-                "target": r.target,
-                "percent": r.percent,
-                "state": r.state,
-                "created_at": r.created_at,
-                "updated_at": r.updated_at,
+                **r.to_json(),
                 "groups": [{"group": g, **_rated(c)} for g, c in sorted(groups.items())],
                 "total": _rated(_sum(groups.values())),
             }

@@ -49,6 +49,19 @@ class Rollout:
     def public_id(self) -> str:
         return f"r{self.id}"
 
+    def to_json(self) -> dict[str, Any]:
+        """The rollout as the admin API, the CLI and the dashboard show it."""
+        return {
+            "rollout": self.public_id,
+            "model": self.model,
+            "version": self.version,
+            "target": self.target,
+            "percent": self.percent,
+            "state": self.state,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
+
 
 @dataclass(frozen=True)
 class Event:

@@ -542,19 +542,6 @@ def _json_field(fields: dict[str, str], name: str, default: Any) -> Any:
         raise InvalidInput(f"field {name!r} is not valid JSON: {exc}") from None
 
 
-def rollout_json(r: Any) -> dict[str, Any]:
-    return {
-        "rollout": r.public_id,
-        "model": r.model,
-        "version": r.version,
-        "target": r.target,
-        "percent": r.percent,
-        "state": r.state,
-        "created_at": r.created_at,
-        "updated_at": r.updated_at,
-    }
-
-
 async def create_rollout(request: web.Request) -> web.Response:
     hub = request.app[HUB]
     body = await _json_body(request, 1 << 20)
@@ -567,12 +554,12 @@ async def create_rollout(request: web.Request) -> web.Response:
         body.get("target"),
         body.get("percent", 100),
     )
-    return json_response(rollout_json(r), 201)
+    return json_response(r.to_json(), 201)
 
 
 async def list_rollouts(request: web.Request) -> web.Response:
     rollouts = await asyncio.to_thread(request.app[HUB].store.rollouts)
-    return json_response([rollout_json(r) for r in rollouts])
+    return json_response([r.to_json() for r in rollouts])
 
 
 async def rollout_action(request: web.Request) -> web.Response:
@@ -591,7 +578,7 @@ async def rollout_action(request: web.Request) -> web.Response:
         r = await asyncio.to_thread(hub.set_percent, rid, body.get("percent"))
     else:
         raise NotFound(f"no rollout action {action!r}")
-    return json_response(rollout_json(r))
+    return json_response(r.to_json())
 
 
 async def list_models(request: web.Request) -> web.Response:
