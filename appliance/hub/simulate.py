@@ -341,6 +341,7 @@ class Simulation:
                 "devices": got["devices"],
                 "requests": got["requests"],
                 "cpu_s": got["cpu_s"],
+                "cpu_user_s": got["cpu_user_s"],  # the rest is the kernel (loopback TCP)
                 "cpu_us_per_request": round(got["cpu_s"] / max(1, got["requests"]) * 1e6, 1),
             }
         )
