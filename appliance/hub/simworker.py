@@ -249,12 +249,19 @@ class Worker:
 
     async def _exchange(self, pool: _Pool, data: bytes) -> tuple[int, bytes, bytes]:
         """One request on a pooled connection; a kept-alive connection the server closed
-        meanwhile is retried once on a new one (the hub drops duplicate telemetry by seq)."""
+        meanwhile is retried once on a new one (the hub drops duplicate telemetry by seq).
+        The timeout counts from the call, the wait for a free connection included: a device
+        that gave up sends nothing, so an overloaded hub is not fed requests nobody awaits."""
+        deadline = _mono() + self.timeout_s
         for attempt in (0, 1):
             conn = await pool.acquire()
+            left = deadline - _mono()
+            if left <= 0:
+                pool.release(conn, True)
+                raise TimeoutError("no free connection in time")
             reused = conn.uses > 0
             try:
-                status, etag, body, keep = await conn.send(data, self.timeout_s)
+                status, etag, body, keep = await conn.send(data, left)
             except ConnectionResetError:
                 pool.release(conn, False)
                 if reused and attempt == 0:
@@ -524,15 +531,16 @@ class Worker:
                 # would spin), so a turn starts at most about 1 ms late (counted in `late`)
                 await asyncio.sleep(min(0.005, max(0.001, nxt - _mono())))
             self.finished_cpu = _own_cpu()
-            if self._tasks:
-                await asyncio.wait(set(self._tasks), timeout=self.timeout_s + 5)
-            # anything still pending is sent now (a device's outbox empties eventually)
-            retries = [d for d in devs if d.pending]
+            if self._tasks:  # a turn is a poll, a download and an upload, each bounded
+                await asyncio.wait(set(self._tasks), timeout=3 * self.timeout_s + 10)
+            # anything still pending is sent now (a device's outbox empties eventually); a
+            # device whose turn still runs keeps its outbox (counted as unsent)
+            retries = [d for d in devs if d.pending and not d.busy]
             for _ in range(5):
                 if not retries:
                     break
                 await asyncio.gather(*(self._upload(d) for d in retries))
-                retries = [d for d in devs if d.pending]
+                retries = [d for d in devs if d.pending and not d.busy]
         finally:
             for pool in pools:
                 pool.close()
