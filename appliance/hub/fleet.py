@@ -12,9 +12,10 @@ from typing import Any
 
 from ..errors import NotFound
 from ..names import check_name
+from .polls import selects as _selects
 from .protocol import decode_custom
 from .repository import utcnow
-from .service import Hub, _selects
+from .service import Hub
 from .storage import Device, Rollout
 
 #: Each device a rollout selects is in exactly one of these, for that rollout's model.

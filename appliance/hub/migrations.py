@@ -64,6 +64,17 @@ CREATE TABLE metadata (
 );
 """,
     ),
+    (
+        2,
+        "fleet generation",
+        """
+CREATE TABLE fleet (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    generation BIGINT NOT NULL
+);
+INSERT INTO fleet (id, generation) VALUES (1, 0);
+""",
+    ),
 ]
 
 LATEST = MIGRATIONS[-1][0]

@@ -225,6 +225,10 @@ class PostgresStore(SqlStore):
         with self._conn() as conn:
             return conn.execute(_pg(sql), args).rowcount
 
+    def _exec_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        with self._conn() as conn, conn.cursor() as cur:
+            cur.executemany(_pg(sql), rows)
+
     def _insert(self, sql: str, args: Sequence[Any], conflict: str) -> None:
         """An insert that may hit a unique key: a savepoint keeps a surrounding transaction
         usable, the violation becomes a 409."""
@@ -300,10 +304,12 @@ class PostgresStore(SqlStore):
     def add_rollout(
         self, model: str, version: str, target: dict[str, Any], percent: int, when: str
     ) -> Rollout:
-        rows = self._rows(
-            f"{self._ADD_ROLLOUT} RETURNING {self._ROLLOUT_COLS}",
-            self._rollout_args(model, version, target, percent, when),
-        )
+        with self.transaction("fleet"):
+            rows = self._rows(
+                f"{self._ADD_ROLLOUT} RETURNING {self._ROLLOUT_COLS}",
+                self._rollout_args(model, version, target, percent, when),
+            )
+            self.bump_generation()
         return self._rollout(rows[0])
 
     _ADD_EVENTS = (

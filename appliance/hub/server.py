@@ -4,6 +4,12 @@ Auth lives in the middleware, by path: /api/v1/admin/* and /metrics take the adm
 /api/v1/device/* a device token, /tuf/* either; /healthz and /openapi.json are public. Errors become
 `{"error": "..."}` there too. Service calls block (SQLite, hashing, signing), so handlers run
 them in threads; a background task re-signs timestamp and snapshot before they expire.
+
+The two device routes that a fleet calls all the time are answered from memory where they can
+(polls.py): a known token, the assignments of the current fleet generation and the last-seen
+stamp cost no database query and no thread; telemetry is written in groups (ingest.py). A
+background task re-reads the fleet generation every `fleet_check_s` (changes made elsewhere:
+the CLI, another replica) and writes the last-seen stamps every `last_seen_s`.
 """
 
 from __future__ import annotations
@@ -39,7 +45,9 @@ from ..errors import (
 from ..multipart import malformed_is_400
 from . import fleet
 from .errors import Forbidden
+from .ingest import TelemetryWriter
 from .openapi import route_handler as openapi_route
+from .polls import NeedsState
 from .protocol import decode_custom
 from .repository import utcnow
 from .service import MAX_SEQ, ROLLOUT_STATES, Hub, check_device_id, require_device
@@ -51,6 +59,8 @@ HUB = web.AppKey("hub", Hub)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
 REFRESH_S = web.AppKey("refresh_s", float)
 STATIC = web.AppKey("static", tuple)
+WRITER = web.AppKey("telemetry_writer", TelemetryWriter)
+FLEET_CHECK_S = web.AppKey("fleet_check_s", tuple)
 DEVICE = web.RequestKey("device", Device)
 
 _METADATA_RE = re.compile(r"^(?:([1-9][0-9]{0,17})\.(root|targets|snapshot)|timestamp)\.json$")
@@ -96,17 +106,12 @@ async def _authorize(request: web.Request) -> None:
     if path.startswith("/api/v1/device/"):
         if token and hub.is_admin(token):
             raise Forbidden("the device API takes a device token, not the admin token")
-        device = await asyncio.to_thread(
-            require_device, hub, token, request.headers.get("X-Device-Id")
-        )
-        request[DEVICE] = device
+        request[DEVICE] = await _device(hub, request, token)
         return
     if path.startswith("/tuf/"):
         if token and hub.is_admin(token):
             return
-        request[DEVICE] = await asyncio.to_thread(
-            require_device, hub, token, request.headers.get("X-Device-Id")
-        )
+        request[DEVICE] = await _device(hub, request, token)
         return
     # Everything else (admin API, metrics, unknown routes) is the admin's.
     if token and hub.is_admin(token):
@@ -114,6 +119,18 @@ async def _authorize(request: web.Request) -> None:
     if token and await asyncio.to_thread(hub.device_for_token, token) is not None:
         raise Forbidden("this route needs the admin token; a device token cannot use it")
     raise Unauthorized("missing or wrong admin token")
+
+
+async def _device(hub: Hub, request: web.Request, token: str) -> Device:
+    return await device_for(hub, token, request.headers.get("X-Device-Id"))
+
+
+async def device_for(hub: Hub, token: str, claimed: str | None) -> Device:
+    """The device of the token: from memory when known, else from the store in a thread."""
+    known = hub.cached_device(token) if token else None
+    if known is not None:
+        return require_device(hub, token, claimed, known)
+    return await asyncio.to_thread(require_device, hub, token, claimed)
 
 
 @web.middleware
@@ -138,10 +155,9 @@ async def _answer(
     try:
         await _authorize(request)
         return await handler(request)
-    except ApplianceError as exc:
-        if exc.status >= 500:
-            log.warning("%s %s: %s", request.method, request.path, exc.message)
-        return _error(exc.status, exc.message)
+    except (ApplianceError, ConnectionResetError) as exc:
+        status, body, headers = error_answer(exc, request.method, request.path)
+        return web.Response(body=body, status=status, content_type=_JSON, headers=headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -155,15 +171,28 @@ async def _answer(
             if key.lower() not in ("content-type", "content-length"):
                 response.headers[key] = value
         return response
-    except ConnectionResetError:  # the client left mid-body (a timeout): no one reads this
-        log.debug("%s %s: the client closed the connection", request.method, request.path)
-        return _error(400, "connection lost before the request body was read")
     except Exception as exc:
-        if is_disk_full(exc):  # every write is staged or transactional: nothing half-done
-            log.error("%s %s: the disk is full: %s", request.method, request.path, exc)
-            return _error(507, "the hub has no space left on its disk; nothing was changed")
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return _error(500, "internal server error")
+        status, body, headers = error_answer(exc, request.method, request.path)
+        return web.Response(body=body, status=status, content_type=_JSON, headers=headers)
+
+
+def error_answer(exc: Exception, method: str, path: str) -> tuple[int, bytes, dict[str, str]]:
+    """Status, JSON body and headers of an error (shared with front.py); logs what needs it."""
+    if isinstance(exc, ApplianceError):
+        if exc.status >= 500:
+            log.warning("%s %s: %s", method, path, exc.message)
+        status, message = exc.status, exc.message
+    elif isinstance(exc, ConnectionResetError):  # the client left mid-body: no one reads this
+        log.debug("%s %s: the client closed the connection", method, path)
+        status, message = 400, "connection lost before the request body was read"
+    elif is_disk_full(exc):  # every write is staged or transactional: nothing half-done
+        log.error("%s %s: the disk is full: %s", method, path, exc)
+        status, message = 507, "the hub has no space left on its disk; nothing was changed"
+    else:
+        log.error("unhandled error on %s %s", method, path, exc_info=exc)
+        status, message = 500, "internal server error"
+    headers = {"WWW-Authenticate": 'Bearer realm="appliance-hub"'} if status == 401 else {}
+    return status, orjson.dumps({"error": message}), headers
 
 
 async def _json_body(request: web.Request, limit: int) -> Any:
@@ -349,26 +378,54 @@ async def tuf_target(request: web.Request) -> web.StreamResponse:
 
 
 # -- device API ------------------------------------------------------------------------------
-async def assignments(request: web.Request) -> web.Response:
-    hub = request.app[HUB]
-    device: Device = request[DEVICE]
-
-    def work() -> dict[str, Any]:
-        hub.touch(device)
-        return hub.assignments(device)
-
-    body = orjson.dumps(await asyncio.to_thread(work), option=orjson.OPT_SORT_KEYS)
+async def poll(hub: Hub, device: Device, if_none_match: str) -> tuple[int, bytes, str]:
+    """Status (200 or 304), body and ETag of a poll; shared with front.py's lean path."""
+    hub.touch(device)
+    view = hub.fleet_view()
+    if view is None:  # changed since the last poll: read once (later polls share it)
+        view = await asyncio.to_thread(hub.load_fleet_view)
+    try:
+        doc = hub.poll(device, view)
+    except NeedsState:  # a halted rollout: what the device reported decides
+        doc = await asyncio.to_thread(hub.assignments, device)
+    body = orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
     etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+    if if_none_match and etag in [t.strip() for t in if_none_match.split(",")]:
+        return 304, b"", etag
+    return 200, body, etag
+
+
+async def upload(hub: Hub, writer: TelemetryWriter, device: Device, body: bytes) -> bytes:
+    """Check and store an upload's events; the answer's body (shared with front.py)."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"request body is not valid JSON: {exc}") from None
+    answer = await writer.submit(device, hub.check_telemetry(device, doc))
+    hub.touch(device)
+    return orjson.dumps(answer)
+
+
+async def assignments(request: web.Request) -> web.Response:
+    status, body, etag = await poll(
+        request.app[HUB], request[DEVICE], request.headers.get("If-None-Match", "")
+    )
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
-    if etag in [t.strip() for t in request.headers.get("If-None-Match", "").split(",")]:
+    if status == 304:
         return web.Response(status=304, headers=headers)
     return web.Response(body=body, content_type=_JSON, headers=headers)
 
 
 async def telemetry(request: web.Request) -> web.Response:
     hub = request.app[HUB]
-    body = await _json_body(request, hub.config.max_telemetry_bytes)
-    return json_response(await asyncio.to_thread(hub.telemetry, request[DEVICE], body))
+    limit = hub.config.max_telemetry_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+    body = await request.content.read(limit + 1)
+    if len(body) > limit:
+        raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+    answer = await upload(hub, request.app[WRITER], request[DEVICE], body)
+    return web.Response(body=answer, content_type=_JSON)
 
 
 # -- admin API -------------------------------------------------------------------------------
@@ -583,6 +640,42 @@ def _refresher(app: web.Application) -> AsyncIterator[None]:
     return gen()
 
 
+def _fleet_watch(app: web.Application) -> AsyncIterator[None]:
+    """Re-read the fleet generation every `fleet_check_s` (drops the poll view when another
+    process changed rollouts) and write last-seen stamps every `last_seen_s`; at shutdown,
+    wait for telemetry being written and write the last stamps."""
+
+    async def gen() -> AsyncIterator[None]:
+        hub = app[HUB]
+        check_s, last_seen_s = app[FLEET_CHECK_S]
+        loop = asyncio.get_running_loop()
+
+        async def watch() -> None:
+            flushed = loop.time()
+            while True:
+                await asyncio.sleep(check_s)
+                try:
+                    await asyncio.to_thread(hub.check_fleet)
+                    if loop.time() - flushed >= last_seen_s:
+                        flushed = loop.time()
+                        await asyncio.to_thread(hub.flush_last_seen)
+                except Exception:  # keep going: the next round tries again
+                    log.exception("checking the fleet generation or writing last-seen failed")
+
+        task = asyncio.ensure_future(watch())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await app[WRITER].drain()
+        try:
+            await asyncio.to_thread(hub.flush_last_seen)
+        except Exception:
+            log.exception("writing the last-seen stamps at shutdown failed")
+
+    return gen()
+
+
 def _static_writer(app: web.Application) -> AsyncIterator[None]:
     """Keep the static mirror directory (hub/static.py) at the store's metadata: exported at
     start, then whenever timestamp or root has a new version, whoever signed it (this process,
@@ -633,17 +726,24 @@ def build_app(
     resign: bool = True,
     static_dir: Path | None = None,
     static_interval_s: float = 1.0,
+    fleet_check_s: float = 1.0,
+    last_seen_s: float = 5.0,
 ) -> web.Application:
     """`refresh_s`: how often to check metadata expiry (default: a tenth of timestamp's life,
     at most an hour), and how soon a replica takes the lead from a dead one; `resign=False`
     leaves expiring metadata alone (tests of expiry); `static_dir`: keep a static TUF mirror
-    there (checked every `static_interval_s`)."""
+    there (checked every `static_interval_s`). `fleet_check_s`: how late a poll may see a
+    rollout change made by another process or replica (one made here is seen at once);
+    `last_seen_s`: how often last-seen stamps are written (a crash loses at most those)."""
     app = web.Application(middlewares=[middleware], client_max_size=hub.config.max_telemetry_bytes)
     app[HUB] = hub
     registry = CollectorRegistry()
     registry.register(HubCollector(hub))
     app[REGISTRY] = registry
     app[REFRESH_S] = refresh_s or min(3600.0, hub.config.expiry.timestamp / 10)
+    app[WRITER] = TelemetryWriter(hub, writers=4 if hub.config.on_postgres else 1)
+    app[FLEET_CHECK_S] = (fleet_check_s, last_seen_s)
+    app.cleanup_ctx.append(_fleet_watch)
     if resign:
         app.cleanup_ctx.append(_refresher)
     if static_dir is not None:
@@ -696,4 +796,29 @@ def serve(
         extra={"fields": {"port": bound}},
     )
     print(f"hub listening on http://{host}:{bound}", flush=True)
-    web.run_app(app, sock=sock, access_log=None, print=None)
+
+    async def main() -> None:
+        runner, server, front = await open_front(app, sock)
+        try:
+            await asyncio.Event().wait()  # until SIGTERM/SIGINT (GracefulExit)
+        finally:
+            server.close()
+            front.close()
+            await runner.cleanup()
+
+    with contextlib.suppress(web.GracefulExit, KeyboardInterrupt):
+        asyncio.run(main())
+
+
+async def open_front(
+    app: web.Application, sock: socket.socket, handle_signals: bool = True
+) -> tuple[web.AppRunner, asyncio.Server, Any]:
+    """Serve `app` on `sock` behind front.py's lean device path; returns what to close."""
+    from .front import Front
+
+    runner = web.AppRunner(app, handle_signals=handle_signals, access_log=None)
+    await runner.setup()
+    assert runner.server is not None
+    front = Front(app[HUB], app[WRITER], runner.server)
+    server = await asyncio.get_running_loop().create_server(front.protocol, sock=sock)
+    return runner, server, front

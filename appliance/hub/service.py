@@ -24,7 +24,9 @@ import os
 import re
 import secrets
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,15 @@ from ..errors import ApplianceError, InvalidInput, NotFound, PayloadTooLarge, Un
 from ..names import DEVICE_ID_MAX_LENGTH, check_name, is_name
 from .artifacts import ArtifactStore, LocalArtifacts
 from .errors import Conflict, Forbidden
+from .polls import (
+    DEVICE_CACHE_SIZE,
+    DeviceCache,
+    FleetView,
+    LastSeen,
+    NeedsState,
+    decide,
+    in_percent,
+)
 from .protocol import decode_custom, encode_custom
 from .repository import Expiry, TufRepository, init_repository, write_private
 from .storage import Device, Event, HubStore, Rollout, Target, is_database_url, open_store
@@ -50,7 +61,15 @@ SUFFIXES = {"onnx": ".onnx", "gguf": ".gguf", "tflite": ".tflite", "pipeline": "
 PIPELINE, PIPELINE_FILE = "pipeline", "pipeline.json"
 MANIFEST_KEYS = ("inputs", "outputs", "parameters", "preprocess", "postprocess", "steps")
 ROLLOUT_STATES = ("active", "halted", "rolled_back")
-__all__ = ["Hub", "HubConfig", "decode_custom", "encode_custom", "init_hub"]
+__all__ = [
+    "Hub",
+    "HubConfig",
+    "NeedsState",
+    "decode_custom",
+    "encode_custom",
+    "in_percent",
+    "init_hub",
+]
 
 
 def check_device_id(value: Any, what: str = "device id") -> str:
@@ -64,12 +83,6 @@ def now_iso() -> str:
 
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-def in_percent(rollout_id: str, device_id: str, percent: int) -> bool:
-    """Stable pseudo-random membership: the same device stays in as the percentage grows."""
-    h = int(hashlib.sha256(f"{rollout_id}:{device_id}".encode()).hexdigest()[:8], 16)
-    return h % 100 < percent
 
 
 def parse_rollout_id(value: str) -> int:
@@ -97,6 +110,8 @@ class HubConfig:
     database: str | None = None
     #: Telemetry older than this is dropped by the leader's maintenance (None: kept forever).
     event_retention_days: float | None = 30.0
+    #: Device identities kept in memory by token (polls.py); 0 looks every token up.
+    device_cache_size: int = DEVICE_CACHE_SIZE
 
     @property
     def db_path(self) -> Path:
@@ -178,6 +193,12 @@ class Hub:
         self._admin_hash = self._read_admin_hash()
         #: Since this process started (the stored totals come from the store): per replica.
         self.duplicates = 0
+        self.device_cache = DeviceCache(config.device_cache_size)
+        self.last_seen = LastSeen()
+        self._view: FleetView | None = None
+        self._view_lock = threading.Lock()
+        #: Changes made through this process: a view read before one is not kept.
+        self._changes = 0
 
     def close(self) -> None:
         self.store.close()
@@ -196,11 +217,20 @@ class Hub:
         return hmac.compare_digest(hashlib.sha256(token.encode()).digest(), self._admin_hash)
 
     def device_for_token(self, token: str) -> Device | None:
+        """The device a token belongs to: its identity only (id, group; polls.py's cache
+        keeps no state): read `store.device()` for what it reported."""
         wanted = token_hash(token)
+        cached = self.device_cache.get(wanted)
+        if cached is not None:
+            return cached
         device = self.store.device_by_token_hash(wanted)
         if device is None or not hmac.compare_digest(device.token_hash, wanted):
             return None
-        return device
+        return self.device_cache.put(device)
+
+    def cached_device(self, token: str) -> Device | None:
+        """The device of a token if this process knows it already (no database, no thread)."""
+        return self.device_cache.get(token_hash(token))
 
     def enroll(self, device_id: Any, group: Any = "default") -> str:
         """Register a device; returns its token (shown once, the hub keeps only a hash)."""
@@ -296,6 +326,7 @@ class Hub:
             if stored is None or stored.sha256 != digest:  # e.g. lost a race to another publish
                 self.artifacts.delete(key)
             raise
+        self.fleet_changed()
         log.info("published %s (%d bytes, sha256 %s)", path, length, digest[:12])
         return target, True
 
@@ -326,6 +357,7 @@ class Hub:
             raise InvalidInput(f"'percent' must be an integer from 0 to 100, got {percent!r}")
         rollout_target = _check_target(target)
         rollout = self.store.add_rollout(model, version, rollout_target, percent, now_iso())
+        self.fleet_changed()
         log.info(
             "rollout %s: %s %s to %s (%d%%)",
             rollout.public_id,
@@ -347,6 +379,7 @@ class Hub:
         if rollout.state != "active":
             raise Conflict(f"rollout {rollout.public_id} is {rollout.state}, not active")
         self.store.update_rollout(rollout.id, now_iso(), state="halted")
+        self.fleet_changed()
         return self.rollout(rollout_id)
 
     def rollback(self, rollout_id: str) -> Rollout:
@@ -354,6 +387,7 @@ class Hub:
         if rollout.state == "rolled_back":
             raise Conflict(f"rollout {rollout.public_id} is already rolled back")
         self.store.update_rollout(rollout.id, now_iso(), state="rolled_back")
+        self.fleet_changed()
         return self.rollout(rollout_id)
 
     def set_percent(self, rollout_id: str, percent: Any) -> Rollout:
@@ -363,21 +397,19 @@ class Hub:
         if rollout.state != "active":
             raise Conflict(f"rollout {rollout.public_id} is {rollout.state}, not active")
         self.store.update_rollout(rollout.id, now_iso(), percent=percent)
+        self.fleet_changed()
         return self.rollout(rollout_id)
 
     def assigned(self, device: Device, rollouts: list[Rollout] | None = None) -> list[Rollout]:
         """The rollout that decides each model for this device (rules in the module doc)."""
         rollouts = self.store.rollouts() if rollouts is None else rollouts
-        active = device.state.get("active") or {}
-        decided: dict[str, Rollout] = {}
-        for r in sorted(rollouts, key=lambda r: r.id, reverse=True):
-            if r.model in decided or not _selects(r, device):
-                continue
-            if r.state == "active" or (r.state == "halted" and active.get(r.model) == r.version):
-                decided[r.model] = r
+        newest_first = sorted(rollouts, key=lambda r: r.id, reverse=True)
+        decided = decide(newest_first, device, device.state.get("active") or {})
         return [decided[m] for m in sorted(decided)]
 
     def assignments(self, device: Device) -> dict[str, Any]:
+        """A device's assignments read from the store (its reported state included)."""
+        device = self.store.device(device.device_id) or device
         models = []
         for r in self.assigned(device):
             target = self.store.target(r.model, r.version)
@@ -397,12 +429,111 @@ class Hub:
             "poll_interval_s": self.config.poll_interval_s,
         }
 
-    # -- telemetry ---------------------------------------------------------------------------
-    def touch(self, device: Device) -> None:
-        self.store.touch_device(device.device_id, now_iso())
+    # -- polls from memory (polls.py) --------------------------------------------------------
+    def fleet_changed(self) -> None:
+        """Rollouts or targets changed through this process: the next poll re-reads them."""
+        with self._view_lock:
+            self._changes += 1
+            self._view = None
 
+    def fleet_view(self) -> FleetView | None:
+        """What polls are answered from, if read since the last change (no database)."""
+        return self._view
+
+    def load_fleet_view(self) -> FleetView:
+        """Read rollouts and target paths at the store's current generation (blocking)."""
+        with self._view_lock:
+            if self._view is not None:
+                return self._view
+            changes = self._changes
+        generation = self.store.generation()  # first: a change after it is seen next time
+        rollouts = sorted(self.store.rollouts(), key=lambda r: r.id, reverse=True)
+        paths = {(t.name, t.version): t.path for t in self.store.targets()}
+        view = FleetView(generation, tuple(rollouts), paths, self.config.poll_interval_s)
+        with self._view_lock:
+            if self._changes == changes:  # else a change came meanwhile: not kept
+                self._view = view
+        return view
+
+    def check_fleet(self) -> bool:
+        """Drop the view if the store's generation moved (a CLI, another replica); blocking.
+        Returns whether it was dropped."""
+        view = self._view
+        if view is None or self.store.generation() == view.generation:
+            return False
+        self.fleet_changed()
+        return True
+
+    def poll(self, device: Device, view: FleetView) -> dict[str, Any]:
+        """A device's assignments from `view`; NeedsState when a halted rollout needs what
+        the device reported (then `assignments()` reads the store)."""
+        return {
+            "device_id": device.device_id,
+            "models": view.models(device, None),
+            "poll_interval_s": view.poll_interval_s,
+        }
+
+    def touch(self, device: Device) -> None:
+        """Note that the device was seen now; written by `flush_last_seen`."""
+        self.last_seen.note(device.device_id)
+
+    def flush_last_seen(self) -> int:
+        """Write the pending last-seen stamps in one transaction (blocking); how many."""
+        stamps = self.last_seen.take()
+        try:
+            self.store.touch_devices(stamps)
+        except BaseException:
+            self.last_seen.put_back(stamps)
+            raise
+        return len(stamps)
+
+    # -- telemetry ---------------------------------------------------------------------------
     def telemetry(self, device: Device, body: Any) -> dict[str, int]:
         """Store a batch at least once delivered; each (device, seq) is kept exactly once."""
+        result = self.store_telemetry([(device, self.check_telemetry(device, body))])[0]
+        if isinstance(result, BaseException):
+            raise result
+        self.touch(device)
+        return result
+
+    def store_telemetry(
+        self, uploads: Sequence[tuple[Device, list[Event]]]
+    ) -> list[dict[str, int] | Exception]:
+        """Several devices' checked uploads in one transaction (a group commit: one commit,
+        one fsync for all). Each upload's answer, or the exception that failed it: when the
+        whole transaction fails, each upload is tried again alone, so that one bad upload
+        fails only its own request."""
+        # Device order, a device's uploads in arrival order: rows and locks always taken in
+        # one order (no deadlock between writers, replicas, the last-seen writer).
+        order = sorted(range(len(uploads)), key=lambda i: uploads[i][0].device_id)
+        keys = sorted({f"device/{d.device_id}" for d, _ in uploads})
+        results: dict[int, dict[str, int]] = {}
+        try:
+            with ExitStack() as stack:
+                for key in keys:  # concurrent batches of one device (on any replica) queue
+                    stack.enter_context(self.store.transaction(key))
+                for i in order:
+                    results[i] = self._store_events(*uploads[i])
+        except Exception as exc:
+            if len(uploads) == 1:
+                return [exc]
+            return [self.store_telemetry([u])[0] for u in uploads]
+        for r in results.values():
+            self.duplicates += r["duplicates"]
+        return [results[i] for i in range(len(uploads))]
+
+    def _store_events(self, device: Device, events: list[Event]) -> dict[str, int]:
+        new = self.store.add_events(events)
+        fresh = self.store.device(device.device_id) or device
+        self._apply(fresh, sorted(new, key=lambda e: e.seq))
+        return {
+            "stored": len(new),
+            "duplicates": len(events) - len(new),
+            "max_seq": self.store.max_seq(device.device_id),
+        }
+
+    def check_telemetry(self, device: Device, body: Any) -> list[Event]:
+        """An upload's events, checked (a 400 naming the event and field)."""
         if not isinstance(body, dict) or not isinstance(body.get("events"), list):
             raise InvalidInput('telemetry body must be {"events": [...]}')
         raw = body["events"]
@@ -418,19 +549,7 @@ class Hub:
             if events[-1].seq in seen:
                 raise InvalidInput(f"events[{i}]: seq {events[-1].seq} appears twice in the batch")
             seen.add(events[-1].seq)
-        # Concurrent batches of one device (on any replica) fold in turn.
-        with self.store.transaction(f"device/{device.device_id}"):
-            new = self.store.add_events(events)
-            fresh = self.store.device(device.device_id) or device
-            self._apply(fresh, sorted(new, key=lambda e: e.seq))
-            self.store.touch_device(device.device_id, received)
-        duplicates = len(events) - len(new)
-        self.duplicates += duplicates
-        return {
-            "stored": len(new),
-            "duplicates": duplicates,
-            "max_seq": self.store.max_seq(device.device_id),
-        }
+        return events
 
     def _apply(self, device: Device, events: list[Event]) -> None:
         """Fold new events into the device's state; late (older) events do not overwrite it."""
@@ -492,6 +611,7 @@ class Hub:
 
     # -- fleet view --------------------------------------------------------------------------
     def devices(self) -> list[dict[str, Any]]:
+        self.flush_last_seen()  # what this process saw, in the list
         rollouts = self.store.rollouts()
         out = []
         for d in self.store.devices():
@@ -540,24 +660,17 @@ def _refused_for_good(failure: Any, version: str) -> bool:
     )
 
 
-def require_device(hub: Hub, token: str, claimed_id: str | None) -> Device:
-    device = hub.device_for_token(token) if token else None
+def require_device(
+    hub: Hub, token: str, claimed_id: str | None, device: Device | None = None
+) -> Device:
+    """The device of `token` (`device`: already found), checked against X-Device-Id."""
+    if device is None:
+        device = hub.device_for_token(token) if token else None
     if device is None:
         raise Unauthorized("missing or unknown device token")
     if claimed_id is not None and claimed_id != device.device_id:
         raise Forbidden(f"this token belongs to another device than {claimed_id!r}")
     return device
-
-
-def _selects(r: Rollout, device: Device) -> bool:
-    t = r.target
-    if t.get("all"):
-        hit = True
-    elif "group" in t:
-        hit = t["group"] == device.group
-    else:
-        hit = device.device_id in t.get("devices", [])
-    return hit and in_percent(r.public_id, device.device_id, r.percent)
 
 
 def _check_target(target: Any) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -42,6 +42,10 @@ class SqlStore(ABC):
     @abstractmethod
     def _exec(self, sql: str, args: Sequence[Any] = ()) -> int:
         """Run a statement; the number of rows it changed."""
+
+    @abstractmethod
+    def _exec_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """Run a statement once per row of arguments (one round of the driver)."""
 
     @abstractmethod
     def _insert(self, sql: str, args: Sequence[Any], conflict: str) -> None:
@@ -98,6 +102,19 @@ class SqlStore(ABC):
     def touch_device(self, device_id: str, when: str) -> None:
         self._exec("UPDATE devices SET last_seen = ? WHERE device_id = ?", (when, device_id))
 
+    def touch_devices(self, stamps: Mapping[str, str]) -> None:
+        """Many last-seen stamps in one transaction (the server batches them, service.py);
+        an older stamp never overwrites a newer one (another replica may have flushed first).
+        Rows in device order: a telemetry batch locks rows in that order too (no deadlock)."""
+        if not stamps:
+            return
+        with self.transaction("last-seen"):
+            self._exec_many(
+                "UPDATE devices SET last_seen = ? WHERE device_id = ?"
+                " AND (last_seen IS NULL OR last_seen < ?)",
+                [(when, device_id, when) for device_id, when in sorted(stamps.items())],
+            )
+
     def set_device_state(self, device_id: str, state: dict[str, Any], state_seq: int) -> None:
         self._exec(
             "UPDATE devices SET state = ?, state_seq = ? WHERE device_id = ?",
@@ -125,6 +142,7 @@ class SqlStore(ABC):
             ),
             f"model {target.name!r} version {target.version!r} is already published",
         )
+        self.bump_generation()
 
     def target(self, name: str, version: str) -> Target | None:
         rows = self._rows(
@@ -173,10 +191,22 @@ class SqlStore(ABC):
         if not changes or set(changes) - allowed:
             raise ValueError(f"update_rollout takes only {sorted(allowed)}")
         sets = ", ".join(f"{k} = ?" for k in changes)
-        self._exec(
-            f"UPDATE rollouts SET {sets}, updated_at = ? WHERE id = ?",  # noqa: S608
-            (*changes.values(), when, rollout_id),
-        )
+        with self.transaction("fleet"):
+            self._exec(
+                f"UPDATE rollouts SET {sets}, updated_at = ? WHERE id = ?",  # noqa: S608
+                (*changes.values(), when, rollout_id),
+            )
+            self.bump_generation()
+
+    # -- fleet generation --------------------------------------------------------------------
+    def generation(self) -> int:
+        """A number every change to what polls answer (rollouts, targets) increases: a server
+        compares it to decide whether the assignments it keeps in memory are stale."""
+        rows = self._rows("SELECT generation FROM fleet WHERE id = 1")
+        return int(rows[0][0]) if rows else 0
+
+    def bump_generation(self) -> None:
+        self._exec("UPDATE fleet SET generation = generation + 1 WHERE id = 1")
 
     # -- telemetry ---------------------------------------------------------------------------
     def events(self, device_id: str, after: int, limit: int) -> list[Event]:

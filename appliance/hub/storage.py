@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -57,6 +57,9 @@ class HubStore(Protocol):
     def device_by_token_hash(self, token_hash: str) -> Device | None: ...
     def devices(self) -> list[Device]: ...
     def touch_device(self, device_id: str, when: str) -> None: ...
+    def touch_devices(self, stamps: Mapping[str, str]) -> None:
+        """Last-seen stamps of many devices at once; never moves a stamp back in time."""
+
     def set_device_state(self, device_id: str, state: dict[str, Any], state_seq: int) -> None: ...
 
     # targets
@@ -79,6 +82,10 @@ class HubStore(Protocol):
     def events(self, device_id: str, after: int, limit: int) -> list[Event]: ...
     def max_seq(self, device_id: str) -> int: ...
     def count_events(self) -> int: ...
+
+    # what polls answer
+    def generation(self) -> int:
+        """Increased by every change to rollouts or targets, by any process or replica."""
 
     # TUF metadata
     def put_metadata(self, role: str, version: int, body: bytes) -> None: ...
@@ -129,6 +136,11 @@ CREATE TABLE IF NOT EXISTS events (
     received_at TEXT NOT NULL,
     PRIMARY KEY (device_id, seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS fleet (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    generation INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO fleet (id, generation) VALUES (1, 0);
 CREATE TABLE IF NOT EXISTS metadata (
     role TEXT NOT NULL,
     version INTEGER NOT NULL,
@@ -207,6 +219,10 @@ class SQLiteStore(SqlStore):
         with self._lock:
             return self._conn.execute(sql, args).rowcount
 
+    def _exec_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        with self._lock:
+            self._conn.executemany(sql, rows)
+
     def _insert(self, sql: str, args: Sequence[Any], conflict: str) -> None:
         try:
             self._exec(sql, args)
@@ -216,11 +232,12 @@ class SQLiteStore(SqlStore):
     def add_rollout(
         self, model: str, version: str, target: dict[str, Any], percent: int, when: str
     ) -> Rollout:
-        with self._lock:
+        with self.transaction("fleet"):
             cur = self._conn.execute(
                 self._ADD_ROLLOUT, self._rollout_args(model, version, target, percent, when)
             )
             rollout_id = cur.lastrowid
+            self.bump_generation()
         assert rollout_id is not None
         rollout = self.rollout(rollout_id)
         assert rollout is not None
