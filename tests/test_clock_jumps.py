@@ -32,6 +32,7 @@ WALL_CLOCK_USES = {
     "appliance/api/status.py": 2,  # `time` and `started_at` of /api/status (uptime: monotonic)
     "appliance/engine/engine.py": 1,  # a model's loaded_at (OpenAI's `created`)
     "appliance/hub/simulate.py": 1,  # the version name of the simulation's rollout
+    "appliance/hub/simworker.py": 1,  # the `time` of a simulated device's telemetry event
     "appliance/sync/agent.py": 2,  # last_check, last_success (status, a metric)
     "appliance/timeseries.py": 1,  # when each of the last errors happened (the status page)
 }
