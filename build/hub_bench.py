@@ -1,5 +1,6 @@
 """The fleet figures side by side: `appliance hub simulate` on SQLite (one process) and on
 PostgreSQL with 1 and 2 replicas, for each device count, one after the other in one run.
+The rollout's downloads go through nginx over the hub's static mirror (`--static-dir`).
 
     python build/hub_bench.py --devices 10000 100000 --poll-interval 60 --duration 180 \\
         --rollout-at 90
@@ -96,7 +97,7 @@ def simulate(out: Path, tag: str, args: argparse.Namespace, devices: int, extra:
         sys.executable, "-m", "appliance", "hub", "simulate",
         "--devices", str(devices), "--poll-interval", str(args.poll_interval),
         "--duration", str(args.duration), "--telemetry-per-poll", str(args.telemetry_per_poll),
-        "--sources", args.sources, "--json", str(path), *extra,
+        "--sources", args.sources, "--workers", str(args.workers), "--json", str(path), *extra,
     ]  # fmt: skip
     if args.rollout_at is not None:
         cmd += ["--rollout-at", str(args.rollout_at)]
@@ -108,13 +109,14 @@ def simulate(out: Path, tag: str, args: argparse.Namespace, devices: int, extra:
 def row(tag: str, r: dict[str, Any]) -> str:
     ph = r["phases"].get("steady") or next(iter(r["phases"].values()))
     t, cpu, ro = r["telemetry"], r["hub_cpu"] or {}, r.get("rollout") or {}
+    sim = r["simulator"]
     reached = f"{ro.get('devices_reached', '-')}/{r['config']['devices']}"
     return (
         f"| {tag} | {r['config']['devices']:,} | {ph['poll_rps']} | {ph['poll_p50_ms']} | "
         f"{ph['poll_p99_ms']} | {ph['upload_p99_ms']} | {t['events_per_s']} | "
         f"{t['stored_in_hub']}/{t['events_sent']} | {cpu.get('cores_steady')} | "
         f"{cpu.get('per_1000_devices_per_min')} | {ph['hub_cpu_ms_per_request']} | "
-        f"{ph.get('db_cpu_cores') or '-'} | "
+        f"{ph.get('db_cpu_cores') or '-'} | {sim['cores_steady']} | {sim['cpu_us_per_request']} | "
         f"{ro.get('all_s') or reached} | {r['loadavg']['start'][0]:.1f} |"
     )
 
@@ -122,7 +124,8 @@ def row(tag: str, r: dict[str, Any]) -> str:
 HEADER = (
     "| hub | devices | polls/s | p50 ms | p99 ms | telemetry p99 ms | events/s stored | "
     "stored/sent | hub cores | hub CPU s per 1k devices per min | hub CPU ms per request | "
-    "PostgreSQL cores | 100 % rollout s (or reached) | load avg |\n" + "|---" * 14 + "|"
+    "PostgreSQL cores | simulator cores | simulator CPU µs per request | "
+    "100 % rollout s (or reached) | load avg |\n" + "|---" * 16 + "|"
 )
 
 
@@ -134,6 +137,7 @@ def main() -> int:
     p.add_argument("--telemetry-per-poll", type=int, default=1)
     p.add_argument("--rollout-at", type=float)
     p.add_argument("--sources", default="127.0.0.1-127.0.0.16")
+    p.add_argument("--workers", type=int, default=1, help="simulator processes")
     p.add_argument("--hubs", nargs="+", default=["sqlite", "pg1", "pg2"])
     p.add_argument("--out", default="build/out/hub-bench")
     args = p.parse_args()

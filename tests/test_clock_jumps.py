@@ -34,6 +34,7 @@ WALL_CLOCK_USES = {
     "appliance/hub/front.py": 1,  # the Date header of the device front
     "appliance/hub/polls.py": 1,  # devices' last-seen stamps
     "appliance/hub/simulate.py": 1,  # the version name of the simulation's rollout
+    "appliance/hub/simworker.py": 1,  # the `time` of a simulated device's telemetry event
     "appliance/sync/agent.py": 2,  # last_check, last_success (status, a metric)
     "appliance/timeseries.py": 1,  # when each of the last errors happened (the status page)
 }

@@ -642,6 +642,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--full-tuf", type=int, default=3, help="devices running the device's TUF")
     p.add_argument("--model-bytes", type=int, default=4096, help="size of the rolled-out file")
     p.add_argument("--prefix", default="sim", help="device id prefix")
+    p.add_argument("--workers", type=int, default=1, help="processes running the devices")
+    p.add_argument("--mirror", help="static TUF mirror URL for --hub (default: the hub's /tuf)")
+    p.add_argument("--no-mirror", action="store_true", help="spawned: download from the hub")
     p.add_argument("--json", help="write the figures as JSON here (default: stdout)")
     p.set_defaults(func=cmd_simulate)
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import ipaddress
 import os
 import secrets
@@ -40,7 +39,7 @@ import tempfile
 import time
 from array import array
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -78,6 +77,11 @@ class SimConfig:
     #: A database server's main process (PostgreSQL's postmaster): its CPU and its backends'
     #: is reported beside the hub's.
     db_pid: int | None = None
+    #: Processes that run the devices (hub/simworker.py), the devices dealt among them.
+    workers: int = 1
+    #: A static TUF mirror (nginx over `hub serve --static-dir`) the devices download from;
+    #: None: from the hub's own /tuf/ routes.
+    mirror: str | None = None
 
     def check(self) -> None:
         if not 1 <= self.devices <= MAX_DEVICES:
@@ -90,9 +94,11 @@ class SimConfig:
             raise InvalidInput("--telemetry-per-poll must be from 0 to 500 (the hub's batch limit)")
         if not 1 <= self.connections <= 60000:
             raise InvalidInput("--connections must be from 1 to 60000")
+        if not 1 <= self.workers <= 64 or self.workers > self.devices:
+            raise InvalidInput("--workers must be from 1 to 64 and at most --devices")
         if self.rollout_at_s is not None and not 0 <= self.rollout_at_s < self.duration_s:
             raise InvalidInput("--rollout-at must fall inside --duration")
-        for url in self.urls:
+        for url in (*self.urls, *([self.mirror] if self.mirror else [])):
             host = urlsplit(url).hostname or ""
             if not _is_loopback(host):
                 raise InvalidInput(f"hub {url!r} is not on loopback: the simulator stays local")
@@ -212,42 +218,17 @@ def _own_cpu() -> float:
     return t.user + t.system
 
 
-# -- the devices -----------------------------------------------------------------------------
-@dataclass
-class _Device:
-    index: int
-    device_id: str
-    url: str
-    session: aiohttp.ClientSession
-    auth: str
-    etag: str | None = None
-    seq: int = 0
-    pending: list[dict[str, Any]] = field(default_factory=list)
-    active: str | None = None
-    busy: bool = False
-
-
-@dataclass
-class _Rollout:
-    version: str
-    target: str
-    url_path: str
-    sha256: str
-    length: int
-    info: Any  # tuf TargetFile proven by the device's TUF client
-    started: float = 0.0
-
-
+# -- the devices: worker processes (hub/simworker.py) ----------------------------------------
 class _Samples:
-    """(completion time, latency) pairs of one request kind, compact."""
+    """(completion time, latency) pairs of one request kind, merged from the workers."""
 
     def __init__(self) -> None:
         self.at = array("d")
         self.latency = array("d")
 
-    def add(self, at: float, latency: float) -> None:
-        self.at.append(at)
-        self.latency.append(latency)
+    def extend(self, at: array[float], latency: array[float]) -> None:
+        self.at.extend(at)
+        self.latency.extend(latency)
 
     def window(self, start: float, end: float) -> list[float]:
         return [lat for t, lat in zip(self.at, self.latency, strict=True) if start <= t < end]
@@ -260,8 +241,20 @@ def _percentile(sorted_values: Sequence[float], q: float) -> float | None:
     return sorted_values[k]
 
 
+def split(n: int, workers: int, sources: Sequence[str]) -> list[tuple[list[int], list[str]]]:
+    """Device indices and source addresses of each worker: devices dealt round-robin (worker w
+    has w, w + W, ...: the even schedule stays even), sources dealt the same way when there are
+    enough of them, shared otherwise."""
+    out = []
+    for w in range(workers):
+        mine = list(sources[w::workers]) if len(sources) >= workers else list(sources)
+        out.append((list(range(w, n, workers)), mine))
+    return out
+
+
 class Simulation:
-    """The devices, their counters and the rollout, on one event loop."""
+    """The coordinator: starts the worker processes, publishes the rollout, measures the hub's
+    CPU at the phase marks and merges what the workers counted."""
 
     def __init__(self, config: SimConfig, ids: Sequence[str], tokens: Sequence[str]) -> None:
         self.config = config
@@ -271,263 +264,138 @@ class Simulation:
         self.uploads = _Samples()
         self.status: dict[str, int] = {"200": 0, "304": 0}
         self.errors: dict[str, int] = {}
-        self.events_sent = 0
-        self.events_acked = 0
-        self.events_duplicate = 0
-        self.downloads = 0
-        self.verified = 0
-        self.full_tuf_verified = 0
+        self.counts = dict.fromkeys(
+            ("events_sent", "events_acked", "duplicates", "downloads", "verified",
+             "full_tuf_verified", "launched", "skipped", "unsent", "requests"),
+            0,
+        )  # fmt: skip
         self.reached: array[float] = array("d")
-        self.late = array("d")
-        self.rollout: _Rollout | None = None
+        self.late: array[float] = array("d")
+        self.workers: list[dict[str, Any]] = []
+        self.rollout: dict[str, Any] | None = None
+        self.rollout_started: float | None = None
         self.rollout_cpu: dict[int, float] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
         self._tmp = Path(tempfile.mkdtemp(prefix="appliance-sim."))
 
-    def _error(self, what: str) -> None:
-        self.errors[what] = self.errors.get(what, 0) + 1
+    def _error(self, what: str, n: int = 1) -> None:
+        self.errors[what] = self.errors.get(what, 0) + n
 
-    # one device's turn: poll, maybe download, upload telemetry
-    async def _turn(self, dev: _Device, due: float) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            await self._poll(dev, loop)
-            if self.config.telemetry_per_poll:
-                for _ in range(self.config.telemetry_per_poll):
-                    dev.seq += 1
-                    dev.pending.append(
-                        {"seq": dev.seq, "time": _now(), "kind": "sim", "data": {"n": dev.seq}}
-                    )
-                    self.events_sent += 1
-            if dev.pending:
-                await self._upload(dev, loop)
-        finally:
-            dev.busy = False
+    async def _spawn(
+        self, w: int, indices: list[int], sources: list[str]
+    ) -> asyncio.subprocess.Process:
+        cfg = self.config
+        spec = {
+            "index": w,
+            "workers": cfg.workers,
+            "devices_total": cfg.devices,
+            "indices": indices,
+            "ids": [self.ids[i] for i in indices],
+            "tokens": [self.tokens[i] for i in indices],
+            "urls": list(cfg.urls),
+            "mirror": cfg.mirror,
+            "sources": sources,
+            "connections": max(1, cfg.connections // cfg.workers),
+            "timeout_s": cfg.timeout_s,
+            "poll_interval_s": cfg.poll_interval_s,
+            "duration_s": cfg.duration_s,
+            "telemetry_per_poll": cfg.telemetry_per_poll,
+            "full_tuf": cfg.full_tuf,
+            "root_file": str(self._tmp / "root.json"),
+            "tmp": str(self._tmp / f"worker-{w}"),
+            "out": str(self._tmp / f"worker-{w}.out"),
+        }
+        path = self._tmp / f"worker-{w}.json"  # holds tokens: the directory is 0700
+        path.write_bytes(orjson.dumps(spec))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "appliance.hub.simworker",
+            str(path),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 120)
+        if line != b"ready\n":
+            raise InvalidInput(f"simulator worker {w} did not start (exit {proc.returncode})")
+        return proc
 
-    async def _poll(self, dev: _Device, loop: asyncio.AbstractEventLoop) -> None:
-        headers = {"Authorization": dev.auth}
-        if dev.etag:
-            headers["If-None-Match"] = dev.etag
-        t0 = loop.time()
-        try:
-            async with dev.session.get(
-                f"{dev.url}/api/v1/device/assignments", headers=headers
-            ) as r:
-                body = await r.read()
-                status = r.status
-                etag = r.headers.get("ETag")
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            self._error(f"poll: {type(exc).__name__}")
-            return
-        t1 = loop.time()
-        self.polls.add(t1, t1 - t0)
-        if status == 304:
-            self.status["304"] += 1
-            return
-        if status != 200:
-            self._error(f"poll: HTTP {status}")
-            return
-        self.status["200"] += 1
-        dev.etag = etag
-        rollout = self.rollout
-        if rollout is None:
-            return
-        models = orjson.loads(body).get("models", [])
-        wanted = [m for m in models if m.get("name") == MODEL_NAME]
-        if wanted and wanted[0].get("version") == rollout.version and dev.active != rollout.version:
-            await self._download(dev, rollout, loop)
+    def _merge(self, w: int, proc: asyncio.subprocess.Process) -> None:
+        from .simworker import read_samples
 
-    async def _download(
-        self, dev: _Device, rollout: _Rollout, loop: asyncio.AbstractEventLoop
-    ) -> None:
-        """Fetch the target and verify it against the signed targets entry (or, for the first
-        devices, run the device's own TUF client end to end)."""
-        if dev.index < self.config.full_tuf:
-            ok = await asyncio.to_thread(self._full_tuf, dev, rollout)
-            if not ok:
-                return
-            self.full_tuf_verified += 1
-        else:
-            try:
-                async with dev.session.get(
-                    f"{dev.url}/tuf/targets/{rollout.url_path}",
-                    headers={"Authorization": dev.auth},
-                ) as r:
-                    data = await r.read()
-                    status = r.status
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                self._error(f"download: {type(exc).__name__}")
-                return
-            self.downloads += 1
-            if status != 200:
-                self._error(f"download: HTTP {status}")
-                return
-            try:
-                rollout.info.verify_length_and_hashes(io.BytesIO(data))
-            except Exception as exc:
-                self._error(f"verify: {type(exc).__name__}")
-                return
-        self.verified += 1
-        dev.active = rollout.version
-        self.reached.append(loop.time() - rollout.started)
-        dev.seq += 1
-        self.events_sent += 1
-        dev.pending.append(
+        out = self._tmp / f"worker-{w}.out"
+        got = orjson.loads(out.read_bytes())
+        for k in self.counts:
+            self.counts[k] += int(got[k])
+        for k, v in got["status"].items():
+            self.status[k] = self.status.get(k, 0) + int(v)
+        for k, v in got["errors"].items():
+            self._error(k, int(v))
+        self.polls.extend(read_samples(out, "polls_at"), read_samples(out, "polls_lat"))
+        self.uploads.extend(read_samples(out, "ups_at"), read_samples(out, "ups_lat"))
+        self.reached.extend(read_samples(out, "reached"))
+        self.late.extend(read_samples(out, "late"))
+        self.workers.append(
             {
-                "seq": dev.seq,
-                "time": _now(),
-                "kind": "activated",
-                "data": {"model": MODEL_NAME, "version": rollout.version},
+                "pid": proc.pid,
+                "devices": got["devices"],
+                "requests": got["requests"],
+                "cpu_s": got["cpu_s"],
+                "cpu_user_s": got["cpu_user_s"],  # the rest is the kernel (loopback TCP)
+                "cpu_us_per_request": round(got["cpu_s"] / max(1, got["requests"]) * 1e6, 1),
             }
         )
 
-    def _full_tuf(self, dev: _Device, rollout: _Rollout) -> bool:
-        from ..sync.tuf_client import SyncError, TufClient
-
-        work = self._tmp / dev.device_id
-        client = TufClient(
-            dev.url,
-            self.tokens[dev.index],
-            dev.device_id,
-            self._tmp / "root.json",
-            work / "metadata",
-            work / "downloads",
-            self.config.timeout_s,
-            1 << 30,
-        )
-        try:
-            updater = client.refresh()
-            info = updater.get_targetinfo(rollout.target)
-            if info is None:
-                self._error("full-tuf: target not in signed metadata")
-                return False
-            client.download(info, lambda _have, _total: None)
-        except SyncError as exc:
-            self._error(f"full-tuf: {type(exc).__name__}: {exc.reason[:80]}")
-            return False
-        self.downloads += 1
-        return True
-
-    async def _upload(self, dev: _Device, loop: asyncio.AbstractEventLoop) -> None:
-        batch = dev.pending[:500]
-        t0 = loop.time()
-        try:
-            async with dev.session.post(
-                f"{dev.url}/api/v1/device/telemetry",
-                data=orjson.dumps({"events": batch}),
-                headers={"Authorization": dev.auth, "Content-Type": "application/json"},
-            ) as r:
-                body = await r.read()
-                status = r.status
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            self._error(f"telemetry: {type(exc).__name__}")
-            return  # kept in `pending`: sent again next turn, as the device's outbox does
-        t1 = loop.time()
-        if status != 200:
-            self._error(f"telemetry: HTTP {status}")
-            return
-        self.uploads.add(t1, t1 - t0)
-        answer = orjson.loads(body)
-        self.events_acked += int(answer.get("stored", 0))
-        self.events_duplicate += int(answer.get("duplicates", 0))
-        del dev.pending[: len(batch)]
-
-    # the schedule
     async def run(self, admin: aiohttp.ClientSession) -> dict[str, Any]:
         cfg = self.config
-        loop = asyncio.get_running_loop()
-        per_source = max(1, cfg.connections // len(cfg.sources))
-        timeout = aiohttp.ClientTimeout(total=cfg.timeout_s)
-        sessions = [
-            aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(
-                    limit=per_source, limit_per_host=0, local_addr=(src, 0), ttl_dns_cache=None
-                ),
-                timeout=timeout,
-                skip_auto_headers=("User-Agent",),
-            )
-            for src in cfg.sources
-        ]
-        devices = [
-            _Device(
-                i,
-                self.ids[i],
-                cfg.urls[i % len(cfg.urls)],
-                sessions[i % len(sessions)],
-                f"Bearer {self.tokens[i]}",
-            )
-            for i in range(cfg.devices)
-        ]
         (self._tmp / "root.json").write_bytes(await _root(admin, cfg))
-        stored_before = await events_stored(admin, cfg)
-        cpu_before = self._cpu()
-        own_before = _own_cpu()
-        load_before = os.getloadavg()
-        start = loop.time()
-        end = start + cfg.duration_s
-        rollout_task: asyncio.Task[None] | None = None
-        if cfg.rollout_at_s is not None:
-            rollout_task = asyncio.ensure_future(self._rollout(admin, start + cfg.rollout_at_s))
-        step = cfg.poll_interval_s / cfg.devices
-        launched = 0
-        skipped = 0
-        marks: dict[str, tuple[float, dict[int, float], float]] = {}
-        warm_end = start + min(cfg.poll_interval_s, cfg.duration_s)
+        procs: list[asyncio.subprocess.Process] = []
         try:
-            while True:
-                now = loop.time()
-                if "steady" not in marks and now >= warm_end:
-                    marks["steady"] = (now, self._cpu(), _own_cpu())
-                if now >= end:
-                    break
-                while True:
-                    due = start + launched * step
-                    if due > now or due >= end:
-                        break
-                    dev = devices[launched % cfg.devices]
-                    launched += 1
-                    if dev.busy:  # its last turn is still running: a device polls one at a time
-                        skipped += 1
-                        continue
-                    dev.busy = True
-                    self.late.append(now - due)
-                    task = asyncio.ensure_future(self._turn(dev, due))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
-                await asyncio.sleep(min(0.005, max(0.0, start + launched * step - loop.time())))
-            finished = loop.time()
-            cpu_end = self._cpu()
-            own_end = _own_cpu()
-            # the last turns finish; their figures count, the hub's CPU window is closed
-            if self._tasks:
-                await asyncio.wait(set(self._tasks), timeout=cfg.timeout_s + 5)
-            # anything still pending is sent now (a device's outbox empties eventually)
-            retries = [d for d in devices if d.pending]
-            for _ in range(5):
-                if not retries:
-                    break
-                await asyncio.gather(*(self._upload(d, loop) for d in retries))
-                retries = [d for d in devices if d.pending]
+            for w, (indices, sources) in enumerate(split(cfg.devices, cfg.workers, cfg.sources)):
+                procs.append(await self._spawn(w, indices, sources))
+            stored_before = await events_stored(admin, cfg)
+            cpu_before, sim_before = self._cpu(), self._sim_cpu(procs)
+            load_before = os.getloadavg()
+            start = time.monotonic() + 0.1
+            for p in procs:
+                assert p.stdin is not None
+                p.stdin.write(f"{start!r}\n".encode())
+                await p.stdin.drain()
+            rollout_task: asyncio.Task[None] | None = None
+            if cfg.rollout_at_s is not None:
+                rollout_task = asyncio.ensure_future(self._rollout(admin, start + cfg.rollout_at_s))
+            steady = start + min(cfg.poll_interval_s, cfg.duration_s)
+            await asyncio.sleep(max(0.0, steady - time.monotonic()))
+            steady_cpu, sim_steady = self._cpu(), self._sim_cpu(procs)
+            await asyncio.sleep(max(0.0, start + cfg.duration_s - time.monotonic()))
+            finished = time.monotonic()
+            cpu_end, sim_end = self._cpu(), self._sim_cpu(procs)
+            # the workers let their last turns finish and empty the devices' outboxes
+            for w, p in enumerate(procs):
+                assert p.stdout is not None
+                line = await asyncio.wait_for(p.stdout.readline(), cfg.timeout_s * 7 + 60)
+                if line != b"done\n":
+                    raise InvalidInput(f"simulator worker {w} failed (exit {await p.wait()})")
+                await p.wait()
+                self._merge(w, p)
             if rollout_task is not None:
                 rollout_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await rollout_task
             stored_after = await events_stored(admin, cfg)
         finally:
-            for s in sessions:
-                await s.close()
+            for p in procs:
+                if p.returncode is None:
+                    p.kill()
+                    await p.wait()
             shutil.rmtree(self._tmp, ignore_errors=True)
-        steady_at, steady_cpu, steady_own = marks.get("steady", (start, cpu_before, own_before))
         return self._report(
             start=start,
-            steady=steady_at,
+            steady=steady,
             finished=finished,
             cpu=(cpu_before, steady_cpu, cpu_end),
-            own=(own_before, steady_own, own_end),
+            sim=(sim_before, sim_steady, sim_end),
             stored=(stored_before, stored_after),
-            launched=launched,
-            skipped=skipped,
-            unsent=sum(len(d.pending) for d in devices),
             load=(load_before, os.getloadavg()),
         )
 
@@ -541,38 +409,33 @@ class Simulation:
             out[-1] = tree_cpu_seconds(self.config.db_pid)
         return out
 
+    @staticmethod
+    def _sim_cpu(procs: Sequence[asyncio.subprocess.Process]) -> dict[int, float]:
+        """CPU seconds of each worker and (key 0) of this coordinator."""
+        out = {0: _own_cpu()}
+        for p in procs:
+            with contextlib.suppress(OSError):
+                out[p.pid] = cpu_seconds(p.pid)
+        return out
+
     async def _rollout(self, admin: aiohttp.ClientSession, at: float) -> None:
-        loop = asyncio.get_running_loop()
-        await asyncio.sleep(max(0.0, at - loop.time()))
+        await asyncio.sleep(max(0.0, at - time.monotonic()))
         cfg = self.config
         url = cfg.urls[0]
         version = f"v{int(time.time())}"
-        blob = secrets.token_bytes(cfg.model_bytes)
         form = aiohttp.FormData()
         form.add_field("name", MODEL_NAME)
         form.add_field("version", version)
         form.add_field("backend", "onnx")
         form.add_field("manifest", "{}")
-        form.add_field("file", blob, filename="model.onnx")
+        form.add_field("file", secrets.token_bytes(cfg.model_bytes), filename="model.onnx")
         async with admin.post(f"{url}/api/v1/admin/models", data=form) as r:
             published = orjson.loads(await r.read())
             if r.status not in (200, 201):
                 self._error(f"publish: HTTP {r.status}: {published}")
                 return
-        info = await asyncio.to_thread(self._signed_entry, published["target"])
-        if info is None:
-            return
-        name, ver, base = published["target"].split("/")
-        rollout = _Rollout(
-            version,
-            published["target"],
-            f"{name}/{ver}/{published['sha256']}.{base}",
-            published["sha256"],
-            published["length"],
-            info,
-        )
-        self.rollout = rollout
-        rollout.started = loop.time()
+        self.rollout = {"target": published["target"], "length": published["length"]}
+        self.rollout_started = time.monotonic()
         self.rollout_cpu = self._cpu()
         async with admin.post(
             f"{url}/api/v1/admin/rollouts",
@@ -581,30 +444,6 @@ class Simulation:
             if r.status != 201:
                 self._error(f"rollout: HTTP {r.status}")
 
-    def _signed_entry(self, target: str) -> Any:
-        """The new target as the device's TUF client proves it (root → targets)."""
-        from ..sync.tuf_client import SyncError, TufClient
-
-        work = self._tmp / "verifier"
-        client = TufClient(
-            self.config.urls[0],
-            self.tokens[0],
-            self.ids[0],
-            self._tmp / "root.json",
-            work / "metadata",
-            work / "downloads",
-            self.config.timeout_s,
-            1 << 30,
-        )
-        try:
-            info = client.refresh().get_targetinfo(target)
-        except SyncError as exc:
-            self._error(f"tuf: {exc.reason[:120]}")
-            return None
-        if info is None:
-            self._error("tuf: the published target is not in the signed metadata")
-        return info
-
     def _report(
         self,
         *,
@@ -612,15 +451,13 @@ class Simulation:
         steady: float,
         finished: float,
         cpu: tuple[dict[int, float], dict[int, float], dict[int, float]],
-        own: tuple[float, float, float],
+        sim: tuple[dict[int, float], dict[int, float], dict[int, float]],
         stored: tuple[int | None, int | None],
-        launched: int,
-        skipped: int,
-        unsent: int,
         load: tuple[tuple[float, float, float], tuple[float, float, float]],
     ) -> dict[str, Any]:
         cfg = self.config
-        rollout_at = self.rollout.started if self.rollout else None
+        rollout_at = self.rollout_started
+        c = self.counts
         phases: list[tuple[str, float, float]] = [("warmup", start, steady)]
         if rollout_at is not None and rollout_at > steady:
             phases += [("steady", steady, rollout_at), ("rollout", rollout_at, finished)]
@@ -668,7 +505,17 @@ class Simulation:
         stored_delta = (
             stored[1] - stored[0] if stored[0] is not None and stored[1] is not None else None
         )
-        reached = sorted(self.reached)
+        sim_cores = sum(sim[2][p] - sim[0][p] for p in sim[2] if p in sim[0]) / max(
+            1e-9, finished - start
+        )
+        basis_span = basis.get("seconds")
+        sim_steady = (
+            sum(sim[2][p] - sim[1][p] for p in sim[2] if p in sim[1]) / (finished - steady)
+            if basis_span and finished > steady
+            else None
+        )
+        started = self.rollout_started or 0.0
+        reached = sorted(t - started for t in self.reached)
         late = sorted(self.late)
         result: dict[str, Any] = {
             "config": {
@@ -679,25 +526,26 @@ class Simulation:
                 "hubs": list(cfg.urls),
                 "sources": len(cfg.sources),
                 "connections": cfg.connections,
+                "workers": cfg.workers,
                 "target_poll_rps": round(cfg.devices / cfg.poll_interval_s, 1),
             },
             "phases": out_phases,
             "status": dict(self.status),
             "errors": dict(self.errors),
             "turns": {
-                "launched": launched,
-                "skipped_busy": skipped,
+                "launched": c["launched"],
+                "skipped_busy": c["skipped"],
                 "late_p50_ms": _ms(_percentile(late, 0.5)),
                 "late_p99_ms": _ms(_percentile(late, 0.99)),
             },
             "telemetry": {
-                "events_sent": self.events_sent,
-                "events_acked": self.events_acked,
-                "duplicates": self.events_duplicate,
-                "unsent_at_end": unsent,
+                "events_sent": c["events_sent"],
+                "events_acked": c["events_acked"],
+                "duplicates": c["duplicates"],
+                "unsent_at_end": c["unsent"],
                 "stored_in_hub": stored_delta,
-                "events_per_s": round(self.events_acked / max(1e-9, finished - start), 1),
-                "nothing_lost": stored_delta == self.events_sent and unsent == 0,
+                "events_per_s": round(c["events_acked"] / max(1e-9, finished - start), 1),
+                "nothing_lost": stored_delta == c["events_sent"] and c["unsent"] == 0,
             },
             "hub_cpu": {
                 "pids": list(cfg.hub_pids),
@@ -707,16 +555,27 @@ class Simulation:
             }
             if cfg.hub_pids
             else None,
-            "simulator_cpu_cores": round((own[2] - own[0]) / max(1e-9, finished - start), 3),
+            "simulator_cpu_cores": round(sim_cores, 3),
+            "simulator": {
+                "workers": self.workers,
+                "coordinator_cpu_s": round(sim[2].get(0, 0.0) - sim[0].get(0, 0.0), 3),
+                # the devices' CPU per request (polls, uploads, downloads), all workers
+                "cpu_us_per_request": round(
+                    sum(w["cpu_s"] for w in self.workers) / max(1, c["requests"]) * 1e6, 1
+                ),
+                "cores_steady": None if sim_steady is None else round(sim_steady, 3),
+            },
             "loadavg": {"start": list(load[0]), "end": list(load[1])},
         }
         if self.rollout is not None:
             result["rollout"] = {
-                "target": self.rollout.target,
-                "length": self.rollout.length,
+                "target": self.rollout["target"],
+                "length": self.rollout["length"],
+                "mirror": cfg.mirror,
                 "devices_reached": len(reached),
-                "downloads": self.downloads,
-                "full_tuf_verified": self.full_tuf_verified,
+                "downloads": c["downloads"],
+                "verified": c["verified"],
+                "full_tuf_verified": c["full_tuf_verified"],
                 "p50_s": _s(_percentile(reached, 0.5)),
                 "p90_s": _s(_percentile(reached, 0.9)),
                 "all_s": _s(reached[-1]) if len(reached) == cfg.devices else None,
@@ -775,6 +634,68 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: The packaged mirror configuration (a source checkout's packaging/ beside appliance/).
+MIRROR_CONF = Path(__file__).resolve().parents[2] / "packaging" / "nginx" / "mirror.conf"
+
+
+@contextlib.contextmanager
+def spawn_mirror(root: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Debian's nginx serving `root` with packaging/nginx/mirror.conf as shipped (only its
+    listen and root substituted), on a free loopback port; yields (URL, process)."""
+    import re
+
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(nginx).exists() or not MIRROR_CONF.exists():
+        raise InvalidInput(
+            "the rollout goes through a static mirror: needs nginx (apt-get install "
+            "nginx-light) and packaging/nginx/mirror.conf; or --no-mirror"
+        )
+    work = Path(tempfile.mkdtemp(prefix="appliance-sim-nginx."))
+    port = _free_port()
+    block = MIRROR_CONF.read_text(encoding="utf-8")
+    block = re.sub(r"(?m)^(\s*)listen\s+\S+;", rf"\1listen 127.0.0.1:{port};", block)
+    block = re.sub(r"(?m)^(\s*)root\s+\S+;", rf"\1root {root};", block)
+    temps = "".join(
+        f"    {kind}_temp_path {work / kind};\n"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    user = "user nobody nogroup;\n" if os.geteuid() == 0 else ""
+    (work / "nginx.conf").write_text(
+        f"{user}daemon off;\nworker_processes 1;\npid {work / 'nginx.pid'};\n"
+        f"error_log {work / 'error.log'} warn;\n"
+        "events { worker_connections 8192; }\n"
+        f"http {{\n    access_log off;\n{temps}{block}\n}}\n",
+        encoding="utf-8",
+    )
+    proc = subprocess.Popen(
+        [nginx, "-c", str(work / "nginx.conf"), "-p", str(work), "-e", str(work / "error.log")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            if proc.poll() is not None:
+                raise InvalidInput(f"nginx exited with {proc.returncode}; see {work}/error.log")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise InvalidInput(f"nginx did not listen on {port}") from None
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}", proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def spawn_hub(
     replicas: int,
@@ -782,10 +703,12 @@ def spawn_hub(
     seed: Callable[[Any], None],
     serve_args: Sequence[str] = (),
     database: str | None = None,
+    static_dir: Path | None = None,
 ) -> Iterator[Spawned]:
     """`hub init` in a temporary directory (on `database` when given: an empty PostgreSQL
-    database), `seed(config)`, then `replicas` `hub serve` processes on free loopback ports;
-    all stopped and removed afterwards."""
+    database), `seed(config)`, then `replicas` `hub serve` processes on free loopback ports
+    (the first keeping a static TUF mirror in `static_dir` when given); all stopped and removed
+    afterwards."""
     from .service import HubConfig, init_hub
 
     tmp = Path(tempfile.mkdtemp(prefix="appliance-sim-hub."))
@@ -798,7 +721,8 @@ def spawn_hub(
         token, _ = init_hub(config, tmp / "root-key")
         seed(config)
         urls = []
-        for _ in range(replicas):
+        for i in range(replicas):
+            static = ["--static-dir", str(static_dir)] if static_dir and i == 0 else []
             port = _free_port()
             cmd = [
                 sys.executable,
@@ -814,6 +738,7 @@ def spawn_hub(
                 str(max(1, round(poll_interval_s))),
                 "--log-level",
                 "warning",
+                *static,
                 *serve_args,
             ]
             procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
@@ -881,22 +806,35 @@ def run_spawned(
     replicas: int = 1,
     serve_args: Sequence[str] = (),
     database: str | None = None,
+    mirror: bool = True,
 ) -> Any:
     """Start a hub (`replicas` processes on one database: SQLite, or `database`), seed it,
-    simulate."""
+    simulate. `mirror`: the first replica keeps a static TUF mirror that nginx serves, and the
+    devices download the rollout from there, not from the hub."""
+    config.check()
     ids = device_ids(config.prefix, config.devices)
     holder: dict[str, list[str]] = {}
 
     def seed(hub_config: Any) -> None:
         holder["tokens"] = seed_config(hub_config, ids)
 
-    with spawn_hub(replicas, config.poll_interval_s, seed, serve_args, database) as hub:
+    with contextlib.ExitStack() as stack:
+        static_dir = mirror_url = None
+        if mirror:
+            static_dir = Path(tempfile.mkdtemp(prefix="appliance-sim-static."))
+            stack.callback(shutil.rmtree, static_dir, True)
+            static_dir.chmod(0o755)  # nginx's workers run as nobody
+            mirror_url, _ = stack.enter_context(spawn_mirror(static_dir))
+        hub = stack.enter_context(
+            spawn_hub(replicas, config.poll_interval_s, seed, serve_args, database, static_dir)
+        )
         cfg = SimConfig(
             **{
                 **config.__dict__,
                 "urls": tuple(hub.urls),
                 "admin_token": hub.admin_token,
                 "hub_pids": hub.pids,
+                "mirror": mirror_url,
             }
         )
         return asyncio.run(simulate(cfg, holder["tokens"]))
@@ -971,6 +909,8 @@ def main(args: Any) -> int:
         prefix=args.prefix,
         hub_pids=tuple(args.hub_pid or ()),
         db_pid=args.db_pid,
+        workers=args.workers,
+        mirror=args.mirror,
     )
     base.check()
     if args.hub:
@@ -983,7 +923,9 @@ def main(args: Any) -> int:
             ) from None
         result = asyncio.run(simulate(SimConfig(**{**base.__dict__, "admin_token": token})))
     else:
-        result = run_spawned(base, args.spawn_replicas, args.serve_arg or (), args.database)
+        result = run_spawned(
+            base, args.spawn_replicas, args.serve_arg or (), args.database, not args.no_mirror
+        )
     text = orjson.dumps(result, option=orjson.OPT_INDENT_2).decode()
     if args.json:
         Path(args.json).write_text(text + "\n", encoding="utf-8")

@@ -8,13 +8,20 @@ import pytest
 
 from appliance.errors import InvalidInput
 from appliance.hub.service import HubConfig, init_hub
-from appliance.hub.simulate import SimConfig, device_ids, parse_sources, run_spawned, seed_devices
+from appliance.hub.simulate import (
+    SimConfig,
+    device_ids,
+    parse_sources,
+    run_spawned,
+    seed_devices,
+    split,
+)
 from appliance.hub.storage import SQLiteStore
 
 
-@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+@pytest.mark.parametrize(("store", "workers"), [("sqlite", 1), ("sqlite", 3), ("postgresql", 2)])
 def test_fifty_devices_poll_upload_and_take_a_rollout(
-    store: str, request: pytest.FixtureRequest
+    store: str, workers: int, request: pytest.FixtureRequest
 ) -> None:
     database = None
     if store == "postgresql":
@@ -30,6 +37,7 @@ def test_fifty_devices_poll_upload_and_take_a_rollout(
         sources=parse_sources("127.0.0.1-127.0.0.3"),
         rollout_at_s=1.5,
         full_tuf=2,
+        workers=workers,
     )
     result = run_spawned(config, replicas=2 if database else 1, database=database)
     assert result["errors"] == {}
@@ -46,9 +54,32 @@ def test_fifty_devices_poll_upload_and_take_a_rollout(
     assert t["events_acked"] == t["stored_in_hub"] == t["events_sent"]
     assert t["duplicates"] == 0 and t["unsent_at_end"] == 0 and t["nothing_lost"]
     r = result["rollout"]
-    assert r["devices_reached"] == n and r["full_tuf_verified"] == 2
-    assert r["all_s"] is not None
+    # every device took the file from the nginx mirror (2 of them through the whole TUF path)
+    assert r["mirror"].startswith("http://127.0.0.1:") and r["mirror"] not in result["config"]
+    assert r["devices_reached"] == r["verified"] == r["downloads"] == n
+    assert r["full_tuf_verified"] == 2 and r["all_s"] is not None
     assert result["hub_cpu"]["seconds_total"] > 0
+    # the devices dealt among the workers, each one's CPU reported apart from the hub's
+    sim = result["simulator"]["workers"]
+    assert sorted(w["devices"] for w in sim) == sorted(
+        len(range(i, n, workers)) for i in range(workers)
+    )
+    assert (
+        sum(w["requests"] for w in sim)
+        == polls + sum(p["uploads"] for p in result["phases"].values()) + n - 2
+    )
+    assert all(w["cpu_s"] > 0 for w in sim)
+    assert {w["pid"] for w in sim}.isdisjoint(result["hub_cpu"]["pids"])
+
+
+def test_split_deals_devices_and_sources() -> None:
+    sources = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
+    assert split(5, 2, sources) == [
+        ([0, 2, 4], ["127.0.0.1", "127.0.0.3"]),
+        ([1, 3], ["127.0.0.2"]),
+    ]
+    # fewer sources than workers: every worker sends from all of them
+    assert split(4, 2, sources[:1]) == [([0, 2], ["127.0.0.1"]), ([1, 3], ["127.0.0.1"])]
 
 
 def test_seeding_writes_what_enroll_writes(tmp_path: Path) -> None:
