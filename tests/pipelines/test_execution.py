@@ -126,7 +126,8 @@ async def test_a_chain_checks_its_inputs_once_with_the_same_messages(serve, tmp_
     """A chain whose first model checks the pipeline's inputs skips its own check; every
     malformed request still gets the answer a chain that checks first gives (the first node
     pinned to a version: looked up per request, so the pipeline checks)."""
-    pinned = {**CHAIN, "nodes": [{**CHAIN["nodes"][0], "version": "1"}, CHAIN["nodes"][1]]}
+    nodes: list[dict[str, Any]] = CHAIN["nodes"]  # type: ignore[assignment]
+    pinned = {**CHAIN, "nodes": [{**nodes[0], "version": "1"}, nodes[1]]}
     client = await serve(declare(tmp_path, {"chain": CHAIN, "pinned": pinned}))
     served = client.server.app[ROUTER].pipelines
     plans = {name: served.entries[name].plan for name in ("chain", "pinned")}
