@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -83,6 +84,51 @@ def _own_nice() -> int:
         return 0
 
 
+class ChannelPool:
+    """The channels free for a call, the one used last first.
+
+    At one request at a time every call then takes the same channel, which the same worker
+    thread serves: its stack, its segment and their pages stay in the CPU's caches. A FIFO
+    would hand each call the channel used longest ago, and a different, cold, worker thread
+    (measured: about twice the wall time per call). Taking and giving back are a deque's pop
+    and append (atomic); only a caller that finds it empty waits on the condition."""
+
+    def __init__(self) -> None:
+        self._free: deque[Channel] = deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._waiting = 0
+
+    def put(self, channel: Channel) -> None:
+        self._free.append(channel)
+        if self._waiting:
+            with self._cond:
+                self._cond.notify()
+
+    def get_nowait(self) -> Channel:
+        try:
+            return self._free.pop()
+        except IndexError:
+            raise queue.Empty from None
+
+    def get(self, timeout: float) -> Channel:
+        """A channel, waiting up to `timeout` seconds for one (queue.Empty if none came)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._waiting += 1  # before looking: a put after the look then notifies
+            try:
+                while True:
+                    try:
+                        return self._free.pop()
+                    except IndexError:
+                        pass
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise queue.Empty
+                    self._cond.wait(remaining)
+            finally:
+                self._waiting -= 1
+
+
 class WorkerProcess:
     """One worker process and the server's ends of its channels.
 
@@ -93,7 +139,7 @@ class WorkerProcess:
         self.label = label
         self.proc = proc
         self.channels = [first]
-        self.pool: queue.SimpleQueue[Channel] = queue.SimpleQueue()
+        self.pool = ChannelPool()
         self.started = time.monotonic()
         #: Set once the process has exited and `returncode` says how.
         self.exited = threading.Event()

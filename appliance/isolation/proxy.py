@@ -200,9 +200,9 @@ class Supervisor:
         except queue.Empty:
             channel = self._wait_for_channel(worker, wait)
         try:
-            answer, layout = self._exchange(worker, channel, doc, arrays, wait, emit, cancelled)
+            packet = self._exchange(worker, channel, doc, arrays, wait, emit, cancelled)
             try:
-                out, _ = channel.arrays(layout, copy=True)
+                answer, out, _ = channel.message(packet, copy=True)
             except ProtocolError as exc:
                 raise self._broken(worker, f"sent a malformed answer ({exc})") from None
         finally:
@@ -236,7 +236,8 @@ class Supervisor:
         wait: float,
         emit: Emit | None,
         cancelled: Cancelled | None,
-    ) -> tuple[dict[str, Any], list[Any]]:
+    ) -> bytes:
+        """Send the call and wait for its REPLY packet (passing text pieces to `emit`)."""
         streaming = cancelled is not None
         sent = False
         try:
@@ -254,7 +255,7 @@ class Supervisor:
                     packet = b""
                 op = packet[:1]
                 if op == REPLY:
-                    return channel.header(packet)
+                    return packet
                 if op == PIECE:
                     quiet_since = time.monotonic()
                     if emit is not None:

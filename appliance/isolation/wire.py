@@ -10,6 +10,9 @@ every offset, shape and type against the segment, and copies results out.
 A side that needs more room than the segment has makes a larger one and sends its file
 descriptor with the packet (SCM_RIGHTS); the other side adopts it. Generated text travels
 inside the packets instead (op PIECE), so a stream never overwrites what is still being read.
+
+Timeouts are the kernel's (SO_RCVTIMEO, SO_SNDTIMEO on a blocking socket): a receive is one
+system call, where a Python socket timeout makes it a poll() and then the receive.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ CALL, CANCEL, REPLY, PIECE = b"C", b"X", b"R", b"P"
 #: The second byte of a CALL or REPLY: the JSON header follows (INLINE), or lies in the segment
 #: at the offset and length that follow (SHARED).
 INLINE, SHARED = b"J", b"S"
+_TIMEVAL = struct.Struct("@ll")
 _WHERE = struct.Struct("<QQ")
 #: Headers up to this size travel inside the packet.
 INLINE_HEADER = 8 * 1024
@@ -101,9 +105,13 @@ class Channel:
         self._timeout: float | None = None
 
     def set_timeout(self, seconds: float | None) -> None:
-        """How long a receive may wait (None: for ever); a system call only when it changes."""
+        """How long a receive (or a send to a full socket) may wait, None: for ever; system
+        calls only when it changes. A receive that waited that long raises TimeoutError."""
         if seconds != self._timeout:
-            self.sock.settimeout(seconds)
+            whole = 0.0 if seconds is None else max(seconds, 1e-6)
+            value = _TIMEVAL.pack(int(whole), int(whole % 1 * 1e6))
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
             self._timeout = seconds
 
     @classmethod
@@ -180,8 +188,12 @@ class Channel:
 
     # -- receiving -----------------------------------------------------------------------------
     def receive(self) -> bytes:
-        """The next packet; a segment sent with it replaces this side's own."""
-        data, ancdata, flags, _ = self.sock.recvmsg(MAX_PACKET, _FD_SPACE)
+        """The next packet; a segment sent with it replaces this side's own. TimeoutError
+        once the timeout set passed."""
+        try:
+            data, ancdata, flags, _ = self.sock.recvmsg(MAX_PACKET, _FD_SPACE)
+        except BlockingIOError:  # SO_RCVTIMEO ran out
+            raise TimeoutError("the peer did not answer in time") from None
         if ancdata:
             self._adopt(ancdata)
         if not data:
@@ -207,6 +219,13 @@ class Channel:
                 raise ProtocolError(f"cannot map the segment the peer sent: {exc}") from None
             self.segment.close()
             self.segment = segment
+
+    def message(self, packet: bytes, copy: bool) -> tuple[dict[str, Any], Arrays, int]:
+        """The header of a CALL or REPLY packet, its tensors (views into the segment, or
+        copies) and where the last one ends: `header` and `arrays` in one."""
+        doc, layout = self.header(packet)
+        arrays, end = self.arrays(layout, copy)
+        return doc, arrays, end
 
     def header(self, packet: bytes) -> tuple[dict[str, Any], list[Any]]:
         """The JSON header of a CALL or REPLY packet (in it, or where it points), and its

@@ -159,8 +159,7 @@ def serve(channel: Channel, backend: Backend, lock: AbstractContextManager[Any])
         if op != CALL:
             log.error("unexpected packet %r from the server: closing the channel", op)
             return
-        doc, layout = channel.header(packet)
-        inputs, end = channel.arrays(layout, copy=False)
+        doc, inputs, end = channel.message(packet, copy=False)
         outputs: Arrays = {}
         try:
             with lock:

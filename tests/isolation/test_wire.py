@@ -139,3 +139,17 @@ def test_headers_too_large_for_a_packet_go_through_the_segment(pair) -> None:
     packet = worker.receive()
     assert packet[1:2] == wire.SHARED
     assert worker.header(packet)[0]["texts"] == texts
+
+
+def test_a_receive_past_its_timeout_raises_timeout_error_and_the_channel_still_works(
+    pair,
+) -> None:
+    server, worker = pair
+    server.set_timeout(0.05)
+    with pytest.raises(TimeoutError):
+        server.receive()
+    worker.send(REPLY, {}, {"y": np.ones(2, np.float32)}, 0)
+    assert server.message(server.receive(), copy=True)[1]["y"].tolist() == [1.0, 1.0]
+    server.set_timeout(None)  # for ever again: the next receive waits for the packet
+    worker.sock.send(REPLY + wire.INLINE + b"{}")
+    assert server.receive() == REPLY + wire.INLINE + b"{}"
