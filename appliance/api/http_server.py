@@ -21,16 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import logging
 import re
 import signal
 import socket
 import ssl
-import sys
 import time
-import types
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
@@ -69,10 +66,7 @@ TLS_HANDSHAKE_TIMEOUT_S = 10.0
 LINGER_S = 1.0
 #: Unanswered bytes buffered per connection before reading pauses (a pipelining client).
 MAX_BUFFERED_BYTES = 1 << 20
-_NAME = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-#: Header lines (each ending in CRLF): all of them, and each one's name and value.
-_FIELDS = re.compile(rf"(?:{_NAME}:[^\r\n]*\r\n)*")
-_FIELD = re.compile(rf"({_NAME}):([^\r\n]*)\r\n")
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 #: The routes this protocol answers itself (api/routes.py marks them), by method.
 _HOT: dict[str, list[tuple[Route, re.Pattern[str]]]] = {}
 for _method, _route, _pattern in hot_routes():
@@ -85,29 +79,6 @@ _SINGLE = frozenset({"content-length", "content-type", "authorization", "host"})
 #: Present: the request is not plain enough for this parser (aiohttp takes the connection).
 _HAND_OVER = frozenset({"transfer-encoding", "expect", "upgrade"})
 _STATUS = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
-
-
-#: Requests start at once in `data_received` (the task's context argument is from 3.11).
-_EAGER = sys.version_info >= (3, 11)
-
-
-@types.coroutine
-def _resume(coro: Coroutine[Any, Any, None], waiting: Any) -> Generator[Any, Any, None]:
-    """Go on with a coroutine `Connection._start` ran until it waited on `waiting`: as a
-    task's body, passing what the task sends and throws (its wake-ups, a cancellation) to it."""
-    while True:
-        try:
-            sent = yield waiting
-        except BaseException as exc:  # (a cancellation too: the coroutine's)
-            try:
-                waiting = coro.throw(exc)
-            except StopIteration:
-                return
-        else:
-            try:
-                waiting = coro.send(sent)
-            except StopIteration:
-                return
 
 
 class _Head:
@@ -151,27 +122,23 @@ def parse_head(raw: bytes) -> _Head | None:
         text = raw.decode("ascii")
     except UnicodeDecodeError:
         return None
-    request_line, sep, fields = text.partition("\r\n")
-    parts = request_line.split(" ")
+    lines = text.split("\r\n")
+    parts = lines[0].split(" ")
     if len(parts) != 3 or parts[2] != "HTTP/1.1" or not parts[1].startswith("/"):
         return None
     method, target = parts[0], parts[1]
-    # Every header line a token, a colon and a value without CR or LF (checked at once, in C)
-    if sep:
-        fields += "\r\n"
-        if _FIELDS.fullmatch(fields) is None:
+    headers = _Headers()
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep or "\r" in line or "\n" in line or not _TOKEN.fullmatch(name):
             return None
-    pairs = _FIELD.findall(fields)
-    headers = _Headers([(name.lower(), value.strip(" \t")) for name, value in pairs])
-    if len(headers) != len(pairs):  # a name more than once
-        headers = _Headers()
-        for name, value in pairs:
-            key, value = name.lower(), value.strip(" \t")
-            if key in headers:
-                if key in _SINGLE:
-                    return None
-                value = headers[key] + ", " + value
-            headers[key] = value
+        key = name.lower()
+        value = value.strip(" \t")
+        if key in headers:
+            if key in _SINGLE:
+                return None
+            value = headers[key] + ", " + value
+        headers[key] = value
     if not _HAND_OVER.isdisjoint(headers):
         return None
     raw_length = _get(headers, "content-length", "0")
@@ -286,10 +253,7 @@ class Connection(asyncio.Protocol):
         self._aio_transport: _ToAiohttp | None = None
         self._paused: set[str] = set()
         self._write_paused = False
-        #: The request that had to wait (see `_start`), while it runs.
         self.task: asyncio.Task[None] | None = None
-        #: `_start` is running a request's first step.
-        self._eager = False
         #: The client's address (the access log).
         self.peer: str | None = None
         #: When the head being read began and when its body began (0: not reading one); the
@@ -433,36 +397,9 @@ class Connection(asyncio.Protocol):
             del buf[: head.length]
             self._head = None
             self.resume("buffer")
-            if self._start(head, body) and self._buf:
-                # Answered at once: a pipelined next request waits for the loop's next turn,
-                # as it would behind a task, so one connection cannot hold the loop.
-                self.server.loop.call_soon(self._process)
-            return
-
-    def _start(self, head: _Head, body: bytes) -> bool:
-        """Answer a request whose body is in: its coroutine runs at once, here, and for a
-        model that runs inline on the loop (engine/scheduler.py) it finishes here, without a
-        task (creating and scheduling one, and the loop turn it waits for, cost more than a
-        tiny model's run). It goes on in a task once it has to wait. True when answered."""
-        self.busy = True
-        coro = self._infer(head, body)
-        loop = self.server.loop
-        if not _EAGER:
-            self.task = loop.create_task(coro)
-            return False
-        # Its own context, kept by the task it may go on in: a context variable set before
-        # it waits (the request id of its log lines) is reset in the same context.
-        ctx = contextvars.copy_context()
-        self._eager = True
-        try:
-            waiting = ctx.run(coro.send, None)
-        except StopIteration:
-            return True
-        finally:
-            self._eager = False
-        # Held here: the loop keeps only a weak reference to a task (one per connection).
-        self.task = loop.create_task(_resume(coro, waiting), context=ctx)  # type: ignore[call-arg]
-        return False
+            self.busy = True
+            # Held here: the loop keeps only a weak reference to a task (one per connection).
+            self.task = self.server.loop.create_task(self._infer(head, body))
 
     def _hot(self, head: _Head) -> bool:
         """Whether this protocol answers the request itself: a hot route, plainly sent."""
@@ -548,8 +485,6 @@ class Connection(asyncio.Protocol):
             if req.format == JSON:
                 payload, ctype, extra = encode_answer(result, decoded, name)
             else:
-                if self._eager:  # (a template may need a current task: asyncio.timeout)
-                    await asyncio.sleep(0)
                 payload, ctype, extra = await encode_formatted(paths, req, result, decoded, name)
                 del extra["Content-Type"]  # written by _write
         except ApplianceError as exc:
@@ -609,8 +544,7 @@ class Connection(asyncio.Protocol):
         if close or self._close_after or self.server.closing:
             self._close_now()
             return
-        if not self._eager:  # (else `_process`, which started it, goes on)
-            self._process()
+        self._process()
 
     def _close_now(self) -> None:
         if self.transport is not None and not self.transport.is_closing():

@@ -98,8 +98,6 @@ def test_parse_head_takes_only_plain_requests():
     assert head.headers.get("HOST") == "h" and not head.close
     closing = parse_head(b"GET / HTTP/1.1\r\nConnection: close")
     assert closing is not None and closing.close
-    joined = parse_head(b"GET / HTTP/1.1\r\nX-A:\t one \t\r\nx-a: two\r\nX-B:")
-    assert joined is not None and dict(joined.headers) == {"x-a": "one, two", "x-b": ""}
     refused = [
         b"GET / HTTP/1.0",  # HTTP/1.0: aiohttp's keep-alive rules
         b"GET http://h/ HTTP/1.1",  # absolute form
@@ -115,8 +113,6 @@ def test_parse_head_takes_only_plain_requests():
         b"GET / HTTP/1.1\r\nNo-colon",
         b"GET / HTTP/1.1\r\nX: a\nY: b",  # bare LF
         "GET / HTTP/1.1\r\nX: é".encode(),
-        b"GET / HTTP/1.1\r\n",  # an empty header line
-        b"GET / HTTP/1.1\r\nX: a\rb",  # bare CR
     ]
     for raw in refused:
         assert parse_head(raw) is None, raw
@@ -161,24 +157,6 @@ async def test_pipelined_requests_are_answered_in_order(connect):
         (200, "a"), (200, "b"), (400, "c"), (404, "d"), (200, "e"),
     ]  # fmt: skip
     assert "malformed JSON" in orjson.loads(got[2][2])["error"]
-
-
-async def test_pipelined_requests_answered_inline_come_back_in_order(connect):
-    """Once the model runs on the loop (after its first runs on the workers), a request is
-    answered as its bytes arrive; pipelined ones still come back one by one, in order."""
-    conn = await connect()
-    for _ in range(20):
-        await conn.send(request("POST", INFER, BODY))
-        assert (await conn.response())[0] == 200
-    batch = [request("POST", INFER, BODY, X_Request_Id=f"r{i}") for i in range(40)]
-    batch.insert(20, request("POST", INFER, b"[]", X_Request_Id="bad"))
-    await conn.send(b"".join(batch))
-    got = [await conn.response() for _ in batch]
-    want = [f"r{i}" for i in range(40)]
-    want.insert(20, "bad")
-    assert [h["x-request-id"] for _, h, _ in got] == want
-    assert [s for s, _, _ in got] == [200] * 20 + [400] + [200] * 20
-    assert len({b for s, _, b in got if s == 200}) == 1
 
 
 async def test_a_client_that_pipelines_megabytes_is_paused_then_served(connect):

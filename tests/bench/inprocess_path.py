@@ -123,10 +123,9 @@ async def measure(
         conn.connection_made(transport)
 
         async def one() -> None:
-            conn.task = None
             conn.data_received(RAW)
-            if conn.task is not None:  # (answered at once when the model runs inline)
-                await conn.task
+            assert conn.task is not None
+            await conn.task
 
         for _ in range(requests):  # warm up (the inline path learns the model's run time)
             await one()
