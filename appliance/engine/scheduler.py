@@ -9,8 +9,10 @@ Even so, the two thread wake-ups of a hand-off cost tens of microseconds on a sm
 than a tiny model takes to run. A model whose *measured* runs stay under `inline_max_us` on
 average, for inputs no larger than those measured, runs directly on the loop thread when nothing
 else of it is queued or running. The loop is then held about that long (less than parsing a
-large JSON body takes); anything slower, larger or unmeasured goes to the workers, and one run
-far over the budget sends the model back to them at once.
+large JSON body takes); anything slower, larger or unmeasured goes to the workers, and two runs
+in a row far over the budget send the model back to them at once (one alone may be the loop
+thread descheduled on a busy machine: it would have sent a tiny model to the workers, a thread
+hop per request, for the next 16 runs).
 
 With a batching policy (engine/batching.py), a worker merges what queued for the model into one
 run. Every request keeps its own deadline: one that passed, or that the model's measured run
@@ -183,6 +185,7 @@ class ModelRunner:
         self._measured = 0
         self._estimate = float("inf")
         self._fast_nbytes = -1
+        self._struck = False  # the last run was far over the budget
         # Deadline drops (read by workers too): the fastest of the recent runs of one request
         # alone, a lower bound of what a request still needs; and when a run last finished.
         self._solo: deque[float] = deque(maxlen=_SOLO_RUNS)
@@ -252,13 +255,21 @@ class ModelRunner:
             self._solo.append(seconds)
             self._floor = min(self._solo)
         self._measured += 1
+        outlier = seconds > _OUTLIER * self._inline_budget
+        if outlier and not self._struck:
+            # Once may be the machine: the thread descheduled mid-run by another process (a
+            # time slice is milliseconds, a tiny model's run microseconds). Left out of the
+            # estimate; the next run tells.
+            self._struck = True
+            return
+        self._struck = outlier
         est = self._estimate
         self._estimate = seconds if est == float("inf") else est + 0.2 * (seconds - est)
         if seconds <= self._inline_budget:
             self._fast_nbytes = max(self._fast_nbytes, nbytes)
-        elif seconds > _OUTLIER * self._inline_budget:
-            # Far slower than the budget, not a scheduling hiccup (those only move the
-            # estimate): measure on the workers again before trusting the loop with this model.
+        elif outlier:
+            # Far over the budget twice in a row: the model (or this input size) is slow, not
+            # a hiccup: measure on the workers again before trusting the loop with it.
             self._measured = 0
             self._fast_nbytes = min(self._fast_nbytes, nbytes - 1)
 

@@ -135,11 +135,15 @@ async def test_fast_model_runs_inline_after_measuring_and_leaves_when_slow(serve
     counts = [await inline_after_one() for _ in range(20)]
     assert counts[15] == 0  # the first 16 runs are measured on the workers
     assert counts[-1] == 4  # then the model runs inline
-    GatedBackend.delay = 0.5  # now far slower than the budget: one inline run learns that
+    GatedBackend.delay = 0.5  # once far slower than the budget: the machine, maybe
     assert await inline_after_one() == 5
     GatedBackend.delay = 0.0
+    assert [await inline_after_one() for _ in range(2)] == [6.0, 7.0]  # still inline
+    GatedBackend.delay = 0.5  # twice in a row: the model is slow now
+    assert [await inline_after_one() for _ in range(2)] == [8.0, 9.0]
+    GatedBackend.delay = 0.0
     # back on the workers until 16 runs are measured again
-    assert [await inline_after_one() for _ in range(17)] == [5.0] * 16 + [6.0]
+    assert [await inline_after_one() for _ in range(17)] == [9.0] * 16 + [10.0]
     # a larger input than any measured goes to the workers too
     big = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [64], "data": [1.0] * 64}]}
     assert (await client.post("/v2/models/gated/infer", json=big)).status == 200
