@@ -29,8 +29,6 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from email.utils import formatdate
-from http import HTTPStatus
 from typing import Any, cast
 from urllib.parse import parse_qsl
 
@@ -39,6 +37,8 @@ from aiohttp.web_protocol import RequestHandler
 
 from ..errors import ApplianceError, InferenceFailed
 from ..formats import JSON
+from ..httphead import STATUS_LINES, DateHeader
+from ..httphead import parse_head as read_head
 from ..request import Request, RequestPath
 from .http import (
     PATH,
@@ -66,7 +66,6 @@ TLS_HANDSHAKE_TIMEOUT_S = 10.0
 LINGER_S = 1.0
 #: Unanswered bytes buffered per connection before reading pauses (a pipelining client).
 MAX_BUFFERED_BYTES = 1 << 20
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 #: The routes this protocol answers itself (api/routes.py marks them), by method.
 _HOT: dict[str, list[tuple[Route, re.Pattern[str]]]] = {}
 for _method, _route, _pattern in hot_routes():
@@ -74,11 +73,6 @@ for _method, _route, _pattern in hot_routes():
 _LIVE_BODY = b'{"live":true}'
 _FULL_BODY = b'{"error":"too many connections"}'
 _JSON = b"application/json"
-#: Headers that may appear once only; a repeat sends the connection to aiohttp's parser.
-_SINGLE = frozenset({"content-length", "content-type", "authorization", "host"})
-#: Present: the request is not plain enough for this parser (aiohttp takes the connection).
-_HAND_OVER = frozenset({"transfer-encoding", "expect", "upgrade"})
-_STATUS = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
 
 
 class _Head:
@@ -102,13 +96,6 @@ class _Head:
         self.req: Request | None = None
 
 
-class _Headers(dict[str, str]):
-    """Header names are case-insensitive (the router looks up `X-Device-Id`, say)."""
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return dict.get(self, key.lower(), default)
-
-
 #: The names this module looks up are lower case already: no per-lookup `lower()` (the same
 #: headers as api/http.begin reads for the aiohttp routes: keep the two in step).
 _get = dict.get
@@ -118,52 +105,7 @@ _PRIORITY = PRIORITY_HEADER.lower()
 
 def parse_head(raw: bytes) -> _Head | None:
     """The head of a plain HTTP/1.1 request, or None when aiohttp should judge it."""
-    try:
-        text = raw.decode("ascii")
-    except UnicodeDecodeError:
-        return None
-    lines = text.split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or parts[2] != "HTTP/1.1" or not parts[1].startswith("/"):
-        return None
-    method, target = parts[0], parts[1]
-    headers = _Headers()
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep or "\r" in line or "\n" in line or not _TOKEN.fullmatch(name):
-            return None
-        key = name.lower()
-        value = value.strip(" \t")
-        if key in headers:
-            if key in _SINGLE:
-                return None
-            value = headers[key] + ", " + value
-        headers[key] = value
-    if not _HAND_OVER.isdisjoint(headers):
-        return None
-    raw_length = _get(headers, "content-length", "0")
-    if not raw_length.isdigit() or not raw_length.isascii():
-        return None
-    connection = _get(headers, "connection", "").lower()
-    if "upgrade" in connection:
-        return None
-    path, _, query = target.partition("?")
-    return _Head(method, path, query, headers, int(raw_length))
-
-
-class _DateCache:
-    """The Date header, formatted once a second."""
-
-    def __init__(self) -> None:
-        self._second = 0
-        self._value = b""
-
-    def get(self) -> bytes:
-        now = int(time.time())
-        if now != self._second:
-            self._second = now
-            self._value = formatdate(now, usegmt=True).encode()
-        return self._value
+    return read_head(raw, _Head)
 
 
 class _ToAiohttp(asyncio.Transport):
@@ -520,7 +462,7 @@ class Connection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         parts = [
-            _STATUS[status],
+            STATUS_LINES[status],
             b"Content-Type: ",
             ctype,
             b"\r\nContent-Length: ",
@@ -637,7 +579,7 @@ class HttpServer:
         self.settings: HttpSettings = self.app[SETTINGS]
         self.limits: ConnectionLimits = self.settings.limits
         self.max_connections = connection_cap(self.limits)
-        self.date = _DateCache()
+        self.date = DateHeader()
         self.connections: set[Connection] = set()
         self.closing = False
 

@@ -20,18 +20,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import socket
 import time
 from collections.abc import Callable
-from email.utils import formatdate
-from http import HTTPStatus
 from typing import cast
 
 from aiohttp.web_protocol import RequestHandler
 
 from .. import tracing
 from ..errors import PayloadTooLarge
+from ..httphead import STATUS_LINES, DateHeader
+from ..httphead import parse_head as read_head
 from .errors import Forbidden
 from .ingest import TelemetryWriter
 from .server import device_for, error_answer, poll, upload
@@ -50,67 +49,32 @@ REQUEST_TIMEOUT_S = 30.0
 #: After refusing a body as too large: how long what the client still sends is dropped before
 #: the close (closing with its bytes unread sends a reset that can overtake the answer).
 LINGER_S = 1.0
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_SINGLE = frozenset({"content-length", "content-type", "authorization", "host"})
-_HAND_OVER = frozenset({"transfer-encoding", "expect", "upgrade", "content-encoding"})
-_STATUS = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
+#: Beside what the shared parser hands over: the device routes take no compressed bodies.
+_HAND_OVER = "content-encoding"
 
 
 class _Head:
-    __slots__ = ("close", "headers", "length", "method", "path")
+    __slots__ = ("close", "headers", "length", "method", "path", "query")
 
-    def __init__(self, method: str, path: str, headers: dict[str, str], length: int) -> None:
-        self.method, self.path, self.headers, self.length = method, path, headers, length
-        self.close = "close" in headers.get("connection", "").lower()
+    def __init__(
+        self, method: str, path: str, query: str, headers: dict[str, str], length: int
+    ) -> None:
+        self.method, self.path, self.query = method, path, query
+        self.headers, self.length = headers, length
+        self.close = "close" in dict.get(headers, "connection", "").lower()
 
 
 def parse_head(raw: bytes) -> _Head | None:
     """A plain HTTP/1.1 request for a device route, or None (aiohttp takes the connection)."""
-    try:
-        text = raw.decode("ascii")
-    except UnicodeDecodeError:
+    head = read_head(raw, _Head)
+    if head is None or _HAND_OVER in head.headers:
         return None
-    lines = text.split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or parts[2] != "HTTP/1.1":
-        return None
-    method, path = parts[0], parts[1]
-    if not ((method == "GET" and path == ASSIGNMENTS) or (method == "POST" and path == TELEMETRY)):
-        return None  # a query string, another route or method: aiohttp's
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep or not _TOKEN.fullmatch(name):
-            return None
-        key = name.lower()
-        value = value.strip(" \t")
-        if key in headers:
-            if key in _SINGLE:
-                return None
-            value = headers[key] + ", " + value
-        headers[key] = value
-    if not _HAND_OVER.isdisjoint(headers) or "upgrade" in headers.get("connection", "").lower():
-        return None
-    raw_length = headers.get("content-length", "0")
-    if not raw_length.isascii() or not raw_length.isdigit():
-        return None
-    length = int(raw_length)
-    if method == "GET" and length:
-        return None
-    return _Head(method, path, headers, length)
-
-
-class _Date:
-    """The Date header, formatted once a second."""
-
-    def __init__(self) -> None:
-        self._second, self._value = 0, b""
-
-    def get(self) -> bytes:
-        now = int(time.time())
-        if now != self._second:
-            self._second, self._value = now, formatdate(now, usegmt=True).encode()
-        return self._value
+    if not (
+        (head.method == "GET" and head.path == ASSIGNMENTS and not head.length)
+        or (head.method == "POST" and head.path == TELEMETRY)
+    ):
+        return None  # another route or method, or a GET with a body: aiohttp's
+    return None if head.query else head  # (a query string: aiohttp's too)
 
 
 class Front:
@@ -121,7 +85,7 @@ class Front:
     ) -> None:
         self.hub, self.writer, self.handler_factory = hub, writer, handler_factory
         self.connections: set[DeviceConnection] = set()
-        self.date = _Date()
+        self.date = DateHeader()
         self._sweeper: asyncio.Task[None] | None = None
 
     def protocol(self) -> DeviceConnection:
@@ -281,7 +245,7 @@ class DeviceConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        parts = [_STATUS[status], b"Date: ", self.front.date.get(), b"\r\n", extra]
+        parts = [STATUS_LINES[status], b"Date: ", self.front.date.get(), b"\r\n", extra]
         if status != 304:
             parts += (b"Content-Type: application/json\r\nContent-Length: ",)
             parts += (str(len(body)).encode(), b"\r\n")
