@@ -510,7 +510,7 @@ class RequestPath:
             self.metrics.grpc_response(req.route, status)
         else:
             self.metrics.mqtt_message(status, answered)
-        if self.access_log:
+        if self.access_log and access.isEnabledFor(logging.INFO):  # (the logger caches it)
             asyncio.get_running_loop().call_soon(log_access, req, seconds)
         if req.span is not None and self.tracer is not None:
             self._end_span(self.tracer, req, status)
