@@ -39,6 +39,8 @@ def _config(args: argparse.Namespace) -> Any:
             f"the hub needs {exc.name}: install it with pip install 'appliance[hub]'"
         ) from None
 
+    if args.device_cache_size is not None and args.device_cache_size < 0:
+        raise ConfigError(f"--device-cache-size must be 0 or more, got {args.device_cache_size}")
     expiry = Expiry(
         root=args.root_expiry_days * 86400.0,
         targets=args.targets_expiry_days * 86400.0,
@@ -53,6 +55,7 @@ def _config(args: argparse.Namespace) -> Any:
         expiry=expiry,
         database=args.database or os.environ.get("APPLIANCE_HUB_DATABASE") or None,
         event_retention_days=args.event_retention_days or None,
+        **({} if args.device_cache_size is None else {"device_cache_size": args.device_cache_size}),
     )
 
 
@@ -476,6 +479,13 @@ def add_parser(sub: Any) -> None:
             help="largest signed manifest + acceptance cases of one model version",
         )
         g.add_argument("--poll-interval", type=int, default=60, help="device poll interval (s)")
+        g.add_argument(
+            "--device-cache-size",
+            type=int,
+            default=None,
+            help="devices whose identity a poll finds in memory (default 250,000, ~0.5 KB each; "
+            "a larger fleet's other devices cost a database query per poll; 0: none)",
+        )
         g.add_argument("--root-expiry-days", type=float, default=365.0)
         g.add_argument("--targets-expiry-days", type=float, default=90.0)
         g.add_argument("--snapshot-expiry-days", type=float, default=7.0)

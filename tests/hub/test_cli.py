@@ -13,6 +13,7 @@ import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -144,3 +145,20 @@ def test_operator_workflow_against_a_running_hub(
 
     bad = hub("enroll", "dev3", "--url", served, "--admin-token-file", str(token_file), check=False)
     assert bad.returncode == 1 and "403" in bad.stderr
+
+
+def test_the_device_cache_size_is_a_serve_setting(tmp_path: Path) -> None:
+    from appliance.cli import parser
+    from appliance.errors import ConfigError
+    from appliance.hub.cli import _config
+    from appliance.hub.polls import DEVICE_CACHE_SIZE
+
+    def config(*extra: str) -> Any:
+        args = parser().parse_args(["hub", "serve", "--data", str(tmp_path), *extra])
+        return _config(args)
+
+    assert config().device_cache_size == DEVICE_CACHE_SIZE
+    assert config("--device-cache-size", "0").device_cache_size == 0
+    assert config("--device-cache-size", "1000").device_cache_size == 1000
+    with pytest.raises(ConfigError, match="must be 0 or more"):
+        config("--device-cache-size", "-1")
