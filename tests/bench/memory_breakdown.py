@@ -1,20 +1,27 @@
 """Where the idle memory of an ONNX-only device goes (issue 22), reproducibly.
 
     PYTHONPATH=. .venv/bin/python tests/bench/memory_breakdown.py
-        [--model build/samples/sample.onnx] [--top 25] [--json]
+        [--model build/samples/sample.onnx] [--also-model M ...] [--baseline /work/start]
+        [--startup 20] [--top 25] [--json]
 
-RSS does not depend on the machine's load, so this needs no bench lock. Three parts:
+RSS does not depend on the machine's load, so the memory parts need no bench lock (`--startup`
+times starts: run it under `flock /work/bench.lock`). Every process runs from compiled bytecode,
+as an installed device does (a pycache outside the trees, PYTHONPYCACHEPREFIX, filled by a
+warm-up start), not from sources compiled at each start (which leaves ~2-5 MiB more heap).
 
-1. serve: `appliance serve --model M` (this tree's), one KServe v2 request, then its VmRSS,
-   RssAnon/RssFile, smaps_rollup Private_Dirty, threads, and RSS per mapping (heap, anonymous
-   mmaps, each shared library). `-X importtime` gives the modules it imported by then.
-2. imports: a fresh interpreter imports those same modules in the same order with a meter on the
-   import system: each module's own RSS and anonymous-memory delta (its children's excluded),
-   summed per top-level package. Then the ONNX session the floor server makes, on its own.
-3. the rest: serve's RSS minus (interpreter + imports + session) is what running costs: the
-   loop, threads, buffers, the engine's objects, the first request.
-
-Part 2's child process is tests/bench/memory_walk.py.
+1. serve: `appliance serve --model M` of the tree (its cwd, so that its package is imported),
+   one KServe v2 request, then VmRSS, RssAnon/RssFile, smaps_rollup Private_Dirty, threads, RSS
+   per mapping (heap, anonymous mmaps, each shared library); the floor server of
+   tests/bench/floors.py (python, uvloop, numpy, onnxruntime, the same session) beside it; with
+   `--baseline`, the other checkout's serve too; `--also-model`: serve's RSS with other models.
+2. components: a fresh interpreter (tests/bench/memory_walk.py) imports numpy + onnxruntime,
+   uvloop + asyncio, aiohttp, prometheus_client, then the modules serve imported, in its order,
+   with a meter on the import system: the RSS each stage adds, and each module's own RSS and
+   anonymous-memory delta (its nested imports excluded), summed per top-level package. Then the
+   ONNX session the floor makes. serve's RSS minus all that is what running costs (the loop,
+   threads, the engine's objects, the first request).
+3. `--startup N`: N starts of each tree, alternated, each timed from exec to the first 200 of
+   an infer request, with the CPU time the server had used by then; medians.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -92,8 +100,14 @@ def _request_body(model: str) -> bytes:
     return json.dumps({"inputs": [tensor]}).encode()
 
 
+#: Compiled bytecode for every tree and the venv, outside them (the prefix mirrors source paths).
+PYCACHE = Path(tempfile.gettempdir()) / "appliance-bench-pycache"
+
+
 def _env(tree: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = str(PYCACHE)
     env["PYTHONPATH"] = str(tree)
     return env
 
@@ -135,6 +149,73 @@ def measure_serve(
     return {"status": status, "mappings": maps, "modules": order}
 
 
+def measure_floor(model: str) -> dict[str, int]:
+    """The floor server of tests/bench/floors.py after one request: what no Python server of
+    this model can go below."""
+    from appliance.bench.client import free_port
+
+    port = free_port()
+    cmd = [sys.executable, str(Path(__file__).with_name("floors.py")), "--serve-floor"]
+    proc = subprocess.Popen([*cmd, str(port), model], cwd=ROOT, env=_env(ROOT))
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("the floor server did not start") from None
+                time.sleep(0.05)
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/", data=_request_body(model))
+        with urllib.request.urlopen(req, timeout=10):
+            pass
+        time.sleep(0.5)
+        return _status(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def time_start(model: str, tree: Path) -> tuple[float, float]:
+    """(seconds from exec to the first 200 of an infer request, the server's CPU seconds by
+    then); the requests go out every 2 ms on fresh connections."""
+    import socket
+
+    from appliance.bench.client import free_port
+
+    port = free_port()
+    body = _request_body(model)
+    req = (
+        b"POST /v2/models/sample/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    ) + body
+    cmd = [sys.executable, "-m", "appliance", "serve", "--model", model, "--name", "sample"]
+    cmd += ["--port", str(port), "--log-level", "error"]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=tree, env=_env(tree), stdout=subprocess.DEVNULL)
+    try:
+        while time.perf_counter() - t0 < 60:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                    s.sendall(req)
+                    head = s.recv(12)
+                if head == b"HTTP/1.1 200":
+                    return time.perf_counter() - t0, _cpu_s(proc.pid)
+            except OSError:
+                pass
+            time.sleep(0.002)
+        raise RuntimeError("no answer within 60 s")
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
 # -- report ---------------------------------------------------------------------------------------
 def _group(name: str) -> str:
     top = name.split(".", 1)[0].lstrip("_")
@@ -143,20 +224,18 @@ def _group(name: str) -> str:
     return top
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--model", default=str(ROOT / "build" / "samples" / "sample.onnx"))
-    ap.add_argument("--top", type=int, default=25, help="rows of the per-module table")
-    ap.add_argument("--json", action="store_true", help="print the figures as one JSON object")
-    ap.add_argument(
-        "--tree", type=Path, default=ROOT, help="the checkout whose appliance to measure"
-    )
-    args = ap.parse_args(argv)
-    model = str(Path(args.model).resolve())
-    tree = args.tree.resolve()
-    served = measure_serve(model, tree)
+#: The walk's first stages, then the modules serve imported (tests/bench/memory_walk.py).
+_STAGES = [
+    "numpy", "onnxruntime", "@numpy + onnxruntime",
+    "uvloop", "asyncio", "@uvloop + asyncio (+ ssl)",
+    "aiohttp.web", "@aiohttp (+ email, http, the client's SSL contexts)",
+    "prometheus_client", "@prometheus_client",
+]  # fmt: skip
+
+
+def breakdown(model: str, tree: Path, served: dict[str, Any], top: int) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
-        f.write("\n".join(served["modules"]))
+        f.write("\n".join([*_STAGES, *served["modules"], "@the appliance's modules"]))
     try:
         out = subprocess.run(
             [sys.executable, str(Path(__file__).with_name("memory_walk.py")), f.name, model],
@@ -176,15 +255,19 @@ def main(argv: list[str] | None = None) -> int:
         g[1] += anon
         g[2] += secs
         g[3] += 1
-    st = served["status"]
-    start, imports, session = walked["start"], walked["after_imports"], walked["after_session"]
-    result = {
-        "serve": {k: round(v / 1024, 1) if k != "Threads" else v for k, v in st.items()},
-        "interpreter_mib": round(start[0] / 1024, 1),
-        "imports_mib": round((imports[0] - start[0]) / 1024, 1),
-        "session_mib": round((session[0] - imports[0]) / 1024, 1),
-        "running_mib": round((st["VmRSS"] - session[0]) / 1024, 1),
-        "groups": {
+    start, session = walked["start"], walked["after_session"]
+    stages = [("python (interpreter)", start[0])]
+    prev = start[0]
+    for name, (rss, _anon) in walked["stages"]:
+        stages.append((name, rss - prev))
+        prev = rss
+    stages.append(("the ONNX session (onnxruntime's first)", session[0] - prev))
+    stages.append(
+        ("running: loop, threads, engine, 1st request", served["status"]["VmRSS"] - session[0])
+    )
+    return {
+        "components_mib": {k: round(v / 1024, 1) for k, v in stages},
+        "packages": {
             k: {
                 "rss_mib": round(v[0] / 1024, 2),
                 "anon_mib": round(v[1] / 1024, 2),
@@ -193,28 +276,83 @@ def main(argv: list[str] | None = None) -> int:
             }
             for k, v in sorted(groups.items(), key=lambda kv: -kv[1][0])
         },
-        "top_modules": sorted(walked["modules"].items(), key=lambda kv: -kv[1][0])[: args.top],
-        "mappings_mib": {
-            k: round(v / 1024, 1)
-            for k, v in sorted(served["mappings"].items(), key=lambda kv: -kv[1])
-            if v >= 256
-        },
+        "top_modules": sorted(walked["modules"].items(), key=lambda kv: -kv[1][0])[:top],
         "failed_imports": walked["failed"],
     }
+
+
+def _mib(status: dict[str, int]) -> dict[str, float]:
+    return {k: round(v / 1024, 1) if k != "Threads" else v for k, v in status.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default=str(ROOT / "build" / "samples" / "sample.onnx"))
+    ap.add_argument("--also-model", action="append", default=[], help="serve's RSS with these too")
+    ap.add_argument("--tree", type=Path, default=ROOT, help="the checkout to measure")
+    ap.add_argument("--baseline", type=Path, help="another checkout, measured side by side")
+    ap.add_argument("--startup", type=int, default=0, metavar="N", help="N timed starts per tree")
+    ap.add_argument("--top", type=int, default=25, help="rows of the per-module table")
+    ap.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    args = ap.parse_args(argv)
+    model = str(Path(args.model).resolve())
+    trees = [args.tree.resolve(), *([args.baseline.resolve()] if args.baseline else [])]
+    for tree in trees:  # fills the pycache: the measured starts run from bytecode
+        measure_serve(model, tree)
+    result: dict[str, Any] = {"floor": _mib(measure_floor(model)), "serve": {}}
+    served = {}
+    for tree in trees:
+        served[tree] = measure_serve(model, tree)
+        result["serve"][str(tree)] = {
+            Path(model).name: _mib(served[tree]["status"]),
+            **{
+                Path(m).name: _mib(measure_serve(str(Path(m).resolve()), tree)["status"])
+                for m in args.also_model
+            },
+        }
+    main_tree = trees[0]
+    result.update(breakdown(model, main_tree, served[main_tree], args.top))
+    result["mappings_mib"] = {
+        k: round(v / 1024, 1)
+        for k, v in sorted(served[main_tree]["mappings"].items(), key=lambda kv: -kv[1])
+        if v >= 256
+    }
+    if args.startup:
+        times: dict[str, list[tuple[float, float]]] = {str(t): [] for t in trees}
+        for i in range(args.startup):
+            for tree in trees if i % 2 == 0 else trees[::-1]:
+                times[str(tree)].append(time_start(model, tree))
+        result["startup"] = {
+            t: {
+                "median_s": round(statistics.median(w for w, _ in v), 3),
+                "median_cpu_s": round(statistics.median(c for _, c in v), 3),
+                "starts": len(v),
+            }
+            for t, v in times.items()
+        }
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
-    s = result["serve"]
-    print(
-        f"appliance serve, idle after one request: VmRSS {s['VmRSS']} MiB (anon {s['RssAnon']}, "
-        f"file {s['RssFile']}, private dirty {s['Private_Dirty']}), {s['Threads']} threads"
-    )
-    print(
-        f"  = interpreter {result['interpreter_mib']} + imports {result['imports_mib']} "
-        f"+ ONNX session {result['session_mib']} + running {result['running_mib']} MiB"
-    )
-    print(f"\n{'package':<22}{'RSS MiB':>9}{'anon MiB':>10}{'import ms':>11}{'modules':>9}")
-    for k, v in result["groups"].items():
+    _print(result)
+    return 0
+
+
+def _print(result: dict[str, Any]) -> None:
+    f = result["floor"]
+    print(f"floor server (python, uvloop, numpy, onnxruntime, the session): VmRSS {f['VmRSS']} MiB")
+    for tree, models in result["serve"].items():
+        for name, s in models.items():
+            print(
+                f"appliance serve {name} ({tree}), idle after one request: VmRSS {s['VmRSS']} MiB "
+                f"(anon {s['RssAnon']}, file {s['RssFile']}, private dirty "
+                f"{s['Private_Dirty']}, peak {s['VmHWM']}), {s['Threads']} threads"
+            )
+    print("\nwhat the first tree's serve holds, component by component (MiB):")
+    for k, v in result["components_mib"].items():
+        print(f"  {v:>6.1f}  {k}")
+    head = f"{'RSS MiB':>9}{'anon MiB':>10}{'import ms':>11}{'modules':>9}"
+    print(f"\n{'package (own modules)':<22}{head}")
+    for k, v in result["packages"].items():
         print(
             f"{k:<22}{v['rss_mib']:>9.2f}{v['anon_mib']:>10.2f}{v['import_ms']:>11.1f}{v['modules']:>9}"
         )
@@ -224,7 +362,11 @@ def main(argv: list[str] | None = None) -> int:
     print("\nserve's RSS per mapping (MiB, >= 0.25):")
     for k, v in result["mappings_mib"].items():
         print(f"  {v:>6.1f}  {k}")
-    return 0
+    for tree, st in result.get("startup", {}).items():
+        print(
+            f"\nstart to first inference, {tree}: median {st['median_s']} s, the server's CPU "
+            f"{st['median_cpu_s']} s ({st['starts']} starts, alternated)"
+        )
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def walk(modules_file: str, model: str) -> None:
     failed = []
     stages: list[tuple[str, tuple[int, int]]] = []
     with open(modules_file) as f:
-        names = f.read().split()
+        names = [line.strip() for line in f if line.strip()]
     for name in names:
         if name.startswith("@"):  # a stage mark: the RSS so far, under that name
             stages.append((name[1:], statm()))
