@@ -258,7 +258,7 @@ def breakdown(model: str, tree: Path, served: dict[str, Any], top: int) -> dict[
     start, session = walked["start"], walked["after_session"]
     stages = [("python (interpreter)", start[0])]
     prev = start[0]
-    for name, (rss, _anon) in walked["stages"]:
+    for name, (rss, _anon), _count in walked["stages"]:
         stages.append((name, rss - prev))
         prev = rss
     stages.append(("the ONNX session (onnxruntime's first)", session[0] - prev))

@@ -53,12 +53,12 @@ def walk(modules_file: str, model: str) -> None:
 
     bootstrap._load_unlocked = metered  # type: ignore[attr-defined]
     failed = []
-    stages: list[tuple[str, tuple[int, int]]] = []
+    stages: list[tuple[str, tuple[int, int], int]] = []  # name, RSS then, modules then
     with open(modules_file) as f:
         names = [line.strip() for line in f if line.strip()]
     for name in names:
         if name.startswith("@"):  # a stage mark: the RSS so far, under that name
-            stages.append((name[1:], statm()))
+            stages.append((name[1:], statm(), len(own)))
             continue
         if name in sys.modules:
             continue
