@@ -51,9 +51,6 @@ NOT_AT_IDLE = (
     "appliance.steps.letterbox",
     "appliance.preprocess.text",
 )
-#: The standard library's parts only an optional feature needs (plugin discovery: with zipfile
-#: and csv, ~0.4 MiB).
-STDLIB_NOT_AT_IDLE = ("importlib.metadata",)
 _CLI_PARTS = {"appliance.hub", "appliance.hub.cli", "appliance.build", "appliance.build.command"}
 
 # `appliance serve` in the main thread, as the CLI runs it; a thread sends one request over a
@@ -124,7 +121,6 @@ def test_an_onnx_device_imports_no_optional_package_at_idle(idle_modules: list[s
         if not t.startswith(_NOT_PACKAGES)
     }
     assert third_party <= ALLOWED_PACKAGES, sorted(third_party - ALLOWED_PACKAGES)
-    assert not [m for m in STDLIB_NOT_AT_IDLE if m in idle_modules]
 
 
 def test_an_onnx_device_imports_no_unused_part_of_the_appliance(idle_modules: list[str]) -> None:

@@ -11,6 +11,7 @@ the isolation worker), and the server goes on.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from pathlib import Path
 from typing import Any
 
