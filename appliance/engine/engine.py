@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from .. import tracing
+from .. import heap, tracing
 from ..backends.base import Backend, LoadContext
 from ..codec import InferRequest, InferResponse
 from ..config import Config, ModelConfig
@@ -203,6 +203,7 @@ class Engine:
                 result = self._load_backend(model, on_state)
             except BaseException as exc:
                 error = exc
+            heap.release()  # what loading allocated and freed again (appliance/heap.py)
             try:
                 loop.call_soon_threadsafe(deliver, result, error)
             except RuntimeError:  # the loop closed while loading (shutdown)
@@ -330,6 +331,7 @@ class Engine:
         if model.backend is not None:
             model.backend.unload()
             model.backend = None
+            heap.release()
         model.status = "stopped"
 
     async def stop(self) -> None:

@@ -22,7 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .. import backends, plugins
+from .. import backends, heap, plugins
 from ..backends.base import Backend, LoadContext
 from ..config import Config, ModelConfig
 from ..errors import ApplianceError, InvalidInput, ModelError
@@ -54,6 +54,7 @@ def main(fd: int) -> int:
         error = _memory_hint(ModelError(f"{type(exc).__name__}: {exc}"), doc)
         first.send(REPLY, {"error": error_json(error)}, {}, 0)
         return 1
+    heap.release()  # what loading allocated and freed again (appliance/heap.py)
     first.send(REPLY, {"report": report(backend)}, {}, 0)
     channels += [Channel(sock, Segment.empty()) for sock in receive_channels(first.sock)]
     lock: AbstractContextManager[Any] = (

@@ -1,0 +1,181 @@
+"""What an ONNX-only device holds at idle (issue 22): the modules it imported, and the freed heap it
+gives back. The RSS figures themselves belong to tests/bench/memory_breakdown.py (a threshold
+here would depend on the machine); these checks are deterministic, so savings cannot silently
+regress."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from appliance import heap
+from appliance.bench.client import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: Third-party packages `appliance serve` of one ONNX model may have imported once it answered a
+#: request: the runtime, the HTTP stack (aiohttp and what it imports), the fast loop, JSON and
+#: the metrics. Anything else (Jinja2, PyYAML, jsonschema, grpc, OpenTelemetry, tuf, paho,
+#: Pillow, llama-cpp, LiteRT, ...) is imported only by the feature that needs it.
+ALLOWED_PACKAGES = {
+    "numpy", "onnxruntime", "uvloop", "orjson", "prometheus_client",
+    "aiohttp", "aiohappyeyeballs", "aiosignal", "attr", "frozenlist", "multidict", "propcache",
+    "yarl", "idna", "typing_extensions", "brotli", "_brotli", "backports",
+}  # fmt: skip
+#: The interpreter's own, Cython's runtime modules, an editable install's finder.
+_NOT_PACKAGES = ("__main__", "_cython_", "cython_runtime", "__editable__", "_distutils_hack")
+
+#: Parts of the appliance a device serving ONNX models, with no hub, no MQTT, no gRPC and no
+#: tracing configured, never needs: each is imported by the feature that uses it.
+NOT_AT_IDLE = (
+    "appliance.hub.",  # but hub/__init__ and hub/cli (the CLI's parser), checked below
+    "appliance.sync",
+    "appliance.backends.gguf",
+    "appliance.backends.gguf_file",
+    "appliance.backends.tflite",
+    "appliance.backends.onnx_text",
+    "appliance.api.grpc",
+    "appliance.api.grpc_codec",
+    "appliance.api.mqtt",
+    "appliance.tracing.otel",
+    "appliance.bench",
+    "appliance.build.",  # but build/command (the CLI's parser)
+    "appliance.selftest",
+    "appliance.status_view",
+    "appliance.steps.nms",
+    "appliance.steps.crop",
+    "appliance.steps.letterbox",
+    "appliance.preprocess.text",
+)
+_CLI_PARTS = {"appliance.hub", "appliance.hub.cli", "appliance.build", "appliance.build.command"}
+
+# `appliance serve` in the main thread, as the CLI runs it; a thread sends one request over a
+# bare socket (so that it imports nothing serve would not), then prints sys.modules and stops it.
+_PROBE = textwrap.dedent(
+    """
+    import os, signal, socket, sys, threading, time
+    MODEL, PORT = sys.argv[1], int(sys.argv[2])
+    BODY = b'{"inputs":[{"name":"input","shape":[1,4],"datatype":"FP32","data":[1,2,3,4]}]}'
+    REQ = (b"POST /v2/models/sample/infer HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n"
+           b"Content-Length: %d\\r\\n\\r\\n" % len(BODY)) + BODY
+
+    def probe():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", PORT), timeout=5) as s:
+                    s.sendall(REQ)
+                    data = b""
+                    while chunk := s.recv(65536):
+                        data += chunk
+                if data.startswith(b"HTTP/1.1 200"):
+                    break
+            except OSError:
+                pass
+            time.sleep(0.05)
+        time.sleep(0.2)  # what answering set off has run
+        sys.stdout.write("\\n".join(sorted(sys.modules)) + "\\n")
+        sys.stdout.flush()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=probe, daemon=True).start()
+    from appliance.cli import main
+    sys.exit(main(["serve", "--model", MODEL, "--name", "sample", "--port", str(PORT),
+                   "--log-level", "error"]))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def idle_modules(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """sys.modules of `appliance serve --model sample.onnx` after its first answer."""
+    out = tmp_path_factory.mktemp("idle")
+    subprocess.run(
+        [sys.executable, str(ROOT / "build" / "make_sample_models.py"), "--out", str(out)],
+        check=True,
+        capture_output=True,
+    )
+    probe = out / "probe.py"
+    probe.write_text(_PROBE)
+    run = subprocess.run(
+        [sys.executable, str(probe), str(out / "sample.onnx"), str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    modules = run.stdout.split()
+    assert "appliance.server" in modules, run.stderr
+    return modules
+
+
+def test_an_onnx_device_imports_no_optional_package_at_idle(idle_modules: list[str]) -> None:
+    tops = {m.split(".", 1)[0] for m in idle_modules}
+    third_party = {
+        t
+        for t in tops - set(sys.stdlib_module_names) - {"appliance"}
+        if not t.startswith(_NOT_PACKAGES)
+    }
+    assert third_party <= ALLOWED_PACKAGES, sorted(third_party - ALLOWED_PACKAGES)
+
+
+def test_an_onnx_device_imports_no_unused_part_of_the_appliance(idle_modules: list[str]) -> None:
+    bad = [
+        m
+        for m in idle_modules
+        if m not in _CLI_PARTS and any(m == p.rstrip(".") or m.startswith(p) for p in NOT_AT_IDLE)
+    ]
+    assert not bad, bad
+    assert "appliance.backends.onnx" in idle_modules  # the probe did reach a served model
+
+
+def test_release_hands_freed_heap_pages_back() -> None:
+    """glibc keeps freed pages mapped below the heap's top; `heap.release` returns them (what
+    a model load leaves behind: tests/bench/memory_breakdown.py measures it on real models)."""
+    if not heap.release():
+        pytest.skip("this C library has no malloc_trim")
+    code = textwrap.dedent(
+        """
+        from appliance import heap
+
+        def anon():
+            for line in open("/proc/self/status"):
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) // 1024
+
+        blocks = [bytearray(2000) for _ in range(40_000)]  # ~80 MiB of malloc'ed heap
+        pin = bytearray(2000)  # above them: the heap's top cannot shrink by itself
+        del blocks
+        before = anon()
+        heap.release()
+        print(before, anon())
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    before, after = map(int, out.stdout.split())
+    assert before - after >= 40, (before, after)  # MiB
+
+
+async def test_the_engine_releases_the_heap_after_a_load_and_an_unload(
+    serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    real = heap.release
+
+    def counted() -> bool:
+        calls.append(1)
+        return real()
+
+    monkeypatch.setattr(heap, "release", counted)
+    client = await serve()
+    loaded = len(calls)
+    assert loaded >= 1
+    r = await client.post("/v2/repository/models/sample/unload")
+    assert r.status == 200, await r.text()
+    assert len(calls) == loaded + 1
