@@ -50,6 +50,7 @@ class Pieces:
         self._first = threading.Event()  # set once the first piece has been written
         self._started = False
         self.direct_writes = 0  # pieces the thread wrote itself (tests, benchmarks)
+        self.handed_back = 0  # times a full socket handed the stream back to the loop
 
     # -- the generating thread -----------------------------------------------------------------
     def from_worker(self, text: str) -> None:
@@ -88,6 +89,7 @@ class Pieces:
             self.direct_writes += 1
             return True
         self._direct = False  # a full socket: the loop (and its flow control) takes over
+        self.handed_back += 1
         self._queued.append(data[sent:])
         return False
 
