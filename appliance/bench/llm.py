@@ -40,6 +40,11 @@ LLM_MESSAGES: list[dict[str, str]] = [
 #: Untimed streamed completions on each side before the timed ones (first-call costs: the
 #: prompt's first evaluation, buffers, page faults on the mapped weights).
 LLM_WARMUP_RUNS = 1
+#: Idle time before each timed run: after a stream, llama.cpp's OpenMP threads keep spinning
+#: on a core for some 10-20 ms (measured here: ~10 ms of CPU in the first 20 ms); without a
+#: pause, the next side (another process) starts its prompt on one core, which counts against
+#: whichever side follows another, not against serving.
+LLM_GAP_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -451,6 +456,7 @@ def run_llm(
             for i in range(runs):
                 for k in range(len(active)):
                     side = active[(i + k) % len(active)]
+                    time.sleep(LLM_GAP_S)
                     pid = None if side == "raw" else server.pid
                     before = time.process_time_ns() if pid is None else process_cpu_ns(pid)
                     loop_before = thread_cpu_ns(server.pid)
@@ -516,6 +522,7 @@ def run_llm(
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "runs": runs,
         "warmup_runs": LLM_WARMUP_RUNS,
+        "gap_s": LLM_GAP_S,
         "clients": active[1:],
         "max_tokens": max_tokens,
         "seed": SEED,
