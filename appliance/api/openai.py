@@ -28,6 +28,7 @@ from ..request import Request, RequestPath
 from ..routing import Router
 from .openai_structured import BadField, Streamer, Structure, message_fields
 from .routes import OPENAI
+from .stream_pieces import Pieces
 
 MAX_EMBEDDING_INPUTS = 2048
 _FINGERPRINT = f"appliance-{__version__}"
@@ -465,55 +466,46 @@ async def _stream(
     makes. A client that goes away stops the generation: the worker polls `stop` between
     tokens.
 
-    Each piece is written as soon as the loop has it: no timer holds one back. Pieces that
-    arrived while the previous write ran (a slow client, a busy loop) leave together in one
-    write; the response head goes with the first piece, and the last events with the end of
-    the body, so a stream of n tokens costs n writes at most."""
-    loop = asyncio.get_running_loop()
-    ready: list[str] = []
-    waiting: list[asyncio.Future[None]] = []  # the writer's wait for the next piece, if any
-
-    def wake() -> None:
-        if waiting:
-            future = waiting.pop()
-            if not future.done():
-                future.set_result(None)
-
-    def deliver(text: str) -> None:  # on the loop's thread
-        ready.append(text)
-        if waiting:
-            wake()
-
-    async def take() -> list[str] | None:
-        """The pieces ready now (waiting for one if none is), or None at the end."""
-        while not ready:
-            if task.done():
-                return None
-            future = loop.create_future()
-            waiting.append(future)
-            await future
-        out = ready[:]
-        ready.clear()
-        return out
-
+    Each piece is written as soon as it is made: no timer holds one back. The response head
+    goes with the first piece, written by the loop; after that the generating thread writes
+    each piece's event itself while the socket takes it whole (stream_pieces.py: no wake-up of
+    the loop per token), else the loop does, pieces that arrived meanwhile together in one
+    write. The last events go with the end of the body."""
     gone = threading.Event()
     served = req.served
-    task = asyncio.ensure_future(paths.generate(req, name, gen, body, deliver, gone.is_set))
-    task.add_done_callback(lambda _t: wake())
+    pieces = Pieces(asyncio.get_running_loop(), piece, gone)
+    task = asyncio.ensure_future(paths.generate(req, name, gen, body, pieces, gone.is_set))
+    task.add_done_callback(lambda _t: pieces.wake())
     response: web.StreamResponse | None = None
+    transport = request.transport
     try:
-        pieces = await take()
-        if pieces is None and task.exception() is not None:
+        batch = await pieces.take(task.done)
+        if batch is None and task.exception() is not None:
             raise task.exception()  # type: ignore[misc]  # refused before any text: plain error
         response = web.StreamResponse(headers={**_SSE_HEADERS, **served.headers()})
         await response.prepare(request)
+        # the thread frames its pieces as HTTP/1.1 chunks (aiohttp chose them: no length)
+        chunked = response.headers.get("Transfer-Encoding", "").lower() == "chunked"
+        direct = chunked and not response.compression
         data = _sse(first) if first is not None else b""
-        while pieces is not None:
-            data += b"".join(map(piece, pieces)) if len(pieces) > 1 else piece(pieces[0])
+        head_out = False  # aiohttp sends the head with the first bytes of the body
+        while batch is not None:
+            for item in batch:
+                if isinstance(item, bytes):  # what a direct write left: framed, goes next
+                    if data:
+                        await response.write(data)
+                        data = b""
+                    assert transport is not None
+                    transport.write(item)
+                else:
+                    data += piece(item)
             if data:
                 await response.write(data)  # the head goes with the first one
-                data = b""
-            pieces = await take()
+                data, head_out = b"", True
+            pieces.written()
+            if direct and head_out:
+                pieces.go_direct(transport)
+            batch = await pieces.take(task.done)
         try:
             _, result = task.result()
             end = _sse(last(result))
@@ -530,6 +522,7 @@ async def _stream(
         gone.set()
         raise
     finally:
+        pieces.close()
         if not task.done():
             gone.set()
 

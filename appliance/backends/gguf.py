@@ -14,7 +14,6 @@ import contextlib
 import logging
 import os
 import queue
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -96,11 +95,6 @@ def model_mode(info: GgufInfo, configured: str) -> Literal["chat", "embedding"]:
 
 
 WHY_NO_GPU = "this llama-cpp-python was built without GPU offload"
-#: When llama.cpp's threads take every core, the generating thread steps off its core this long
-#: after handing over the first piece of a stream: the event loop, then the client, get a core to
-#: deliver the first token at once instead of waiting for the scheduler to preempt llama.cpp
-#: (about 2 ms less time to first token on 2 cores; it costs 1 ms of generation, once).
-FIRST_PIECE_PAUSE_S = 0.001
 
 
 def llama_kwargs(path: Path, cfg: GgufConfig, info: GgufInfo, use_gpu: bool) -> dict[str, Any]:
@@ -153,8 +147,6 @@ class GgufBackend(Backend):
         use_gpu = want_accelerator(context.config.device, gpu, why_not, what)
         kwargs = llama_kwargs(path, cfg, info, use_gpu)
         threads = kwargs["n_threads"]
-        every_core = not kwargs["n_gpu_layers"] and threads >= (os.cpu_count() or 1)
-        self._first_pause = FIRST_PIECE_PAUSE_S if every_core else 0.0
         self.parallelism = cfg.instances
         self._pool: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._all: list[Any] = []
@@ -246,8 +238,6 @@ class GgufBackend(Backend):
                     pieces.append(text)
                     if emit is not None:
                         emit(text)
-                        if tokens == 1 and self._first_pause:
-                            time.sleep(self._first_pause)
                 if choice.get("finish_reason"):
                     finish = choice["finish_reason"]
                 if cancelled():

@@ -40,6 +40,11 @@ LLM_MESSAGES: list[dict[str, str]] = [
 #: Untimed streamed completions on each side before the timed ones (first-call costs: the
 #: prompt's first evaluation, buffers, page faults on the mapped weights).
 LLM_WARMUP_RUNS = 1
+#: Idle time before each timed run: after a stream, llama.cpp's OpenMP threads keep spinning
+#: on a core for some 10-20 ms (measured here: ~10 ms of CPU in the first 20 ms); without a
+#: pause, the next side (another process) starts its prompt on one core, which counts against
+#: whichever side follows another, not against serving.
+LLM_GAP_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -340,6 +345,29 @@ def _median(values: Sequence[float]) -> float:
     return float(statistics.median(finite)) if finite else math.nan
 
 
+def _quartiles(values: Sequence[float]) -> list[float] | None:
+    """The first and third quartiles of the finite values (the spread of a median); None
+    with fewer than two."""
+    import statistics
+
+    finite = [v for v in values if math.isfinite(v)]
+    if len(finite) < 2:
+        return None
+    q1, _, q3 = statistics.quantiles(finite, n=4, method="inclusive")
+    return [q1, q3]
+
+
+def paired(side: Sequence[StreamRun], raw: Sequence[StreamRun]) -> dict[str, list[float]]:
+    """Round by round, each side's run against the raw run of the same round: its tokens/s
+    ratio and its added time to first token. The rounds interleave the sides, so a burst of
+    load elsewhere touches both runs of a pair: their ratio moves less than a ratio of two
+    medians taken over different moments."""
+    return {
+        "ratio": [a.tokens_per_s / b.tokens_per_s for a, b in zip(side, raw, strict=True)],
+        "added_ttft": [(a.ttft_ns - b.ttft_ns) / 1e6 for a, b in zip(side, raw, strict=True)],
+    }
+
+
 def thread_cpu_ns(pid: int, tid: int | None = None) -> int | None:
     """CPU time of one thread (the main thread by default) in nanoseconds, or None."""
     try:
@@ -428,6 +456,7 @@ def run_llm(
             for i in range(runs):
                 for k in range(len(active)):
                     side = active[(i + k) % len(active)]
+                    time.sleep(LLM_GAP_S)
                     pid = None if side == "raw" else server.pid
                     before = time.process_time_ns() if pid is None else process_cpu_ns(pid)
                     loop_before = thread_cpu_ns(server.pid)
@@ -493,6 +522,7 @@ def run_llm(
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "runs": runs,
         "warmup_runs": LLM_WARMUP_RUNS,
+        "gap_s": LLM_GAP_S,
         "clients": active[1:],
         "max_tokens": max_tokens,
         "seed": SEED,
@@ -530,6 +560,18 @@ def run_llm(
         }
         if f["cpu"] is not None and fr["cpu"] is not None:
             out[f"{name}_server_cpu_over_raw_ms_per_token"] = r(f["cpu"] - fr["cpu"], 4)
+        pairs = paired(sides[name].runs, raw)
+        ratio_q, ttft_q = _quartiles(pairs["ratio"]), _quartiles(pairs["added_ttft"])
+        out |= {
+            f"{prefix}paired_tokens_per_s_ratio": r(_median(pairs["ratio"]), 4),
+            f"{prefix}paired_tokens_per_s_ratio_quartiles": None
+            if ratio_q is None
+            else [r(x, 4) for x in ratio_q],
+            f"{prefix}paired_added_ttft_ms": r(_median(pairs["added_ttft"]), 3),
+            f"{prefix}paired_added_ttft_ms_quartiles": None
+            if ttft_q is None
+            else [r(x, 3) for x in ttft_q],
+        }
     out |= {
         "server_idle_rss_mib": r(idle_rss, 1),
         "server_after_rss_mib": r(after_rss, 1),

@@ -107,6 +107,21 @@ def format_llm_table(f: dict[str, Any]) -> str:
         cpu += f"{'n/a' if over is None else format(over, '+,.3f'):>10}"
         loop += f"{num(f.get(f'{side}_server_loop_cpu_us_per_token'), ',.1f'):>15}{'':>10}"
     lines += [ttft, tps, cpu + "  (the server's: all threads)", loop + "  (the server's)"]
+    for _, prefix, title in clients:  # the same round's runs against each other
+        ratio, ratio_q = (
+            f.get(f"{prefix}paired_tokens_per_s_ratio"),
+            f.get(f"{prefix}paired_tokens_per_s_ratio_quartiles"),
+        )
+        added, added_q = (
+            f.get(f"{prefix}paired_added_ttft_ms"),
+            f.get(f"{prefix}paired_added_ttft_ms_quartiles"),
+        )
+        spread = f" (quartiles {ratio_q[0]:.4f}-{ratio_q[1]:.4f})" if ratio_q else ""
+        line = f"paired   {title}: tokens/s ratio {num(ratio, '.4f')} x{spread}"
+        if added is not None:
+            spread = f" (quartiles {added_q[0]:+.3f} to {added_q[1]:+.3f})" if added_q else ""
+            line += f", TTFT {added:+.3f} ms{spread}"
+        lines.append(line + ", medians over rounds")
     for _, prefix, title in clients:
         if f.get(f"{prefix}tokens_per_s_note"):
             lines.append(f"note     {title} decode speed n/a: {f[f'{prefix}tokens_per_s_note']}")

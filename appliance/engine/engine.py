@@ -544,7 +544,13 @@ def worker_to_loop(deliver: Callable[[str], None]) -> Callable[[str], None]:
 
     One wake-up of the loop takes every piece queued so far: a piece finding a wake-up already
     on its way is only queued, so a loop that lags behind the generator catches up in one
-    turn instead of one turn per piece, and no piece waits for anything but the loop."""
+    turn instead of one turn per piece, and no piece waits for anything but the loop.
+
+    A `deliver` with a `from_worker` method of its own takes the pieces on the worker's thread
+    itself (api/stream_pieces.py: a stream that writes them to its socket from there)."""
+    own: Callable[[str], None] | None = getattr(deliver, "from_worker", None)
+    if own is not None:
+        return own
     loop = asyncio.get_running_loop()
     pending: collections.deque[str] = collections.deque()
     scheduled = [False]

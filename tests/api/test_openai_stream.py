@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -163,3 +164,156 @@ async def test_completion_burst_one_event_per_piece(burst) -> None:
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
     assert all(c["object"] == "text_completion" for c in chunks)
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+# -- the generating thread writing to the socket itself (api/stream_pieces.py) ---------------
+class BigBurstTextBackend(BurstTextBackend):
+    """Pieces far larger than the socket's buffers hold, back to back."""
+
+    name = "bigburst"
+    platform = "test_bigburst"
+    pieces = [f"{i:05d}" + 'x\u00e9"\n' * 1000 for i in range(400)]  # ~3 MB of events
+    done = threading.Event()
+    #: True once the stream lets this thread write (set by the test): the burst waits for it
+    direct: Callable[[], bool] = staticmethod(lambda: True)
+
+    def generate(self, request: Any, emit: Any, cancelled: Any) -> Any:
+        from appliance.llm import GenerationResult
+
+        cls = type(self)
+        try:
+            emit(cls.pieces[0])
+            for _ in range(1000):  # the loop writes the first piece, then hands over
+                if cls.direct():
+                    break
+                time.sleep(0.01)
+            for text in cls.pieces[1:]:
+                emit(text)
+            return GenerationResult("".join(cls.pieces), "length", 3, len(cls.pieces))
+        finally:
+            cls.done.set()
+
+
+@pytest.fixture
+def recorded(monkeypatch) -> list[Any]:
+    """Every stream's `Pieces` (to read its counters)."""
+    from appliance.api import openai as api
+    from appliance.api.stream_pieces import Pieces
+
+    made: list[Any] = []
+
+    class Recorded(Pieces):
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            made.append(self)
+
+    monkeypatch.setattr(api, "Pieces", Recorded)
+    return made
+
+
+async def test_thread_writes_then_a_slow_client_hands_back_to_the_loop(
+    serve, monkeypatch, tmp_path, recorded
+) -> None:
+    """A client that reads nothing until the model is done: the thread's direct writes fill
+    the socket, the loop takes over with the unsent rest, and the client still gets every
+    event whole and in order."""
+    import socket
+
+    from appliance import backends
+    from appliance.bench.llm import SseReader
+    from appliance.engine import ModelSource
+    from appliance.manifest import Manifest
+    from tests.support.gated import SIGNATURE
+
+    monkeypatch.setitem(
+        backends._BACKENDS, "bigburst", "tests.api.test_openai_stream:BigBurstTextBackend"
+    )
+    BigBurstTextBackend.gate.set()
+    BigBurstTextBackend.done.clear()
+    monkeypatch.setattr(
+        BigBurstTextBackend, "direct", lambda: bool(recorded and recorded[0]._direct)
+    )
+    f = tmp_path / "bigburst.bin"
+    f.write_bytes(b"")
+    manifest = Manifest("bigburst", "1", "bigburst", f.name, "", 0, SIGNATURE, "", "test")
+    client = await serve({}, [ModelSource(manifest, f, verify=False)])
+    body = orjson.dumps({"model": "bigburst", "prompt": "hi", "stream": True})
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, (client.host, client.port))
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body  # fmt: skip
+    await loop.sock_sendall(sock, head)
+    try:
+        await asyncio.wait_for(loop.run_in_executor(None, BigBurstTextBackend.done.wait, 60), 70)
+        raw = b""
+        while b"\r\n\r\n" not in raw:
+            raw += await loop.sock_recv(sock, 65536)
+        response_head, _, rest = raw.partition(b"\r\n\r\n")
+        assert response_head.startswith(b"HTTP/1.1 200") and b"chunked" in response_head.lower()
+        reader = SseReader(True, None)
+        events = reader.feed(rest)
+        while not reader.done:
+            data = await loop.sock_recv(sock, 1 << 20)
+            assert data, "the server closed the stream early"
+            events += reader.feed(data)
+    finally:
+        sock.close()
+    assert events[-1] == b"[DONE]"
+    texts = [orjson.loads(e)["choices"][0]["text"] for e in events[:-2]]
+    assert texts == BigBurstTextBackend.pieces
+    (pieces,) = recorded
+    assert pieces.direct_writes >= 1 and pieces.handed_back >= 1, vars(pieces)
+    assert pieces._fd == -1  # its duplicate descriptor is closed
+    assert (await client.get("/v1/models")).status == 200  # still serving
+
+
+async def test_tls_streams_stay_with_the_loop(monkeypatch, recorded, tmp_path) -> None:
+    """Over TLS the bytes on the socket are the loop's to encrypt: the thread never writes,
+    and the stream arrives whole."""
+    import socket
+    import ssl
+
+    import aiohttp
+
+    from appliance import backends
+    from appliance.api.http import LOADER
+    from appliance.api.http_server import open_server
+    from appliance.config import load_config
+    from appliance.engine import ModelSource
+    from appliance.manifest import Manifest
+    from appliance.server import build
+    from tests.support.certs import make_pki
+    from tests.support.gated import SIGNATURE
+
+    monkeypatch.setitem(
+        backends._BACKENDS, "burst", "tests.api.test_openai_stream:BurstTextBackend"
+    )
+    BurstTextBackend.gate.set()
+    f = tmp_path / "burst.bin"
+    f.write_bytes(b"")
+    manifest = Manifest("burst", "1", "burst", f.name, "", 0, SIGNATURE, "", "test")
+    config = load_config(None, {"model_defaults": {"probe_first_load": False}}, {})
+    app = build(config, [ModelSource(manifest, f, verify=False)])
+    pki = make_pki(tmp_path)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(pki["server.crt"], pki["server.key"])
+    running = await open_server(app, socket.create_server(("127.0.0.1", 0)), server_ctx)
+    try:
+        await app[LOADER]
+        client_ctx = ssl.create_default_context(cafile=str(pki["ca.crt"]))
+        body = {"model": "burst", "prompt": "hi", "stream": True}
+        url = f"https://localhost:{running.port}/v1/completions"
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(url, json=body, ssl=client_ctx) as r,
+        ):
+            assert r.status == 200
+            events = _events(await r.read())
+    finally:
+        await running.close()
+    texts = [orjson.loads(e)["choices"][0]["text"] for e in events[:-2]]
+    assert texts == BurstTextBackend.pieces
+    assert [p.direct_writes for p in recorded] == [0]

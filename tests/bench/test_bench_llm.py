@@ -57,6 +57,13 @@ def test_bench_llm_json(gguf_models: Path) -> None:
     assert len(f["openai_ttft_ms_runs"]) == 2, f
     if f["openai_tokens_per_s"] is not None:
         assert positive(f["openai_tokens_per_s_ratio"]), f
+    # round by round: each client's run against the raw run of the same round
+    for prefix in ("", "openai_"):
+        assert math.isfinite(f[f"{prefix}paired_added_ttft_ms"]), f
+        low, high = f[f"{prefix}paired_added_ttft_ms_quartiles"]
+        assert low <= f[f"{prefix}paired_added_ttft_ms"] <= high, f
+        if f[f"{prefix}paired_tokens_per_s_ratio"] is not None:
+            assert positive(f[f"{prefix}paired_tokens_per_s_ratio"]), f
     if Path("/proc/self/task").exists():  # CPU time per token: the server's, all threads and loop
         for key in ("raw_cpu_ms_per_token", "http_server_cpu_ms_per_token",
                     "openai_server_cpu_ms_per_token", "http_server_loop_cpu_us_per_token",
@@ -69,7 +76,8 @@ def test_bench_llm_table(gguf_models: Path) -> None:
     proc = appliance("bench", str(gguf_models / TINY), "--runs", "1", "--max-tokens", "8")
     assert proc.returncode == 0, proc.stderr
     for text in ("time to first token (ms)", "decode (tokens/s)", "raw llama.cpp",
-                 "HTTP stream", "openai client", "event loop CPU", "server RSS"):  # fmt: skip
+                 "HTTP stream", "openai client", "event loop CPU", "server RSS",
+                 "paired   HTTP stream: tokens/s ratio"):  # fmt: skip
         assert text in proc.stdout
 
 
