@@ -177,7 +177,8 @@ class Engine:
 
     async def _in_worker_thread(self, model: LoadedModel) -> Backend:
         """Load in a thread of its own at the workers' priority: the runtime's thread pools,
-        started now, inherit it (see scheduler.lower_priority)."""
+        started now, inherit it (see scheduler.lower_priority). An isolated model's worker
+        process starts at the loop's and lowers itself but for its loop channel (isolation)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Backend] = loop.create_future()
 
@@ -196,7 +197,8 @@ class Engine:
                 loop.call_soon_threadsafe(self._worker_state, model, status, reason)
 
         def load() -> None:
-            lower_priority(model.config.worker_nice)
+            if model.config.isolation != "process":  # (an isolated model's worker lowers itself)
+                lower_priority(model.config.worker_nice)
             result: Backend | None = None
             error: BaseException | None = None
             try:

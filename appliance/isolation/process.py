@@ -140,6 +140,12 @@ class WorkerProcess:
         self.proc = proc
         self.channels = [first]
         self.pool = ChannelPool()
+        #: The loop channel, when the load asked for one: kept for calls made on the server's
+        #: event loop thread (the scheduler's inline runs), whose worker thread keeps the
+        #: server's CPU priority (see worker.main).
+        self.loop_pool = ChannelPool()
+        #: How many channels `pool` holds when none is in use.
+        self.pooled = 1
         self.started = time.monotonic()
         #: Set once the process has exited and `returncode` says how.
         self.exited = threading.Event()
@@ -174,7 +180,8 @@ class WorkerProcess:
     def load(
         self, doc: dict[str, Any], channels: Callable[[dict[str, Any]], int], timeout_s: float
     ) -> dict[str, Any]:
-        """Load the model in the worker; then give it `channels(report)` channels in all.
+        """Load the model in the worker; then give it `channels(report)` channels for the pool,
+        and the loop channel if `doc` asks for one (`loop_channel`: it comes last).
         Returns the worker's report; ModelError (naming the signal, if it crashed) on failure."""
         first = self.channels[0]
         try:
@@ -207,10 +214,14 @@ class WorkerProcess:
         if not isinstance(report, dict):
             self.kill()
             raise ModelError(f"model {self.label}: the worker sent no report of the model")
-        self._more_channels(channels(report) - 1)
+        self.pooled = channels(report)
+        loop = doc.get("loop_channel") is True
+        self._more_channels(self.pooled - 1 + loop)
         first.set_timeout(None)
-        for channel in self.channels:
+        for channel in self.channels[: self.pooled]:
             self.pool.put(channel)
+        if loop:
+            self.loop_pool.put(self.channels[-1])
         return report
 
     def _more_channels(self, count: int) -> None:

@@ -10,8 +10,10 @@ follow each other and resets once a worker has stayed up for `healthy_after_s`.
 Inline runs: the scheduler runs a model whose measured runs stay under `inline_max_us` on the
 event loop thread. For an isolated model that is a blocking round trip to the worker, which
 costs less than the thread hand-off it replaces (two process wake-ups, no GIL hand-over), and
-the measured time includes it. A worker that does not answer a call made on the event loop
-within `LOOP_WAIT_S` is treated as hung and killed, so a hang cannot hold the loop for long.
+the measured time includes it. Such calls take the worker's loop channel, whose thread in the
+worker runs at the event loop's CPU priority, not the lowered one of queued work (see
+worker.py). A worker that does not answer a call made on the event loop within `LOOP_WAIT_S`
+is treated as hung and killed, so a hang cannot hold the loop for long.
 """
 
 from __future__ import annotations
@@ -72,6 +74,10 @@ class Supervisor:
         self._timeout_s = max(context.config.timeout_s, LOOP_WAIT_S)
         self._on_state = on_state
         self._doc = load_call(manifest, path, context.config, context.cache_dir)
+        # Started from a thread at the event loop's priority (the engine does not lower an
+        # isolated model's loading thread): the worker lowers all but its loop channel's thread.
+        self._doc["nice"] = min(19, self._doc["nice"] + context.config.worker_nice)
+        self._doc["loop_channel"] = True
         self._max_concurrency = context.config.max_concurrency
         self._worker: WorkerProcess | None = None
         #: The error calls get while no worker serves.
@@ -190,14 +196,17 @@ class Supervisor:
         worker = self._worker
         if worker is None or worker.dead:
             raise self._down or WorkerDied(f"model {self.label} is not running", self._delay)
+        pool = worker.pool
         try:
             asyncio.get_running_loop()
             wait = min(self._timeout_s, LOOP_WAIT_S)
+            pool = worker.loop_pool
         except RuntimeError:
             wait = self._timeout_s
         try:
-            channel = worker.pool.get_nowait()
+            channel = pool.get_nowait()
         except queue.Empty:
+            pool = worker.pool
             channel = self._wait_for_channel(worker, wait)
         try:
             packet = self._exchange(worker, channel, doc, arrays, wait, emit, cancelled)
@@ -206,7 +215,7 @@ class Supervisor:
             except ProtocolError as exc:
                 raise self._broken(worker, f"sent a malformed answer ({exc})") from None
         finally:
-            worker.pool.put(channel)
+            pool.put(channel)
         error = answer.get("error")
         if error is not None:
             raise _rebuild(error, self.label)
@@ -305,12 +314,14 @@ class Supervisor:
 
 def _drain(worker: WorkerProcess) -> None:
     """Close a dead worker's channels once the calls that hold them have given them back."""
-    for _ in worker.channels:
-        try:
-            worker.pool.get(timeout=STOP_GRACE_S * 6)
-        except queue.Empty:
-            log.warning("model %s: a call kept a dead worker's channel", worker.label)
-            return
+    pooled = worker.pooled
+    for pool, count in ((worker.pool, pooled), (worker.loop_pool, len(worker.channels) - pooled)):
+        for _ in range(count):
+            try:
+                pool.get(timeout=STOP_GRACE_S * 6)
+            except queue.Empty:
+                log.warning("model %s: a call kept a dead worker's channel", worker.label)
+                return
     worker.release()
 
 

@@ -55,3 +55,35 @@ def test_outputs_the_protocol_cannot_carry_fail_that_call_only(
         assert backend.run({"x": np.array([1.0], np.float32)}, None)["y"].tolist() == [2.0]
     finally:
         backend.unload()
+
+
+def test_calls_made_on_the_event_loop_run_at_its_priority_the_others_lower(
+    plugin: None, tmp_path: Path
+) -> None:
+    """An inline run holds the event loop until the worker answers: the worker's thread for it
+    keeps the loop's CPU priority; queued work runs `worker_nice` steps lower, as in-process."""
+    import asyncio
+    import os
+
+    from tests.support.plugins.appliance_crashy import NICE
+
+    f = tmp_path / "crashy.bin"
+    f.write_bytes(b"fine")
+    mv = Registry(tmp_path / "models").add("crashy", f, backend="crashy")
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    config = ModelConfig(worker_nice=3)
+    backend = start(mv.manifest, mv.file, LoadContext(config, tmp_path / "cache"), None)
+    nice = {"x": np.array([NICE], np.float32)}
+    try:
+
+        async def on_the_loop() -> float:
+            return float(backend.run(nice, None)["y"][0])
+
+        for _ in range(2):  # the same channel again, and its thread kept its priority
+            assert asyncio.run(on_the_loop()) == ours
+            assert backend.run(nice, None)["y"][0] == min(19, ours + 3)
+        worker = backend.supervisor._worker
+        assert worker is not None
+        assert len(worker.channels) == worker.pooled + 1
+    finally:
+        backend.unload()

@@ -3,6 +3,7 @@ trips, segments grow, and whatever a (possibly compromised) worker sends is chec
 
 from __future__ import annotations
 
+import array
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -153,3 +154,29 @@ def test_a_receive_past_its_timeout_raises_timeout_error_and_the_channel_still_w
     server.set_timeout(None)  # for ever again: the next receive waits for the packet
     worker.sock.send(REPLY + wire.INLINE + b"{}")
     assert server.receive() == REPLY + wire.INLINE + b"{}"
+
+
+def test_a_message_seen_before_is_read_anew_and_checked_again_in_another_segment(pair) -> None:
+    """Requests of one shape send the same packet each time: its header is parsed and checked
+    once, but the tensors are read from the segment every time, and a new segment (which may be
+    smaller) is checked again."""
+    server, worker = pair
+    for value in (1.0, 2.0, 3.0):
+        server.send(CALL, {"call": "run", "outputs": None}, {"x": np.full(4, value, "f4")}, 0)
+        doc, arrays, _ = worker.message(worker.receive(), copy=True)
+        assert doc == {"call": "run", "outputs": None}
+        assert arrays["x"].tolist() == [value] * 4
+        doc["call"] = "changed"  # each reader gets its own header
+    big = {"a": np.ones(4, np.float32), "x": np.ones(600_000, np.float32)}  # past 1 MiB
+    server.send(CALL, {"call": "run"}, big, 0)
+    packet = worker.receive()
+    assert worker.message(packet, copy=False)[1]["x"].shape == (600_000,)
+    # the same packet again, with a segment of 1 MiB: its tensor now lies outside
+    small = Segment.create(1)
+    fds = array.array("i", [small.fd])
+    server.sock.sendmsg([packet], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+    again = worker.receive()
+    assert again == packet and worker.segment.size == wire.INITIAL_BYTES
+    with pytest.raises(ProtocolError):
+        worker.message(again, copy=False)
+    small.close()

@@ -5,6 +5,8 @@
 null pointer read (SIGSEGV), abort() (SIGABRT), SIGKILL as the out-of-memory killer sends it,
 or a hang. A model file that starts with b"crash on load" crashes the load.
 
+A run with a NICE value answers the CPU priority (nice) of the thread that ran it.
+
 `ticking` is a language model that streams a token every 10 ms until cancelled (at most 10 s).
 """
 
@@ -28,6 +30,8 @@ from appliance.tensors import Signature, TensorSpec
 SIGNATURE = Signature((TensorSpec("x", "FP32", (-1,)),), (TensorSpec("y", "FP32", (-1,)),))
 #: Input values that crash (or stall) the run; UNSENDABLE gives an output no tensor can carry.
 SEGFAULT, ABORT, KILLED, HANG, SLOW, UNSENDABLE = 13.0, 6.0, 9.0, 7.0, 5.0, 4.0
+#: An input value whose answer is the running thread's nice value (Linux: per thread).
+NICE = 17.0
 #: How long a run with a SLOW value takes.
 SLOW_S = 1.0
 
@@ -64,6 +68,8 @@ class CrashyBackend(Backend):
             time.sleep(3600)
         if (x == SLOW).any():
             time.sleep(SLOW_S)
+        if (x == NICE).any():
+            return {"y": np.array([os.getpriority(os.PRIO_PROCESS, 0)], np.float32)}
         if (x == UNSENDABLE).any():
             return {"y": np.array([object()], dtype=object)}
         return {"y": x * 2}
