@@ -225,6 +225,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             seconds=args.priority_seconds,
             high_share=args.high_share,
             flood_factor=args.flood_factor,
+            flood_rps=args.flood_rps,
             flood_connections=args.flood_connections,
             flood_nice=args.flood_nice,
             flood_batch=args.flood_batch,
@@ -450,6 +451,9 @@ def parser() -> argparse.ArgumentParser:
                       help="the level-1 rate, as a fraction of the measured capacity")  # fmt: skip
     prio.add_argument("--flood-factor", type=float, default=10.0, metavar="X",
                       help="the level-2 flood's rate, as a multiple of the capacity")  # fmt: skip
+    prio.add_argument("--flood-rps", type=float, default=0.0, metavar="R",
+                      help="a fixed flood rate instead, so runs compare alike (level 1 at "
+                      "--high-share of R / --flood-factor)")  # fmt: skip
     prio.add_argument("--flood-connections", type=int, default=160, metavar="N",
                       help="more than the model admits, or the flood stalls")  # fmt: skip
     prio.add_argument("--flood-nice", type=int, default=0, metavar="N",

@@ -39,6 +39,9 @@ class PriorityOptions:
     high_share: float = 0.05
     #: The level-2 flood's rate, as a multiple of the capacity.
     flood_factor: float = 10.0
+    #: A fixed flood rate (req/s) instead: runs compare alike whatever capacity each measured
+    #: (the level-1 rate is then high_share of flood_rps / flood_factor). 0: from the capacity.
+    flood_rps: float = 0.0
     #: The flood's connections: more than the model admits, or the flood stalls.
     flood_connections: int = 160
     #: The flood client's CPU priority, this many steps lower.
@@ -58,6 +61,7 @@ class PriorityOptions:
             ("flood_factor", "flood-factor", 1),
             ("flood_batch", "flood-batch", 0),
             ("flood_nice", "flood-nice", 0),
+            ("flood_rps", "flood-rps", 0),
         ):
             value = getattr(self, key)
             if value < least:

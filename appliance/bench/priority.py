@@ -11,11 +11,13 @@ after the other on the same server, for `--priority-seconds` each:
 1. alone: level-1 requests at a steady `--high-share` (5 %) of that capacity, open loop (each
    of a few connections sends on its own schedule);
 2. flood: the same level-1 stream, plus level-2 requests at `--flood-factor` (10x) the
-   capacity, open loop over up to `--flood-connections` connections at once, from a lean
-   asyncio client (bench/flood.py) in a process of its own (`--flood-nice` lowers its CPU
-   priority: on a small machine the flood's client competes for the CPU with the server it
-   floods, which a flood from the network does not). Requests that find every connection
-   busy wait in the client and are timed from when they were due; the figures count them.
+   capacity (or at a fixed `--flood-rps`, so that runs compare alike: the level-1 rate is then
+   `--high-share` of that rate / `--flood-factor`), open loop over up to `--flood-connections`
+   connections at once, from a lean asyncio client (bench/flood.py) in a process of its own
+   (`--flood-nice` lowers its CPU priority: on a small machine the flood's client competes for
+   the CPU with the server it floods, which a flood from the network does not). Requests that
+   find every connection busy wait in the client and are timed from when they were due; the
+   figures count them.
 
 The figures are the level-1 stream's latency in both phases and their ratio (the goal: p99
 under the flood within 2x of its p99 alone), its refusals (the goal: none), and what the flood
@@ -276,8 +278,9 @@ def run_priority(
             address, low, c, max(2, options.warmup // c), options.requests, timeout_s
         )
         capacity = len(samples) / wall_s
-        high_rps = prio.high_share * capacity
-        low_rps = prio.flood_factor * capacity
+        nominal = prio.flood_rps / prio.flood_factor if prio.flood_rps else capacity
+        high_rps = prio.high_share * nominal
+        low_rps = prio.flood_factor * nominal
         seconds = prio.seconds
         say(quiet, f"alone: level {HIGH} at {high_rps:,.1f} req/s for {seconds:g} s ...")
         scrapes = [metrics_text(address, token)]
@@ -330,6 +333,7 @@ def run_priority(
         "capacity_p50_us": round(Latency.of(samples).p50_us, 1),
         "high_target_rps": round(high_rps, 1),
         "flood_target_rps": round(low_rps, 1),
+        "flood_rps_fixed": bool(prio.flood_rps),
         "flood_nice": prio.flood_nice,
         "alone": alone,
         "flood": flood,

@@ -206,7 +206,8 @@ def format_priority(f: dict[str, Any]) -> str:
         f"{flood['high']['server_p99_under_ms']} ms",
         f"  p99 under flood / alone: {f['high_p99_flood_vs_alone']}x; not 200 under flood: "
         f"{f['high_not_200_under_flood']}",
-        f"level {low_level} flood: {f['flood_target_rps']:,.0f} req/s targeted, "
+        f"level {low_level} flood: {f['flood_target_rps']:,.0f} req/s targeted"
+        f"{' (fixed)' if f.get('flood_rps_fixed') else ''}, "
         f"{low['offered_rps']:,.0f} offered over {low['connections']} connections (client nice "
         f"+{f['flood_nice']}); statuses {low['statuses']}",
         f"  200: {lat(low['latency_200'])}",

@@ -394,11 +394,12 @@ class Engine:
 
     # -- inference -------------------------------------------------------------------------
     def check_capacity(self, model: LoadedModel, priority: int | None = None) -> None:
+        """503 at once for a request known by its head (see ModelRunner.admit_head)."""
         runner, metrics = model.runner, model.stats
         if runner is None or metrics is None:
             return
         try:
-            runner.check_capacity(priority)
+            runner.admit_head(priority)
         except ApplianceError:
             metrics.outcomes["overloaded"] += 1
             raise

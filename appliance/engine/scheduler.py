@@ -193,10 +193,15 @@ class ModelRunner:
         self._ran_at = 0.0
         #: Queues by priority level; None with one level (the SimpleQueue serves it).
         self._levels: Levels[_Job] | None = None
+        #: Heads admitted (`admit_head`) whose requests are not queued yet, per level, and in
+        #: all (loop thread only; see admit_head).
+        self._heads: list[int] = []
+        self._heads_total = 0
         work: Callable[[], None] = self._work
         urgent = 0
         if priority is not None and priority.levels > 1:
             levels = self._levels = Levels(priority)
+            self._heads = [0] * levels.count
             if len(stats.levels) != levels.count:
                 stats.levels = [LevelStats() for _ in range(levels.count)]
             if backend.thread_safe:
@@ -339,6 +344,41 @@ class ModelRunner:
                 f"{self.max_queue} queued); retry later"
             )
 
+    def admit_head(self, priority: int | None = None) -> None:
+        """`check_capacity` for a request known only by its head (loop thread), whose body is
+        yet to be read and decoded; with priority levels, the heads admitted in one round of
+        the event loop count against the queue until their requests are queued.
+
+        Why: under a flood, the loop reads the heads of many connections in one round, before
+        any of their bodies is decoded; each one alone finds the room a worker just freed, so
+        all would pass and be decoded, and all but the few that fit would then be refused,
+        the costliest way. Counting the round's admitted heads refuses those from their heads
+        (a decode saved per refusal). The count ends with the round, before the bodies are
+        decoded (a callback queued ahead of their tasks), and a request queued meanwhile takes
+        its level's count down: a body that comes late, or a request that fails before it is
+        queued, keeps a place only until then."""
+        levels = self._levels
+        if levels is None:
+            self.check_capacity(priority)
+            return
+        level = levels.level_of(priority)
+        self._make_room(levels, level, False, True)
+        if not self._heads_total:
+            self._loop.call_soon(self._round_over)
+        self._heads[level - 1] += 1
+        self._heads_total += 1
+
+    def _round_over(self) -> None:
+        self._heads_total = 0
+        self._heads = [0] * len(self._heads)
+
+    def _queued_head(self, level: int) -> None:
+        """A request of `level` is queued or run: one head admitted of its level is no more."""
+        i = level - 1
+        if self._heads and self._heads[i]:
+            self._heads[i] -= 1
+            self._heads_total -= 1
+
     def _submit(
         self,
         inputs: Arrays,
@@ -418,21 +458,23 @@ class ModelRunner:
                 fut.set_result(job.result)
 
     # -- priority levels (engine/priority.py) --------------------------------------------------
-    def _make_room(self, levels: Levels[_Job], level: int, evict: bool) -> None:
+    def _make_room(self, levels: Levels[_Job], level: int, evict: bool, head: bool = False) -> None:
         """Admit a request of `level` (loop thread): refuse it, or with `evict` make room by
         evicting a lower level's queued request when the model is full; `evict` False only
-        checks."""
+        checks. `head`: the heads this round admitted count as queued (admit_head)."""
         policy = levels.policy(level)
-        if policy.max_queue and levels.queued(level) >= policy.max_queue:
+        heads, mine = (self._heads_total, self._heads[level - 1]) if head else (0, 0)
+        if policy.max_queue and levels.queued(level) + mine >= policy.max_queue:
             self._stats.levels[level - 1].refused += 1
             raise Overloaded(
                 f"model {self.label}: priority level {level} has {policy.max_queue} requests "
                 "waiting, its max_queue; retry later"
             )
-        if self._pending < self._limit or levels.size < self.max_queue:
+        if self._pending + heads < self._limit or levels.size + heads < self.max_queue:
             return  # (requests in a running batch count in `pending`, but wait no more)
         if not evict:
-            if levels.can_evict(level):
+            # (a head of a lower level may yet be queued, then evicted for this one)
+            if levels.can_evict(level) or (head and any(self._heads[level:])):
                 return
         else:
             victim = levels.evict(level)
@@ -473,6 +515,7 @@ class ModelRunner:
     ) -> _Job:
         level = levels.level_of(priority)
         self._make_room(levels, level, True)
+        self._queued_head(level)
         loop = self._loop
         future: asyncio.Future[Any] = loop.create_future()
         job = _Job(inputs, outputs, future, time.perf_counter() + timeout_s, nbytes)
@@ -514,6 +557,7 @@ class ModelRunner:
     def _run_inline_level(
         self, level: int, inputs: Arrays, outputs: list[str] | None, nbytes: int
     ) -> tuple[Arrays, Timing]:
+        self._queued_head(level)
         result, timing = self._run_inline(inputs, outputs, nbytes)
         stats = self._stats.levels[level - 1]
         stats.queue.observe(0.0)

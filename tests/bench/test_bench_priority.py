@@ -25,14 +25,19 @@ from tests.bench.test_bench import appliance
     ("binary", "by"), [(False, "body"), (True, "header")], ids=["json-body", "binary-header"]
 )
 def test_priority_bench_smoke(samples: Path, binary: bool, by: str) -> None:
+    fixed = ["--flood-rps", "1000"] if binary else []  # level 1 then at 0.05 * 1000 / 10
     proc = appliance(
         "bench", str(samples / "sample.onnx"), "--priority", "--priority-seconds", "0.5",
         "--requests", "60", "--warmup", "4", "--concurrency", "2", "--flood-connections", "24",
         "--flood-batch", "2", "--priority-by", by, *(["--binary"] if binary else []), "--json",
+        *fixed,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     f = json.loads(proc.stdout)
     assert f["capacity_rps"] > 0 and f["flood_max_batch_size"] == 2
+    assert f["flood_rps_fixed"] == binary
+    if binary:
+        assert (f["flood_target_rps"], f["high_target_rps"]) == (1000.0, 5.0)
     assert f["priority_by"] == by and f["encoding"] == ("binary" if binary else "json")
     for run in (f["alone"], f["flood"]):
         assert not run["client_errors"]
@@ -85,6 +90,7 @@ def test_priority_options_are_checked() -> None:
         (PriorityOptions(flood_factor=0.5), "--flood-factor"),
         (PriorityOptions(flood_connections=0), "--flood-connections"),
         (PriorityOptions(flood_nice=-1), "--flood-nice"),
+        (PriorityOptions(flood_rps=-1), "--flood-rps"),
         (PriorityOptions(server_cpus="x"), "--server-cpus"),
     ):
         with pytest.raises(ConfigError, match=flag):

@@ -17,11 +17,11 @@ import numpy as np
 import orjson
 import pytest
 
-from appliance.api.http import ENGINE
+from appliance.api.http import ENGINE, PATH
 from appliance.codec import decode_request
 from appliance.config import PriorityConfig, PriorityQueueConfig, load_config
 from appliance.engine.priority import Levels
-from appliance.errors import ConfigError, InvalidInput
+from appliance.errors import ConfigError, InvalidInput, Overloaded
 from tests.api.test_mqtt import DEVICE, mqtt_settings, peers  # noqa: F401
 from tests.engine.test_batching import _hold, _queued
 from tests.support.mosquitto import mosquitto_factory_fixture, mosquitto_fixture  # noqa: F401
@@ -625,6 +625,63 @@ async def test_a_low_level_named_in_the_header_is_refused_before_its_body(serve,
     await hold
     assert [(await f).status for f in queued] == [200, 200]
     assert await _metric(client, "appliance_priority_refused_total", level="3") == 1
+
+
+async def test_the_heads_admitted_in_one_loop_round_count_against_the_queue(serve):
+    """Heads read in one round of the event loop, before any body is decoded, each count as
+    queued: only as many as there is room for pass, the rest are refused from their heads (no
+    decode to throw away). The count ends with the round, so the bodies that follow are
+    queued as usual and a later round finds the real queue."""
+    client = await serve(_levels(max_queue=2, queues=[{"level": 2, "max_queue": 1}]))
+    runner, release, hold = await _hold(client, "sample")  # running: the queue is empty
+    paths = client.server.app[PATH]
+
+    def head(level: str) -> None:
+        req = paths.begin("http", "POST", "/v2/models/sample/infer", "infer", priority=level)
+        paths.admit(req, "sample")
+
+    head("3")
+    head("2")
+    with pytest.raises(Overloaded, match="priority level 2 has 1 requests waiting"):
+        head("2")  # its level's own max_queue, counting the head before it
+    with pytest.raises(Overloaded, match="none of them below priority level 3"):
+        head("3")  # the model's queue: two heads admitted fill it
+    head("1")  # a level above the lowest is never refused while a lower one may be evicted
+    assert await _metric(client, "appliance_priority_refused_total", level="3") == 1
+    assert await _metric(client, "appliance_priority_refused_total", level="2") == 1
+    # a new round: nothing is queued, the heads of the last one no longer count
+    head("3")
+    head("3")
+    await asyncio.sleep(0)
+    queued = [_post(client, _req(30 + i, priority=3)) for i in range(2)]
+    await _queued(runner, 3)
+    with pytest.raises(Overloaded, match="none of them below priority level 3"):
+        head("3")  # now the queue itself is full
+    release.set()
+    await hold
+    assert [(await f).status for f in queued] == [200, 200]
+
+
+async def test_a_request_queued_in_its_heads_round_counts_once(serve):
+    """A head's request queued within the same round (the aiohttp path may read and decode a
+    body without yielding) takes its level's head count down: it counts as queued, not twice."""
+    client = await serve(_levels(max_queue=3))
+    runner, release, hold = await _hold(client, "sample")
+    paths = client.server.app[PATH]
+
+    def head() -> None:
+        req = paths.begin("http", "POST", "/v2/models/sample/infer", "infer", priority="3")
+        paths.admit(req, "sample")
+
+    head()
+    head()
+    job = runner._submit({}, None, TIMEOUT, 0, lambda backend, cancelled: None, 3)
+    head()  # 1 queued + 1 head + this one: the queue's 3
+    with pytest.raises(Overloaded):
+        head()
+    release.set()
+    await hold
+    await job.future
 
 
 async def test_mqtt_user_property_sets_the_level(mosquitto, serve, peers):  # noqa: F811
