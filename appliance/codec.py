@@ -206,6 +206,11 @@ def _float_item(item: Any) -> bool:
 
 
 def bytes_from_binary(raw: bytes | memoryview, n: int, what: str) -> np.ndarray[Any, Any]:
+    if n > len(raw) // 4:  # before allocating n slots: the shape is the client's word
+        raise InvalidInput(
+            f"{what}: binary BYTES data of {len(raw)} bytes cannot hold {n} elements (each "
+            "takes at least its 4-byte length)"
+        )
     out = np.empty(n, dtype=object)
     view = memoryview(raw)
     pos = 0

@@ -223,3 +223,22 @@ def test_float_data_past_its_type_is_refused_by_name(datatype: str, value: float
     else:
         with pytest.raises(InvalidInput, match=f"input 'x': value out of range for {datatype}"):
             decode_request(body)
+
+
+def test_a_bytes_shape_larger_than_its_binary_data_is_refused_before_allocating() -> None:
+    """The gRPC fuzzer's find: a BYTES shape of 2**40 elements over 18 bytes of data was
+    allocated (24 TiB of object slots: a 500) before the data was read."""
+    head = orjson.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "t",
+                    "datatype": "BYTES",
+                    "shape": [2**40],
+                    "parameters": {"binary_data_size": 18},
+                }
+            ]
+        }
+    )
+    with pytest.raises(InvalidInput, match="18 bytes cannot hold 1099511627776 elements"):
+        decode_request(head + b"\x00" * 18, len(head))
