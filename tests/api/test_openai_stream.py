@@ -7,6 +7,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -106,8 +107,8 @@ class BurstTextBackend(TickingTextBackend):
         return GenerationResult("".join(self.pieces), "length", 3, len(self.pieces))
 
 
-@pytest.fixture
-async def burst(serve, monkeypatch, tmp_path):
+def _burst_source(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
+    """The `burst` model (BurstTextBackend, registered for this test only)."""
     from appliance import backends
     from appliance.engine import ModelSource
     from appliance.manifest import Manifest
@@ -120,7 +121,12 @@ async def burst(serve, monkeypatch, tmp_path):
     f = tmp_path / "burst.bin"
     f.write_bytes(b"")
     manifest = Manifest("burst", "1", "burst", f.name, "", 0, SIGNATURE, "", "test")
-    return await serve({}, [ModelSource(manifest, f, verify=False)])
+    return ModelSource(manifest, f, verify=False)
+
+
+@pytest.fixture
+async def burst(serve, monkeypatch, tmp_path):
+    return await serve({}, [_burst_source(monkeypatch, tmp_path)])
 
 
 def _events(body: bytes) -> list[bytes]:
@@ -278,25 +284,14 @@ async def test_tls_streams_stay_with_the_loop(monkeypatch, recorded, tmp_path) -
 
     import aiohttp
 
-    from appliance import backends
     from appliance.api.http import LOADER
     from appliance.api.http_server import open_server
     from appliance.config import load_config
-    from appliance.engine import ModelSource
-    from appliance.manifest import Manifest
     from appliance.server import build
     from tests.support.certs import make_pki
-    from tests.support.gated import SIGNATURE
 
-    monkeypatch.setitem(
-        backends._BACKENDS, "burst", "tests.api.test_openai_stream:BurstTextBackend"
-    )
-    BurstTextBackend.gate.set()
-    f = tmp_path / "burst.bin"
-    f.write_bytes(b"")
-    manifest = Manifest("burst", "1", "burst", f.name, "", 0, SIGNATURE, "", "test")
     config = load_config(None, {"model_defaults": {"probe_first_load": False}}, {})
-    app = build(config, [ModelSource(manifest, f, verify=False)])
+    app = build(config, [_burst_source(monkeypatch, tmp_path)])
     pki = make_pki(tmp_path)
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_ctx.load_cert_chain(pki["server.crt"], pki["server.key"])

@@ -217,7 +217,8 @@ def _appliance(model: str, port: int, cpus: str, extra: list[str]) -> subprocess
     return subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _body(model: str) -> bytes:
+def request_body(model: str) -> bytes:
+    """A KServe v2 JSON body for `model`'s first input, every element 0.5."""
     import onnxruntime as ort
 
     spec = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).get_inputs()[0]
@@ -233,7 +234,7 @@ def _body(model: str) -> bytes:
 def http_part(args: argparse.Namespace, out: dict[str, Any]) -> None:
     from appliance.bench.client import free_port
 
-    body = _body(args.model)
+    body = request_body(args.model)
     fport, aport = free_port(), free_port()
     cpus = set(range(1, os.cpu_count() or 1)) or None
     floor = subprocess.Popen(
@@ -291,7 +292,7 @@ def mqtt_part(args: argparse.Namespace, out: dict[str, Any]) -> None:
     from appliance.bench.mqtt import time_mqtt
     from appliance.bench.timing import Latency
 
-    body = _body(args.model)
+    body = request_body(args.model)
     with tempfile.TemporaryDirectory() as tmp:
         bport = free_port()
         conf = Path(tmp) / "mosquitto.conf"

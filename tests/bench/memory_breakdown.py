@@ -42,6 +42,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from tests.bench.floors import request_body  # noqa: E402
+
 _IMPORTTIME = re.compile(r"^import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)\s*$")
 
 
@@ -88,18 +90,6 @@ def _wait(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 60.0) -> 
     raise RuntimeError(f"not ready within {timeout_s:g} s")
 
 
-def _request_body(model: str) -> bytes:
-    import onnxruntime as ort
-
-    spec = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).get_inputs()[0]
-    shape = [d if isinstance(d, int) and d > 0 else 1 for d in spec.shape]
-    n = 1
-    for d in shape:
-        n *= d
-    tensor = {"name": spec.name, "shape": shape, "datatype": "FP32", "data": [0.5] * n}
-    return json.dumps({"inputs": [tensor]}).encode()
-
-
 #: Compiled bytecode for every tree and the venv, outside them (the prefix mirrors source paths).
 PYCACHE = Path(tempfile.gettempdir()) / "appliance-bench-pycache"
 
@@ -129,7 +119,7 @@ def measure_serve(
             _wait(port, proc)
             req = urllib.request.Request(
                 f"http://127.0.0.1:{port}/v2/models/sample/infer",
-                data=_request_body(model),
+                data=request_body(model),
                 headers={"Content-Type": "application/json"},
             )
             with urllib.request.urlopen(req, timeout=10) as r:
@@ -167,7 +157,7 @@ def measure_floor(model: str) -> dict[str, int]:
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise RuntimeError("the floor server did not start") from None
                 time.sleep(0.05)
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/", data=_request_body(model))
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/", data=request_body(model))
         with urllib.request.urlopen(req, timeout=10):
             pass
         time.sleep(0.5)
@@ -190,7 +180,7 @@ def time_start(model: str, tree: Path) -> tuple[float, float]:
     from appliance.bench.client import free_port
 
     port = free_port()
-    body = _request_body(model)
+    body = request_body(model)
     req = (
         b"POST /v2/models/sample/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
         b"Content-Length: %d\r\n\r\n" % len(body)
