@@ -27,11 +27,10 @@ DAY = 86400.0
 
 #: Every `time.time()` in appliance/ and what it stamps: none of them measures a duration.
 WALL_CLOCK_USES = {
-    "appliance/api/http_server.py": 1,  # the Date header
     "appliance/api/openai.py": 2,  # `created` of a completion
     "appliance/api/status.py": 2,  # `time` and `started_at` of /api/status (uptime: monotonic)
     "appliance/engine/engine.py": 1,  # a model's loaded_at (OpenAI's `created`)
-    "appliance/hub/front.py": 1,  # the Date header of the device front
+    "appliance/httphead.py": 1,  # the Date header (the device's fast path, the hub's front)
     "appliance/hub/polls.py": 1,  # devices' last-seen stamps
     "appliance/hub/simulate.py": 1,  # the version name of the simulation's rollout
     "appliance/hub/simworker.py": 1,  # the `time` of a simulated device's telemetry event
