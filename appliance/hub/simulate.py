@@ -686,13 +686,7 @@ def spawn_mirror(root: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
                 time.sleep(0.05)
         yield f"http://127.0.0.1:{port}", proc
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        _stop([proc], 10)
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -747,15 +741,21 @@ def spawn_hub(
             _wait_healthy(url, proc)
         yield Spawned(data, urls, procs, token)
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        _stop(procs, 15)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _stop(procs: Sequence[subprocess.Popen[bytes]], grace_s: float) -> None:
+    """SIGTERM to all at once (so they stop together), then SIGKILL any still up after `grace_s`."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:

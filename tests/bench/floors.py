@@ -324,8 +324,13 @@ def mqtt_part(args: argparse.Namespace, out: dict[str, Any]) -> None:
             _wait_http(aport, "/v2/health/ready")
             rows: list[dict[str, float]] = []
             for i in range(args.rounds + 1):
+                c0 = _cpu_s(echo.pid)
                 f = Latency.of(time_mqtt(url, "floor", "sample", body, 50, args.requests, 30.0))
+                c1 = _cpu_s(app.pid)
                 a = Latency.of(time_mqtt(url, "bench-dev", "sample", body, 50, args.requests, 30.0))
+                c2 = _cpu_s(app.pid)
+                f_cpu = (_cpu_s(echo.pid) - c0) / (args.requests + 50) * 1e6
+                a_cpu = (c2 - c1) / (args.requests + 50) * 1e6
                 if i == 0:
                     continue
                 rows.append(
@@ -335,12 +340,14 @@ def mqtt_part(args: argparse.Namespace, out: dict[str, Any]) -> None:
                         "appliance_p50_us": a.p50_us,
                         "appliance_p99_us": a.p99_us,
                         "ratio_p50": a.p50_us / f.p50_us,
+                        "floor_cpu_us": f_cpu,
+                        "appliance_cpu_us": a_cpu,
                     }
                 )
                 print(
-                    f"  mqtt round {i}: echo p50 {f.p50_us:.0f} µs p99 {f.p99_us:.0f}, "
-                    f"appliance p50 {a.p50_us:.0f} µs p99 {a.p99_us:.0f}: "
-                    f"{a.p50_us / f.p50_us:.2f}x",
+                    f"  mqtt round {i}: echo p50 {f.p50_us:.0f} µs p99 {f.p99_us:.0f} "
+                    f"(CPU {f_cpu:.0f} µs/request), appliance p50 {a.p50_us:.0f} µs "
+                    f"p99 {a.p99_us:.0f} (CPU {a_cpu:.0f}): {a.p50_us / f.p50_us:.2f}x",
                     flush=True,
                 )
             out["mqtt_qos1"] = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
