@@ -29,23 +29,18 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qsl
-
-from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
 
 from ..errors import ApplianceError, InferenceFailed
 from ..formats import JSON
 from ..httphead import STATUS_LINES, DateHeader
 from ..httphead import parse_head as read_head
 from ..request import Request, RequestPath
-from .http import (
-    PATH,
+from .app import PATH, SETTINGS, App, HttpSettings
+from .http_parts import (
     PRIORITY_HEADER,
-    SETTINGS,
     TIMEOUT_HEADER,
-    HttpSettings,
     check_length,
     encode_answer,
     encode_formatted,
@@ -55,6 +50,10 @@ from .http import (
 from .images import text_parameters
 from .limits import ConnectionLimits, connection_cap
 from .routes import Route, hot_routes
+
+if TYPE_CHECKING:  # imported at the first request handed over (api/app.py)
+    from aiohttp import web
+    from aiohttp.web_protocol import RequestHandler
 
 log = logging.getLogger("appliance.http")
 
@@ -566,12 +565,60 @@ class Connection(asyncio.Protocol):
         self.resume("aiohttp")
 
 
+class WebRunner:
+    """aiohttp's `AppRunner` for the app's aiohttp application, made at its first use: the
+    first request the fast path hands over (api/app.py says why). `server` is the handler
+    factory, as on aiohttp's runner."""
+
+    def __init__(self, app: App, keepalive_s: float) -> None:
+        self.app = app
+        self._keepalive_s = keepalive_s
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def started(self) -> bool:
+        return self._runner is not None
+
+    @property
+    def server(self) -> Callable[[], RequestHandler]:
+        if self._runner is None:
+            self._runner = self._setup()
+        factory = self._runner.server
+        assert factory is not None
+        return factory
+
+    def _setup(self) -> web.AppRunner:
+        t0 = time.perf_counter()
+        from aiohttp import web
+
+        app, keepalive_s = self.app.web(), self._keepalive_s
+        runner = web.AppRunner(
+            app, handle_signals=False, access_log=None, keepalive_timeout=keepalive_s
+        )
+        # Its setup only runs the aiohttp app's on_startup, which is empty (the lifecycle is
+        # api/app.py's): it completes without waiting, so it runs here, in the data callback.
+        setup = runner.setup()
+        try:
+            setup.send(None)
+        except StopIteration:
+            pass
+        else:
+            setup.close()
+            raise RuntimeError("the aiohttp application must have no on_startup (api/app.py)")
+        log.debug("aiohttp application made in %.1f ms", (time.perf_counter() - t0) * 1000)
+        return runner
+
+    async def cleanup(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
 @dataclass
 class HttpServer:
     """The listening side: connections, the aiohttp handler factory, graceful close."""
 
-    app: web.Application
-    handler_factory: Callable[[], RequestHandler]
+    app: App
+    runner: WebRunner
     loop: asyncio.AbstractEventLoop
 
     def __post_init__(self) -> None:
@@ -582,6 +629,10 @@ class HttpServer:
         self.date = DateHeader()
         self.connections: set[Connection] = set()
         self.closing = False
+
+    def handler_factory(self) -> RequestHandler:
+        """A new aiohttp protocol for a connection (or a request) handed over."""
+        return self.runner.server()
 
     def protocol(self) -> Connection:
         return Connection(self)
@@ -656,8 +707,9 @@ class RunningServer:
     """The app served on a socket by this protocol; `close` is the graceful shutdown."""
 
     def __init__(
-        self, runner: web.AppRunner, http: HttpServer, server: asyncio.Server, sweeper: Any
+        self, app: App, runner: WebRunner, http: HttpServer, server: asyncio.Server, sweeper: Any
     ) -> None:
+        self.app = app
         self.runner = runner
         self.http = http
         self.server = server
@@ -670,40 +722,49 @@ class RunningServer:
     async def close(self, timeout_s: float = 10.0) -> None:
         self.server.close()
         self._sweeper.cancel()
+        await self.app.shutdown()
         await self.http.drain(timeout_s)
-        await self.runner.cleanup()
+        try:
+            await self.runner.cleanup()
+        finally:
+            await self.app.cleanup()
 
 
 async def open_server(
-    app: web.Application, sock: socket.socket, ssl_context: ssl.SSLContext | None = None
+    app: App, sock: socket.socket, ssl_context: ssl.SSLContext | None = None
 ) -> RunningServer:
     """Start the app (its startup and cleanup contexts) and serve it on `sock`; with
     `ssl_context`, over TLS (api/tls.py): the event loop's TLS transport hands this protocol
-    decrypted bytes and encrypts its writes, so the fast path and aiohttp work unchanged."""
+    decrypted bytes and encrypts its writes, so the fast path and aiohttp work unchanged.
+    aiohttp is started only if a request needs it (`WebRunner`), or at once without the fast
+    path (it then answers every request)."""
     loop = asyncio.get_running_loop()
-    keepalive_s = app[SETTINGS].limits.keepalive_timeout_s
-    runner = web.AppRunner(
-        app, handle_signals=False, access_log=None, keepalive_timeout=keepalive_s
-    )
-    await runner.setup()
-    factory = runner.server
-    assert factory is not None
-    http = HttpServer(app, factory, loop)
-    tls: dict[str, Any] = {}
-    if ssl_context is not None:  # a client that stalls its handshake is dropped
-        tls = {"ssl": ssl_context, "ssl_handshake_timeout": TLS_HANDSHAKE_TIMEOUT_S}
-    server = await loop.create_server(http.protocol, sock=sock, backlog=1024, **tls)
+    settings = app[SETTINGS]
+    runner = WebRunner(app, settings.limits.keepalive_timeout_s)
+    await app.startup()
+    try:
+        if not settings.fast_path or app.web_built:
+            runner.server  # noqa: B018 - made now, on the loop, before the first request
+        http = HttpServer(app, runner, loop)
+        tls: dict[str, Any] = {}
+        if ssl_context is not None:  # a client that stalls its handshake is dropped
+            tls = {"ssl": ssl_context, "ssl_handshake_timeout": TLS_HANDSHAKE_TIMEOUT_S}
+        server = await loop.create_server(http.protocol, sock=sock, backlog=1024, **tls)
+    except BaseException:
+        await runner.cleanup()
+        await app.cleanup()
+        raise
 
     async def sweep() -> None:
         while True:
             await asyncio.sleep(http.sweep_interval_s)
             http.sweep()
 
-    return RunningServer(runner, http, server, loop.create_task(sweep()))
+    return RunningServer(app, runner, http, server, loop.create_task(sweep()))
 
 
 def run(
-    app: web.Application,
+    app: App,
     sock: socket.socket,
     shutdown_timeout_s: float,
     ssl_context: ssl.SSLContext | None = None,
