@@ -15,8 +15,8 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from .. import __version__
-from ..engine import LoadedModel, ModelSource
-from ..errors import ApplianceError, InferenceFailed, InvalidInput, ModelError, NotReady
+from ..engine import ModelSource
+from ..errors import ApplianceError, InferenceFailed, InvalidInput, ModelError
 from ..formats import JSON
 from ..registry import PIPELINE, Registry, check_name
 from ..request import Request, RequestPath
@@ -38,9 +38,11 @@ from .http_parts import PRIORITY_HEADER as PRIORITY_HEADER
 from .http_parts import TIMEOUT_HEADER as TIMEOUT_HEADER
 from .http_parts import begin as begin
 from .http_parts import check_length as check_length
+from .http_parts import device_of as device_of
 from .http_parts import encode_answer as encode_answer
 from .http_parts import encode_formatted as encode_formatted
 from .http_parts import error_parts as error_parts
+from .http_parts import ready_answer as ready_answer
 from .http_parts import tensor_request as tensor_request
 from .images import image_request, text_parameters
 from .openai import add_routes as add_openai_routes
@@ -151,23 +153,7 @@ async def live(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    engine = request.app[ENGINE]
-    if not engine.ready:
-        waiting = [
-            f"{m.name}: {m.status}" + (f" ({m.reason})" if m.reason else "")
-            for m in engine.models()
-            if m.status != "ready"
-        ]
-        raise NotReady("not ready: " + ("; ".join(waiting) or "starting"))
-    models = {
-        m.name: {"version": m.version, "status": m.status, "device": _device(m)}
-        for m in request.app[ROUTER].models()
-    }
-    return json_response({"ready": True, "models": models})
-
-
-def _device(model: LoadedModel) -> str | None:
-    return model.placement.device if model.placement else None
+    return json_response(ready_answer(request.app[ENGINE], request.app[ROUTER]))
 
 
 async def server_metadata(request: web.Request) -> web.Response:
@@ -185,7 +171,7 @@ async def model_ready(request: web.Request) -> web.Response:
     )
     return json_response(
         {"name": request.match_info["name"], "version": model.version, "ready": True,
-         "device": _device(model)}
+         "device": device_of(model)}
     )  # fmt: skip
 
 

@@ -9,8 +9,10 @@ from typing import Any
 import orjson
 
 from ..codec import InferRequest, InferResponse, decode_request, encode_response
-from ..errors import ApplianceError, InvalidInput, PayloadTooLarge
+from ..engine import Engine, LoadedModel
+from ..errors import ApplianceError, InvalidInput, NotReady, PayloadTooLarge
 from ..request import Request, RequestPath
+from ..routing import Router
 
 _JSON = "application/json"
 
@@ -111,3 +113,24 @@ def tensor_request(body: bytes, header_length: str | None) -> InferRequest:
                 f"Inference-Header-Content-Length must be an integer, got {header_length!r}"
             ) from None
     return decode_request(body, length)
+
+
+def ready_answer(engine: Engine, router: Router) -> dict[str, Any]:
+    """GET /v2/health/ready: the models served and where, or 503 naming those not loaded yet
+    (both HTTP servers: readiness probes stay on the fast path)."""
+    if not engine.ready:
+        waiting = [
+            f"{m.name}: {m.status}" + (f" ({m.reason})" if m.reason else "")
+            for m in engine.models()
+            if m.status != "ready"
+        ]
+        raise NotReady("not ready: " + ("; ".join(waiting) or "starting"))
+    models = {
+        m.name: {"version": m.version, "status": m.status, "device": device_of(m)}
+        for m in router.models()
+    }
+    return {"ready": True, "models": models}
+
+
+def device_of(model: LoadedModel) -> str | None:
+    return model.placement.device if model.placement else None

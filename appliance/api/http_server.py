@@ -1,14 +1,15 @@
-"""The HTTP/1.1 server in front of the aiohttp application: the infer hot path, served directly.
+"""The HTTP/1.1 server in front of the aiohttp application: the hot paths, served directly.
 
 Why: for a small model, aiohttp's per-request machinery (request and response objects, router,
 middleware chain, header multidicts, its writer) costs several times what the runtime takes, and
 under overload even a 503 paid for all of it. This protocol parses plain requests itself and
-answers the hot routes (KServe v2 `infer` with a JSON or binary-tensor body, and
-`/v2/health/live`) straight from the engine, through the same functions as the aiohttp handlers
-(api/http.py: auth, `answer`, the error mapping, metrics, the access log), so the two cannot
-disagree.
+answers the hot routes (KServe v2 `infer` with a JSON or binary-tensor body, the health and
+readiness probes, `/metrics`) straight from the engine, through the same functions as the
+aiohttp handlers (api/http_parts.py: auth, the answer's encoding, the error mapping, metrics,
+the access log), so the two cannot disagree. A device that only gets these never imports
+aiohttp (api/app.py).
 
-Every other request (other routes, image and multipart bodies, compressed bodies, odd query
+Every other request (other routes, HEAD, image and multipart bodies, compressed bodies, odd query
 strings) is handed byte for byte to the aiohttp application on the same connection, and the
 connection comes back once aiohttp has written its answer. Anything unusual (chunked bodies,
 HTTP/1.0, `Expect`, upgrades, absolute URLs, non-ASCII or malformed heads, heads over the size
@@ -32,12 +33,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qsl
 
+import orjson
+
 from ..errors import ApplianceError, InferenceFailed
 from ..formats import JSON
 from ..httphead import STATUS_LINES, DateHeader
 from ..httphead import parse_head as read_head
 from ..request import Request, RequestPath
-from .app import PATH, SETTINGS, App, HttpSettings
+from .app import ENGINE, METRICS, PATH, ROUTER, SETTINGS, App, HttpSettings
 from .http_parts import (
     PRIORITY_HEADER,
     TIMEOUT_HEADER,
@@ -45,6 +48,7 @@ from .http_parts import (
     encode_answer,
     encode_formatted,
     error_parts,
+    ready_answer,
     tensor_request,
 )
 from .images import text_parameters
@@ -381,17 +385,25 @@ class Connection(asyncio.Protocol):
         skipped, or the connection closed."""
         server = self.server
         req = self._begin(head)
-        if head.method == "GET":  # /v2/health/live
+        assert head.route is not None
+        if head.method == "GET":  # health, readiness, metrics: no body, answered at once
             self.idle_since = time.monotonic()
-            self._write(200, _LIVE_BODY, _JSON, None, req.id, head.close)
-            server.paths.finish(req, 200)
+            try:
+                req.token_name = server.settings.auth.check(
+                    _get(head.headers, "authorization"), head.route.scope, self.peer
+                )
+                body, ctype = server.answer_get(head.route.handler)
+            except ApplianceError as exc:
+                self._error(head, req, exc)
+            else:
+                self._write(200, body, ctype, None, req.id, head.close)
+                server.paths.finish(req, 200)
             if head.close:
                 self._close_now()
             return True
         m = head.match
         assert m is not None
         try:
-            assert head.route is not None
             req.token_name = server.settings.auth.check(
                 _get(head.headers, "authorization"), head.route.scope, self.peer
             )
@@ -624,11 +636,27 @@ class HttpServer:
     def __post_init__(self) -> None:
         self.paths: RequestPath = self.app[PATH]
         self.settings: HttpSettings = self.app[SETTINGS]
+        self.engine, self.router, self.metrics = (
+            self.app[ENGINE],
+            self.app[ROUTER],
+            self.app[METRICS],
+        )
+        self._metrics_type = self.metrics.content_type.encode()
         self.limits: ConnectionLimits = self.settings.limits
         self.max_connections = connection_cap(self.limits)
         self.date = DateHeader()
         self.connections: set[Connection] = set()
         self.closing = False
+
+    def answer_get(self, handler: str) -> tuple[bytes, bytes]:
+        """The body and content type of a hot GET route (api/routes.py names its handler)."""
+        if handler == "live":
+            return _LIVE_BODY, _JSON
+        if handler == "ready":
+            return orjson.dumps(ready_answer(self.engine, self.router)), _JSON
+        if handler == "metrics":
+            return self.metrics.render(), self._metrics_type
+        raise AssertionError(f"no fast-path answer for the hot route {handler!r}")
 
     def handler_factory(self) -> RequestHandler:
         """A new aiohttp protocol for a connection (or a request) handed over."""
