@@ -532,10 +532,18 @@ class Connection(asyncio.Protocol):
         self._close_now()
 
     # -- aiohttp -----------------------------------------------------------------------------
-    def _aiohttp(self) -> RequestHandler:
+    def _aiohttp(self) -> RequestHandler | None:
+        """aiohttp's protocol for this connection; None (a 500 sent, the connection closing)
+        if its application cannot be made (it is made at the first request handed over)."""
         if self.aio is None:
+            try:
+                handler = self.server.handler_factory()
+            except Exception:
+                log.exception("the aiohttp application could not be made")
+                self._write(500, b'{"error":"internal server error"}', _JSON, None, "-", True)
+                self._close_now()
+                return None
             transport = _ToAiohttp(self)
-            handler = self.server.handler_factory()
             handler.connection_made(transport)
             self.aio, self._aio_transport = handler, transport
         return self.aio
@@ -550,7 +558,9 @@ class Connection(asyncio.Protocol):
         self._forward = head.length - n
         if self._forward:
             self.body_since = time.monotonic()
-        self._aiohttp().data_received(chunk)
+        handler = self._aiohttp()
+        if handler is not None:
+            handler.data_received(chunk)
 
     def _hand_over(self) -> None:
         """aiohttp takes the rest of this connection."""
@@ -559,7 +569,8 @@ class Connection(asyncio.Protocol):
         data = bytes(self._buf)
         self._buf.clear()
         self.resume("buffer")
-        handler.data_received(data)
+        if handler is not None:
+            handler.data_received(data)
 
     def delegated_done(self, keep_alive: bool) -> None:
         if self.handed_over:

@@ -359,6 +359,31 @@ async def test_aiohttp_is_made_at_the_first_request_handed_over_and_only_then(st
     assert seen == ["start", "stop"]
 
 
+async def test_an_aiohttp_app_that_cannot_be_made_is_a_500_and_the_fast_path_serves_on(store):
+    overrides = {"store": {"path": str(store.root)}, "model_defaults": {"probe_first_load": False}}
+    app = build(load_config(None, overrides, {}), sources_from_store(store.root), store)
+
+    def broken(_web_app: web.Application) -> None:
+        raise RuntimeError("a route table that cannot be built")
+
+    app.on_web.append(broken)
+    running = await open_server(app, socket.create_server(("127.0.0.1", 0)))
+    try:
+        await app[LOADER]
+        conn = Conn(*await asyncio.open_connection("127.0.0.1", running.port))
+        await conn.send(request("GET", "/v2"))
+        status, _, body = await conn.response()
+        assert (status, orjson.loads(body)) == (500, {"error": "internal server error"})
+        assert await conn.closed()
+        conn.close()
+        other = Conn(*await asyncio.open_connection("127.0.0.1", running.port))
+        await other.send(request("POST", INFER, BODY))
+        assert (await other.response())[0] == 200
+        other.close()
+    finally:
+        await running.close()
+
+
 async def test_readiness_and_metrics_on_the_fast_path_answer_as_aiohttp_does(store, connect):
     """Same status, body and content type from both servers (fast_path off: aiohttp's)."""
     fast, slow = await connect(), await connect({"server": {"fast_path": False}})
