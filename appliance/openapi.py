@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
@@ -99,7 +99,14 @@ def published_components() -> dict[str, Any]:
     return out
 
 
-def registered(app: web.Application) -> list[tuple[str, str]]:
+class Routed(Protocol):
+    """An aiohttp application, or the device's (api/app.py), whose router makes it."""
+
+    @property
+    def router(self) -> web.UrlDispatcher: ...
+
+
+def registered(app: Routed) -> list[tuple[str, str]]:
     """(METHOD, path) of every route of `app`, but the HEAD that aiohttp adds beside a GET."""
     out = [
         (route.method.upper(), route.resource.canonical)
@@ -115,7 +122,7 @@ Examples = Mapping[str, list[str]]
 
 
 def document(
-    app: web.Application, api: Api, schemas: Mapping[str, Schema], examples: Examples | None = None
+    app: Routed, api: Api, schemas: Mapping[str, Schema], examples: Examples | None = None
 ) -> dict[str, Any]:
     """The OpenAPI 3.1 document of `app`'s routes as registered now."""
     paths: dict[str, dict[str, Any]] = {}

@@ -12,17 +12,16 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from aiohttp import web
-
 from . import plugins, systemd, tracing
 from .api import auth as auth_config
 from .api import tls
+from .api.app import ENGINE, LOADER, METRICS, PATH, ROUTER, SETTINGS, STORE, App, HttpSettings
+from .api.app import engine_ctx as _engine_ctx
 from .api.auth import Auth
-from .api.http import SETTINGS, HttpSettings, build_app
 from .api.http_server import run as run_http
 from .api.limits import ConnectionLimits
 from .api.routes import SYNC
-from .api.ws import WsSettings
+from .api.ws_settings import WsSettings
 from .backends import detect_backend
 from .config import Config
 from .engine import Engine, ModelSource
@@ -37,6 +36,8 @@ from .routing import Router
 from .tensors import Signature
 
 if TYPE_CHECKING:
+    from aiohttp import web
+
     from .tracing.otel import Tracer
 
 log = logging.getLogger("appliance.server")
@@ -81,10 +82,9 @@ def source_from_file(path: Path, name: str | None = None) -> ModelSource:
     return ModelSource(manifest, path, verify=False)
 
 
-def build(
-    config: Config, sources: list[ModelSource], store: Registry | None = None
-) -> web.Application:
-    """The app; with `store`, it can switch versions at run time (repository API, SIGHUP)."""
+def build(config: Config, sources: list[ModelSource], store: Registry | None = None) -> App:
+    """The app; with `store`, it can switch versions at run time (repository API, SIGHUP).
+    Its aiohttp application (api/http.py) is made when a request first needs it (api/app.py)."""
     plugins.use_dirs(config.plugins.dirs)  # before any model loads: they may need a plugin
     metrics = Metrics()
     tracer = start_tracing(config)
@@ -111,12 +111,19 @@ def build(
             keepalive_timeout_s=config.server.keepalive_timeout_s,
         ),
     )
-    app = build_app(paths, metrics, settings, store)
+    app = App(_web_app)
+    app[PATH] = paths
+    app[ROUTER] = router
+    app[ENGINE] = engine
+    app[METRICS] = metrics
+    app[SETTINGS] = settings
+    app[STORE] = store
+    app.cleanup_ctx.append(_engine_ctx)
     if tracer is not None:
         app.cleanup_ctx.append(_tracing_ctx)
     if store is not None:
         app.cleanup_ctx.append(_reload_on_hangup)
-    # After build_app: readiness waits on the loader that build_app's engine context starts.
+    # After the engine's context: readiness waits on the loader that it starts.
     systemd.install(app, systemd.format_address(config.server.host, config.server.port))
     if config.mqtt.url:
         app.cleanup_ctx.append(_mqtt_ctx(config, paths, metrics))
@@ -127,6 +134,13 @@ def build(
             raise ConfigError("hub.url: fleet sync needs a model store, not --model FILE")
         _add_sync(app, config, engine, metrics, store, router)
     return app
+
+
+def _web_app(app: App) -> web.Application:
+    """The aiohttp application, imported and made at the first request that needs it."""
+    from .api.http import build_web
+
+    return build_web(app)
 
 
 def start_tracing(config: Config) -> Tracer | None:
@@ -144,7 +158,7 @@ def start_tracing(config: Config) -> Tracer | None:
     return tracer
 
 
-async def _tracing_ctx(app: web.Application) -> AsyncIterator[None]:
+async def _tracing_ctx(app: App) -> AsyncIterator[None]:
     """Spans still queued are exported at shutdown (bounded by the export timeout)."""
     yield
     tracer = tracing.use(None)
@@ -153,7 +167,7 @@ async def _tracing_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def _add_sync(
-    app: web.Application,
+    app: App,
     config: Config,
     engine: Engine,
     metrics: Metrics,
@@ -161,7 +175,6 @@ def _add_sync(
     router: Router,
 ) -> None:
     """The hub sync agent runs beside serving; GET /v2/sync reports what it is doing."""
-    from .api.http import LOADER, json_response
     from .api.status import SYNC_STATUS
 
     try:
@@ -175,23 +188,28 @@ def _add_sync(
     agent = SyncAgent(config, engine, store, metrics, router.pipelines)
 
     async def status(request: web.Request) -> web.Response:
+        from .api.http import json_response
+
         return json_response(agent.status())
 
-    async def ctx(app: web.Application) -> AsyncIterator[None]:
+    async def ctx(app: App) -> AsyncIterator[None]:
         agent.start(asyncio.shield(app[LOADER]))
         yield
         await agent.stop()
 
     (route,) = SYNC  # its scope is declared in api/routes.py
-    app.router.add_route(route.method, route.path, status)
+
+    def add_route(web_app: web.Application) -> None:
+        web_app.router.add_route(route.method, route.path, status)
+
+    app.on_web.append(add_route)
     app[SYNC_STATUS] = agent.status  # the status page's summary (api/status.py)
     app.cleanup_ctx.append(ctx)
 
 
-async def _reload_on_hangup(app: web.Application) -> AsyncIterator[None]:
+async def _reload_on_hangup(app: App) -> AsyncIterator[None]:
     """SIGHUP (`systemctl reload appliance`): serve the store's active versions, switching
     each changed model with no gap (after `appliance models activate` or `rollback`)."""
-    from .api.http import ENGINE, LOADER, ROUTER, STORE
 
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[None]] = set()
@@ -223,12 +241,11 @@ async def _reload_on_hangup(app: web.Application) -> AsyncIterator[None]:
 
 def _mqtt_ctx(
     config: Config, paths: RequestPath, metrics: Metrics
-) -> Callable[[web.Application], AsyncIterator[None]]:
+) -> Callable[[App], AsyncIterator[None]]:
     """MQTT runs beside HTTP; it stops first (contexts unwind in reverse), while the engine it
     feeds still serves."""
 
-    async def ctx(app: web.Application) -> AsyncIterator[None]:
-        from .api.http import LOADER
+    async def ctx(app: App) -> AsyncIterator[None]:
         from .api.mqtt import MqttService
 
         service = MqttService(config, paths, metrics)
@@ -249,7 +266,7 @@ def _mqtt_ctx(
 
 def _grpc_ctx(
     config: Config, paths: RequestPath, store: Registry | None, auth: Auth
-) -> Callable[[web.Application], AsyncIterator[None]]:
+) -> Callable[[App], AsyncIterator[None]]:
     """gRPC runs beside HTTP on the same loop and engine; it stops before the engine does."""
     try:
         from .api import grpc as grpc_front
@@ -259,7 +276,7 @@ def _grpc_ctx(
             f"(pip install 'appliance[grpc]'): {exc}"
         ) from None
 
-    async def ctx(app: web.Application) -> AsyncIterator[None]:
+    async def ctx(app: App) -> AsyncIterator[None]:
         server = await grpc_front.start(config, paths, store, auth)
         yield
         await server.stop(config.server.shutdown_timeout_s)

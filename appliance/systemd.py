@@ -24,14 +24,12 @@ import socket
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
-from aiohttp import web
-
-from .api.http import ENGINE, LOADER
+from .api.app import ENGINE, LOADER, App, Key
 
 log = logging.getLogger("appliance.systemd")
 
 #: "host:port" the server listens on, for the STATUS line; `serve()` sets the bound port.
-ADDRESS = web.AppKey("systemd_address", str)
+ADDRESS = Key("systemd_address", str)
 
 
 class Notifier:
@@ -145,10 +143,10 @@ class _Service:
             self.notifier.notify("STOPPING=1", "STATUS=stopping: draining requests")
 
 
-_SERVICE = web.AppKey("systemd_service", _Service)
+_SERVICE = Key("systemd_service", _Service)
 
 
-async def _announce_ready(app: web.Application, notifier: Notifier) -> None:
+async def _announce_ready(app: App, notifier: Notifier) -> None:
     """READY=1 once every model has been tried: systemd's "started" means "can serve"."""
     loader = app[LOADER]
     engine = app[ENGINE]
@@ -180,8 +178,8 @@ async def _watchdog(notifier: Notifier, interval: float) -> None:
         await asyncio.sleep(interval)
 
 
-async def systemd_ctx(app: web.Application) -> AsyncIterator[None]:
-    """aiohttp cleanup context: readiness, status and watchdog for the app's lifetime.
+async def systemd_ctx(app: App) -> AsyncIterator[None]:
+    """A cleanup context (api/app.py): readiness, status and watchdog for the app's lifetime.
 
     Must come after the engine's context in `app.cleanup_ctx` (it awaits app[LOADER], which that
     one creates). Startup is not delayed: readiness is announced from a task once models load, so
@@ -211,7 +209,7 @@ async def systemd_ctx(app: web.Application) -> AsyncIterator[None]:
         notifier.close()
 
 
-async def _on_shutdown(app: web.Application) -> None:
+async def _on_shutdown(app: App) -> None:
     """STOPPING=1 as soon as shutdown begins, before in-flight requests drain (up to
     server.shutdown_timeout_s); the watchdog keeps pinging until the cleanup."""
     service = app.get(_SERVICE)
@@ -219,8 +217,8 @@ async def _on_shutdown(app: web.Application) -> None:
         service.stopping()
 
 
-def install(app: web.Application, address: str | None = None) -> None:
-    """Add systemd notifications to an app made by `build_app` (after its engine context)."""
+def install(app: App, address: str | None = None) -> None:
+    """Add systemd notifications to an app made by server.build (after its engine context)."""
     if address is not None:
         app[ADDRESS] = address
     app.on_shutdown.append(_on_shutdown)

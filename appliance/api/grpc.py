@@ -35,7 +35,7 @@ from ..request import Request, RequestPath
 from . import auth as auth_mod
 from .auth import Auth, client_address
 from .grpc_codec import decode_infer, encode_infer
-from .http import PRIORITY_HEADER, TIMEOUT_HEADER
+from .http_parts import PRIORITY_HEADER, TIMEOUT_HEADER
 from .oip import grpc_service_pb2 as pb
 from .oip import model_config_pb2 as mc
 from .routes import Scope

@@ -6,11 +6,8 @@ middleware, so handlers only raise.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -18,62 +15,47 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from .. import __version__
-from ..codec import InferRequest, InferResponse, decode_request, encode_response
-from ..engine import Engine, LoadedModel, ModelSource
-from ..errors import (
-    ApplianceError,
-    InferenceFailed,
-    InvalidInput,
-    ModelError,
-    NotReady,
-    PayloadTooLarge,
-)
+from ..engine import ModelSource
+from ..errors import ApplianceError, InferenceFailed, InvalidInput, ModelError
 from ..formats import JSON
-from ..metrics import Metrics
 from ..registry import PIPELINE, Registry, check_name
 from ..request import Request, RequestPath
-from ..routing import Router
 from . import generate as oip_generate
 from . import trace_settings
-from .auth import Auth
+
+# The state and the parts shared with the fast path live apart, without aiohttp (api/app.py,
+# api/http_parts.py); their names stay importable from here.
+from .app import ENGINE as ENGINE
+from .app import LOADER as LOADER
+from .app import METRICS as METRICS
+from .app import PATH as PATH
+from .app import ROUTER as ROUTER
+from .app import SETTINGS as SETTINGS
+from .app import STORE as STORE
+from .app import App
+from .app import HttpSettings as HttpSettings
+from .http_parts import PRIORITY_HEADER as PRIORITY_HEADER
+from .http_parts import TIMEOUT_HEADER as TIMEOUT_HEADER
+from .http_parts import begin as begin
+from .http_parts import check_length as check_length
+from .http_parts import device_of as device_of
+from .http_parts import encode_answer as encode_answer
+from .http_parts import encode_formatted as encode_formatted
+from .http_parts import error_parts as error_parts
+from .http_parts import ready_answer as ready_answer
+from .http_parts import tensor_request as tensor_request
 from .images import image_request, text_parameters
-from .limits import ConnectionLimits
 from .openai import add_routes as add_openai_routes
-from .openai import openai_error
 from .openapi import route_handler as openapi_route
 from .routes import KSERVE, OPENAI, STATUS, SYNC, UNDECLARED, UNMATCHED, Scope, scopes
 from .status import add_routes as add_status_routes
-from .ws import WsSettings
 from .ws import stream as ws_stream
 
 log = logging.getLogger("appliance.http")
 
 
-@dataclass(frozen=True)
-class HttpSettings:
-    #: Bearer tokens and their scopes (api/auth.py); none: no auth.
-    auth: Auth
-    max_body_bytes: int
-    access_log: bool
-    #: The hot routes answered by api/http_server.py itself (else every request by aiohttp).
-    fast_path: bool = True
-    #: WebSocket streams (api/ws.py).
-    ws: WsSettings = field(default_factory=WsSettings)
-    #: Connections, header/body read and keep-alive timeouts (api/http_server.py).
-    limits: ConnectionLimits = field(default_factory=ConnectionLimits)
-
-
-ENGINE = web.AppKey("engine", Engine)
-ROUTER = web.AppKey("router", Router)
-#: The request lifecycle every route runs its requests through (appliance/request.py).
-PATH = web.AppKey("path", RequestPath)
 #: The lifecycle record of the request being answered (set by the middleware).
 REQUEST = web.RequestKey("request", Request)
-METRICS = web.AppKey("metrics", Metrics)
-SETTINGS = web.AppKey("settings", HttpSettings)
-LOADER: web.AppKey[asyncio.Task[None]] = web.AppKey("loader")
-#: The model store the server was started from; None when it serves files named on the command line.
-STORE: web.AppKey[Registry | None] = web.AppKey("store")
 
 _JSON = "application/json"
 #: Status counted (never sent) for a request whose connection closed before it was answered:
@@ -86,18 +68,6 @@ def json_response(
     obj: Any, status: int = 200, headers: dict[str, str] | None = None
 ) -> web.Response:
     return web.Response(body=orjson.dumps(obj), status=status, content_type=_JSON, headers=headers)
-
-
-def error_parts(exc: ApplianceError, openai: bool = False) -> tuple[bytes, dict[str, str] | None]:
-    """The one place errors become HTTP: KServe's `{"error": "..."}`, or OpenAI's shape, and
-    the headers that go with the status (for aiohttp's handlers and api/http_server.py)."""
-    headers = None
-    if exc.retry_after is not None:
-        headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
-    elif exc.status == 401:
-        headers = {"WWW-Authenticate": 'Bearer realm="appliance"'}
-    body = openai_error(exc) if openai else {"error": exc.message}
-    return orjson.dumps(body), headers
 
 
 def error_response(exc: ApplianceError, openai: bool = False) -> web.Response:
@@ -116,32 +86,6 @@ def route_scope(request: web.Request) -> Scope:
     if resource is None or request.match_info.http_exception is not None:
         return UNMATCHED
     return SCOPES.get(resource.canonical, UNDECLARED)
-
-
-#: The client's timeout for one request, in milliseconds: a queued request that can no longer
-#: finish in time is answered 504 without running. Same effect as Triton's `timeout` request
-#: parameter (microseconds); when both are given the shorter one counts.
-TIMEOUT_HEADER = "X-Request-Timeout-Ms"
-#: The request's priority level (1 = highest), when the body's `parameters.priority` is absent
-#: (OpenAI's routes have no such field).
-PRIORITY_HEADER = "X-Request-Priority"
-
-
-def begin(path: RequestPath, method: str, target: str, route: str, headers: Any,
-          remote: str | None) -> Request:  # fmt: skip
-    """An HTTP request into the lifecycle: what its headers carry (both HTTP servers)."""
-    return path.begin(
-        "http", method, target, route,
-        request_id=headers.get("X-Request-Id"),
-        traceparent=headers.get("traceparent"),
-        remote=remote,
-        meta=headers,
-        timeout_ms=headers.get(TIMEOUT_HEADER),
-        priority=headers.get(PRIORITY_HEADER),
-        timeout_name=TIMEOUT_HEADER,
-        priority_name=PRIORITY_HEADER,
-        accept=headers.get("Accept"),
-    )  # fmt: skip
 
 
 @web.middleware
@@ -209,23 +153,7 @@ async def live(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    engine = request.app[ENGINE]
-    if not engine.ready:
-        waiting = [
-            f"{m.name}: {m.status}" + (f" ({m.reason})" if m.reason else "")
-            for m in engine.models()
-            if m.status != "ready"
-        ]
-        raise NotReady("not ready: " + ("; ".join(waiting) or "starting"))
-    models = {
-        m.name: {"version": m.version, "status": m.status, "device": _device(m)}
-        for m in request.app[ROUTER].models()
-    }
-    return json_response({"ready": True, "models": models})
-
-
-def _device(model: LoadedModel) -> str | None:
-    return model.placement.device if model.placement else None
+    return json_response(ready_answer(request.app[ENGINE], request.app[ROUTER]))
 
 
 async def server_metadata(request: web.Request) -> web.Response:
@@ -243,7 +171,7 @@ async def model_ready(request: web.Request) -> web.Response:
     )
     return json_response(
         {"name": request.match_info["name"], "version": model.version, "ready": True,
-         "device": _device(model)}
+         "device": device_of(model)}
     )  # fmt: skip
 
 
@@ -350,81 +278,12 @@ async def infer(request: web.Request) -> web.Response:
     return web.Response(body=payload, headers=headers)
 
 
-def check_length(content_length: int | None, limit: int) -> None:
-    if content_length is not None and content_length > limit:
-        raise PayloadTooLarge(
-            f"request body of {content_length} bytes is larger than the limit of {limit} bytes"
-        )
-
-
-def encode_answer(
-    result: InferResponse, body: InferRequest, name: str
-) -> tuple[bytes, str, dict[str, str]]:
-    """A KServe v2 answer over HTTP: the body, its content type and the headers saying which
-    model answered (both HTTP servers)."""
-    payload, json_length = encode_response(result, body)
-    out = _served_headers(result, name)
-    if json_length is None:
-        return payload, _JSON, out
-    out["Inference-Header-Content-Length"] = str(json_length)
-    return payload, "application/octet-stream", out
-
-
-async def encode_formatted(
-    paths: RequestPath, req: Request, result: InferResponse, body: InferRequest, name: str
-) -> tuple[bytes, str, dict[str, str]]:
-    """An answer in the format the client chose, not JSON (appliance/formats), with its
-    Content-Type among the headers (both HTTP servers)."""
-    payload, content_type = await paths.encode(req, result, body)
-    out = _served_headers(result, name)
-    out["Content-Type"] = content_type
-    return payload, content_type, out
-
-
-def _served_headers(result: InferResponse, name: str) -> dict[str, str]:
-    """Which model answered (for a task, the variant or the fallback): also in the body."""
-    out = {"X-Model-Name": result.model_name, "X-Model-Version": result.model_version}
-    if result.parameters:
-        if "task" in result.parameters:
-            out["X-Task"] = name
-            out["X-Fallback"] = "true" if result.parameters["fallback"] else "false"
-        if result.parameters.get("cached"):
-            out["X-Cache"] = "hit"
-    return out
-
-
-def tensor_request(body: bytes, header_length: str | None) -> InferRequest:
-    """A KServe v2 body: JSON, or JSON followed by binary tensor data."""
-    length = None
-    if header_length is not None:
-        try:
-            length = int(header_length)
-        except ValueError:
-            raise InvalidInput(
-                f"Inference-Header-Content-Length must be an integer, got {header_length!r}"
-            ) from None
-    return decode_request(body, length)
-
-
 def _query_parameters(request: web.Request) -> dict[str, Any]:
     """Request parameters given in the URL (?top_k=5), for image bodies and JSON alike."""
     return text_parameters(request.query.items()) if request.query else {}
 
 
 # -- application ------------------------------------------------------------------------------
-async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Load models in the background: health answers at once, readiness once they are loaded."""
-    engine = app[ENGINE]
-    app[LOADER] = asyncio.create_task(engine.start())
-    yield
-    loader = app[LOADER]
-    if not loader.done():
-        loader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await loader
-    await engine.stop()
-
-
 async def trace_setting(request: web.Request) -> web.Response:
     """Triton's trace setting API (api/trace_settings.py)."""
     return json_response(await trace_settings.trace_setting(request, request.app[PATH]))
@@ -486,24 +345,15 @@ HANDLERS.update(
 )
 
 
-def build_app(
-    paths: RequestPath,
-    metrics_registry: Metrics,
-    settings: HttpSettings,
-    store: Registry | None = None,
-) -> web.Application:
+def build_web(app: App) -> web.Application:
+    """The aiohttp application of `app` (api/app.py calls this once, at the first request the
+    fast path hands over; it shares `app`'s state and lifecycle)."""
+    settings, paths = app[SETTINGS], app[PATH]
     # aiohttp's own limit stops chunked bodies; infer checks Content-Length before reading.
-    app = web.Application(middlewares=[middleware], client_max_size=settings.max_body_bytes)
-    app[PATH] = paths
-    app[ROUTER] = paths.router
-    app[ENGINE] = paths.engine
-    app[METRICS] = metrics_registry
-    app[SETTINGS] = settings
-    app[STORE] = store
+    web_app = web.Application(middlewares=[middleware], client_max_size=settings.max_body_bytes)
     handlers = {**HANDLERS, "openapi": openapi_route(settings.auth.enabled, paths.router)}
     for route in KSERVE:
-        app.router.add_route(route.method, route.path, handlers[route.handler])
-    add_openai_routes(app, PATH, REQUEST)
-    add_status_routes(app)
-    app.cleanup_ctx.append(_engine_ctx)
-    return app
+        web_app.router.add_route(route.method, route.path, handlers[route.handler])
+    add_openai_routes(web_app, PATH, REQUEST)
+    add_status_routes(web_app)
+    return web_app

@@ -1,14 +1,15 @@
-"""The HTTP/1.1 server in front of the aiohttp application: the infer hot path, served directly.
+"""The HTTP/1.1 server in front of the aiohttp application: the hot paths, served directly.
 
 Why: for a small model, aiohttp's per-request machinery (request and response objects, router,
 middleware chain, header multidicts, its writer) costs several times what the runtime takes, and
 under overload even a 503 paid for all of it. This protocol parses plain requests itself and
-answers the hot routes (KServe v2 `infer` with a JSON or binary-tensor body, and
-`/v2/health/live`) straight from the engine, through the same functions as the aiohttp handlers
-(api/http.py: auth, `answer`, the error mapping, metrics, the access log), so the two cannot
-disagree.
+answers the hot routes (KServe v2 `infer` with a JSON or binary-tensor body, the health and
+readiness probes, `/metrics`) straight from the engine, through the same functions as the
+aiohttp handlers (api/http_parts.py: auth, the answer's encoding, the error mapping, metrics,
+the access log), so the two cannot disagree. A device that only gets these never imports
+aiohttp (api/app.py).
 
-Every other request (other routes, image and multipart bodies, compressed bodies, odd query
+Every other request (other routes, HEAD, image and multipart bodies, compressed bodies, odd query
 strings) is handed byte for byte to the aiohttp application on the same connection, and the
 connection comes back once aiohttp has written its answer. Anything unusual (chunked bodies,
 HTTP/1.0, `Expect`, upgrades, absolute URLs, non-ASCII or malformed heads, heads over the size
@@ -29,32 +30,34 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qsl
 
-from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
+import orjson
 
 from ..errors import ApplianceError, InferenceFailed
 from ..formats import JSON
 from ..httphead import STATUS_LINES, DateHeader
 from ..httphead import parse_head as read_head
 from ..request import Request, RequestPath
-from .http import (
-    PATH,
+from .app import ENGINE, METRICS, PATH, ROUTER, SETTINGS, App, HttpSettings
+from .http_parts import (
     PRIORITY_HEADER,
-    SETTINGS,
     TIMEOUT_HEADER,
-    HttpSettings,
     check_length,
     encode_answer,
     encode_formatted,
     error_parts,
+    ready_answer,
     tensor_request,
 )
 from .images import text_parameters
 from .limits import ConnectionLimits, connection_cap
 from .routes import Route, hot_routes
+
+if TYPE_CHECKING:  # imported at the first request handed over (api/app.py)
+    from aiohttp import web
+    from aiohttp.web_protocol import RequestHandler
 
 log = logging.getLogger("appliance.http")
 
@@ -382,17 +385,25 @@ class Connection(asyncio.Protocol):
         skipped, or the connection closed."""
         server = self.server
         req = self._begin(head)
-        if head.method == "GET":  # /v2/health/live
+        assert head.route is not None
+        if head.method == "GET":  # health, readiness, metrics: no body, answered at once
             self.idle_since = time.monotonic()
-            self._write(200, _LIVE_BODY, _JSON, None, req.id, head.close)
-            server.paths.finish(req, 200)
+            try:
+                req.token_name = server.settings.auth.check(
+                    _get(head.headers, "authorization"), head.route.scope, self.peer
+                )
+                body, ctype = server.answer_get(head.route.handler)
+            except ApplianceError as exc:
+                self._error(head, req, exc)
+            else:
+                self._write(200, body, ctype, None, req.id, head.close)
+                server.paths.finish(req, 200)
             if head.close:
                 self._close_now()
             return True
         m = head.match
         assert m is not None
         try:
-            assert head.route is not None
             req.token_name = server.settings.auth.check(
                 _get(head.headers, "authorization"), head.route.scope, self.peer
             )
@@ -521,10 +532,18 @@ class Connection(asyncio.Protocol):
         self._close_now()
 
     # -- aiohttp -----------------------------------------------------------------------------
-    def _aiohttp(self) -> RequestHandler:
+    def _aiohttp(self) -> RequestHandler | None:
+        """aiohttp's protocol for this connection; None (a 500 sent, the connection closing)
+        if its application cannot be made (it is made at the first request handed over)."""
         if self.aio is None:
+            try:
+                handler = self.server.handler_factory()
+            except Exception:
+                log.exception("the aiohttp application could not be made")
+                self._write(500, b'{"error":"internal server error"}', _JSON, None, "-", True)
+                self._close_now()
+                return None
             transport = _ToAiohttp(self)
-            handler = self.server.handler_factory()
             handler.connection_made(transport)
             self.aio, self._aio_transport = handler, transport
         return self.aio
@@ -539,7 +558,9 @@ class Connection(asyncio.Protocol):
         self._forward = head.length - n
         if self._forward:
             self.body_since = time.monotonic()
-        self._aiohttp().data_received(chunk)
+        handler = self._aiohttp()
+        if handler is not None:
+            handler.data_received(chunk)
 
     def _hand_over(self) -> None:
         """aiohttp takes the rest of this connection."""
@@ -548,7 +569,8 @@ class Connection(asyncio.Protocol):
         data = bytes(self._buf)
         self._buf.clear()
         self.resume("buffer")
-        handler.data_received(data)
+        if handler is not None:
+            handler.data_received(data)
 
     def delegated_done(self, keep_alive: bool) -> None:
         if self.handed_over:
@@ -566,22 +588,90 @@ class Connection(asyncio.Protocol):
         self.resume("aiohttp")
 
 
+class WebRunner:
+    """aiohttp's `AppRunner` for the app's aiohttp application, made at its first use: the
+    first request the fast path hands over (api/app.py says why). `server` is the handler
+    factory, as on aiohttp's runner."""
+
+    def __init__(self, app: App, keepalive_s: float) -> None:
+        self.app = app
+        self._keepalive_s = keepalive_s
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def started(self) -> bool:
+        return self._runner is not None
+
+    @property
+    def server(self) -> Callable[[], RequestHandler]:
+        if self._runner is None:
+            self._runner = self._setup()
+        factory = self._runner.server
+        assert factory is not None
+        return factory
+
+    def _setup(self) -> web.AppRunner:
+        t0 = time.perf_counter()
+        from aiohttp import web
+
+        app, keepalive_s = self.app.web(), self._keepalive_s
+        runner = web.AppRunner(
+            app, handle_signals=False, access_log=None, keepalive_timeout=keepalive_s
+        )
+        # Its setup only runs the aiohttp app's on_startup, which is empty (the lifecycle is
+        # api/app.py's): it completes without waiting, so it runs here, in the data callback.
+        setup = runner.setup()
+        try:
+            setup.send(None)
+        except StopIteration:
+            pass
+        else:
+            setup.close()
+            raise RuntimeError("the aiohttp application must have no on_startup (api/app.py)")
+        log.debug("aiohttp application made in %.1f ms", (time.perf_counter() - t0) * 1000)
+        return runner
+
+    async def cleanup(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
 @dataclass
 class HttpServer:
     """The listening side: connections, the aiohttp handler factory, graceful close."""
 
-    app: web.Application
-    handler_factory: Callable[[], RequestHandler]
+    app: App
+    runner: WebRunner
     loop: asyncio.AbstractEventLoop
 
     def __post_init__(self) -> None:
         self.paths: RequestPath = self.app[PATH]
         self.settings: HttpSettings = self.app[SETTINGS]
+        self.engine, self.router, self.metrics = (
+            self.app[ENGINE],
+            self.app[ROUTER],
+            self.app[METRICS],
+        )
+        self._metrics_type = self.metrics.content_type.encode()
         self.limits: ConnectionLimits = self.settings.limits
         self.max_connections = connection_cap(self.limits)
         self.date = DateHeader()
         self.connections: set[Connection] = set()
         self.closing = False
+
+    def answer_get(self, handler: str) -> tuple[bytes, bytes]:
+        """The body and content type of a hot GET route (api/routes.py names its handler)."""
+        if handler == "live":
+            return _LIVE_BODY, _JSON
+        if handler == "ready":
+            return orjson.dumps(ready_answer(self.engine, self.router)), _JSON
+        if handler == "metrics":
+            return self.metrics.render(), self._metrics_type
+        raise AssertionError(f"no fast-path answer for the hot route {handler!r}")
+
+    def handler_factory(self) -> RequestHandler:
+        """A new aiohttp protocol for a connection (or a request) handed over."""
+        return self.runner.server()
 
     def protocol(self) -> Connection:
         return Connection(self)
@@ -656,8 +746,9 @@ class RunningServer:
     """The app served on a socket by this protocol; `close` is the graceful shutdown."""
 
     def __init__(
-        self, runner: web.AppRunner, http: HttpServer, server: asyncio.Server, sweeper: Any
+        self, app: App, runner: WebRunner, http: HttpServer, server: asyncio.Server, sweeper: Any
     ) -> None:
+        self.app = app
         self.runner = runner
         self.http = http
         self.server = server
@@ -670,40 +761,49 @@ class RunningServer:
     async def close(self, timeout_s: float = 10.0) -> None:
         self.server.close()
         self._sweeper.cancel()
+        await self.app.shutdown()
         await self.http.drain(timeout_s)
-        await self.runner.cleanup()
+        try:
+            await self.runner.cleanup()
+        finally:
+            await self.app.cleanup()
 
 
 async def open_server(
-    app: web.Application, sock: socket.socket, ssl_context: ssl.SSLContext | None = None
+    app: App, sock: socket.socket, ssl_context: ssl.SSLContext | None = None
 ) -> RunningServer:
     """Start the app (its startup and cleanup contexts) and serve it on `sock`; with
     `ssl_context`, over TLS (api/tls.py): the event loop's TLS transport hands this protocol
-    decrypted bytes and encrypts its writes, so the fast path and aiohttp work unchanged."""
+    decrypted bytes and encrypts its writes, so the fast path and aiohttp work unchanged.
+    aiohttp is started only if a request needs it (`WebRunner`), or at once without the fast
+    path (it then answers every request)."""
     loop = asyncio.get_running_loop()
-    keepalive_s = app[SETTINGS].limits.keepalive_timeout_s
-    runner = web.AppRunner(
-        app, handle_signals=False, access_log=None, keepalive_timeout=keepalive_s
-    )
-    await runner.setup()
-    factory = runner.server
-    assert factory is not None
-    http = HttpServer(app, factory, loop)
-    tls: dict[str, Any] = {}
-    if ssl_context is not None:  # a client that stalls its handshake is dropped
-        tls = {"ssl": ssl_context, "ssl_handshake_timeout": TLS_HANDSHAKE_TIMEOUT_S}
-    server = await loop.create_server(http.protocol, sock=sock, backlog=1024, **tls)
+    settings = app[SETTINGS]
+    runner = WebRunner(app, settings.limits.keepalive_timeout_s)
+    await app.startup()
+    try:
+        if not settings.fast_path or app.web_built:
+            runner.server  # noqa: B018 - made now, on the loop, before the first request
+        http = HttpServer(app, runner, loop)
+        tls: dict[str, Any] = {}
+        if ssl_context is not None:  # a client that stalls its handshake is dropped
+            tls = {"ssl": ssl_context, "ssl_handshake_timeout": TLS_HANDSHAKE_TIMEOUT_S}
+        server = await loop.create_server(http.protocol, sock=sock, backlog=1024, **tls)
+    except BaseException:
+        await runner.cleanup()
+        await app.cleanup()
+        raise
 
     async def sweep() -> None:
         while True:
             await asyncio.sleep(http.sweep_interval_s)
             http.sweep()
 
-    return RunningServer(runner, http, server, loop.create_task(sweep()))
+    return RunningServer(app, runner, http, server, loop.create_task(sweep()))
 
 
 def run(
-    app: web.Application,
+    app: App,
     sock: socket.socket,
     shutdown_timeout_s: float,
     ssl_context: ssl.SSLContext | None = None,

@@ -10,17 +10,18 @@ input gets exactly the same treatment.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
-from aiohttp import BodyPartReader, web
 
 from ..codec import InferRequest
 from ..engine import LoadedModel
 from ..errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from ..multipart import malformed_is_400
 from ..preprocess.image import ImageSpec, check_content_type
+
+if TYPE_CHECKING:  # aiohttp only where a body is read: the fast path needs none of it
+    from aiohttp import web
 
 #: Request parameters a URL query, a multipart field or an MQTT user property may carry.
 PARAMETERS: dict[str, type] = {
@@ -99,6 +100,10 @@ async def image_request(
     request: web.Request, model: LoadedModel, ctype: str, limit: int
 ) -> InferRequest:
     """An HTTP image or multipart body -> an InferRequest for `model`."""
+    from aiohttp import BodyPartReader
+
+    from ..multipart import malformed_is_400
+
     target = image_input(model)
     if ctype.startswith("image/"):
         body = await request.read()

@@ -40,7 +40,7 @@ _VERSION = "/v2/models/{name}/versions/{version}"
 
 KSERVE: tuple[Route, ...] = (
     Route("GET", "/v2/health/live", "live", hot=True, scope="public"),
-    Route("GET", "/v2/health/ready", "ready", scope="public"),
+    Route("GET", "/v2/health/ready", "ready", hot=True, scope="public"),
     Route("GET", "/v2", "server_metadata"),
     *(
         route
@@ -57,7 +57,7 @@ KSERVE: tuple[Route, ...] = (
     Route("POST", "/v2/repository/index", "repository_index", scope="admin"),
     Route("POST", "/v2/repository/models/{name}/load", "repository_load", scope="admin"),
     Route("POST", "/v2/repository/models/{name}/unload", "repository_unload", scope="admin"),
-    Route("GET", "/metrics", "metrics"),
+    Route("GET", "/metrics", "metrics", hot=True),
     # Triton's trace setting API (api/trace_settings.py)
     *(
         Route(method, path, "trace_setting", scope="admin")

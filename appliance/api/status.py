@@ -24,13 +24,11 @@ from ..engine import Engine, LoadedModel, ModelSource
 from ..errors import ApplianceError, InvalidInput, ModelError
 from ..registry import PIPELINE, Registry, check_name
 from ..request import RequestPath
-from .routes import STATUS
+from .app import STARTED  # (wall clock, monotonic): uptime is measured on the second, so a
+from .routes import STATUS  # clock step (NTP after boot without an RTC) does not change it
 
 #: What `GET /v2/sync` answers, when the device syncs with a hub (set by appliance/server.py).
 SYNC_STATUS: web.AppKey[Callable[[], dict[str, Any]]] = web.AppKey("sync_status")
-#: When the app was built: (wall clock, monotonic clock); uptime is measured on the second, so
-#: a clock step (NTP after boot without an RTC) does not change it.
-STARTED = web.AppKey("started", tuple[float, float])
 #: Points per series at most in one answer (an hour of 10 s buckets).
 MAX_POINTS = 360
 #: The window of the summary's numbers (rate, p50/p99, error rate).
@@ -348,7 +346,6 @@ def add_routes(app: web.Application) -> None:
     """The summary, the admin routes and the page's static files (api/ui.py)."""
     from . import ui
 
-    app[STARTED] = (time.time(), time.monotonic())
     handlers = {
         **ui.handlers(),
         "status": get_status,

@@ -33,8 +33,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 from aiohttp import WSMsgType, web
@@ -44,22 +43,9 @@ from ..errors import ApplianceError, InferenceFailed, InvalidInput
 from ..formats import JSON
 from ..request import Request, RequestPath
 from .images import image_input, images_request
+from .ws_settings import Policy, WsSettings
 
-Policy = Literal["drop_oldest", "backpressure"]
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")
-
-
-@dataclass(frozen=True)
-class WsSettings:
-    """Per-connection limits ([websocket] in the config)."""
-
-    max_message_bytes: int = 16 * 1024 * 1024
-    #: Requests waiting to run, beyond those running.
-    queue: int = 8
-    max_inflight: int = 2
-    policy: Policy = "drop_oldest"
-    #: Seconds between pings (a dead peer is noticed); 0: none.
-    heartbeat_s: float = 30.0
 
 
 def frame(head: dict[str, Any], payload: bytes = b"") -> bytes:

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import AsyncIterator
 
 import orjson
 import pytest
 from aiohttp import web
 
-from appliance.api.http import LOADER
+from appliance.api.http import ENGINE, LOADER
 from appliance.api.http_server import open_server, parse_head
 from appliance.config import load_config
 from appliance.server import build, sources_from_store
@@ -315,6 +316,86 @@ async def test_idle_connections_are_closed_after_the_keepalive_timeout(store):
         conn.close()
     finally:
         await running.close()
+
+
+async def test_aiohttp_is_made_at_the_first_request_handed_over_and_only_then(store):
+    """A device that only gets infer, health, readiness and metrics never makes aiohttp's
+    application (api/app.py: importing aiohttp is ~14 MiB of idle memory); the first other
+    request makes it, once, on the loop; the contexts started with the server run once."""
+    overrides = {"store": {"path": str(store.root)}, "model_defaults": {"probe_first_load": False}}
+    app = build(load_config(None, overrides, {}), sources_from_store(store.root), store)
+    seen: list[str] = []
+
+    async def ctx(_app: object) -> AsyncIterator[None]:
+        seen.append("start")
+        yield
+        seen.append("stop")
+
+    app.cleanup_ctx.append(ctx)
+    running = await open_server(app, socket.create_server(("127.0.0.1", 0)))
+    try:
+        await app[LOADER]
+        conn = Conn(*await asyncio.open_connection("127.0.0.1", running.port))
+        hot = ["/v2/health/live", "/v2/health/ready", "/metrics"]
+        for raw in [request("POST", INFER, BODY), *(request("GET", path) for path in hot)]:
+            await conn.send(raw)
+            status, headers, _ = await conn.response()
+            assert status == 200 and "server" not in headers  # the fast path names no server
+        assert not app.web_built and not running.runner.started
+        await conn.send(request("GET", "/v2"))
+        status, headers, body = await conn.response()
+        assert status == 200 and "aiohttp" in headers["server"], body
+        web_app = app.web()
+        assert running.runner.started and web_app[ENGINE] is app[ENGINE]  # one state
+        other = Conn(*await asyncio.open_connection("127.0.0.1", running.port))
+        await other.send(request("GET", "/v2/models/sample"))
+        assert (await other.response())[0] == 200
+        assert app.web() is web_app
+        assert seen == ["start"]
+        for c in (conn, other):
+            c.close()
+    finally:
+        await running.close()
+    assert seen == ["start", "stop"]
+
+
+async def test_an_aiohttp_app_that_cannot_be_made_is_a_500_and_the_fast_path_serves_on(store):
+    overrides = {"store": {"path": str(store.root)}, "model_defaults": {"probe_first_load": False}}
+    app = build(load_config(None, overrides, {}), sources_from_store(store.root), store)
+
+    def broken(_web_app: web.Application) -> None:
+        raise RuntimeError("a route table that cannot be built")
+
+    app.on_web.append(broken)
+    running = await open_server(app, socket.create_server(("127.0.0.1", 0)))
+    try:
+        await app[LOADER]
+        conn = Conn(*await asyncio.open_connection("127.0.0.1", running.port))
+        await conn.send(request("GET", "/v2"))
+        status, _, body = await conn.response()
+        assert (status, orjson.loads(body)) == (500, {"error": "internal server error"})
+        assert await conn.closed()
+        conn.close()
+        other = Conn(*await asyncio.open_connection("127.0.0.1", running.port))
+        await other.send(request("POST", INFER, BODY))
+        assert (await other.response())[0] == 200
+        other.close()
+    finally:
+        await running.close()
+
+
+async def test_readiness_and_metrics_on_the_fast_path_answer_as_aiohttp_does(store, connect):
+    """Same status, body and content type from both servers (fast_path off: aiohttp's)."""
+    fast, slow = await connect(), await connect({"server": {"fast_path": False}})
+    for path in ("/v2/health/ready", "/metrics"):
+        answers = []
+        for conn in (fast, slow):
+            await conn.send(request("GET", path))
+            answers.append(await conn.response())
+        (s1, h1, b1), (s2, h2, b2) = answers
+        assert s1 == s2 == 200 and h1["content-type"] == h2["content-type"], (h1, h2)
+        if path != "/metrics":  # the counters move between the two
+            assert orjson.loads(b1) == orjson.loads(b2)
 
 
 async def test_fast_path_off_sends_everything_to_aiohttp(connect):

@@ -14,6 +14,7 @@ import schemathesis
 from aiohttp import web
 
 from appliance.api import openapi
+from appliance.api.app import App
 from appliance.config import load_config
 from appliance.openapi import document, registered
 from appliance.registry import Registry
@@ -24,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 CONDITIONAL = {("GET", "/v2/sync")}
 
 
-def _app(store: Path) -> web.Application:
+def _app(store: Path) -> App:
     config = load_config(None, {"store": {"path": str(store)}}, {})
     return build(config, [], Registry(store))
 
