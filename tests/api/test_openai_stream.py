@@ -173,12 +173,26 @@ async def test_completion_burst_one_event_per_piece(burst) -> None:
 
 
 # -- the generating thread writing to the socket itself (api/stream_pieces.py) ---------------
+def _wmem_max() -> int:
+    """The most a TCP socket's send buffer may hold (net.ipv4.tcp_wmem's third field)."""
+    try:
+        with open("/proc/sys/net/ipv4/tcp_wmem") as f:
+            return int(f.read().split()[2])
+    except (OSError, IndexError, ValueError):
+        return 4 << 20
+
+
+_WMEM_MAX = _wmem_max()
+
+
 class BigBurstTextBackend(BurstTextBackend):
     """Pieces far larger than the socket's buffers hold, back to back."""
 
     name = "bigburst"
     platform = "test_bigburst"
-    pieces = [f"{i:05d}" + 'x\u00e9"\n' * 1000 for i in range(400)]  # ~3 MB of events
+    #: ~7 KB events, 2x what the kernel lets a send buffer grow to: with 3 MB of events its
+    #: autotuning once took the whole burst, and the thread never had to hand back
+    pieces = [f"{i:05d}" + 'x\u00e9"\n' * 1000 for i in range(max(400, 2 * _WMEM_MAX // 7000))]
     done = threading.Event()
     #: True once the stream lets this thread write (set by the test): the burst waits for it
     direct: Callable[[], bool] = staticmethod(lambda: True)
