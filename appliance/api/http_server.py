@@ -39,8 +39,9 @@ from ..errors import ApplianceError, InferenceFailed
 from ..formats import JSON
 from ..httphead import STATUS_LINES, DateHeader
 from ..httphead import parse_head as read_head
+from ..llm import TextModel
 from ..request import Request, RequestPath
-from .app import ENGINE, METRICS, PATH, ROUTER, SETTINGS, App, HttpSettings
+from .app import ENGINE, LOADER, METRICS, PATH, ROUTER, SETTINGS, App, HttpSettings
 from .http_parts import (
     PRIORITY_HEADER,
     TIMEOUT_HEADER,
@@ -769,6 +770,14 @@ class RunningServer:
             await self.app.cleanup()
 
 
+def _warm_for_text_models(app: App, runner: WebRunner) -> None:
+    """Once the models are loaded: a device serving a language or embedding model will get
+    OpenAI requests, which aiohttp answers, so it makes aiohttp's application now rather than
+    stall its first chat request (and the loop) on the import; a tensor-only device never does."""
+    if not runner.started and any(isinstance(m.backend, TextModel) for m in app[ENGINE].models()):
+        runner.server  # noqa: B018
+
+
 async def open_server(
     app: App, sock: socket.socket, ssl_context: ssl.SSLContext | None = None
 ) -> RunningServer:
@@ -784,6 +793,8 @@ async def open_server(
     try:
         if not settings.fast_path or app.web_built:
             runner.server  # noqa: B018 - made now, on the loop, before the first request
+        elif (loader := app.get(LOADER)) is not None:
+            loader.add_done_callback(lambda _: _warm_for_text_models(app, runner))
         http = HttpServer(app, runner, loop)
         tls: dict[str, Any] = {}
         if ssl_context is not None:  # a client that stalls its handshake is dropped

@@ -326,3 +326,28 @@ async def test_tls_streams_stay_with_the_loop(monkeypatch, recorded, tmp_path) -
     texts = [orjson.loads(e)["choices"][0]["text"] for e in events[:-2]]
     assert texts == BurstTextBackend.pieces
     assert [p.direct_writes for p in recorded] == [0]
+
+
+async def test_a_device_with_a_text_model_makes_aiohttp_once_its_models_are_loaded(
+    monkeypatch, tmp_path
+) -> None:
+    """OpenAI requests are aiohttp's: with a language model loaded, its application is made
+    as loading ends, so the first chat request does not stall on the import (a tensor-only
+    device never makes it: tests/api/test_http_server.py, tests/test_idle_memory.py)."""
+    import socket
+
+    from appliance.api.http import LOADER
+    from appliance.api.http_server import open_server
+    from appliance.config import load_config
+    from appliance.server import build
+
+    config = load_config(None, {"model_defaults": {"probe_first_load": False}}, {})
+    app = build(config, [_burst_source(monkeypatch, tmp_path)])
+    running = await open_server(app, socket.create_server(("127.0.0.1", 0)))
+    try:
+        assert not running.runner.started  # not before loading: readiness is the fast path's
+        await app[LOADER]
+        await asyncio.sleep(0)  # the loader's done callbacks
+        assert running.runner.started and app.web_built
+    finally:
+        await running.close()
