@@ -115,10 +115,12 @@ async def flood(
     stop_at: float,
     connections: int,
     timeout_s: float,
-) -> tuple[list[Answer], list[str], dict[str, int]]:
+) -> tuple[list[Answer], list[str], dict[str, float]]:
     """Send `request` at `rate` per second from `start` to `stop_at` (time.monotonic) over up
     to `connections` at once; then wait up to `timeout_s` for the last answers. Returns the
-    answers, errors, and {"sent", "backlogged", "max_backlog"}."""
+    answers, errors, and {"sent", "backlogged", "max_backlog", "cpu_s"}: cpu_s is this
+    process's CPU time from the first request due to the last answer (what the client took
+    from a machine it shares with the server)."""
     loop = asyncio.get_running_loop()
     shared = _Shared(request)
     conns = [
@@ -129,9 +131,11 @@ async def flood(
     offset = clock() - int(mono() * 1e9)  # due times in perf_counter ns
     first_ns, interval_ns = int(start * 1e9) + offset, 1e9 / rate
     sent = 0
+    cpu_from = time.process_time()
     while (now := mono()) < stop_at:
         if now < start:
             await asyncio.sleep(start - now)
+            cpu_from = time.process_time()
             continue
         due_count = int((now - start) * rate) + 1
         while sent < due_count:
@@ -145,6 +149,7 @@ async def flood(
             await asyncio.wait_for(shared.drained.wait(), max(0.0, deadline - mono()))
         except TimeoutError:
             break
+    cpu_s = time.process_time() - cpu_from
     errors = shared.errors
     if shared.busy or shared.backlog:
         errors.append(
@@ -153,5 +158,10 @@ async def flood(
     for conn in conns:
         if conn.transport is not None:
             conn.transport.close()
-    stats = {"sent": sent, "backlogged": shared.backlogged, "max_backlog": shared.max_backlog}
+    stats: dict[str, float] = {
+        "sent": sent,
+        "backlogged": shared.backlogged,
+        "max_backlog": shared.max_backlog,
+        "cpu_s": round(cpu_s, 3),
+    }
     return shared.answers, errors, stats

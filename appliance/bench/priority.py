@@ -42,7 +42,7 @@ from .inputs import infer_request, make_inputs
 from .model import Target, load_backend
 from .options import parse_cpus
 from .report import say
-from .server import STOP_GRACE_S, ServerProcess, open_server, serve_command
+from .server import STOP_GRACE_S, ServerProcess, cpu_seconds, open_server, serve_command
 from .timing import Answer, Latency, open_loop, time_concurrent
 
 if TYPE_CHECKING:
@@ -103,9 +103,16 @@ def _flood_main(
     nice: int,
 ) -> None:
     """The flood's own process (spawned), `nice` steps below the bench's CPU priority: its
-    answers go back through `conn`."""
+    answers go back through `conn`. On uvloop where installed (a runtime dependency off
+    Windows): its sends and reads cost the machine the server shares about a quarter less."""
     os.nice(nice)
-    conn.send(asyncio.run(flood(address, request, rate, start, stop_at, connections, timeout_s)))
+    run = flood(address, request, rate, start, stop_at, connections, timeout_s)
+    try:
+        import uvloop
+    except ImportError:
+        conn.send(asyncio.run(run))
+    else:
+        conn.send(uvloop.run(run))
     conn.close()
 
 
@@ -191,6 +198,27 @@ def phase(
         errors += flood_errors
     out["client_errors"] = errors[:3]
     return out
+
+
+def server_cpu(pid: int) -> tuple[float, float]:
+    """(the whole server's CPU seconds, its event loop's): the loop is the main thread."""
+    return cpu_seconds(pid) or 0.0, cpu_seconds(pid, pid) or 0.0
+
+
+def cpu_per_request(
+    before: tuple[float, float], after: tuple[float, float], run: dict[str, Any]
+) -> dict[str, float]:
+    """The server's CPU time over a phase, per request it answered (both levels): a figure
+    that other load on the machine moves far less than latency (10 ms ticks, so a phase of
+    a few seconds gives it to a few per cent)."""
+    n = max(1, run["high"]["sent"] + run.get("low", {}).get("sent", 0))
+    total, loop = (a - b for a, b in zip(after, before, strict=True))
+    return {
+        "total_s": round(total, 2),
+        "loop_s": round(loop, 2),
+        "total_us_per_request": round(1e6 * total / n, 1),
+        "loop_us_per_request": round(1e6 * loop / n, 1),
+    }
 
 
 def priority_counters(text: str, model: str) -> dict[str, float]:
@@ -284,7 +312,9 @@ def run_priority(
         seconds = prio.seconds
         say(quiet, f"alone: level {HIGH} at {high_rps:,.1f} req/s for {seconds:g} s ...")
         scrapes = [metrics_text(address, token)]
+        cpu = [server_cpu(server.pid)]
         alone = phase(address, high, high_rps, None, 0.0, seconds, 1, timeout_s)
+        cpu.append(server_cpu(server.pid))
         scrapes.append(metrics_text(address, token))
         say(
             quiet,
@@ -295,6 +325,7 @@ def run_priority(
             address, high, high_rps, low, low_rps, seconds, prio.flood_connections, timeout_s,
             prio.flood_nice,
         )  # fmt: skip
+        cpu.append(server_cpu(server.pid))
         server.alive_or_raise()
         scrapes.append(metrics_text(address, token))
     finally:
@@ -313,6 +344,11 @@ def run_priority(
             None if (x := bucket_quantile(before, after, q)) is None else x * 1e3
             for q in (0.5, 0.99)
         )
+    for run, (cpu0, cpu1) in ((alone, cpu[0:2]), (flood, cpu[1:3])):
+        run["server_cpu"] = cpu_per_request(cpu0, cpu1, run)
+    if "low" in flood:
+        client = flood["low"]["client"]
+        client["cpu_us_per_request"] = round(1e6 * client["cpu_s"] / max(1, client["sent"]), 1)
     high_sent = flood["high"]["sent"]
     return {
         "model": target.name,

@@ -185,6 +185,10 @@ def format_priority(f: dict[str, Any]) -> str:
     def lat(x: dict[str, Any] | None) -> str:
         return "-" if not x else f"p50 {x['p50_us'] / 1e3:,.2f} ms, p99 {x['p99_us'] / 1e3:,.2f} ms"
 
+    def cpu(run: dict[str, Any]) -> str:
+        c = run.get("server_cpu")
+        return "-" if not c else f"{c['total_us_per_request']} us (loop {c['loop_us_per_request']})"
+
     high, low_level = f["high_level"], f["flood_level"]
     alone, flood = f["alone"], f["flood"]
     low = flood["low"]
@@ -213,6 +217,9 @@ def format_priority(f: dict[str, Any]) -> str:
         f"  200: {lat(low['latency_200'])}",
         f"  503: {lat(low['latency_503'])}; every 503 had Retry-After: "
         f"{low['all_503_have_retry_after']}",
+        f"CPU per request answered: the server {cpu(alone)} alone, {cpu(flood)} under the "
+        f"flood; the flood's client {low['client'].get('cpu_us_per_request', '-')} us"
+        " (the server's log goes to a file, not a pipe the bench reads)",
         f"server counters: {f['server_counters']}",
     ]
     errors = alone["client_errors"] + flood["client_errors"]

@@ -8,10 +8,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..errors import ModelError
 from .client import HttpConnection, build_request, error_text, free_port
@@ -47,10 +48,12 @@ def rss_and_peak(pid: int) -> tuple[float | None, float | None]:
     return values.get("VmRSS"), values.get("VmHWM")
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User plus system CPU time of a process, all its threads, from /proc (10 ms ticks)."""
+def cpu_seconds(pid: int, tid: int | None = None) -> float | None:
+    """User plus system CPU time of a process, all its threads (or its thread `tid` alone),
+    from /proc (10 ms ticks)."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        fields = Path(path).read_text().rpartition(")")[2].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return None
@@ -69,51 +72,69 @@ def _port_of(line: Any) -> int | None:
     return None
 
 
-class _StderrDrain(threading.Thread):
-    """Reads the server's stderr for the `"port": N` line, then keeps draining it (the access
-    log writes a line per request) so the pipe never fills and blocks the server."""
+class _LogWatch(threading.Thread):
+    """Watches the server's log, a file (not a pipe), for the `"port": N` line, then stops.
 
-    def __init__(self, fd: int) -> None:
-        super().__init__(name="bench-server-stderr", daemon=True)
+    A file rather than a pipe the bench drains: under a flood the server writes an access line
+    per request, and a drained pipe would wake a thread of the bench (taking the interpreter
+    lock from its clients) and make the server's writes dearer, so the bench would partly
+    measure its own log plumbing. The file is read again only for `tail` (error messages)."""
+
+    #: How often the file is read again while the port is not in it (seconds).
+    POLL_S = 0.02
+
+    def __init__(self, fd: int, proc: subprocess.Popen[bytes]) -> None:
+        super().__init__(name="bench-server-log", daemon=True)
         self.fd = fd
+        self.proc = proc
         self.port: int | None = None
-        self.done = threading.Event()  # the port was seen, or stderr closed
-        self.eof = False
-        self._tail = bytearray()
-        self._lines = b""
+        self.done = threading.Event()  # the port was seen, or the process ended
+        self._halt = threading.Event()
+
+    @property
+    def eof(self) -> bool:
+        """The server ended (its log is complete)."""
+        return self.proc.poll() is not None
 
     def run(self) -> None:
         import orjson
 
-        while True:
+        offset, pending = 0, b""
+        while not self._halt.is_set():
+            ended = self.proc.poll() is not None  # before the read: no line can be missed
             try:
-                chunk = os.read(self.fd, 1 << 16)
+                chunk = os.pread(self.fd, 1 << 16, offset)
             except OSError:
                 break
-            if not chunk:
+            offset += len(chunk)
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                if b'"port"' not in line:
+                    continue
+                with contextlib.suppress(orjson.JSONDecodeError):
+                    port = _port_of(orjson.loads(line))
+                    if port is not None:
+                        self.port = port
+                        self.done.set()
+                        return
+            if ended:
                 break
-            self._tail += chunk
-            if len(self._tail) > 16384:
-                del self._tail[:-16384]
-            if self.port is None:
-                self._lines += chunk
-                *lines, self._lines = self._lines.split(b"\n")
-                for line in lines:
-                    if b'"port"' not in line:
-                        continue
-                    with contextlib.suppress(orjson.JSONDecodeError):
-                        port = _port_of(orjson.loads(line))
-                        if port is not None:
-                            self.port = port
-                            self._lines = b""
-                            self.done.set()
-                            break
-        self.eof = True
+            if not chunk:
+                self._halt.wait(self.POLL_S)
         self.done.set()
+
+    def stop(self) -> None:
+        self._halt.set()
 
     def tail(self, lines: int = 6) -> str:
         """The last lines the server wrote, for error messages."""
-        text = bytes(self._tail).decode("utf-8", "replace").strip().splitlines()
+        try:
+            size = os.fstat(self.fd).st_size
+            data = os.pread(self.fd, 16384, max(0, size - 16384))
+        except OSError:
+            return ""
+        text = data.decode("utf-8", "replace").strip().splitlines()
         return "\n".join(text[-lines:])
 
 
@@ -128,23 +149,26 @@ class ServerProcess:
         #: Extra environment variables (settings as APPLIANCE_* variables).
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
-        self.drain: _StderrDrain | None = None
+        self.drain: _LogWatch | None = None
+        #: The server's stderr (its log): an unnamed temporary file, gone once closed.
+        self.log: BinaryIO | None = None
         #: 0: read the bound port from the server's log; else the port it was told to use.
         self.port = port
 
     def start(self) -> int:
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115  (closed by stop)
         try:
             self.proc = subprocess.Popen(
                 self.command,
                 env={**os.environ, **self.env} if self.env else None,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
+                stderr=self.log,
             )
         except OSError as exc:
+            self.log.close()
             raise BenchError(f"cannot start the server ({self.command[0]}): {exc}") from None
-        assert self.proc.stderr is not None
-        self.drain = _StderrDrain(self.proc.stderr.fileno())
+        self.drain = _LogWatch(self.log.fileno(), self.proc)
         self.drain.start()
         if self.port:
             self._wait_listening()
@@ -177,10 +201,6 @@ class ServerProcess:
     def _why(self, what: str, timeout_s: float | None = None) -> str:
         assert self.proc is not None and self.drain is not None
         code = self.proc.poll()
-        if code is None and self.drain.eof:
-            # stderr closed: the process is ending, give it a moment to be reaped
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                code = self.proc.wait(2.0)
         if code is not None:
             self.drain.join(1.0)
             msg = f"the server exited with status {code} before it was ready"
@@ -233,9 +253,10 @@ class ServerProcess:
                 proc.kill()
                 proc.wait()
         if self.drain is not None:
+            self.drain.stop()
             self.drain.join(2.0)
-        if proc.stderr is not None:
-            proc.stderr.close()
+        if self.log is not None:
+            self.log.close()
 
 
 def serve_command(options: BenchOptions, target: Target, port: int) -> list[str]:

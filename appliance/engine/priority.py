@@ -78,15 +78,23 @@ class Levels(Generic[J]):
             else LevelPolicy()
             for level in range(1, self.count + 1)
         )
-        self._cond = threading.Condition(threading.Lock())
+        lock = threading.Lock()
+        self._cond = threading.Condition(lock)
+        #: Where urgent workers wait (same lock): a put wakes them only for a level they take,
+        #: so a flood of background requests does not wake them (each wake-up would take the
+        #: interpreter lock from the event loop for nothing).
+        self._urgent = threading.Condition(lock)
         #: Per level (index 0 is level 1): waiting within their time, then past it (delayed).
         self._waiting: list[deque[J]] = [deque() for _ in range(self.count)]
         self._delayed: list[deque[J]] = [deque() for _ in range(self.count)]
         self._size = 0
         #: Workers waiting for more requests to join their batch (they need every put).
         self._gathering = 0
-        #: Workers waiting that take only some levels (urgent workers: they need every put).
-        self._picky = 0
+        #: Workers waiting that take only some levels (urgent workers), by the last level they
+        #: take (index 0 is level 1).
+        self._picky = [0] * self.count
+        #: How often a waiting urgent worker woke (the tests count wasted wake-ups).
+        self.urgent_wakeups = 0
         self._closed = False
 
     def level_of(self, priority: int | None) -> int:
@@ -116,10 +124,7 @@ class Levels(Generic[J]):
         with self._cond:
             self._waiting[job.level - 1].append(job)
             self._size += 1
-            if self._gathering or self._picky:
-                self._cond.notify_all()
-            else:
-                self._cond.notify()
+            self._wake(job.level, 1)
 
     def remove(self, job: J) -> bool:
         """Take `job` out of the queue; False if a worker has it already."""
@@ -166,6 +171,7 @@ class Levels(Generic[J]):
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+            self._urgent.notify_all()
 
     # -- worker threads --------------------------------------------------------------------
     def take(self, upto: int = 0) -> J | None:
@@ -183,11 +189,12 @@ class Levels(Generic[J]):
                         return q.popleft()
                 if self._closed:
                     return None
-                self._picky += 1
+                self._picky[upto - 1] += 1
                 try:
-                    self._cond.wait()
+                    self._urgent.wait()
                 finally:
-                    self._picky -= 1
+                    self._picky[upto - 1] -= 1
+                self.urgent_wakeups += 1
 
     def _take_any(self) -> J | None:
         with self._cond:
@@ -245,7 +252,14 @@ class Levels(Generic[J]):
         with self._cond:
             self._waiting[level - 1].extendleft(reversed(jobs))
             self._size += len(jobs)
-            if self._picky:
-                self._cond.notify_all()
-            else:
-                self._cond.notify(len(jobs))
+            self._wake(level, len(jobs))
+
+    def _wake(self, level: int, n: int) -> None:
+        """After `n` requests of `level` were queued (the lock held): wake the workers that
+        may take them, the urgent ones only if they take that level."""
+        if self._gathering:
+            self._cond.notify_all()
+        else:
+            self._cond.notify(n)
+        if any(self._picky[level - 1 :]):
+            self._urgent.notify_all()

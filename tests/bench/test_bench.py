@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +213,33 @@ def test_server_that_exits_early_is_reported() -> None:
             server.start()
     finally:
         server.stop(5.0)
+
+
+def test_the_servers_log_goes_to_a_file_read_only_for_its_port() -> None:
+    """Under a flood the server logs a line per request: the bench must not spend its own CPU
+    (or the server's, on pipe writes) carrying them, so they go to a file it stops reading."""
+    code = (
+        "import sys, time\n"
+        "sys.stderr.write('x' * 100 + '\\n')\n"
+        'sys.stderr.write(\'{"msg": "serving", "port": 12345}\\n\'); sys.stderr.flush()\n'
+        'for _ in range(20000): sys.stderr.write(\'{"msg": "an access line"}\\n\')\n'
+        "sys.stderr.write('the last line\\n'); sys.stderr.flush(); time.sleep(60)\n"
+    )
+    server = ServerProcess([sys.executable, "-c", code], token="")
+    try:
+        assert server.start() == 12345
+        assert server.drain is not None
+        server.drain.join(5.0)
+        assert not server.drain.is_alive()  # nothing reads the log once the port is known
+        assert stat.S_ISREG(os.stat(f"/proc/{server.pid}/fd/2").st_mode)
+        for _ in range(500):
+            if server.drain.tail(1) == "the last line":
+                break
+            threading.Event().wait(0.01)
+        assert server.drain.tail(1) == "the last line"
+    finally:
+        server.stop(5.0)
+    assert server.proc is not None and server.proc.returncode is not None
 
 
 def test_bench_mqtt_leg(sample_models: Path, mosquitto) -> None:

@@ -576,6 +576,41 @@ def test_a_worker_limited_to_upper_levels_is_woken_by_their_requests_only() -> N
     assert not urgent.is_alive() and not usual.is_alive()
 
 
+def test_background_requests_do_not_wake_a_waiting_urgent_worker() -> None:
+    """Under a flood every background put used to wake the urgent worker, which then took the
+    interpreter lock from the event loop to find nothing; it wakes for its own levels only."""
+
+    class Job:
+        def __init__(self, level: int) -> None:
+            self.level = level
+
+    levels: Levels[Job] = Levels(PriorityConfig(levels=3))
+    taken: list[int] = []
+    got = threading.Semaphore(0)
+
+    def urgent() -> None:
+        while (job := levels.take(2)) is not None:
+            taken.append(job.level)
+            got.release()
+
+    t = threading.Thread(target=urgent)
+    t.start()
+    for _ in range(int(TIMEOUT / 0.001)):  # until it waits
+        if levels._picky[1]:
+            break
+        threading.Event().wait(0.001)
+    assert levels._picky[1] == 1
+    for _ in range(20):
+        levels.put(Job(3))
+    assert levels.urgent_wakeups == 0 and levels.queued(3) == 20
+    levels.put(Job(2))
+    assert got.acquire(timeout=TIMEOUT)
+    assert taken == [2] and levels.urgent_wakeups == 1
+    levels.close()
+    t.join(TIMEOUT)
+    assert not t.is_alive()
+
+
 # -- the priority from the request path: header, user property, a task's default ------------------
 async def test_the_header_and_a_tasks_default_set_the_level(serve):
     """X-Request-Priority gives a level to a body without one; a task's `priority` gives one to
