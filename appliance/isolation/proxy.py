@@ -78,6 +78,7 @@ class Supervisor:
         # isolated model's loading thread): the worker lowers all but its loop channel's thread.
         self._doc["nice"] = min(19, self._doc["nice"] + context.config.worker_nice)
         self._doc["loop_channel"] = True
+        self._doc["spin_us"] = self._settings.spin_us
         self._max_concurrency = context.config.max_concurrency
         self._worker: WorkerProcess | None = None
         #: The error calls get while no worker serves.
@@ -255,9 +256,14 @@ class Supervisor:
             sent = True
             quiet_since = time.monotonic()
             told = False
+            polled = streaming  # a call that streams does not poll (spin.py)
             while True:
                 try:
-                    packet = channel.receive()
+                    if polled:
+                        packet = channel.receive()
+                    else:
+                        packet = channel.receive_polling(time.perf_counter())
+                        polled = True
                 except TimeoutError:
                     if not streaming or time.monotonic() - quiet_since >= wait:
                         raise
