@@ -13,7 +13,9 @@ costs less than the thread hand-off it replaces (two process wake-ups, no GIL ha
 the measured time includes it. Such calls take the worker's loop channel, whose thread in the
 worker runs at the event loop's CPU priority, not the lowered one of queued work (see
 worker.py). A worker that does not answer a call made on the event loop within `LOOP_WAIT_S`
-is treated as hung and killed, so a hang cannot hold the loop for long.
+is treated as hung and killed, so a hang cannot hold the loop for long. On that channel the
+server polls for the answer for a moment before it sleeps, and the worker for the next call
+(`spin_us`, spin.py): at c=1 neither CPU halts between the two.
 """
 
 from __future__ import annotations
