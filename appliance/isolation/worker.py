@@ -11,7 +11,8 @@ the pool's channels run `nice` steps lower, like the server's inference threads;
 channel's thread (the last channel) keeps the loop's priority, since the server's event loop
 waits for each of its calls, as it waits for an in-process model's inline run. On a busy CPU a
 lowered thread waits its turn after every wake-up (measured on a shared 2-core machine: 190-240
-µs of run-queue wait per call at nice 5, 20-40 µs at the loop's).
+µs of run-queue wait per call at nice 5, 20-40 µs at the loop's). After answering on the loop
+channel, its thread polls for the next call for a moment before it sleeps (spin.py).
 """
 
 from __future__ import annotations
