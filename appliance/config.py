@@ -652,6 +652,9 @@ class ProcessConfig:
     restart_backoff_max_s: float = 30.0
     #: A worker that served this long before it died restarts after restart_backoff_s again.
     healthy_after_s: float = 60.0
+    #: The most microseconds each side of a call made on the event loop (an inline run) polls
+    #: for the other's next packet before it sleeps; self-tuning, 0: never (isolation/spin.py).
+    spin_us: float = field(default=200.0, metadata=between(0, 10000))
 
     def check(self) -> None:
         if self.restart_backoff_max_s < self.restart_backoff_s:

@@ -23,6 +23,7 @@ from .. import plugins
 from ..config import ModelConfig
 from ..errors import ModelError
 from ..manifest import Manifest
+from .spin import Spin
 from .wire import CALL, REPLY, Channel, Closed, ProtocolError
 
 log = logging.getLogger("appliance.isolation")
@@ -221,6 +222,7 @@ class WorkerProcess:
         for channel in self.channels[: self.pooled]:
             self.pool.put(channel)
         if loop:
+            self.channels[-1].spin = Spin(float(doc.get("spin_us", 0)) / 1e6)
             self.loop_pool.put(self.channels[-1])
         return report
 

@@ -13,7 +13,9 @@ costs less than the thread hand-off it replaces (two process wake-ups, no GIL ha
 the measured time includes it. Such calls take the worker's loop channel, whose thread in the
 worker runs at the event loop's CPU priority, not the lowered one of queued work (see
 worker.py). A worker that does not answer a call made on the event loop within `LOOP_WAIT_S`
-is treated as hung and killed, so a hang cannot hold the loop for long.
+is treated as hung and killed, so a hang cannot hold the loop for long. On that channel the
+server polls for the answer for a moment before it sleeps, and the worker for the next call
+(`spin_us`, spin.py): at c=1 neither CPU halts between the two.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ class Supervisor:
         # isolated model's loading thread): the worker lowers all but its loop channel's thread.
         self._doc["nice"] = min(19, self._doc["nice"] + context.config.worker_nice)
         self._doc["loop_channel"] = True
+        self._doc["spin_us"] = self._settings.spin_us
         self._max_concurrency = context.config.max_concurrency
         self._worker: WorkerProcess | None = None
         #: The error calls get while no worker serves.
@@ -255,9 +258,14 @@ class Supervisor:
             sent = True
             quiet_since = time.monotonic()
             told = False
+            polled = streaming  # a call that streams does not poll (spin.py)
             while True:
                 try:
-                    packet = channel.receive()
+                    if polled:
+                        packet = channel.receive()
+                    else:
+                        packet = channel.receive_polling(time.perf_counter())
+                        polled = True
                 except TimeoutError:
                     if not streaming or time.monotonic() - quiet_since >= wait:
                         raise

@@ -23,6 +23,7 @@ import mmap
 import os
 import socket
 import struct
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,6 +31,7 @@ import numpy as np
 import orjson
 
 from ..tensors import DATATYPES, datatype_of
+from .spin import PREEMPTED_S, Spin
 
 #: Packet kinds, the first byte. Server to worker: CALL (a JSON header), CANCEL (stop the
 #: generation running). Worker to server: REPLY (a JSON header), PIECE (text).
@@ -48,6 +50,7 @@ ALIGN = 64
 #: A new segment's size; it grows (to the next power of two) when a message needs more.
 INITIAL_BYTES = 1 << 20
 _LEN = struct.Struct("<I")
+_NOWAIT = socket.MSG_DONTWAIT
 _TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
 #: The datatypes of native, little-endian arrays (the common case, looked up directly).
 _NATIVE = {dtype: name for name, dtype in DATATYPES.items() if name != "BYTES"}
@@ -110,6 +113,8 @@ class Channel:
         #: again and again; one equal to it (and read from the same segment) is not parsed and
         #: checked again.
         self._seen: tuple[bytes, Segment, dict[str, Any], list[_Checked], int] | None = None
+        #: Set on a channel whose receives may poll first (`receive_polling`; spin.py).
+        self.spin: Spin | None = None
 
     def set_timeout(self, seconds: float | None) -> None:
         """How long a receive (or a send to a full socket) may wait, None: for ever; system
@@ -201,6 +206,42 @@ class Channel:
             data, ancdata, flags, _ = self.sock.recvmsg(MAX_PACKET, _FD_SPACE)
         except BlockingIOError:  # SO_RCVTIMEO ran out
             raise TimeoutError("the peer did not answer in time") from None
+        return self._received(data, ancdata, flags)
+
+    def receive_polling(self, since: float) -> bytes:
+        """`receive`, but first poll for the packet (non-blocking receives) as long as the
+        channel's `spin` says, so that this thread (and its CPU) does not sleep if it comes by
+        then; `since` (time.perf_counter) is when the wait began, which `spin` learns from."""
+        spin = self.spin
+        if spin is None:
+            return self.receive()
+        seconds = spin.window()
+        if seconds > 0:
+            recvmsg, clock, turn = self.sock.recvmsg, time.perf_counter, os.sched_yield
+            last = clock()
+            until = last + seconds
+            while True:
+                try:
+                    data, ancdata, flags, _ = recvmsg(MAX_PACKET, _FD_SPACE, _NOWAIT)
+                except BlockingIOError:
+                    turn()
+                    now = clock()
+                    if now - last > PREEMPTED_S:
+                        spin.wanted()
+                        break
+                    if now >= until:
+                        spin.expired()
+                        break
+                    last = now
+                    continue
+                spin.caught()
+                spin.observe(clock() - since)
+                return self._received(data, ancdata, flags)
+        packet = self.receive()
+        spin.observe(time.perf_counter() - since)
+        return packet
+
+    def _received(self, data: bytes, ancdata: list[tuple[int, int, bytes]], flags: int) -> bytes:
         if ancdata:
             self._adopt(ancdata)
         if not data:

@@ -20,6 +20,7 @@ def test_isolation_settings_are_checked_where_they_are_named() -> None:
         ({"process": {"restart_backoff_s": 5, "restart_backoff_max_s": 1}},
          "models.m.process.restart_backoff_max_s = 1.0: must not be below restart_backoff_s"),
         ({"probe_first_load": "yes"}, "models.m.probe_first_load = 'yes': must be true or false"),
+        ({"process": {"spin_us": -1}}, "models.m.process.spin_us = -1: must not be negative"),
     ):  # fmt: skip
         with pytest.raises(ConfigError) as err:
             load_config(None, {"models": {"m": table}}, {})
