@@ -23,7 +23,7 @@ from . import schemas
 from .fronts import Answer, Http, assert_clean_log
 from .kserve import Request, check_response, response_errors, split, valid_requests
 from .mutate import NASTY, Mutation, Raw, dumps, mutations
-from .oracle import judge
+from .oracle import judge, own_deadline
 
 GOOD = orjson.dumps(
     {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
@@ -92,7 +92,8 @@ def test_any_schema_valid_body_is_never_a_5xx(
     body = data.draw(schemas.oip().valid_values("inference_request"), label="body")
     answer = infer(kserve, model, dumps(body))
     event(f"status {answer.status}")
-    assert answer.status < 500, (body, answer.status, answer.message)
+    if not own_deadline(body, answer.status, answer.message):
+        assert answer.status < 500, (body, answer.status, answer.message)
     if answer.status == 200:
         head, _ = split(answer.payload, answer.headers.get("inference-header-content-length"))
         assert not response_errors(head), head

@@ -22,7 +22,7 @@ from .conftest import DEVICE
 from .fronts import assert_clean_log, next_correlation
 from .kserve import response_errors, valid_requests
 from .mutate import Mutation, dumps, mutations
-from .oracle import judge
+from .oracle import judge, own_deadline
 from .test_kserve_http import GOOD, MODELS
 
 TIMEOUT = 20.0
@@ -131,7 +131,8 @@ def test_any_schema_valid_body_over_mqtt(mqtt: Any, data: st.DataObject) -> None
     body = data.draw(schemas.oip().valid_values("inference_request"), label="body")
     status, reply = mqtt.send(model, dumps(body))
     event(f"status {status}")
-    assert status < 500, (body, status, reply)
+    if not own_deadline(body, status, str(reply.get("error"))):
+        assert status < 500, (body, status, reply)
     mqtt.check()
 
 
