@@ -28,7 +28,8 @@ DAY = 86400.0
 #: Every `time.time()` in appliance/ and what it stamps: none of them measures a duration.
 WALL_CLOCK_USES = {
     "appliance/api/openai.py": 2,  # `created` of a completion
-    "appliance/api/status.py": 2,  # `time` and `started_at` of /api/status (uptime: monotonic)
+    "appliance/api/app.py": 1,  # when the server started (/api/status's `started_at`)
+    "appliance/api/status.py": 1,  # `time` of /api/status (uptime: monotonic)
     "appliance/engine/engine.py": 1,  # a model's loaded_at (OpenAI's `created`)
     "appliance/httphead.py": 1,  # the Date header (the device's fast path, the hub's front)
     "appliance/hub/polls.py": 1,  # devices' last-seen stamps
