@@ -479,11 +479,14 @@ timeout_action = "delay"
 
 
 # -- threads: a worker waiting for a batch sees a higher level arrive ------------------------------
-def test_a_batch_wait_ends_when_a_higher_level_arrives() -> None:
-    class Job:
-        def __init__(self, level: int) -> None:
-            self.level = level
+class Job:
+    """A queued request as engine/priority.py's `Levels` sees it: its level."""
 
+    def __init__(self, level: int) -> None:
+        self.level = level
+
+
+def test_a_batch_wait_ends_when_a_higher_level_arrives() -> None:
     levels: Levels[Job] = Levels(PriorityConfig(levels=2))
     levels.put(Job(2))
     first = levels.take()
@@ -542,10 +545,6 @@ async def test_without_thread_safety_there_is_no_urgent_worker(serve):
 
 
 def test_a_worker_limited_to_upper_levels_is_woken_by_their_requests_only() -> None:
-    class Job:
-        def __init__(self, level: int) -> None:
-            self.level = level
-
     levels: Levels[Job] = Levels(PriorityConfig(levels=3))
     taken: list[int] = []
     got = threading.Semaphore(0)
@@ -579,10 +578,6 @@ def test_a_worker_limited_to_upper_levels_is_woken_by_their_requests_only() -> N
 def test_background_requests_do_not_wake_a_waiting_urgent_worker() -> None:
     """Under a flood every background put used to wake the urgent worker, which then took the
     interpreter lock from the event loop to find nothing; it wakes for its own levels only."""
-
-    class Job:
-        def __init__(self, level: int) -> None:
-            self.level = level
 
     levels: Levels[Job] = Levels(PriorityConfig(levels=3))
     taken: list[int] = []

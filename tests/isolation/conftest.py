@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from appliance.isolation.wire import Channel, Segment
 from appliance.registry import Registry
 
 PLUGINS = Path(__file__).resolve().parents[1] / "support" / "plugins"
@@ -30,3 +32,13 @@ def add_crashy(store: Registry, tmp_path: Path, name: str, content: bytes = b"fi
     f = tmp_path / f"{name}.bin"
     f.write_bytes(content)
     store.add(name, f, backend="crashy")
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[Channel, Channel]]:
+    """Two connected ends of a channel: the server's (it makes the segment) and the worker's."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    server, worker = Channel.create(ours), Channel(theirs, Segment.empty())
+    yield server, worker
+    server.close()
+    worker.close()

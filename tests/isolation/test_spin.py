@@ -8,7 +8,6 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from appliance.config import ModelConfig, ProcessConfig
 from appliance.errors import WorkerDied
 from appliance.isolation.proxy import IsolatedBackend, start
 from appliance.isolation.spin import Spin
-from appliance.isolation.wire import REPLY, Channel, Closed, Segment
+from appliance.isolation.wire import REPLY, Channel, Closed
 from appliance.registry import Registry
 from tests.support.plugins.appliance_crashy import HANG, SEGFAULT
 
@@ -58,15 +57,6 @@ def test_a_wanted_cpu_stops_polling_for_more_waits_each_time() -> None:
     spin.caught()
     spin.wanted()
     assert [spin.window() for _ in range(5)].count(0.0) == 4  # halved after a clean poll
-
-
-@pytest.fixture
-def pair() -> Iterator[tuple[Channel, Channel]]:
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    a, b = Channel.create(ours), Channel(theirs, Segment.empty())
-    yield a, b
-    a.close()
-    b.close()
 
 
 def _polling(channel: Channel, cap_s: float) -> Spin:

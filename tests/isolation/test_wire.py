@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import array
 import socket
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -15,15 +14,6 @@ import pytest
 from appliance.isolation import wire
 from appliance.isolation.wire import CALL, REPLY, Channel, Closed, ProtocolError, Segment
 from appliance.tensors import DATATYPES
-
-
-@pytest.fixture
-def pair() -> Iterator[tuple[Channel, Channel]]:
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    server, worker = Channel.create(ours), Channel(theirs, Segment.empty())
-    yield server, worker
-    server.close()
-    worker.close()
 
 
 def roundtrip(src: Channel, dst: Channel, arrays: dict[str, Any], copy: bool) -> dict[str, Any]:
