@@ -562,21 +562,24 @@ class SyncAgent:
             reason = exc.message if isinstance(exc, ApplianceError) else str(exc)
             await self._version_failed(a, sha, stage, reason, previous)
             return
+        # It serves from now on: its counts are taken before anything else awaits, so the
+        # errors of the first requests it answers (during the ACTIVE write, say) are watched.
+        model = self._serving(a.name)
+        assert model is not None
+        counts = self._counts(model)
         try:
             await asyncio.to_thread(self.registry.activate, a.name, a.version)
         except StoreFull as exc:  # it serves; ACTIVE is written once there is room
             self.unrecorded[a.name] = a.version
             self._fail(f"{a.name} version {a.version} serves, but is not recorded yet: {exc}")
         self.updates["activated"] += 1
-        model = self._serving(a.name)
-        assert model is not None
         self.watches[a.name] = Watch(
             a.name,
             a.version,
             previous,
             sha,
             time.monotonic() + self.hub.error_window_s,
-            self._counts(model),
+            counts,
         )
         if self.last_error and self.last_error.startswith(f"{a.name} "):
             self.last_error = None
