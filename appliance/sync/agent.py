@@ -535,12 +535,18 @@ class SyncAgent:
         stage = "load"
         pipeline = source.manifest.backend == PIPELINE
 
+        switched_at: dict[str, int] | None = None
+
         async def check(model: LoadedModel) -> None:
-            nonlocal stage
+            nonlocal stage, switched_at
             stage = "acceptance"
             await self._acceptance(
                 model, acceptance, functools.partial(self.engine.infer_on, model)
             )
+            # The engine switches to it right after this returns, with no await between, then
+            # drains the old version (which can take a while): the counts are taken here, so
+            # the requests it answers from the switch on, during the drain too, are watched.
+            switched_at = self._counts(model)
 
         async def check_pipeline(model: LoadedModel, infer: Infer) -> None:
             nonlocal stage
@@ -562,11 +568,12 @@ class SyncAgent:
             reason = exc.message if isinstance(exc, ApplianceError) else str(exc)
             await self._version_failed(a, sha, stage, reason, previous)
             return
-        # It serves from now on: its counts are taken before anything else awaits, so the
-        # errors of the first requests it answers (during the ACTIVE write, say) are watched.
+        # It serves: a model's counts were taken at the switch (in `check`); a pipeline's
+        # switch is the last thing activate_checked does, so its counts are taken now, before
+        # anything else awaits (the ACTIVE write below hops to a thread).
         model = self._serving(a.name)
         assert model is not None
-        counts = self._counts(model)
+        counts = switched_at if switched_at is not None else self._counts(model)
         try:
             await asyncio.to_thread(self.registry.activate, a.name, a.version)
         except StoreFull as exc:  # it serves; ACTIVE is written once there is room
