@@ -17,11 +17,10 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import orjson
-from prometheus_client.core import CounterMetricFamily, Metric
 
 from ..codec import InferRequest, InferResponse
 from ..config import Config, ModelConfig, PipelineConfig
@@ -42,6 +41,9 @@ from ..registry import PIPELINE, PIPELINE_FILE, Registry
 from ..tensors import Signature, TensorSpec
 from .declaration import Declaration, bind, parse
 from .executor import OUTCOME, Plan, Stats, execute
+
+if TYPE_CHECKING:
+    from prometheus_client.core import Metric
 
 log = logging.getLogger("appliance.pipelines")
 
@@ -458,6 +460,8 @@ class Pipelines:
         }
 
     def _collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily
+
         requests = CounterMetricFamily(
             "appliance_pipeline_requests", "Requests to a pipeline by outcome",
             labels=["pipeline", "version", "outcome"],
