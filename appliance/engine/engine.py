@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from .. import heap, tracing
 from ..backends.base import Backend, LoadContext
@@ -23,7 +23,6 @@ from ..config import Config, ModelConfig
 from ..device import Placement
 from ..errors import ApplianceError, InvalidInput, ModelError, NotFound, NotReady
 from ..formats import available as formats_available
-from ..formats.templates import Templates, load_templates
 from ..isolation import StateHook, load_backend
 from ..llm import EmbeddingResult, Generation, GenerationResult, TextModel
 from ..manifest import Manifest, verify_file
@@ -34,6 +33,9 @@ from ..tensors import Signature
 from .batching import policy_for
 from .scheduler import ModelRunner, Timing, lower_priority
 from .validation import validate
+
+if TYPE_CHECKING:
+    from ..formats.templates import Templates
 
 log = logging.getLogger("appliance.engine")
 
@@ -226,6 +228,8 @@ class Engine:
                 src.manifest, backend.signature, backend.quantization, model.config
             )
             if src.manifest.templates:
+                from ..formats.templates import load_templates  # a model with templates only
+
                 where = f"model {model.name!r} version {model.version}"
                 model.templates = load_templates(
                     src.path.parent, src.manifest.templates, model.config.formats, where
