@@ -28,7 +28,6 @@ from ..llm import EmbeddingResult, Generation, GenerationResult, TextModel
 from ..manifest import Manifest, verify_file
 from ..metrics import Metrics, ModelGauges, ModelStats
 from ..registry import Registry
-from ..steps.chain import Chain, build_chain
 from ..tensors import Signature
 from .batching import policy_for
 from .scheduler import ModelRunner, Timing, lower_priority
@@ -36,6 +35,7 @@ from .validation import validate
 
 if TYPE_CHECKING:
     from ..formats.templates import Templates
+    from ..steps.chain import Chain
 
 log = logging.getLogger("appliance.engine")
 
@@ -224,9 +224,14 @@ class Engine:
         context = LoadContext(model.config, self.cache_dir)
         backend = load_backend(src.manifest, src.path, context, on_state)
         try:
-            model.chain = build_chain(
-                src.manifest, backend.signature, backend.quantization, model.config
-            )
+            manifest, chain = src.manifest, None
+            if manifest.declared("input") or manifest.declared("output") or backend.quantization:
+                # the steps are imported by the first model that has some (build_chain gives
+                # None for the others)
+                from ..steps.chain import build_chain
+
+                chain = build_chain(manifest, backend.signature, backend.quantization, model.config)
+            model.chain = chain
             if src.manifest.templates:
                 from ..formats.templates import load_templates  # a model with templates only
 
