@@ -46,8 +46,7 @@ NOT_AT_IDLE = (
     "appliance.selftest",
     "appliance.status_view",
     "appliance.steps",  # imported by the first model that declares steps (engine.py)
-    "appliance.preprocess.text",
-    "appliance.preprocess.classify",
+    "appliance.preprocess",  # with a model that declares image pre-processing, or an upload
     "appliance.pipelines.declaration",  # with the first pipeline (pipelines/served.py)
     "appliance.pipelines.executor",
     "appliance.guards.pii",  # with PII masking configured
