@@ -4,6 +4,8 @@ The request path only bumps plain integers and bucket counts, all on the event l
 scheduler hands worker timings back to the loop), so it takes no locks and no label lookups.
 prometheus-client turns them into the exposition format at scrape time through a collector;
 gauges (queue depth, in-flight, readiness, device) are read from the engine at that moment too.
+It is imported by the first scrape, not before: with the stdlib its exposition module pulls in
+(http.server, urllib.request, email, wsgiref) it holds ~4.5 MiB a device never scraped needs not.
 """
 
 from __future__ import annotations
@@ -11,18 +13,13 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.registry import Collector
+from typing import TYPE_CHECKING
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import Metric
 
 #: Sub-millisecond resolution matters: a tiny model answers in tens of microseconds.
 LATENCY_BUCKETS = (
@@ -133,11 +130,12 @@ SYNC_STATES = ("starting", "idle", "offline", "checking", "downloading", "verify
                "activating", "expired", "error")  # fmt: skip
 
 
-class Metrics(Collector):
-    content_type = CONTENT_TYPE_LATEST
+class Metrics:
+    """The server's counters, and the collector (`collect`) of its registry."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=False)
+        #: Made by the first scrape (`render`), which imports prometheus_client.
+        self._registry: CollectorRegistry | None = None
         self._models: dict[tuple[str, str], ModelStats] = {}
         #: appliance_step_seconds: (model or pipeline, step label or node) -> time spent in it.
         self._steps: dict[tuple[str, str], Histogram] = {}
@@ -159,7 +157,6 @@ class Metrics(Collector):
         self.collectors: list[Callable[[], Iterable[Metric]]] = []
         #: Set by the sync agent when the appliance syncs with a hub.
         self.sync_source: Callable[[], SyncGauges] | None = None
-        self.registry.register(self)
 
     def for_model(self, name: str, version: str) -> ModelStats:
         return self._models.setdefault((name, version), ModelStats())
@@ -209,6 +206,8 @@ class Metrics(Collector):
         self.ws_messages[outcome] = self.ws_messages.get(outcome, 0) + 1
 
     def _ws_metrics(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         answered = CounterMetricFamily(
             "appliance_ws_messages", "WebSocket requests answered, by outcome", labels=["outcome"]
         )
@@ -229,6 +228,12 @@ class Metrics(Collector):
 
     def _priority_metrics(self, gauges: list[ModelGauges]) -> Iterator[Metric]:
         """Per model and priority level, for the models with more than one level."""
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
         if not any(g.queued_by_level for g in gauges) and not any(
             s.levels for s in self._models.values()
         ):
@@ -286,10 +291,35 @@ class Metrics(Collector):
         yield timeouts
         yield from hists.values()
 
+    @property
+    def content_type(self) -> str:
+        """The media type of `render`'s answer (imports prometheus_client, as a scrape does)."""
+        from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+        return CONTENT_TYPE_LATEST
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """The registry this collector is in, made (with the library's import) on first use."""
+        if self._registry is None:
+            from prometheus_client import CollectorRegistry
+
+            self._registry = CollectorRegistry(auto_describe=False)
+            self._registry.register(self)
+        return self._registry
+
     def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
         return generate_latest(self.registry)
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
         labels = ["model", "version"]
         requests = CounterMetricFamily(
             "appliance_inference_requests",
@@ -410,6 +440,8 @@ class Metrics(Collector):
 
 
 def _sync_metrics(g: SyncGauges) -> Iterator[Metric]:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
     state = GaugeMetricFamily(
         "appliance_sync_state", "1 for the sync agent's current state", labels=["state"]
     )

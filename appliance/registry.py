@@ -12,7 +12,6 @@ import datetime as dt
 import os
 import shutil
 import stat
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +58,8 @@ def store_full(exc: OSError, root: Path, what: str) -> StoreFull:
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Write a file so that readers see the old or the new content, never a mix."""
+    import tempfile  # here, as below: only writing to the store needs it, serving does not
+
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide ACTIVE from a server run as another user
@@ -216,6 +217,8 @@ class Registry:
             raise ModelError(
                 f"model {name!r} version {version!r} already exists: versions never change"
             )
+
+        import tempfile
 
         staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=f".{version}.", suffix=".partial"))
         try:
@@ -393,6 +396,8 @@ class Registry:
                 "or roll back first"
             )
         model_dir = self.model_dir(name)
+        import tempfile
+
         trash = Path(tempfile.mkdtemp(dir=model_dir, prefix=f".{version}.", suffix=".trash"))
         # moving a directory to another parent rewrites its '..': it must be writable
         (model_dir / version).chmod(stat.S_IRWXU)

@@ -18,11 +18,13 @@ from appliance.bench.client import free_port
 ROOT = Path(__file__).resolve().parent.parent
 
 #: Third-party packages `appliance serve` of one ONNX model may have imported once it answered a
-#: KServe v2 infer request: the runtime, the fast loop, JSON and the metrics. Not aiohttp: the
-#: fast path answers infer itself, and aiohttp is imported by the first request it hands over
-#: (api/app.py; about 14 MiB). Anything else (Jinja2, PyYAML, jsonschema, grpc, OpenTelemetry,
-#: tuf, paho, Pillow, llama-cpp, LiteRT, ...) is imported only by the feature that needs it.
-ALLOWED_PACKAGES = {"numpy", "onnxruntime", "uvloop", "orjson", "prometheus_client"}
+#: KServe v2 infer request: the runtime, the fast loop and JSON. Not aiohttp: the fast path
+#: answers infer itself, and aiohttp is imported by the first request it hands over (api/app.py;
+#: about 14 MiB). Not prometheus_client: the first scrape of /metrics imports it (metrics.py;
+#: ~4.5 MiB with the stdlib its exposition module pulls in). Anything else (Jinja2, PyYAML,
+#: jsonschema, grpc, OpenTelemetry, tuf, paho, Pillow, llama-cpp, LiteRT, ...) is imported only
+#: by the feature that needs it.
+ALLOWED_PACKAGES = {"numpy", "onnxruntime", "uvloop", "orjson"}
 #: The interpreter's own, Cython's runtime modules, an editable install's finder.
 _NOT_PACKAGES = ("__main__", "_cython_", "cython_runtime", "__editable__", "_distutils_hack")
 
@@ -43,10 +45,14 @@ NOT_AT_IDLE = (
     "appliance.build.",  # but build/command (the CLI's parser)
     "appliance.selftest",
     "appliance.status_view",
-    "appliance.steps.nms",
-    "appliance.steps.crop",
-    "appliance.steps.letterbox",
-    "appliance.preprocess.text",
+    "appliance.steps",  # imported by the first model that declares steps (engine.py)
+    "appliance.preprocess",  # with a model that declares image pre-processing, or an upload
+    "appliance.pipelines.declaration",  # with the first pipeline (pipelines/served.py)
+    "appliance.pipelines.executor",
+    "appliance.guards.pii",  # with PII masking configured
+    "appliance.guards.stream",
+    "appliance.formats.templates",  # with a model that has report templates
+    "appliance.formats.values",
     # aiohttp's routes and what only they import (api/app.py)
     "appliance.api.http.",
     "appliance.api.openai",
@@ -60,6 +66,20 @@ NOT_AT_IDLE = (
     "appliance.multipart",
 )
 _CLI_PARTS = {"appliance.hub", "appliance.hub.cli", "appliance.build", "appliance.build.command"}
+#: The standard library's share: what only the hub's commands, the exposition format, plugins,
+#: store writes and pipelines use (each ~0.1-2.5 MiB with what it imports in turn).
+STDLIB_NOT_AT_IDLE = (
+    "email",  # the Date header is formatted by httphead.http_date
+    "http.client",
+    "http.server",
+    "urllib.request",
+    "wsgiref",
+    "importlib.metadata",  # read by the first plugin lookup (plugins.entries)
+    "mimetypes",
+    "secrets",
+    "tempfile",  # by the store's writes (registry.py)
+    "graphlib",
+)
 
 # `appliance serve` in the main thread, as the CLI runs it; a thread sends one request over a
 # bare socket (so that it imports nothing serve would not), then prints sys.modules; then it
@@ -92,6 +112,11 @@ _PROBE = textwrap.dedent(
             time.sleep(0.05)
         time.sleep(0.2)  # what answering set off has run
         sys.stdout.write("\\n".join(sorted(sys.modules)) + "\\n")
+        scrape = ask(b"GET /metrics HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n")
+        head, _, body = scrape.partition(b"\\r\\n\\r\\n")
+        lines = [line for line in head.split(b"\\r\\n") if line.lower().startswith(b"content-type")]
+        lines += [line for line in body.split(b"\\n") if line.startswith(b"appliance_inference_re")]
+        sys.stdout.write("\\n".join("scrape: " + line.decode() for line in lines) + "\\n")
         answer = ask(b"GET /v2 HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n")
         sys.stdout.write("handed-over: " + answer.split(b"\\r\\n", 1)[0].decode() + "\\n")
         sys.stdout.flush()
@@ -131,7 +156,7 @@ def probe_lines(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 
 @pytest.fixture(scope="module")
 def idle_modules(probe_lines: list[str]) -> list[str]:
-    return [line for line in probe_lines if not line.startswith("handed-over:")]
+    return [line for line in probe_lines if not line.startswith(("handed-over:", "scrape: "))]
 
 
 def test_aiohttp_answers_the_first_request_the_fast_path_hands_over(
@@ -139,6 +164,18 @@ def test_aiohttp_answers_the_first_request_the_fast_path_hands_over(
 ) -> None:
     """aiohttp was not imported at idle (below); GET /v2 makes its application, which answers."""
     assert probe_lines[-1] == "handed-over: HTTP/1.1 200 OK", probe_lines[-3:]
+
+
+def test_the_first_scrape_imports_prometheus_client_and_answers(probe_lines: list[str]) -> None:
+    """Not imported at idle (below), the exposition format is made by the first scrape."""
+    from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+    scrape = [line.removeprefix("scrape: ") for line in probe_lines if line.startswith("scrape: ")]
+    assert scrape[0] == f"Content-Type: {CONTENT_TYPE_LATEST}", scrape
+    assert (
+        'appliance_inference_requests_total{model="sample",outcome="success",version="1"} 1.0'
+        in scrape
+    ), scrape
 
 
 def test_an_onnx_device_imports_no_optional_package_at_idle(idle_modules: list[str]) -> None:
@@ -159,6 +196,15 @@ def test_an_onnx_device_imports_no_unused_part_of_the_appliance(idle_modules: li
     ]
     assert not bad, bad
     assert "appliance.backends.onnx" in idle_modules  # the probe did reach a served model
+
+
+def test_an_onnx_device_imports_no_unused_part_of_the_standard_library(
+    idle_modules: list[str],
+) -> None:
+    bad = [
+        m for m in idle_modules if any(m == p or m.startswith(p + ".") for p in STDLIB_NOT_AT_IDLE)
+    ]
+    assert not bad, bad
 
 
 def test_release_hands_freed_heap_pages_back() -> None:

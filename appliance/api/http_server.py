@@ -653,7 +653,6 @@ class HttpServer:
             self.app[ROUTER],
             self.app[METRICS],
         )
-        self._metrics_type = self.metrics.content_type.encode()
         self.limits: ConnectionLimits = self.settings.limits
         self.max_connections = connection_cap(self.limits)
         self.date = DateHeader()
@@ -667,7 +666,7 @@ class HttpServer:
         if handler == "ready":
             return orjson.dumps(ready_answer(self.engine, self.router)), _JSON
         if handler == "metrics":
-            return self.metrics.render(), self._metrics_type
+            return self.metrics.render(), self.metrics.content_type.encode()
         raise AssertionError(f"no fast-path answer for the hot route {handler!r}")
 
     def handler_factory(self) -> RequestHandler:

@@ -18,10 +18,11 @@ import orjson
 from ..codec import InferRequest
 from ..engine import LoadedModel
 from ..errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from ..preprocess.image import ImageSpec, check_content_type
 
 if TYPE_CHECKING:  # aiohttp only where a body is read: the fast path needs none of it
     from aiohttp import web
+
+    from ..preprocess.image import ImageSpec
 
 #: Request parameters a URL query, a multipart field or an MQTT user property may carry.
 PARAMETERS: dict[str, type] = {
@@ -103,6 +104,7 @@ async def image_request(
     from aiohttp import BodyPartReader
 
     from ..multipart import malformed_is_400
+    from ..preprocess.image import check_content_type
 
     target = image_input(model)
     if ctype.startswith("image/"):

@@ -11,7 +11,6 @@ the isolation worker), and the server goes on.
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 from pathlib import Path
 from typing import Any
 

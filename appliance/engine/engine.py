@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from .. import heap, tracing
 from ..backends.base import Backend, LoadContext
@@ -23,17 +23,19 @@ from ..config import Config, ModelConfig
 from ..device import Placement
 from ..errors import ApplianceError, InvalidInput, ModelError, NotFound, NotReady
 from ..formats import available as formats_available
-from ..formats.templates import Templates, load_templates
 from ..isolation import StateHook, load_backend
 from ..llm import EmbeddingResult, Generation, GenerationResult, TextModel
 from ..manifest import Manifest, verify_file
 from ..metrics import Metrics, ModelGauges, ModelStats
 from ..registry import Registry
-from ..steps.chain import Chain, build_chain
 from ..tensors import Signature
 from .batching import policy_for
 from .scheduler import ModelRunner, Timing, lower_priority
 from .validation import validate
+
+if TYPE_CHECKING:
+    from ..formats.templates import Templates
+    from ..steps.chain import Chain
 
 log = logging.getLogger("appliance.engine")
 
@@ -222,10 +224,17 @@ class Engine:
         context = LoadContext(model.config, self.cache_dir)
         backend = load_backend(src.manifest, src.path, context, on_state)
         try:
-            model.chain = build_chain(
-                src.manifest, backend.signature, backend.quantization, model.config
-            )
+            manifest, chain = src.manifest, None
+            if manifest.declared("input") or manifest.declared("output") or backend.quantization:
+                # the steps are imported by the first model that has some (build_chain gives
+                # None for the others)
+                from ..steps.chain import build_chain
+
+                chain = build_chain(manifest, backend.signature, backend.quantization, model.config)
+            model.chain = chain
             if src.manifest.templates:
+                from ..formats.templates import load_templates  # a model with templates only
+
                 where = f"model {model.name!r} version {model.version}"
                 model.templates = load_templates(
                     src.path.parent, src.manifest.templates, model.config.formats, where

@@ -30,7 +30,6 @@ from typing import Any, Literal, TypeVar
 
 from ..config import Invalid, _build, at_least, between, matches
 from .patterns import INJECTION, valid_pattern
-from .pii import ENTITIES
 
 T = TypeVar("T")
 _RULE_NAME = matches(
@@ -161,15 +160,18 @@ class PiiGuardsConfig:
     max_hold_chars: int = field(default=8192, metadata=at_least(256))
 
     def check(self) -> None:
-        known = {*ENTITIES, "all", *(c.name for c in self.custom)}
-        for i, entity in enumerate(self.entities):
-            if entity not in known:
-                raise Invalid(
-                    f"entities[{i}]", f"must be one of {', '.join(sorted(known))}", entity
-                )
-        for i, s in enumerate(self.styles):
-            if s.entity not in known - {"all"}:
-                raise Invalid(f"styles[{i}].entity", "not a known entity", s.entity)
+        if self.entities or self.styles:
+            from .pii import ENTITIES  # only a section naming entities needs pii.py (~1 MiB)
+
+            known = {*ENTITIES, "all", *(c.name for c in self.custom)}
+            for i, entity in enumerate(self.entities):
+                if entity not in known:
+                    raise Invalid(
+                        f"entities[{i}]", f"must be one of {', '.join(sorted(known))}", entity
+                    )
+            for i, s in enumerate(self.styles):
+                if s.entity not in known - {"all"}:
+                    raise Invalid(f"styles[{i}].entity", "not a known entity", s.entity)
         hashed = self.style == "hash" or any(s.style == "hash" for s in self.styles)
         if hashed and not self.hash_key_file:
             raise Invalid("hash_key_file", "style 'hash' needs a key file")

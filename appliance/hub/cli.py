@@ -7,12 +7,8 @@ beside a serving hub), or, with `--url`, through the admin API with the admin to
 from __future__ import annotations
 
 import argparse
-import mimetypes
 import os
-import secrets
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -84,6 +80,9 @@ class _Remote:
         ctype: str = "application/json",
         length: int | None = None,
     ) -> Any:
+        import urllib.error  # here: `appliance serve` imports this module for its parser
+        import urllib.request
+
         headers = {"Authorization": f"Bearer {self.token}", "Content-Type": ctype}
         if length is not None:
             headers["Content-Length"] = str(length)
@@ -109,6 +108,9 @@ class _Remote:
 
     def publish(self, fields: dict[str, str], file: Path) -> Any:
         """multipart/form-data, the file streamed from disk (models can be gigabytes)."""
+        import mimetypes
+        import secrets
+
         boundary = "hub-" + secrets.token_hex(16)
         head = b"".join(
             f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n'

@@ -18,7 +18,6 @@ from pathlib import Path
 from ..backends.base import LoadContext
 from ..errors import ModelError
 from ..manifest import Manifest
-from .process import WorkerProcess, describe_exit, load_call
 
 log = logging.getLogger("appliance.isolation")
 
@@ -58,6 +57,9 @@ def probe_once(manifest: Manifest, path: Path, context: LoadContext) -> None:
 
 def probe(manifest: Manifest, path: Path, context: LoadContext) -> None:
     """Load the file once in a worker process; ModelError if that fails or crashes."""
+    # here: a restart that finds the marker spawns nothing, so needs not the worker's modules
+    from .process import WorkerProcess, describe_exit, load_call
+
     what = f"model {manifest.name!r} version {manifest.version}"
     cfg = context.config
     cfg = dataclasses.replace(cfg, device="cpu", gguf=dataclasses.replace(cfg.gguf, instances=1))

@@ -5,7 +5,6 @@ request through it (fan-out, gather, conditions); served.py is the set a server 
 the router consults before the engine. This layer sits between routing and the engine.
 """
 
-from .declaration import Declaration, parse
 from .served import BACKEND, FILE_NAME, Pipelines, read_declaration
 
-__all__ = ["BACKEND", "FILE_NAME", "Declaration", "Pipelines", "parse", "read_declaration"]
+__all__ = ["BACKEND", "FILE_NAME", "Pipelines", "read_declaration"]

@@ -17,11 +17,10 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import orjson
-from prometheus_client.core import CounterMetricFamily, Metric
 
 from ..codec import InferRequest, InferResponse
 from ..config import Config, ModelConfig, PipelineConfig
@@ -40,8 +39,12 @@ from ..manifest import Manifest, sha256_file
 from ..metrics import Metrics
 from ..registry import PIPELINE, PIPELINE_FILE, Registry
 from ..tensors import Signature, TensorSpec
-from .declaration import Declaration, bind, parse
-from .executor import OUTCOME, Plan, Stats, execute
+
+if TYPE_CHECKING:
+    from prometheus_client.core import Metric
+
+    from .declaration import Declaration
+    from .executor import Plan, Stats
 
 log = logging.getLogger("appliance.pipelines")
 
@@ -52,6 +55,8 @@ BACKEND, FILE_NAME = PIPELINE, PIPELINE_FILE
 
 def read_declaration(path: Path, name: str, max_nodes: int = 64) -> Declaration:
     """Read and check a declaration file (ModelError naming the file, the node and the key)."""
+    from .declaration import parse  # a server that serves no pipeline never imports it
+
     try:
         doc = orjson.loads(path.read_bytes())
     except OSError as exc:
@@ -59,6 +64,14 @@ def read_declaration(path: Path, name: str, max_nodes: int = 64) -> Declaration:
     except orjson.JSONDecodeError as exc:
         raise ModelError(f"pipeline {name!r}: {path} is not valid JSON: {exc}") from None
     return parse(doc, name, max_nodes)
+
+
+def _new_stats() -> Stats:
+    """A new entry's counters. executor.py (and declaration.py, which it imports) are imported
+    with the first pipeline, not with this module: ~0.4 MiB a device serving none never holds."""
+    from .executor import Stats
+
+    return Stats()
 
 
 @dataclass
@@ -69,7 +82,7 @@ class Entry:
     config: PipelineConfig
     facade: LoadedModel
     decl: Declaration | None
-    stats: Stats = field(default_factory=Stats)
+    stats: Stats = field(default_factory=_new_stats)
     plan: Plan | None = None
     #: The engine's models the plan was bound to: (name, version, object id) per model.
     key: tuple[tuple[str, str, int], ...] | None = None
@@ -90,6 +103,9 @@ class Entry:
 
 
 class Pipelines:
+    #: executor.execute, bound when the first pipeline is added (an entry exists only then).
+    _execute: Callable[..., Awaitable[InferResponse]]
+
     def __init__(self, engine: Engine, config: Config, metrics: Metrics) -> None:
         self.engine = engine
         self.config = config
@@ -231,6 +247,9 @@ class Pipelines:
         facade = LoadedModel(source, ModelConfig(timeout_s=settings.timeout_s), status="loading")
         entry = Entry(name, settings, facade, decl)
         self.entries[name] = entry
+        from .executor import execute  # with the first pipeline (see _new_stats)
+
+        self._execute = execute
         return entry
 
     # -- lookups -----------------------------------------------------------------------------
@@ -319,6 +338,9 @@ class Pipelines:
         frozen = tuple(key)
         if entry.key == frozen and (entry.plan is not None or facade.status == "failed"):
             return entry.plan  # bound (or refused) against these very models already
+        from .declaration import bind
+        from .executor import Plan
+
         try:
             bound = bind(decl, self._lookup, strict=True)
         except ApplianceError as exc:
@@ -384,13 +406,15 @@ class Pipelines:
                 plan = self._ready(entry)
         except ApplianceError as exc:
             outcomes = entry.stats.outcomes
+            from .executor import OUTCOME
+
             outcome = OUTCOME.get(exc.status, "error")
             outcomes[outcome] = outcomes.get(outcome, 0) + 1
             raise
         limit = entry.config.timeout_s
         if request.timeout_s is not None and request.timeout_s < limit:
             limit = request.timeout_s
-        return execute(
+        return self._execute(
             plan, self.engine, request, t0 + limit,
             entry.config.max_fan_out, entry.stats, entry.name, entry.version, entry.first,
         )  # fmt: skip
@@ -458,6 +482,8 @@ class Pipelines:
         }
 
     def _collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily
+
         requests = CounterMetricFamily(
             "appliance_pipeline_requests", "Requests to a pipeline by outcome",
             labels=["pipeline", "version", "outcome"],

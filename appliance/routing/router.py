@@ -33,9 +33,7 @@ import time
 from bisect import bisect_right
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
-
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..codec import InferRequest, InferResponse
 from ..config import Config, ModelConfig, TaskConfig, template_fields
@@ -55,6 +53,9 @@ from ..metrics import Metrics
 from ..pipelines import Pipelines
 from . import cache as rc
 from .breaker import STATE_VALUE, Breaker, CircuitOpen, verdict
+
+if TYPE_CHECKING:
+    from prometheus_client.core import Metric
 
 log = logging.getLogger("appliance.routing")
 T = TypeVar("T")
@@ -686,6 +687,8 @@ class Router:
 
     # -- metrics ---------------------------------------------------------------------------
     def _collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         routed = CounterMetricFamily(
             "appliance_task_requests",
             "Requests to a task by the model that answered, route (variant or fallback) and "

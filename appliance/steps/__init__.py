@@ -10,7 +10,6 @@ the models using it are not ready.
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 from collections.abc import Mapping
 from typing import Any
 

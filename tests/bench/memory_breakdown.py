@@ -15,12 +15,13 @@ warm-up start), not from sources compiled at each start (which leaves ~2-5 MiB m
    tests/bench/floors.py (python, uvloop, numpy, onnxruntime, the same session) beside it; with
    `--baseline`, the other checkout's serve too; `--also-model`: serve's RSS with other models.
 2. components: a fresh interpreter (tests/bench/memory_walk.py) imports numpy + onnxruntime,
-   uvloop + asyncio, aiohttp (if serve imported it), prometheus_client, then the modules serve
-   imported, in its order, with a meter on the import system: the RSS each stage adds, and each
-   module's own RSS and anonymous-memory delta (its nested imports excluded), summed per
-   top-level package. Then the ONNX session the floor makes. serve's RSS minus all that is what
-   running costs (the loop, threads, the engine's objects, the first request). Then the first
-   request the fast path hands over (GET /v2): its round trip, the next one's, the RSS after.
+   uvloop + asyncio, aiohttp and prometheus_client (each if serve imported it), then the
+   modules serve imported, in its order, with a meter on the import system: the RSS each stage
+   adds, and each module's own RSS and anonymous-memory delta (its nested imports excluded),
+   summed per top-level package. Then the ONNX session the floor makes. serve's RSS minus all
+   that is what running costs (the loop, threads, the engine's objects, the first request).
+   Then the first request the fast path hands over (GET /v2): its round trip, the next one's,
+   the RSS after.
 3. `--startup N`: N starts of each tree, alternated, each timed from exec to the first 200 of
    an infer request, with the CPU time the server had used by then; medians.
 """
@@ -128,7 +129,8 @@ def measure_serve(
             time.sleep(0.5)  # let the answer's buffers go back
             status, maps = _status(proc.pid), _mappings(proc.pid)
             idle_end = os.fstat(err.fileno()).st_size  # the imports at idle end here
-            handover = _handover(port, proc.pid)
+            scrape = _first_twice(port, proc.pid, "/metrics")
+            handover = _first_twice(port, proc.pid, "/v2")
         finally:
             proc.terminate()
             proc.wait(20)
@@ -139,16 +141,21 @@ def measure_serve(
     done = [(len(m[3]), m[4]) for m in map(_IMPORTTIME.match, lines) if m]
     outer = min(depth for depth, _ in done)
     order = [name for depth, name in done if depth == outer]
-    return {"status": status, "mappings": maps, "modules": order, "handover": handover}
+    everything = sorted({name for _, name in done})
+    return {
+        "status": status, "mappings": maps, "modules": order, "all_modules": everything,
+        "scrape": scrape, "handover": handover,
+    }  # fmt: skip
 
 
-def _handover(port: int, pid: int) -> dict[str, float]:
-    """What the first request the fast path hands over (GET /v2) costs: its round trip and the
-    next one's (ms), and the RSS after it (MiB): aiohttp's import and the app's build, once."""
+def _first_twice(port: int, pid: int, path: str) -> dict[str, float]:
+    """What the first GET of `path` costs: its round trip and the next one's (ms), and the RSS
+    after it (MiB). /metrics: prometheus_client's import, once; /v2, the first request the fast
+    path hands over: aiohttp's import and the app's build, once."""
     out: dict[str, float] = {}
     for key in ("first_ms", "second_ms"):
         t0 = time.perf_counter()
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2", timeout=10) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
             assert r.status == 200, r.status
         out[key] = round((time.perf_counter() - t0) * 1e3, 1)
     time.sleep(0.5)
@@ -242,8 +249,11 @@ _STAGES = [
 
 def breakdown(model: str, tree: Path, served: dict[str, Any], top: int) -> dict[str, Any]:
     walk = _STAGES
-    if not any(m.split(".", 1)[0] == "aiohttp" for m in served["modules"]):
+    tops = {m.split(".", 1)[0] for m in served["all_modules"]}
+    if "aiohttp" not in tops:
         walk = [s for s in walk if "aiohttp" not in s]  # the fast path alone (api/app.py)
+    if "prometheus_client" not in tops:
+        walk = [s for s in walk if "prometheus_client" not in s]  # imported by a scrape
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
         f.write("\n".join([*walk, *served["modules"], "@the appliance's modules"]))
     try:
@@ -314,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     for tree in trees:
         served[tree] = measure_serve(model, tree)
         result.setdefault("handover", {})[str(tree)] = served[tree]["handover"]
+        result.setdefault("scrape", {})[str(tree)] = served[tree]["scrape"]
         result["serve"][str(tree)] = {
             Path(model).name: _mib(served[tree]["status"]),
             **{
@@ -358,6 +369,11 @@ def _print(result: dict[str, Any]) -> None:
                 f"(anon {s['RssAnon']}, file {s['RssFile']}, private dirty "
                 f"{s['Private_Dirty']}, peak {s['VmHWM']}), {s['Threads']} threads"
             )
+    for tree, h in result["scrape"].items():
+        print(
+            f"first scrape (GET /metrics), {tree}: {h['first_ms']} ms (the next one "
+            f"{h['second_ms']} ms); VmRSS after it {h['rss_after_mib']} MiB"
+        )
     for tree, h in result["handover"].items():
         print(
             f"first request handed over (GET /v2), {tree}: {h['first_ms']} ms (the next one "
