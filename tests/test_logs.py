@@ -151,7 +151,9 @@ def _only(handler: logging.Handler) -> None:
     logging.getLogger().handlers[:] = [handler]
 
 
-def test_an_access_line_written_directly_is_the_line_logging_writes(root_round_buffer) -> None:
+def test_an_access_line_written_directly_is_the_line_logging_writes(
+    root_round_buffer: tuple[Stream, RoundBuffer],
+) -> None:
     from appliance.logs import direct
     from appliance.request import Request, log_access
 
@@ -181,7 +183,9 @@ def test_an_access_line_written_directly_is_the_line_logging_writes(root_round_b
     assert "trace_id" not in third
 
 
-def test_direct_lines_only_where_the_handler_is_all_there_is(root_round_buffer) -> None:
+def test_direct_lines_only_where_the_handler_is_all_there_is(
+    root_round_buffer: tuple[Stream, RoundBuffer],
+) -> None:
     from appliance.logs import direct
 
     _, handler = root_round_buffer
