@@ -386,7 +386,11 @@ class Engine:
         return model
 
     def ready_model(self, name: str, version: str | None = None) -> LoadedModel:
-        model = self.model(name, version)
+        model = self._models.get(name)
+        if model is not None and model.status == "ready":  # (the common case: one lookup)
+            if version is None or version == model.version:
+                return model
+        model = self.model(name, version)  # NotFound, saying why
         if model.status != "ready":
             why = f": {model.reason}" if model.reason else ""
             raise NotReady(f"model {name!r} version {model.version} is {model.status}{why}")
