@@ -387,9 +387,12 @@ class Engine:
 
     def ready_model(self, name: str, version: str | None = None) -> LoadedModel:
         model = self._models.get(name)
-        if model is not None and model.status == "ready":  # (the common case: one lookup)
-            if version is None or version == model.version:
-                return model
+        if (  # the common case, in one lookup
+            model is not None
+            and model.status == "ready"
+            and (version is None or version == model.version)
+        ):
+            return model
         model = self.model(name, version)  # NotFound, saying why
         if model.status != "ready":
             why = f": {model.reason}" if model.reason else ""

@@ -304,10 +304,9 @@ class ModelRunner:
                 )
             ran = self._run_inline(inputs, outputs, nbytes)
             return ran, Timing(0.0, self.inline_s, True, 1, self.inline_start)
-        if nbytes < 0:
-            nbytes = 0
-            for array in inputs.values():
-                nbytes += array.nbytes
+        nbytes = 0
+        for array in inputs.values():
+            nbytes += array.nbytes
         job = self._submit(inputs, outputs, timeout_s, nbytes, None, priority)
         result: Arrays = await job.future
         return result, Timing(
@@ -333,7 +332,7 @@ class ModelRunner:
         self, inputs: Arrays, outputs: list[str] | None, timeout_s: float, nbytes: int
     ) -> Arrays:
         """`run` for a request `inline_bytes` took (`nbytes`), on the loop thread at once with
-        no coroutine: a model with one priority level (`levels` is None). Its run's start and
+        no coroutine, for a model with one priority level (not `has_levels`). Its run's start and
         compute time are left in `inline_start` and `inline_s` (for a traced request)."""
         if timeout_s < self._floor:
             self._check_floor(timeout_s)
