@@ -262,8 +262,17 @@ class ModelRunner:
     def _learn(self, seconds: float, nbytes: int, size: int = 1, now: float = 0.0) -> None:
         self._ran_at = now or time.perf_counter()
         if size == 1:
-            self._solo.append(seconds)
-            self._floor = min(self._solo)
+            solo = self._solo
+            if len(solo) < _SOLO_RUNS:
+                solo.append(seconds)
+                self._floor = min(solo)
+            else:  # the fastest of the last runs, without a pass over them on most runs
+                dropped = solo[0]
+                solo.append(seconds)
+                if seconds <= self._floor:
+                    self._floor = seconds
+                elif dropped <= self._floor:
+                    self._floor = min(solo)
         self._measured += 1
         outlier = seconds > _OUTLIER * self._inline_budget
         if outlier and not self._struck:
@@ -392,7 +401,8 @@ class ModelRunner:
         queued, keeps a place only until then."""
         levels = self._levels
         if levels is None:
-            self.check_capacity(priority)
+            if self._pending >= self._limit:
+                self.check_capacity(priority)  # (raises)
             return
         level = levels.level_of(priority)
         self._make_room(levels, level, False, True)
