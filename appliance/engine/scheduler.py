@@ -58,6 +58,8 @@ _OUTLIER = 4.0
 _SOLO_RUNS = 8
 #: That bound is trusted only this long after the model last ran.
 _STALE_S = 5.0
+#: The run-time estimate before any run.
+_UNMEASURED = float("inf")
 
 
 @dataclass(slots=True)
@@ -183,7 +185,7 @@ class ModelRunner:
         # estimate of the compute time, and the largest input measured within the budget.
         self._inline_budget = inline_max_us / 1e6
         self._measured = 0
-        self._estimate = float("inf")
+        self._estimate = _UNMEASURED
         self._fast_nbytes = -1
         self._struck = False  # the last run was far over the budget
         #: When the last inline run started, and its compute seconds (for traces).
@@ -283,9 +285,10 @@ class ModelRunner:
             return
         self._struck = outlier
         est = self._estimate
-        self._estimate = seconds if est == float("inf") else est + 0.2 * (seconds - est)
+        self._estimate = seconds if est == _UNMEASURED else est + 0.2 * (seconds - est)
         if seconds <= self._inline_budget:
-            self._fast_nbytes = max(self._fast_nbytes, nbytes)
+            if nbytes > self._fast_nbytes:
+                self._fast_nbytes = nbytes
         elif outlier:
             # Far over the budget twice in a row: the model (or this input size) is slow, not
             # a hiccup: measure on the workers again before trusting the loop with it.
