@@ -416,7 +416,8 @@ class Engine:
     ) -> InferResponse:
         """Run `request` on this loaded version (also one not yet switched to, for checks).
         `inline=False`: never on the event loop thread, so that requests sent together are
-        batched (see ModelRunner.run)."""
+        batched (see ModelRunner.run). `infer_now` is this method for the inline case, written
+        out: keep the two in step."""
         runner, metrics = model.runner, model.stats
         assert runner is not None and metrics is not None
         t0 = time.perf_counter()
