@@ -114,8 +114,20 @@ class RoundBuffer(logging.StreamHandler[TextIO]):
             return
         self._add(record.name, line)  # (logging holds this handler's lock in emit)
 
-    def write_line(self, name: str, line: str) -> None:
-        """A line of logger `name`, already formatted (see `direct`), handled as `emit` would."""
+    def emit_line(
+        self,
+        name: str,
+        level: str,
+        msg: str,
+        rid: str | None,
+        tid: str | None,
+        fields: dict[str, Any] | None,
+    ) -> None:
+        """A line of logger `name` (see `direct`): formatted by this handler's JsonFormatter,
+        stamped now as a LogRecord would be, then handled as `emit` handles a record's."""
+        formatter = self.formatter
+        assert isinstance(formatter, JsonFormatter)
+        line = formatter.line(time.time(), level, name, msg, rid, tid, fields)
         with self.lock:  # type: ignore[union-attr]  # (created by Handler.__init__)
             self._add(name, line + self.terminator)
 
@@ -160,7 +172,7 @@ def direct(logger: logging.Logger, level: int) -> RoundBuffer | None:
     """The handler `logger`'s lines at `level` go to, when that is all of it: one RoundBuffer
     with this module's JsonFormatter, no filter, nothing else in the logger's chain (what
     `setup_logging` sets up). A line can then be given to it formatted (`JsonFormatter.line`,
-    `RoundBuffer.write_line`): the same text without a LogRecord and logging's dispatch, a
+    `RoundBuffer.emit_line`): the same text without a LogRecord and logging's dispatch, a
     third of the access log's cost. None otherwise (a test's caplog, a handler of the
     operator's), and the line goes through logging. The caller checked isEnabledFor(level)."""
     if logger.filters or logger.disabled:

@@ -37,7 +37,7 @@ from .formats import available as formats_of
 from .formats.negotiate import choose, is_plain
 from .guards.policy import GuardBook, Guards
 from .llm import EmbeddingResult, Generation, GenerationResult
-from .logs import JsonFormatter, direct, request_id, trace_id
+from .logs import direct, request_id, trace_id
 from .metrics import Metrics
 from .routing import Router, Served
 from .timeseries import RecentErrors, RequestSeries
@@ -585,11 +585,8 @@ def log_access(req: Request, seconds: float) -> None:
         fields["token_name"] = req.token_name  # its name: who called, never the secret
     handler = direct(access, logging.INFO)
     if handler is not None:  # the same line, without a LogRecord
-        formatter = handler.formatter
-        assert isinstance(formatter, JsonFormatter)
         msg = f"{req.method} {req.path} {req.status:d}"
-        line = formatter.line(time.time(), "info", access.name, msg, req.id, req.trace_id, fields)
-        handler.write_line(access.name, line)
+        handler.emit_line(access.name, "INFO", msg, req.id, req.trace_id, fields)
         return
     access.info(
         "%s %s %d",
