@@ -97,3 +97,19 @@ async def test_a_version_activated_while_v1_runs_inline_answers_the_next_request
     assert r.status == 200, await r.text()
     r = await client.post(INFER, json=OK)
     assert r.status == 404 and "unknown model 'sample'" in (await r.json())["error"]
+
+
+async def test_a_task_over_a_model_that_runs_inline_is_still_routed_as_a_task(serve):
+    """The inline path is for a plain model only: a task's name takes the router's path (its
+    variant drawn, its answer saying which task and whether the fallback answered)."""
+    client = await serve({**INLINE, "tasks": {"classify": {"variants": [{"model": "sample"}]}}})
+    await _versions(client, LEARN + 2)  # the model itself: inline by now
+    r = await client.post("/v2/models/classify/infer", json=OK)
+    assert r.status == 200, await r.text()
+    assert r.headers["X-Task"] == "classify" and r.headers["X-Fallback"] == "false"
+    out = await r.json()
+    assert out["model_name"] == "sample"
+    assert out["parameters"] == {"task": "classify", "fallback": False}
+    routed = await _metric(client, "appliance_task_requests_total", task="classify",
+                           route="variant", outcome="success")  # fmt: skip
+    assert routed == 1
