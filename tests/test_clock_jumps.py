@@ -32,6 +32,7 @@ WALL_CLOCK_USES = {
     "appliance/api/status.py": 1,  # `time` of /api/status (uptime: monotonic)
     "appliance/engine/engine.py": 1,  # a model's loaded_at (OpenAI's `created`)
     "appliance/httphead.py": 1,  # the Date header (the device's fast path, the hub's front)
+    "appliance/logs.py": 1,  # a line's `ts`, given without a LogRecord (its `created`)
     "appliance/hub/polls.py": 1,  # devices' last-seen stamps
     "appliance/hub/simulate.py": 1,  # the version name of the simulation's rollout
     "appliance/hub/simworker.py": 1,  # the `time` of a simulated device's telemetry event

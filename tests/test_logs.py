@@ -131,3 +131,75 @@ def test_a_clean_stop_loses_no_access_line(tmp_path: Path, samples: Path) -> Non
             if doc.get("logger") == "appliance.access":
                 logged_ids.append(doc.get("request_id"))
     assert [x for x in logged_ids if x in ids] == ids
+
+
+@pytest.fixture
+def root_round_buffer() -> Iterator[tuple[Stream, RoundBuffer]]:
+    """The root logger as setup_logging leaves it, on a stream of the test's."""
+    stream = Stream()
+    handler = RoundBuffer(stream)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    root.setLevel(logging.INFO)
+    yield stream, handler
+    root.handlers[:], root.level = saved
+
+
+def _only(handler: logging.Handler) -> None:
+    """The root's one handler (pytest adds its own to the root as each test phase starts)."""
+    logging.getLogger().handlers[:] = [handler]
+
+
+def test_an_access_line_written_directly_is_the_line_logging_writes(
+    root_round_buffer: tuple[Stream, RoundBuffer],
+) -> None:
+    from appliance.logs import direct
+    from appliance.request import Request, log_access
+
+    stream, handler = root_round_buffer
+    _only(handler)
+    access = logging.getLogger("appliance.access")
+    req = Request("http", "POST", "/v2/models/m/infer", "/v2/models/{name}/infer", "req-1",
+                  "4bf92f3577b34da6a3ce929d0e0e4736", "127.0.0.1", 0.0, status=200,
+                  token_name="ops")  # fmt: skip
+    assert direct(access, logging.INFO) is handler
+    log_access(req, 0.0123)  # directly
+    handler.addFilter(lambda record: True)  # anything that may see a record: through logging
+    assert direct(access, logging.INFO) is None
+    log_access(req, 0.0123)
+    req.trace_id = None
+    handler.removeFilter(handler.filters[0])
+    log_access(req, 0.0123)  # directly again, without a trace id
+    first, second, third = (orjson.loads(line) for line in stream.getvalue().splitlines())
+    for line in (first, second, third):
+        assert line.pop("ts").endswith("Z")
+    assert list(first.items()) == list(second.items())  # the same keys, in the same order
+    assert first == {
+        "level": "info", "logger": "appliance.access", "msg": "POST /v2/models/m/infer 200",
+        "request_id": "req-1", "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736", "status": 200,
+        "duration_ms": 12.3, "remote": "127.0.0.1", "token_name": "ops",
+    }  # fmt: skip
+    assert "trace_id" not in third
+
+
+def test_direct_lines_only_where_the_handler_is_all_there_is(
+    root_round_buffer: tuple[Stream, RoundBuffer],
+) -> None:
+    from appliance.logs import direct
+
+    _, handler = root_round_buffer
+    _only(handler)
+    access = logging.getLogger("appliance.access")
+    assert direct(access, logging.INFO) is handler
+    other = logging.StreamHandler(io.StringIO())
+    access.addHandler(other)  # (a test's caplog, an operator's handler)
+    try:
+        assert direct(access, logging.INFO) is None
+    finally:
+        access.removeHandler(other)
+    handler.setLevel(logging.WARNING)
+    assert direct(access, logging.INFO) is None
+    handler.setLevel(logging.NOTSET)
+    handler.setFormatter(logging.Formatter())
+    assert direct(access, logging.INFO) is None

@@ -191,6 +191,13 @@ class OnnxBackend(Backend):
         self._has_strings = any(t.datatype == "BYTES" for t in self.signature.inputs)
         self._run_options = ort.RunOptions()
         self._errors = _error_types(ort)
+        self._output_names = [t.name for t in self.signature.outputs]
+        #: Whether `run` calls the session's C++ object itself (see there), which onnxruntime's
+        #: Python InferenceSession has held as `_sess` in every release; its wrapper otherwise.
+        self._direct = isinstance(
+            getattr(self.session, "_sess", None), ort.capi._pybind_state.InferenceSession
+        )
+        self._ep_fail: type[Exception] = ort.capi.onnxruntime_pybind11_state.EPFail
 
     def run(
         self, inputs: dict[str, np.ndarray[Any, Any]], outputs: list[str] | None
@@ -199,9 +206,20 @@ class OnnxBackend(Backend):
         feed = inputs
         if self._has_strings:
             feed = {k: _strings(k, v) if v.dtype == object else v for k, v in inputs.items()}
-        names = outputs or [t.name for t in self.signature.outputs]
+        names = outputs or self._output_names
+        session = self.session
         try:
-            results = self.session.run(names, feed, self._run_options)
+            if self._direct:
+                # The session's C++ run, without the Python wrapper's per-call checks (graph
+                # capture, input names, OrtValue ownership): the request was validated against
+                # the signature and feeds numpy arrays. A provider failure goes through the
+                # wrapper's run, which falls back to another provider as it always did.
+                try:
+                    results = session._sess.run(names, feed, self._run_options)
+                except self._ep_fail:
+                    results = session.run(names, feed, self._run_options)
+            else:
+                results = session.run(names, feed, self._run_options)
         except self._errors[0] as exc:
             raise InvalidInput(f"the model rejected the input: {_short(exc)}") from None
         except self._errors[1] as exc:

@@ -58,9 +58,11 @@ _OUTLIER = 4.0
 _SOLO_RUNS = 8
 #: That bound is trusted only this long after the model last ran.
 _STALE_S = 5.0
+#: The run-time estimate before any run.
+_UNMEASURED = float("inf")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Timing:
     queue_s: float
     compute_s: float
@@ -183,9 +185,12 @@ class ModelRunner:
         # estimate of the compute time, and the largest input measured within the budget.
         self._inline_budget = inline_max_us / 1e6
         self._measured = 0
-        self._estimate = float("inf")
+        self._estimate = _UNMEASURED
         self._fast_nbytes = -1
         self._struck = False  # the last run was far over the budget
+        #: When the last inline run started, and its compute seconds (for traces).
+        self.inline_start = 0.0
+        self.inline_s = 0.0
         # Deadline drops (read by workers too): the fastest of the recent runs of one request
         # alone, a lower bound of what a request still needs; and when a run last finished.
         self._solo: deque[float] = deque(maxlen=_SOLO_RUNS)
@@ -225,6 +230,8 @@ class ModelRunner:
                 )
                 for i in range(urgent)
             ]
+        #: Whether the model has priority levels (more than one).
+        self.has_levels = self._levels is not None
         for t in self._threads:
             t.start()
 
@@ -254,11 +261,20 @@ class ModelRunner:
         runs and measures the model again, so a stale figure cannot refuse requests for ever."""
         return self._floor if now - self._ran_at < _STALE_S else 0.0
 
-    def _learn(self, seconds: float, nbytes: int, size: int = 1) -> None:
-        self._ran_at = time.perf_counter()
+    def _learn(self, seconds: float, nbytes: int, size: int = 1, now: float = 0.0) -> None:
+        self._ran_at = now or time.perf_counter()
         if size == 1:
-            self._solo.append(seconds)
-            self._floor = min(self._solo)
+            solo = self._solo
+            if len(solo) < _SOLO_RUNS:
+                solo.append(seconds)
+                self._floor = min(solo)
+            else:  # the fastest of the last runs, without a pass over them on most runs
+                dropped = solo[0]
+                solo.append(seconds)
+                if seconds <= self._floor:
+                    self._floor = seconds
+                elif dropped <= self._floor:
+                    self._floor = min(solo)
         self._measured += 1
         outlier = seconds > _OUTLIER * self._inline_budget
         if outlier and not self._struck:
@@ -269,9 +285,10 @@ class ModelRunner:
             return
         self._struck = outlier
         est = self._estimate
-        self._estimate = seconds if est == float("inf") else est + 0.2 * (seconds - est)
+        self._estimate = seconds if est == _UNMEASURED else est + 0.2 * (seconds - est)
         if seconds <= self._inline_budget:
-            self._fast_nbytes = max(self._fast_nbytes, nbytes)
+            if nbytes > self._fast_nbytes:
+                self._fast_nbytes = nbytes
         elif outlier:
             # Far over the budget twice in a row: the model (or this input size) is slow, not
             # a hiccup: measure on the workers again before trusting the loop with it.
@@ -289,31 +306,59 @@ class ModelRunner:
         """Run one request; `priority` is Triton's (1 the highest; None, 0 or out of range the
         model's default level). `inline=False`: always through the queue, for requests sent
         together that the batcher should merge (a pipeline's fan-out rows)."""
+        if timeout_s < self._floor:
+            self._check_floor(timeout_s)
+        nbytes = self.inline_bytes(inputs) if inline else -1
+        if nbytes >= 0:
+            if self._levels is not None:
+                return self._run_inline_level(
+                    self._levels.level_of(priority), inputs, outputs, nbytes
+                )
+            ran = self._run_inline(inputs, outputs, nbytes)
+            return ran, Timing(0.0, self.inline_s, True, 1, self.inline_start)
+        nbytes = 0
+        for array in inputs.values():
+            nbytes += array.nbytes
+        job = self._submit(inputs, outputs, timeout_s, nbytes, None, priority)
+        result: Arrays = await job.future
+        return result, Timing(
+            job.started - job.enqueued, job.finished - job.started, False, job.batch, job.enqueued
+        )
+
+    def inline_bytes(self, inputs: Arrays) -> int:
+        """The inputs' size when the request would run inline now (see the module docstring;
+        loop thread only), else -1. Only a decision: nothing is counted or run."""
+        if (
+            self._pending
+            or self._measured < _LEARN_RUNS
+            or self._estimate > self._inline_budget
+            or self._fast_nbytes < 0
+        ):
+            return -1
+        nbytes = 0
+        for array in inputs.values():
+            nbytes += array.nbytes
+        return nbytes if nbytes <= self._fast_nbytes else -1
+
+    def run_now(
+        self, inputs: Arrays, outputs: list[str] | None, timeout_s: float, nbytes: int
+    ) -> Arrays:
+        """`run` for a request `inline_bytes` took (`nbytes`), on the loop thread at once with
+        no coroutine, for a model with one priority level (not `has_levels`). Its run's start and
+        compute time are left in `inline_start` and `inline_s` (for a traced request)."""
+        if timeout_s < self._floor:
+            self._check_floor(timeout_s)
+        return self._run_inline(inputs, outputs, nbytes)
+
+    def _check_floor(self, timeout_s: float) -> None:
+        """504 for a timeout shorter than the model's measured run time, unless that figure
+        is stale (see floor_s)."""
         floor = self.floor_s(time.perf_counter())
         if timeout_s < floor:
             raise DeadlineExceeded(
                 f"model {self.label}: the request's timeout of {timeout_s * 1e3:g} ms is shorter "
                 f"than the model's measured run time of {floor * 1e3:.3g} ms; not queued"
             )
-        est = self._estimate
-        nbytes = sum(a.nbytes for a in inputs.values())
-        if (
-            inline
-            and self._pending == 0
-            and self._measured >= _LEARN_RUNS
-            and est <= self._inline_budget
-            and nbytes <= self._fast_nbytes
-        ):
-            if self._levels is not None:
-                return self._run_inline_level(
-                    self._levels.level_of(priority), inputs, outputs, nbytes
-                )
-            return self._run_inline(inputs, outputs, nbytes)
-        job = self._submit(inputs, outputs, timeout_s, nbytes, None, priority)
-        result: Arrays = await job.future
-        return result, Timing(
-            job.started - job.enqueued, job.finished - job.started, False, job.batch, job.enqueued
-        )
 
     async def call(
         self,
@@ -359,7 +404,8 @@ class ModelRunner:
         queued, keeps a place only until then."""
         levels = self._levels
         if levels is None:
-            self.check_capacity(priority)
+            if self._pending >= self._limit:
+                self.check_capacity(priority)  # (raises)
             return
         level = levels.level_of(priority)
         self._make_room(levels, level, False, True)
@@ -402,14 +448,10 @@ class ModelRunner:
         self._queue.put(job)
         return job
 
-    def _run_inline(
-        self, inputs: Arrays, outputs: list[str] | None, nbytes: int
-    ) -> tuple[Arrays, Timing]:
+    def _run_inline(self, inputs: Arrays, outputs: list[str] | None, nbytes: int) -> Arrays:
         stats = self._stats
-        stats.inline += 1
-        stats.queue.observe(0.0)
-        stats.batch.observe(1)
-        start = time.perf_counter()
+        stats.inline += 1  # (also its queue wait of 0 and its batch of 1: see ModelStats)
+        self.inline_start = start = time.perf_counter()
         try:
             result = self.backend.run(inputs, outputs)
         except ApplianceError:
@@ -420,10 +462,11 @@ class ModelRunner:
                 f"model {self.label} failed: {failure(self.backend, exc)}"
             ) from None
         finally:
-            elapsed = time.perf_counter() - start
+            end = time.perf_counter()
+            self.inline_s = elapsed = end - start
             stats.compute.observe(elapsed)
-            self._learn(elapsed, nbytes)
-        return result, Timing(0.0, elapsed, True, 1, start)
+            self._learn(elapsed, nbytes, 1, end)
+        return result
 
     def _expire(self, job: _Job, timeout_s: float) -> None:
         job.cancelled = True
@@ -558,11 +601,11 @@ class ModelRunner:
         self, level: int, inputs: Arrays, outputs: list[str] | None, nbytes: int
     ) -> tuple[Arrays, Timing]:
         self._queued_head(level)
-        result, timing = self._run_inline(inputs, outputs, nbytes)
+        result = self._run_inline(inputs, outputs, nbytes)
         stats = self._stats.levels[level - 1]
         stats.queue.observe(0.0)
-        stats.total.observe(timing.compute_s)
-        return result, timing
+        stats.total.observe(self.inline_s)
+        return result, Timing(0.0, self.inline_s, True, 1, self.inline_start)
 
     def _done_levels(self, jobs: list[_Job], runs: list[_Run]) -> None:
         self._done(jobs, runs)

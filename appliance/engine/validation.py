@@ -6,7 +6,7 @@ from typing import Any
 
 from ..codec import InferRequest
 from ..errors import InvalidInput
-from ..tensors import FLOAT_TYPES, Signature, all_finite, datatype_of
+from ..tensors import FLOAT_TYPES, Signature, TensorSpec, all_finite, datatype_of
 
 
 def _names(specs: Any) -> str:
@@ -35,14 +35,12 @@ def validate(
             raise InvalidInput(
                 f"input {spec.name!r}: the model expects datatype {spec.datatype}, got {declared}"
             )
-        shape = array.shape
-        if len(shape) != len(spec.shape) or any(
-            want >= 0 and want != got for want, got in zip(spec.shape, shape, strict=False)
-        ):
-            raise InvalidInput(
-                f"input {spec.name!r}: shape {list(shape)} does not match the model's "
-                f"{list(spec.shape)} (-1 means any size)"
-            )
+        shape, wanted = array.shape, spec.shape
+        if len(shape) != len(wanted):
+            raise _shape_error(spec, shape)
+        for want, got in zip(wanted, shape, strict=True):  # (a loop: no generator per input)
+            if want >= 0 and want != got:
+                raise _shape_error(spec, shape)
         if (
             not allow_non_finite
             and spec.datatype in FLOAT_TYPES
@@ -61,3 +59,10 @@ def validate(
                 f"unknown output {name!r}; the model's outputs are {_names(signature.outputs)}"
             )
     return list(request.outputs)
+
+
+def _shape_error(spec: TensorSpec, shape: tuple[int, ...]) -> InvalidInput:
+    return InvalidInput(
+        f"input {spec.name!r}: shape {list(shape)} does not match the model's "
+        f"{list(spec.shape)} (-1 means any size)"
+    )

@@ -524,6 +524,20 @@ class Router:
                     return self.engine.infer_on(model, request)
         return self._infer(name, version, request, key, check)
 
+    def infer_now(
+        self, name: str, version: str | None, request: InferRequest
+    ) -> InferResponse | None:
+        """`infer` at once, with no coroutine, for a plain model (no task, pipeline, cache,
+        retries or breaker) whose engine runs the request inline (Engine.infer_now); None
+        when that does not apply and nothing was done: `infer` takes it then. An unknown or
+        unready model raises here as in `infer`."""
+        if name in self.tasks or name in self._pipelines:
+            return None
+        model = self.engine.ready_model(name, version)
+        if guarded(model.config):
+            return None
+        return self.engine.infer_now(model, request)
+
     async def _checked_pipeline(
         self,
         name: str,

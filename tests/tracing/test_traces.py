@@ -234,3 +234,20 @@ def test_bad_tracing_config_is_refused_naming_the_key(table, key):
     with pytest.raises(ConfigError) as err:
         load_config(None, {"tracing": table}, {})
     assert str(err.value).startswith(key)
+
+
+async def test_a_request_run_inline_has_a_compute_span_and_no_queue_span(serve, receiver):
+    """Once measured (16 runs on the workers), the model answers on the loop thread with no
+    coroutine below the request path (Engine.infer_now): its compute span is still there."""
+    client = await serve(traced(receiver, 0.0, models={"sample": {"inline_max_us": 100_000}}))
+    for _ in range(16):
+        assert (await client.post(INFER, data=body(SAMPLE))).status == 200
+    r = await client.post(INFER, data=body(SAMPLE), headers={"traceparent": SAMPLED})
+    assert r.status == 200
+    (request,) = await receiver.wait_for(1, "POST /v2/models/{name}/infer")
+    (compute,) = await receiver.wait_for(1, "compute")
+    assert compute.attributes["appliance.inline"] is True
+    assert compute.attributes["appliance.batch_size"] == 1
+    assert (compute.trace_id, compute.parent) == (TRACE, request.span_id)
+    assert request.start_ns <= compute.start_ns <= compute.end_ns <= request.end_ns
+    assert not [s for s in receiver.spans if s.name == "queue"]
