@@ -197,6 +197,8 @@ def _messages(body: dict[str, Any], prompt: str | None = None) -> list[dict[str,
         if content is None and "tool_calls" in extra:
             content = ""
         if isinstance(content, list):
+            if not content:  # the published schema's minItems: 1, for every role
+                raise BadField(f"{where}.content", "must be a string or a non-empty list of parts")
             parts = []
             for j, part in enumerate(content):
                 if not isinstance(part, dict):

@@ -407,6 +407,8 @@ async def test_tool_errors_name_the_field(oai):
         ({"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
           "function": {"name": "f"}}]}]}, "messages[0].tool_calls[0].function"),
         ({"functions": [{"name": "f"}]}, "functions"),
+        ({"messages": [*STOCK, {"role": "assistant", "content": []}]},
+         f"messages[{len(STOCK)}].content"),  # the schema's minItems: 1 (a fuzzer found it)
     ):  # fmt: skip
         body = {"model": "tiny", "messages": STOCK, "max_tokens": 4, **extra}
         r = await client.post("/v1/chat/completions", json=body)
