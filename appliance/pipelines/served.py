@@ -199,6 +199,7 @@ class Pipelines:
         decl = read_declaration(source.path, name, settings.max_nodes)
         facade = LoadedModel(source, ModelConfig(timeout_s=settings.timeout_s), status="loading")
         entry = Entry(name, settings, facade, decl)
+        self._bind_executor()  # its check runs it before it serves
         if self._refresh(entry) is None:
             raise ModelError(
                 f"pipeline {name!r} version {source.manifest.version}: {facade.reason}"
@@ -247,10 +248,15 @@ class Pipelines:
         facade = LoadedModel(source, ModelConfig(timeout_s=settings.timeout_s), status="loading")
         entry = Entry(name, settings, facade, decl)
         self.entries[name] = entry
-        from .executor import execute  # with the first pipeline (see _new_stats)
+        self._bind_executor()
+        return entry
+
+    def _bind_executor(self) -> None:
+        """executor.execute, imported with the first pipeline (see _new_stats), whichever way
+        it comes: the config (`_add`) or a hub rollout (`activate_checked`)."""
+        from .executor import execute
 
         self._execute = execute
-        return entry
 
     # -- lookups -----------------------------------------------------------------------------
     def __contains__(self, name: object) -> bool:
