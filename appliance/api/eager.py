@@ -59,28 +59,32 @@ def start(
             }
         )
         return None
-    # made in `ctx`, the Task runs in a copy of it (Python 3.10 has no `context=`)
-    return ctx.run(loop.create_task, _CarryOn(coro, pending))
+    return loop.create_task(_CarryOn(coro, pending, ctx))
 
 
 class _CarryOn(Coroutine[Any, Any, None]):
     """The rest of a coroutine that has already yielded `pending`, for a Task to run: its
     first step returns `pending` (a future with `_asyncio_future_blocking` still set, as the
     coroutine yielded it), so the Task waits on it and wakes the coroutine exactly as if it
-    had run it from the start; every later step goes straight to the coroutine."""
+    had run it from the start; every later step goes straight to the coroutine, in `ctx`,
+    the very context its first step ran in (the request path resets there the contextvars it
+    set; Python 3.10's Tasks take no `context`, and a copy would refuse those resets)."""
 
-    __slots__ = ("_coro", "_pending")
+    __slots__ = ("_coro", "_ctx", "_pending")
 
-    def __init__(self, coro: Coroutine[Any, Any, None], pending: Any) -> None:
+    def __init__(
+        self, coro: Coroutine[Any, Any, None], pending: Any, ctx: contextvars.Context
+    ) -> None:
         self._coro = coro
         self._pending = pending
+        self._ctx = ctx
 
     def send(self, value: Any) -> Any:
         pending = self._pending
         if pending is not _RESUMED:
             self._pending = _RESUMED
             return pending
-        return self._coro.send(value)
+        return self._ctx.run(self._coro.send, value)
 
     def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
         # thrown in by the Task (a cancellation, a failed future): the coroutine is suspended
@@ -93,11 +97,14 @@ class _CarryOn(Coroutine[Any, Any, None]):
             if cancel is not None:
                 cancel()
         if val is None and tb is None:
-            return self._coro.throw(typ)
-        return self._coro.throw(typ, val, tb)  # pragma: no cover - the Task passes one
+            return self._ctx.run(self._coro.throw, typ)
+        return self._ctx.run(self._coro.throw, typ, val, tb)  # pragma: no cover
 
     def close(self) -> None:
-        self._coro.close()
+        try:
+            self._ctx.run(self._coro.close)
+        except RuntimeError:  # pragma: no cover - closed while its context is entered
+            self._coro.close()
 
     def __await__(self) -> Generator[Any, Any, None]:
         raise TypeError("only a Task runs this")  # pragma: no cover

@@ -226,10 +226,11 @@ def test_contextvars_stay_with_their_request(loop_name: str) -> None:
 
     async def request(name: str, fut: asyncio.Future[None] | None) -> None:
         seen.append((name, var.get()))
-        var.set(name)
+        token = var.set(name)  # as logs.py's ids are, around a request's work
         if fut is not None:
             await fut
         seen.append((name, var.get()))
+        var.reset(token)  # in the same context, after the wait too
 
     def start(coro: Coroutine[Any, Any, None], context: contextvars.Context | None = None) -> Any:
         return eager.start(coro, asyncio.get_running_loop(), context)
