@@ -75,6 +75,12 @@ MAX_BUFFERED_BYTES = 1 << 20
 #: Pipelined requests of one connection answered at once in one loop callback; the rest wait
 #: for the next round, so that one client's burst does not hold the loop from the others.
 BURST = 8
+#: Requests start at once (api/eager.py) only while the server has at most this many
+#: connections. Measured here (tiny MLP, inline, server on one CPU, wrk): at 1-2 connections
+#: at once is 9-12 % more req/s than a Task per request; at 8 it is 8-10 % fewer, at 32
+#: 15-20 % fewer (CPU per request rises though syscalls per request do not change; the
+#: cause is not found yet), so a busier server keeps a Task per request.
+EAGER_CONNECTIONS = 2
 #: The routes this protocol answers itself (api/routes.py marks them), by method.
 _HOT: dict[str, list[tuple[Route, re.Pattern[str]]]] = {}
 for _method, _route, _pattern in hot_routes():
@@ -369,7 +375,11 @@ class Connection(asyncio.Protocol):
             self.resume("buffer")
             self.busy = True
             # Held here: the loop keeps only a weak reference to a task (one per connection).
-            self.task = eager.start(self._infer(head, body), self.server.loop, self._context)
+            server = self.server
+            if len(server.connections) <= EAGER_CONNECTIONS:
+                self.task = eager.start(self._infer(head, body), server.loop, self._context)
+            else:
+                self.task = server.loop.create_task(self._infer(head, body))
             started += 1
             if started >= BURST and not self.busy and self._buf:
                 self.server.loop.call_soon(self._process)

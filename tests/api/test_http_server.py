@@ -12,6 +12,7 @@ import orjson
 import pytest
 from aiohttp import web
 
+from appliance.api import http_server
 from appliance.api.http import ENGINE, LOADER
 from appliance.api.http_server import open_server, parse_head
 from appliance.config import load_config
@@ -453,11 +454,19 @@ def _inline_runs(metrics: str, model: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(prefix))
 
 
-@pytest.mark.parametrize("inline", [True, False], ids=["inline", "queued"])
-async def test_a_pipelined_burst_is_answered_in_order(serve, inline):
+@pytest.mark.parametrize(
+    ("inline", "eager_connections"),
+    [(True, 100), (True, 0), (False, 100)],
+    ids=["inline", "inline-busy-server", "queued"],
+)
+async def test_a_pipelined_burst_is_answered_in_order(
+    serve, monkeypatch, inline, eager_connections
+):
     """A burst of pipelined requests on one connection, longer than the fast path answers in
     one loop callback (http_server.BURST): each answer is its own request's, in order, whether
-    the model answers inline (no Task at all, api/eager.py) or through its queue (a Task)."""
+    the model answers inline (no Task at all, api/eager.py), inline on a server with more
+    connections than start requests at once (a Task each), or through its queue (a Task)."""
+    monkeypatch.setattr(http_server, "EAGER_CONNECTIONS", eager_connections)
     budget = 1e6 if inline else 0.0  # µs: every measured run fits, or none does
     client = await serve({"models": {"sample": {"inline_max_us": budget}}})
     tensor = {"name": "input", "datatype": "FP32", "shape": [1, 4]}
@@ -487,7 +496,8 @@ async def test_a_pipelined_burst_is_answered_in_order(serve, inline):
             got = [await conn.response() for _ in range(n)]
         finally:
             loop.set_task_factory(None)
-        assert made.count("Connection._infer") == (0 if inline else n)
+        eager = inline and eager_connections > 0
+        assert made.count("Connection._infer") == (0 if eager else n)
         assert [(s, h["x-request-id"]) for s, h, _ in got] == [(200, f"r{i}") for i in range(n)]
         outputs = [orjson.loads(b)["outputs"] for _, _, b in got]
         assert outputs == [expected[i % 4] for i in range(n)]
