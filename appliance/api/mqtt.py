@@ -62,6 +62,7 @@ from ..preprocess.image import check_content_type
 from ..request import Request, RequestPath
 from ..routing import Router
 from ..tensors import DATATYPES
+from . import eager
 from .images import PARAMETERS, image_input, images_request, text_parameters
 
 log = logging.getLogger("appliance.mqtt")
@@ -282,7 +283,12 @@ class MqttService:
         self._closing = False
         self._attempt = 0
         self._inflight = 0
+        #: The requests that had to wait (a queued model): eager.start made them a Task.
         self._tasks: set[asyncio.Task[None]] = set()
+        #: paho is reading (`_readable`): the messages it delivers wait in `_arrived` until
+        #: `loop_read` returns, and are started then, outside paho's callback lock.
+        self._reading = False
+        self._arrived: list[Incoming] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         self._runner: asyncio.Task[None] | None = None
@@ -429,11 +435,20 @@ class MqttService:
 
     def _readable(self) -> None:
         client = self.client
-        client.loop_read()
-        # TLS: decrypted bytes already read from the socket wake no reader
-        while self._tls_sock is not None and self._tls_sock.pending() > 0:
-            if client.loop_read() != self._mqtt.MQTT_ERR_SUCCESS:
-                break
+        self._reading = True
+        try:
+            client.loop_read()
+            # TLS: decrypted bytes already read from the socket wake no reader
+            while self._tls_sock is not None and self._tls_sock.pending() > 0:
+                if client.loop_read() != self._mqtt.MQTT_ERR_SUCCESS:
+                    break
+        finally:
+            self._reading = False
+            arrived = self._arrived
+            if arrived:
+                self._arrived = []
+                for m in arrived:
+                    self._dispatch(m, at_once=True)
 
     def _on_want_write(self, client: Any, userdata: Any, sock: Any) -> None:
         """paho queued a packet: write it soon, from the loop (one flush for all queued in one
@@ -504,19 +519,21 @@ class MqttService:
         # paho's Properties keeps the properties present as instance attributes: one dict
         # lookup each (getattr with a default raises and catches for each one absent)
         got: dict[str, Any] = vars(props) if props is not None else {}
-        self._dispatch(
-            Incoming(
-                msg.topic,
-                bytes(msg.payload),
-                msg.qos,
-                msg.mid,
-                got.get("ResponseTopic"),
-                got.get("CorrelationData"),
-                got.get("ContentType"),
-                tuple(got.get("UserProperty") or ()),
-                got.get("MessageExpiryInterval"),
-            )
+        m = Incoming(
+            msg.topic,
+            bytes(msg.payload),
+            msg.qos,
+            msg.mid,
+            got.get("ResponseTopic"),
+            got.get("CorrelationData"),
+            got.get("ContentType"),
+            tuple(got.get("UserProperty") or ()),
+            got.get("MessageExpiryInterval"),
         )
+        if self._reading:
+            self._arrived.append(m)
+        else:
+            self._dispatch(m, at_once=False)
 
     def _online(self) -> bytes:
         models = [
@@ -585,7 +602,10 @@ class MqttService:
             format_name=f"the user property {FORMAT_PROPERTY!r}",
         )  # fmt: skip
 
-    def _dispatch(self, m: Incoming) -> None:
+    def _dispatch(self, m: Incoming, at_once: bool) -> None:
+        """Start handling a request. `at_once` (not inside a paho callback: a reply's flush
+        may call back into paho, whose callback lock is not reentrant): run it right here
+        (eager.start) until it answers or has to wait; else in a Task of its own."""
         if self._inflight >= self.cfg.max_inflight:
             req = self._begin(m)
             exc = Overloaded(
@@ -606,7 +626,11 @@ class MqttService:
             self._finish(m, req, exc.status, address)
             return
         self._inflight += 1
-        task = asyncio.get_running_loop().create_task(self._handle(m))
+        loop = self._loop
+        assert loop is not None
+        task = eager.start(self._handle(m), loop) if at_once else loop.create_task(self._handle(m))
+        if task is None:
+            return  # answered already
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

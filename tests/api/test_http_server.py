@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator
+from typing import Any
 
 import orjson
 import pytest
 from aiohttp import web
 
+from appliance.api import http_server
 from appliance.api.http import ENGINE, LOADER
 from appliance.api.http_server import open_server, parse_head
 from appliance.config import load_config
@@ -444,3 +446,86 @@ async def test_requests_aiohttp_answers_outlive_the_sweep_and_a_graceful_close(s
         await closing
     finally:
         await running.close()
+
+
+def _inline_runs(metrics: str, model: str) -> float:
+    prefix = f'appliance_inference_inline_requests_total{{model="{model}"'
+    lines = metrics.splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(prefix))
+
+
+@pytest.mark.parametrize(
+    ("inline", "eager_connections"),
+    [(True, 100), (True, 0), (False, 100)],
+    ids=["inline", "inline-busy-server", "queued"],
+)
+async def test_a_pipelined_burst_is_answered_in_order(
+    serve, monkeypatch, inline, eager_connections
+):
+    """A burst of pipelined requests on one connection, longer than the fast path answers in
+    one loop callback (http_server.BURST): each answer is its own request's, in order, whether
+    the model answers inline (no Task at all, api/eager.py), inline on a server with more
+    connections than start requests at once (a Task each), or through its queue (a Task)."""
+    monkeypatch.setattr(http_server, "EAGER_CONNECTIONS", eager_connections)
+    budget = 1e6 if inline else 0.0  # µs: every measured run fits, or none does
+    client = await serve({"models": {"sample": {"inline_max_us": budget}}})
+    tensor = {"name": "input", "datatype": "FP32", "shape": [1, 4]}
+    bodies = [orjson.dumps({"inputs": [{**tensor, "data": [i, 3.5, 1.4, 0.2]}]}) for i in range(4)]
+    conn = Conn(*await asyncio.open_connection("127.0.0.1", client.server.port))
+    try:
+        expected = []
+        for i in range(16):  # one at a time: the runs the scheduler measures first
+            await conn.send(request("POST", INFER, bodies[i % 4]))
+            status, _, body = await conn.response()
+            assert status == 200
+            expected.append(orjson.loads(body)["outputs"])
+        assert expected[:4] == expected[4:8] and expected[0] != expected[1]
+        before = _inline_runs(await (await client.get("/metrics")).text(), "sample")
+        n = 41
+        burst = [request("POST", INFER, bodies[i % 4], X_Request_Id=f"r{i}") for i in range(n)]
+        loop = asyncio.get_running_loop()
+        made: list[str] = []  # the Tasks made on the loop for these requests (the server's)
+
+        def factory(lp: asyncio.AbstractEventLoop, coro: Any, **kw: Any) -> asyncio.Task[Any]:
+            made.append(str(getattr(coro, "__qualname__", None) or getattr(coro, "__name__", "")))
+            return asyncio.Task(coro, loop=lp, **kw)
+
+        loop.set_task_factory(factory)
+        try:
+            await conn.send(b"".join(burst))
+            got = [await conn.response() for _ in range(n)]
+        finally:
+            loop.set_task_factory(None)
+        eager = inline and eager_connections > 0
+        assert made.count("Connection._infer") == (0 if eager else n)
+        assert [(s, h["x-request-id"]) for s, h, _ in got] == [(200, f"r{i}") for i in range(n)]
+        outputs = [orjson.loads(b)["outputs"] for _, _, b in got]
+        assert outputs == [expected[i % 4] for i in range(n)]
+        after = _inline_runs(await (await client.get("/metrics")).text(), "sample")
+        assert after - before == (n if inline else 0)
+    finally:
+        conn.close()
+
+
+async def test_a_client_gone_while_its_request_is_queued_frees_the_connection(serve, gated):
+    """The request goes on (it is queued, then runs) after its client left; once it is done the
+    connection is gone from the server and the server answers the next client."""
+    from tests.support.gated import GatedBackend
+
+    client = await serve({"models": {"gated": {"inline_max_us": 0}}}, gated)
+    http = client.server.running.http
+    x = {"name": "x", "datatype": "FP32", "shape": [2], "data": [1, 2]}
+    body = orjson.dumps({"inputs": [x]})
+    conn = Conn(*await asyncio.open_connection("127.0.0.1", client.server.port))
+    await conn.send(request("POST", "/v2/models/gated/infer", body))
+    assert await asyncio.to_thread(GatedBackend.started.acquire, True, 10)  # it runs
+    (served,) = http.connections
+    assert served.busy and served.task is not None and not served.task.done()
+    conn.close()
+    while http.connections:  # connection_lost, whenever the loop sees the close
+        await asyncio.sleep(0.01)
+    GatedBackend.gate.set()
+    await asyncio.wait_for(served.task, 10)
+    assert not served.busy and served.transport is None
+    r = await client.post("/v2/models/gated/infer", data=body)
+    assert r.status == 200 and (await r.json())["outputs"][0]["data"] == [2.0, 4.0]

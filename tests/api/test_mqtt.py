@@ -342,6 +342,45 @@ async def test_mqtt5_round_trips_match_http(mosquitto, serve, peers):
     assert "appliance_mqtt_connected 1.0" in text
 
 
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "queued"])
+async def test_requests_start_at_once_and_a_task_only_when_they_wait(
+    mosquitto, serve, peers, inline
+):
+    """api/eager.py: a request to a model the engine runs inline is answered from the read of
+    its message, with no Task; one to a queued model goes on in a Task. Answers match either way."""
+    budget = 1e6 if inline else 0.0  # µs: every measured run fits, or none does
+    client = await serve(
+        {**mqtt_settings(mosquitto), "models": {"sample": {"inline_max_us": budget}}}
+    )
+    peer = peers(mosquitto)
+    replies = await peer.ready()
+    for _ in range(16):  # the runs the scheduler measures before it runs a model inline
+        status, expected = await http_json(client, "/v2/models/sample/infer", body(SAMPLE))
+        assert status == 200
+    loop = asyncio.get_running_loop()
+    made: list[str] = []
+
+    def factory(lp: asyncio.AbstractEventLoop, coro: Any, **kw: Any) -> asyncio.Task[Any]:
+        made.append(str(getattr(coro, "__qualname__", None) or getattr(coro, "__name__", "")))
+        return asyncio.Task(coro, loop=lp, **kw)
+
+    n = 12
+    mark = peer.mark()
+    loop.set_task_factory(factory)
+    try:
+        for i in range(n):
+            peer.publish(f"appliance/{DEVICE}/infer/sample", body(SAMPLE), response_topic=replies,
+                         correlation=b"c%d" % i)  # fmt: skip
+        want = {b"c%d" % i for i in range(n)}
+        msgs = await peer.wait(lambda ms: {m.correlation for m in ms} >= want, since=mark)
+    finally:
+        loop.set_task_factory(None)
+    answers = [m for m in msgs if m.correlation in want]
+    assert [m.status for m in answers] == [200] * n
+    assert all(m.json() == expected for m in answers)
+    assert made.count("MqttService._handle") == (0 if inline else n)
+
+
 # -- 2. MQTT 3.1.1: reply_to and id in the JSON request -----------------------------------------
 @pytest.mark.parametrize("appliance_protocol", ["3.1.1", "5"])
 async def test_mqtt311_reply_to_and_id(mosquitto, serve, peers, appliance_protocol):
